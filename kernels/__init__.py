@@ -1,0 +1,1 @@
+"""Pluggable sparse-convolution kernels behind one registry (filled by the sparse backends)."""

@@ -1,0 +1,9 @@
+"""Backends: how the encoder computes on the visible patches (see :mod:`.base`)."""
+from .base import Backend, UnsupportedModuleError, register_container
+from .registry import (BackendInfo, UnknownBackendError, create_backend, get_backend_class, list_backends,
+                       recommended_sparse_backend, register_backend)
+from . import masked  # noqa: F401  (registers "masked")
+
+__all__ = ["Backend", "BackendInfo", "UnknownBackendError", "UnsupportedModuleError", "create_backend",
+           "get_backend_class", "list_backends", "recommended_sparse_backend", "register_backend",
+           "register_container"]

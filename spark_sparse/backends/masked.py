@@ -1,0 +1,88 @@
+"""The ``masked`` backend: SparK's own semantics, the reference every other backend must match.
+
+Dense tensors end to end; each convolution and pooling runs densely over the masked input and its
+output is multiplied by the mask at the output's resolution. Norms use active sites only (see
+:mod:`.common`). This wastes the compute spent on masked sites, which is what the sparse backends
+save, but it is exactly what SparK computes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..features import MaskedDense
+from .base import Backend
+from .common import COMMON_CONVERTERS, adopt_state
+from .registry import register_backend
+
+__all__ = ["MaskedBackend", "MaskedConv2d", "MaskedMaxPool2d", "MaskedAvgPool2d"]
+
+
+def _output_stride(module: nn.Module, x: MaskedDense) -> int:
+    stride = module.stride if isinstance(module.stride, int) else module.stride[0]
+    return x.stride * stride
+
+
+class MaskedConv2d(nn.Conv2d):
+    """Dense convolution of the masked input, output multiplied by the output-resolution mask."""
+
+    def forward(self, x: MaskedDense) -> MaskedDense:
+        out = super().forward(x.data)
+        stride = _output_stride(self, x)
+        return MaskedDense(out * x.mask.dense_at(stride), x.mask, stride)
+
+    def describe_execution(self, device, dtype) -> str:
+        return "dense conv x mask (torch)"
+
+    @classmethod
+    def from_dense(cls, backend, conv: nn.Conv2d, name: str = "") -> "MaskedConv2d":
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                  dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                  padding_mode=conv.padding_mode)
+        return adopt_state(new, conv)
+
+
+class MaskedMaxPool2d(nn.MaxPool2d):
+    """Dense max-pool of the masked input (masked sites count as zeros), output masked."""
+
+    def forward(self, x: MaskedDense) -> MaskedDense:
+        stride = _output_stride(self, x)
+        return MaskedDense(super().forward(x.data) * x.mask.dense_at(stride), x.mask, stride)
+
+    def describe_execution(self, device, dtype) -> str:
+        return "dense max-pool x mask (torch)"
+
+    @classmethod
+    def from_dense(cls, backend, pool: nn.MaxPool2d, name: str = "") -> "MaskedMaxPool2d":
+        if pool.return_indices:
+            raise NotImplementedError(f"{name}: max-pool with return_indices=True is not supported")
+        return cls(pool.kernel_size, pool.stride, pool.padding, pool.dilation, ceil_mode=pool.ceil_mode)
+
+
+class MaskedAvgPool2d(nn.AvgPool2d):
+    """Dense average-pool of the masked input, output masked."""
+
+    def forward(self, x: MaskedDense) -> MaskedDense:
+        stride = _output_stride(self, x)
+        return MaskedDense(super().forward(x.data) * x.mask.dense_at(stride), x.mask, stride)
+
+    def describe_execution(self, device, dtype) -> str:
+        return "dense avg-pool x mask (torch)"
+
+    @classmethod
+    def from_dense(cls, backend, pool: nn.AvgPool2d, name: str = "") -> "MaskedAvgPool2d":
+        return cls(pool.kernel_size, pool.stride, pool.padding, ceil_mode=pool.ceil_mode,
+                   count_include_pad=pool.count_include_pad, divisor_override=pool.divisor_override)
+
+
+@register_backend
+class MaskedBackend(Backend):
+    name = "masked"
+    description = "SparK's masked dense convolution (the reference semantics)"
+    feature_type = MaskedDense
+    converters = {
+        **COMMON_CONVERTERS,
+        nn.Conv2d: MaskedConv2d.from_dense,
+        nn.MaxPool2d: MaskedMaxPool2d.from_dense,
+        nn.AvgPool2d: MaskedAvgPool2d.from_dense,
+    }

@@ -1,0 +1,189 @@
+"""Checkpoint files: atomic writes, encoder export, and SparK's released formats.
+
+Formats read:
+
+- a timm-style encoder state dict (our ``<model>_1kpretrained.pth``; SparK's
+  ``*_1kpretrained_timm_style.pth``), for ConvNeXt in timm's or in the official FB layout;
+- SparK's ``*_withdecoder_1kpretrained_spark_style.pth``: ``{"module": SparK state dict (+ "config"), ...}``;
+- our ``<model>_still_pretraining.pth``: ``{"model": SparK state dict, ...}``.
+
+Every load checks what it finds and says what it expected when the file is not a checkpoint or is
+of another model.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+import torch.nn as nn
+
+__all__ = ["CheckpointError", "atomic_save", "read_checkpoint", "convnext_fb_to_timm", "convnext_timm_to_fb",
+           "is_fb_convnext", "load_encoder_state", "load_spark_state", "load_pretrained", "spark_state_from_official"]
+
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def atomic_save(obj: Any, path: PathLike) -> Path:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash or Ctrl-C during the write leaves the previous file intact, never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_checkpoint(path: PathLike) -> dict:
+    """Load a checkpoint file on the CPU, with a clear error when it is missing or not a checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises several types for corrupt or foreign files
+        raise CheckpointError(f"{str(path)!r} is not a readable PyTorch checkpoint (expected a file written by "
+                              f"torch.save, e.g. <model>_1kpretrained.pth): {type(exc).__name__}: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{str(path)!r} holds a {type(obj).__name__}, expected a dict (a state dict or a "
+                              f"checkpoint with 'model' / 'module' keys)")
+    return obj
+
+
+# ---------------------------------------------------------------------- ConvNeXt key layouts
+_FB_TO_TIMM = [
+    (r"^downsample_layers\.0\.0\.", "stem.0."),
+    (r"^downsample_layers\.0\.1\.", "stem.1."),
+    (r"^downsample_layers\.(\d+)\.(\d+)\.", r"stages.\1.downsample.\2."),
+    (r"^stages\.(\d+)\.(\d+)\.dwconv\.", r"stages.\1.blocks.\2.conv_dw."),
+    (r"^stages\.(\d+)\.(\d+)\.pwconv1\.", r"stages.\1.blocks.\2.mlp.fc1."),
+    (r"^stages\.(\d+)\.(\d+)\.pwconv2\.", r"stages.\1.blocks.\2.mlp.fc2."),
+    (r"^stages\.(\d+)\.(\d+)\.(norm|gamma)", r"stages.\1.blocks.\2.\3"),
+    (r"^norm\.", "head.norm."),
+    (r"^head\.(weight|bias)$", r"head.fc.\1"),
+]
+_TIMM_TO_FB = [
+    (r"^stem\.(\d+)\.", r"downsample_layers.0.\1."),
+    (r"^stages\.(\d+)\.downsample\.(\d+)\.", r"downsample_layers.\1.\2."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.", r"stages.\1.\2.dwconv."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc1\.", r"stages.\1.\2.pwconv1."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc2\.", r"stages.\1.\2.pwconv2."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.(norm|gamma)", r"stages.\1.\2.\3"),
+    (r"^head\.norm\.", "norm."),
+    (r"^head\.fc\.", "head."),
+]
+
+
+def _rename(state: dict, rules: list[tuple[str, str]]) -> dict:
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in rules:
+            new_key, n = re.subn(pattern, repl, key)
+            if n:
+                key = new_key
+                break
+        out[key] = value
+    return out
+
+
+def is_fb_convnext(state: dict) -> bool:
+    return any(k.startswith("downsample_layers.") for k in state)
+
+
+def convnext_fb_to_timm(state: dict) -> dict:
+    """Official FB ConvNeXt (and SparK's) keys -> timm's. ``gamma`` has the same shape in both."""
+    return _rename(state, _FB_TO_TIMM)
+
+
+def convnext_timm_to_fb(state: dict) -> dict:
+    """timm ConvNeXt keys -> the official FB layout SparK's ConvNeXt uses."""
+    return _rename(state, _TIMM_TO_FB)
+
+
+# ---------------------------------------------------------------------- loading into a SparK model
+def _strip_prefix(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _describe_mismatch(missing, unexpected, shape_errors) -> str:
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} keys (e.g. {', '.join(list(missing)[:4])})")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(list(unexpected)[:4])})")
+    if shape_errors:
+        parts.append(f"{len(shape_errors)} shape mismatches (e.g. {'; '.join(shape_errors[:3])})")
+    return ", ".join(parts)
+
+
+def _load_checked(module: nn.Module, state: dict, what: str, optional_missing: tuple[str, ...] = ()) -> None:
+    own = module.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith(optional_missing)]
+    unexpected = [k for k in state if k not in own]
+    shape_errors = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in own if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape]
+    if missing or unexpected or shape_errors:
+        raise CheckpointError(f"{what} does not fit this model: {_describe_mismatch(missing, unexpected, shape_errors)}")
+    module.load_state_dict(state, strict=False)
+
+
+def load_encoder_state(spark: nn.Module, state: dict, what: str = "encoder weights") -> None:
+    """Load a timm-style (or FB ConvNeXt) encoder state dict into ``spark.encoder``."""
+    if is_fb_convnext(state):
+        state = convnext_fb_to_timm(state)
+    target = getattr(spark.encoder, "model", spark.encoder)   # timm encoders keep the timm model in .model
+    # SparK's ConvNeXt has no classifier norm when num_classes=0: keep ours then.
+    _load_checked(target, state, what, optional_missing=("head.norm.",))
+
+
+def spark_state_from_official(module_state: dict) -> dict:
+    """SparK's own ``SparK.state_dict()`` keys -> this library's ``SparK`` keys (encoder left timm-side)."""
+    state = {k: v for k, v in module_state.items() if k not in ("config", "imn_m", "imn_s", "norm_black")}
+    encoder = _strip_prefix(state, "sparse_encoder.sp_cnn.")
+    if is_fb_convnext(encoder):
+        encoder = convnext_fb_to_timm(encoder)
+    out = {f"encoder.model.{k}": v for k, v in encoder.items()}
+    out.update({f"decoder.{k}": v for k, v in _strip_prefix(state, "dense_decoder.").items()})
+    for prefix in ("densify_norms.", "densify_projs.", "mask_tokens."):
+        out.update({prefix + k: v for k, v in _strip_prefix(state, prefix).items()})
+    return out
+
+
+def load_spark_state(spark: nn.Module, state: dict, what: str = "SparK weights") -> None:
+    """Load a whole SparK state dict (encoder, decoder, densify layers, mask tokens), checked."""
+    _load_checked(spark, state, what, optional_missing=("encoder.model.head.norm.",))
+
+
+def load_pretrained(spark: nn.Module, path: PathLike) -> str:
+    """Initialise ``spark`` from any supported file (``--init_weight``); returns the format found."""
+    ckpt = read_checkpoint(path)
+    if "model" in ckpt and isinstance(ckpt["model"], dict):
+        load_spark_state(spark, ckpt["model"], f"{path} (spark-sparse checkpoint)")
+        return "spark-sparse"
+    if "module" in ckpt and isinstance(ckpt["module"], dict):
+        load_spark_state(spark, spark_state_from_official(ckpt["module"]), f"{path} (SparK spark-style checkpoint)")
+        return "spark-style"
+    tensors = {k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path} has neither 'model' nor 'module' keys nor tensors; keys found: "
+                              f"{', '.join(list(ckpt)[:8])}")
+    load_encoder_state(spark, tensors, f"{path} (timm-style encoder)")
+    return "timm-style encoder"

@@ -1,0 +1,74 @@
+"""SparK's light UNet decoder, unchanged in maths and initialisation."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from timm.layers import trunc_normal_
+
+__all__ = ["UNetBlock", "LightDecoder"]
+
+
+class UNetBlock(nn.Module):
+    """2x upsampling: ConvTranspose(k4, s2, p1) -> Conv3x3 -> BN -> ReLU6 -> Conv3x3 -> BN."""
+
+    def __init__(self, cin: int, cout: int, norm_layer: type[nn.Module] = nn.BatchNorm2d):
+        super().__init__()
+        self.up_sample = nn.ConvTranspose2d(cin, cin, kernel_size=4, stride=2, padding=1, bias=True)
+        self.conv = nn.Sequential(
+            nn.Conv2d(cin, cin, kernel_size=3, stride=1, padding=1, bias=False), norm_layer(cin), nn.ReLU6(inplace=True),
+            nn.Conv2d(cin, cout, kernel_size=3, stride=1, padding=1, bias=False), norm_layer(cout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.up_sample(x))
+
+
+class LightDecoder(nn.Module):
+    """``log2(up_sample_ratio)`` UNet blocks of width ``width`` halving per level, then a 1x1 to RGB.
+
+    ``forward(to_dec)`` takes the densified maps coarsest first; each is added before the block of
+    its resolution.
+    """
+
+    def __init__(self, up_sample_ratio: int, width: int = 768, sync_bn: bool = False):
+        super().__init__()
+        n = round(math.log2(up_sample_ratio))
+        if 2 ** n != up_sample_ratio:
+            raise ValueError(f"decoder up-sample ratio must be a power of 2, got {up_sample_ratio}")
+        self.width = width
+        channels = [width // 2 ** i for i in range(n + 1)]
+        norm_layer = nn.SyncBatchNorm if sync_bn else nn.BatchNorm2d
+        self.dec = nn.ModuleList([UNetBlock(cin, cout, norm_layer) for cin, cout in zip(channels[:-1], channels[1:])])
+        self.proj = nn.Conv2d(channels[-1], 3, kernel_size=1, stride=1, bias=True)
+        self.initialize()
+
+    def forward(self, to_dec: list) -> torch.Tensor:
+        x = 0
+        for i, block in enumerate(self.dec):
+            if i < len(to_dec) and to_dec[i] is not None:
+                x = x + to_dec[i]
+            x = block(x)
+        return self.proj(x)
+
+    def initialize(self) -> None:
+        """SparK's init: trunc-normal(.02) for Conv2d, Kaiming fan-out for ConvTranspose2d, BN = (1, 0).
+
+        (In SparK the Kaiming branch is reached only by ConvTranspose2d, which is not a Conv2d.)
+        """
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.ConvTranspose2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.constant_(m.bias, 0.0)
+            elif isinstance(m, (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)):
+                nn.init.constant_(m.bias, 0)
+                nn.init.constant_(m.weight, 1.0)
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}"

@@ -1,0 +1,84 @@
+"""Encoder registry: names -> factories of hierarchical encoders (timm's ``register_model`` shape).
+
+An encoder follows SparK's small contract (see :class:`HierarchicalEncoder`):
+
+- ``get_downsample_ratio() -> int``: the stride of its coarsest feature map (the patch size);
+- ``get_feature_map_channels() -> list[int]``: channels of each hierarchical map, finest first;
+- ``forward(x, hierarchical=True) -> list``: those maps, finest first, each half the previous size;
+- ``timm_state_dict()`` / ``load_timm_state_dict()`` (optional): the weights in the layout a plain
+  dense model loads, for export.
+
+Its ``forward`` must only compose child modules and ``+`` so that a backend can swap the modules
+(see :func:`spark_sparse.register_container`).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Protocol, runtime_checkable
+
+import torch.nn as nn
+
+__all__ = ["HierarchicalEncoder", "register_model", "create_encoder", "list_models", "model_default_drop_path",
+           "UnknownModelError", "MODEL_ALIASES", "resolve_model_name"]
+
+
+@runtime_checkable
+class HierarchicalEncoder(Protocol):
+    def get_downsample_ratio(self) -> int: ...
+
+    def get_feature_map_channels(self) -> list[int]: ...
+
+    def forward(self, x, hierarchical: bool = True) -> list: ...
+
+
+class UnknownModelError(ValueError):
+    pass
+
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+_DEFAULT_DROP_PATH: dict[str, float] = {}
+
+#: SparK's older short names (``--model=res50``)
+MODEL_ALIASES = {"res50": "resnet50", "res101": "resnet101", "res152": "resnet152", "res200": "resnet200",
+                 "cnxS": "convnext_small", "cnxB": "convnext_base", "cnxL": "convnext_large"}
+
+
+def register_model(name: Optional[str] = None, default_drop_path: float = 0.0):
+    """Decorator registering an encoder factory (or class) under ``name`` (default: its ``__name__``).
+
+    ``default_drop_path`` is the drop-path rate used when the caller passes ``drop_path_rate=None``.
+    """
+    def wrap(factory):
+        key = name or factory.__name__
+        if key in _MODELS and _MODELS[key] is not factory:
+            raise ValueError(f"model {key!r} is already registered")
+        _MODELS[key] = factory
+        _DEFAULT_DROP_PATH[key] = default_drop_path
+        return factory
+    return wrap
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def resolve_model_name(name: str) -> str:
+    name = MODEL_ALIASES.get(name, name)
+    if name not in _MODELS:
+        raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(list_models())} "
+                                f"(aliases: {', '.join(f'{a}={n}' for a, n in MODEL_ALIASES.items())})")
+    return name
+
+
+def model_default_drop_path(name: str) -> float:
+    return _DEFAULT_DROP_PATH[resolve_model_name(name)]
+
+
+def create_encoder(name: str, drop_path_rate: Optional[float] = None, **kwargs) -> nn.Module:
+    """Build a registered encoder with SparK's default drop-path rate unless one is given."""
+    key = resolve_model_name(name)
+    rate = _DEFAULT_DROP_PATH[key] if drop_path_rate is None else drop_path_rate
+    encoder = _MODELS[key](drop_path_rate=rate, **kwargs)
+    if not isinstance(encoder, HierarchicalEncoder):
+        raise TypeError(f"model {key!r} does not follow the encoder contract (get_downsample_ratio, "
+                        f"get_feature_map_channels, forward(x, hierarchical=True))")
+    return encoder

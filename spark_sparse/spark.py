@@ -1,0 +1,215 @@
+"""SparK: mask, sparse-encode, densify with mask tokens, decode, regress normalised masked patches.
+
+A re-implementation of SparK's ``pretrain/spark.py`` around explicit objects: the
+:class:`~spark_sparse.mask.ActiveMask` is passed down instead of a global, and the encoder runs on a
+pluggable :class:`~spark_sparse.backends.Backend`. Whatever the backend, the densify step receives
+feature maps that are exactly zero at masked sites, so decoder and loss never know which ran.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import trunc_normal_
+
+from .backends import Backend, create_backend
+from .backends.common import FeatureBatchNorm, FeatureLayerNorm, FeatureSyncBatchNorm
+from .decoder import LightDecoder
+from .features import FeatureMap
+from .mask import ActiveMask, kept_patches_per_image
+from .models import create_encoder, resolve_model_name
+
+__all__ = ["SparK", "create_spark", "patchify", "unpatchify", "normalize_patches"]
+
+SizeLike = Union[int, tuple[int, int]]
+
+
+def _as_hw(size: SizeLike) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, L, p*p*C)``, patches row-major, pixels ``(py, px, c)`` (SparK's order)."""
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // patch, patch, w // patch, patch)
+    return torch.einsum("bchpwq->bhwpqc", x).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def unpatchify(patches: torch.Tensor, patch: int, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`patchify`."""
+    b = patches.shape[0]
+    h, w = grid_hw
+    c = patches.shape[-1] // (patch * patch)
+    x = torch.einsum("bhwpqc->bchpwq", patches.reshape(b, h, w, patch, patch, c))
+    return x.reshape(b, c, h * patch, w * patch)
+
+
+def normalize_patches(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SparK's per-patch target: ``(x - mean) / sqrt(unbiased var + 1e-6)``; returns (target, mean, std)."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    std = (patches.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+    return (patches - mean) / std, mean, std
+
+
+class SparK(nn.Module):
+    """SparK pre-training model around a hierarchical ``encoder`` and a ``backend``.
+
+    Args:
+        encoder: a dense encoder following the contract of :mod:`spark_sparse.models.registry`;
+            it is converted in place by ``backend``.
+        backend: a :class:`Backend` or its registered name.
+        input_size: default image size ``H`` or ``(H, W)``, multiples of the downsample ratio.
+        mask_ratio: fraction of patches hidden.
+        densify_norm: ``"bn"`` (SparK's choice for ResNets), ``"ln"`` (ConvNeXts) or ``"identity"``;
+            ``None`` takes the encoder's ``densify_norm`` attribute, else ``"bn"``.
+        decoder_width: width of the coarsest decoder level (SparK: 768).
+        sync_bn: synchronise BatchNorm statistics across processes (SparK's ``--sbn``).
+    """
+
+    def __init__(self, encoder: nn.Module, backend: Union[Backend, str] = "masked", input_size: SizeLike = 224,
+                 mask_ratio: float = 0.6, densify_norm: Optional[str] = None, decoder_width: int = 768,
+                 sync_bn: bool = False):
+        super().__init__()
+        self.backend = create_backend(backend) if isinstance(backend, str) else backend
+        self.downsample_ratio = int(encoder.get_downsample_ratio())
+        self.input_hw = _as_hw(input_size)
+        self._check_image_hw(self.input_hw)
+        self.mask_ratio = float(mask_ratio)
+        self.len_keep = kept_patches_per_image(self.grid_hw(self.input_hw)[0] * self.grid_hw(self.input_hw)[1], mask_ratio)
+        self.sync_bn = sync_bn
+
+        if sync_bn:
+            encoder = nn.SyncBatchNorm.convert_sync_batchnorm(encoder)
+        self.encoder = self.backend.convert(encoder)
+        self.decoder = LightDecoder(self.downsample_ratio, width=decoder_width, sync_bn=sync_bn)
+
+        self.densify_norm_kind = (densify_norm or getattr(encoder, "densify_norm", "bn")).lower()
+        self.densify_norms = nn.ModuleList()
+        self.densify_projs = nn.ModuleList()
+        self.mask_tokens = nn.ParameterList()
+        enc_widths = list(encoder.get_feature_map_channels())
+        dec_width = decoder_width
+        for level, enc_width in enumerate(reversed(enc_widths)):   # coarsest first
+            token = nn.Parameter(torch.zeros(1, enc_width, 1, 1))
+            trunc_normal_(token, mean=0, std=0.02, a=-0.02, b=0.02)
+            self.mask_tokens.append(token)
+            self.densify_norms.append(self._make_densify_norm(enc_width))
+            if level == 0 and enc_width == dec_width:
+                proj = nn.Identity()
+            else:
+                k = 1 if level == 0 else 3
+                proj = nn.Conv2d(enc_width, dec_width, kernel_size=k, stride=1, padding=k // 2, bias=True)
+            self.densify_projs.append(proj)
+            dec_width //= 2
+
+    def _make_densify_norm(self, width: int) -> nn.Module:
+        if self.densify_norm_kind == "bn":
+            return (FeatureSyncBatchNorm if self.sync_bn else FeatureBatchNorm)(width)
+        if self.densify_norm_kind == "ln":
+            return FeatureLayerNorm(width, eps=1e-6)
+        if self.densify_norm_kind == "identity":
+            return nn.Identity()
+        raise ValueError(f"densify_norm must be 'bn', 'ln' or 'identity', got {self.densify_norm_kind!r}")
+
+    # ------------------------------------------------------------------ shapes and masks
+    def grid_hw(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        return image_hw[0] // self.downsample_ratio, image_hw[1] // self.downsample_ratio
+
+    def _check_image_hw(self, hw: tuple[int, int]) -> None:
+        if hw[0] % self.downsample_ratio or hw[1] % self.downsample_ratio or min(hw) <= 0:
+            raise ValueError(f"input size {hw[0]}x{hw[1]} must be positive multiples of the downsample ratio "
+                             f"{self.downsample_ratio} (e.g. 224 or 192x256)")
+
+    def mask(self, batch_size: int, generator: Optional[torch.Generator] = None,
+             device: Optional[torch.device] = None, image_hw: Optional[tuple[int, int]] = None) -> ActiveMask:
+        """A random SparK mask for ``batch_size`` images of ``image_hw`` (default: ``input_size``)."""
+        hw = image_hw or self.input_hw
+        self._check_image_hw(hw)
+        return ActiveMask.random(batch_size, self.grid_hw(hw), self.mask_ratio, self.downsample_ratio,
+                                 generator=generator, device=device)
+
+    def _resolve_mask(self, images: torch.Tensor, active_mask) -> ActiveMask:
+        if images.dim() != 4:
+            raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+        self._check_image_hw(tuple(images.shape[-2:]))
+        if active_mask is None:
+            return self.mask(images.shape[0], device=images.device, image_hw=tuple(images.shape[-2:]))
+        if not isinstance(active_mask, ActiveMask):
+            active_mask = ActiveMask(torch.as_tensor(active_mask), self.downsample_ratio)
+        active_mask = active_mask.to(images.device)
+        active_mask.check_matches(images)
+        return active_mask
+
+    # ------------------------------------------------------------------ the model
+    def encode(self, images: torch.Tensor, mask: ActiveMask) -> list[FeatureMap]:
+        """Hierarchical features of the masked images, finest first, in the backend's representation."""
+        return self.encoder(self.backend.features_from_image(images, mask), hierarchical=True)
+
+    def densify(self, features: list[FeatureMap]) -> list[torch.Tensor]:
+        """Coarsest first: norm over active sites, mask tokens at masked sites, projection."""
+        to_dec = []
+        for level, fmap in enumerate(reversed(features)):
+            fmap = self.densify_norms[level](fmap)
+            site_mask = fmap.mask.dense_at(fmap.stride)
+            dense = torch.where(site_mask, fmap.to_dense(), self.mask_tokens[level].to(fmap.data.dtype))
+            to_dec.append(self.densify_projs[level](dense))
+        return to_dec
+
+    def predict(self, images: torch.Tensor, mask: ActiveMask) -> torch.Tensor:
+        """The decoder's full-resolution output ``(B, 3, H, W)`` (normalised-patch space)."""
+        return self.decoder(self.densify(self.encode(images, mask)))
+
+    def loss(self, images: torch.Tensor, prediction: torch.Tensor, mask: ActiveMask) -> torch.Tensor:
+        """Mean over masked patches of the per-patch MSE to the normalised target."""
+        target, _, _ = normalize_patches(patchify(images, self.downsample_ratio))
+        pred = patchify(prediction, self.downsample_ratio)
+        per_patch = ((pred - target) ** 2).mean(dim=2)
+        hidden = mask.active.logical_not().view(mask.batch_size, -1).to(per_patch.dtype)
+        return (per_patch * hidden).sum() / (hidden.sum() + 1e-8)
+
+    def forward(self, images: torch.Tensor, active_mask: Optional[ActiveMask] = None) -> torch.Tensor:
+        """The SparK loss of ``images`` ``(B, 3, H, W)`` under ``active_mask`` (random when ``None``)."""
+        mask = self._resolve_mask(images, active_mask)
+        return self.loss(images, self.predict(images, mask), mask)
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, active_mask: Optional[ActiveMask] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(input, masked input, reconstruction)``, each ``(B, 3, H, W)`` in the images' space.
+
+        The reconstruction keeps visible patches and pastes the prediction into masked ones,
+        de-normalised with each patch's own mean and std (as SparK's visualisation does).
+        """
+        mask = self._resolve_mask(images, active_mask)
+        pixel_mask = mask.dense_at(1)
+        patches = patchify(images, self.downsample_ratio)
+        _, mean, std = normalize_patches(patches)
+        pred = patchify(self.predict(images, mask), self.downsample_ratio)
+        rec = unpatchify(pred * std + mean, self.downsample_ratio, mask.grid_hw)
+        return images, images * pixel_mask, torch.where(pixel_mask, images, rec)
+
+    # ------------------------------------------------------------------ export
+    def encoder_state_dict(self) -> dict:
+        """The encoder's weights in the dense model's own layout (timm names for timm models)."""
+        export = getattr(self.encoder, "timm_state_dict", None)
+        return export() if export is not None else self.encoder.state_dict()
+
+    def extra_repr(self) -> str:
+        return (f"backend={self.backend.name}, input={self.input_hw[0]}x{self.input_hw[1]}, mask_ratio={self.mask_ratio}, "
+                f"patch={self.downsample_ratio}, densify_norm={self.densify_norm_kind}")
+
+
+def create_spark(model: str, backend: Union[str, Backend] = "masked", input_size: SizeLike = 224,
+                 mask_ratio: float = 0.6, drop_path_rate: Optional[float] = None, *, sync_bn: bool = False,
+                 decoder_width: int = 768, **model_kwargs) -> SparK:
+    """Build a SparK model: registered encoder ``model`` running on ``backend``.
+
+    ``drop_path_rate=None`` uses SparK's default for the model. Extra keyword arguments go to the
+    encoder's factory (for timm models: ``timm.create_model``).
+    """
+    name = resolve_model_name(model)
+    backend_obj = create_backend(backend) if isinstance(backend, str) else backend
+    encoder = create_encoder(name, drop_path_rate=drop_path_rate, **model_kwargs)
+    return SparK(encoder, backend_obj, input_size=input_size, mask_ratio=mask_ratio, sync_bn=sync_bn,
+                 decoder_width=decoder_width)
