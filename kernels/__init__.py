@@ -1,1 +1,17 @@
-"""Pluggable sparse-convolution kernels behind one registry (filled by the sparse backends)."""
+"""Pluggable sparse-convolution kernels behind one registry.
+
+Each kernel module registers itself on import; :func:`list_kernels` shows what is registered and
+:meth:`SparseConvKernel.availability` whether it can run here. Third-party kernels register
+through the ``spark_sparse.kernels`` entry-point group.
+"""
+from importlib.metadata import entry_points
+
+from .base import ConvCall, ConvSpec, SparseConvKernel
+from .registry import NoKernelError, UnknownKernelError, get_kernel, list_kernels, register_kernel, select_kernel
+from . import gather  # noqa: F401  (registers "gather")
+
+for _entry in entry_points(group="spark_sparse.kernels"):
+    _entry.load()
+
+__all__ = ["ConvCall", "ConvSpec", "NoKernelError", "SparseConvKernel", "UnknownKernelError", "get_kernel",
+           "list_kernels", "register_kernel", "select_kernel"]

@@ -106,7 +106,8 @@ class ActiveMask:
             raise ValueError("every image needs at least one visible patch; the active mask hides all of some image")
 
     # ------------------------------------------------------------------ derived, cached
-    def _cached(self, key, build):
+    def cached(self, key, build):
+        """Per-mask cache shared by every layer of one forward pass (kernels store their tables here)."""
         if key not in self._cache:
             self._cache[key] = build()
         return self._cache[key]
@@ -121,7 +122,7 @@ class ActiveMask:
         def build():
             f = self._factor(stride)
             return self.active.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3)
-        return self._cached(("dense", stride), build)
+        return self.cached(("dense", stride), build)
 
     def dense_like(self, x: torch.Tensor) -> torch.Tensor:
         """The mask at the resolution of ``x`` ``(B, C, H', W')`` (stride inferred from its height)."""
@@ -141,7 +142,7 @@ class ActiveMask:
 
         This order defines the rows of every sparse feature matrix ``[N, C]`` at that stride.
         """
-        return self._cached(("coords", stride), lambda: self.dense_at(stride)[:, 0].nonzero().contiguous())
+        return self.cached(("coords", stride), lambda: self.dense_at(stride)[:, 0].nonzero().contiguous())
 
     def num_active(self, stride: int) -> int:
         return self.coords_at(stride).shape[0]
@@ -158,7 +159,7 @@ class ActiveMask:
             grid = torch.full(dense.shape, n, dtype=torch.long, device=dense.device)
             grid[dense] = torch.arange(n, device=dense.device)
             return grid
-        return self._cached(("grid", stride), build)
+        return self.cached(("grid", stride), build)
 
     def neighbour_table(self, in_stride: int, out_stride: int, kernel_size: tuple[int, int],
                         padding: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
@@ -189,7 +190,7 @@ class ActiveMask:
             b = coords[:, 0:1].expand_as(ys)
             table = grid[b, ys.clamp(0, H - 1), xs.clamp(0, W - 1)]
             return torch.where(inside, table, torch.full_like(table, n_in + 1)).contiguous()
-        return self._cached(key, build)
+        return self.cached(key, build)
 
     def __repr__(self) -> str:
         visible = self.active.flatten(1).sum(1).tolist()

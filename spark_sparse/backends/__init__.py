@@ -7,3 +7,4 @@ from . import masked  # noqa: F401  (registers "masked")
 __all__ = ["Backend", "BackendInfo", "UnknownBackendError", "UnsupportedModuleError", "create_backend",
            "get_backend_class", "list_backends", "recommended_sparse_backend", "register_backend",
            "register_container"]
+from . import sparse  # noqa: F401,E402  (registers "torch")
