@@ -202,14 +202,15 @@ class SparK(nn.Module):
 
 def create_spark(model: str, backend: Union[str, Backend] = "masked", input_size: SizeLike = 224,
                  mask_ratio: float = 0.6, drop_path_rate: Optional[float] = None, *, sync_bn: bool = False,
-                 decoder_width: int = 768, **model_kwargs) -> SparK:
+                 decoder_width: int = 768, strict_backend: bool = False, **model_kwargs) -> SparK:
     """Build a SparK model: registered encoder ``model`` running on ``backend``.
 
-    ``drop_path_rate=None`` uses SparK's default for the model. Extra keyword arguments go to the
-    encoder's factory (for timm models: ``timm.create_model``).
+    ``drop_path_rate=None`` uses SparK's default for the model. ``strict_backend`` makes a layer
+    that the backend's preferred kernel cannot run an error instead of a fallback. Extra keyword
+    arguments go to the encoder's factory (for timm models: ``timm.create_model``).
     """
     name = resolve_model_name(model)
-    backend_obj = create_backend(backend) if isinstance(backend, str) else backend
+    backend_obj = create_backend(backend, strict=strict_backend) if isinstance(backend, str) else backend
     encoder = create_encoder(name, drop_path_rate=drop_path_rate, **model_kwargs)
     return SparK(encoder, backend_obj, input_size=input_size, mask_ratio=mask_ratio, sync_bn=sync_bn,
                  decoder_width=decoder_width)

@@ -53,6 +53,10 @@ class Backend:
     #: the :class:`FeatureMap` class this backend's modules consume
     feature_type: ClassVar[type[FeatureMap]]
 
+    def __init__(self, strict: bool = False):
+        #: with ``strict``, a layer that cannot run on the backend's preferred kernel is an error
+        self.strict = strict
+
     @classmethod
     def availability(cls) -> tuple[bool, str]:
         """``(True, "")`` or ``(False, why not, in words)``."""

@@ -148,7 +148,7 @@ class SparseBackend(Backend):
     }
 
     def __init__(self, strict: bool = False, kernels: Optional[Sequence[str]] = None):
-        self.strict = strict
+        super().__init__(strict=strict)
         self.kernel_priority = tuple(kernels) if kernels is not None else self.kernels
 
 
