@@ -1,0 +1,116 @@
+"""Export to timm, SparK's released formats, ConvNeXt key layouts, atomic writes, bad files."""
+import pytest
+import timm
+import torch
+
+import spark_sparse as ss
+from spark_sparse import ActiveMask
+from spark_sparse.checkpoint import (CheckpointError, atomic_save, convnext_fb_to_timm, convnext_timm_to_fb,
+                                     load_pretrained, read_checkpoint)
+
+
+@pytest.mark.parametrize("model", ["resnet18", "convnext_tiny"])
+def test_export_loads_into_plain_timm_and_gives_identical_features(model, tmp_path):
+    spark = ss.create_spark(model, input_size=64, drop_path_rate=0.0)
+    with torch.no_grad():                       # make the weights differ from any fresh init
+        for p in spark.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    atomic_save(spark.encoder_state_dict(), tmp_path / f"{model}_1kpretrained.pth")
+
+    dense = timm.create_model(model, pretrained=False, num_classes=0)
+    dense.load_state_dict(torch.load(tmp_path / f"{model}_1kpretrained.pth"), strict=True)
+    spark.eval(), dense.eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = [f.to_dense() for f in spark.encode(images, ActiveMask.full(2, (2, 2)))]
+        theirs = dense.forward_intermediates(images, intermediates_only=True)[-4:]
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_convnext_key_layouts_round_trip_exactly():
+    state = timm.create_model("convnext_tiny", pretrained=False, num_classes=0).state_dict()
+    fb = convnext_timm_to_fb(state)
+    assert "downsample_layers.0.0.weight" in fb and "stages.0.0.dwconv.weight" in fb and "norm.weight" in fb
+    assert "stages.1.2.pwconv1.weight" in fb and "downsample_layers.2.1.weight" in fb
+    back = convnext_fb_to_timm(fb)
+    assert back.keys() == state.keys()
+    assert all(back[k] is state[k] for k in state)
+
+
+def _official_spark_state(spark, model):
+    """What SparK's ``SparK.state_dict(with_config=True)`` holds for the same weights."""
+    encoder = spark.encoder_state_dict()
+    if model.startswith("convnext"):
+        encoder = {k: v for k, v in convnext_timm_to_fb(encoder).items() if not k.startswith("norm.")}
+    state = {f"sparse_encoder.sp_cnn.{k}": v for k, v in encoder.items()}
+    for k, v in spark.state_dict().items():
+        if k.startswith("decoder."):
+            state["dense_decoder." + k[len("decoder."):]] = v
+        elif k.startswith(("densify_norms.", "densify_projs.", "mask_tokens.")):
+            state[k] = v
+    state.update(imn_m=torch.zeros(1, 3, 1, 1), imn_s=torch.ones(1, 3, 1, 1), norm_black=torch.zeros(1, 3, 64, 64),
+                 config={"mask_ratio": 0.6})
+    return state
+
+
+@pytest.mark.parametrize("model", ["resnet18", "convnext_tiny"])
+def test_sparks_spark_style_checkpoint_loads(model, tmp_path):
+    source = ss.create_spark(model, input_size=64)
+    path = tmp_path / f"{model}_withdecoder_1kpretrained_spark_style.pth"
+    torch.save({"arch": model, "epoch": 3, "module": _official_spark_state(source, model), "is_pretrain": True}, path)
+    target = ss.create_spark(model, input_size=64)
+    assert load_pretrained(target, path) == "spark-style"
+    want, got = source.state_dict(), target.state_dict()
+    for k in want:
+        if "head.norm" not in k:
+            assert torch.equal(want[k], got[k]), k
+
+
+@pytest.mark.parametrize("layout", ["timm", "fb"])
+def test_bare_encoder_files_load_in_either_convnext_layout(layout, tmp_path):
+    source = ss.create_spark("convnext_tiny", input_size=64)
+    state = source.encoder_state_dict()
+    torch.save(convnext_timm_to_fb(state) if layout == "fb" else state, tmp_path / "enc.pth")
+    target = ss.create_spark("convnext_tiny", input_size=64)
+    assert load_pretrained(target, tmp_path / "enc.pth") == "timm-style encoder"
+    assert all(torch.equal(v, target.encoder_state_dict()[k]) for k, v in state.items())
+
+
+def test_checkpoint_of_another_model_says_what_differs(tmp_path):
+    torch.save(ss.create_spark("resnet18", input_size=64).encoder_state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(CheckpointError, match="does not fit this model.*(missing|unexpected|shape)"):
+        load_pretrained(ss.create_spark("resnet50", input_size=64), tmp_path / "r18.pth")
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint at all", b"PK\x03\x04broken zip"])
+def test_corrupt_file_is_a_clear_error(content, tmp_path):
+    path = tmp_path / "broken.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        read_checkpoint(path)
+
+
+def test_missing_and_foreign_files_are_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_checkpoint(tmp_path / "nope.pth")
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match="holds a list"):
+        read_checkpoint(tmp_path / "list.pth")
+    torch.save({"epoch": 3}, tmp_path / "meta.pth")
+    with pytest.raises(CheckpointError, match="neither 'model' nor 'module'"):
+        load_pretrained(ss.create_spark("tiny_cnn", input_size=64), tmp_path / "meta.pth")
+
+
+def test_atomic_save_never_leaves_a_broken_file(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    atomic_save({"step": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise KeyboardInterrupt("interrupted mid-save")
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"step": 2, "bad": Unpicklable()}, path)
+    assert read_checkpoint(path) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]

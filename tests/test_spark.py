@@ -1,0 +1,140 @@
+"""The SparK module: densify, decoder, loss, reconstruction and the public API's errors."""
+import pytest
+import torch
+import torch.nn as nn
+
+import spark_sparse as ss
+from spark_sparse import ActiveMask
+from spark_sparse.decoder import LightDecoder
+
+
+def test_loss_matches_a_hand_computed_tiny_case():
+    spark = ss.create_spark("tiny_cnn", input_size=64)
+    images = torch.arange(2 * 3 * 64 * 64, dtype=torch.float32).reshape(2, 3, 64, 64).sin()
+    prediction = torch.linspace(-1, 1, 2 * 3 * 64 * 64).reshape(2, 3, 64, 64)
+    mask = ActiveMask(torch.tensor([[[[True, False], [False, False]]], [[[False, True], [True, True]]]]))
+
+    total, count = 0.0, 0
+    for b in range(2):
+        for py in range(2):
+            for px in range(2):
+                if mask.active[b, 0, py, px]:
+                    continue
+                target = images[b, :, py * 32:(py + 1) * 32, px * 32:(px + 1) * 32]
+                pred = prediction[b, :, py * 32:(py + 1) * 32, px * 32:(px + 1) * 32]
+                # SparK orders each patch's pixels (y, x, c); the normalisation is order-free anyway
+                t = target.permute(1, 2, 0).reshape(-1).double()
+                p = pred.permute(1, 2, 0).reshape(-1).double()
+                t = (t - t.mean()) / torch.sqrt(t.var(unbiased=True) + 1e-6)
+                total += float(((p - t) ** 2).mean())
+                count += 1
+    expected = total / count
+    got = spark.loss(images, prediction, mask)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (96, 64)])
+def test_decoder_restores_the_input_resolution(hw):
+    spark = ss.create_spark("resnet18", input_size=hw)
+    images = torch.randn(2, 3, *hw)
+    mask = spark.mask(2, image_hw=hw)
+    assert spark.predict(images, mask).shape == (2, 3, *hw)
+
+
+def test_light_decoder_widths_halve_and_end_in_rgb():
+    dec = LightDecoder(32, width=768)
+    assert [blk.up_sample.in_channels for blk in dec.dec] == [768, 384, 192, 96, 48]
+    assert dec.proj.out_channels == 3 and dec.proj.in_channels == 24
+
+
+def test_densify_projection_is_identity_when_widths_match():
+    spark = ss.create_spark("resnet18", input_size=64, decoder_width=512)
+    assert isinstance(spark.densify_projs[0], nn.Identity)
+    assert [p.kernel_size for p in spark.densify_projs[1:]] == [(3, 3)] * 3
+    spark = ss.create_spark("resnet18", input_size=64)
+    assert spark.densify_projs[0].kernel_size == (1, 1)
+
+
+def test_mask_tokens_are_truncated_normal_within_two_hundredths():
+    spark = ss.create_spark("resnet50", input_size=64)
+    for token in spark.mask_tokens:
+        assert token.abs().max() <= 0.02 and token.std() > 0.005
+
+
+@pytest.mark.parametrize("model,untrained", [("resnet18", set()), ("convnext_tiny", {"encoder.model.head.norm.weight", "encoder.model.head.norm.bias"})])
+def test_gradients_reach_every_trainable_parameter(model, untrained):
+    spark = ss.create_spark(model, input_size=64, drop_path_rate=0.0)
+    spark(torch.randn(2, 3, 64, 64)).backward()
+    # (timm zero-initialises each residual branch's last BN, so some gradients are 0 at init: what
+    # matters is that autograd reaches them)
+    no_grad = {n for n, p in spark.named_parameters() if p.grad is None}
+    assert no_grad == untrained
+    assert all(p.grad.abs().sum() > 0 for n, p in spark.named_parameters() if n.startswith(("decoder", "densify", "mask_tokens")))
+
+
+def test_densify_norm_follows_the_model_family():
+    assert ss.create_spark("resnet18", input_size=64).densify_norm_kind == "bn"
+    assert ss.create_spark("convnext_tiny", input_size=64).densify_norm_kind == "ln"
+
+
+def test_custom_model_pretrains_for_a_step():
+    spark = ss.create_spark("tiny_cnn", input_size=64)
+    opt = torch.optim.AdamW(spark.parameters(), lr=1e-3)
+    images = torch.randn(4, 3, 64, 64)
+    mask = spark.mask(4, generator=torch.Generator().manual_seed(0))
+    before = spark(images, mask)
+    before.backward()
+    opt.step()
+    after = spark(images, mask)
+    assert torch.isfinite(after) and after.item() != before.item()
+
+
+def test_reconstruction_keeps_visible_patches_and_fills_masked_ones():
+    spark = ss.create_spark("tiny_cnn", input_size=64).eval()
+    images = torch.randn(2, 3, 64, 64)
+    mask = spark.mask(2, generator=torch.Generator().manual_seed(0))
+    inp, masked, rec = spark.reconstruct(images, mask)
+    pixels = mask.dense_at(1).expand_as(images)
+    assert torch.equal(inp, images)
+    assert torch.equal(masked[pixels], images[pixels]) and torch.all(masked[~pixels] == 0)
+    assert torch.equal(rec[pixels], images[pixels]) and not torch.equal(rec[~pixels], images[~pixels])
+
+
+# ---------------------------------------------------------------------- bad input
+def test_unknown_model_lists_known_ones():
+    with pytest.raises(ss.UnknownModelError, match="resnet50.*convnext_tiny|convnext_tiny.*resnet50"):
+        ss.create_spark("resnet9000")
+
+
+def test_spark_aliases_resolve():
+    assert ss.create_spark("res50", input_size=64).encoder.timm_name == "resnet50"
+
+
+def test_unknown_backend_lists_registered_ones():
+    with pytest.raises(ss.UnknownBackendError, match="masked"):
+        ss.create_spark("resnet18", backend="cudnn-magic", input_size=64)
+
+
+@pytest.mark.parametrize("size", [100, (64, 80), 0])
+def test_input_size_must_be_a_multiple_of_32(size):
+    with pytest.raises(ValueError, match="multiples of the downsample ratio 32"):
+        ss.create_spark("tiny_cnn", input_size=size)
+
+
+def test_images_of_a_wrong_size_are_refused():
+    spark = ss.create_spark("tiny_cnn", input_size=64)
+    with pytest.raises(ValueError, match="multiples"):
+        spark(torch.randn(1, 3, 70, 64))
+
+
+def test_wrong_shaped_mask_is_refused():
+    spark = ss.create_spark("tiny_cnn", input_size=64)
+    with pytest.raises(ValueError, match="active mask has shape"):
+        spark(torch.randn(2, 3, 64, 64), ActiveMask.random(2, (3, 3), 0.5))
+    with pytest.raises(ValueError, match=r"\(B, 1, h, w\)"):
+        spark(torch.randn(2, 3, 64, 64), torch.ones(2, 2, 2, 2, 2, dtype=torch.bool))
+
+
+def test_mask_ratio_that_leaves_nothing_visible_is_refused():
+    with pytest.raises(ValueError, match="keeps round"):
+        ss.create_spark("tiny_cnn", input_size=64, mask_ratio=0.9)
