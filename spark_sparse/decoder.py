@@ -1,13 +1,29 @@
 """SparK's light UNet decoder, unchanged in maths and initialisation."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["UNetBlock", "LightDecoder"]
+
+
+@contextlib.contextmanager
+def _frozen_norm_statistics(module: nn.Module):
+    """Restore BatchNorm running statistics after a checkpoint's recomputation updated them again."""
+    saved = [(bn, bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+             for bn in module.modules() if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats]
+    try:
+        yield
+    finally:
+        for bn, mean, var, count in saved:
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+            bn.num_batches_tracked.copy_(count)
 
 
 class UNetBlock(nn.Module):
@@ -42,6 +58,7 @@ class LightDecoder(nn.Module):
         norm_layer = nn.SyncBatchNorm if sync_bn else nn.BatchNorm2d
         self.dec = nn.ModuleList([UNetBlock(cin, cout, norm_layer) for cin, cout in zip(channels[:-1], channels[1:])])
         self.proj = nn.Conv2d(channels[-1], 3, kernel_size=1, stride=1, bias=True)
+        self.grad_checkpointing = False
         self.initialize()
 
     def forward(self, to_dec: list) -> torch.Tensor:
@@ -49,7 +66,11 @@ class LightDecoder(nn.Module):
         for i, block in enumerate(self.dec):
             if i < len(to_dec) and to_dec[i] is not None:
                 x = x + to_dec[i]
-            x = block(x)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False,
+                               context_fn=lambda b=block: (contextlib.nullcontext(), _frozen_norm_statistics(b)))
+            else:
+                x = block(x)
         return self.proj(x)
 
     def initialize(self) -> None:

@@ -78,6 +78,7 @@ class SparK(nn.Module):
         self.mask_ratio = float(mask_ratio)
         self.len_keep = kept_patches_per_image(self.grid_hw(self.input_hw)[0] * self.grid_hw(self.input_hw)[1], mask_ratio)
         self.sync_bn = sync_bn
+        self.channels_last = False
 
         if sync_bn:
             encoder = nn.SyncBatchNorm.convert_sync_batchnorm(encoder)
@@ -144,6 +145,8 @@ class SparK(nn.Module):
     # ------------------------------------------------------------------ the model
     def encode(self, images: torch.Tensor, mask: ActiveMask) -> list[FeatureMap]:
         """Hierarchical features of the masked images, finest first, in the backend's representation."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.encoder(self.backend.features_from_image(images, mask), hierarchical=True)
 
     def densify(self, features: list[FeatureMap]) -> list[torch.Tensor]:
@@ -153,12 +156,33 @@ class SparK(nn.Module):
             fmap = self.densify_norms[level](fmap)
             site_mask = fmap.mask.dense_at(fmap.stride)
             dense = torch.where(site_mask, fmap.to_dense(), self.mask_tokens[level].to(fmap.data.dtype))
+            if self.channels_last:
+                dense = dense.contiguous(memory_format=torch.channels_last)
             to_dec.append(self.densify_projs[level](dense))
         return to_dec
 
     def predict(self, images: torch.Tensor, mask: ActiveMask) -> torch.Tensor:
         """The decoder's full-resolution output ``(B, 3, H, W)`` (normalised-patch space)."""
         return self.decoder(self.densify(self.encode(images, mask)))
+
+    # ------------------------------------------------------------------ speed options (same maths)
+    def to_channels_last(self) -> "SparK":
+        """Run the dense parts (masked encoder, densify projections, decoder) in NHWC.
+
+        oneDNN and cuDNN are markedly faster on NHWC convolutions; values are unchanged up to
+        float rounding. Sparse backends keep their ``[N, C]`` rows, which are NHWC already.
+        """
+        self.channels_last = True
+        return self.to(memory_format=torch.channels_last)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> "SparK":
+        """Recompute each decoder block in backward instead of keeping its activations.
+
+        The recomputation restores the blocks' BatchNorm running statistics afterwards, so the
+        statistics (and everything else) equal those of a run without checkpointing.
+        """
+        self.decoder.grad_checkpointing = enable
+        return self
 
     def loss(self, images: torch.Tensor, prediction: torch.Tensor, mask: ActiveMask) -> torch.Tensor:
         """Mean over masked patches of the per-patch MSE to the normalised target."""

@@ -1,0 +1,64 @@
+"""Speed options keep the maths: same loss (fp32: 1e-5 relative), same gradients, same BN statistics."""
+import copy
+
+import pytest
+import torch
+
+import spark_sparse as ss
+from spark_sparse.speed import apply_speed_plan, estimate_max_batch, plan_speed
+
+
+def _step(spark, images, mask):
+    loss = spark(images, mask)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in spark.named_parameters() if p.grad is not None}
+    return loss.item(), grads, {k: v.clone() for k, v in spark.named_buffers()}
+
+
+@pytest.mark.parametrize("model", ["resnet18", "convnext_tiny"])
+@pytest.mark.parametrize("option", ["channels_last", "grad_ckpt"])
+def test_option_leaves_loss_gradients_and_statistics_unchanged(model, option):
+    base = ss.create_spark(model, input_size=64, drop_path_rate=0.0)
+    fast = copy.deepcopy(base)
+    fast.to_channels_last() if option == "channels_last" else fast.set_grad_checkpointing(True)
+    images = torch.randn(4, 3, 64, 64)
+    mask = base.mask(4, generator=torch.Generator().manual_seed(0))
+    loss_a, grads_a, bufs_a = _step(base, images, mask)
+    loss_b, grads_b, bufs_b = _step(fast, images, mask)
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=1e-4)
+    for name in bufs_a:
+        torch.testing.assert_close(bufs_b[name], bufs_a[name], atol=1e-6, rtol=1e-5)
+
+
+def test_spark_recipe_is_sparks_own():
+    plan = plan_speed("spark", "cpu")
+    assert (plan.backend, plan.channels_last, plan.compile_decoder, plan.foreach_optimizer) == ("masked", False, False, False)
+
+
+def test_fast_recipe_explains_every_choice_and_flags_override_it():
+    plan = plan_speed("fast", "cpu", channels_last=False)
+    assert plan.channels_last is False and plan.why["channels_last"] == "set explicitly"
+    assert all(plan.why[k] for k in ("backend", "compile_decoder", "grad_ckpt", "foreach_optimizer"))
+    assert "backend" in plan.describe()
+    with pytest.raises(ValueError, match="unknown recipe"):
+        plan_speed("turbo", "cpu")
+
+
+def test_plan_must_match_the_models_backend():
+    spark = ss.create_spark("tiny_cnn", input_size=64)
+    with pytest.raises(ValueError, match="wants backend"):
+        apply_speed_plan(spark, plan_speed("spark", "cpu", backend="torch"))
+
+
+def test_batch_estimate_shrinks_activations_with_grad_checkpointing():
+    spark = ss.create_spark("resnet18", input_size=64)
+    state = copy.deepcopy(spark.state_dict())
+    plain = estimate_max_batch(spark, (64, 64), "cpu")
+    assert all(torch.equal(v, spark.state_dict()[k]) for k, v in state.items())   # the probe changed nothing
+    spark.set_grad_checkpointing(True)
+    ckpt = estimate_max_batch(spark, (64, 64), "cpu")
+    assert 0 < ckpt.activation_mb_per_image < plain.activation_mb_per_image
+    assert ckpt.max_batch > plain.max_batch > 0
