@@ -65,11 +65,12 @@ def plan_speed(recipe: str, device: torch.device | str, *, backend: Optional[str
         chosen = dict(backend=name, channels_last=True, foreach_optimizer=True,
                       compile_decoder=device_type == "cuda")
         why = {"backend": reason,
-               "channels_last": "NHWC convolutions are faster in oneDNN/cuDNN (decoder fwd+bwd 3.9 s -> 1.8 s on CPU)",
+               "channels_last": "NHWC convolutions are faster in oneDNN/cuDNN (CPU, 2 threads, decoder fwd+bwd at "
+                                "batch 8, 224 px: 2.23 s NCHW -> 1.69 s NHWC)",
                "foreach_optimizer": "one fused update over all tensors instead of a Python loop",
                "compile_decoder": ("torch.compile fuses the decoder's BN/ReLU6 chains on CUDA" if device_type == "cuda"
-                                   else "on CPU the decoder is bound by oneDNN convolutions; compiling costs minutes "
-                                        "of start-up for little gain")}
+                                   else "no gain measured on CPU: the decoder is bound by oneDNN convolutions "
+                                        "(fwd+bwd batch 8: 1.69 s eager vs 1.69 s compiled)")}
     for key, value in (("backend", backend), ("channels_last", channels_last), ("compile_decoder", compile_decoder)):
         if value is not None and value != chosen[key]:
             chosen[key] = value
