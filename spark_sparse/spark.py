@@ -80,6 +80,10 @@ class SparK(nn.Module):
         self.sync_bn = sync_bn
         self.channels_last = False
 
+        # Heads the hierarchical forward never calls get no gradient: freeze them so optimizers and
+        # DDP (find_unused_parameters=False) see only what trains. They are still exported.
+        for name in getattr(encoder, "modules_outside_hierarchy", lambda: [])():
+            encoder.get_submodule(name).requires_grad_(False)
         if sync_bn:
             encoder = nn.SyncBatchNorm.convert_sync_batchnorm(encoder)
         self.encoder = self.backend.convert(encoder)

@@ -61,14 +61,15 @@ def test_mask_tokens_are_truncated_normal_within_two_hundredths():
         assert token.abs().max() <= 0.02 and token.std() > 0.005
 
 
-@pytest.mark.parametrize("model,untrained", [("resnet18", set()), ("convnext_tiny", {"encoder.model.head.norm.weight", "encoder.model.head.norm.bias"})])
-def test_gradients_reach_every_trainable_parameter(model, untrained):
+@pytest.mark.parametrize("model,frozen", [("resnet18", set()), ("convnext_tiny", {"encoder.model.head.norm.weight", "encoder.model.head.norm.bias"})])
+def test_gradients_reach_every_trainable_parameter(model, frozen):
     spark = ss.create_spark(model, input_size=64, drop_path_rate=0.0)
     spark(torch.randn(2, 3, 64, 64)).backward()
     # (timm zero-initialises each residual branch's last BN, so some gradients are 0 at init: what
     # matters is that autograd reaches them)
+    assert {n for n, p in spark.named_parameters() if not p.requires_grad} == frozen
     no_grad = {n for n, p in spark.named_parameters() if p.grad is None}
-    assert no_grad == untrained
+    assert no_grad == frozen
     assert all(p.grad.abs().sum() > 0 for n, p in spark.named_parameters() if n.startswith(("decoder", "densify", "mask_tokens")))
 
 
