@@ -1,0 +1,147 @@
+"""``spark-pretrain``: SparK's pre-training command, with SparK's argument names and defaults.
+
+SparK's spellings (``--data_path=...``) and dashed ones (``--data-path ...``) both work, as do
+SparK's older aliases (``--model=res50``, ``--resume=PATH``, ``--sparse_conv=1``). With several
+processes requested through SparK's launch flags (``--ngpu_per_node``, ``--num_nodes``, ...) the
+command re-launches itself under ``torch.distributed.run``; under ``torchrun`` it just joins.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+from typing import Optional
+
+import click
+
+from .backends import list_backends, recommended_sparse_backend
+from .checkpoint import CheckpointError
+from .models import UnknownModelError, list_models, resolve_model_name
+from .speed import RECIPES
+from .train.config import DEMO_DEFAULTS, PretrainConfig
+from .train.data import DataError
+from .train.distributed import under_torchrun
+
+__all__ = ["main", "pretrain_command"]
+
+_SPARK_DEFAULTS = PretrainConfig()
+
+
+def _opt(name: str, *aliases: str, **kwargs):
+    """An option under SparK's underscore name, its dashed twin and any aliases."""
+    dashed = name.replace("_", "-")
+    names = [f"--{name}"] + ([f"--{dashed}"] if dashed != name else []) + [f"--{a}" for a in aliases]
+    kwargs.setdefault("show_default", True)
+    return click.option(*names, name, **kwargs)
+
+
+def _backend_help() -> str:
+    return "; ".join(f"{b.name}{'' if b.available else ' (unavailable: ' + b.reason + ')'}" for b in list_backends())
+
+
+def _validate_backend(ctx, param, value: Optional[str]) -> Optional[str]:
+    if value is None:
+        return None
+    known = {b.name: b for b in list_backends()}
+    if value not in known or not known[value].available:
+        lines = "\n".join(f"  {b}" for b in known.values())
+        what = "unknown" if value not in known else "unavailable"
+        raise click.BadParameter(f"{what} backend {value!r}. Backends:\n{lines}")
+    return value
+
+
+def _validate_model(ctx, param, value: Optional[str]) -> Optional[str]:
+    if value is None:
+        return None
+    try:
+        return resolve_model_name(value)
+    except UnknownModelError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110})
+@click.argument("exp_name", required=False, default="demo")
+@_opt("exp_dir", help="output folder (default: output_<exp_name>)")
+@_opt("data_path", help="image folder (uses <data_path>/train if present); omitted: embedded demo photos")
+@_opt("model", callback=_validate_model, help=f"encoder ({', '.join(list_models())}); default resnet50, "
+                                             f"or {DEMO_DEFAULTS['model']} for the demo")
+@_opt("input_size", type=int, help="image size (multiple of 32); default 224 (demo: 96)")
+@_opt("mask", type=float, help="mask ratio; default 0.6")
+@_opt("bs", type=int, help="global batch size over all processes; default 4096 (demo: 32)")
+@_opt("ep", type=int, help="epochs; default 1600 (demo: 12)")
+@_opt("wp_ep", type=float, help="warm-up epochs; default 40 (demo: 1)")
+@_opt("base_lr", type=float, help="lr = base_lr * global batch / 256; default 2e-4 (demo: 2e-3)")
+@_opt("wd", type=float, default=_SPARK_DEFAULTS.wd, help="initial weight decay")
+@_opt("wde", type=float, default=_SPARK_DEFAULTS.wde, help="final weight decay (cosine); 0 = same as --wd")
+@_opt("clip", type=float, default=_SPARK_DEFAULTS.clip, help="gradient norm clip (<= 0: off)")
+@_opt("opt", type=click.Choice(["lamb", "adamw", "sgd"], case_sensitive=False), default="lamb")
+@_opt("ada", type=float, default=0.0, help="Adam beta2; 0 = SparK's (0.95 ResNet, 0.999 ConvNeXt)")
+@_opt("dp", type=float, default=None, help="drop-path rate; default: SparK's for the model")
+@_opt("sbn", type=bool, default=True, help="SyncBatchNorm when several CUDA processes run")
+@_opt("dataloader_workers", type=int, help="loader processes per training process; default 8 (demo: 2)")
+@_opt("init_weight", help="initialise weights from a checkpoint (ours, SparK's spark-style or timm-style)")
+@_opt("resume_from", "resume", help="resume a run from its <model>_still_pretraining.pth")
+@_opt("backend", callback=_validate_backend, help=f"encoder backend; default: the recipe's. {_backend_help()}")
+@_opt("sparse_conv", type=int, default=0, help="SparK's old flag: 1 selects the recommended true-sparse backend")
+@_opt("strict_backend", is_flag=True, default=False, help="a layer the backend's preferred kernel cannot run is an error")
+@_opt("recipe", type=click.Choice(RECIPES), default="fast",
+      help="spark: SparK's exact recipe (masked, NCHW, fp32); fast: every option that keeps the fp32 maths")
+@_opt("channels_last", type=bool, default=None, help="NHWC dense parts (default: the recipe's)")
+@_opt("compile", type=bool, default=None, help="torch.compile the decoder (default: the recipe's)")
+@_opt("grad_ckpt", is_flag=True, default=False, help="recompute decoder blocks in backward to save memory")
+@_opt("device", default="auto", help="auto, cpu, cuda or cuda:N")
+@_opt("amp", type=click.Choice(["none", "bf16", "fp16"]), default="none", help="mixed precision (SparK: none)")
+@_opt("seed", type=int, default=0)
+@_opt("tensorboard", is_flag=True, default=False, help="write TensorBoard logs to <exp_dir>/tensorboard_log")
+@_opt("num_nodes", type=int, default=1, help="SparK launch flag: nodes")
+@_opt("ngpu_per_node", type=int, default=1, help="SparK launch flag: processes per node")
+@_opt("node_rank", type=int, default=0, help="SparK launch flag: this node's rank")
+@_opt("master_address", default="127.0.0.1", help="SparK launch flag: rendezvous host")
+@_opt("master_port", type=int, default=29500, help="SparK launch flag: rendezvous port")
+def pretrain_command(exp_name: str, num_nodes: int, ngpu_per_node: int, node_rank: int, master_address: str,
+                     master_port: int, sparse_conv: int, **options) -> None:
+    """Pre-train a CNN with SparK. EXP_NAME names the output folder output_<EXP_NAME>/."""
+    if (num_nodes > 1 or ngpu_per_node > 1) and not under_torchrun():
+        _relaunch(num_nodes, ngpu_per_node, node_rank, master_address, master_port)
+        return
+    if sparse_conv:
+        if options["backend"] is not None:
+            raise click.UsageError("--sparse_conv=1 selects a backend: do not combine it with --backend")
+        options["backend"] = recommended_sparse_backend()
+    demo = options["data_path"] is None
+    for key, value in (DEMO_DEFAULTS if demo else {}).items():
+        if options.get(key) is None:
+            options[key] = value
+    for key in ("model", "input_size", "mask", "bs", "ep", "wp_ep", "base_lr", "dataloader_workers"):
+        if options.get(key) is None:
+            options[key] = getattr(_SPARK_DEFAULTS, key)
+    if demo:
+        click.echo(f"[spark-pretrain] no --data_path: pre-training on the embedded demo photos with demo defaults "
+                   f"{', '.join(f'{k}={options[k]}' for k in DEMO_DEFAULTS)}", err=True)
+    cfg = PretrainConfig(exp_name=exp_name, demo=demo, **options)
+    from .train.engine import StopRequested, TrainingError, pretrain
+    try:
+        pretrain(cfg, cmd=shlex.join(sys.argv))
+    except StopRequested as stop:
+        click.echo(f"[spark-pretrain] {stop}", err=True)
+        sys.exit(130)
+    except (DataError, CheckpointError, TrainingError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+
+
+def _relaunch(num_nodes: int, nproc: int, node_rank: int, address: str, port: int) -> None:
+    from torch.distributed import run as torchrun
+
+    passthrough = [a for a in sys.argv[1:] if not a.split("=")[0].lstrip("-").replace("-", "_") in
+                   {"num_nodes", "ngpu_per_node", "node_rank", "master_address", "master_port"}]
+    args = [f"--nnodes={num_nodes}", f"--nproc_per_node={nproc}", f"--node_rank={node_rank}",
+            f"--master_addr={address}", f"--master_port={port}", "-m", "spark_sparse.cli", *passthrough]
+    click.echo(f"[spark-pretrain] launching {num_nodes}x{nproc} processes: torchrun {' '.join(args)}", err=True)
+    torchrun.main(args)
+
+
+def main() -> None:
+    pretrain_command()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The pre-training application: configuration, data, optimisation, the loop and its outputs."""

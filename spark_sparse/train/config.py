@@ -1,0 +1,67 @@
+"""One dataclass holds every setting of a pre-training run (SparK's arguments plus ours)."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["PretrainConfig", "DEMO_DEFAULTS"]
+
+#: what replaces SparK's ImageNet defaults when no --data_path is given (explicit flags still win)
+DEMO_DEFAULTS = dict(model="resnet18", input_size=96, bs=32, ep=12, wp_ep=1, base_lr=2e-3, mask=0.6,
+                     dataloader_workers=2)
+
+
+@dataclass
+class PretrainConfig:
+    exp_name: str = "your_exp_name"
+    exp_dir: Optional[str] = None
+    data_path: Optional[str] = None
+    model: str = "resnet50"
+    input_size: int = 224
+    mask: float = 0.6
+    bs: int = 4096
+    ep: int = 1600
+    wp_ep: float = 40
+    base_lr: float = 2e-4
+    wd: float = 0.04
+    wde: float = 0.2
+    clip: float = 5.0
+    opt: str = "lamb"
+    ada: float = 0.0
+    dp: Optional[float] = None
+    sbn: bool = True
+    dataloader_workers: int = 8
+    init_weight: Optional[str] = None
+    resume_from: Optional[str] = None
+    backend: Optional[str] = None
+    strict_backend: bool = False
+    device: str = "auto"
+    amp: str = "none"
+    seed: int = 0
+    tensorboard: bool = False
+    recipe: str = "fast"
+    channels_last: Optional[bool] = None
+    compile: Optional[bool] = None
+    grad_ckpt: bool = False
+    demo: bool = False
+    vis_images: int = 4
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def output_dir(self) -> Path:
+        if self.exp_dir:
+            return Path(self.exp_dir)
+        safe = "".join(ch if (ch.isalnum() or ch in "-_.") else "_" for ch in self.exp_name)
+        return Path(f"output_{safe}")
+
+    def lr(self, global_batch: int) -> float:
+        """SparK's linear scaling rule: ``base_lr * global batch / 256``."""
+        return self.base_lr * global_batch / 256
+
+    def iterations_per_epoch(self, num_samples: int, global_batch: int) -> int:
+        return math.ceil(num_samples / global_batch)
+
+    def as_dict(self) -> dict:
+        return asdict(self)

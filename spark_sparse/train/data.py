@@ -1,0 +1,150 @@
+"""Images for pre-training: an image folder or the embedded demo photos, SparK's augmentation.
+
+Every sample is drawn with its own seed (see :func:`~.distributed.epoch_batches`), so an epoch's
+batches are a pure function of (seed, epoch) whatever the number of loader workers, which makes
+resuming exact. Unreadable files never stop an epoch: they are replaced by the next readable image
+and reported by name.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "DataError", "pretrain_transform", "ImageFolderDataset",
+           "DemoPhotosDataset", "find_images", "denormalize"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DataError(ValueError):
+    pass
+
+
+def pretrain_transform(input_size: int | tuple[int, int]) -> Callable:
+    """SparK's augmentation: RandomResizedCrop(scale 0.67-1, bicubic), flip, ImageNet normalisation."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(input_size, scale=(0.67, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images * std + mean).clamp(0, 1)
+
+
+def find_images(data_path: str | Path) -> tuple[Path, list[Path]]:
+    """``<data_path>/train`` if it exists, else ``data_path``; every image file below it, sorted.
+
+    Raises :class:`DataError` before anything starts when the folder is missing or holds no image.
+    """
+    root = Path(data_path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"--data_path {str(root)!r} is not a folder (expected an image folder, optionally with a "
+                        f"'train' sub-folder and class sub-folders)")
+    if (root / "train").is_dir():
+        root = root / "train"
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}")
+    return root, files
+
+
+class _SeededDataset(Dataset):
+    """Base: ``dataset[(index, seed)]`` applies the transform under that seed.
+
+    Returns ``(image, index of an unreadable file that was replaced, or -1)``.
+    """
+
+    def __init__(self, transform: Callable):
+        self.transform = transform
+
+    def load(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        return str(index)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        bad = -1
+        for attempt in range(len(self)):
+            candidate = (index + attempt) % len(self)
+            try:
+                image = self.load(candidate)
+                break
+            except Exception:   # any decoding failure of one file must not stop the epoch
+                bad = candidate if bad < 0 else bad
+        else:
+            raise DataError("no image in the dataset could be read")
+        with torch.random.fork_rng(devices=[]):   # torchvision's random transforms draw from torch's RNG
+            torch.manual_seed(seed)
+            return self.transform(image), bad
+
+
+class ImageFolderDataset(_SeededDataset):
+    def __init__(self, data_path: str | Path, transform: Callable):
+        super().__init__(transform)
+        self.root, self.files = find_images(data_path)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int) -> Image.Image:
+        with Image.open(self.files[index]) as img:
+            return img.convert("RGB")
+
+    def describe(self, index: int) -> str:
+        return str(self.files[index])
+
+
+#: colour photos shipped inside scikit-image (no download)
+DEMO_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+               "colorwheel")
+
+
+class DemoPhotosDataset(_SeededDataset):
+    """The embedded default: scikit-image's sample photos, each cut into many random views.
+
+    ``views_per_photo`` virtual samples per photo; the random resized crop and flip of each sample
+    make them different views.
+    """
+
+    def __init__(self, transform: Callable, views_per_photo: int = 64, photos: Sequence[str] = DEMO_PHOTOS,
+                 max_side: int = 320):
+        super().__init__(transform)
+        import skimage.data
+
+        self.photos = []
+        for name in photos:
+            try:
+                array = getattr(skimage.data, name)()
+            except Exception:   # some skimage versions need a download for a few photos: skip them
+                continue
+            if array.ndim == 3 and array.shape[2] >= 3:
+                photo = Image.fromarray(np.ascontiguousarray(array[..., :3]))
+                photo.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)   # cheap crops, same content
+                self.photos.append((name, photo))
+        if not self.photos:
+            raise DataError("scikit-image ships none of the demo photos; pass --data_path")
+        self.views_per_photo = views_per_photo
+
+    def __len__(self) -> int:
+        return len(self.photos) * self.views_per_photo
+
+    def load(self, index: int) -> Image.Image:
+        return self.photos[index % len(self.photos)][1]
+
+    def describe(self, index: int) -> str:
+        return f"skimage.data.{self.photos[index % len(self.photos)][0]}"

@@ -1,0 +1,312 @@
+"""The pre-training loop: build everything, resume, train, save, stop cleanly.
+
+Every iteration re-seeds its randomness from (seed, global iteration, rank): masks, drop-path and
+data augmentation are then functions of the run's seed and position, so a resumed run continues
+exactly as if it had never stopped.
+"""
+from __future__ import annotations
+
+import math
+import random
+import signal
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .. import __version__
+from ..checkpoint import CheckpointError, atomic_save, load_pretrained, load_spark_state, read_checkpoint
+from ..models import resolve_model_name
+from ..spark import SparK, create_spark
+from ..speed import apply_speed_plan, estimate_max_batch, plan_speed
+from .config import PretrainConfig
+from .data import DemoPhotosDataset, ImageFolderDataset, pretrain_transform
+from .distributed import DistContext, epoch_batches, init_distributed
+from .optim import apply_lr_wd, build_optimizer, default_beta2, lr_wd_at, param_groups
+from .outputs import RunOutputs, git_commit
+from .visualize import save_reconstruction_grid
+
+__all__ = ["pretrain", "TrainingError", "StopRequested"]
+
+CHECKPOINT_FORMAT = "spark-sparse/1"
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+class StopRequested(Exception):
+    """Raised after a resumable checkpoint was written because SIGTERM / Ctrl-C arrived."""
+
+
+@dataclass
+class RunState:
+    epoch: int = 0          # epoch being run
+    iteration: int = 0      # next iteration within it
+    min_loss: float = math.inf
+
+
+class _StopFlag:
+    """SIGTERM and the first Ctrl-C ask the loop to stop after the current step; a second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n[spark-pretrain] {signal.Signals(signum).name} received: saving a resumable checkpoint after "
+              f"this step (Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _seed_for(seed: int, global_it: int, rank: int) -> int:
+    return (seed * 1_000_003 + global_it * 1_009 + rank) % (2**63 - 1)
+
+
+def _build_dataset(cfg: PretrainConfig):
+    transform = pretrain_transform(cfg.input_size)
+    if cfg.data_path is None:
+        return DemoPhotosDataset(transform)
+    return ImageFolderDataset(cfg.data_path, transform)
+
+
+def _rng_states() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+class Trainer:
+    def __init__(self, cfg: PretrainConfig, cmd: str):
+        self.cfg, self.cmd = cfg, cmd
+        self.ctx: DistContext = init_distributed(cfg.device)
+        self.model_name = resolve_model_name(cfg.model)
+        self.dataset = _build_dataset(cfg)                    # fails before any file is written
+        world = self.ctx.world_size
+        if cfg.bs < world:
+            raise ValueError(f"--bs {cfg.bs} (global) is smaller than the {world} processes")
+        self.local_batch = cfg.bs // world
+        self.global_batch = self.local_batch * world
+        self.iters_per_epoch = cfg.iterations_per_epoch(len(self.dataset), self.global_batch)
+        self.total_iters = cfg.ep * self.iters_per_epoch
+        self.amp_dtype = AMP_DTYPES[cfg.amp]
+
+        self.speed = plan_speed(cfg.recipe, self.ctx.device, backend=cfg.backend, channels_last=cfg.channels_last,
+                                compile_decoder=cfg.compile, grad_ckpt=cfg.grad_ckpt)
+        self.sync_bn = cfg.sbn and self.ctx.initialized and self.ctx.device.type == "cuda"
+        self.spark: SparK = create_spark(self.model_name, backend=self.speed.backend, input_size=cfg.input_size,
+                                         mask_ratio=cfg.mask, drop_path_rate=cfg.dp, sync_bn=self.sync_bn,
+                                         strict_backend=cfg.strict_backend).to(self.ctx.device)
+        self.plan = self.spark.backend.plan(self.spark.encoder, self.ctx.device, self.amp_dtype or torch.float32)
+        apply_speed_plan(self.spark, self.speed)
+        self.model: nn.Module = self.spark
+        if self.ctx.initialized:
+            self.model = DistributedDataParallel(
+                self.spark, device_ids=[self.ctx.local_rank] if self.ctx.device.type == "cuda" else None,
+                broadcast_buffers=False)
+
+        self.peak_lr = cfg.lr(self.global_batch)
+        self.beta2 = cfg.ada or default_beta2(self.model_name)
+        self.groups = param_groups(self.spark)
+        self.optimizer = build_optimizer(cfg.opt, self.groups, self.peak_lr, self.beta2, cfg.clip,
+                                         foreach=self.speed.foreach_optimizer)
+        self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=cfg.amp == "fp16")
+        self.outputs = RunOutputs(cfg.output_dir, self.model_name, self.ctx.is_main)
+        self.state = RunState()
+        self.tb = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint(self) -> dict:
+        return {"format": CHECKPOINT_FORMAT, "version": __version__, "model": self.spark.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch": self.state.epoch, "iteration": self.state.iteration, "min_loss": self.state.min_loss,
+                "rng": _rng_states(), "args": self.cfg.as_dict(), "model_name": self.model_name}
+
+    def save(self, final: bool = False) -> None:
+        if not self.ctx.is_main:
+            return
+        atomic_save(self.checkpoint(), self.outputs.still_pretraining_path)
+        atomic_save(self.spark.encoder_state_dict(), self.outputs.pretrained_path)
+        if final:
+            print(f"[spark-pretrain] saved {self.outputs.pretrained_path} (timm-style encoder)")
+
+    def resume(self, path: str) -> None:
+        ckpt = read_checkpoint(path)
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path} is not a spark-pretrain checkpoint (expected '{CHECKPOINT_FORMAT}' "
+                                  f"with model/optimizer/epoch keys; found keys {', '.join(list(ckpt)[:6])}); "
+                                  f"use --init_weight to start from a pre-trained file instead")
+        if ckpt.get("model_name") != self.model_name:
+            raise CheckpointError(f"{path} was pre-training {ckpt.get('model_name')!r}, this run is {self.model_name!r}")
+        load_spark_state(self.spark, ckpt["model"], f"{path}")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = RunState(ckpt["epoch"], ckpt["iteration"], ckpt.get("min_loss", math.inf))
+        print(f"[spark-pretrain] resumed from {path}: epoch {self.state.epoch}, iteration {self.state.iteration}")
+
+    # ------------------------------------------------------------------ one step
+    def step(self, images: torch.Tensor, global_it: int) -> float:
+        cfg = self.cfg
+        lr, wd = lr_wd_at(global_it, self.peak_lr, cfg.wd, cfg.wde or cfg.wd, cfg.wp_ep * self.iters_per_epoch,
+                          self.total_iters)
+        apply_lr_wd(self.optimizer, lr, wd)
+        seed = _seed_for(cfg.seed, global_it, self.ctx.rank)
+        torch.manual_seed(seed)
+        mask = self.spark.mask(images.shape[0], generator=torch.Generator().manual_seed(seed), device=images.device)
+        autocast = (torch.autocast(self.ctx.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext())
+        with autocast:
+            loss = self.model(images, mask)
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise TrainingError(f"loss is {loss_value} at epoch {self.state.epoch} iteration {self.state.iteration}")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if cfg.clip > 0 and cfg.opt != "lamb":          # LAMB clips the global norm itself
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in self.groups for p in g["params"]], cfg.clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.last_lr = lr
+        return loss_value
+
+    # ------------------------------------------------------------------ the run
+    def _loader(self, epoch: int, skip: int) -> DataLoader:
+        batches = epoch_batches(len(self.dataset), self.global_batch, epoch, self.cfg.seed, self.ctx.rank,
+                                self.ctx.world_size)[skip:]
+        workers = self.cfg.dataloader_workers
+        return DataLoader(self.dataset, batch_sampler=batches, num_workers=workers,
+                          pin_memory=self.ctx.device.type == "cuda", persistent_workers=False,
+                          prefetch_factor=4 if workers > 0 else None)
+
+    def _header(self) -> dict:
+        return {"name": self.cfg.exp_name, "cmd": self.cmd, "git_commit": git_commit(), "model": self.model_name,
+                "backend": self.speed.backend, "world_size": self.ctx.world_size, "device": str(self.ctx.device),
+                "global_batch": self.global_batch, "lr": self.peak_lr, "iters_per_epoch": self.iters_per_epoch,
+                "sync_bn": self.sync_bn, "speed_plan": self.speed.as_dict(), "backend_plan": self.plan,
+                "args": self.cfg.as_dict()}
+
+    def _print_start(self) -> None:
+        cfg = self.cfg
+        source = "embedded demo photos (scikit-image)" if cfg.data_path is None else str(self.dataset.root)
+        print(f"[spark-pretrain] {self.model_name} on {self.speed.backend!r}, {self.ctx.world_size} process(es), "
+              f"device {self.ctx.device}, amp {cfg.amp}")
+        print(f"[spark-pretrain] data: {len(self.dataset)} images from {source}; global batch {self.global_batch}, "
+              f"{self.iters_per_epoch} iterations/epoch, {cfg.ep} epochs, peak lr {self.peak_lr:.3g}")
+        if cfg.sbn and not self.sync_bn:
+            print("[spark-pretrain] --sbn: SyncBatchNorm needs several CUDA processes; using plain BatchNorm here")
+        print(self.speed.describe())
+        estimate = estimate_max_batch(self.spark, self.spark.input_hw, self.ctx.device)
+        print(f"[spark-pretrain] {estimate.describe(str(self.ctx.device))} (this run: {self.local_batch})")
+        print("[spark-pretrain] backend plan (layer: kernel):")
+        for layer, how in self.plan:
+            print(f"  {layer:<40} {how}")
+
+    def run(self) -> RunState:
+        cfg = self.cfg
+        if cfg.init_weight:
+            print(f"[spark-pretrain] initialised from {cfg.init_weight} ({load_pretrained(self.spark, cfg.init_weight)})")
+        if cfg.resume_from:
+            self.resume(cfg.resume_from)
+        self.outputs.open()
+        try:
+            self._print_start()
+            self.outputs.write_header(self._header(), resumed=bool(cfg.resume_from))
+            if cfg.tensorboard and self.ctx.is_main:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(self.outputs.dir / "tensorboard_log"))
+            with _StopFlag() as stop:
+                while self.state.epoch < cfg.ep:
+                    self._run_epoch(stop)
+            if self.ctx.is_main:
+                self._visualise()
+                print(f"[spark-pretrain] finished: min loss {self.state.min_loss:.4f}; outputs in {self.outputs.dir}")
+            return self.state
+        finally:
+            if self.tb is not None:
+                self.tb.close()
+            self.outputs.close()
+
+    def _run_epoch(self, stop: _StopFlag) -> None:
+        cfg, state = self.cfg, self.state
+        self.spark.train()
+        start_time, seen, losses, bad = time.time(), 0, [], set()
+        loader = self._loader(state.epoch, state.iteration)
+        bar = tqdm(loader, total=self.iters_per_epoch, initial=state.iteration, disable=not self.ctx.is_main,
+                   desc=f"epoch {state.epoch + 1}/{cfg.ep}", dynamic_ncols=True, file=sys.stderr,
+                   mininterval=0.5 if sys.stderr.isatty() else 10.0)
+        for images, bad_indices in bar:
+            global_it = state.epoch * self.iters_per_epoch + state.iteration
+            images = images.to(self.ctx.device, non_blocking=True)
+            try:
+                loss = self.step(images, global_it)
+            except TrainingError as err:
+                self.save()   # the weights are still those of the last good step
+                raise TrainingError(f"{err}; stopped. The last good state is saved in "
+                                    f"{self.outputs.still_pretraining_path} (try a lower --base_lr or --clip)") from None
+            state.iteration += 1
+            seen += images.shape[0] * self.ctx.world_size
+            losses.append(loss)
+            bad.update(int(i) for i in bad_indices if i >= 0)
+            rate = seen / max(time.time() - start_time, 1e-9)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.last_lr:.2e}", img_s=f"{rate:.1f}")
+            if self.tb is not None:
+                self.tb.add_scalar("train/loss", loss, global_it)
+                self.tb.add_scalar("train/lr", self.last_lr, global_it)
+            if stop.requested:
+                bar.close()
+                self.save()
+                raise StopRequested(f"stopped at epoch {state.epoch} iteration {state.iteration}; resume with "
+                                    f"--resume_from={self.outputs.still_pretraining_path}")
+        bar.close()
+        for index in sorted(bad):
+            print(f"[spark-pretrain] warning: could not read {self.dataset.describe(index)}; replaced by the next image",
+                  file=sys.stderr)
+        epoch_loss = self.ctx.all_mean(sum(losses) / max(len(losses), 1))
+        elapsed = time.time() - start_time
+        state.min_loss = min(state.min_loss, epoch_loss)
+        state.epoch, state.iteration = state.epoch + 1, 0
+        remaining, finish = RunOutputs.eta(elapsed, cfg.ep - state.epoch)
+        self.save(final=state.epoch == cfg.ep)
+        self.outputs.log_epoch({"epoch": state.epoch, "loss": epoch_loss, "min_loss": state.min_loss,
+                                "lr": self.last_lr, "images_per_s": round(seen / max(elapsed, 1e-9), 2),
+                                "epoch_seconds": round(elapsed, 2), "remaining": remaining, "finish_time": finish,
+                                "unreadable_images": len(bad)})
+        if self.ctx.is_main:
+            print(f"[spark-pretrain] epoch {state.epoch}/{cfg.ep}: loss {epoch_loss:.4f} (min {state.min_loss:.4f}), "
+                  f"{seen / max(elapsed, 1e-9):.1f} images/s, remaining {remaining}, finish @ {finish}")
+        self.ctx.barrier()
+
+    def _visualise(self) -> None:
+        n = min(self.cfg.vis_images, len(self.dataset))
+        images = torch.stack([self.dataset[(i * max(1, len(self.dataset) // n), i)][0] for i in range(n)])
+        mask = self.spark.mask(n, generator=torch.Generator().manual_seed(self.cfg.seed))
+        path = save_reconstruction_grid(self.spark, images.to(self.ctx.device), mask.to(self.ctx.device),
+                                        self.outputs.reconstruction_path,
+                                        title=f"{self.model_name}, epoch {self.state.epoch}, loss {self.state.min_loss:.3f}")
+        print(f"[spark-pretrain] wrote {path}")
+
+
+def pretrain(cfg: PretrainConfig, cmd: str = "") -> RunState:
+    """Run (or resume) a pre-training run; returns the final state."""
+    return Trainer(cfg, cmd).run()

@@ -1,0 +1,42 @@
+"""A PNG grid of input / masked input / reconstruction, SparK's visualisation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..mask import ActiveMask
+from .data import denormalize
+
+__all__ = ["save_reconstruction_grid"]
+
+
+def save_reconstruction_grid(spark, images: torch.Tensor, mask: ActiveMask, path: Path, title: str = "") -> Path:
+    """One row per image: input, masked input, reconstruction (visible patches kept)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    was_training = spark.training
+    spark.eval()
+    try:
+        rows = [denormalize(t.float()).cpu() for t in spark.reconstruct(images, mask)]
+    finally:
+        spark.train(was_training)
+    n = images.shape[0]
+    fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
+    for i in range(n):
+        for j, (label, batch) in enumerate(zip(("input", "masked", "reconstruction"), rows)):
+            axes[i, j].imshow(batch[i].permute(1, 2, 0).numpy())
+            axes[i, j].set_axis_off()
+            if i == 0:
+                axes[i, j].set_title(label, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
