@@ -9,7 +9,7 @@ from typing import Optional
 __all__ = ["PretrainConfig", "DEMO_DEFAULTS"]
 
 #: what replaces SparK's ImageNet defaults when no --data_path is given (explicit flags still win)
-DEMO_DEFAULTS = dict(model="resnet18", input_size=96, bs=32, ep=12, wp_ep=1, base_lr=2e-3, mask=0.6,
+DEMO_DEFAULTS = dict(model="resnet18", input_size=96, bs=32, ep=10, wp_ep=1, base_lr=1e-2, mask=0.6,
                      dataloader_workers=2)
 
 

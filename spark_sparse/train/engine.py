@@ -269,7 +269,7 @@ class Trainer:
             losses.append(loss)
             bad.update(int(i) for i in bad_indices if i >= 0)
             rate = seen / max(time.time() - start_time, 1e-9)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.last_lr:.2e}", img_s=f"{rate:.1f}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.last_lr:.2e}", img_s=f"{rate:.1f}", refresh=False)
             if self.tb is not None:
                 self.tb.add_scalar("train/loss", loss, global_it)
                 self.tb.add_scalar("train/lr", self.last_lr, global_it)
@@ -299,7 +299,8 @@ class Trainer:
 
     def _visualise(self) -> None:
         n = min(self.cfg.vis_images, len(self.dataset))
-        images = torch.stack([self.dataset[(i * max(1, len(self.dataset) // n), i)][0] for i in range(n)])
+        picks = torch.linspace(0, len(self.dataset) - 1, n).long().tolist()
+        images = torch.stack([self.dataset[(index, self.cfg.seed + index)][0] for index in picks])
         mask = self.spark.mask(n, generator=torch.Generator().manual_seed(self.cfg.seed))
         path = save_reconstruction_grid(self.spark, images.to(self.ctx.device), mask.to(self.ctx.device),
                                         self.outputs.reconstruction_path,
