@@ -112,6 +112,7 @@ class Trainer:
         self.total_iters = cfg.ep * self.iters_per_epoch
         self.amp_dtype = AMP_DTYPES[cfg.amp]
 
+        torch.manual_seed(cfg.seed)   # the initial weights are part of the run: make them the seed's
         self.speed = plan_speed(cfg.recipe, self.ctx.device, backend=cfg.backend, channels_last=cfg.channels_last,
                                 compile_decoder=cfg.compile, grad_ckpt=cfg.grad_ckpt)
         self.sync_bn = cfg.sbn and self.ctx.initialized and self.ctx.device.type == "cuda"
@@ -120,6 +121,7 @@ class Trainer:
                                          strict_backend=cfg.strict_backend).to(self.ctx.device)
         self.plan = self.spark.backend.plan(self.spark.encoder, self.ctx.device, self.amp_dtype or torch.float32)
         apply_speed_plan(self.spark, self.speed)
+        self.batch_estimate = estimate_max_batch(self.spark, self.spark.input_hw, self.ctx.device)
         self.model: nn.Module = self.spark
         if self.ctx.initialized:
             self.model = DistributedDataParallel(
@@ -216,13 +218,13 @@ class Trainer:
         if cfg.sbn and not self.sync_bn:
             print("[spark-pretrain] --sbn: SyncBatchNorm needs several CUDA processes; using plain BatchNorm here")
         print(self.speed.describe())
-        estimate = estimate_max_batch(self.spark, self.spark.input_hw, self.ctx.device)
-        print(f"[spark-pretrain] {estimate.describe(str(self.ctx.device))} (this run: {self.local_batch})")
+        print(f"[spark-pretrain] {self.batch_estimate.describe(str(self.ctx.device))} (this run: {self.local_batch})")
         print("[spark-pretrain] backend plan (layer: kernel):")
         for layer, how in self.plan:
             print(f"  {layer:<40} {how}")
 
-    def run(self) -> RunState:
+    def run(self, max_epochs: Optional[int] = None) -> RunState:
+        """Train to ``--ep`` (or for at most ``max_epochs`` more epochs, e.g. within a job's time slot)."""
         cfg = self.cfg
         if cfg.init_weight:
             print(f"[spark-pretrain] initialised from {cfg.init_weight} ({load_pretrained(self.spark, cfg.init_weight)})")
@@ -235,10 +237,11 @@ class Trainer:
             if cfg.tensorboard and self.ctx.is_main:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(str(self.outputs.dir / "tensorboard_log"))
+            last = cfg.ep if max_epochs is None else min(cfg.ep, self.state.epoch + max_epochs)
             with _StopFlag() as stop:
-                while self.state.epoch < cfg.ep:
+                while self.state.epoch < last:
                     self._run_epoch(stop)
-            if self.ctx.is_main:
+            if self.ctx.is_main and self.state.epoch == cfg.ep:
                 self._visualise()
                 print(f"[spark-pretrain] finished: min loss {self.state.min_loss:.4f}; outputs in {self.outputs.dir}")
             return self.state
@@ -308,6 +311,6 @@ class Trainer:
         print(f"[spark-pretrain] wrote {path}")
 
 
-def pretrain(cfg: PretrainConfig, cmd: str = "") -> RunState:
+def pretrain(cfg: PretrainConfig, cmd: str = "", max_epochs: Optional[int] = None) -> RunState:
     """Run (or resume) a pre-training run; returns the final state."""
-    return Trainer(cfg, cmd).run()
+    return Trainer(cfg, cmd).run(max_epochs)

@@ -1,0 +1,41 @@
+"""Helpers for the application tests: tiny image folders and tiny run configurations."""
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from spark_sparse.train.config import PretrainConfig
+
+
+def make_image_folder(root: Path, count: int = 8, size: int = 72, classes: int = 2, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        folder = root / "train" / f"class{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+    return root
+
+
+def tiny_config(data_path, exp_dir, **overrides) -> PretrainConfig:
+    options = dict(exp_name="t", exp_dir=str(exp_dir), data_path=str(data_path), model="tiny_cnn", input_size=64,
+                   bs=4, ep=2, wp_ep=1, base_lr=1e-3, dataloader_workers=0, device="cpu", vis_images=2)
+    options.update(overrides)
+    return PretrainConfig(**options)
+
+
+def distributed_worker(rank: int, world: int, port: int, cfg: PretrainConfig, dump_dir: str) -> None:
+    """One process of a gloo run: train, then dump this rank's weights for the test to compare."""
+    import os
+
+    import torch
+
+    from spark_sparse.train.engine import Trainer
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    trainer = Trainer(cfg, "")
+    trainer.run()
+    torch.save(trainer.spark.state_dict(), os.path.join(dump_dir, f"rank{rank}.pth"))
+    torch.distributed.destroy_process_group()

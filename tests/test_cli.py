@@ -1,0 +1,87 @@
+"""``spark-pretrain`` parses SparK's arguments (underscored, dashed, old aliases) and fails clearly."""
+import pytest
+from click.testing import CliRunner
+
+import spark_sparse.cli as cli
+from spark_sparse.train.config import PretrainConfig
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Run the CLI up to the training call and capture the configuration it built."""
+    seen = {}
+
+    def fake_pretrain(cfg, cmd="", max_epochs=None):
+        seen["cfg"] = cfg
+
+    monkeypatch.setattr("spark_sparse.train.engine.pretrain", fake_pretrain)
+    return seen
+
+
+def _run(args):
+    return CliRunner().invoke(cli.pretrain_command, args, catch_exceptions=False)
+
+
+def test_spark_style_arguments_paste_in(captured, tmp_path):
+    result = _run(["exp1", f"--data_path={tmp_path}", "--model=resnet50", "--bs=512", "--ep=3", "--mask=0.75",
+                   "--input_size=192", "--base_lr=1e-4", "--wp_ep=2", "--dataloader_workers=1", "--sbn=False"])
+    assert result.exit_code == 0, result.output
+    cfg: PretrainConfig = captured["cfg"]
+    assert (cfg.exp_name, cfg.model, cfg.bs, cfg.ep, cfg.mask, cfg.input_size, cfg.base_lr, cfg.wp_ep, cfg.sbn) == \
+           ("exp1", "resnet50", 512, 3, 0.75, 192, 1e-4, 2, False)
+    assert cfg.output_dir.name == "output_exp1"
+
+
+def test_dashed_arguments_and_separate_values_work(captured, tmp_path):
+    result = _run(["exp2", "--data-path", str(tmp_path), "--base-lr", "3e-4", "--input-size", "160",
+                   "--exp-dir", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    cfg = captured["cfg"]
+    assert (cfg.base_lr, cfg.input_size, cfg.output_dir) == (3e-4, 160, tmp_path / "out")
+
+
+def test_sparks_defaults_apply_with_a_data_path(captured, tmp_path):
+    assert _run(["x", f"--data_path={tmp_path}"]).exit_code == 0
+    cfg = captured["cfg"]
+    assert (cfg.model, cfg.input_size, cfg.mask, cfg.bs, cfg.ep, cfg.wp_ep, cfg.base_lr, cfg.wd, cfg.wde, cfg.clip,
+            cfg.opt, cfg.dataloader_workers, cfg.amp) == \
+           ("resnet50", 224, 0.6, 4096, 1600, 40, 2e-4, 0.04, 0.2, 5.0, "lamb", 8, "none")
+
+
+def test_no_data_path_selects_the_demo(captured):
+    result = _run([])
+    assert result.exit_code == 0
+    cfg = captured["cfg"]
+    assert cfg.demo and cfg.data_path is None and cfg.model == "resnet18" and cfg.ep == 10
+
+
+def test_old_aliases_keep_working(captured, tmp_path):
+    ckpt = tmp_path / "r.pth"
+    assert _run(["x", f"--data_path={tmp_path}", "--model=res50", f"--resume={ckpt}"]).exit_code == 0
+    assert captured["cfg"].model == "resnet50" and captured["cfg"].resume_from == str(ckpt)
+
+
+def test_sparse_conv_selects_the_recommended_sparse_backend(captured, tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "recommended_sparse_backend", lambda: "torch")
+    assert _run(["x", f"--data_path={tmp_path}", "--sparse_conv=1"]).exit_code == 0
+    assert captured["cfg"].backend == "torch"
+
+
+def test_unknown_backend_lists_available_ones(tmp_path):
+    result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={tmp_path}", "--backend=warp"])
+    assert result.exit_code == 2 and "unknown backend 'warp'" in result.output and "masked" in result.output
+
+
+def test_unknown_model_lists_known_ones(tmp_path):
+    result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={tmp_path}", "--model=vgg11"])
+    assert result.exit_code == 2 and "unknown model 'vgg11'" in result.output and "resnet50" in result.output
+
+
+def test_help_shows_every_option_with_defaults():
+    result = CliRunner().invoke(cli.pretrain_command, ["--help"], terminal_width=200)
+    for option in ("--data_path", "--model", "--input_size", "--mask", "--bs", "--ep", "--wp_ep", "--base_lr", "--wd",
+                   "--wde", "--clip", "--opt", "--ada", "--dp", "--sbn", "--dataloader_workers", "--init_weight",
+                   "--resume_from", "--backend", "--device", "--amp", "--seed", "--tensorboard", "--recipe",
+                   "--num_nodes", "--ngpu_per_node", "--node_rank", "--master_address", "--master_port"):
+        assert option in result.output, option
+    assert "[default: 0.04]" in result.output and "default 4096" in result.output

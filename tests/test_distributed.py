@@ -1,0 +1,45 @@
+"""Several processes (gloo on CPU): same weights on every rank, files from rank 0 only."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from apptools import distributed_worker, make_image_folder, tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_hold_identical_weights(tmp_path):
+    data = make_image_folder(tmp_path / "data", count=8)
+    cfg = tiny_config(data, tmp_path / "out", ep=1, bs=8, backend="torch")   # 4 images per rank
+    mp.spawn(distributed_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = torch.load(tmp_path / "rank0.pth"), torch.load(tmp_path / "rank1.pth")
+    trained = [k for k in rank0 if "running" not in k and "num_batches" not in k]
+    assert all(torch.equal(rank0[k], rank1[k]) for k in trained)
+    header, epoch = [json.loads(line) for line in (tmp_path / "out" / "pretrain_log.txt").read_text().splitlines()]
+    assert header["world_size"] == 2 and header["global_batch"] == 8 and epoch["epoch"] == 1
+    assert (tmp_path / "out" / "stdout_backup.txt").read_text().count("finished: min loss") == 1
+
+
+def test_sparks_launch_flags_start_processes_through_torchrun(tmp_path):
+    data = make_image_folder(tmp_path / "data", count=8)
+    cmd = [sys.executable, "-m", "spark_sparse.cli", "launched", f"--data_path={data}", "--model=tiny_cnn",
+           "--input_size=64", "--bs=4", "--ep=1", "--dataloader_workers=0", "--device=cpu",
+           f"--exp_dir={tmp_path / 'out'}", "--ngpu_per_node=2", f"--master_port={_free_port()}"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "launching 1x2 processes" in result.stderr
+    lines = (tmp_path / "out" / "pretrain_log.txt").read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0])["world_size"] == 2
