@@ -14,12 +14,13 @@ layout convert it with their exact ``to_native`` / ``from_native`` pair).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import TYPE_CHECKING, ClassVar, Optional
 
 import torch
 import torch.nn as nn
 
-from spark_sparse.mask import ActiveMask
+if TYPE_CHECKING:   # kernels must import without importing spark_sparse (which imports kernels)
+    from spark_sparse.mask import ActiveMask
 
 __all__ = ["ConvSpec", "ConvCall", "SparseConvKernel"]
 
@@ -65,7 +66,7 @@ class ConvSpec:
 class ConvCall:
     """Where one call computes: the mask, the input and output strides and the conv geometry."""
 
-    mask: ActiveMask
+    mask: "ActiveMask"
     in_stride: int
     out_stride: int
     kernel_size: tuple[int, int]

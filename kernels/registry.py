@@ -60,6 +60,7 @@ def select_kernel(spec: ConvSpec, priority: Iterable[str], layer: str, strict: b
     detail = "; ".join(f"{name}: {', '.join(r)}" for name, r in rejected.items())
     if strict and len(rejected) < len(priority):
         raise NoKernelError(f"layer {layer} ({spec.describe()}, {spec.device_type}, {str(spec.dtype).replace('torch.', '')}) "
-                            f"cannot run on {priority[0]!r} and --strict-backend forbids falling back: {detail}")
+                            f"cannot run on {priority[0]!r} and --strict-backend forbids falling back: {detail}. "
+                        f"Use a backend whose first kernel supports it (e.g. --backend=torch) or drop --strict-backend")
     raise NoKernelError(f"no kernel can run layer {layer} ({spec.describe()}, {spec.device_type}, "
                         f"{str(spec.dtype).replace('torch.', '')}): {detail}")

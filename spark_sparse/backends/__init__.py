@@ -8,3 +8,4 @@ __all__ = ["Backend", "BackendInfo", "UnknownBackendError", "UnsupportedModuleEr
            "get_backend_class", "list_backends", "recommended_sparse_backend", "register_backend",
            "register_container"]
 from . import sparse  # noqa: F401,E402  (registers "torch")
+from . import libraries  # noqa: F401,E402  (registers "spconv" and "minkowski")

@@ -1,0 +1,34 @@
+"""Backends on third-party sparse-convolution libraries (``spconv``, ``minkowski``).
+
+Each is its library's kernel first and our dtype-general ``gather`` kernel as the fallback for
+layers the library cannot run (spconv has no grouped convs, so ConvNeXt's depthwise 7x7 falls back;
+neither library has bf16). ``--strict-backend`` turns such a fallback into an error.
+"""
+from __future__ import annotations
+
+from kernels import list_kernels
+
+from .registry import register_backend
+from .sparse import SparseBackend
+
+__all__ = ["SpconvBackend", "MinkowskiBackend"]
+
+
+class _LibraryBackend(SparseBackend):
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        return list_kernels()[cls.kernels[0]].availability()
+
+
+@register_backend
+class SpconvBackend(_LibraryBackend):
+    name = "spconv"
+    description = "spconv 2.x gather-GEMM-scatter on exact rulebooks (depthwise/bf16 fall back to gather)"
+    kernels = ("spconv", "gather")
+
+
+@register_backend
+class MinkowskiBackend(_LibraryBackend):
+    name = "minkowski"
+    description = "MinkowskiEngine 0.5.4 on explicit coordinates (fp16/bf16 fall back to gather)"
+    kernels = ("minkowski", "gather")
