@@ -32,9 +32,8 @@ def _import_minkowski():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # "compiled with CPU_ONLY" is expected here
         import MinkowskiEngine as me
-        from MinkowskiEngine.MinkowskiConvolution import MinkowskiConvolutionFunction
         from MinkowskiEngineBackend._C import ConvolutionMode
-    return me, MinkowskiConvolutionFunction, ConvolutionMode
+    return me, me.MinkowskiConvolutionFunction, ConvolutionMode
 
 
 try:

@@ -1,0 +1,57 @@
+"""Comparing a sparse backend with ``masked`` on the same weights and mask (used by the tests)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from spark_sparse import ActiveMask, MaskedDense, SparseRows
+from spark_sparse.backends import create_backend, list_backends
+from spark_sparse.backends.registry import get_backend_class
+
+
+def sparse_backend_params() -> list:
+    """Every registered sparse backend, skipped with its reason where unavailable."""
+    params = []
+    for info in list_backends():
+        if get_backend_class(info.name).feature_type is not SparseRows:
+            continue
+        marks = [] if info.available else [pytest.mark.skip(reason=f"backend {info.name} unavailable: {info.reason}")]
+        params.append(pytest.param(info.name, marks=marks, id=info.name))
+    return params
+
+
+def max_errors(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
+    """(max abs error, max abs error relative to the largest reference magnitude)."""
+    abs_err = float((got - want).abs().max()) if got.numel() else 0.0
+    return abs_err, abs_err / max(float(want.abs().max()) if want.numel() else 0.0, 1e-30)
+
+
+def run_layer_pair(layer: nn.Module, backend: str, mask: ActiveMask, stride: int, channels: int,
+                   dtype: torch.dtype, seed: int = 0) -> dict:
+    """Run ``layer`` on masked and on ``backend`` from one random input; outputs and grads of both."""
+    gen = torch.Generator().manual_seed(seed)
+    site = mask.dense_at(stride)
+    dense = torch.randn(mask.batch_size, channels, *site.shape[-2:], generator=gen, dtype=dtype) * site
+    results = {}
+    for name in ("masked", backend):
+        holder = create_backend(name).convert(nn.Sequential(copy.deepcopy(layer).to(dtype)))
+        if name == "masked":
+            x = dense.clone().requires_grad_(True)
+            out = holder(MaskedDense(x, mask, stride))
+            out_dense = out.data
+            out_rows = out.active_rows()
+        else:
+            x = dense.permute(0, 2, 3, 1)[site[:, 0]].clone().requires_grad_(True)
+            out = holder(SparseRows(x, mask, stride))
+            out_rows = out.data
+            out_dense = out.to_dense()
+        weights = torch.randn(out_rows.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=dtype)
+        (out_rows * weights).sum().backward()
+        grad_in = x.grad if name != "masked" else x.grad.permute(0, 2, 3, 1)[site[:, 0]]
+        results[name] = dict(out_rows=out_rows.detach(), out_dense=out_dense.detach(), out_stride=out.stride,
+                             grad_in=grad_in, params={k: p.grad for k, p in holder.named_parameters()},
+                             buffers={k: b.clone() for k, b in holder.named_buffers()})
+    return results

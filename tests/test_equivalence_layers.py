@@ -1,0 +1,70 @@
+"""Each layer type on every sparse backend equals ``masked`` on the same weights, input and mask."""
+import pytest
+import torch
+import torch.nn as nn
+from timm.layers import LayerNorm2d
+
+from spark_sparse import ActiveMask
+
+from equivalence import max_errors, run_layer_pair, sparse_backend_params
+
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
+
+# name -> (layer factory, input stride, input channels)
+LAYERS = {
+    "conv1x1": (lambda: nn.Conv2d(8, 12, 1, bias=False), 4, 8),
+    "conv3x3": (lambda: nn.Conv2d(8, 12, 3, padding=1), 4, 8),
+    "conv7x7": (lambda: nn.Conv2d(8, 8, 7, padding=3), 4, 8),
+    "conv3x3_stride2": (lambda: nn.Conv2d(8, 12, 3, stride=2, padding=1), 4, 8),
+    "conv1x1_stride2": (lambda: nn.Conv2d(8, 12, 1, stride=2, bias=False), 4, 8),
+    "conv2x2_stride2": (lambda: nn.Conv2d(8, 12, 2, stride=2), 4, 8),
+    "stem7x7_stride2": (lambda: nn.Conv2d(3, 8, 7, stride=2, padding=3, bias=False), 1, 3),
+    "stem4x4_stride4": (lambda: nn.Conv2d(3, 8, 4, stride=4), 1, 3),
+    "conv3x3_dilated": (lambda: nn.Conv2d(8, 8, 3, padding=2, dilation=2), 4, 8),
+    "depthwise7x7": (lambda: nn.Conv2d(8, 8, 7, padding=3, groups=8), 4, 8),
+    "grouped3x3": (lambda: nn.Conv2d(8, 8, 3, padding=1, groups=2), 4, 8),
+    "batchnorm": (lambda: nn.BatchNorm2d(8), 4, 8),
+    "layernorm": (lambda: LayerNorm2d(8), 4, 8),
+    "relu_maxpool": (lambda: nn.Sequential(nn.ReLU(), nn.MaxPool2d(3, 2, 1)), 2, 8),
+    "maxpool_signed": (lambda: nn.MaxPool2d(3, 2, 1), 2, 8),
+    "avgpool": (lambda: nn.AvgPool2d(3, 2, 1), 4, 8),
+    "avgpool_exclude_pad": (lambda: nn.AvgPool2d(3, 2, 1, count_include_pad=False), 4, 8),
+}
+
+MASKS = {   # name -> (batch, patch grid); images are grid * 32 px, so stride-4 maps are >= 56 px wide
+    "random_b4": lambda: ActiveMask.random(4, (7, 7), 0.6, generator=torch.Generator().manual_seed(0)),
+    "random_b1_nonsquare": lambda: ActiveMask.random(1, (7, 9), 0.6, generator=torch.Generator().manual_seed(1)),
+    "one_visible_b1": lambda: ActiveMask(torch.eye(7, dtype=torch.bool)[3:4, :].view(1, 1, 1, 7).repeat(1, 1, 7, 1)
+                                         & torch.eye(7, dtype=torch.bool)[3].view(1, 1, 7, 1)),
+    "all_visible_b1": lambda: ActiveMask.full(1, (7, 7)),
+}
+
+
+@pytest.mark.parametrize("backend", sparse_backend_params())
+@pytest.mark.parametrize("layer_name", list(LAYERS))
+@pytest.mark.parametrize("mask_name", list(MASKS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_layer_matches_masked(backend, layer_name, mask_name, dtype):
+    factory, stride, channels = LAYERS[layer_name]
+    mask = MASKS[mask_name]()
+    layer = factory()
+    res = run_layer_pair(layer, backend, mask, stride, channels, dtype)
+    ref, got = res["masked"], res[backend]
+    tol = TOLERANCE[dtype]
+    assert got["out_stride"] == ref["out_stride"]
+    site = mask.dense_at(ref["out_stride"]).expand_as(ref["out_dense"])
+    assert torch.all(ref["out_dense"][~site] == 0) and torch.all(got["out_dense"][~site] == 0)
+    assert got["out_rows"].shape == ref["out_rows"].shape
+    for what in ("out_rows", "grad_in"):
+        abs_err, _ = max_errors(got[what], ref[what])
+        assert abs_err <= tol, f"{what}: max abs error {abs_err:.3g}"
+    for name, grad in ref["params"].items():
+        abs_err, rel_err = max_errors(got["params"][name], grad)
+        assert abs_err <= tol * max(1.0, float(grad.abs().max())), f"grad {name}: {abs_err:.3g} (rel {rel_err:.3g})"
+    for name, buf in ref["buffers"].items():
+        abs_err, _ = max_errors(got["buffers"][name].to(buf.dtype), buf)
+        assert abs_err <= tol, f"buffer {name}: {abs_err:.3g}"
+
+
+def test_one_visible_mask_has_exactly_one_patch():
+    assert int(MASKS["one_visible_b1"]().active.sum()) == 1
