@@ -9,3 +9,4 @@ __all__ = ["Backend", "BackendInfo", "UnknownBackendError", "UnsupportedModuleEr
            "register_container"]
 from . import sparse  # noqa: F401,E402  (registers "torch")
 from . import libraries  # noqa: F401,E402  (registers "spconv" and "minkowski")
+from . import fast  # noqa: F401,E402  (registers "sparse")

@@ -1,0 +1,187 @@
+"""``gemm``: gather-GEMM sparse convolution whose backward is gathers and GEMMs too (no scatter).
+
+Forward, for every active output site: gather the input rows under all taps through the mask's
+neighbour table (masked and padding taps read a zero row) and multiply ``[N_out, K*C]`` by the
+weight ``[K*C, O]``; 1x1 stride-1 convs are a plain GEMM on the rows.
+
+Backward, the part autograd does slowly (an index_put scatter-add over ``[N_out, K*C]``): for
+stride-1 convs ``grad_input`` is the transposed convolution, which is again a gather: each (input
+row, tap) feeds exactly one output row, recorded in a transposed table ``[N_in, K]`` built once per
+mask, so ``grad_input = gather(grad_out)[N_in, K*O] x W[K*O, C]``. Strided convs, where most
+(input row, tap) pairs feed nothing, use one GEMM over the outputs and a single ``index_add_``. ``grad_weight = grad_out^T x taps`` with
+the taps gathered again rather than kept (less memory). Depthwise convs use per-tap
+multiply-adds instead of GEMMs.
+
+The ops are ``torch.library`` custom ops (``spark_sparse::gather_gemm_conv``,
+``spark_sparse::gather_depthwise_conv``) with autograd and fake implementations, so autograd and
+``torch.compile`` treat them as single ops.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .base import ConvCall, SparseConvKernel
+from .registry import register_kernel
+
+__all__ = ["GemmKernel", "transposed_table"]
+
+
+def _pad_rows(x: torch.Tensor) -> torch.Tensor:
+    """Append the two zero rows the tables address for masked and padding taps."""
+    return torch.cat([x, x.new_zeros(2, x.shape[1])])
+
+
+def transposed_table(call: ConvCall) -> torch.Tensor:
+    """``[N_in, K]``: the output row each (input row, tap) contributes to, ``N_out`` where none."""
+    key = ("transposed-table", call.in_stride, call.out_stride, call.kernel_size, call.padding, call.dilation)
+
+    def build():
+        table = call.neighbours()
+        n_out, k = table.shape
+        valid = table < call.num_in
+        out_rows = torch.arange(n_out, device=table.device).unsqueeze(1).expand(n_out, k)
+        taps = torch.arange(k, device=table.device).unsqueeze(0).expand(n_out, k)
+        result = torch.full((call.num_in, k), n_out, dtype=torch.long, device=table.device)
+        result[table[valid], taps[valid]] = out_rows[valid]
+        return result
+    return call.mask.cached(key, build)
+
+
+# ---------------------------------------------------------------------- ordinary (groups == 1) convs
+@torch.library.custom_op("spark_sparse::gather_gemm_conv", mutates_args=())
+def gather_gemm_conv(features: torch.Tensor, weight: torch.Tensor, table: torch.Tensor,
+                     table_t: torch.Tensor) -> torch.Tensor:
+    out_ch = weight.shape[0]
+    taps = _pad_rows(features)[table].reshape(table.shape[0], -1)          # [N_out, K*C]
+    return taps @ weight.permute(0, 2, 3, 1).reshape(out_ch, -1).t()
+
+
+@gather_gemm_conv.register_fake
+def _(features, weight, table, table_t):
+    return features.new_empty(table.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("spark_sparse::gather_gemm_conv_grad_input", mutates_args=())
+def gather_gemm_conv_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, table: torch.Tensor,
+                                table_t: torch.Tensor) -> torch.Tensor:
+    out_ch, in_ch, kh, kw = weight.shape
+    n_in, n_out = table_t.shape[0], table.shape[0]
+    if n_in == n_out:
+        # stride 1: every (input row, tap) has its output row, so the transposed conv is a gather-GEMM
+        grad_taps = _pad_rows(grad_out)[table_t].reshape(n_in, -1)               # [N_in, K*O]
+        return grad_taps @ weight.permute(2, 3, 0, 1).reshape(kh * kw * out_ch, in_ch)
+    # strided: most (input row, tap) pairs feed no output; a GEMM over the outputs and one
+    # scatter-add costs a fraction of the transposed gather's mostly-zero GEMM
+    grad_taps = grad_out @ weight.permute(0, 2, 3, 1).reshape(out_ch, -1)      # [N_out, K*C]
+    grad_in = grad_out.new_zeros(n_in + 2, in_ch)
+    grad_in.index_add_(0, table.reshape(-1), grad_taps.reshape(-1, in_ch))
+    return grad_in[:n_in]
+
+
+@gather_gemm_conv_grad_input.register_fake
+def _(grad_out, weight, table, table_t):
+    return grad_out.new_empty(table_t.shape[0], weight.shape[1])
+
+
+@torch.library.custom_op("spark_sparse::gather_gemm_conv_grad_weight", mutates_args=())
+def gather_gemm_conv_grad_weight(grad_out: torch.Tensor, features: torch.Tensor, weight: torch.Tensor,
+                                 table: torch.Tensor) -> torch.Tensor:
+    out_ch, in_ch, kh, kw = weight.shape
+    taps = _pad_rows(features)[table].reshape(table.shape[0], -1)             # gathered again, not kept
+    return (grad_out.t() @ taps).view(out_ch, kh, kw, in_ch).permute(0, 3, 1, 2).contiguous()
+
+
+@gather_gemm_conv_grad_weight.register_fake
+def _(grad_out, features, weight, table):
+    return torch.empty_like(weight)
+
+
+def _gemm_setup(ctx, inputs, output):
+    features, weight, table, table_t = inputs
+    ctx.save_for_backward(features, weight, table, table_t)
+
+
+def _gemm_backward(ctx, grad_out):
+    features, weight, table, table_t = ctx.saved_tensors
+    grad_out = grad_out.contiguous()
+    grad_in = gather_gemm_conv_grad_input(grad_out, weight, table, table_t) if ctx.needs_input_grad[0] else None
+    grad_w = gather_gemm_conv_grad_weight(grad_out, features, weight, table) if ctx.needs_input_grad[1] else None
+    return grad_in, grad_w, None, None
+
+
+gather_gemm_conv.register_autograd(_gemm_backward, setup_context=_gemm_setup)
+
+
+# ---------------------------------------------------------------------- depthwise convs
+@torch.library.custom_op("spark_sparse::gather_depthwise_conv", mutates_args=())
+def gather_depthwise_conv(features: torch.Tensor, weight: torch.Tensor, table: torch.Tensor,
+                          table_t: torch.Tensor) -> torch.Tensor:
+    padded = _pad_rows(features)
+    w = weight.reshape(weight.shape[0], -1)                                  # [C, K]
+    out = padded[table[:, 0]] * w[:, 0]
+    for tap in range(1, table.shape[1]):
+        out.addcmul_(padded[table[:, tap]], w[:, tap])
+    return out
+
+
+@gather_depthwise_conv.register_fake
+def _(features, weight, table, table_t):
+    return features.new_empty(table.shape[0], features.shape[1])
+
+
+@torch.library.custom_op("spark_sparse::gather_depthwise_conv_grad_input", mutates_args=())
+def gather_depthwise_conv_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, table_t: torch.Tensor) -> torch.Tensor:
+    padded_grad = _pad_rows(grad_out)
+    w = weight.reshape(weight.shape[0], -1)
+    grad_in = padded_grad[table_t[:, 0]] * w[:, 0]
+    for tap in range(1, table_t.shape[1]):
+        grad_in.addcmul_(padded_grad[table_t[:, tap]], w[:, tap])
+    return grad_in
+
+
+@gather_depthwise_conv_grad_input.register_fake
+def _(grad_out, weight, table_t):
+    return grad_out.new_empty(table_t.shape[0], grad_out.shape[1])
+
+
+@torch.library.custom_op("spark_sparse::gather_depthwise_conv_grad_weight", mutates_args=())
+def gather_depthwise_conv_grad_weight(grad_out: torch.Tensor, features: torch.Tensor, weight: torch.Tensor,
+                                      table: torch.Tensor) -> torch.Tensor:
+    padded = _pad_rows(features)
+    grad_w = torch.stack([(grad_out * padded[table[:, tap]]).sum(0) for tap in range(table.shape[1])], dim=1)
+    return grad_w.view_as(weight).contiguous()
+
+
+@gather_depthwise_conv_grad_weight.register_fake
+def _(grad_out, features, weight, table):
+    return torch.empty_like(weight)
+
+
+def _depthwise_backward(ctx, grad_out):
+    features, weight, table, table_t = ctx.saved_tensors
+    grad_out = grad_out.contiguous()
+    grad_in = gather_depthwise_conv_grad_input(grad_out, weight, table_t) if ctx.needs_input_grad[0] else None
+    grad_w = gather_depthwise_conv_grad_weight(grad_out, features, weight, table) if ctx.needs_input_grad[1] else None
+    return grad_in, grad_w, None, None
+
+
+gather_depthwise_conv.register_autograd(_depthwise_backward, setup_context=_gemm_setup)
+
+
+@register_kernel
+class GemmKernel(SparseConvKernel):
+    NAME = "gemm"
+    DESCRIPTION = "gather-GEMM over the dense index grid; backward by transposed-table gathers, no scatter"
+    SUPPORTED_GROUPS = "depthwise"
+
+    def conv(self, features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+             call: ConvCall) -> torch.Tensor:
+        if weight.shape[-2:] == (1, 1) and call.in_stride == call.out_stride and call.padding == (0, 0):
+            out = features @ weight.view(weight.shape[0], -1).t()
+        else:
+            table, table_t = call.neighbours(), transposed_table(call)
+            op = gather_depthwise_conv if call.groups > 1 else gather_gemm_conv
+            out = op(features.contiguous(), weight.contiguous(), table, table_t)
+        return out if bias is None else out + bias
