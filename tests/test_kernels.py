@@ -1,0 +1,80 @@
+"""Our kernels against the reference ``gather`` kernel, every conv shape and dtype; custom-op checks."""
+import pytest
+import torch
+
+from kernels import ConvCall, ConvSpec, get_kernel, list_kernels
+from kernels.gemm import gather_depthwise_conv, gather_gemm_conv, transposed_table
+from spark_sparse import ActiveMask
+
+# (name, in_ch, out_ch, kernel, stride, padding, dilation, groups, in_stride)
+SHAPES = [
+    ("1x1", 16, 24, 1, 1, 0, 1, 1, 4),
+    ("3x3", 16, 24, 3, 1, 1, 1, 1, 4),
+    ("7x7", 8, 8, 7, 1, 3, 1, 1, 8),
+    ("3x3_s2", 16, 24, 3, 2, 1, 1, 1, 4),
+    ("1x1_s2", 16, 24, 1, 2, 0, 1, 1, 8),
+    ("2x2_s2", 16, 24, 2, 2, 0, 1, 1, 8),
+    ("stem7x7_s2", 3, 16, 7, 2, 3, 1, 1, 1),
+    ("stem4x4_s4", 3, 16, 4, 4, 0, 1, 1, 1),
+    ("3x3_dilated", 16, 16, 3, 1, 2, 2, 1, 4),
+    ("depthwise7x7", 16, 16, 7, 1, 3, 1, 16, 4),
+    ("depthwise3x3_s2", 16, 16, 3, 2, 1, 1, 16, 4),
+]
+#: errors relative to the same sums taken over absolute values (the standard bound for a rounded
+#: sum): bf16 / fp16 keep 8 / 11 mantissa bits, so a few units of 2^-8 / 2^-11 per element
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+def _case(shape, dtype, seed=0):
+    name, cin, cout, k, s, p, d, g, in_stride = shape
+    mask = ActiveMask.random(2, (3, 4), 0.5, generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(mask.num_active(in_stride), cin, generator=gen).to(dtype)
+    w = (torch.randn(cout, cin // g, k, k, generator=gen) / (cin // g * k * k) ** 0.5).to(dtype)
+    b = torch.randn(cout, generator=gen).to(dtype)
+    call = ConvCall(mask, in_stride, in_stride * s, (k, k), (p, p), (d, d), g)
+    return x, w, b, call
+
+
+def _run(kernel, x, w, b, call, absolute=False):
+    """Output and gradients; with ``absolute`` the same sums over |inputs| and |probe| (error scales)."""
+    x, w, b = (t.abs() if absolute else t for t in (x, w, b))
+    x, w, b = (t.clone().requires_grad_(True) for t in (x, w, b))
+    out = get_kernel(kernel).conv(x, w, b, call)
+    probe = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out).to(out.dtype)
+    (out * (probe.abs() if absolute else probe)).sum().backward()
+    return out.detach(), x.grad, w.grad, b.grad
+
+
+@pytest.mark.parametrize("kernel", [name for name in list_kernels() if name != "gather"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=lambda d: str(d).replace("torch.", ""))
+def test_kernel_matches_the_reference_forward_and_backward(kernel, shape, dtype):
+    x, w, b, call = _case(shape, dtype)
+    reasons = list_kernels()[kernel].not_supported_reasons(ConvSpec(
+        shape[1], shape[2], (shape[3],) * 2, (shape[4],) * 2, (shape[5],) * 2, (shape[6],) * 2, shape[7], True, "cpu", dtype))
+    if reasons:
+        pytest.skip(f"{kernel} declares it cannot run this: {'; '.join(reasons)}")
+    reference = _run("gather", x.double(), w.double(), b.double(), call)
+    scales = _run("gather", x.double(), w.double(), b.double(), call, absolute=True)
+    got = _run(kernel, x, w, b, call)
+    for what, r, scale, g in zip(("output", "grad input", "grad weight", "grad bias"), reference, scales, got):
+        excess = (g.double() - r).abs() - TOLERANCE[dtype] * (scale + 1e-30)
+        assert float(excess.max()) <= 0, f"{what}: max error {float((g.double() - r).abs().max()):.3g}"
+
+
+def test_transposed_table_inverts_the_neighbour_table():
+    _, _, _, call = _case(SHAPES[1], torch.float32)
+    table, table_t = call.neighbours(), transposed_table(call)
+    for o, k in [(0, 0), (5, 4), (17, 8)]:
+        i = int(table[o, k])
+        if i < call.num_in:
+            assert int(table_t[i, k]) == o
+
+
+@pytest.mark.parametrize("op,shape", [(gather_gemm_conv, SHAPES[1]), (gather_gemm_conv, SHAPES[3]),
+                                      (gather_depthwise_conv, SHAPES[9])], ids=["gemm", "gemm_s2", "depthwise"])
+def test_custom_ops_pass_opcheck(op, shape):
+    x, w, _, call = _case(shape, torch.float64)
+    args = (x.requires_grad_(True), w.requires_grad_(True), call.neighbours(), transposed_table(call))
+    torch.library.opcheck(op, args)
