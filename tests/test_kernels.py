@@ -78,3 +78,27 @@ def test_custom_ops_pass_opcheck(op, shape):
     x, w, _, call = _case(shape, torch.float64)
     args = (x.requires_grad_(True), w.requires_grad_(True), call.neighbours(), transposed_table(call))
     torch.library.opcheck(op, args)
+
+
+def test_torch_compile_traces_a_sparse_conv_without_graph_breaks():
+    import torch.nn as nn
+    from torch._dynamo.utils import counters
+
+    import spark_sparse as ss
+    from spark_sparse import SparseRows
+
+    torch._dynamo.reset()
+    conv = ss.create_backend("sparse").convert(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1)))
+    mask = ActiveMask.random(2, (2, 2), 0.5, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(mask.num_active(4), 8, requires_grad=True)
+
+    def loss(rows):
+        return conv(SparseRows(rows, mask, 4)).data.square().sum()
+
+    eager = loss(x)
+    (grad_eager,) = torch.autograd.grad(eager, x)
+    compiled = torch.compile(loss)(x)
+    (grad_compiled,) = torch.autograd.grad(compiled, x)
+    assert not counters["graph_break"]
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(grad_compiled, grad_eager)
