@@ -23,7 +23,7 @@ class Workload:
 
     def __init__(self, variant: Variant, model: str, input_size: int, mask_ratio: float, batch: int, dtype: str,
                  device: str, state: dict | None = None, seed: int = 0):
-        self.variant, self.model, self.dtype, self.device = variant, model, dtype, device
+        self.variant, self.model, self.dtype, self.device = variant, model, variant.dtype or dtype, device
         torch.manual_seed(seed)
         self.spark = variant.build(model, input_size, mask_ratio, device)
         if state is not None:

@@ -15,17 +15,29 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass(frozen=True)
 class Variant:
-    """``backend`` alone (NCHW, no compile: only the backend differs) or ``recipe:<name>``."""
+    """``backend`` alone (NCHW, no compile: only the backend differs) or ``recipe:<name>``.
+
+    A ``@<dtype>`` suffix (``recipe:fast@bf16``) runs that variant under its own autocast dtype,
+    so a mixed-precision recipe can be timed against SparK's fp32 recipe in the same run.
+    """
 
     name: str
 
     @property
+    def base(self) -> str:
+        return self.name.split("@", 1)[0]
+
+    @property
+    def dtype(self) -> Optional[str]:
+        return self.name.split("@", 1)[1] if "@" in self.name else None
+
+    @property
     def recipe(self) -> Optional[str]:
-        return self.name.split(":", 1)[1] if self.name.startswith("recipe:") else None
+        return self.base.split(":", 1)[1] if self.base.startswith("recipe:") else None
 
     def build(self, model: str, input_size: int, mask_ratio: float, device: str) -> ss.SparK:
         if self.recipe is None:
-            spark = ss.create_spark(model, backend=self.name, input_size=input_size, mask_ratio=mask_ratio,
+            spark = ss.create_spark(model, backend=self.base, input_size=input_size, mask_ratio=mask_ratio,
                                     drop_path_rate=0.0)
             return spark.to(device)
         plan = plan_speed(self.recipe, device)
