@@ -10,6 +10,7 @@ from .base import ConvCall, ConvSpec, SparseConvKernel
 from .registry import NoKernelError, UnknownKernelError, get_kernel, list_kernels, register_kernel, select_kernel
 from . import gather  # noqa: F401  (registers "gather")
 from . import gemm  # noqa: F401  (registers "gemm")
+from . import dense  # noqa: F401  (registers "dense")
 from . import spconv_kernel  # noqa: F401  (registers "spconv"; available when spconv imports)
 from . import minkowski_kernel  # noqa: F401  (registers "minkowski"; available when MinkowskiEngine imports)
 

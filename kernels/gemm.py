@@ -22,10 +22,16 @@ from typing import Optional
 
 import torch
 
+from ._rowmatmul import rows_times_weight, rows_times_weight_backward
 from .base import ConvCall, SparseConvKernel
 from .registry import register_kernel
 
 __all__ = ["GemmKernel", "transposed_table"]
+
+
+def _taps_major(weight: torch.Tensor) -> torch.Tensor:
+    """``[O, C, kh, kw]`` -> ``[O, kh*kw*C]``, matching the gathered taps' layout."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
 
 
 def _pad_rows(x: torch.Tensor) -> torch.Tensor:
@@ -53,9 +59,8 @@ def transposed_table(call: ConvCall) -> torch.Tensor:
 @torch.library.custom_op("spark_sparse::gather_gemm_conv", mutates_args=())
 def gather_gemm_conv(features: torch.Tensor, weight: torch.Tensor, table: torch.Tensor,
                      table_t: torch.Tensor) -> torch.Tensor:
-    out_ch = weight.shape[0]
     taps = _pad_rows(features)[table].reshape(table.shape[0], -1)          # [N_out, K*C]
-    return taps @ weight.permute(0, 2, 3, 1).reshape(out_ch, -1).t()
+    return rows_times_weight(taps, _taps_major(weight))
 
 
 @gather_gemm_conv.register_fake
@@ -71,10 +76,10 @@ def gather_gemm_conv_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, ta
     if n_in == n_out:
         # stride 1: every (input row, tap) has its output row, so the transposed conv is a gather-GEMM
         grad_taps = _pad_rows(grad_out)[table_t].reshape(n_in, -1)               # [N_in, K*O]
-        return grad_taps @ weight.permute(2, 3, 0, 1).reshape(kh * kw * out_ch, in_ch)
+        return rows_times_weight(grad_taps, weight.permute(1, 2, 3, 0).reshape(in_ch, kh * kw * out_ch))
     # strided: most (input row, tap) pairs feed no output; a GEMM over the outputs and one
     # scatter-add costs a fraction of the transposed gather's mostly-zero GEMM
-    grad_taps = grad_out @ weight.permute(0, 2, 3, 1).reshape(out_ch, -1)      # [N_out, K*C]
+    grad_taps = rows_times_weight(grad_out, _taps_major(weight).t())          # [N_out, K*C]
     grad_in = grad_out.new_zeros(n_in + 2, in_ch)
     grad_in.index_add_(0, table.reshape(-1), grad_taps.reshape(-1, in_ch))
     return grad_in[:n_in]
@@ -90,7 +95,8 @@ def gather_gemm_conv_grad_weight(grad_out: torch.Tensor, features: torch.Tensor,
                                  table: torch.Tensor) -> torch.Tensor:
     out_ch, in_ch, kh, kw = weight.shape
     taps = _pad_rows(features)[table].reshape(table.shape[0], -1)             # gathered again, not kept
-    return (grad_out.t() @ taps).view(out_ch, kh, kw, in_ch).permute(0, 3, 1, 2).contiguous()
+    _, grad_w = rows_times_weight_backward(grad_out, taps, _taps_major(weight), False, True)
+    return grad_w.view(out_ch, kh, kw, in_ch).permute(0, 3, 1, 2).contiguous()
 
 
 @gather_gemm_conv_grad_weight.register_fake
@@ -179,9 +185,13 @@ class GemmKernel(SparseConvKernel):
     def conv(self, features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
              call: ConvCall) -> torch.Tensor:
         if weight.shape[-2:] == (1, 1) and call.in_stride == call.out_stride and call.padding == (0, 0):
-            out = features @ weight.view(weight.shape[0], -1).t()
+            out = rows_times_weight(features, weight)            # a 1x1 conv is a GEMM on the active rows
         else:
-            table, table_t = call.neighbours(), transposed_table(call)
+            table = call.neighbours()
+            # the transposed table serves only the input gradient: skip it when none is needed
+            # (e.g. the stem, whose input is the image)
+            needs_input_grad = torch.is_grad_enabled() and features.requires_grad
+            table_t = transposed_table(call) if needs_input_grad else table.new_empty(0, table.shape[1])
             op = gather_depthwise_conv if call.groups > 1 else gather_gemm_conv
             out = op(features.contiguous(), weight.contiguous(), table, table_t)
         return out if bias is None else out + bias

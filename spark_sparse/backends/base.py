@@ -101,6 +101,13 @@ class Backend:
             f"by supported layers."
         )
 
+    def adapt_per_site_module(self, module: nn.Module) -> nn.Module:
+        """A module applied to each site's channel vector (e.g. an MLP), adapted to this backend.
+
+        The default keeps it as it is; backends may swap in faster equivalents (same parameters).
+        """
+        return module
+
     # ------------------------------------------------------------------ running
     def features_from_image(self, images: torch.Tensor, mask: ActiveMask) -> FeatureMap:
         """The masked image as this backend's representation (stride 1)."""

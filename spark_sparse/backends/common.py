@@ -134,7 +134,7 @@ class FeatureConvNeXtBlock(nn.Module):
             raise NotImplementedError(f"{name}: ConvNeXt blocks with conv_mlp=True are not supported yet")
         self.conv_dw = backend.convert_module(block.conv_dw, f"{name}.conv_dw")
         self.norm = backend.convert_module(block.norm, f"{name}.norm")
-        self.mlp = block.mlp
+        self.mlp = backend.adapt_per_site_module(block.mlp)
         self.gamma = block.gamma
         self.shortcut = backend.convert_module(block.shortcut, f"{name}.shortcut")
         self.drop_path = backend.convert_module(block.drop_path, f"{name}.drop_path")

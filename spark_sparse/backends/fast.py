@@ -1,14 +1,56 @@
-"""``sparse``: the recommended true-sparse backend, on our own kernels (see ``kernels/gemm.py``)."""
+"""``sparse``: the recommended true-sparse backend, on our own kernels.
+
+Per layer it picks the kernel measured fastest for the layer's kind on this kind of device (a
+simple cost model from measurements, see BENCHMARKS.md and kernels/dense.py): depthwise convs
+run on ``dense`` (scatter, the library's depthwise conv, gather: 2-4x faster than any gather-based
+depthwise we measured on CPU), every other conv on ``gemm`` (gather-GEMM through oneDNN, no
+scatter in backward); ``gather`` is the fallback. Linear layers on the active rows (ConvNeXt's
+MLP) go through the same oneDNN route as ``gemm``.
+"""
 from __future__ import annotations
 
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import ConvSpec
+from kernels._rowmatmul import rows_times_weight
+
+from .common import adopt_state
 from .registry import register_backend
 from .sparse import SparseBackend
 
-__all__ = ["FastSparseBackend"]
+__all__ = ["FastSparseBackend", "RowLinear"]
+
+
+class RowLinear(nn.Linear):
+    """nn.Linear whose product on ``[N, C]`` rows runs through oneDNN where that is faster."""
+
+    def forward(self, x):
+        if x.dim() != 2:
+            return F.linear(x, self.weight, self.bias)
+        out = rows_times_weight(x, self.weight)
+        return out if self.bias is None else out + self.bias
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "RowLinear":
+        return adopt_state(cls(linear.in_features, linear.out_features, bias=linear.bias is not None), linear)
 
 
 @register_backend
 class FastSparseBackend(SparseBackend):
     name = "sparse"
-    description = "our gather-GEMM kernels with scatter-free backward (recommended true-sparse backend)"
+    description = "our kernels: gather-GEMM (oneDNN, scatter-free backward), dense-scatter depthwise (recommended)"
     kernels = ("gemm", "gather")
+
+    def kernels_for(self, spec: ConvSpec) -> tuple[str, ...]:
+        if spec.is_depthwise:
+            return ("dense",) + self.kernel_priority
+        return self.kernel_priority
+
+    def adapt_per_site_module(self, module: nn.Module) -> nn.Module:
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, name, RowLinear.from_linear(child))
+            else:
+                self.adapt_per_site_module(child)
+        return module

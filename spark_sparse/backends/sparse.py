@@ -8,7 +8,7 @@ table (exactly SparK's dense pooling of the masked map, restricted to active sit
 """
 from __future__ import annotations
 
-from typing import ClassVar, Optional, Sequence
+from typing import Callable, ClassVar, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -40,17 +40,21 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 class SparseConv2d(nn.Conv2d):
     """A Conv2d (timm's parameters, dense layout) computed on active rows by a dispatched kernel."""
 
-    def configure(self, name: str, priority: Sequence[str], strict: bool) -> "SparseConv2d":
-        self.layer_name, self.kernel_priority, self.strict = name, tuple(priority), strict
+    def configure(self, name: str, policy: Callable[[ConvSpec], Sequence[str]], strict: bool) -> "SparseConv2d":
+        """``policy(spec)``: the kernel names to try for this layer on a device and dtype, best first."""
+        self.layer_name, self.kernel_policy, self.strict = name, policy, strict
         self.stride_factor = _square(self.stride, "stride", name)
         self._chosen: dict[tuple[str, torch.dtype], object] = {}
         return self
 
+    def _select(self, device, dtype):
+        spec = ConvSpec.of(self, device, dtype)
+        return spec, *select_kernel(spec, self.kernel_policy(spec), self.layer_name, self.strict)
+
     def kernel_for(self, device: torch.device, dtype: torch.dtype):
         key = (torch.device(device).type, dtype)
         if key not in self._chosen:
-            spec = ConvSpec.of(self, device, dtype)
-            self._chosen[key] = select_kernel(spec, self.kernel_priority, self.layer_name, self.strict)[0]
+            self._chosen[key] = self._select(device, dtype)[1]
         return self._chosen[key]
 
     def forward(self, x: SparseRows) -> SparseRows:
@@ -64,8 +68,7 @@ class SparseConv2d(nn.Conv2d):
         return SparseRows(out, x.mask, out_stride)
 
     def describe_execution(self, device, dtype) -> str:
-        spec = ConvSpec.of(self, device, dtype)
-        kernel, rejected = select_kernel(spec, self.kernel_priority, self.layer_name, self.strict)
+        spec, kernel, rejected = self._select(device, dtype)
         skipped = "".join(f"; skipped {name}: {', '.join(reasons)}" for name, reasons in rejected.items())
         return f"{kernel.NAME:<10} {spec.describe()}{skipped}"
 
@@ -77,7 +80,7 @@ class SparseConv2d(nn.Conv2d):
             raise NotImplementedError(f"{name}: string padding {conv.padding!r} is not supported")
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                   dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
-        return adopt_state(new, conv).configure(name, backend.kernel_priority, backend.strict)
+        return adopt_state(new, conv).configure(name, backend.kernels_for, backend.strict)
 
 
 class _SparsePool:
@@ -150,6 +153,10 @@ class SparseBackend(Backend):
     def __init__(self, strict: bool = False, kernels: Optional[Sequence[str]] = None):
         super().__init__(strict=strict)
         self.kernel_priority = tuple(kernels) if kernels is not None else self.kernels
+
+    def kernels_for(self, spec: ConvSpec) -> tuple[str, ...]:
+        """The kernel names to try for one layer, best first (subclasses may choose per shape)."""
+        return self.kernel_priority
 
 
 @register_backend
