@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 import spark_sparse as ss
-from _variants import DTYPES, Variant, autocast
+from _variants import Variant, autocast
 
 
 def sync(device: str) -> None:

@@ -8,7 +8,6 @@ foreach optimizer updates, ``torch.compile`` of the decoder where it pays. Mixed
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 

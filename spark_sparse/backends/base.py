@@ -9,7 +9,7 @@ to the backend nor a known container is an error naming the module, never silent
 """
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Iterable, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 import torch.nn as nn

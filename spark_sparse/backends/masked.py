@@ -7,7 +7,6 @@ save, but it is exactly what SparK computes.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 from ..features import MaskedDense

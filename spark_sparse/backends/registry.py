@@ -7,7 +7,7 @@ backend reports it with a reason instead of failing at import time.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Type
+from typing import Type
 
 from .base import Backend
 

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
-import torch
 
 __all__ = ["RunOutputs", "git_commit", "Tee"]
 
