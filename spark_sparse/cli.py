@@ -131,8 +131,16 @@ def pretrain_command(exp_name: str, num_nodes: int, ngpu_per_node: int, node_ran
 def _relaunch(num_nodes: int, nproc: int, node_rank: int, address: str, port: int) -> None:
     from torch.distributed import run as torchrun
 
-    passthrough = [a for a in sys.argv[1:] if not a.split("=")[0].lstrip("-").replace("-", "_") in
-                   {"num_nodes", "ngpu_per_node", "node_rank", "master_address", "master_port"}]
+    launch_flags = {"num_nodes", "ngpu_per_node", "node_rank", "master_address", "master_port"}
+    passthrough, skip_value = [], False
+    for arg in sys.argv[1:]:
+        if skip_value:                       # the value of a space-separated launch flag
+            skip_value = False
+            continue
+        if arg.startswith("--") and arg[2:].split("=")[0].replace("-", "_") in launch_flags:
+            skip_value = "=" not in arg
+            continue
+        passthrough.append(arg)
     args = [f"--nnodes={num_nodes}", f"--nproc_per_node={nproc}", f"--node_rank={node_rank}",
             f"--master_addr={address}", f"--master_port={port}", "-m", "spark_sparse.cli", *passthrough]
     click.echo(f"[spark-pretrain] launching {num_nodes}x{nproc} processes: torchrun {' '.join(args)}", err=True)

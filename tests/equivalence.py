@@ -55,3 +55,19 @@ def run_layer_pair(layer: nn.Module, backend: str, mask: ActiveMask, stride: int
                              grad_in=grad_in, params={k: p.grad for k, p in holder.named_parameters()},
                              buffers={k: b.clone() for k, b in holder.named_buffers()})
     return results
+
+
+def assert_encoder_matches_timm(spark, model: str, state: dict, atol: float) -> None:
+    """Plain ``timm.create_model(model, num_classes=0)`` loads ``state`` strictly and, on an all-visible
+    mask, gives the SparK encoder's hierarchical features."""
+    import timm
+
+    dense = timm.create_model(model, pretrained=False, num_classes=0)
+    dense.load_state_dict(state, strict=True)
+    spark.eval(), dense.eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = [f.to_dense() for f in spark.encode(images, ActiveMask.full(2, (2, 2)))]
+        theirs = dense.forward_intermediates(images, intermediates_only=True)[-4:]
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=atol, rtol=1e-4)

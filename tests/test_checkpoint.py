@@ -4,7 +4,7 @@ import timm
 import torch
 
 import spark_sparse as ss
-from spark_sparse import ActiveMask
+from equivalence import assert_encoder_matches_timm
 from spark_sparse.checkpoint import (CheckpointError, atomic_save, convnext_fb_to_timm, convnext_timm_to_fb,
                                      load_pretrained, read_checkpoint)
 
@@ -16,16 +16,7 @@ def test_export_loads_into_plain_timm_and_gives_identical_features(model, tmp_pa
         for p in spark.parameters():
             p.add_(torch.randn_like(p) * 0.01)
     atomic_save(spark.encoder_state_dict(), tmp_path / f"{model}_1kpretrained.pth")
-
-    dense = timm.create_model(model, pretrained=False, num_classes=0)
-    dense.load_state_dict(torch.load(tmp_path / f"{model}_1kpretrained.pth"), strict=True)
-    spark.eval(), dense.eval()
-    images = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        ours = [f.to_dense() for f in spark.encode(images, ActiveMask.full(2, (2, 2)))]
-        theirs = dense.forward_intermediates(images, intermediates_only=True)[-4:]
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert_encoder_matches_timm(spark, model, torch.load(tmp_path / f"{model}_1kpretrained.pth"), atol=1e-5)
 
 
 def test_convnext_key_layouts_round_trip_exactly():

@@ -36,7 +36,7 @@ def test_sparks_launch_flags_start_processes_through_torchrun(tmp_path):
     data = make_image_folder(tmp_path / "data", count=8)
     cmd = [sys.executable, "-m", "spark_sparse.cli", "launched", f"--data_path={data}", "--model=tiny_cnn",
            "--input_size=64", "--bs=4", "--ep=1", "--dataloader_workers=0", "--device=cpu",
-           f"--exp_dir={tmp_path / 'out'}", "--ngpu_per_node=2", f"--master_port={_free_port()}"]
+           f"--exp_dir={tmp_path / 'out'}", "--ngpu_per_node", "2", f"--master_port={_free_port()}"]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,13 +1,11 @@
 """Whole encoders and short training runs on every sparse backend equal ``masked``."""
 import pytest
-import timm
 import torch
 from timm.optim import Lamb
 
 import spark_sparse as ss
-from spark_sparse import ActiveMask
 
-from equivalence import max_errors, sparse_backend_params
+from equivalence import assert_encoder_matches_timm, max_errors, sparse_backend_params
 
 
 def _pair(model, backend, size, dtype):
@@ -77,12 +75,4 @@ def test_a_model_trained_on_the_backend_exports_to_timm(backend):
     opt = torch.optim.SGD(spark.parameters(), lr=0.1)
     spark(torch.randn(2, 3, 64, 64)).backward()
     opt.step()
-    dense = timm.create_model("resnet18", pretrained=False, num_classes=0)
-    dense.load_state_dict(spark.encoder_state_dict(), strict=True)
-    spark.eval(), dense.eval()
-    images = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        ours = [f.to_dense() for f in spark.encode(images, ActiveMask.full(2, (2, 2)))]
-        theirs = dense.forward_intermediates(images, intermediates_only=True)[-4:]
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert_encoder_matches_timm(spark, "resnet18", spark.encoder_state_dict(), atol=1e-4)

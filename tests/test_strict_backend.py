@@ -10,10 +10,10 @@ needs_spconv = pytest.mark.skipif(not list_kernels()["spconv"].availability()[0]
 
 
 @needs_spconv
-def test_depthwise_falls_back_to_gather_and_the_plan_says_why():
+def test_depthwise_falls_back_to_our_kernel_and_the_plan_says_why():
     spark = ss.create_spark("convnext_tiny", backend="spconv", input_size=64)
     plan = dict(spark.backend.plan(spark.encoder))
-    assert plan["model.stages.0.blocks.0.conv_dw"].startswith("gather")
+    assert plan["model.stages.0.blocks.0.conv_dw"].startswith("gemm")
     assert "groups=1 only" in plan["model.stages.0.blocks.0.conv_dw"]
     assert plan["model.stem.0"].startswith("spconv")
 

@@ -25,7 +25,8 @@ def test_one_epoch_writes_every_output_file(folder, tmp_path):
                                                "tiny_cnn_still_pretraining.pth", "tiny_cnn_1kpretrained.pth",
                                                "reconstruction.png"}
     header, epoch = [json.loads(line) for line in (out / "pretrain_log.txt").read_text().splitlines()]
-    assert header["model"] == "tiny_cnn" and header["backend"] == "masked" and header["args"]["bs"] == 4
+    assert header["model"] == "tiny_cnn" and header["args"]["bs"] == 4
+    assert header["backend"] == header["speed_plan"]["backend"] == "sparse"      # the default 'fast' recipe
     assert header["backend_plan"] and "cmd" in header and "git_commit" in header
     assert epoch["epoch"] == 1 and epoch["loss"] > 0 and epoch["images_per_s"] > 0
     assert {"remaining", "finish_time", "lr"} <= epoch.keys()

@@ -6,6 +6,7 @@ exactly as if it had never stopped.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import random
 import signal
@@ -134,6 +135,8 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.opt, self.groups, self.peak_lr, self.beta2, cfg.clip,
                                          foreach=self.speed.foreach_optimizer)
         self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=cfg.amp == "fp16")
+        if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard, or drop the flag")
         self.outputs = RunOutputs(cfg.output_dir, self.model_name, self.ctx.is_main)
         self.state = RunState()
         self.tb = None
