@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import timm  # noqa: E402
 
 import spark_sparse as ss  # noqa: E402
-from _equivalence import compare  # noqa: E402
+from _equivalence import compare, fp32_noise_floor  # noqa: E402
 from _measure import Workload, peak_memory as peak_memory_in_process, summarize, time_once  # noqa: E402
 from _report import write_json, write_markdown, write_plots  # noqa: E402
 from _variants import Variant  # noqa: E402
@@ -129,6 +129,7 @@ def run(args) -> tuple[dict, list[dict]]:
                                         state) for v in variants[1:]]
         # equivalence first: the timed steps below update each variant's weights
         equivalence = {w.variant.name: compare(w, reference) for w in works}
+        noise = fp32_noise_floor(reference)
         samples = {w.variant.name: {} for w in works}
         total = args.warmup + args.repeats
         for rep in range(total):
@@ -154,6 +155,8 @@ def run(args) -> tuple[dict, list[dict]]:
                       "peak_mem_mb": memory.get(work.variant.name), "max_abs_err": equivalence[work.variant.name]["max_abs_err"],
                       "max_rel_err": equivalence[work.variant.name]["max_rel_err"], "timings": stats,
                       "equivalence": equivalence[work.variant.name],
+                      "fp32_noise_floor": {"max_abs_err": noise["max_abs_err"], "max_rel_err": noise["max_rel_err"],
+                                           "errors": noise["errors"]},
                       "plan": work.spark.backend.plan(work.spark.encoder, args.device)}
             records.append(record)
             print(f"[bench]   {work.variant.name:<14} {main_phase} {median:8.1f} ms  {record['speedup_vs_masked']:.2f}x  "

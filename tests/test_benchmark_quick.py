@@ -33,4 +33,6 @@ def test_quick_run_writes_json_markdown_and_plots_within_tolerance(tmp_path):
         assert max(v["max_rel"] for k, v in eq["errors"].items() if k.startswith("feature")) < 1e-4, record["backend"]
         assert eq["errors"]["loss"]["max_rel"] < 1e-5
         assert eq["errors"]["grad_params"]["max_abs"] < 1e-3 and eq["errors"]["grad_input"]["max_abs"] < 1e-3
+        floor = record["fp32_noise_floor"]["errors"]
+        assert floor["loss"]["max_rel"] < 1e-5 and floor["grad_params"]["max_abs"] < 1e-3
     assert "| resnet18 | sparse |" in (tmp_path / "results.md").read_text()
