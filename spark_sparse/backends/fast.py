@@ -14,12 +14,15 @@ import torch.nn.functional as F
 
 from kernels import ConvSpec
 from kernels._rowmatmul import rows_times_weight
+from kernels.pooling import max_pool_rows
+
+from ..features import SparseRows
 
 from .common import adopt_state
 from .registry import register_backend
-from .sparse import SparseBackend
+from .sparse import SparseBackend, SparseMaxPool2d
 
-__all__ = ["FastSparseBackend", "RowLinear"]
+__all__ = ["FastSparseBackend", "RowLinear", "ArgmaxMaxPool2d"]
 
 
 class RowLinear(nn.Linear):
@@ -36,11 +39,23 @@ class RowLinear(nn.Linear):
         return adopt_state(cls(linear.in_features, linear.out_features, bias=linear.bias is not None), linear)
 
 
+class ArgmaxMaxPool2d(SparseMaxPool2d):
+    """:class:`SparseMaxPool2d` (same semantics) that saves the winning tap, not the window, for backward."""
+
+    def forward(self, x: SparseRows) -> SparseRows:
+        call, table = self._call(x)
+        return SparseRows(max_pool_rows(x.data, table), x.mask, call.out_stride)
+
+    def describe_execution(self, device, dtype) -> str:
+        return f"{'pool':<10} {type(self).__name__} (neighbour-table max, uint8 argmax kept for backward)"
+
+
 @register_backend
 class FastSparseBackend(SparseBackend):
     name = "sparse"
     description = "our kernels: gather-GEMM (oneDNN, scatter-free backward), dense-scatter depthwise (recommended)"
     kernels = ("gemm", "gather")
+    converters = {**SparseBackend.converters, nn.MaxPool2d: ArgmaxMaxPool2d.from_dense}
 
     def kernels_for(self, spec: ConvSpec) -> tuple[str, ...]:
         if spec.is_depthwise:

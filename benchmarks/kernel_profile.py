@@ -1,0 +1,250 @@
+#!/usr/bin/env python
+"""Where the sparse encoder's time and memory go, next to SparK's ``masked`` reference.
+
+    flock /tmp/bench.lock python benchmarks/kernel_profile.py --model resnet50 --mask 0.6 --batch 16
+    flock /tmp/bench.lock python benchmarks/kernel_profile.py --model convnext_tiny --layers --memory
+
+Sections (each optional except the first):
+
+1. encoder forward+backward of every ``--backends`` entry, timed interleaved (A B A B ...) with
+   ``torch.set_num_threads(--threads)``; medians after ``--warmup`` runs; speed-up vs the first;
+2. ``--ops``: one profiled fwd+bwd per backend, self time grouped into gather / GEMM+conv / scatter /
+   norm / copy+alloc / elementwise / other (torch.profiler op names);
+3. ``--layers``: every converted conv of the sparse backend replayed alone on its real input
+   (fwd+bwd, medians), grouped by layer kind and stride, with the kernel the backend chose;
+4. ``--memory``: peak resident-memory growth of one fwd+bwd, each backend in a fresh process with
+   glibc returning freed blocks (``MALLOC_MMAP_THRESHOLD_``), so the figure follows live memory.
+
+This is a diagnosis tool; ``benchmarks/compare_backends.py`` produces the official tables.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+import spark_sparse as ss  # noqa: E402
+from spark_sparse.backends.sparse import SparseConv2d  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: profiler op name -> category; the first matching rule wins (substring match on the op name)
+OP_CATEGORIES = (
+    ("scatter", ("index_put", "index_add", "scatter", "_unsafe_index_put")),
+    ("gather", ("aten::index", "index_select", "aten::gather", "embedding")),
+    ("GEMM+conv", ("aten::mm", "addmm", "bmm", "convolution", "conv2d", "mkldnn", "linear", "matmul")),
+    ("norm", ("batch_norm", "layer_norm", "native_layer_norm")),
+    ("copy+alloc", ("copy_", "aten::cat", "zeros", "fill_", "clone", "empty", "contiguous", "to_copy",
+                    "aten::stack", "repeat")),
+    ("elementwise", ("aten::add", "aten::mul", "aten::sub", "aten::div", "relu", "gelu", "threshold", "addcmul",
+                     "aten::sum", "aten::where", "aten::neg", "square", "aten::pow", "aten::mean")),
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--backends", nargs="+", default=["masked", "sparse"])
+    p.add_argument("--mask", type=float, default=0.6)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="autocast dtype (fp32: none)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--ops", action="store_true", help="profiler breakdown by op category")
+    p.add_argument("--layers", action="store_true", help="per-conv-layer replay of the sparse backend")
+    p.add_argument("--memory", action="store_true", help="peak memory per backend in fresh processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+class EncoderWork:
+    """One backend's encoder on fixed images, weights and mask pattern (a fresh mask object per call,
+    so index tables are built inside the timed region as in training)."""
+
+    def __init__(self, args, backend: str, state: dict | None = None):
+        torch.manual_seed(args.seed)
+        self.spark = ss.create_spark(args.model, backend=backend, input_size=args.input_size, mask_ratio=args.mask,
+                                     drop_path_rate=0.0)
+        if state is not None:
+            self.spark.load_state_dict(state)
+        self.images = torch.randn(args.batch, 3, args.input_size, args.input_size,
+                                  generator=torch.Generator().manual_seed(args.seed))
+        self.active = self.spark.mask(args.batch, generator=torch.Generator().manual_seed(args.seed + 1)).active
+        self.dtype = DTYPES[args.dtype]
+
+    def mask(self) -> ss.ActiveMask:
+        return ss.ActiveMask(self.active.clone(), self.spark.downsample_ratio)
+
+    def fwd_bwd(self) -> None:
+        with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype != torch.float32):
+            feats = self.spark.encode(self.images, self.mask())
+            loss = sum(f.to_dense().float().square().mean() for f in feats)
+        loss.backward()
+        self.spark.zero_grad(set_to_none=True)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1000
+
+
+def median(samples: list[float]) -> float:
+    return statistics.median(samples)
+
+
+def time_interleaved(works: dict[str, EncoderWork], repeats: int, warmup: int) -> dict[str, list[float]]:
+    samples: dict[str, list[float]] = {name: [] for name in works}
+    for i in range(warmup + repeats):
+        for name, work in works.items():
+            ms = timed(work.fwd_bwd)
+            if i >= warmup:
+                samples[name].append(ms)
+    return samples
+
+
+def categorize(op: str) -> str:
+    for category, needles in OP_CATEGORIES:
+        if any(n in op for n in needles):
+            return category
+    return "other"
+
+
+def op_breakdown(work: EncoderWork) -> dict[str, float]:
+    """Self CPU milliseconds per op category over one profiled fwd+bwd."""
+    from torch.profiler import ProfilerActivity, profile
+
+    work.fwd_bwd()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        work.fwd_bwd()
+    shares: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        shares[categorize(event.key)] += event.self_cpu_time_total / 1000
+    return dict(shares)
+
+
+def layer_kind(conv: SparseConv2d) -> str:
+    k = conv.kernel_size[0]
+    if conv.groups > 1 and conv.groups == conv.in_channels:
+        return f"depthwise {k}x{k}"
+    if conv.in_channels <= 4:
+        return f"stem {k}x{k} s{conv.stride[0]}"
+    if conv.stride[0] > 1:
+        return f"{k}x{k} s{conv.stride[0]}"
+    return f"{k}x{k}"
+
+
+def layer_replay(work: EncoderWork, repeats: int) -> list[dict]:
+    """Each sparse conv alone, fwd+bwd on the input it saw in a real forward (medians of ``repeats``)."""
+    captured = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: captured.append((name, mod, inp[0])))
+             for name, m in work.spark.encoder.named_modules() if isinstance(m, SparseConv2d)]
+    with torch.no_grad():
+        work.spark.encode(work.images, work.mask())
+    for h in hooks:
+        h.remove()
+    rows = []
+    for name, conv, rows_in in captured:
+        x = rows_in.data.detach().requires_grad_(name != captured[0][0])   # the stem's input needs no grad
+        features = type(rows_in)(x, rows_in.mask, rows_in.stride)
+
+        def run():
+            out = conv(features).data
+            out.backward(torch.ones_like(out))
+        run()
+        ms = median([timed(run) for _ in range(repeats)])
+        conv.zero_grad(set_to_none=True)
+        kernel = conv.kernel_for(x.device, x.dtype).NAME
+        rows.append({"layer": name, "kind": layer_kind(conv), "stride": rows_in.stride, "kernel": kernel,
+                     "shape": f"{conv.in_channels}->{conv.out_channels}", "rows": x.shape[0], "ms": ms})
+    return rows
+
+
+def memory_child(args) -> None:
+    """Fresh process: peak RSS growth of one fwd+bwd (after a warm-up) for one backend."""
+    torch.set_num_threads(args.threads)
+    work = EncoderWork(args, args.memory_child)
+    work.fwd_bwd()
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    before = _status_kb("VmRSS")
+    work.fwd_bwd()
+    print(json.dumps({"peak_mb": (_status_kb("VmHWM") - before) / 1024}))
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
+
+
+def measure_memory(args, backend: str) -> float:
+    argv = [sys.executable, __file__, "--memory-child", backend, "--model", args.model, "--mask", str(args.mask),
+            "--batch", str(args.batch), "--input-size", str(args.input_size), "--dtype", args.dtype,
+            "--threads", str(args.threads), "--seed", str(args.seed)]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run(argv, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mb"]
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.memory_child:
+        memory_child(args)
+        return
+    torch.set_num_threads(args.threads)
+    print(f"# {args.model}, mask {args.mask}, batch {args.batch}, {args.input_size} px, {args.dtype}, "
+          f"{args.threads} threads, torch {torch.__version__}")
+    works: dict[str, EncoderWork] = {}
+    for name in args.backends:
+        works[name] = EncoderWork(args, name, next(iter(works.values())).spark.state_dict() if works else None)
+
+    samples = time_interleaved(works, args.repeats, args.warmup)
+    base = median(samples[args.backends[0]])
+    print(f"\n## encoder fwd+bwd, median of {args.repeats} after {args.warmup} warm-up, interleaved")
+    for name, s in samples.items():
+        print(f"{name:<10} {median(s):8.1f} ms  (min {min(s):7.1f}, max {max(s):7.1f})  "
+              f"speed-up {base / median(s):5.2f}x")
+
+    if args.ops:
+        print("\n## self CPU time by op category, one profiled fwd+bwd (ms, share)")
+        for name, work in works.items():
+            shares = op_breakdown(work)
+            total = sum(shares.values())
+            parts = ", ".join(f"{k} {v:.0f} ({v / total:.0%})" for k, v in sorted(shares.items(), key=lambda kv: -kv[1]))
+            print(f"{name:<10} total {total:.0f}: {parts}")
+
+    sparse_name = next((n for n in args.backends if n != "masked"), None)
+    if args.layers and sparse_name:
+        rows = layer_replay(works[sparse_name], args.repeats)
+        print(f"\n## {sparse_name}: convs replayed alone, fwd+bwd ms (median of {args.repeats})")
+        groups: dict[tuple, list[dict]] = defaultdict(list)
+        for row in rows:
+            groups[(row["kind"], row["stride"], row["kernel"])].append(row)
+        total = sum(r["ms"] for r in rows)
+        for (kind, stride, kernel), members in sorted(groups.items(), key=lambda kv: -sum(r["ms"] for r in kv[1])):
+            ms = sum(r["ms"] for r in members)
+            print(f"{kind:<14} in-stride {stride:<3} {kernel:<8} x{len(members):<3} {ms:8.1f} ms ({ms / total:5.1%})")
+        print(f"{'all convs':<14} {'':<12} {'':<8} x{len(rows):<3} {total:8.1f} ms")
+
+    if args.memory:
+        print("\n## peak RSS growth of one fwd+bwd (fresh process per backend)")
+        mems = {name: measure_memory(args, name) for name in args.backends}
+        for name, mb in mems.items():
+            print(f"{name:<10} {mb:8.0f} MB  ratio {mb / mems[args.backends[0]]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
