@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import spark_sparse as ss  # noqa: E402
+from kernels import ConvSpec  # noqa: E402
 from spark_sparse.backends.sparse import SparseConv2d  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -64,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--ops", action="store_true", help="profiler breakdown by op category")
     p.add_argument("--layers", action="store_true", help="per-conv-layer replay of the sparse backend")
+    p.add_argument("--candidates", nargs="*", default=[],
+                   help="with --layers: also replay every conv on each of these kernels (e.g. gemm dense)")
     p.add_argument("--memory", action="store_true", help="peak memory per backend in fresh processes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
@@ -147,8 +150,11 @@ def layer_kind(conv: SparseConv2d) -> str:
     return f"{k}x{k}"
 
 
-def layer_replay(work: EncoderWork, repeats: int) -> list[dict]:
-    """Each sparse conv alone, fwd+bwd on the input it saw in a real forward (medians of ``repeats``)."""
+def layer_replay(work: EncoderWork, repeats: int, candidates: list[str]) -> list[dict]:
+    """Each sparse conv alone, fwd+bwd on the input it saw in a real forward (medians of ``repeats``),
+    on the kernel the backend chose and on each of ``candidates`` that supports it."""
+    from kernels import get_kernel, list_kernels
+
     captured = []
     hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: captured.append((name, mod, inp[0])))
              for name, m in work.spark.encoder.named_modules() if isinstance(m, SparseConv2d)]
@@ -164,12 +170,18 @@ def layer_replay(work: EncoderWork, repeats: int) -> list[dict]:
         def run():
             out = conv(features).data
             out.backward(torch.ones_like(out))
-        run()
-        ms = median([timed(run) for _ in range(repeats)])
+        chosen = conv.kernel_for(x.device, x.dtype)
+        row = {"layer": name, "kind": layer_kind(conv), "stride": rows_in.stride, "kernel": chosen.NAME,
+               "shape": f"{conv.in_channels}->{conv.out_channels}", "rows": x.shape[0]}
+        key = (x.device.type, x.dtype)
+        spec = ConvSpec.of(conv, x.device, x.dtype)
+        for kernel in [chosen.NAME] + [c for c in candidates if not list_kernels()[c].not_supported_reasons(spec)]:
+            conv._chosen[key] = get_kernel(kernel)
+            run()
+            row["ms" if kernel == chosen.NAME and "ms" not in row else kernel] = median([timed(run) for _ in range(repeats)])
+        conv._chosen[key] = chosen
         conv.zero_grad(set_to_none=True)
-        kernel = conv.kernel_for(x.device, x.dtype).NAME
-        rows.append({"layer": name, "kind": layer_kind(conv), "stride": rows_in.stride, "kernel": kernel,
-                     "shape": f"{conv.in_channels}->{conv.out_channels}", "rows": x.shape[0], "ms": ms})
+        rows.append(row)
     return rows
 
 
@@ -228,7 +240,7 @@ def main(argv=None) -> None:
 
     sparse_name = next((n for n in args.backends if n != "masked"), None)
     if args.layers and sparse_name:
-        rows = layer_replay(works[sparse_name], args.repeats)
+        rows = layer_replay(works[sparse_name], args.repeats, args.candidates)
         print(f"\n## {sparse_name}: convs replayed alone, fwd+bwd ms (median of {args.repeats})")
         groups: dict[tuple, list[dict]] = defaultdict(list)
         for row in rows:
@@ -236,7 +248,9 @@ def main(argv=None) -> None:
         total = sum(r["ms"] for r in rows)
         for (kind, stride, kernel), members in sorted(groups.items(), key=lambda kv: -sum(r["ms"] for r in kv[1])):
             ms = sum(r["ms"] for r in members)
-            print(f"{kind:<14} in-stride {stride:<3} {kernel:<8} x{len(members):<3} {ms:8.1f} ms ({ms / total:5.1%})")
+            alternatives = "".join(f"  {c}: {sum(r.get(c, float('nan')) for r in members):.1f}" for c in args.candidates)
+            print(f"{kind:<14} in-stride {stride:<3} {kernel:<8} x{len(members):<3} {ms:8.1f} ms ({ms / total:5.1%})"
+                  f"{alternatives}")
         print(f"{'all convs':<14} {'':<12} {'':<8} x{len(rows):<3} {total:8.1f} ms")
 
     if args.memory:

@@ -48,11 +48,15 @@ def _(features, table):
 @torch.library.custom_op("spark_sparse::gather_max_pool_backward", mutates_args=())
 def gather_max_pool_backward(grad_out: torch.Tensor, winner: torch.Tensor, table: torch.Tensor,
                              num_in: int) -> torch.Tensor:
-    """Each output value's gradient added to the input row of its winning tap ``[N_in, C]``."""
+    """Each output value's gradient added to the input row of its winning tap ``[N_in, C]``.
+
+    Overlapping windows add up in at least fp32 (rounded once for bf16/fp16, as ``max_pool2d`` does).
+    """
     source = torch.gather(table, 1, winner.long())                                 # [N_out, C] input rows
-    grad_in = grad_out.new_zeros(num_in + 2, grad_out.shape[1])
-    grad_in.scatter_add_(0, source, grad_out)
-    return grad_in[:num_in]
+    accumulate = torch.promote_types(grad_out.dtype, torch.float32)
+    grad_in = grad_out.new_zeros(num_in + 2, grad_out.shape[1], dtype=accumulate)
+    grad_in.scatter_add_(0, source, grad_out.to(accumulate))
+    return grad_in[:num_in].to(grad_out.dtype)
 
 
 @gather_max_pool_backward.register_fake

@@ -102,3 +102,64 @@ def test_torch_compile_traces_a_sparse_conv_without_graph_breaks():
     assert not counters["graph_break"]
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(grad_compiled, grad_eager)
+
+
+def _dense_masked_conv(x, w, b, call):
+    """SparK's masked convolution, read at the active output sites: the ground truth of every kernel."""
+    site_in, site_out = call.mask.dense_at(call.in_stride)[:, 0], call.mask.dense_at(call.out_stride)[:, 0]
+    dense = x.new_zeros(*site_in.shape, x.shape[1]).index_put((site_in,), x).permute(0, 3, 1, 2)
+    out = torch.nn.functional.conv2d(dense, w, b, stride=call.out_stride // call.in_stride, padding=call.padding,
+                                     dilation=call.dilation, groups=call.groups)
+    return out.permute(0, 2, 3, 1)[site_out]
+
+
+@pytest.mark.parametrize("kernel", ["gather", "gemm", "dense"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+def test_kernel_matches_dense_masked_convolution_fp64(kernel, shape):
+    x, w, b, call = _case(shape, torch.float64, seed=3)
+    want = _run_fn(_dense_masked_conv, x, w, b, call)
+    got = _run_fn(get_kernel(kernel).conv, x, w, b, call)
+    for what, g, r in zip(("output", "grad input", "grad weight", "grad bias"), got, want):
+        torch.testing.assert_close(g, r, atol=1e-10, rtol=0, msg=lambda m: f"{kernel} {what}: {m}")
+
+
+def _run_fn(fn, x, w, b, call):
+    x, w, b = (t.clone().requires_grad_(True) for t in (x, w, b))
+    out = fn(x, w, b, call)
+    probe = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    (out * probe).sum().backward()
+    return out.detach(), x.grad, w.grad, b.grad
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "many_ties"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_max_pool_op_matches_dense_max_pool_including_gradient_routing(ties, dtype):
+    from kernels.pooling import max_pool_rows
+
+    mask = ActiveMask.random(2, (3, 4), 0.5, generator=torch.Generator().manual_seed(1))
+    call = ConvCall(mask, 2, 4, (3, 3), (1, 1), (1, 1), 1)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(call.num_in, 5, generator=gen)
+    x = (x * 2).round().clamp(min=0) if ties else x                       # ReLU-like inputs: many equal maxima
+    x = x.to(dtype).requires_grad_(True)
+    reference = x.detach().double().requires_grad_(True)                  # the same values, exact sums
+    site_in = mask.dense_at(2)[:, 0]
+    dense = reference.new_zeros(*site_in.shape, 5).index_put((site_in,), reference).permute(0, 3, 1, 2)
+    want = torch.nn.functional.max_pool2d(dense, 3, 2, 1).permute(0, 2, 3, 1)[mask.dense_at(4)[:, 0]]
+    got = max_pool_rows(x, call.neighbours())
+    torch.testing.assert_close(got, want.to(dtype), atol=0, rtol=0)
+    probe = torch.linspace(-1, 1, got.numel(), dtype=torch.float64).view_as(got)
+    (grad_want,) = torch.autograd.grad((want * probe).sum(), reference)
+    (grad_got,) = torch.autograd.grad((got * probe.to(dtype)).sum(), x)
+    # the same winners get the same gradients; overlapping windows' sums are rounded once (default
+    # assert_close tolerances of the dtype, e.g. bf16 rtol 1.6e-2)
+    torch.testing.assert_close(grad_got, grad_want.to(dtype))
+
+
+def test_max_pool_op_passes_opcheck():
+    from kernels.pooling import gather_max_pool
+
+    mask = ActiveMask.random(2, (3, 4), 0.5, generator=torch.Generator().manual_seed(1))
+    call = ConvCall(mask, 2, 4, (3, 3), (1, 1), (1, 1), 1)
+    x = torch.randn(call.num_in, 4, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(gather_max_pool, (x, call.neighbours()))
