@@ -1,10 +1,11 @@
 """``sparse``: the recommended true-sparse backend, on our own kernels.
 
 Per layer it picks the kernel measured fastest for the layer's kind on this kind of device (a
-simple cost model from measurements, see BENCHMARKS.md and kernels/dense.py): depthwise convs
-run on ``dense`` (scatter, the library's depthwise conv, gather: 2-4x faster than any gather-based
-depthwise we measured on CPU), every other conv on ``gemm`` (gather-GEMM through oneDNN, no
-scatter in backward); ``gather`` is the fallback. Linear layers on the active rows (ConvNeXt's
+simple cost model from measurements, see ``benchmarks/kernel_profile.py --layers --candidates gemm
+dense`` and kernels/dense.py): depthwise convs and stems on the image run on ``dense`` (scatter,
+the library's conv, gather: 2-4x faster than any gather-based depthwise we measured on CPU; the
+stem avoids a stride-1 neighbour table), every other conv on ``gemm`` (gather-GEMM through oneDNN,
+no scatter in backward); ``gather`` is the fallback. Linear layers on the active rows (ConvNeXt's
 MLP) go through the same oneDNN route as ``gemm``.
 """
 from __future__ import annotations
@@ -56,9 +57,13 @@ class FastSparseBackend(SparseBackend):
     description = "our kernels: gather-GEMM (oneDNN, scatter-free backward), dense-scatter depthwise (recommended)"
     kernels = ("gemm", "gather")
     converters = {**SparseBackend.converters, nn.MaxPool2d: ArgmaxMaxPool2d.from_dense}
+    #: convs with at most this many input channels (stems on the image) run on ``dense``: gathering
+    #: 3-channel rows through a ``[N_out, 49]`` table at stride 1 (built each step, 31 MB for
+    #: ResNet-50 at batch 16) costs more than the dense conv's work at masked sites
+    IMAGE_LIKE_CHANNELS = 4
 
     def kernels_for(self, spec: ConvSpec) -> tuple[str, ...]:
-        if spec.is_depthwise:
+        if spec.is_depthwise or spec.in_channels <= self.IMAGE_LIKE_CHANNELS:
             return ("dense",) + self.kernel_priority
         return self.kernel_priority
 
