@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Where the sparse encoder's time and memory go, next to SparK's ``masked`` reference.
 
-    flock /tmp/bench.lock python benchmarks/kernel_profile.py --model resnet50 --mask 0.6 --batch 16
-    flock /tmp/bench.lock python benchmarks/kernel_profile.py --model convnext_tiny --layers --memory
+    python benchmarks/kernel_profile.py --model resnet50 --mask 0.6 --batch 16 --ops
+    python benchmarks/kernel_profile.py --model convnext_tiny --layers --candidates gemm dense --memory
 
 Sections (each optional except the first):
 
@@ -25,13 +24,14 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+
+from _measure import peak_rss_growth_mb, time_once  # noqa: E402
 
 import spark_sparse as ss  # noqa: E402
 from kernels import ConvSpec  # noqa: E402
@@ -100,9 +100,7 @@ class EncoderWork:
 
 
 def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1000
+    return time_once(fn, "cpu")
 
 
 def median(samples: list[float]) -> float:
@@ -167,7 +165,7 @@ def layer_replay(work: EncoderWork, repeats: int, candidates: list[str]) -> list
         x = rows_in.data.detach().requires_grad_(name != captured[0][0])   # the stem's input needs no grad
         features = type(rows_in)(x, rows_in.mask, rows_in.stride)
 
-        def run():
+        def run(conv=conv, features=features):
             out = conv(features).data
             out.backward(torch.ones_like(out))
         chosen = conv.kernel_for(x.device, x.dtype)
@@ -190,16 +188,7 @@ def memory_child(args) -> None:
     torch.set_num_threads(args.threads)
     work = EncoderWork(args, args.memory_child)
     work.fwd_bwd()
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    before = _status_kb("VmRSS")
-    work.fwd_bwd()
-    print(json.dumps({"peak_mb": (_status_kb("VmHWM") - before) / 1024}))
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
+    print(json.dumps({"peak_mb": peak_rss_growth_mb(work.fwd_bwd)}))
 
 
 def measure_memory(args, backend: str) -> float:

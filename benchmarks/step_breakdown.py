@@ -1,0 +1,89 @@
+"""Where a whole SparK training step's time goes, per variant: encoder, decoder, optimizer, the rest.
+
+    python benchmarks/step_breakdown.py --models resnet50 convnext_tiny --variants recipe:spark recipe:fast recipe:fast@bf16
+
+Each part is timed alone on the variant's real shapes (medians of ``--repeats`` after one warm-up,
+variants interleaved): the encoder's forward+backward, the decoder's forward+backward on fixed
+densified inputs, one optimizer step; "densify, loss, rest" is the whole step minus those three.
+This explains the step speed-ups of ``compare_backends.py --what step``; it is not a substitute.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from _measure import Workload, summarize, time_once
+from _variants import Variant, autocast
+
+PARTS = ("step", "encoder", "decoder", "optimizer")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["resnet50", "convnext_tiny"])
+    p.add_argument("--variants", nargs="+", default=["recipe:spark", "recipe:fast", "recipe:fast@bf16"])
+    p.add_argument("--mask", type=float, default=0.6)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    return p.parse_args(argv)
+
+
+def part_functions(work: Workload) -> dict:
+    spark = work.spark
+    with torch.no_grad(), autocast(work.device, work.dtype):
+        decoder_inputs = [t.detach() for t in spark.densify(spark.encode(work.images, work.fresh_mask()))]
+
+    def decoder() -> None:
+        inputs = [t.clone().requires_grad_(True) for t in decoder_inputs]
+        with autocast(work.device, work.dtype):
+            out = spark.decoder(inputs)
+        out.float().square().mean().backward()
+        spark.zero_grad(set_to_none=True)
+
+    def optimizer() -> None:
+        for p in spark.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        work.optimizer.step()
+
+    return {"step": work.step, "encoder": work.forward_backward, "decoder": decoder, "optimizer": optimizer}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for model in args.models:
+        works = {}
+        for name in args.variants:
+            works[name] = Workload(Variant(name), model, args.input_size, args.mask, args.batch_size, "fp32", "cpu")
+        parts = {name: part_functions(work) for name, work in works.items()}
+        samples = {name: {part: [] for part in PARTS} for name in works}
+        for rep in range(args.repeats + 1):
+            for name in works:
+                for part in PARTS:
+                    elapsed = time_once(parts[name][part], "cpu")
+                    if rep:
+                        samples[name][part].append(elapsed)
+            print(f"[breakdown] {model}: repeat {rep + 1}/{args.repeats + 1}", flush=True)
+        print(f"\n{model}, batch {args.batch_size}, {args.input_size} px, mask {args.mask}, {args.threads} threads "
+              f"(ms, median of {args.repeats}; share of the step)")
+        print(f"{'variant':<18} {'step':>7} {'encoder':>15} {'decoder':>15} {'optimizer':>15} {'densify, loss, rest':>21}")
+        for name in works:
+            med = {part: summarize(samples[name][part])["median"] for part in PARTS}
+            rest = med["step"] - med["encoder"] - med["decoder"] - med["optimizer"]
+            step = med["step"]
+            cells = [f"{med[p]:7.0f} ({med[p] / step:4.0%})" for p in PARTS[1:]]
+            rest_cell = f"{rest:7.0f} ({rest / step:4.0%})"
+            print(f"{name:<18} {step:7.0f} " + " ".join(f"{c:>15}" for c in cells) + f" {rest_cell:>21}")
+        print()
+
+
+if __name__ == "__main__":
+    main()
