@@ -25,7 +25,7 @@ def sparse_backend_params() -> list:
 
 def max_errors(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
     """(max abs error, max abs error relative to the largest reference magnitude)."""
-    abs_err = float((got - want).abs().max()) if got.numel() else 0.0
+    abs_err = float((got - want).detach().abs().max()) if got.numel() else 0.0
     return abs_err, abs_err / max(float(want.abs().max()) if want.numel() else 0.0, 1e-30)
 
 
