@@ -87,6 +87,8 @@ def _validate_model(ctx, param, value: Optional[str]) -> Optional[str]:
       help="spark: SparK's exact recipe (masked, NCHW, fp32); fast: every option that keeps the fp32 maths")
 @_opt("channels_last", type=bool, default=None, help="NHWC dense parts (default: the recipe's)")
 @_opt("compile", type=bool, default=None, help="torch.compile the decoder (default: the recipe's)")
+@_opt("foreach_optimizer", type=bool, default=None,
+      help="multi-tensor (foreach) optimizer updates (default: the recipe's)")
 @_opt("grad_ckpt", is_flag=True, default=False, help="recompute decoder blocks in backward to save memory")
 @_opt("device", default="auto", help="auto, cpu, cuda or cuda:N")
 @_opt("amp", type=click.Choice(["none", "bf16", "fp16"]), default="none", help="mixed precision (SparK: none)")

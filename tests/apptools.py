@@ -39,3 +39,30 @@ def distributed_worker(rank: int, world: int, port: int, cfg: PretrainConfig, du
     trainer.run()
     torch.save(trainer.spark.state_dict(), os.path.join(dump_dir, f"rank{rank}.pth"))
     torch.distributed.destroy_process_group()
+
+
+def nan_on_rank1_worker(rank: int, world: int, port: int, cfg: PretrainConfig, dump_dir: str) -> None:
+    """One process of a gloo run in which only rank 1's second loss is NaN: every rank must stop cleanly."""
+    import os
+
+    from spark_sparse.spark import SparK
+    from spark_sparse.train.engine import Trainer, TrainingError
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    real_loss, calls = SparK.loss, {"n": 0}
+
+    def loss_nan_on_rank1(self, *args):
+        calls["n"] += 1
+        value = real_loss(self, *args)
+        return value * float("nan") if rank == 1 and calls["n"] == 2 else value
+
+    trainer = Trainer(cfg, "")           # (its batch-size probe calls the loss too)
+    SparK.loss = loss_nan_on_rank1
+    try:
+        trainer.run()
+        outcome = "finished"
+    except TrainingError as err:
+        outcome = str(err)
+    with open(os.path.join(dump_dir, f"rank{rank}.txt"), "w") as fh:
+        fh.write(outcome)

@@ -40,6 +40,11 @@ def test_dashed_arguments_and_separate_values_work(captured, tmp_path):
     assert (cfg.base_lr, cfg.input_size, cfg.output_dir) == (3e-4, 160, tmp_path / "out")
 
 
+def test_speed_options_override_the_recipe(captured, tmp_path):
+    assert _run(["x", f"--data_path={tmp_path}", "--foreach-optimizer=True", "--channels_last=False"]).exit_code == 0
+    assert (captured["cfg"].foreach_optimizer, captured["cfg"].channels_last) == (True, False)
+
+
 def test_sparks_defaults_apply_with_a_data_path(captured, tmp_path):
     assert _run(["x", f"--data_path={tmp_path}"]).exit_code == 0
     cfg = captured["cfg"]

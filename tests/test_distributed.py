@@ -4,12 +4,16 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
-from apptools import distributed_worker, make_image_folder, tiny_config
+from spark_sparse.checkpoint import read_checkpoint
+
+from apptools import distributed_worker, make_image_folder, nan_on_rank1_worker, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,6 +34,24 @@ def test_two_gloo_processes_hold_identical_weights(tmp_path):
     header, epoch = [json.loads(line) for line in (tmp_path / "out" / "pretrain_log.txt").read_text().splitlines()]
     assert header["world_size"] == 2 and header["global_batch"] == 8 and epoch["epoch"] == 1
     assert (tmp_path / "out" / "stdout_backup.txt").read_text().count("finished: min loss") == 1
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    data = make_image_folder(tmp_path / "data", count=16)
+    cfg = tiny_config(data, tmp_path / "out", ep=1, bs=4, backend="torch")   # 4 iterations, 2 images per rank
+    context = mp.spawn(nan_on_rank1_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.time() + 240
+    while not context.join(timeout=5):
+        if time.time() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("a rank hung after another saw a non-finite loss")
+    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert outcomes[1].startswith("loss is nan at epoch 0 iteration 1"), outcomes[1]
+    assert outcomes[0].startswith("loss is not finite on another rank at epoch 0 iteration 1"), outcomes[0]
+    assert "last good state" in outcomes[0]
+    ckpt = read_checkpoint(tmp_path / "out" / "tiny_cnn_still_pretraining.pth")
+    assert (ckpt["epoch"], ckpt["iteration"]) == (0, 1)
 
 
 def test_sparks_launch_flags_start_processes_through_torchrun(tmp_path):

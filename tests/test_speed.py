@@ -43,6 +43,8 @@ def test_fast_recipe_explains_every_choice_and_flags_override_it():
     assert plan.channels_last is False and plan.why["channels_last"] == "set explicitly"
     assert all(plan.why[k] for k in ("backend", "compile_decoder", "grad_ckpt", "foreach_optimizer"))
     assert "backend" in plan.describe()
+    assert plan.foreach_optimizer is False and plan_speed("fast", "cuda").foreach_optimizer is True
+    assert plan_speed("fast", "cpu", foreach_optimizer=True).why["foreach_optimizer"] == "set explicitly"
     with pytest.raises(ValueError, match="unknown recipe"):
         plan_speed("turbo", "cpu")
 

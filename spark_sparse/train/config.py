@@ -44,6 +44,7 @@ class PretrainConfig:
     recipe: str = "fast"
     channels_last: Optional[bool] = None
     compile: Optional[bool] = None
+    foreach_optimizer: Optional[bool] = None
     grad_ckpt: bool = False
     demo: bool = False
     vis_images: int = 4

@@ -34,12 +34,28 @@ class DistContext:
         if self.initialized:
             dist.barrier()
 
+    @property
+    def _comm_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")   # NCCL needs CUDA tensors
+
     def all_mean(self, value: float) -> float:
         if not self.initialized:
             return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        t = torch.tensor([value], dtype=torch.float64, device=self._comm_device)
         dist.all_reduce(t)
         return float(t) / self.world_size
+
+    def any_rank(self, *flags: bool) -> list[bool]:
+        """Each flag, true if any process raised it.
+
+        Ranks must leave the loop together: one rank stopping alone (a non-finite loss, SIGTERM)
+        would leave the others waiting forever in DDP's gradient all-reduce.
+        """
+        if not self.initialized:
+            return list(flags)
+        t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=self._comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
 
 
 def init_distributed(device: str) -> DistContext:

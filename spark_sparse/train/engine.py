@@ -115,7 +115,8 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)   # the initial weights are part of the run: make them the seed's
         self.speed = plan_speed(cfg.recipe, self.ctx.device, backend=cfg.backend, channels_last=cfg.channels_last,
-                                compile_decoder=cfg.compile, grad_ckpt=cfg.grad_ckpt)
+                                compile_decoder=cfg.compile, foreach_optimizer=cfg.foreach_optimizer,
+                                grad_ckpt=cfg.grad_ckpt)
         self.sync_bn = cfg.sbn and self.ctx.initialized and self.ctx.device.type == "cuda"
         self.spark: SparK = create_spark(self.model_name, backend=self.speed.backend, input_size=cfg.input_size,
                                          mask_ratio=cfg.mask, drop_path_rate=cfg.dp, sync_bn=self.sync_bn,
@@ -171,7 +172,12 @@ class Trainer:
         print(f"[spark-pretrain] resumed from {path}: epoch {self.state.epoch}, iteration {self.state.iteration}")
 
     # ------------------------------------------------------------------ one step
-    def step(self, images: torch.Tensor, global_it: int) -> float:
+    def step(self, images: torch.Tensor, global_it: int, stop_requested: bool = False) -> tuple[float, bool]:
+        """One optimisation step; ``(loss, stop)`` where ``stop`` says some rank asked to stop after it.
+
+        Every rank learns before backward whether any rank saw a non-finite loss or a stop request,
+        so all of them skip (or finish) the same step and stop at the same iteration.
+        """
         cfg = self.cfg
         lr, wd = lr_wd_at(global_it, self.peak_lr, cfg.wd, cfg.wde or cfg.wd, cfg.wp_ep * self.iters_per_epoch,
                           self.total_iters)
@@ -183,8 +189,11 @@ class Trainer:
         with autocast:
             loss = self.model(images, mask)
         loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            raise TrainingError(f"loss is {loss_value} at epoch {self.state.epoch} iteration {self.state.iteration}")
+        finite_here = math.isfinite(loss_value)
+        non_finite, stop = self.ctx.any_rank(not finite_here, stop_requested)
+        if non_finite:
+            what = f"loss is {loss_value}" if not finite_here else "loss is not finite on another rank"
+            raise TrainingError(f"{what} at epoch {self.state.epoch} iteration {self.state.iteration}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if cfg.clip > 0 and cfg.opt != "lamb":          # LAMB clips the global norm itself
@@ -193,7 +202,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.last_lr = lr
-        return loss_value
+        return loss_value, stop
 
     # ------------------------------------------------------------------ the run
     def _loader(self, epoch: int, skip: int) -> DataLoader:
@@ -265,7 +274,7 @@ class Trainer:
             global_it = state.epoch * self.iters_per_epoch + state.iteration
             images = images.to(self.ctx.device, non_blocking=True)
             try:
-                loss = self.step(images, global_it)
+                loss, stop_now = self.step(images, global_it, stop.requested)
             except TrainingError as err:
                 self.save()   # the weights are still those of the last good step
                 raise TrainingError(f"{err}; stopped. The last good state is saved in "
@@ -279,7 +288,7 @@ class Trainer:
             if self.tb is not None:
                 self.tb.add_scalar("train/loss", loss, global_it)
                 self.tb.add_scalar("train/lr", self.last_lr, global_it)
-            if stop.requested:
+            if stop_now:
                 bar.close()
                 self.save()
                 raise StopRequested(f"stopped at epoch {state.epoch} iteration {state.iteration}; resume with "
