@@ -40,7 +40,7 @@ class Workload:
     def encoder_loss(self, mask):
         with autocast(self.device, self.dtype):
             feats = self.spark.encode(self.images, mask)
-            return sum(f.to_dense().float().square().mean() for f in feats)
+            return sum(f.active_rows().float().square().mean() for f in feats)
 
     def forward(self) -> None:
         with torch.no_grad():

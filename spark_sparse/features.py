@@ -14,7 +14,7 @@ activations, Linear layers, layer-scale), so a block written once runs on every 
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -131,10 +131,16 @@ class MaskedDense(FeatureMap):
 
 
 class SparseRows(FeatureMap):
-    """``[N, C]`` features of the active sites at ``stride``, rows ordered as ``mask.coords_at(stride)``."""
+    """``[N, C]`` features of the active sites at ``stride``, rows ordered as ``mask.coords_at(stride)``.
 
-    def __init__(self, data: torch.Tensor, mask: ActiveMask, stride: int):
-        self.data, self.mask, self.stride = data, mask, stride
+    ``recompute``, when given, remakes ``data`` from tensors autograd keeps anyway (e.g. a ReLU
+    output from its BatchNorm's input), so a consumer may save that recipe instead of the rows for
+    backward. Any new data (:meth:`with_data`) drops it.
+    """
+
+    def __init__(self, data: torch.Tensor, mask: ActiveMask, stride: int,
+                 recompute: Optional[Callable[[], torch.Tensor]] = None):
+        self.data, self.mask, self.stride, self.recompute = data, mask, stride, recompute
 
     @classmethod
     def from_image(cls, images: torch.Tensor, mask: ActiveMask) -> "SparseRows":

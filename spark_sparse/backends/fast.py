@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from kernels import ConvSpec
 from kernels._rowmatmul import rows_times_weight
@@ -20,6 +21,7 @@ from kernels.pooling import max_pool_rows
 from ..features import SparseRows
 
 from .common import adopt_state
+from .fused import fuse_bn_relu_pairs
 from .registry import register_backend
 from .sparse import SparseBackend, SparseMaxPool2d
 
@@ -61,6 +63,21 @@ class FastSparseBackend(SparseBackend):
     #: 3-channel rows through a ``[N_out, 49]`` table at stride 1 (built each step, 31 MB for
     #: ResNet-50 at batch 16) costs more than the dense conv's work at masked sites
     IMAGE_LIKE_CHANNELS = 4
+
+    #: BatchNorm -> ReLU pairs fused into :class:`~spark_sparse.backends.fused.FusedBatchNormReLU`:
+    #: ``(bn, act, children called between them that must be identities)``, in the order of timm's
+    #: forward code. Each ReLU output feeds a conv (or the stem's max-pool, which keeps only its
+    #: argmax), so only the BN input is kept for backward: ResNet-50 at batch 16 keeps 100 MB less.
+    BN_RELU_PAIRS = {
+        Bottleneck: (("bn1", "act1", ()), ("bn2", "act2", ("drop_block",))),
+        BasicBlock: (("bn1", "act1", ("drop_block",)),),
+        ResNet: (("bn1", "act1", ()),),
+    }
+
+    def convert_module(self, module: nn.Module, qualified: str, skip: frozenset = frozenset()) -> nn.Module:
+        converted = super().convert_module(module, qualified, skip)
+        fuse_bn_relu_pairs(converted, self.BN_RELU_PAIRS.get(type(module), ()))
+        return converted
 
     def kernels_for(self, spec: ConvSpec) -> tuple[str, ...]:
         if spec.is_depthwise or spec.in_channels <= self.IMAGE_LIKE_CHANNELS:

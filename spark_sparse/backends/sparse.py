@@ -18,6 +18,7 @@ from kernels import ConvCall, ConvSpec, select_kernel
 from ..features import SparseRows
 from .base import Backend
 from .common import COMMON_CONVERTERS, adopt_state
+from .fused import saved_as_recipe
 from .registry import register_backend
 
 __all__ = ["SparseBackend", "SparseConv2d", "SparseMaxPool2d", "SparseAvgPool2d", "TorchGatherBackend"]
@@ -64,7 +65,8 @@ class SparseConv2d(nn.Conv2d):
         call = ConvCall(x.mask, x.stride, out_stride, tuple(self.kernel_size), tuple(self.padding),
                         tuple(self.dilation), self.groups)
         bias = None if self.bias is None else self.bias.to(dtype)
-        out = kernel.conv(x.data.to(dtype), self.weight.to(dtype), bias, call)
+        with saved_as_recipe(x):
+            out = kernel.conv(x.data.to(dtype), self.weight.to(dtype), bias, call)
         return SparseRows(out, x.mask, out_stride)
 
     def describe_execution(self, device, dtype) -> str:
