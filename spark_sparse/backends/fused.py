@@ -29,29 +29,50 @@ from .common import Elementwise, FeatureBatchNorm, adopt_state
 __all__ = ["FusedBatchNormReLU", "saved_as_recipe", "fuse_bn_relu_pairs"]
 
 
-def _normalize(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float):
-    """``(BN output with batch statistics, mean, invstd)``; no running statistics touched."""
-    return torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+class _ReluOfBatchNorm:
+    """Remakes ``relu(BN(x))`` with batch statistics, bit for bit as the forward made it.
+
+    The conv after the fused layer calls it (through its saved-tensor recipe) just before the fused
+    layer's own backward runs, which needs only where the output is positive: the remade output is
+    handed over once instead of being computed twice.
+    """
+
+    def __init__(self, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float):
+        self.x, self.weight, self.bias, self.eps = x, weight, bias, eps
+        self._handoff: Optional[torch.Tensor] = None
+
+    def __call__(self) -> torch.Tensor:
+        with torch.no_grad():
+            out = torch.native_batch_norm(self.x, self.weight, self.bias, None, None, True, 0.0, self.eps)[0]
+        self._handoff = out.relu_()
+        return self._handoff
+
+    def take(self) -> torch.Tensor:
+        """The output remade last (once), or a fresh one."""
+        out, self._handoff = self._handoff, None
+        return out if out is not None else self()
 
 
 class _BatchNormReLUFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float):
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float,
+                remake: _ReluOfBatchNorm):
         out, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
-        ctx.eps = eps
+        ctx.eps, ctx.remake = eps, remake
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         return out.relu_()
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, bias, mean, invstd = ctx.saved_tensors
-        pre_activation = _normalize(x, weight, bias, ctx.eps)[0]
-        grad_pre = torch.where(pre_activation > 0, grad_y, 0.0)   # ReLU's own rule: pass where output > 0
+        output = ctx.remake.take()
+        ctx.remake = None
+        grad_pre = torch.ops.aten.threshold_backward(grad_y, output, 0)      # ReLU's own backward
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
             grad_pre.contiguous(), x, weight, None, None, mean, invstd, True, ctx.eps,
             [need_x, need_w and weight is not None, need_b and bias is not None])
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
 class FusedBatchNormReLU(FeatureBatchNorm):
@@ -79,13 +100,9 @@ class FusedBatchNormReLU(FeatureBatchNorm):
         rows = x.active_rows().contiguous()
         momentum = self._exponential_average_factor()
         running = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
-        y = _BatchNormReLUFunction.apply(rows, self.weight, self.bias, *running, momentum, self.eps)
-        weight, bias, eps = self.weight, self.bias, self.eps
-
-        def recompute() -> torch.Tensor:
-            with torch.no_grad():
-                return _normalize(rows, weight, bias, eps)[0].relu_()
-        return SparseRows(y, x.mask, x.stride, recompute=recompute)
+        remake = _ReluOfBatchNorm(rows, self.weight, self.bias, self.eps)
+        y = _BatchNormReLUFunction.apply(rows, self.weight, self.bias, *running, momentum, self.eps, remake)
+        return SparseRows(y, x.mask, x.stride, recompute=remake)
 
     def describe_execution(self, device, dtype) -> str:
         return f"{'fused':<10} BatchNorm+ReLU (keeps the BN input only; the ReLU output is recomputed in backward)"
