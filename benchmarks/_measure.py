@@ -38,6 +38,7 @@ class Workload:
         return ss.ActiveMask(self.active.clone(), self.spark.downsample_ratio)
 
     def encoder_loss(self, mask):
+        """A scalar of the features at active sites: what densify reads (no dense copies of sparse rows)."""
         with autocast(self.device, self.dtype):
             feats = self.spark.encode(self.images, mask)
             return sum(f.active_rows().float().square().mean() for f in feats)
