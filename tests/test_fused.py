@@ -128,3 +128,10 @@ def test_nothing_keeps_the_relu_output_once_the_next_conv_has_run(kernel_size):
     gc.collect()
     assert relu_output() is None
     out.data.sum().backward()                                 # and backward still has what it needs
+
+
+def test_synchronised_batch_norm_is_never_fused():
+    """SyncBN (SparK's --sbn) keeps its own layer and its ReLU: no statistics are synchronised here."""
+    spark = ss.create_spark("resnet18", backend="sparse", input_size=64, sync_bn=True)
+    assert _count_fused(spark.encoder) == 0
+    assert isinstance(spark.encoder.model.layer1[0].act1, Elementwise)
