@@ -37,7 +37,7 @@ def _bn(momentum=0.1) -> FeatureBatchNorm:
 def _unfused_and_fused(momentum=0.1):
     bn = _bn(momentum)
     fused_bn = copy.deepcopy(bn)
-    return (lambda x: Elementwise(nn.ReLU())(bn(x))), bn, FusedBatchNormReLU.from_batch_norm(fused_bn), fused_bn
+    return (lambda x: Elementwise(nn.ReLU())(bn(x))), bn, FusedBatchNormReLU.from_dense(ss.create_backend("sparse"), fused_bn), fused_bn
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -108,11 +108,11 @@ def test_sparse_backend_fuses_the_resnet_pairs_and_keeps_timm_state_names():
 def test_pairs_with_an_active_layer_between_them_stay_unfused():
     block = BasicBlock(CHANNELS, CHANNELS)
     block.bn1, block.act1, block.drop_block = FeatureBatchNorm(CHANNELS), Elementwise(nn.ReLU()), nn.Dropout()
-    fuse_bn_relu_pairs(block, ((("bn1", "act1", ("drop_block",))),))
+    fuse_bn_relu_pairs(ss.create_backend("sparse"), block, ((("bn1", "act1", ("drop_block",))),))
     assert type(block.bn1) is FeatureBatchNorm
     block = Bottleneck(CHANNELS, CHANNELS // 4)
     block.bn1, block.act1 = FeatureBatchNorm(CHANNELS // 4), Elementwise(nn.GELU())
-    fuse_bn_relu_pairs(block, ((("bn1", "act1", ())),))
+    fuse_bn_relu_pairs(ss.create_backend("sparse"), block, ((("bn1", "act1", ())),))
     assert type(block.bn1) is FeatureBatchNorm               # not a ReLU: left alone
 
 

@@ -76,7 +76,7 @@ class FastSparseBackend(SparseBackend):
 
     def convert_module(self, module: nn.Module, qualified: str, skip: frozenset = frozenset()) -> nn.Module:
         converted = super().convert_module(module, qualified, skip)
-        fuse_bn_relu_pairs(converted, self.BN_RELU_PAIRS.get(type(module), ()))
+        fuse_bn_relu_pairs(self, converted, self.BN_RELU_PAIRS.get(type(module), ()))
         return converted
 
     def kernels_for(self, spec: ConvSpec) -> tuple[str, ...]:

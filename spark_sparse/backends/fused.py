@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..features import SparseRows
-from .common import Elementwise, FeatureBatchNorm, adopt_state
+from .common import Elementwise, FeatureBatchNorm
 
 __all__ = ["FusedBatchNormReLU", "saved_as_recipe", "fuse_bn_relu_pairs"]
 
@@ -107,12 +107,6 @@ class FusedBatchNormReLU(FeatureBatchNorm):
     def describe_execution(self, device, dtype) -> str:
         return f"{'fused':<10} BatchNorm+ReLU (keeps the BN input only; the ReLU output is recomputed in backward)"
 
-    @classmethod
-    def from_batch_norm(cls, bn: FeatureBatchNorm) -> "FusedBatchNormReLU":
-        new = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                  track_running_stats=bn.track_running_stats)
-        return adopt_state(new, bn)
-
 
 @dataclass(frozen=True)
 class _Recipe:
@@ -156,8 +150,8 @@ def _is_plain_relu(module: nn.Module) -> bool:
     return isinstance(module, Elementwise) and type(module.fn) is nn.ReLU
 
 
-def fuse_bn_relu_pairs(block: nn.Module, pairs: tuple[tuple[str, str, tuple[str, ...]], ...]) -> None:
-    """Fuse ``(bn, act, between)`` child pairs of a converted block, in place.
+def fuse_bn_relu_pairs(backend, block: nn.Module, pairs: tuple[tuple[str, str, tuple[str, ...]], ...]) -> None:
+    """Fuse ``(bn, act, between)`` child pairs of a block ``backend`` has converted, in place.
 
     ``between`` names the children the block's forward calls between the two; the pair is fused only
     when they are all identities (e.g. timm's ``drop_block`` when DropBlock is off), when the BN is
@@ -168,5 +162,5 @@ def fuse_bn_relu_pairs(block: nn.Module, pairs: tuple[tuple[str, str, tuple[str,
         bn, act = getattr(block, bn_name, None), getattr(block, act_name, None)
         if (type(bn) is FeatureBatchNorm and _is_plain_relu(act)
                 and all(isinstance(getattr(block, name, None), nn.Identity) for name in between)):
-            setattr(block, bn_name, FusedBatchNormReLU.from_batch_norm(bn))
+            setattr(block, bn_name, FusedBatchNormReLU.from_dense(backend, bn))
             setattr(block, act_name, nn.Identity())
