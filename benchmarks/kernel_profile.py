@@ -34,8 +34,8 @@ import torch  # noqa: E402
 from _measure import peak_rss_growth_mb, time_once  # noqa: E402
 
 import spark_sparse as ss  # noqa: E402
-from kernels import ConvSpec  # noqa: E402
-from spark_sparse.backends.sparse import SparseConv2d  # noqa: E402
+from spark_sparse.kernels import ConvSpec  # noqa: E402
+from spark_sparse.backends.rows import SparseConv2d  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -151,7 +151,7 @@ def layer_kind(conv: SparseConv2d) -> str:
 def layer_replay(work: EncoderWork, repeats: int, candidates: list[str]) -> list[dict]:
     """Each sparse conv alone, fwd+bwd on the input it saw in a real forward (medians of ``repeats``),
     on the kernel the backend chose and on each of ``candidates`` that supports it."""
-    from kernels import get_kernel, list_kernels
+    from spark_sparse.kernels import get_kernel, list_kernels
 
     captured = []
     hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: captured.append((name, mod, inp[0])))

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, ClassVar, Optional
 import torch
 import torch.nn as nn
 
-if TYPE_CHECKING:   # kernels must import without importing spark_sparse (which imports kernels)
-    from spark_sparse.mask import ActiveMask
+if TYPE_CHECKING:
+    from ..mask import ActiveMask
 
 __all__ = ["ConvSpec", "ConvCall", "SparseConvKernel"]
 

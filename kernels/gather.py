@@ -2,8 +2,8 @@
 
 For each active output site it gathers the input rows under every kernel tap through the mask's
 dense index grid (masked and padding taps read a zero row) and contracts them with the weight:
-one GEMM ``[N_out, K*C] x [K*C, O]`` for ordinary convs, a weighted sum over taps for depthwise
-ones, a batched GEMM per group otherwise. Autograd provides the backward. It is correct and
+one GEMM ``[N_out, K*C] x [K*C, O]`` for ordinary convs (a plain GEMM on the rows for 1x1 ones), a
+weighted sum over taps for depthwise ones, a batched GEMM per group otherwise (1x1 included). Autograd provides the backward. It is correct and
 dtype-general, not fast: the fast kernels live beside it.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ class GatherKernel(SparseConvKernel):
     def conv(self, features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
              call: ConvCall) -> torch.Tensor:
         out_ch, cin_per_group, kh, kw = weight.shape
-        if (kh, kw) == (1, 1) and call.in_stride == call.out_stride and call.padding == (0, 0):
+        if (kh, kw) == (1, 1) and call.in_stride == call.out_stride and call.padding == (0, 0) and call.groups == 1:
             out = features @ weight.view(out_ch, -1).t()          # a 1x1 conv is a GEMM on active rows
         else:
             taps = gather_taps(features, call)                        # [N, K, C]

@@ -184,7 +184,8 @@ class GemmKernel(SparseConvKernel):
 
     def conv(self, features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
              call: ConvCall) -> torch.Tensor:
-        if weight.shape[-2:] == (1, 1) and call.in_stride == call.out_stride and call.padding == (0, 0):
+        pointwise = weight.shape[-2:] == (1, 1) and call.in_stride == call.out_stride and call.padding == (0, 0)
+        if pointwise and call.groups == 1:
             out = rows_times_weight(features, weight)            # a 1x1 conv is a GEMM on the active rows
         else:
             table = call.neighbours()

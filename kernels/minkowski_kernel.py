@@ -8,52 +8,56 @@ we permute in and out of it with the maps ME returns. Ordinary convs run through
 ``MinkowskiConvolutionFunction``; depthwise ones through ME's kernel map, as
 ``MinkowskiChannelwiseConvolution`` computes them.
 
-ME 0.5.4 imports ``collections.Sequence``, removed in Python 3.10: the alias is restored (to the
-same ``collections.abc.Sequence``) before importing it, only when missing.
+ME 0.5.4 imports ``collections.Sequence``, removed in Python 3.10: the alias (to the same
+``collections.abc.Sequence``) exists only while ME imports, and only when missing. ME is imported the
+first time the kernel is used or asked whether it is available.
 """
 from __future__ import annotations
 
 import collections
 import collections.abc
+import warnings
 from typing import Optional
 
 import torch
 
+from ._optional import OptionalLibrary
 from .base import ConvCall, ConvSpec, SparseConvKernel
 from .registry import register_kernel
 
-__all__ = ["MinkowskiKernel", "to_native", "from_native"]
+__all__ = ["MINKOWSKI", "MinkowskiKernel", "to_native", "from_native"]
 
 
 def _import_minkowski():
-    if not hasattr(collections, "Sequence"):
+    """``(ME, its convolution function, its ConvolutionMode)``, with the Python >= 3.10 alias in place
+    only while ME imports (it binds ``collections.Sequence`` at import time)."""
+    added_alias = not hasattr(collections, "Sequence")
+    if added_alias:
         collections.Sequence = collections.abc.Sequence
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # "compiled with CPU_ONLY" is expected here
-        import MinkowskiEngine as me
-        from MinkowskiEngineBackend._C import ConvolutionMode
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # "compiled with CPU_ONLY" is expected on CPU builds
+            import MinkowskiEngine as me
+            from MinkowskiEngineBackend._C import ConvolutionMode
+    finally:
+        if added_alias:
+            del collections.Sequence
     return me, me.MinkowskiConvolutionFunction, ConvolutionMode
 
 
-try:
-    ME, _ConvFunction, _ConvolutionMode = _import_minkowski()
-    _IMPORT_ERROR = ""
-except Exception as exc:
-    ME = _ConvFunction = _ConvolutionMode = None
-    _IMPORT_ERROR = (f"MinkowskiEngine is not importable ({type(exc).__name__}: {exc}); build it with "
-                     f"scripts/install_minkowski.sh (see README)")
+MINKOWSKI = OptionalLibrary("MinkowskiEngine", _import_minkowski,
+                            "build it with scripts/install_minkowski.sh (see README)")
 
 
-def to_native(weight: torch.Tensor) -> torch.Tensor:
+def to_native(weight: torch.Tensor, depthwise: bool = False) -> torch.Tensor:
     """Dense ``[O, C, kh, kw]`` -> ME's ``[kh*kw, C, O]`` with the first spatial axis fastest.
 
     ME enumerates kernel offsets with the first coordinate (y) varying fastest, so offset index
     ``ky + kh * kx`` holds dense tap ``(ky, kx)``. 1x1 kernels are ``[C, O]``; depthwise kernels
-    (``C/groups == 1``) are ``[kh*kw, C]``.
+    (``groups == C == O``, weight ``[C, 1, kh, kw]``) are ``[kh*kw, C]``.
     """
     out_ch, in_per_group, kh, kw = weight.shape
-    if in_per_group == 1 and out_ch > 1 and (kh, kw) != (1, 1):      # depthwise
+    if depthwise:
         return weight[:, 0].permute(2, 1, 0).reshape(kh * kw, out_ch).contiguous()
     native = weight.permute(3, 2, 1, 0).reshape(kh * kw, in_per_group, out_ch)
     return native[0].contiguous() if (kh, kw) == (1, 1) else native.contiguous()
@@ -76,8 +80,9 @@ class _Coordinates:
 
     def __init__(self, mask):
         self.mask = mask
-        self.manager = ME.CoordinateManager(D=2, coordinate_map_type=ME.CoordinateMapType.CPU
-                                            if mask.device.type == "cpu" else ME.CoordinateMapType.CUDA)
+        me = MINKOWSKI.get()[0]
+        self.manager = me.CoordinateManager(D=2, coordinate_map_type=me.CoordinateMapType.CPU
+                                            if mask.device.type == "cpu" else me.CoordinateMapType.CUDA)
         self.keys: dict[int, tuple] = {}
 
     def at(self, stride: int):
@@ -99,12 +104,12 @@ class MinkowskiKernel(SparseConvKernel):
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
-        return (ME is not None), _IMPORT_ERROR
+        return MINKOWSKI.availability()
 
     @classmethod
     def extra_reasons(cls, spec: ConvSpec) -> list[str]:
         reasons = []
-        if spec.device_type == "cuda" and ME is not None and not ME.is_cuda_available():
+        if spec.device_type == "cuda" and MINKOWSKI.availability()[0] and not MINKOWSKI.get()[0].is_cuda_available():
             reasons.append("this MinkowskiEngine build is CPU-only")
         centred = tuple((k // 2) * d for k, d in zip(spec.kernel_size, spec.dilation))
         if any(k % 2 for k in spec.kernel_size):
@@ -121,24 +126,26 @@ class MinkowskiKernel(SparseConvKernel):
         out_key, _, out_inverse = coords.at(call.out_stride)
         step = call.out_stride // call.in_stride
         feats = features[in_unique]                                     # into ME's row order
-        depthwise = call.groups > 1
-        if weight.shape[-2:] == (1, 1) and step == 1:
+        depthwise = call.groups > 1          # the only grouped conv this kernel accepts
+        if depthwise:
+            out = self._channelwise(coords.manager, feats, to_native(weight, depthwise=True), in_key, out_key,
+                                    call, step)
+        elif weight.shape[-2:] == (1, 1) and step == 1:
             out = feats @ to_native(weight)
-        elif depthwise:
-            out = self._channelwise(coords.manager, feats, to_native(weight), in_key, out_key, call, step)
         else:
-            generator = ME.KernelGenerator(kernel_size=list(call.kernel_size), stride=step,
+            me, conv_function, convolution_mode = MINKOWSKI.get()
+            generator = me.KernelGenerator(kernel_size=list(call.kernel_size), stride=step,
                                            dilation=list(call.dilation), dimension=2)
             kernel = to_native(weight).reshape(-1, weight.shape[1], weight.shape[0])   # [K, C, O], also for 1x1
-            out = _ConvFunction.apply(feats, kernel, generator, _ConvolutionMode.DEFAULT,
+            out = conv_function.apply(feats, kernel, generator, convolution_mode.DEFAULT,
                                       in_key, out_key, coords.manager)
         out = out[out_inverse]                                          # back to our row order
         return out if bias is None else out + bias
 
     @staticmethod
     def _channelwise(manager, feats, kernel, in_key, out_key, call, step):
-        generator = ME.KernelGenerator(kernel_size=list(call.kernel_size), stride=step, dilation=list(call.dilation),
-                                       dimension=2)
+        generator = MINKOWSKI.get()[0].KernelGenerator(kernel_size=list(call.kernel_size), stride=step,
+                                                       dilation=list(call.dilation), dimension=2)
         region_type, region_offset, _ = generator.get_kernel([call.in_stride] * 2, False)
         kernel_map = manager.kernel_map(in_key, out_key, step, list(call.kernel_size), list(call.dilation),
                                         region_type=region_type, region_offset=region_offset)

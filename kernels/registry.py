@@ -1,11 +1,17 @@
 """Kernel registry and per-layer dispatch (``register_kernel``, ``get_kernel``, ``list_kernels``)."""
 from __future__ import annotations
 
+import warnings
+from importlib.metadata import entry_points
 from typing import Iterable, Type
 
 from .base import ConvSpec, SparseConvKernel
 
-__all__ = ["register_kernel", "get_kernel", "list_kernels", "select_kernel", "NoKernelError", "UnknownKernelError"]
+__all__ = ["register_kernel", "get_kernel", "list_kernels", "select_kernel", "load_kernel_plugins", "NoKernelError",
+           "UnknownKernelError"]
+
+#: entry-point group through which other packages register kernels
+PLUGIN_GROUP = "spark_sparse.kernels"
 
 _KERNELS: dict[str, Type[SparseConvKernel]] = {}
 _INSTANCES: dict[str, SparseConvKernel] = {}
@@ -24,6 +30,22 @@ def register_kernel(cls: Type[SparseConvKernel]) -> Type[SparseConvKernel]:
         raise ValueError(f"kernel {cls.NAME!r} is already registered by {_KERNELS[cls.NAME].__qualname__}")
     _KERNELS[cls.NAME] = cls
     return cls
+
+
+def load_kernel_plugins() -> list[str]:
+    """Import every kernel plugin of :data:`PLUGIN_GROUP`; return the names of those that failed.
+
+    A broken plugin must not break the package: it is skipped with a warning naming it and the error.
+    """
+    failed = []
+    for entry in entry_points(group=PLUGIN_GROUP):
+        try:
+            entry.load()
+        except Exception as exc:
+            failed.append(entry.name)
+            warnings.warn(f"kernel plugin {entry.name!r} ({entry.value}) failed to load and is skipped: "
+                          f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
+    return failed
 
 
 def list_kernels() -> dict[str, Type[SparseConvKernel]]:

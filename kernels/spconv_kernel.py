@@ -20,18 +20,19 @@ from typing import Optional
 
 import torch
 
+from ._optional import OptionalLibrary
 from .base import ConvCall, ConvSpec, SparseConvKernel
 from .registry import register_kernel
 
-__all__ = ["SpconvKernel", "to_native", "from_native", "spconv_rulebook"]
+__all__ = ["SPCONV", "SpconvKernel", "to_native", "from_native", "spconv_rulebook"]
 
-try:
-    import spconv.pytorch.ops as _ops
-    _IMPORT_ERROR = ""
-except Exception as exc:   # missing package, or a CUDA build on a machine it cannot load on
-    _ops = None
-    _IMPORT_ERROR = f"spconv is not importable ({type(exc).__name__}: {exc}); install it with `pip install spconv` " \
-                    f"(CPU) or `pip install spconv-cu126` (CUDA)"
+def _import_spconv_ops():
+    import spconv.pytorch.ops as ops
+    return ops
+
+
+SPCONV = OptionalLibrary("spconv", _import_spconv_ops,
+                         "install it with `pip install spconv` (CPU) or `pip install spconv-cu126` (CUDA 12)")
 
 
 def to_native(weight: torch.Tensor) -> torch.Tensor:
@@ -92,7 +93,7 @@ class _SpconvConv(torch.autograd.Function):
     def forward(ctx, features, weight_krsc, pairs, counts, num_out):
         features = features.contiguous()
         with _single_thread_on_cpu(features.device):
-            out = _ops.indice_conv(features, weight_krsc, pairs, counts, num_out, False, False)
+            out = SPCONV.get().indice_conv(features, weight_krsc, pairs, counts, num_out, False, False)
         ctx.save_for_backward(features, weight_krsc, pairs, counts)
         return out
 
@@ -101,7 +102,7 @@ class _SpconvConv(torch.autograd.Function):
         features, weight_krsc, pairs, counts = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         if features.is_cuda:
-            grad_in, grad_w = _ops.indice_conv_backward(features, weight_krsc, grad_out, pairs, counts, False, False)
+            grad_in, grad_w = SPCONV.get().indice_conv_backward(features, weight_krsc, grad_out, pairs, counts, False, False)
         else:
             grad_in, grad_w = _rulebook_backward_cpu(features, weight_krsc, grad_out, pairs, counts)
         return grad_in, grad_w, None, None, None
@@ -133,11 +134,11 @@ class SpconvKernel(SparseConvKernel):
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
-        return (_ops is not None), _IMPORT_ERROR
+        return SPCONV.availability()
 
     @classmethod
     def extra_reasons(cls, spec: ConvSpec) -> list[str]:
-        if spec.device_type == "cuda" and _ops is not None and not torch.cuda.is_available():
+        if spec.device_type == "cuda" and not torch.cuda.is_available():
             return ["CUDA is not available to torch"]
         return []
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels import ConvCall, get_kernel, list_kernels
+from spark_sparse.kernels import ConvCall, get_kernel, list_kernels
 from spark_sparse import ActiveMask
 
 SPCONV = list_kernels()["spconv"]
@@ -15,7 +15,7 @@ SHAPES = [(12, 8, 3, 3), (12, 8, 1, 1), (6, 4, 7, 7), (8, 3, 4, 4), (5, 3, 2, 3)
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_spconv_layout_round_trips_exactly(shape):
-    from kernels.spconv_kernel import from_native, to_native
+    from spark_sparse.kernels.spconv_kernel import from_native, to_native
     w = torch.randn(shape)
     assert torch.equal(from_native(to_native(w)), w)
     if shape[2:] == (1, 1):   # spconv's 1x1 special case: the stored tensor is the [in, out] matrix
@@ -26,7 +26,7 @@ def test_spconv_layout_round_trips_exactly(shape):
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_minkowski_layout_round_trips_exactly(shape):
-    from kernels.minkowski_kernel import from_native, to_native
+    from spark_sparse.kernels.minkowski_kernel import from_native, to_native
     w = torch.randn(shape)
     assert torch.equal(from_native(to_native(w), shape[2:]), w)
     if shape[2:] != (1, 1):   # offset index ky + kh * kx: the first spatial axis varies fastest
@@ -36,10 +36,10 @@ def test_minkowski_layout_round_trips_exactly(shape):
 
 
 def test_minkowski_depthwise_layout_round_trips_exactly():
-    from kernels.minkowski_kernel import from_native, to_native
+    from spark_sparse.kernels.minkowski_kernel import from_native, to_native
     w = torch.randn(6, 1, 7, 7)
-    assert to_native(w).shape == (49, 6)
-    assert torch.equal(from_native(to_native(w), (7, 7), depthwise=True), w)
+    assert to_native(w, depthwise=True).shape == (49, 6)
+    assert torch.equal(from_native(to_native(w, depthwise=True), (7, 7), depthwise=True), w)
 
 
 def _sparse_input(channels=8, seed=0):
@@ -53,7 +53,7 @@ def _sparse_input(channels=8, seed=0):
 def test_spconv_module_with_converted_weights_computes_our_kernel(k):
     """spconv's own SubMConv2d holding ``to_native(w)`` equals our kernel: the layout facts hold."""
     import spconv.pytorch as spconv
-    from kernels.spconv_kernel import to_native
+    from spark_sparse.kernels.spconv_kernel import to_native
     mask, x = _sparse_input()
     w = torch.randn(12, 8, k, k)
     module = spconv.SubMConv2d(8, 12, k, padding=k // 2, bias=False)
@@ -72,14 +72,16 @@ def test_spconv_module_with_converted_weights_computes_our_kernel(k):
 
 @needs_minkowski
 def test_minkowski_module_with_converted_weights_computes_our_kernel():
-    from kernels.minkowski_kernel import ME, to_native
+    from spark_sparse.kernels.minkowski_kernel import MINKOWSKI, to_native
+
+    me = MINKOWSKI.get()[0]
     mask, x = _sparse_input()
     w = torch.randn(12, 8, 3, 3)
-    module = ME.MinkowskiConvolution(8, 12, kernel_size=3, dimension=2)
+    module = me.MinkowskiConvolution(8, 12, kernel_size=3, dimension=2)
     module.kernel.data.copy_(to_native(w))
     coords = mask.coords_at(8).clone()
     coords[:, 1:] *= 8
-    st = ME.SparseTensor(x, coordinates=coords.int(), tensor_stride=8)
+    st = me.SparseTensor(x, coordinates=coords.int(), tensor_stride=8)
     with torch.no_grad():
         theirs = module(st)
     # ME may reorder rows: compare per coordinate

@@ -12,7 +12,7 @@ import spark_sparse as ss
 from spark_sparse import ActiveMask, SparseRows
 from spark_sparse.backends.common import Elementwise, FeatureBatchNorm
 from spark_sparse.backends.fused import FusedBatchNormReLU, fuse_bn_relu_pairs
-from spark_sparse.backends.sparse import SparseConv2d
+from spark_sparse.backends.rows import SparseConv2d
 
 STRIDE, CHANNELS = 4, 16
 

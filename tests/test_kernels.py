@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from kernels import ConvCall, ConvSpec, get_kernel, list_kernels
-from kernels.gemm import gather_depthwise_conv, gather_gemm_conv, transposed_table
+from spark_sparse.kernels import ConvCall, ConvSpec, get_kernel, list_kernels
+from spark_sparse.kernels.gemm import gather_depthwise_conv, gather_gemm_conv, transposed_table
 from spark_sparse import ActiveMask
 
 # (name, in_ch, out_ch, kernel, stride, padding, dilation, groups, in_stride)
@@ -134,7 +134,7 @@ def _run_fn(fn, x, w, b, call):
 @pytest.mark.parametrize("ties", [False, True], ids=["random", "many_ties"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
 def test_max_pool_op_matches_dense_max_pool_including_gradient_routing(ties, dtype):
-    from kernels.pooling import max_pool_rows
+    from spark_sparse.kernels.pooling import max_pool_rows
 
     mask = ActiveMask.random(2, (3, 4), 0.5, generator=torch.Generator().manual_seed(1))
     call = ConvCall(mask, 2, 4, (3, 3), (1, 1), (1, 1), 1)
@@ -157,7 +157,7 @@ def test_max_pool_op_matches_dense_max_pool_including_gradient_routing(ties, dty
 
 
 def test_max_pool_op_passes_opcheck():
-    from kernels.pooling import gather_max_pool
+    from spark_sparse.kernels.pooling import gather_max_pool
 
     mask = ActiveMask.random(2, (3, 4), 0.5, generator=torch.Generator().manual_seed(1))
     call = ConvCall(mask, 2, 4, (3, 3), (1, 1), (1, 1), 1)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import spark_sparse as ss
-from kernels import NoKernelError, list_kernels
+from spark_sparse.kernels import NoKernelError, list_kernels
 
 needs_spconv = pytest.mark.skipif(not list_kernels()["spconv"].availability()[0],
                                   reason=list_kernels()["spconv"].availability()[1])

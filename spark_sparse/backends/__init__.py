@@ -1,12 +1,12 @@
 """Backends: how the encoder computes on the visible patches (see :mod:`.base`)."""
-from .base import Backend, UnsupportedModuleError, register_container
+from .base import Backend, UnsupportedModuleError, register_container, register_converter
 from .registry import (BackendInfo, UnknownBackendError, create_backend, get_backend_class, list_backends,
                        recommended_sparse_backend, register_backend)
 from . import masked  # noqa: F401  (registers "masked")
+from . import torch_gather  # noqa: F401  (registers "torch")
+from . import libraries  # noqa: F401  (registers "spconv" and "minkowski")
+from . import sparse  # noqa: F401  (registers "sparse")
 
 __all__ = ["Backend", "BackendInfo", "UnknownBackendError", "UnsupportedModuleError", "create_backend",
            "get_backend_class", "list_backends", "recommended_sparse_backend", "register_backend",
-           "register_container"]
-from . import sparse  # noqa: F401,E402  (registers "torch")
-from . import libraries  # noqa: F401,E402  (registers "spconv" and "minkowski")
-from . import fast  # noqa: F401,E402  (registers "sparse")
+           "register_container", "register_converter"]

@@ -6,6 +6,15 @@ replaced by a module that consumes and returns :class:`~spark_sparse.features.Fe
 whose ``forward`` only calls their children and adds results (``nn.Sequential``, timm's
 ``Bottleneck``, ...) are kept as they are and recursed into. A module type that is neither known
 to the backend nor a known container is an error naming the module, never silently dense.
+
+Conversion is exact or refuses: a converter applies to exactly the module types it was registered
+for. A subclass (timm's ``BatchNormAct2d`` is a ``BatchNorm2d`` plus an activation, ``StdConv2d`` a
+``Conv2d`` with standardised weights) has its own maths and is converted only by a converter
+registered for it, never as its base class.
+
+Layers that run the same way on every backend (written against :class:`FeatureMap`, e.g. a model
+family's blocks) register once with :func:`register_converter`; a backend's own table (its
+convolutions and pools) takes precedence.
 """
 from __future__ import annotations
 
@@ -17,16 +26,34 @@ import torch.nn as nn
 from ..features import FeatureMap
 from ..mask import ActiveMask
 
-__all__ = ["Backend", "UnsupportedModuleError", "register_container", "is_container", "Converter"]
+__all__ = ["Backend", "UnsupportedModuleError", "register_container", "register_converter", "is_container",
+           "Converter"]
 
 #: ``(backend, module, qualified name) -> replacement module``
 Converter = Callable[["Backend", nn.Module, str], nn.Module]
 
 _CONTAINERS: set[type] = {nn.Sequential, nn.ModuleList, nn.ModuleDict}
+_SHARED_CONVERTERS: dict[type, Converter] = {}
 
 
 class UnsupportedModuleError(TypeError):
     pass
+
+
+def register_converter(*module_types: type) -> Callable[[Converter], Converter]:
+    """Decorator: ``converter(backend, module, name)`` converts modules of exactly ``module_types``.
+
+    For layers written against :class:`FeatureMap` that every backend runs alike (a model family's
+    blocks, norms, attention). Subclasses of ``module_types`` are not covered: list them explicitly
+    when their maths is the same.
+    """
+    def wrap(converter: Converter) -> Converter:
+        for module_type in module_types:
+            if module_type in _SHARED_CONVERTERS and _SHARED_CONVERTERS[module_type] is not converter:
+                raise ValueError(f"a converter for {module_type.__qualname__} is already registered")
+            _SHARED_CONVERTERS[module_type] = converter
+        return converter
+    return wrap
 
 
 def register_container(cls: type) -> type:
@@ -48,7 +75,7 @@ class Backend:
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
-    #: module type -> converter; looked up by exact type first, then along the MRO.
+    #: module type -> converter, by exact type (then :func:`register_converter`'s shared table)
     converters: ClassVar[dict[type, Converter]] = {}
     #: the :class:`FeatureMap` class this backend's modules consume
     feature_type: ClassVar[type[FeatureMap]]
@@ -64,9 +91,15 @@ class Backend:
 
     # ------------------------------------------------------------------ conversion
     def converter_for(self, module: nn.Module) -> Optional[Converter]:
-        for klass in type(module).__mro__:
-            if klass in self.converters:
-                return self.converters[klass]
+        """The converter registered for exactly ``type(module)`` (never one of its base classes)."""
+        kind = type(module)
+        return self.converters.get(kind) or _SHARED_CONVERTERS.get(kind)
+
+    def _known_base(self, module: nn.Module) -> Optional[type]:
+        """The nearest base class of ``module`` that has a converter (for the error message)."""
+        for klass in type(module).__mro__[1:]:
+            if klass in self.converters or klass in _SHARED_CONVERTERS:
+                return klass
         return None
 
     def convert(self, encoder: nn.Module) -> nn.Module:
@@ -93,12 +126,20 @@ class Backend:
         if is_container(module):
             self.convert_children(module, prefix=qualified + ".", skip=skip)
             return module
+        kind = f"{type(module).__module__}.{type(module).__qualname__}"
+        base = self._known_base(module)
+        if base is not None:
+            raise UnsupportedModuleError(
+                f"backend {self.name!r} cannot convert module {qualified!r} of type {kind}: it subclasses "
+                f"{base.__module__}.{base.__qualname__}, which the backend knows, but a subclass may compute "
+                f"something else, so it is not converted as its base. If its maths is exactly its base's, "
+                f"register it with @spark_sparse.register_converter({type(module).__qualname__}); otherwise "
+                f"write a converter for it.")
         raise UnsupportedModuleError(
-            f"backend {self.name!r} cannot make module {qualified!r} of type "
-            f"{type(module).__module__}.{type(module).__qualname__} sparse: it is neither a layer the backend "
-            f"knows nor a registered container. If its forward only calls its children and adds their "
-            f"outputs, decorate its class with @spark_sparse.register_container; otherwise replace it "
-            f"by supported layers."
+            f"backend {self.name!r} cannot make module {qualified!r} of type {kind} sparse: it is neither a "
+            f"layer the backend knows nor a registered container. If its forward only calls its children and "
+            f"adds their outputs, decorate its class with @spark_sparse.register_container; otherwise "
+            f"replace it by supported layers or register a converter (@spark_sparse.register_converter)."
         )
 
     def adapt_per_site_module(self, module: nn.Module) -> nn.Module:

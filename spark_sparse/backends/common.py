@@ -11,18 +11,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath
-from timm.models.convnext import ConvNeXt, ConvNeXtBlock, ConvNeXtStage
-from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+from timm.layers import DropPath, LayerNorm, LayerNorm2d
 
 from ..features import FeatureMap
-from .base import register_container
 
 __all__ = ["adopt_state", "FeatureBatchNorm", "FeatureSyncBatchNorm", "FeatureLayerNorm", "FeatureLinear", "Elementwise",
-           "FeatureDropPath", "FeatureConvNeXtBlock", "COMMON_CONVERTERS", "ZERO_PRESERVING_ACTIVATIONS"]
-
-for _composite in (Bottleneck, BasicBlock, ResNet, ConvNeXtStage, ConvNeXt):
-    register_container(_composite)
+           "FeatureDropPath", "COMMON_CONVERTERS", "ZERO_PRESERVING_ACTIVATIONS"]
 
 
 def adopt_state(new: nn.Module, old: nn.Module) -> nn.Module:
@@ -121,37 +115,6 @@ class FeatureDropPath(DropPath):
         return adopt_state(cls(dp.drop_prob, dp.scale_by_keep), dp)
 
 
-class FeatureConvNeXtBlock(nn.Module):
-    """timm's ``ConvNeXtBlock`` on a feature map, same children and parameter names.
-
-    SparK masks the block's branch before the residual add; :meth:`FeatureMap.per_site` does that
-    for the dense representation (a Linear's bias would otherwise leak into masked sites).
-    """
-
-    def __init__(self, backend, block: ConvNeXtBlock, name: str):
-        super().__init__()
-        if block.use_conv_mlp:
-            raise NotImplementedError(f"{name}: ConvNeXt blocks with conv_mlp=True are not supported yet")
-        self.conv_dw = backend.convert_module(block.conv_dw, f"{name}.conv_dw")
-        self.norm = backend.convert_module(block.norm, f"{name}.norm")
-        self.mlp = backend.adapt_per_site_module(block.mlp)
-        self.gamma = block.gamma
-        self.shortcut = backend.convert_module(block.shortcut, f"{name}.shortcut")
-        self.drop_path = backend.convert_module(block.drop_path, f"{name}.drop_path")
-        self.train(block.training)
-
-    def _branch(self, v: torch.Tensor) -> torch.Tensor:
-        v = self.mlp(v)
-        return v if self.gamma is None else v * self.gamma
-
-    def forward(self, x: FeatureMap) -> FeatureMap:
-        shortcut = x
-        x = self.conv_dw(x)
-        x = self.norm(x)
-        x = x.per_site(self._branch)
-        return self.drop_path(x) + self.shortcut(shortcut)
-
-
 def _elementwise(backend, module, name):
     return Elementwise(module)
 
@@ -159,10 +122,12 @@ def _elementwise(backend, module, name):
 COMMON_CONVERTERS: dict = {
     nn.BatchNorm2d: FeatureBatchNorm.from_dense,
     nn.SyncBatchNorm: FeatureSyncBatchNorm.from_dense,
+    # timm's LayerNorm (channels last) and LayerNorm2d (channels first) normalise each site's channels too
     nn.LayerNorm: FeatureLayerNorm.from_dense,
+    LayerNorm: FeatureLayerNorm.from_dense,
+    LayerNorm2d: FeatureLayerNorm.from_dense,
     nn.Linear: FeatureLinear.from_dense,
     DropPath: FeatureDropPath.from_dense,
-    ConvNeXtBlock: FeatureConvNeXtBlock,
     nn.Identity: lambda backend, module, name: module,
     **{act: _elementwise for act in ZERO_PRESERVING_ACTIVATIONS},
 }

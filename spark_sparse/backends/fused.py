@@ -26,7 +26,25 @@ import torch.nn as nn
 from ..features import SparseRows
 from .common import Elementwise, FeatureBatchNorm
 
-__all__ = ["FusedBatchNormReLU", "saved_as_recipe", "fuse_bn_relu_pairs"]
+__all__ = ["FusedBatchNormReLU", "saved_as_recipe", "fuse_bn_relu_pairs", "register_bn_relu_pairs", "bn_relu_pairs_of"]
+
+#: ``(bn child, activation child, children called between them that must be identities)``
+BnReluPair = tuple[str, str, tuple[str, ...]]
+_BN_RELU_PAIRS: dict[type, tuple[BnReluPair, ...]] = {}
+
+
+def register_bn_relu_pairs(block_type: type, *pairs: BnReluPair) -> None:
+    """Declare, for blocks of exactly ``block_type``, the BatchNorm -> ReLU child pairs its forward
+    calls back to back (in forward order), which a backend may fuse (see :func:`fuse_bn_relu_pairs`).
+
+    Only pairs whose ReLU output feeds a convolution (or a max-pool) save memory: the consumer then
+    keeps a recompute recipe instead of the rows.
+    """
+    _BN_RELU_PAIRS[block_type] = tuple(pairs)
+
+
+def bn_relu_pairs_of(block: nn.Module) -> tuple[BnReluPair, ...]:
+    return _BN_RELU_PAIRS.get(type(block), ())
 
 
 class _ReluOfBatchNorm:
@@ -150,7 +168,7 @@ def _is_plain_relu(module: nn.Module) -> bool:
     return isinstance(module, Elementwise) and type(module.fn) is nn.ReLU
 
 
-def fuse_bn_relu_pairs(backend, block: nn.Module, pairs: tuple[tuple[str, str, tuple[str, ...]], ...]) -> None:
+def fuse_bn_relu_pairs(backend, block: nn.Module, pairs: tuple[BnReluPair, ...]) -> None:
     """Fuse ``(bn, act, between)`` child pairs of a block ``backend`` has converted, in place.
 
     ``between`` names the children the block's forward calls between the two; the pair is fused only

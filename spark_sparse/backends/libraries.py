@@ -8,15 +8,15 @@ fallback into an error.
 """
 from __future__ import annotations
 
-from kernels import list_kernels
+from ..kernels import list_kernels
 
 from .registry import register_backend
-from .sparse import SparseBackend
+from .rows import RowBackend
 
 __all__ = ["SpconvBackend", "MinkowskiBackend"]
 
 
-class _LibraryBackend(SparseBackend):
+class _LibraryBackend(RowBackend):
     @classmethod
     def availability(cls) -> tuple[bool, str]:
         return list_kernels()[cls.kernels[0]].availability()

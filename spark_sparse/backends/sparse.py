@@ -1,168 +1,81 @@
-"""True sparse backends: features are ``[N, C]`` rows of active sites, convs run on kernels.
+"""``sparse``: the recommended true-sparse backend, on our own kernels.
 
-A :class:`SparseBackend` is a priority list of kernel names from the top-level ``kernels``
-registry. Each converted convolution resolves, for the device and dtype it meets, the first kernel
-that supports it (xformers-style dispatch) and remembers the choice; ``strict`` turns any fallback
-from the first kernel into an error. Pooling is computed here by a gather over the mask's neighbour
-table (exactly SparK's dense pooling of the masked map, restricted to active sites).
+Per layer it picks the kernel measured fastest for the layer's kind on this kind of device (a
+simple cost model from measurements, see ``benchmarks/kernel_profile.py --layers --candidates gemm
+dense`` and kernels/dense.py): depthwise convs and stems on the image run on ``dense`` (scatter,
+the library's conv, gather: on CPU faster than any gather-based depthwise we measured; the stem
+avoids a stride-1 neighbour table), every other conv on ``gemm`` (gather-GEMM through oneDNN, no
+scatter in backward); ``gather`` is the fallback. Linear layers on the active rows (ConvNeXt's
+MLP) go through the same oneDNN route as ``gemm``. BatchNorm -> ReLU pairs that model families
+declare (:func:`~spark_sparse.backends.fused.register_bn_relu_pairs`) are fused.
 """
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Optional, Sequence
-
-import torch
 import torch.nn as nn
-
-from kernels import ConvCall, ConvSpec, select_kernel
+import torch.nn.functional as F
 
 from ..features import SparseRows
-from .base import Backend
-from .common import COMMON_CONVERTERS, adopt_state
-from .fused import saved_as_recipe
+from ..kernels import ConvSpec
+from ..kernels._rowmatmul import rows_times_weight
+from ..kernels.pooling import max_pool_rows
+from .common import adopt_state
+from .fused import bn_relu_pairs_of, fuse_bn_relu_pairs
 from .registry import register_backend
+from .rows import RowBackend, SparseMaxPool2d
 
-__all__ = ["SparseBackend", "SparseConv2d", "SparseMaxPool2d", "SparseAvgPool2d", "TorchGatherBackend"]
-
-
-def _square(value, what: str, name: str) -> int:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if pair[0] != pair[1]:
-        raise NotImplementedError(f"{name}: non-square {what} {pair} is not supported by sparse backends")
-    return pair[0]
+__all__ = ["SparseBackend", "RowLinear", "ArgmaxMaxPool2d"]
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a conv should run in: autocast's when it is on for this device, else the input's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+class RowLinear(nn.Linear):
+    """nn.Linear whose product on ``[N, C]`` rows runs through oneDNN where that is faster."""
 
-
-class SparseConv2d(nn.Conv2d):
-    """A Conv2d (timm's parameters, dense layout) computed on active rows by a dispatched kernel."""
-
-    def configure(self, name: str, policy: Callable[[ConvSpec], Sequence[str]], strict: bool) -> "SparseConv2d":
-        """``policy(spec)``: the kernel names to try for this layer on a device and dtype, best first."""
-        self.layer_name, self.kernel_policy, self.strict = name, policy, strict
-        self.stride_factor = _square(self.stride, "stride", name)
-        self._chosen: dict[tuple[str, torch.dtype], object] = {}
-        return self
-
-    def _select(self, device, dtype):
-        spec = ConvSpec.of(self, device, dtype)
-        return spec, *select_kernel(spec, self.kernel_policy(spec), self.layer_name, self.strict)
-
-    def kernel_for(self, device: torch.device, dtype: torch.dtype):
-        key = (torch.device(device).type, dtype)
-        if key not in self._chosen:
-            self._chosen[key] = self._select(device, dtype)[1]
-        return self._chosen[key]
-
-    def forward(self, x: SparseRows) -> SparseRows:
-        dtype = _compute_dtype(x.data)
-        kernel = self.kernel_for(x.data.device, dtype)
-        out_stride = x.stride * self.stride_factor
-        call = ConvCall(x.mask, x.stride, out_stride, tuple(self.kernel_size), tuple(self.padding),
-                        tuple(self.dilation), self.groups)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        with saved_as_recipe(x):
-            out = kernel.conv(x.data.to(dtype), self.weight.to(dtype), bias, call)
-        return SparseRows(out, x.mask, out_stride)
-
-    def describe_execution(self, device, dtype) -> str:
-        spec, kernel, rejected = self._select(device, dtype)
-        skipped = "".join(f"; skipped {name}: {', '.join(reasons)}" for name, reasons in rejected.items())
-        return f"{kernel.NAME:<10} {spec.describe()}{skipped}"
+    def forward(self, x):
+        if x.dim() != 2:
+            return F.linear(x, self.weight, self.bias)
+        out = rows_times_weight(x, self.weight)
+        return out if self.bias is None else out + self.bias
 
     @classmethod
-    def from_dense(cls, backend: "SparseBackend", conv: nn.Conv2d, name: str) -> "SparseConv2d":
-        if conv.padding_mode != "zeros":
-            raise NotImplementedError(f"{name}: padding_mode={conv.padding_mode!r}; sparse backends pad with zeros")
-        if isinstance(conv.padding, str):
-            raise NotImplementedError(f"{name}: string padding {conv.padding!r} is not supported")
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                  dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
-        return adopt_state(new, conv).configure(name, backend.kernels_for, backend.strict)
+    def from_linear(cls, linear: nn.Linear) -> "RowLinear":
+        return adopt_state(cls(linear.in_features, linear.out_features, bias=linear.bias is not None), linear)
 
 
-class _SparsePool:
-    """Pooling over each active output site's window, read through the neighbour table."""
-
-    def _call(self, x: SparseRows) -> tuple[ConvCall, torch.Tensor]:
-        k = _square(self.kernel_size, "kernel", "pool")
-        s = _square(self.stride, "stride", "pool")
-        p = _square(self.padding, "padding", "pool")
-        d = _square(getattr(self, "dilation", 1), "dilation", "pool")
-        call = ConvCall(x.mask, x.stride, x.stride * s, (k, k), (p, p), (d, d), 1)
-        return call, call.neighbours()
-
-    def describe_execution(self, device, dtype) -> str:
-        return f"gather     {type(self).__name__} (neighbour-table pooling)"
-
-
-class SparseMaxPool2d(_SparsePool, nn.MaxPool2d):
-    """Max over the window where masked sites count as 0 and padding never wins (SparK's semantics)."""
+class ArgmaxMaxPool2d(SparseMaxPool2d):
+    """:class:`SparseMaxPool2d` (same semantics) that saves the winning tap, not the window, for backward."""
 
     def forward(self, x: SparseRows) -> SparseRows:
         call, table = self._call(x)
-        fill = x.data.new_tensor([0.0, float("-inf")]).unsqueeze(1).expand(2, x.channels)
-        taps = torch.cat([x.data, fill])[table]                       # [N_out, K, C]
-        return SparseRows(taps.amax(dim=1), x.mask, call.out_stride)
+        return SparseRows(max_pool_rows(x.data, table), x.mask, call.out_stride)
 
-    @classmethod
-    def from_dense(cls, backend, pool: nn.MaxPool2d, name: str) -> "SparseMaxPool2d":
-        if pool.ceil_mode or pool.return_indices:
-            raise NotImplementedError(f"{name}: max-pool with ceil_mode or return_indices is not supported")
-        return cls(pool.kernel_size, pool.stride, pool.padding, pool.dilation)
-
-
-class SparseAvgPool2d(_SparsePool, nn.AvgPool2d):
-    """Window mean of the masked map (masked sites are zeros), as ``nn.AvgPool2d`` computes it."""
-
-    def forward(self, x: SparseRows) -> SparseRows:
-        call, table = self._call(x)
-        n_in = x.data.shape[0]
-        taps = torch.cat([x.data, x.data.new_zeros(2, x.channels)])[table]
-        if self.divisor_override:
-            divisor = torch.full((table.shape[0], 1), float(self.divisor_override), dtype=x.data.dtype, device=x.data.device)
-        elif self.count_include_pad:
-            divisor = torch.full((table.shape[0], 1), float(table.shape[1]), dtype=x.data.dtype, device=x.data.device)
-        else:
-            divisor = (table != n_in + 1).sum(1, keepdim=True).to(x.data.dtype)
-        return SparseRows(taps.sum(dim=1) / divisor, x.mask, call.out_stride)
-
-    @classmethod
-    def from_dense(cls, backend, pool: nn.AvgPool2d, name: str) -> "SparseAvgPool2d":
-        if pool.ceil_mode:
-            raise NotImplementedError(f"{name}: avg-pool with ceil_mode is not supported")
-        return cls(pool.kernel_size, pool.stride, pool.padding, count_include_pad=pool.count_include_pad,
-                   divisor_override=pool.divisor_override)
-
-
-class SparseBackend(Backend):
-    """Base of the true sparse backends. Subclasses set ``name``, ``description`` and ``kernels``."""
-
-    feature_type = SparseRows
-    #: kernel names, most preferred first
-    kernels: ClassVar[tuple[str, ...]] = ("gather",)
-    converters = {
-        **COMMON_CONVERTERS,
-        nn.Conv2d: SparseConv2d.from_dense,
-        nn.MaxPool2d: SparseMaxPool2d.from_dense,
-        nn.AvgPool2d: SparseAvgPool2d.from_dense,
-    }
-
-    def __init__(self, strict: bool = False, kernels: Optional[Sequence[str]] = None):
-        super().__init__(strict=strict)
-        self.kernel_priority = tuple(kernels) if kernels is not None else self.kernels
-
-    def kernels_for(self, spec: ConvSpec) -> tuple[str, ...]:
-        """The kernel names to try for one layer, best first (subclasses may choose per shape)."""
-        return self.kernel_priority
+    def describe_execution(self, device, dtype) -> str:
+        return f"{'pool':<10} {type(self).__name__} (neighbour-table max, uint8 argmax kept for backward)"
 
 
 @register_backend
-class TorchGatherBackend(SparseBackend):
-    name = "torch"
-    description = "true sparse rows, pure-PyTorch gather-GEMM reference kernel (any device, dtype, layer)"
-    kernels = ("gather",)
+class SparseBackend(RowBackend):
+    name = "sparse"
+    description = "our kernels: gather-GEMM (oneDNN, scatter-free backward), dense-scatter depthwise (recommended)"
+    kernels = ("gemm", "gather")
+    converters = {**RowBackend.converters, nn.MaxPool2d: ArgmaxMaxPool2d.from_dense}
+    #: convs with at most this many input channels (stems on the image) run on ``dense``: gathering
+    #: 3-channel rows through a ``[N_out, 49]`` table at stride 1 (built each step, 31 MB for
+    #: ResNet-50 at batch 16) costs more than the dense conv's work at masked sites
+    IMAGE_LIKE_CHANNELS = 4
+
+    def convert_module(self, module: nn.Module, qualified: str, skip: frozenset = frozenset()) -> nn.Module:
+        converted = super().convert_module(module, qualified, skip)
+        fuse_bn_relu_pairs(self, converted, bn_relu_pairs_of(module))
+        return converted
+
+    def kernels_for(self, spec: ConvSpec) -> tuple[str, ...]:
+        if spec.is_depthwise or spec.in_channels <= self.IMAGE_LIKE_CHANNELS:
+            return ("dense",) + self.kernel_priority
+        return self.kernel_priority
+
+    def adapt_per_site_module(self, module: nn.Module) -> nn.Module:
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, name, RowLinear.from_linear(child))
+            else:
+                self.adapt_per_site_module(child)
+        return module
