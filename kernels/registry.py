@@ -5,6 +5,7 @@ import warnings
 from importlib.metadata import entry_points
 from typing import Iterable, Type
 
+from ..errors import SparkSparseError
 from .base import ConvSpec, SparseConvKernel
 
 __all__ = ["register_kernel", "get_kernel", "list_kernels", "select_kernel", "load_kernel_plugins", "NoKernelError",
@@ -17,7 +18,7 @@ _KERNELS: dict[str, Type[SparseConvKernel]] = {}
 _INSTANCES: dict[str, SparseConvKernel] = {}
 
 
-class NoKernelError(RuntimeError):
+class NoKernelError(SparkSparseError, RuntimeError):
     pass
 
 

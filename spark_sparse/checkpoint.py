@@ -21,13 +21,15 @@ from typing import Any, Union
 import torch
 import torch.nn as nn
 
+from .errors import SparkSparseError
+
 __all__ = ["CheckpointError", "atomic_save", "read_checkpoint", "convnext_fb_to_timm", "convnext_timm_to_fb",
            "is_fb_convnext", "load_encoder_state", "load_spark_state", "load_pretrained", "spark_state_from_official"]
 
 PathLike = Union[str, os.PathLike]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SparkSparseError, ValueError):
     pass
 
 

@@ -23,6 +23,7 @@ from typing import Callable, ClassVar, Optional
 import torch
 import torch.nn as nn
 
+from ..errors import SparkSparseError
 from ..features import FeatureMap
 from ..mask import ActiveMask
 
@@ -36,7 +37,7 @@ _CONTAINERS: set[type] = {nn.Sequential, nn.ModuleList, nn.ModuleDict}
 _SHARED_CONVERTERS: dict[type, Converter] = {}
 
 
-class UnsupportedModuleError(TypeError):
+class UnsupportedModuleError(SparkSparseError, TypeError):
     pass
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Type
 
+from ..errors import SparkSparseError
 from .base import Backend
 
 __all__ = ["BackendInfo", "register_backend", "create_backend", "list_backends", "get_backend_class",
@@ -20,7 +21,7 @@ _BACKENDS: dict[str, Type[Backend]] = {}
 RECOMMENDED_SPARSE_BACKENDS = ("sparse", "spconv", "minkowski")
 
 
-class UnknownBackendError(ValueError):
+class UnknownBackendError(SparkSparseError, ValueError):
     pass
 
 

@@ -17,6 +17,8 @@ from typing import Callable, Optional, Protocol, runtime_checkable
 
 import torch.nn as nn
 
+from ..errors import SparkSparseError
+
 __all__ = ["HierarchicalEncoder", "register_model", "create_encoder", "list_models", "model_default_drop_path",
            "UnknownModelError", "MODEL_ALIASES", "resolve_model_name"]
 
@@ -30,7 +32,7 @@ class HierarchicalEncoder(Protocol):
     def forward(self, x, hierarchical: bool = True) -> list: ...
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(SparkSparseError, ValueError):
     pass
 
 

@@ -16,6 +16,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from ..errors import SparkSparseError
+
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "DataError", "pretrain_transform", "ImageFolderDataset",
            "DemoPhotosDataset", "find_images", "denormalize"]
 
@@ -24,7 +26,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-class DataError(ValueError):
+class DataError(SparkSparseError, ValueError):
     pass
 
 
