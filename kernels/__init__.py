@@ -13,6 +13,7 @@ from . import gemm  # noqa: F401  (registers "gemm")
 from . import dense  # noqa: F401  (registers "dense")
 from . import spconv_kernel  # noqa: F401  (registers "spconv"; available when spconv imports)
 from . import minkowski_kernel  # noqa: F401  (registers "minkowski"; available when MinkowskiEngine imports)
+from . import triton_conv  # noqa: F401  (registers "triton"; available on CUDA when triton imports)
 
 load_kernel_plugins()
 
