@@ -2,17 +2,24 @@
 
     python benchmarks/kernel_profile.py --model resnet50 --mask 0.6 --batch 16 --ops
     python benchmarks/kernel_profile.py --model convnext_tiny --layers --candidates gemm dense --memory
+    python benchmarks/kernel_profile.py --device cuda --dtype bf16 --batch 128 --backends masked triton \
+        --layers --candidates triton gemm dense
 
 Sections (each optional except the first):
 
-1. encoder forward+backward of every ``--backends`` entry, timed interleaved (A B A B ...) with
-   ``torch.set_num_threads(--threads)``; medians after ``--warmup`` runs; speed-up vs the first;
+1. encoder forward+backward of every ``--backends`` entry on ``--device``, timed interleaved
+   (A B A B ...; CUDA synchronised around each run) with ``torch.set_num_threads(--threads)``;
+   medians after ``--warmup`` runs; speed-up vs the first;
 2. ``--ops``: one profiled fwd+bwd per backend, self time grouped into gather / GEMM+conv / scatter /
-   norm / copy+alloc / elementwise / other (torch.profiler op names);
+   norm / copy+alloc / elementwise / triton / other (torch.profiler op names; on CUDA the GPU time
+   of the kernels each op launched);
 3. ``--layers``: every converted conv of the sparse backend replayed alone on its real input
-   (fwd+bwd, medians), grouped by layer kind and stride, with the kernel the backend chose;
-4. ``--memory``: peak resident-memory growth of one fwd+bwd, each backend in a fresh process with
-   glibc returning freed blocks (``MALLOC_MMAP_THRESHOLD_``), so the figure follows live memory.
+   (fwd+bwd under the same autocast, medians), grouped by layer kind and stride, with the kernel the
+   backend chose and, for ``--candidates``, each other kernel that supports the layer (e.g.
+   ``triton gemm dense`` on CUDA);
+4. ``--memory``: peak memory growth of one fwd+bwd, each backend in a fresh process: resident memory
+   on the CPU (glibc returning freed blocks, ``MALLOC_MMAP_THRESHOLD_``, so the figure follows live
+   memory), allocated GPU memory on CUDA.
 
 This is a diagnosis tool; ``benchmarks/compare_backends.py`` produces the official tables.
 """
@@ -34,13 +41,14 @@ import torch  # noqa: E402
 from _measure import peak_rss_growth_mb, time_once  # noqa: E402
 
 import spark_sparse as ss  # noqa: E402
-from spark_sparse.kernels import ConvSpec  # noqa: E402
+from spark_sparse.kernels import ConvSpec, get_kernel, list_kernels  # noqa: E402
 from spark_sparse.backends.rows import SparseConv2d  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: profiler op name -> category; the first matching rule wins (substring match on the op name)
 OP_CATEGORIES = (
+    ("triton", ("spark_sparse::triton_",)),
     ("scatter", ("index_put", "index_add", "scatter", "_unsafe_index_put")),
     ("gather", ("aten::index", "index_select", "aten::gather", "embedding")),
     ("GEMM+conv", ("aten::mm", "addmm", "bmm", "convolution", "conv2d", "mkldnn", "linear", "matmul")),
@@ -55,6 +63,7 @@ OP_CATEGORIES = (
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet50")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (e.g. cuda:0)")
     p.add_argument("--backends", nargs="+", default=["masked", "sparse"])
     p.add_argument("--mask", type=float, default=0.6)
     p.add_argument("--batch", type=int, default=16)
@@ -70,7 +79,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory", action="store_true", help="peak memory per backend in fresh processes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device is visible to torch on this machine")
+    unknown = sorted(set(args.candidates) - set(list_kernels()))
+    if unknown:
+        p.error(f"--candidates {' '.join(unknown)}: not registered kernels; registered: {', '.join(sorted(list_kernels()))}")
+    return args
 
 
 class EncoderWork:
@@ -79,28 +94,34 @@ class EncoderWork:
 
     def __init__(self, args, backend: str, state: dict | None = None):
         torch.manual_seed(args.seed)
+        self.device = torch.device(args.device)
         self.spark = ss.create_spark(args.model, backend=backend, input_size=args.input_size, mask_ratio=args.mask,
                                      drop_path_rate=0.0)
         if state is not None:
             self.spark.load_state_dict(state)
+        self.spark.to(self.device)
         self.images = torch.randn(args.batch, 3, args.input_size, args.input_size,
-                                  generator=torch.Generator().manual_seed(args.seed))
-        self.active = self.spark.mask(args.batch, generator=torch.Generator().manual_seed(args.seed + 1)).active
+                                  generator=torch.Generator().manual_seed(args.seed)).to(self.device)
+        self.active = self.spark.mask(args.batch, generator=torch.Generator().manual_seed(args.seed + 1)
+                                      ).active.to(self.device)
         self.dtype = DTYPES[args.dtype]
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def mask(self) -> ss.ActiveMask:
         return ss.ActiveMask(self.active.clone(), self.spark.downsample_ratio)
 
     def fwd_bwd(self) -> None:
-        with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype != torch.float32):
+        with self.autocast():
             feats = self.spark.encode(self.images, self.mask())
             loss = sum(f.active_rows().float().square().mean() for f in feats)   # as compare_backends
         loss.backward()
         self.spark.zero_grad(set_to_none=True)
 
 
-def timed(fn) -> float:
-    return time_once(fn, "cpu")
+def timed(fn, device: torch.device) -> float:
+    return time_once(fn, str(device))
 
 
 def median(samples: list[float]) -> float:
@@ -111,7 +132,7 @@ def time_interleaved(works: dict[str, EncoderWork], repeats: int, warmup: int) -
     samples: dict[str, list[float]] = {name: [] for name in works}
     for i in range(warmup + repeats):
         for name, work in works.items():
-            ms = timed(work.fwd_bwd)
+            ms = timed(work.fwd_bwd, work.device)
             if i >= warmup:
                 samples[name].append(ms)
     return samples
@@ -125,15 +146,25 @@ def categorize(op: str) -> str:
 
 
 def op_breakdown(work: EncoderWork) -> dict[str, float]:
-    """Self CPU milliseconds per op category over one profiled fwd+bwd."""
+    """Milliseconds per op category over one profiled fwd+bwd: self CPU time of each op on the CPU;
+    on CUDA the GPU time of the kernels each op launched itself (CPU-side op events only, so no
+    kernel is counted twice)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = work.device.type == "cuda"
     work.fwd_bwd()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
         work.fwd_bwd()
+        if cuda:
+            torch.cuda.synchronize()
     shares: dict[str, float] = defaultdict(float)
     for event in prof.key_averages():
-        shares[categorize(event.key)] += event.self_cpu_time_total / 1000
+        if cuda and event.device_type != DeviceType.CPU:
+            continue
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        shares[categorize(event.key)] += us / 1000
     return dict(shares)
 
 
@@ -150,13 +181,12 @@ def layer_kind(conv: SparseConv2d) -> str:
 
 def layer_replay(work: EncoderWork, repeats: int, candidates: list[str]) -> list[dict]:
     """Each sparse conv alone, fwd+bwd on the input it saw in a real forward (medians of ``repeats``),
-    on the kernel the backend chose and on each of ``candidates`` that supports it."""
-    from spark_sparse.kernels import get_kernel, list_kernels
-
+    on the kernel the backend chose and on each of ``candidates`` that supports it (the reasons of
+    those that do not are kept in the row's ``"skipped"``)."""
     captured = []
     hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: captured.append((name, mod, inp[0])))
              for name, m in work.spark.encoder.named_modules() if isinstance(m, SparseConv2d)]
-    with torch.no_grad():
+    with torch.no_grad(), work.autocast():
         work.spark.encode(work.images, work.mask())
     for h in hooks:
         h.remove()
@@ -166,33 +196,49 @@ def layer_replay(work: EncoderWork, repeats: int, candidates: list[str]) -> list
         features = type(rows_in)(x, rows_in.mask, rows_in.stride)
 
         def run(conv=conv, features=features):
-            out = conv(features).data
+            with work.autocast():
+                out = conv(features).data
             out.backward(torch.ones_like(out))
-        chosen = conv.kernel_for(x.device, x.dtype)
+        dtype = work.dtype if work.dtype != torch.float32 else x.dtype     # what the conv computes in
+        chosen = conv.kernel_for(x.device, dtype)
         row = {"layer": name, "kind": layer_kind(conv), "stride": rows_in.stride, "kernel": chosen.NAME,
                "shape": f"{conv.in_channels}->{conv.out_channels}", "rows": x.shape[0]}
-        key = (x.device.type, x.dtype)
-        spec = ConvSpec.of(conv, x.device, x.dtype)
-        for kernel in [chosen.NAME] + [c for c in candidates if not list_kernels()[c].not_supported_reasons(spec)]:
+        key = (x.device.type, dtype)
+        spec = ConvSpec.of(conv, x.device, dtype)
+        row["skipped"] = {c: reasons for c in candidates if (reasons := list_kernels()[c].not_supported_reasons(spec))}
+        for kernel in [chosen.NAME] + [c for c in candidates if c not in row["skipped"]]:
             conv._chosen[key] = get_kernel(kernel)
-            run()
-            row["ms" if kernel == chosen.NAME and "ms" not in row else kernel] = median([timed(run) for _ in range(repeats)])
+            run()                                   # warm-up (and Triton's autotuning) outside the timing
+            row["ms" if kernel == chosen.NAME and "ms" not in row else kernel] = median(
+                [timed(run, work.device) for _ in range(repeats)])
         conv._chosen[key] = chosen
         conv.zero_grad(set_to_none=True)
         rows.append(row)
     return rows
 
 
+def peak_cuda_growth_mb(fn) -> float:
+    """Peak allocated GPU memory during ``fn`` above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
 def memory_child(args) -> None:
-    """Fresh process: peak RSS growth of one fwd+bwd (after a warm-up) for one backend."""
+    """Fresh process: peak memory growth of one fwd+bwd (after a warm-up) for one backend."""
     torch.set_num_threads(args.threads)
     work = EncoderWork(args, args.memory_child)
     work.fwd_bwd()
-    print(json.dumps({"peak_mb": peak_rss_growth_mb(work.fwd_bwd)}))
+    peak = peak_cuda_growth_mb if work.device.type == "cuda" else peak_rss_growth_mb
+    print(json.dumps({"peak_mb": peak(work.fwd_bwd)}))
 
 
 def measure_memory(args, backend: str) -> float:
-    argv = [sys.executable, __file__, "--memory-child", backend, "--model", args.model, "--mask", str(args.mask),
+    argv = [sys.executable, __file__, "--memory-child", backend, "--device", args.device, "--model", args.model,
+            "--mask", str(args.mask),
             "--batch", str(args.batch), "--input-size", str(args.input_size), "--dtype", args.dtype,
             "--threads", str(args.threads), "--seed", str(args.seed)]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
@@ -206,8 +252,10 @@ def main(argv=None) -> None:
         memory_child(args)
         return
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {args.threads} threads"
     print(f"# {args.model}, mask {args.mask}, batch {args.batch}, {args.input_size} px, {args.dtype}, "
-          f"{args.threads} threads, torch {torch.__version__}")
+          f"{where}, torch {torch.__version__}")
     works: dict[str, EncoderWork] = {}
     for name in args.backends:
         works[name] = EncoderWork(args, name, next(iter(works.values())).spark.state_dict() if works else None)
@@ -220,7 +268,8 @@ def main(argv=None) -> None:
               f"speed-up {base / median(s):5.2f}x")
 
     if args.ops:
-        print("\n## self CPU time by op category, one profiled fwd+bwd (ms, share)")
+        clock = "GPU time of the kernels each op launched" if device.type == "cuda" else "self CPU time"
+        print(f"\n## {clock} by op category, one profiled fwd+bwd (ms, share)")
         for name, work in works.items():
             shares = op_breakdown(work)
             total = sum(shares.values())
@@ -241,9 +290,15 @@ def main(argv=None) -> None:
             print(f"{kind:<14} in-stride {stride:<3} {kernel:<8} x{len(members):<3} {ms:8.1f} ms ({ms / total:5.1%})"
                   f"{alternatives}")
         print(f"{'all convs':<14} {'':<12} {'':<8} x{len(rows):<3} {total:8.1f} ms")
+        for candidate in args.candidates:
+            skipped = [r for r in rows if candidate in r["skipped"]]
+            if skipped:
+                print(f"{candidate} not run on {len(skipped)} of {len(rows)} convs, e.g. {skipped[0]['layer']}: "
+                      f"{'; '.join(skipped[0]['skipped'][candidate])}")
 
     if args.memory:
-        print("\n## peak RSS growth of one fwd+bwd (fresh process per backend)")
+        memory = "allocated GPU memory" if device.type == "cuda" else "RSS"
+        print(f"\n## peak {memory} growth of one fwd+bwd (fresh process per backend)")
         mems = {name: measure_memory(args, name) for name in args.backends}
         for name, mb in mems.items():
             print(f"{name:<10} {mb:8.0f} MB  ratio {mb / mems[args.backends[0]]:.2f}")
