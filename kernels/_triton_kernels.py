@@ -27,9 +27,9 @@ INTERPRETED: bool
 
 
 # ---------------------------------------------------------------------------------------- programs
-# Row counts change with the batch and the stride; they are not specialised on (one compilation per
-# layer shape, not per row count). Channel counts and taps are, as they fix the tiles' strides.
-@triton.jit(do_not_specialize=["n_dst", "n_src"])
+# Row and tap counts are not specialised on (one compilation serves every batch, stride and kernel
+# size); channel counts are, as they fix the rows' strides (16-aligned rows load as vectors).
+@triton.jit(do_not_specialize=["n_dst", "n_src", "K"])
 def _gather_gemm_kernel(src_ptr, table_ptr, w_ptr, out_ptr, n_dst, n_src, C, O, K,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         SKIP_EMPTY_TAPS: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
@@ -83,7 +83,7 @@ def _gather_gemm_kernel(src_ptr, table_ptr, w_ptr, out_ptr, n_dst, n_src, C, O, 
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["n_dst", "n_src", "rows_per_split"])
+@triton.jit(do_not_specialize=["n_dst", "n_src", "K", "rows_per_split"])
 def _gather_gemm_weight_grad_kernel(src_ptr, table_ptr, grad_ptr, part_ptr, n_dst, n_src, C, O, K, rows_per_split,
                                     BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
                                     PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
@@ -120,7 +120,7 @@ def _gather_gemm_weight_grad_kernel(src_ptr, table_ptr, grad_ptr, part_ptr, n_ds
     tl.store(part, acc, mask=c_ok[:, None] & o_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["n_dst", "n_src"])
+@triton.jit(do_not_specialize=["n_dst", "n_src", "K"])
 def _depthwise_kernel(src_ptr, table_ptr, w_ptr, out_ptr, n_dst, n_src, C, K,
                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """``out[m, c] = sum_k src[table[m, k], c] * w[k, c]``; ``w`` is ``[K, C]``."""
@@ -143,7 +143,7 @@ def _depthwise_kernel(src_ptr, table_ptr, w_ptr, out_ptr, n_dst, n_src, C, K,
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["n_dst", "n_src", "rows_per_split"])
+@triton.jit(do_not_specialize=["n_dst", "n_src", "K", "rows_per_split"])
 def _depthwise_weight_grad_kernel(src_ptr, table_ptr, grad_ptr, part_ptr, n_dst, n_src, C, K, rows_per_split,
                                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """``part[s, k, c] = sum_{m in split s} src[table[m, k], c] * grad[m, c]`` (fp32).
@@ -176,8 +176,9 @@ INTERPRETED = type(_gather_gemm_kernel).__name__ == "InterpretedFunction"
 
 # ---------------------------------------------------------------------------------------- tuning
 #: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): 128x128 for wide layers, narrower tiles for few
-#: output channels or few rows; BLOCK_K 32 keeps three to four stages of fp32 tiles in shared memory
-_GEMM_CONFIGS = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3)]
+#: output channels or few rows; BLOCK_K 64 reads whole 128-byte lines of 64-channel bf16 rows, 32
+#: keeps three to four stages of fp32 tiles in shared memory
+_GEMM_CONFIGS = [(128, 128, 32, 8, 3), (128, 64, 64, 4, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3)]
 #: (BLOCK_C, BLOCK_O, BLOCK_R, warps, stages) for the weight gradient's row reduction
 _WEIGHT_GRAD_CONFIGS = [(128, 128, 32, 8, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 4)]
 #: (BLOCK_M, BLOCK_C, warps) for depthwise: wide channel tiles keep each gathered row's read coalesced
@@ -187,23 +188,35 @@ _DEPTHWISE_WEIGHT_GRAD_CONFIGS = [(64, 128, 4), (128, 64, 4), (32, 128, 4)]
 _INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_C=16, BLOCK_O=16, BLOCK_R=16)
 
 
-def _tuned(kernel, configs, key):
+def _fitting(limits: dict[str, str]):
+    """An ``early_config_prune``: drop configs whose tile in a dimension exceeds that dimension's size
+    (rounded up to a power of two, at least 32), keeping the smallest if none fits."""
+    def prune(configs, named_args, **kwargs):
+        def size(arg):
+            return max(32, triton.next_power_of_2(int(named_args[arg])))
+        fitting = [c for c in configs if all(c.kwargs[block] <= size(arg) for block, arg in limits.items())]
+        return fitting or [min(configs, key=lambda c: sum(c.kwargs[block] for block in limits))]
+    return prune
+
+
+def _tuned(kernel, configs, key, limits):
     if INTERPRETED:
         return None
-    return triton.autotune(configs=configs, key=key)(kernel)
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _fitting(limits)})(kernel)
 
 
 _GEMM = _tuned(_gather_gemm_kernel, [
     triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s) for m, n, k, w, s in _GEMM_CONFIGS],
-    key=["C", "O", "K", "SKIP_EMPTY_TAPS", "PRECISION"])
+    key=["C", "O", "K", "SKIP_EMPTY_TAPS", "PRECISION"], limits={"BLOCK_N": "O", "BLOCK_K": "C"})
 _GEMM_WEIGHT_GRAD = _tuned(_gather_gemm_weight_grad_kernel, [
     triton.Config(dict(BLOCK_C=c, BLOCK_O=o, BLOCK_R=r), num_warps=w, num_stages=s)
-    for c, o, r, w, s in _WEIGHT_GRAD_CONFIGS], key=["C", "O", "K", "PRECISION"])
+    for c, o, r, w, s in _WEIGHT_GRAD_CONFIGS], key=["C", "O", "K", "PRECISION"], limits={"BLOCK_C": "C", "BLOCK_O": "O"})
 _DEPTHWISE = _tuned(_depthwise_kernel, [
-    triton.Config(dict(BLOCK_M=m, BLOCK_C=c), num_warps=w) for m, c, w in _DEPTHWISE_CONFIGS], key=["C", "K"])
+    triton.Config(dict(BLOCK_M=m, BLOCK_C=c), num_warps=w) for m, c, w in _DEPTHWISE_CONFIGS], key=["C", "K"],
+    limits={"BLOCK_C": "C"})
 _DEPTHWISE_WEIGHT_GRAD = _tuned(_depthwise_weight_grad_kernel, [
     triton.Config(dict(BLOCK_R=r, BLOCK_C=c), num_warps=w) for r, c, w in _DEPTHWISE_WEIGHT_GRAD_CONFIGS],
-    key=["C", "K"])
+    key=["C", "K"], limits={"BLOCK_C": "C"})
 
 
 def _launch(tuned, raw, grid, *args, **constexprs):

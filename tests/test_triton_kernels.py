@@ -133,12 +133,40 @@ def assert_matches(got: dict, want: dict, scale: dict, dtype: torch.dtype, what:
 
 
 # ------------------------------------------------------------------------------ interpreter worker
+def interpreter_problem() -> str:
+    """Why this Triton's interpreter cannot run our programs here ("" when it can).
+
+    Every program loops over taps or rows with bounds known only at run time. Triton 3.6's
+    interpreter fails on such a loop under numpy 2.4 (it converts a 1-element array with ``int()``,
+    which that numpy refuses); Triton 3.8, or Triton 3.6 with numpy 2.2, run it (checked).
+    """
+    import numpy
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def count_to(out_ptr, n):
+        total = 0
+        for _ in range(0, n):
+            total += 1
+        tl.store(out_ptr, total)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        count_to[(1,)](out, 3)
+    except Exception as exc:
+        return (f"Triton {triton.__version__}'s interpreter cannot run a loop with run-time bounds under numpy "
+                f"{numpy.__version__} ({type(exc).__name__}: {exc}); Triton 3.8, or numpy 2.2, can")
+    return "" if int(out) == 3 else f"Triton {triton.__version__}'s interpreter counted {int(out)} iterations of 3"
+
+
 def _worker_main() -> None:
     """Worker loop: each stdin line names a job file; run it, save the result, answer on stdout."""
     from spark_sparse.kernels.triton_conv import TRITON
 
     if not TRITON.get().INTERPRETED:
         raise SystemExit("worker: TRITON_INTERPRET=1 was not in effect when the Triton programs were defined")
+    print(f"@@ready {interpreter_problem()}", flush=True)
     jobs = {"op": run_triton_op, "kernel": run_triton_kernel, "opcheck": opcheck_triton_op}
     for line in sys.stdin:
         path = line.strip()
@@ -159,6 +187,15 @@ class InterpreterWorker:
                                      stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
                                      cwd=Path(__file__).resolve().parent.parent)
         self.jobs = 0
+        #: why the interpreter cannot run the programs here ("" when it can), as the worker found
+        self.problem = self._answer("@@ready ").strip()
+
+    def _answer(self, prefix: str) -> str:
+        for line in self.proc.stdout:      # the worker's answer (anything else it prints is skipped)
+            if line.startswith(prefix):
+                return line[len(prefix):]
+        self.log.seek(0)
+        raise RuntimeError(f"the interpreter worker exited (code {self.proc.wait()}):\n{self.log.read()[-4000:]}")
 
     def run(self, kind: str, case: dict, shape, mask: ActiveMask):
         self.jobs += 1
@@ -166,11 +203,8 @@ class InterpreterWorker:
         torch.save({"kind": kind, "case": case, "shape": shape, "active": mask.active}, path)
         self.proc.stdin.write(path + "\n")
         self.proc.stdin.flush()
-        for line in self.proc.stdout:      # the worker's answer (anything else it prints is skipped)
-            if line.startswith("@@done"):
-                return torch.load(path + ".out", weights_only=False)
-        self.log.seek(0)
-        raise RuntimeError(f"the interpreter worker exited (code {self.proc.wait()}):\n{self.log.read()[-4000:]}")
+        self._answer("@@done ")
+        return torch.load(path + ".out", weights_only=False)
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -187,8 +221,12 @@ def interpreter():
         pytest.skip("triton is not installed (pip install triton): its CPU interpreter cannot run")
     with tempfile.TemporaryDirectory() as folder:
         worker = InterpreterWorker(Path(folder))
-        yield worker
-        worker.close()
+        try:
+            if worker.problem:
+                pytest.skip(worker.problem)
+            yield worker
+        finally:
+            worker.close()
 
 
 def tiny_mask() -> ActiveMask:
@@ -289,17 +327,17 @@ def model_conv_shapes(model: str) -> list[tuple]:
 @pytest.mark.parametrize("dtype", list(TOLERANCE), ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("model", ["resnet50", "convnext_base"])
 def test_cuda_kernel_matches_masked_dense_conv_on_every_layer_shape(model, dtype):
+    """Batch 4 at 224 px, mask 0.6; every distinct conv of the model (stems included), as the backend
+    calls the kernel (1x1 stride-1 convs go to cuBLAS there; the ops' 1x1 path is checked by opcheck)."""
     mask = ActiveMask.random(4, (7, 7), 0.6, generator=torch.Generator().manual_seed(0), device="cuda")
     failures = []
     for shape in model_conv_shapes(model):
         case = make_case(shape, dtype, mask, bias=True)
         want, scale = masked_reference(case, shape, mask), masked_reference(case, shape, mask, absolute=True)
-        for run in (run_triton_kernel, run_triton_op):
-            got = run(case, shape, mask)
-            try:
-                assert_matches(got, {k: want[k] for k in got}, scale, dtype, f"{run.__name__} {shape[0]}")
-            except AssertionError as exc:
-                failures.append(str(exc))
+        try:
+            assert_matches(run_triton_kernel(case, shape, mask), want, scale, dtype, shape[0])
+        except AssertionError as exc:
+            failures.append(str(exc))
     assert not failures, "\n".join(failures)
 
 
