@@ -2,19 +2,28 @@
 
 ``spark`` reproduces SparK's recipe exactly (masked backend, NCHW, fp32, no compile) and is the
 baseline every speed claim is measured against. ``fast`` switches on every option that keeps the
-fp32 maths: the fastest equivalent backend for the device, channels_last for the dense parts,
-foreach optimizer updates and ``torch.compile`` of the decoder where they pay (CUDA). Mixed precision
-(``--amp``) changes the maths, so it stays a separate choice. Explicit flags override a recipe.
+fp32 maths: the ``auto`` backend (each conv on the kernel measured fastest on this machine, the
+encoder on ``masked`` when that is not faster, see :mod:`spark_sparse.autotune`), channels_last for
+the dense parts, foreach optimizer updates and ``torch.compile`` of the decoder on CUDA. Mixed
+precision (``--amp``) changes the maths, so it stays a separate choice. Explicit flags override a
+recipe.
+
+Every printed reason cites what was measured on this machine in this run (the autotune's encoder
+timings, once :meth:`SpeedPlan.with_autotune` has recorded them) or says that it was not measured
+here: timings from another machine are no reason for this one.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Optional
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn as nn
 
 from .backends import list_backends
+
+if TYPE_CHECKING:
+    from .autotune import AutotuneResult
 
 __all__ = ["SpeedPlan", "RECIPES", "plan_speed", "apply_speed_plan", "estimate_max_batch", "BatchEstimate"]
 
@@ -40,12 +49,26 @@ class SpeedPlan:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def with_autotune(self, result: "AutotuneResult") -> "SpeedPlan":
+        """This plan after autotuning: the backend that runs (``masked`` when the guard chose it) and why.
+
+        A plan whose backend is not ``auto`` (or whose model was not tuned) is returned unchanged.
+        """
+        if self.backend != "auto" or not result.applies:
+            return self
+        return replace(self, backend=result.backend, why={**self.why, "backend": result.summary()})
+
+
+#: the ``fast`` recipe's backend, and what replaces it when it is not registered
+_MEASURED_BACKEND = "auto"
+
 
 def _fastest_equivalent_backend(device_type: str) -> tuple[str, str]:
     available = {info.name for info in list_backends() if info.available}
-    if "sparse" in available:
-        return "sparse", "our sparse kernels: equivalent to masked, encoder ~2x faster (BENCHMARKS.md)"
-    return "masked", "no faster equivalent backend is available here ('sparse' not registered)"
+    if _MEASURED_BACKEND in available:
+        return _MEASURED_BACKEND, ("each conv on the kernel measured fastest on this machine before the first step, "
+                                   "the encoder on masked if that is not faster (not measured yet)")
+    return "masked", f"no measured-dispatch backend is available here ({_MEASURED_BACKEND!r} not registered)"
 
 
 def plan_speed(recipe: str, device: torch.device | str, *, backend: Optional[str] = None,
@@ -64,15 +87,15 @@ def plan_speed(recipe: str, device: torch.device | str, *, backend: Optional[str
         chosen = dict(backend=name, channels_last=True, foreach_optimizer=device_type == "cuda",
                       compile_decoder=device_type == "cuda")
         why = {"backend": reason,
-               "channels_last": "NHWC convolutions are faster in oneDNN/cuDNN (CPU, 2 threads, decoder fwd+bwd at "
-                                "batch 8, 224 px: 2.15 s NCHW -> 1.62 s NHWC)",
-               "foreach_optimizer": ("multi-tensor kernels update all tensors in a few launches on CUDA"
-                                     if device_type == "cuda" else
-                                     "slower on CPU: LAMB step of SparK ResNet-50 158 ms per tensor vs 221 ms "
-                                     "foreach (ConvNeXt-T 125 vs 209 ms, 2 threads)"),
-               "compile_decoder": ("torch.compile fuses the decoder's BN/ReLU6 chains on CUDA" if device_type == "cuda"
-                                   else "no gain measured on CPU: the decoder is bound by oneDNN convolutions "
-                                        "(fwd+bwd batch 8: 1.69 s eager vs 1.69 s compiled)")}
+               "channels_last": "NHWC is the layout oneDNN and cuDNN convolutions prefer (not measured here)",
+               "foreach_optimizer": ("multi-tensor kernels update all tensors in a few launches on CUDA (not "
+                                     "measured here)" if device_type == "cuda" else
+                                     "per-tensor updates on CPU, where foreach kernels bring no launch savings "
+                                     "(not measured here)"),
+               "compile_decoder": ("torch.compile fuses the decoder's BN/ReLU6 chains on CUDA (not measured here)"
+                                   if device_type == "cuda" else
+                                   "off on CPU, where the decoder is bound by oneDNN convolutions (not measured "
+                                   "here)")}
     overrides = (("backend", backend), ("channels_last", channels_last), ("compile_decoder", compile_decoder),
                  ("foreach_optimizer", foreach_optimizer))
     for key, value in overrides:
@@ -86,7 +109,8 @@ def plan_speed(recipe: str, device: torch.device | str, *, backend: Optional[str
 def apply_speed_plan(spark: nn.Module, plan: SpeedPlan) -> nn.Module:
     """Switch the model-side options of ``plan`` on (the backend is chosen when building the model)."""
     if plan.backend != spark.backend.name:
-        raise ValueError(f"speed plan wants backend {plan.backend!r} but the model runs {spark.backend.name!r}")
+        raise ValueError(f"speed plan wants backend {plan.backend!r} but the model runs {spark.backend.name!r} "
+                         f"(after autotuning, apply plan.with_autotune(result) with the model result.spark)")
     if plan.channels_last:
         spark.to_channels_last()
     if plan.grad_ckpt:

@@ -2,6 +2,17 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _autotune_cache_in_a_temporary_folder(tmp_path_factory):
+    """Runs on the 'auto' backend cache kernel timings: keep the tests' out of the user's cache folder."""
+    from spark_sparse.autotune import CACHE_DIR_ENV
+
+    patch = pytest.MonkeyPatch()
+    patch.setenv(CACHE_DIR_ENV, str(tmp_path_factory.mktemp("autotune-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

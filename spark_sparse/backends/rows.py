@@ -13,7 +13,7 @@ from typing import Callable, ClassVar, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..kernels import ConvCall, ConvSpec, select_kernel
+from ..kernels import ConvCall, ConvSpec, list_kernels, select_kernel
 
 from ..features import SparseRows
 from .base import Backend
@@ -45,11 +45,43 @@ class SparseConv2d(nn.Conv2d):
         self.layer_name, self.kernel_policy, self.strict = name, policy, strict
         self.stride_factor = _square(self.stride, "stride", name)
         self._chosen: dict[tuple[str, torch.dtype], object] = {}
+        #: (device type, dtype) -> kernel name that overrides the policy (set by autotuning)
+        self._pinned: dict[tuple[str, torch.dtype], str] = {}
         return self
+
+    def pin_kernel(self, device_type: str, dtype: torch.dtype, kernel: Optional[str]) -> None:
+        """Run this layer on ``kernel`` whenever it computes on ``device_type`` in ``dtype``.
+
+        Measured dispatch (the ``auto`` backend) pins the kernel it timed fastest on the layer's real
+        shapes; ``None`` returns the layer to its backend's policy. A kernel that cannot run the layer
+        is refused with its reasons.
+        """
+        key = (torch.device(device_type).type, dtype)
+        self._chosen.pop(key, None)
+        if kernel is None:
+            self._pinned.pop(key, None)
+            return
+        select_kernel(ConvSpec.of(self, key[0], dtype), (kernel,), self.layer_name, strict=True)
+        self._pinned[key] = kernel
+
+    def pinned_kernel(self, device_type: str, dtype: torch.dtype) -> Optional[str]:
+        return self._pinned.get((torch.device(device_type).type, dtype))
+
+    def candidate_kernels(self, device_type: str, dtype: torch.dtype) -> list[str]:
+        """Every registered kernel that declares it can run this layer on ``device_type`` in ``dtype``."""
+        spec = ConvSpec.of(self, device_type, dtype)
+        return [name for name, kernel in list_kernels().items() if not kernel.not_supported_reasons(spec)]
+
+    def conv_call(self, mask, in_stride: int) -> ConvCall:
+        """Where this layer computes for input rows at ``in_stride`` of ``mask``."""
+        return ConvCall(mask, in_stride, in_stride * self.stride_factor, tuple(self.kernel_size), tuple(self.padding),
+                        tuple(self.dilation), self.groups)
 
     def _select(self, device, dtype):
         spec = ConvSpec.of(self, device, dtype)
-        return spec, *select_kernel(spec, self.kernel_policy(spec), self.layer_name, self.strict)
+        pinned = self._pinned.get((spec.device_type, dtype))
+        priority = (pinned,) if pinned is not None else self.kernel_policy(spec)
+        return spec, *select_kernel(spec, priority, self.layer_name, self.strict)
 
     def kernel_for(self, device: torch.device, dtype: torch.dtype):
         key = (torch.device(device).type, dtype)
@@ -60,18 +92,17 @@ class SparseConv2d(nn.Conv2d):
     def forward(self, x: SparseRows) -> SparseRows:
         dtype = _compute_dtype(x.data)
         kernel = self.kernel_for(x.data.device, dtype)
-        out_stride = x.stride * self.stride_factor
-        call = ConvCall(x.mask, x.stride, out_stride, tuple(self.kernel_size), tuple(self.padding),
-                        tuple(self.dilation), self.groups)
+        call = self.conv_call(x.mask, x.stride)
         bias = None if self.bias is None else self.bias.to(dtype)
         with saved_as_recipe(x):
             out = kernel.conv(x.data.to(dtype), self.weight.to(dtype), bias, call)
-        return SparseRows(out, x.mask, out_stride)
+        return SparseRows(out, x.mask, call.out_stride)
 
     def describe_execution(self, device, dtype) -> str:
         spec, kernel, rejected = self._select(device, dtype)
         skipped = "".join(f"; skipped {name}: {', '.join(reasons)}" for name, reasons in rejected.items())
-        return f"{kernel.NAME:<10} {spec.describe()}{skipped}"
+        pinned = " (pinned)" if self.pinned_kernel(spec.device_type, dtype) is not None else ""
+        return f"{kernel.NAME:<10} {spec.describe()}{pinned}{skipped}"
 
     @classmethod
     def from_dense(cls, backend: "RowBackend", conv: nn.Conv2d, name: str) -> "SparseConv2d":

@@ -1,0 +1,163 @@
+"""The autotune cache: measured milliseconds in a JSON file, keyed by machine, versions and shapes.
+
+Like ``cudnn.benchmark``'s, a measurement is only valid for the machine and software that made it,
+so entries are grouped under an *environment* key (device name, torch and kernel-library versions,
+CPU threads) and, within it, keyed by what was measured (a layer's ``ConvSpec`` with dtype, the
+power-of-two buckets of its active-row and site counts; or a whole encoder's shapes and plan).
+
+The file lives in the user cache folder (``$SPARK_SPARSE_CACHE_DIR``, else
+``$XDG_CACHE_HOME/spark-sparse``, else ``~/.cache/spark-sparse``). Writes merge with what is on
+disk and replace the file atomically (temp file + rename), so concurrent runs lose nothing worse
+than each other's newest entries. A file that cannot be read or parsed is reported and ignored:
+tuning then measures again, and the next write replaces it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import warnings
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+__all__ = ["CACHE_DIR_ENV", "CACHE_FILE", "TuneCache", "cache_dir", "environment_key", "canonical", "bucket"]
+
+CACHE_DIR_ENV = "SPARK_SPARSE_CACHE_DIR"
+CACHE_FILE = "autotune-v1.json"
+FORMAT = "spark-sparse-autotune-cache/1"
+#: distributions whose version changes what a kernel costs
+_LIBRARIES = ("spark-sparse", "spconv", "spconv-cu118", "spconv-cu120", "spconv-cu121", "spconv-cu124",
+              "spconv-cu126", "cumm", "cumm-cu126", "MinkowskiEngine", "triton")
+
+
+def cache_dir() -> Path:
+    """Where the cache file lives (see the module docstring for the order of precedence)."""
+    override = os.environ.get(CACHE_DIR_ENV)
+    if override:
+        return Path(override)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "spark-sparse"
+
+
+def canonical(value) -> str:
+    """A stable string for a JSON-able key (sorted keys, no spaces)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def bucket(count: int) -> int:
+    """The power of two at or above ``count``: runs whose active-row counts differ a little share entries."""
+    return 1 << max(0, int(count) - 1).bit_length()
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _library_versions() -> dict[str, str]:
+    found = {}
+    for dist in _LIBRARIES:
+        try:
+            found[dist] = version(dist)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def environment_key(device: torch.device | str) -> dict:
+    """What a measurement depends on besides the shapes: device, software versions, CPU threads."""
+    device = torch.device(device)
+    key = {"device_type": device.type, "device": _device_name(device), "torch": torch.__version__,
+           "libraries": _library_versions()}
+    if device.type == "cpu":
+        key["threads"] = torch.get_num_threads()
+    return key
+
+
+class TuneCache:
+    """Layer timings and encoder-guard results of one environment, backed by one JSON file."""
+
+    def __init__(self, environment: dict, directory: Optional[Path] = None):
+        self.path = Path(directory if directory is not None else cache_dir()) / CACHE_FILE
+        self.environment = canonical(environment)
+        self._environment_value = environment
+        self._layers: dict[str, dict[str, float]] = {}
+        self._encoders: dict[str, dict] = {}
+        self._dirty = False
+        self._reported = False
+        mine = self._read().get(self.environment, {})
+        self._layers = dict(mine.get("layers", {}))
+        self._encoders = dict(mine.get("encoders", {}))
+
+    # ------------------------------------------------------------------ file
+    def _read(self) -> dict:
+        """The environments stored in the file (``{}`` when absent or unreadable, which is reported)."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return {}
+        except OSError as err:
+            self._report(f"cannot be read ({err})")
+            return {}
+        try:
+            data = json.loads(text)
+            if data.get("format") != FORMAT or not isinstance(data.get("environments"), dict):
+                raise ValueError(f"not a {FORMAT} file")
+            return data["environments"]
+        except (ValueError, AttributeError) as err:
+            self._report(f"is corrupt ({err}); the next write replaces it")
+            return {}
+
+    def _report(self, problem: str) -> None:
+        if not self._reported:
+            warnings.warn(f"autotune cache file {self.path} {problem}; ignoring it (layers are measured again)",
+                          RuntimeWarning, stacklevel=3)
+        self._reported = True
+
+    def save(self) -> None:
+        """Merge this run's entries into the file and replace it atomically (never fatal)."""
+        if not self._dirty:
+            return
+        environments = self._read()
+        mine = environments.setdefault(self.environment, {})
+        mine["environment"] = self._environment_value
+        mine.setdefault("layers", {}).update(self._layers)
+        mine.setdefault("encoders", {}).update(self._encoders)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".autotune-", suffix=".json", dir=self.path.parent)
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"format": FORMAT, "environments": environments}, fh, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+            self._dirty = False
+        except OSError as err:
+            warnings.warn(f"could not write the autotune cache file {self.path} ({err}); this run's measurements "
+                          f"are not kept (set {CACHE_DIR_ENV} to a writable folder)", RuntimeWarning, stacklevel=2)
+
+    # ------------------------------------------------------------------ entries
+    def layer(self, key: str) -> dict[str, float]:
+        """Candidate kernel -> measured ms for a layer key (empty when never measured here)."""
+        return dict(self._layers.get(key, {}))
+
+    def put_layer(self, key: str, timings: dict[str, float]) -> None:
+        self._layers[key] = {**self._layers.get(key, {}), **timings}
+        self._dirty = True
+
+    def encoder(self, key: str) -> Optional[dict]:
+        return self._encoders.get(key)
+
+    def put_encoder(self, key: str, result: dict) -> None:
+        self._encoders[key] = result
+        self._dirty = True

@@ -1,0 +1,403 @@
+"""Measured per-layer dispatch for the ``auto`` backend: tune, cache, guard, and the plan state.
+
+:func:`autotune` is called once before timing or training, on the run's batch, image size, mask
+ratio, device and dtype:
+
+1. every converted conv's shapes are recorded (:func:`.layers.discover_layers`);
+2. per layer, every registered kernel that declares it can run the layer is timed (forward +
+   backward, median of ``repeats`` after ``warmup``), largest layers first, identical layers once;
+   results go to the cache file (:mod:`.cache`) and are reused by later runs;
+3. each layer is pinned to its fastest kernel;
+4. the whole-encoder guard (:mod:`.guard`) times the tuned plan against the static rule and
+   against ``masked``, and the run uses the fastest; when that is ``masked`` the result carries a
+   SparK built on ``masked`` holding the same weights.
+
+Modes: ``on`` (use the cache, measure what is missing), ``cached`` (the cache only: layers not in it
+keep the static rule and say so; the guard is applied only when cached), ``off`` (the static rule).
+Tuning time is bounded by ``budget_s`` for the layer measurements (layers left when it runs out keep
+the static rule and say so); the guard always runs in mode ``on``, because it is what guarantees
+that the result is never slower than ``masked``.
+
+The outcome is serialisable (:meth:`AutotuneResult.plan_state`): layer -> kernel plus the guard's
+decision. Stored in a checkpoint and given back to :func:`autotune` (or :func:`load_plan_state`),
+it re-applies the same kernels without measuring, so a resumed run computes exactly what the
+interrupted one did. In a distributed run rank 0 measures and every rank applies rank 0's plan
+(the guard, whose models may hold SyncBatchNorm layers, is timed on every rank in step).
+"""
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+from ..backends.auto import AutoBackend, LayerDecision, sparse_convs
+from ..errors import ConfigError
+from ..kernels import NoKernelError
+from ..mask import ActiveMask
+from .cache import TuneCache, canonical, environment_key
+from .guard import EncoderVariant, time_encoders
+from .layers import LayerShape, discover_layers, model_signature, time_kernel
+from .timing import Timer, WallClockTimer
+
+__all__ = ["MODES", "AutotuneOptions", "AutotuneResult", "GuardDecision", "autotune", "load_plan_state"]
+
+MODES = ("on", "cached", "off")
+PLAN_FORMAT = "spark-sparse-autotune-plan/1"
+
+
+@dataclass(frozen=True)
+class AutotuneOptions:
+    """How to tune. ``cache_dir=None``: the user cache folder (see :func:`.cache.cache_dir`).
+
+    A candidate whose first timed call takes more than ``give_up_factor`` times the best time so far
+    on its layer is not repeated (it cannot win).
+    """
+
+    mode: str = "on"
+    budget_s: float = 60.0
+    warmup: int = 1
+    repeats: int = 3
+    progress: bool = True
+    cache_dir: Optional[Path] = None
+    seed: int = 0
+    give_up_factor: float = 3.0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ConfigError(f"--autotune {self.mode!r}: choose one of {', '.join(MODES)}")
+        if self.budget_s < 0 or self.repeats < 1 or self.warmup < 0:
+            raise ConfigError(f"autotune budget ({self.budget_s} s), repeats ({self.repeats}) and warmup "
+                              f"({self.warmup}) must be >= 0, >= 1 and >= 0")
+
+
+@dataclass
+class GuardDecision:
+    """The whole-encoder comparison: ``choice`` is ``tuned``, ``static`` or ``masked``.
+
+    ``ms``: variant -> median encoder forward+backward ms (empty when not measured); ``status``:
+    ``measured``, ``cached``, ``checkpoint`` or why it was not measured.
+    """
+
+    choice: str
+    ms: dict[str, float]
+    status: str
+
+    def describe(self) -> str:
+        if not self.ms:
+            return f"guard {self.status}"
+        timings = ", ".join(f"{name} {ms:.4g} ms" for name, ms in self.ms.items())
+        return f"guard ({self.status}) encoder fwd+bwd: {timings} -> {self.choice}"
+
+
+@dataclass
+class AutotuneResult:
+    """What tuning decided. ``spark`` is the model to run: the tuned one, or its masked twin."""
+
+    spark: nn.Module
+    backend: str
+    mode: str
+    source: str
+    device_type: str
+    dtype: torch.dtype
+    decisions: dict[str, LayerDecision] = field(default_factory=dict)
+    guard: Optional[GuardDecision] = None
+    seconds: float = 0.0
+    shapes: str = ""
+
+    @property
+    def applies(self) -> bool:
+        return self.source != "not applicable"
+
+    def plan_state(self) -> Optional[dict]:
+        """Layer -> kernel and the guard's decision, for a checkpoint (``None`` when not an ``auto`` run)."""
+        if not self.applies:
+            return None
+        return {"format": PLAN_FORMAT, "backend": self.backend, "device_type": self.device_type,
+                "dtype": str(self.dtype).replace("torch.", ""), "mode": self.mode, "shapes": self.shapes,
+                "kernels": {name: decision.kernel for name, decision in self.decisions.items()},
+                "guard": None if self.guard is None else {"choice": self.guard.choice, "ms": dict(self.guard.ms)}}
+
+    def summary(self) -> str:
+        """One line: what runs and the measurement it rests on (or that none was made)."""
+        if not self.applies:
+            return f"backend {self.backend!r} has no measured dispatch"
+        if self.source == "off":
+            return "auto with --autotune off: the sparse backend's static rule, not measured here"
+        counts: dict[str, int] = {}
+        for decision in self.decisions.values():
+            kind = decision.status.split(" ", 1)[0].rstrip(":")
+            counts[kind] = counts.get(kind, 0) + 1
+        layers = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
+        verdict = {"tuned": "auto (per-layer kernels)", "static": "auto (static rule)",
+                   "masked": "masked (no sparse plan was faster here)"}
+        if self.guard is not None and self.guard.ms:
+            timings = ", ".join(f"{name} {ms:.4g} ms" for name, ms in self.guard.ms.items())
+            return (f"measured on this machine ({self.guard.status}), encoder fwd+bwd at {self.shapes}: {timings} "
+                    f"-> {verdict[self.guard.choice]}; layers: {layers}")
+        guard = self.guard.status if self.guard is not None else "not measured"
+        return f"-> {verdict['tuned']}; layers: {layers}; encoder vs masked {guard}"
+
+    def describe(self) -> str:
+        """Several lines: the summary, then each layer's kernel and every candidate's measured ms."""
+        lines = [f"[autotune] mode {self.mode}, {self.source}, {self.seconds:.1f} s: {self.summary()}"]
+        for name, decision in self.decisions.items():
+            lines.append(f"  {name:<40} {decision.kernel:<10} {decision.describe()}")
+        return "\n".join(lines)
+
+
+class _Ranks:
+    """Rank 0 decides, every rank applies its decision (a no-op outside a distributed run)."""
+
+    def __init__(self):
+        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.is_main = not self.distributed or dist.get_rank() == 0
+
+    def from_main(self, value):
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def _dtype_named(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ConfigError(f"autotune plan names an unknown dtype {name!r}")
+    return dtype
+
+
+def _masked_twin(spark: nn.Module, build_masked: Callable[[], nn.Module], device: torch.device) -> nn.Module:
+    """A SparK on ``masked`` with ``spark``'s parameters and buffers (the names do not depend on the backend)."""
+    twin = build_masked().to(device)
+    if twin.backend.name != "masked":
+        raise ValueError(f"build_masked must build a SparK on the 'masked' backend, got {twin.backend.name!r}")
+    twin.load_state_dict(spark.state_dict())
+    if getattr(spark, "channels_last", False):
+        twin.to_channels_last()
+    return twin
+
+
+def load_plan_state(spark: nn.Module, state: dict, build_masked: Optional[Callable[[], nn.Module]] = None
+                    ) -> AutotuneResult:
+    """Re-apply a plan from :meth:`AutotuneResult.plan_state` without measuring (exact resume)."""
+    if not isinstance(state, dict) or state.get("format") != PLAN_FORMAT:
+        raise ConfigError(f"not an autotune plan (expected format {PLAN_FORMAT!r}); it cannot be re-applied")
+    backend = spark.backend
+    if not isinstance(backend, AutoBackend):
+        raise ConfigError(f"an autotune plan applies to the 'auto' backend, this model runs {backend.name!r}")
+    device_type, dtype = state["device_type"], _dtype_named(state["dtype"])
+    convs = dict(sparse_convs(spark.encoder))
+    kernels = dict(state["kernels"])
+    if set(kernels) != set(convs):
+        extra, missing = sorted(set(kernels) - set(convs)), sorted(set(convs) - set(kernels))
+        raise ConfigError(f"the autotune plan does not fit this model (layers only in the plan: {extra[:3]}, only in "
+                          f"the model: {missing[:3]}); it was made for another model")
+    decisions = {name: LayerDecision(name, kernel, "checkpoint") for name, kernel in kernels.items()}
+    try:
+        backend.pin(spark.encoder, device_type, dtype, decisions)
+    except NoKernelError as err:
+        raise ConfigError(f"the saved autotune plan cannot be applied here: {err}. Exact resume needs the kernels the "
+                          f"interrupted run used: install them, or resume with --autotune off (the static rule; "
+                          f"the run then continues on other kernels and is not bit-identical)") from None
+    saved_guard = state.get("guard")
+    guard = None if saved_guard is None else GuardDecision(saved_guard["choice"], saved_guard["ms"], "checkpoint")
+    result = AutotuneResult(spark, state["backend"], state.get("mode", "on"), "checkpoint", device_type, dtype,
+                            decisions, guard, 0.0, state.get("shapes", ""))
+    if state["backend"] == "masked":
+        if build_masked is None:
+            raise ConfigError("the saved autotune plan runs the encoder on 'masked': pass build_masked to re-apply it")
+        result.spark = _masked_twin(spark, build_masked, next(spark.parameters()).device)
+    return result
+
+
+def autotune(spark: nn.Module, batch_size: int, device: torch.device | str | None = None,
+             amp_dtype: Optional[torch.dtype] = None, *, image_hw: Optional[tuple[int, int]] = None,
+             channels_last: bool = False, options: AutotuneOptions = AutotuneOptions(),
+             build_masked: Optional[Callable[[], nn.Module]] = None, timer: Optional[Timer] = None,
+             plan_state: Optional[dict] = None) -> AutotuneResult:
+    """Choose, pin and guard the kernels of ``spark`` (a SparK on ``auto``) for the run's shapes.
+
+    ``batch_size`` images of ``image_hw`` (default: the model's input size) per process, under
+    ``amp_dtype`` autocast (``None``: the parameters' dtype), ``channels_last`` as the run uses it.
+    ``build_masked()`` builds the same SparK on ``masked`` (for the guard; without it the guard is
+    skipped and says so). ``timer`` replaces the wall clock (tests). With ``plan_state`` (from a
+    checkpoint) the saved plan is re-applied unless the mode is ``off``. A model on another backend
+    is returned unchanged (``result.applies`` is false).
+    """
+    param = next(spark.parameters())
+    device = torch.device(device) if device is not None else param.device
+    dtype = amp_dtype or param.dtype
+    if not isinstance(spark.backend, AutoBackend):
+        return AutotuneResult(spark, spark.backend.name, options.mode, "not applicable", device.type, dtype)
+    if plan_state is not None and options.mode != "off":
+        if (plan_state.get("device_type"), plan_state.get("dtype")) == (device.type, str(dtype).replace("torch.", "")):
+            return load_plan_state(spark, plan_state, build_masked)
+        warnings.warn(f"the saved autotune plan was made for {plan_state.get('device_type')} "
+                      f"{plan_state.get('dtype')}, this run computes on {device.type} {dtype}: tuning again",
+                      RuntimeWarning, stacklevel=2)
+    tuner = _Tuner(spark, batch_size, device, dtype, amp_dtype, image_hw or spark.input_hw, channels_last, options,
+                   build_masked, timer or WallClockTimer(device))
+    forked = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked):                 # tuning leaves the run's random streams alone
+        return tuner.run()
+
+
+class _Tuner:
+    def __init__(self, spark, batch_size, device, dtype, amp_dtype, image_hw, channels_last, options, build_masked,
+                 timer):
+        self.spark, self.backend = spark, spark.backend
+        self.batch_size, self.device, self.dtype, self.amp_dtype = batch_size, device, dtype, amp_dtype
+        self.image_hw, self.channels_last, self.options = image_hw, channels_last, options
+        self.build_masked, self.timer = build_masked, timer
+        self.ranks = _Ranks()
+        self.shapes = (f"batch {batch_size}, {image_hw[0]}x{image_hw[1]}, mask {spark.mask_ratio}, "
+                       f"{device.type} {str(dtype).replace('torch.', '')}")
+
+    def result(self, backend: str, source: str, decisions, guard, started: float, spark=None) -> AutotuneResult:
+        return AutotuneResult(spark if spark is not None else self.spark, backend, self.options.mode, source,
+                              self.device.type, self.dtype, decisions, guard, time.perf_counter() - started,
+                              self.shapes)
+
+    def run(self) -> AutotuneResult:
+        started = time.perf_counter()
+        spark, options = self.spark, self.options
+        grid = (self.image_hw[0] // spark.downsample_ratio, self.image_hw[1] // spark.downsample_ratio)
+        active = ActiveMask.random(self.batch_size, grid, spark.mask_ratio, spark.downsample_ratio,
+                                   generator=torch.Generator().manual_seed(options.seed), device=self.device).active
+        convs = sparse_convs(spark.encoder)
+        static = {name: self.backend.static_kernel(conv, self.device.type, self.dtype) for name, conv in convs}
+        if options.mode == "off":
+            decisions = {name: LayerDecision(name, static[name], "autotune off: static rule") for name, _ in convs}
+            self.backend.pin(spark.encoder, self.device.type, self.dtype, decisions)
+            return self.result("auto", "off", decisions, None, started)
+        layers = discover_layers(spark, active)
+        cache = TuneCache(environment_key(self.device), options.cache_dir) if self.ranks.is_main else None
+        decisions = self.choose(layers, static, active, cache, started) if self.ranks.is_main else None
+        decisions = self.ranks.from_main(decisions)
+        for name, _ in convs:                      # convs the hierarchical forward never calls
+            decisions.setdefault(name, LayerDecision(name, static[name], "not called: static rule"))
+        self.backend.pin(spark.encoder, self.device.type, self.dtype, decisions)
+        guard, twin = self.guard(layers, decisions, static, active, cache)
+        if cache is not None:
+            cache.save()
+        if guard is not None and guard.choice == "static":
+            decisions = {name: LayerDecision(name, static[name], "static rule (guard: faster than the tuned plan)",
+                                             d.ms) for name, d in decisions.items()}
+            self.backend.pin(spark.encoder, self.device.type, self.dtype, decisions)
+        if guard is not None and guard.choice == "masked":
+            twin = twin if twin is not None else _masked_twin(spark, self.build_masked, self.device)
+            return self.result("masked", "measured", decisions, guard, started, spark=twin)
+        return self.result("auto", "measured", decisions, guard, started)
+
+    # ------------------------------------------------------------------ per layer
+    def choose(self, layers: list[LayerShape], static: dict[str, str], active: torch.Tensor, cache: TuneCache,
+               started: float) -> dict[str, LayerDecision]:
+        groups: dict[str, list[LayerShape]] = {}
+        for layer in layers:
+            groups.setdefault(layer.key(self.device.type, self.dtype), []).append(layer)
+        order = sorted(groups.items(), key=lambda item: -max(layer.work for layer in item[1]))
+        candidates = {key: group[0].conv.candidate_kernels(self.device.type, self.dtype) for key, group in order}
+        to_measure = sum(1 for key, _ in order
+                         if len(candidates[key]) > 1 and set(candidates[key]) - set(cache.layer(key)))
+        decisions = {}
+        with tqdm(total=to_measure if self.options.mode == "on" else 0, desc="[autotune] layers", unit="shape",
+                  file=sys.stderr, disable=not self.options.progress or self.options.mode != "on" or not to_measure,
+                  dynamic_ncols=True) as bar:
+            for key, group in order:
+                first, names = group[0], candidates[key]
+                timings = {name: ms for name, ms in cache.layer(key).items() if name in names}
+                status = "cached" if timings else ""
+                missing = [name for name in names if name not in timings]
+                if len(names) > 1 and missing:
+                    if self.options.mode == "cached":
+                        status = f"{status} (not measured: --autotune cached)".strip()
+                    elif time.perf_counter() - started > self.options.budget_s:
+                        status = f"{status} (budget of {self.options.budget_s:g} s exhausted)".strip()
+                    else:
+                        measured = self.measure(first, missing, static[first.name], timings, active)
+                        cache.put_layer(key, measured)
+                        timings.update(measured)
+                        status = "measured"
+                        bar.update()
+                if len(names) == 1:
+                    kernel, status = names[0], "only candidate"
+                elif timings:
+                    kernel = min(timings, key=timings.get)
+                else:
+                    kernel, status = static[first.name], f"static rule, {status.strip('()')}"
+                for layer in group:
+                    decisions[layer.name] = LayerDecision(layer.name, kernel, status, dict(timings))
+        return {layer.name: decisions[layer.name] for layer in layers}
+
+    def measure(self, layer: LayerShape, kernels: list[str], static_kernel: str, known: dict[str, float],
+                active: torch.Tensor) -> dict[str, float]:
+        """Time ``kernels`` on ``layer``, the static rule's first (it sets the bar for giving up on the rest)."""
+        best = min(known.values(), default=None)
+        measured = {}
+        for name in sorted(kernels, key=lambda name: (name != static_kernel, name)):
+            give_up = None if best is None else best * self.options.give_up_factor
+            try:
+                ms = time_kernel(layer, name, active, self.spark.downsample_ratio, self.dtype, self.timer,
+                                 self.options.warmup, self.options.repeats, give_up)
+            except Exception as err:       # a candidate that fails (out of memory, a library bug) is not chosen
+                warnings.warn(f"autotune: kernel {name!r} failed on layer {layer.name} ({type(err).__name__}: {err}); "
+                              f"it is not used for this layer", RuntimeWarning, stacklevel=2)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            measured[name] = ms
+            best = ms if best is None else min(best, ms)
+        return measured
+
+    # ------------------------------------------------------------------ whole encoder
+    def guard(self, layers, decisions, static, active, cache) -> tuple[Optional[GuardDecision], Optional[nn.Module]]:
+        """Tuned plan vs static rule vs masked on the whole encoder; ``(decision, masked twin if built)``."""
+        if self.build_masked is None:
+            return GuardDecision("tuned", {}, "not measured (no masked model to compare with)"), None
+        tuned = {name: decision.kernel for name, decision in decisions.items()}
+        key = canonical({"model": model_signature(self.spark, layers, self.device.type, self.dtype),
+                         "batch": self.batch_size, "image_hw": list(self.image_hw), "mask": self.spark.mask_ratio,
+                         "dtype": str(self.dtype), "amp": self.amp_dtype is not None,
+                         "channels_last": self.channels_last, "plan": sorted(tuned.items())})
+        cached = self.ranks.from_main(cache.encoder(key) if cache is not None else None)
+        if cached is not None:
+            return GuardDecision(cached["choice"], cached["ms"], "cached"), None
+        if self.options.mode != "on":
+            return GuardDecision("tuned", {}, "not measured (--autotune cached)"), None
+        twin = _masked_twin(self.spark, self.build_masked, self.device)
+        if self.channels_last:
+            self.spark.to_channels_last()
+            twin.to_channels_last()
+        param = next(self.spark.parameters())
+        images = torch.randn(self.batch_size, 3, *self.image_hw, generator=torch.Generator().manual_seed(self.options.seed)
+                             ).to(self.device, param.dtype)
+        pin = self.backend.pin
+        encoder, device_type, dtype = self.spark.encoder, self.device.type, self.dtype
+        tuned_decisions = dict(decisions)
+        static_decisions = {name: LayerDecision(name, kernel, "static rule") for name, kernel in static.items()}
+        variants = [EncoderVariant("tuned", self.spark, lambda: pin(encoder, device_type, dtype, tuned_decisions))]
+        if static != tuned:
+            variants.append(EncoderVariant("static", self.spark,
+                                           lambda: pin(encoder, device_type, dtype, static_decisions)))
+        variants.append(EncoderVariant("masked", twin))
+        if self.options.progress and self.ranks.is_main:
+            print(f"[autotune] guard: timing the encoder ({', '.join(v.name for v in variants)}) at {self.shapes}",
+                  file=sys.stderr, flush=True)
+        ms = time_encoders(variants, images, active, self.amp_dtype, self.timer, self.options.warmup,
+                           self.options.repeats)
+        pin(encoder, device_type, dtype, tuned_decisions)
+        # on a tie masked wins: the tuned plan must be faster to be used
+        choice = min(ms, key=lambda name: (ms[name], name != "masked"))
+        choice, ms = self.ranks.from_main((choice, ms))
+        if cache is not None:
+            cache.put_encoder(key, {"choice": choice, "ms": ms})
+        return GuardDecision(choice, ms, "measured"), twin

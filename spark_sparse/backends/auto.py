@@ -1,0 +1,91 @@
+"""``auto``: the ``sparse`` backend with each convolution pinned to the kernel measured fastest here.
+
+A fixed priority list cannot be right everywhere: which kernel wins a layer depends on the device,
+the dtype, the layer's shape and how many rows are active (on a small input the scatter -> dense
+conv -> gather path can beat every gather-based kernel; on a large one the gather-GEMM wins). So,
+like ``cudnn.benchmark``, :func:`spark_sparse.autotune.autotune` times forward+backward of every
+kernel that declares it can run a layer on that layer's real shapes and pins the fastest
+(:meth:`SparseConv2d.pin_kernel`). Until it has run (or for layers it did not measure) a layer
+follows the ``sparse`` backend's static rule, so an untuned ``auto`` computes exactly what
+``sparse`` does. Everything else (fused BatchNorm+ReLU, Linear on rows, argmax max-pool) is the
+``sparse`` backend's.
+
+The backend keeps what tuning decided for each layer (:class:`LayerDecision`, with every
+candidate's measured ms) so that :meth:`plan` prints it next to the kernel that runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .registry import register_backend
+from .rows import SparseConv2d
+from .sparse import SparseBackend
+
+__all__ = ["AutoBackend", "LayerDecision", "sparse_convs"]
+
+
+@dataclass
+class LayerDecision:
+    """How one layer's kernel was chosen.
+
+    ``status`` says where the choice comes from: ``measured`` (timed now), ``cached`` (timed on an
+    earlier run with the same key), ``checkpoint`` (the plan of the run being resumed), or why the
+    static rule applies (``not measured: ...``, ``budget exhausted``, ``autotune off``).
+    ``ms``: candidate kernel -> median forward+backward milliseconds (empty when not measured).
+    """
+
+    layer: str
+    kernel: str
+    status: str
+    ms: dict[str, float] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        if not self.ms:
+            return self.status
+        timings = ", ".join(f"{name} {ms:.3g}" for name, ms in sorted(self.ms.items(), key=lambda item: item[1]))
+        return f"{self.status}: {timings} ms"
+
+
+def sparse_convs(encoder: nn.Module) -> list[tuple[str, SparseConv2d]]:
+    """``(qualified name, module)`` of every converted convolution, in forward-definition order."""
+    return [(name, module) for name, module in encoder.named_modules() if isinstance(module, SparseConv2d)]
+
+
+@register_backend
+class AutoBackend(SparseBackend):
+    name = "auto"
+    description = ("each conv on the kernel measured fastest here (autotune, cached), masked when that is not "
+                   "faster (the fast recipe's default)")
+
+    def __init__(self, strict: bool = False, kernels=None):
+        super().__init__(strict=strict, kernels=kernels)
+        #: layer name -> how its kernel was chosen (filled by :func:`spark_sparse.autotune.autotune`)
+        self.decisions: dict[str, LayerDecision] = {}
+
+    def static_kernel(self, conv: SparseConv2d, device_type: str, dtype: torch.dtype) -> str:
+        """The kernel the ``sparse`` backend's static rule picks for ``conv`` (what runs when untuned)."""
+        pinned = conv.pinned_kernel(device_type, dtype)
+        conv.pin_kernel(device_type, dtype, None)
+        try:
+            return conv.kernel_for(torch.device(device_type), dtype).NAME
+        finally:
+            if pinned is not None:
+                conv.pin_kernel(device_type, dtype, pinned)
+
+    def pin(self, encoder: nn.Module, device_type: str, dtype: torch.dtype,
+            decisions: dict[str, LayerDecision]) -> None:
+        """Pin every layer to its decided kernel; layers without a decision return to the static rule."""
+        for name, conv in sparse_convs(encoder):
+            decision = decisions.get(name)
+            conv.pin_kernel(device_type, dtype, decision.kernel if decision is not None else None)
+            conv.kernel_for(torch.device(device_type), dtype)     # resolved now, not inside a timed step
+        self.decisions = dict(decisions)
+
+    def plan(self, encoder: nn.Module, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32) -> list[tuple[str, str]]:
+        rows = super().plan(encoder, device, dtype)
+        return [(name, f"{how}  [{self.decisions[name].describe()}]" if name in self.decisions else how)
+                for name, how in rows]
