@@ -4,19 +4,23 @@ We never call spconv's modules. For each layer we build the rulebook ("indice pa
 kernel tap, the (input row, output row) pairs whose sites are both active) from the mask's
 neighbour table, so strided convs produce exactly the downsampled active set (spconv's own
 ``SparseConv2d`` would add sites across patch edges) and every layer of a stage with the same
-geometry reuses the cached rulebook (spconv's ``indice_key`` idea). Then spconv's
-``indice_conv`` / ``indice_conv_backward`` do the work from our autograd function.
+geometry reuses the cached rulebook (spconv's ``indice_key`` idea).
 
-CPU traps handled here (see FACTS.md): the CPU scatter-add races under several OpenMP threads, so
-spconv's CPU ops run with one thread (restored afterwards); indices are int32 and contiguous.
-spconv's CPU backward asks for a CUDA stream before it reaches its CPU branch, so on the CPU the
-backward runs that same algorithm (per tap: gather, GEMM, scatter-add) with torch ops on the same
-rulebook; on CUDA it is spconv's own ``indice_conv_backward``.
+On CUDA, spconv's ``indice_conv`` / ``indice_conv_backward`` do the work from our autograd function.
+On the CPU, spconv's own algorithm is, per kernel tap: gather the input rows (its C++
+``gather_cpu``), one ``torch.mm`` (spconv calls torch for its CPU GEMM), scatter-add into the output
+rows (its C++ ``scatter_add_cpu``). That scatter-add has a data race: its OpenMP loop writes through
+two pointers declared outside the parallel region and shared by every thread, so with several
+threads one thread adds its row into another thread's output row (wrong outputs in most calls at
+56x56 with 2 threads; spconv's OpenMP is the process's, so ``torch.set_num_threads`` reaches it).
+We therefore run that same algorithm with spconv's gather and the GEMM and scatter-add done by torch
+(``index_add_``), in the forward and the backward alike. The process's thread count is never
+touched. (spconv's CPU backward also asks for a CUDA stream before it reaches its CPU branch, so it
+could not run on a machine without a GPU anyway.) Indices are int32 and contiguous.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -26,12 +30,22 @@ from .registry import register_kernel
 
 __all__ = ["SPCONV", "SpconvKernel", "to_native", "from_native", "spconv_rulebook"]
 
-def _import_spconv_ops():
+class _Spconv(NamedTuple):
+    """The parts of spconv this kernel calls."""
+
+    ops: object          # spconv.pytorch.ops: indice_conv / indice_conv_backward (CUDA)
+    gather_cpu: object   # SpconvOps.gather_cpu(out, inp, inds): out[i] = inp[inds[i]] (tensorview tensors)
+    to_tv: object        # torch tensor -> tensorview tensor (shares memory; needs a contiguous tensor)
+
+
+def _import_spconv() -> _Spconv:
     import spconv.pytorch.ops as ops
-    return ops
+    from spconv.core_cc.csrc.sparse.all import SpconvOps
+    from spconv.pytorch.cppcore import torch_tensor_to_tv
+    return _Spconv(ops, SpconvOps.gather_cpu, torch_tensor_to_tv)
 
 
-SPCONV = OptionalLibrary("spconv", _import_spconv_ops,
+SPCONV = OptionalLibrary("spconv", _import_spconv,
                          "install it with `pip install spconv` (CPU) or `pip install spconv-cu126` (CUDA 12)")
 
 
@@ -74,26 +88,14 @@ def spconv_rulebook(call: ConvCall) -> tuple[torch.Tensor, torch.Tensor]:
     return call.mask.cached(key, build)
 
 
-@contextlib.contextmanager
-def _single_thread_on_cpu(device: torch.device):
-    """spconv's CPU scatter-add is not thread-safe: run it on one thread, then restore."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 class _SpconvConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, features, weight_krsc, pairs, counts, num_out):
         features = features.contiguous()
-        with _single_thread_on_cpu(features.device):
-            out = SPCONV.get().indice_conv(features, weight_krsc, pairs, counts, num_out, False, False)
+        if features.is_cuda:
+            out = SPCONV.get().ops.indice_conv(features, weight_krsc, pairs, counts, num_out, False, False)
+        else:
+            out = _rulebook_forward_cpu(features, weight_krsc, pairs, counts, num_out)
         ctx.save_for_backward(features, weight_krsc, pairs, counts)
         return out
 
@@ -102,26 +104,55 @@ class _SpconvConv(torch.autograd.Function):
         features, weight_krsc, pairs, counts = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         if features.is_cuda:
-            grad_in, grad_w = SPCONV.get().indice_conv_backward(features, weight_krsc, grad_out, pairs, counts, False, False)
+            grad_in, grad_w = SPCONV.get().ops.indice_conv_backward(features, weight_krsc, grad_out, pairs, counts,
+                                                                    False, False)
         else:
             grad_in, grad_w = _rulebook_backward_cpu(features, weight_krsc, grad_out, pairs, counts)
         return grad_in, grad_w, None, None, None
 
 
+def _gather_rows(buffer: torch.Tensor, source: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``source[rows]`` (``rows`` int32, contiguous) by spconv's CPU gather, into ``buffer``'s first rows.
+
+    spconv's gather is thread-safe (each thread only reads shared state), unlike its scatter-add.
+    """
+    lib = SPCONV.get()
+    out = buffer[:rows.numel()]
+    lib.gather_cpu(lib.to_tv(out), lib.to_tv(source), lib.to_tv(rows))
+    return out
+
+
+def _rulebook_forward_cpu(features, weight_krsc, pairs, counts, num_out):
+    """spconv's CPU forward: per tap, gather ``[P, C]`` (spconv), GEMM -> ``[P, O]``, scatter-add (torch)."""
+    out_ch, kh, kw, in_ch = weight_krsc.shape
+    weight = weight_krsc.reshape(out_ch, kh * kw, in_ch)
+    out = features.new_zeros(num_out, out_ch)
+    counts = counts.tolist()
+    buffer = features.new_empty(max(counts, default=0), in_ch)
+    for tap, count in enumerate(counts):
+        if count == 0:
+            continue
+        gathered = _gather_rows(buffer, features, pairs[0, tap, :count])
+        out.index_add_(0, pairs[1, tap, :count].long(), gathered @ weight[:, tap].t())
+    return out
+
+
 def _rulebook_backward_cpu(features, weight_krsc, grad_out, pairs, counts):
-    """spconv's CPU backward algorithm on torch ops: per tap, gather rows, two GEMMs, scatter-add."""
+    """spconv's CPU backward: per tap, gather rows (spconv), two GEMMs, scatter-add the input grad (torch)."""
     out_ch, kh, kw, in_ch = weight_krsc.shape
     weight = weight_krsc.reshape(out_ch, kh * kw, in_ch)
     grad_in = torch.zeros_like(features)
     grad_w = torch.zeros_like(weight)
-    for tap, count in enumerate(counts.tolist()):
+    counts = counts.tolist()
+    width = max(counts, default=0)
+    grad_buffer, feature_buffer = grad_out.new_empty(width, out_ch), features.new_empty(width, in_ch)
+    for tap, count in enumerate(counts):
         if count == 0:
             continue
-        rows_in = pairs[0, tap, :count].long()
-        rows_out = pairs[1, tap, :count].long()
-        g = grad_out.index_select(0, rows_out)                       # [P, O]
-        grad_w[:, tap] = g.t() @ features.index_select(0, rows_in)
-        grad_in.index_add_(0, rows_in, g @ weight[:, tap])
+        rows_in, rows_out = pairs[0, tap, :count], pairs[1, tap, :count]
+        g = _gather_rows(grad_buffer, grad_out, rows_out)                       # [P, O]
+        grad_w[:, tap] = g.t() @ _gather_rows(feature_buffer, features, rows_in)
+        grad_in.index_add_(0, rows_in.long(), g @ weight[:, tap])
     return grad_in, grad_w.view_as(weight_krsc)
 
 
