@@ -35,13 +35,15 @@ def _gather_gemm_kernel(src_ptr, table_ptr, w_ptr, out_ptr, n_dst, n_src, C, O, 
                         SKIP_EMPTY_TAPS: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
     """``out[m, o] = sum_k sum_c src[table[m, k], c] * w[k, c, o]``; ``w`` is ``[K, C, O]``.
 
-    Programs along axis 0 share one tile of destination rows (their gathered input stays in L2).
+    Consecutive programs share one tile of destination rows (their gathered input stays in L2); the
+    grid is one-dimensional, so the row count is not bound by CUDA's 65535 limit on grid axes 1 and 2.
     ``SKIP_EMPTY_TAPS`` skips a tap whose table entries in this tile are all empty (the transposed
     table of a strided conv, where most are); otherwise taps x channel chunks are one flat loop
     the compiler can software-pipeline.
     """
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    n_tiles = tl.cdiv(O, BLOCK_N)
+    pid_n = tl.program_id(0) % n_tiles
+    pid_m = tl.program_id(0) // n_tiles
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -123,9 +125,10 @@ def _gather_gemm_weight_grad_kernel(src_ptr, table_ptr, grad_ptr, part_ptr, n_ds
 @triton.jit(do_not_specialize=["n_dst", "n_src", "K"])
 def _depthwise_kernel(src_ptr, table_ptr, w_ptr, out_ptr, n_dst, n_src, C, K,
                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``out[m, c] = sum_k src[table[m, k], c] * w[k, c]``; ``w`` is ``[K, C]``."""
-    pid_c = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    """``out[m, c] = sum_k src[table[m, k], c] * w[k, c]``; ``w`` is ``[K, C]`` (1-D grid, channel tiles fastest)."""
+    c_tiles = tl.cdiv(C, BLOCK_C)
+    pid_c = tl.program_id(0) % c_tiles
+    pid_m = tl.program_id(0) // c_tiles
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_ok = offs_m < n_dst
@@ -268,7 +271,7 @@ def gather_gemm(src: torch.Tensor, table: torch.Tensor, weight_kco: torch.Tensor
         return out.zero_()
 
     def grid(meta):
-        return triton.cdiv(o, meta["BLOCK_N"]), triton.cdiv(n_dst, meta["BLOCK_M"])
+        return (triton.cdiv(o, meta["BLOCK_N"]) * triton.cdiv(n_dst, meta["BLOCK_M"]),)
     _launch(_GEMM, _gather_gemm_kernel, grid, src, table, weight_kco, out, n_dst, n_src, c, o, k,
             SKIP_EMPTY_TAPS=skip_empty_taps, PRECISION=_precision(tf32), DOT_IN_FP32=_dot_in_fp32(src.dtype))
     return out
@@ -302,7 +305,7 @@ def depthwise(src: torch.Tensor, table: torch.Tensor, weight_kc: torch.Tensor) -
         return out.zero_()
 
     def grid(meta):
-        return triton.cdiv(c, meta["BLOCK_C"]), triton.cdiv(n_dst, meta["BLOCK_M"])
+        return (triton.cdiv(c, meta["BLOCK_C"]) * triton.cdiv(n_dst, meta["BLOCK_M"]),)
     _launch(_DEPTHWISE, _depthwise_kernel, grid, src, table, weight_kc, out, n_dst, n_src, c, k)
     return out
 
