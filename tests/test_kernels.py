@@ -63,13 +63,21 @@ def test_kernel_matches_the_reference_forward_and_backward(kernel, shape, dtype)
         assert float(excess.max()) <= 0, f"{what}: max error {float((g.double() - r).abs().max()):.3g}"
 
 
-def test_transposed_table_inverts_the_neighbour_table():
-    _, _, _, call = _case(SHAPES[1], torch.float32)
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+def test_transposed_table_is_the_full_inverse_of_the_neighbour_table(shape):
+    """Every (output row, tap) -> input row entry appears reversed, no (input row, tap) is claimed twice,
+    and every other entry of the transposed table is the 'no output' sentinel N_out."""
+    _, _, _, call = _case(shape, torch.float32)
     table, table_t = call.neighbours(), transposed_table(call)
-    for o, k in [(0, 0), (5, 4), (17, 8)]:
-        i = int(table[o, k])
-        if i < call.num_in:
-            assert int(table_t[i, k]) == o
+    n_out, taps = table.shape
+    expected = torch.full((call.num_in, taps), n_out, dtype=torch.long)
+    for o in range(n_out):
+        for k in range(taps):
+            i = int(table[o, k])
+            if i < call.num_in:                       # masked (N_in) and padding (N_in + 1) taps have no input row
+                assert int(expected[i, k]) == n_out, f"input row {i} tap {k} feeds two output rows"
+                expected[i, k] = o
+    assert table_t.shape == expected.shape and torch.equal(table_t, expected)
 
 
 @pytest.mark.parametrize("op,shape", [(gather_gemm_conv, SHAPES[1]), (gather_gemm_conv, SHAPES[3]),
