@@ -6,13 +6,14 @@ transposed table) reads a zero row, so masked loads do the job of SparK's zeros 
 of the rows is ever made. Accumulation is fp32 for every dtype; results are stored in the dtype of
 the destination tensor.
 
-Tiles are sized for Hopper (H100/H200: 228 KB shared memory, 132 SMs) and picked per layer shape by
+Tiles are sized for Hopper (H100/H200: 227 KB shared memory per block, 132 SMs) and picked per layer shape by
 ``triton.autotune`` among a few configurations. Under ``TRITON_INTERPRET=1`` (the CPU interpreter
 used by the tests) the programs run untuned with small tiles, so tiny test shapes still cover
 several tiles and every masked edge.
 
 Only long-standing Triton APIs are used (``tl.load``/``tl.store`` with masks, ``tl.dot`` with an
-accumulator and ``input_precision``, ``triton.autotune``), so the same code runs on Triton 3.6 and 3.8.
+accumulator and ``input_precision``, ``triton.autotune``), so the same code runs on Triton 3.6 and 3.8
+(the tests compile every program for sm_90 without a GPU; both versions were checked).
 """
 from __future__ import annotations
 
