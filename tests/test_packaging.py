@@ -1,0 +1,36 @@
+"""The install files agree: environment.yml (conda-forge only) carries every dependency of pyproject.toml."""
+import re
+from pathlib import Path
+
+import pytest
+import yaml   # a dependency of timm
+
+tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11 on")
+
+REPO = Path(__file__).resolve().parents[1]
+#: PyPI name -> conda-forge name, where they differ
+CONDA_NAMES = {"torch": "pytorch", "matplotlib": "matplotlib-base"}
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~ \[;]", requirement.strip(), maxsplit=1)[0].lower()
+
+
+def _environment() -> dict:
+    return yaml.safe_load((REPO / "environment.yml").read_text())
+
+
+def test_environment_uses_conda_forge_only():
+    assert _environment()["channels"] == ["conda-forge", "nodefaults"]
+
+
+def test_environment_installs_every_runtime_dependency_of_pyproject():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = {CONDA_NAMES.get(_name(r), _name(r)) for r in project["dependencies"]}
+    conda = {_name(d) for d in _environment()["dependencies"] if isinstance(d, str)}
+    assert wanted <= conda, f"in pyproject.toml but not in environment.yml: {sorted(wanted - conda)}"
+
+
+def test_environment_installs_the_project_itself_with_pip():
+    pip = next(d["pip"] for d in _environment()["dependencies"] if isinstance(d, dict))
+    assert "-e ." in pip and any(_name(p) == "spconv" for p in pip)
