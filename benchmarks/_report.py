@@ -1,8 +1,39 @@
-"""results.json, results.md and the PNG plots of a benchmark run."""
+"""results.json, results.md and the PNG plots of a benchmark run, with the run's provenance.
+
+Every ``results.json`` records where its numbers come from (:func:`provenance`): the git commit
+and whether the tree had uncommitted changes (and which files), the date, Python and the OS, next
+to the machine and library versions the benchmark itself records. ``render_benchmarks.py`` prints
+this next to every table of BENCHMARKS.md.
+"""
 from __future__ import annotations
 
+import datetime
 import json
+import platform
+import subprocess
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=REPO)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def provenance() -> dict:
+    """Commit, dirty state, date and interpreter of this run (``None`` fields outside a git checkout)."""
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    changed = [line[3:] for line in status.splitlines()] if status is not None else None
+    return {"git_commit": commit.strip() if commit else None,
+            "git_dirty": bool(changed) if changed is not None else None,
+            "git_changed_files": changed[:50] if changed else [],
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "python": platform.python_version(), "platform": platform.platform()}
 
 
 def _fmt(value, digits=1):
@@ -31,14 +62,21 @@ def write_markdown(path: Path, meta: dict, records: list[dict]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def write_plots(out: Path, records: list[dict]) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _figure(size: tuple[float, float]):
+    """A figure on its own Agg canvas: no pyplot state, no ``matplotlib.use`` (the caller's backend stays)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
+    fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def write_plots(out: Path, records: list[dict]) -> list[Path]:
     paths = []
     models = sorted({r["model"] for r in records})
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    fig = _figure((5 * len(models), 4))
+    axes = fig.subplots(1, len(models), squeeze=False)
     for ax, model in zip(axes[0], models):
         for variant in sorted({r["backend"] for r in records if r["model"] == model}):
             pts = sorted((r["mask_ratio"], r["speedup_vs_masked"]) for r in records
@@ -51,9 +89,9 @@ def write_plots(out: Path, records: list[dict]) -> list[Path]:
     fig.tight_layout()
     paths.append(out / "speedup_vs_mask_ratio.png")
     fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = _figure((7, 4))
+    ax = fig.subplots()
     labels = [f"{r['model']}\n{r['backend']}\nmask {r['mask_ratio']}" for r in records]
     ax.bar(range(len(records)), [r["peak_mem_mb"] or 0 for r in records])
     ax.set_xticks(range(len(records)), labels, fontsize=6, rotation=90)
@@ -61,9 +99,10 @@ def write_plots(out: Path, records: list[dict]) -> list[Path]:
     fig.tight_layout()
     paths.append(out / "peak_memory.png")
     fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
     return paths
 
 
 def write_json(path: Path, meta: dict, records: list[dict]) -> None:
+    """``{"meta": meta + provenance, "records": records}``; the provenance is taken now, at write time."""
+    meta = {**meta, "provenance": meta.get("provenance") or provenance()}
     path.write_text(json.dumps({"meta": meta, "records": records}, indent=1, default=str))

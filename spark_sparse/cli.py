@@ -4,6 +4,10 @@ SparK's spellings (``--data_path=...``) and dashed ones (``--data-path ...``) bo
 SparK's older aliases (``--model=res50``, ``--resume=PATH``, ``--sparse_conv=1``). With several
 processes requested through SparK's launch flags (``--ngpu_per_node``, ``--num_nodes``, ...) the
 command re-launches itself under ``torch.distributed.run``; under ``torchrun`` it just joins.
+
+Errors: a :class:`~spark_sparse.errors.SparkSparseError` (bad data, checkpoint, backend, model,
+device or settings) is printed as ``Error: <what and the fix>`` with exit status 1; anything else
+is a bug or an environment failure and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -13,12 +17,11 @@ from typing import Optional
 
 import click
 
-from .backends import list_backends, recommended_sparse_backend
-from .checkpoint import CheckpointError
+from .backends import UnknownBackendError, get_backend_class, list_backends, recommended_sparse_backend
+from .errors import SparkSparseError
 from .models import UnknownModelError, list_models, resolve_model_name
 from .speed import RECIPES
 from .train.config import DEMO_DEFAULTS, PretrainConfig
-from .train.data import DataError
 from .train.distributed import under_torchrun
 
 __all__ = ["main", "pretrain_command"]
@@ -34,18 +37,38 @@ def _opt(name: str, *aliases: str, **kwargs):
     return click.option(*names, name, **kwargs)
 
 
+class _HelpAtDisplayOption(click.Option):
+    """An option whose help is computed when ``--help`` is shown, not when the module is imported.
+
+    The backend list says which backends are available, which imports spconv and MinkowskiEngine:
+    only ``--help`` (or an unknown ``--backend``) should pay for that.
+    """
+
+    def __init__(self, *args, help_factory, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._help_factory = help_factory
+
+    def get_help_record(self, ctx):
+        self.help = self._help_factory()
+        return super().get_help_record(ctx)
+
+
 def _backend_help() -> str:
-    return "; ".join(f"{b.name}{'' if b.available else ' (unavailable: ' + b.reason + ')'}" for b in list_backends())
+    listed = "; ".join(f"{b.name}{'' if b.available else ' (unavailable: ' + b.reason + ')'}" for b in list_backends())
+    return f"encoder backend; default: the recipe's. {listed}"
 
 
 def _validate_backend(ctx, param, value: Optional[str]) -> Optional[str]:
+    """Check the named backend only (checking all would import every optional library)."""
     if value is None:
         return None
-    known = {b.name: b for b in list_backends()}
-    if value not in known or not known[value].available:
-        lines = "\n".join(f"  {b}" for b in known.values())
-        what = "unknown" if value not in known else "unavailable"
-        raise click.BadParameter(f"{what} backend {value!r}. Backends:\n{lines}")
+    try:
+        available, reason = get_backend_class(value).availability()
+    except UnknownBackendError as err:
+        raise click.BadParameter(str(err)) from None
+    if not available:
+        lines = "\n".join(f"  {b}" for b in list_backends())
+        raise click.BadParameter(f"unavailable backend {value!r}: {reason}. Backends:\n{lines}")
     return value
 
 
@@ -79,8 +102,12 @@ def _validate_model(ctx, param, value: Optional[str]) -> Optional[str]:
 @_opt("sbn", type=bool, default=True, help="SyncBatchNorm when several CUDA processes run")
 @_opt("dataloader_workers", type=int, help="loader processes per training process; default 8 (demo: 2)")
 @_opt("init_weight", help="initialise weights from a checkpoint (ours, SparK's spark-style or timm-style)")
-@_opt("resume_from", "resume", help="resume a run from its <model>_still_pretraining.pth")
-@_opt("backend", callback=_validate_backend, help=f"encoder backend; default: the recipe's. {_backend_help()}")
+@_opt("resume_from", "resume", help="resume a run from its <model>_still_pretraining.pth; 'auto': from the output "
+                                   "folder's one if it exists, else start a new run")
+@_opt("overwrite", is_flag=True, default=False,
+      help="start over in an output folder that holds another run (deletes its log and checkpoints first); "
+           "without it such a folder is refused")
+@_opt("backend", callback=_validate_backend, cls=_HelpAtDisplayOption, help_factory=_backend_help)
 @_opt("sparse_conv", type=int, default=0, help="SparK's old flag: 1 selects the recommended true-sparse backend")
 @_opt("strict_backend", is_flag=True, default=False, help="a layer the backend's preferred kernel cannot run is an error")
 @_opt("recipe", type=click.Choice(RECIPES), default="fast",
@@ -120,13 +147,13 @@ def pretrain_command(exp_name: str, num_nodes: int, ngpu_per_node: int, node_ran
         click.echo(f"[spark-pretrain] no --data_path: pre-training on the embedded demo photos with demo defaults "
                    f"{', '.join(f'{k}={options[k]}' for k in DEMO_DEFAULTS)}", err=True)
     cfg = PretrainConfig(exp_name=exp_name, demo=demo, **options)
-    from .train.engine import StopRequested, TrainingError, pretrain
+    from .train.engine import StopRequested, pretrain
     try:
-        pretrain(cfg, cmd=shlex.join(sys.argv))
+        pretrain(cfg, cmd=shlex.join(sys.argv), capture_console=True)
     except StopRequested as stop:
         click.echo(f"[spark-pretrain] {stop}", err=True)
         sys.exit(130)
-    except (DataError, CheckpointError, TrainingError, ValueError) as err:
+    except SparkSparseError as err:      # the user's to fix, and the message says how: no traceback
         raise click.ClickException(str(err)) from None
 
 

@@ -35,7 +35,7 @@ def distributed_worker(rank: int, world: int, port: int, cfg: PretrainConfig, du
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    trainer = Trainer(cfg, "")
+    trainer = Trainer(cfg, "", capture_console=True)   # the test reads rank 0's console backup
     trainer.run()
     torch.save(trainer.spark.state_dict(), os.path.join(dump_dir, f"rank{rank}.pth"))
     torch.distributed.destroy_process_group()

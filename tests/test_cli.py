@@ -1,5 +1,6 @@
 """``spark-pretrain`` parses SparK's arguments (underscored, dashed, old aliases) and fails clearly."""
 import pytest
+import torch
 from click.testing import CliRunner
 
 import spark_sparse.cli as cli
@@ -11,8 +12,8 @@ def captured(monkeypatch):
     """Run the CLI up to the training call and capture the configuration it built."""
     seen = {}
 
-    def fake_pretrain(cfg, cmd="", max_epochs=None):
-        seen["cfg"] = cfg
+    def fake_pretrain(cfg, cmd="", max_epochs=None, capture_console=False):
+        seen["cfg"], seen["capture_console"] = cfg, capture_console
 
     monkeypatch.setattr("spark_sparse.train.engine.pretrain", fake_pretrain)
     return seen
@@ -78,8 +79,8 @@ def test_unknown_backend_lists_available_ones(tmp_path):
 
 
 def test_unknown_model_lists_known_ones(tmp_path):
-    result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={tmp_path}", "--model=vgg11"])
-    assert result.exit_code == 2 and "unknown model 'vgg11'" in result.output and "resnet50" in result.output
+    result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={tmp_path}", "--model=no_such_net"])
+    assert result.exit_code == 2 and "unknown model 'no_such_net'" in result.output and "resnet50" in result.output
 
 
 def test_help_shows_every_option_with_defaults():
@@ -90,3 +91,53 @@ def test_help_shows_every_option_with_defaults():
                    "--num_nodes", "--ngpu_per_node", "--node_rank", "--master_address", "--master_port"):
         assert option in result.output, option
     assert "[default: 0.04]" in result.output and "default 4096" in result.output
+
+
+def test_the_cli_tees_the_console_into_the_run_folder(captured, tmp_path):
+    assert _run(["x", f"--data_path={tmp_path}"]).exit_code == 0
+    assert captured["capture_console"] is True
+
+
+def test_overwrite_and_resume_auto_reach_the_run(captured, tmp_path):
+    assert _run(["x", f"--data_path={tmp_path}", "--overwrite", "--resume_from=auto"]).exit_code == 0
+    assert captured["cfg"].overwrite is True and captured["cfg"].resume_from == "auto"
+
+
+def _raising(error):
+    def fake_pretrain(cfg, cmd="", max_epochs=None, capture_console=False):
+        raise error
+    return fake_pretrain
+
+
+@pytest.mark.parametrize("error", [
+    "spark_sparse.kernels.NoKernelError", "spark_sparse.backends.UnsupportedModuleError",
+    "spark_sparse.backends.UnknownBackendError", "spark_sparse.models.UnknownModelError",
+    "spark_sparse.train.data.DataError", "spark_sparse.checkpoint.CheckpointError",
+    "spark_sparse.train.engine.TrainingError", "spark_sparse.errors.ConfigError"])
+def test_our_errors_print_one_line_with_the_fix_and_no_traceback(error, monkeypatch, tmp_path):
+    import importlib
+    module, name = error.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    monkeypatch.setattr("spark_sparse.train.engine.pretrain", _raising(cls("layer x cannot run: use --backend=torch")))
+    result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={tmp_path}"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert result.output == "Error: layer x cannot run: use --backend=torch\n"
+
+
+@pytest.mark.parametrize("bug", [ValueError("internal bug"), KeyError("missing"), RuntimeError("broken")],
+                         ids=["ValueError", "KeyError", "RuntimeError"])
+def test_unexpected_errors_keep_their_traceback(bug, monkeypatch, tmp_path):
+    monkeypatch.setattr("spark_sparse.train.engine.pretrain", _raising(bug))
+    result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={tmp_path}"])
+    assert result.exit_code == 1 and result.exception is bug        # not turned into a one-line message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a usable GPU")
+def test_asking_for_cuda_without_a_gpu_is_one_clear_line(tmp_path):
+    from apptools import make_image_folder
+    data = make_image_folder(tmp_path / "data", count=2)
+    result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={data}", "--device=cuda",
+                                                       f"--exp_dir={tmp_path / 'out'}"])
+    assert result.exit_code == 1 and result.output.startswith("Error: --device cuda asks for CUDA, but ")
+    assert "use --device cpu" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()

@@ -1,16 +1,26 @@
-"""The training run: output files, export to timm, exact resume, bad data, non-finite loss."""
+"""The training run: output files, export to timm, exact resume, guards, bad data, non-finite loss."""
 import json
+import os
+import signal
+import sys
 
 import pytest
 import timm
 import torch
 
-from spark_sparse.checkpoint import read_checkpoint
+from spark_sparse.checkpoint import CheckpointError, atomic_save, read_checkpoint
+from spark_sparse.errors import ConfigError
 from spark_sparse.spark import SparK
-from spark_sparse.train.data import DataError
+from spark_sparse.speed import BatchEstimate, plan_speed
+from spark_sparse.train import engine
+from spark_sparse.train.data import DataError, ImageFolderDataset
+from spark_sparse.train.distributed import split_global_batch
 from spark_sparse.train.engine import Trainer, TrainingError, pretrain
 
 from apptools import make_image_folder, tiny_config
+
+#: the backend users get without --backend (the default recipe's on a CPU)
+DEFAULT_BACKEND = plan_speed(tiny_config(".", ".").recipe, "cpu").backend
 
 
 @pytest.fixture(scope="module")
@@ -18,21 +28,47 @@ def folder(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("data"), count=8)
 
 
+@pytest.fixture(scope="module")
+def folder12(tmp_path_factory):
+    """12 images at batch 4: 3 iterations per epoch, so a run can stop in the middle of one."""
+    return make_image_folder(tmp_path_factory.mktemp("data12"), count=12)
+
+
+def _epoch_records(log_path):
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    return [r for r in records if "args" not in r]
+
+
 def test_one_epoch_writes_every_output_file(folder, tmp_path):
-    pretrain(tiny_config(folder, tmp_path / "out", ep=1))
+    pretrain(tiny_config(folder, tmp_path / "out", ep=1), capture_console=True)
     out = tmp_path / "out"
     assert {p.name for p in out.iterdir()} == {"pretrain_log.txt", "stdout_backup.txt", "stderr_backup.txt",
                                                "tiny_cnn_still_pretraining.pth", "tiny_cnn_1kpretrained.pth",
                                                "reconstruction.png"}
     header, epoch = [json.loads(line) for line in (out / "pretrain_log.txt").read_text().splitlines()]
     assert header["model"] == "tiny_cnn" and header["args"]["bs"] == 4
-    assert header["backend"] == header["speed_plan"]["backend"] == "sparse"      # the default 'fast' recipe
-    assert header["backend_plan"] and "cmd" in header and "git_commit" in header
+    assert header["backend"] == header["speed_plan"]["backend"] == DEFAULT_BACKEND
+    assert header["backend_plan"] and "cmd" in header and "git_commit" in header and header["warnings"] == []
     assert epoch["epoch"] == 1 and epoch["loss"] > 0 and epoch["images_per_s"] > 0
     assert {"remaining", "finish_time", "lr"} <= epoch.keys()
     assert "finished" in (out / "stdout_backup.txt").read_text()
     ckpt = read_checkpoint(out / "tiny_cnn_still_pretraining.pth")
-    assert {"model", "optimizer", "scaler", "epoch", "iteration", "rng", "args"} <= ckpt.keys()
+    assert {"model", "optimizer", "scaler", "epoch", "iteration", "rng", "args", "epoch_progress"} <= ckpt.keys()
+
+
+def test_a_library_call_leaves_the_callers_console_streams_alone(folder, tmp_path, monkeypatch):
+    seen = []
+    real_step = Trainer.step
+
+    def step(self, *args, **kwargs):
+        seen.append((sys.stdout, sys.stderr))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "step", step)
+    before = (sys.stdout, sys.stderr)
+    pretrain(tiny_config(folder, tmp_path, ep=1))
+    assert seen and all(streams == before for streams in seen) and (sys.stdout, sys.stderr) == before
+    assert not (tmp_path / "stdout_backup.txt").exists() and not (tmp_path / "stderr_backup.txt").exists()
 
 
 def test_exported_resnet_loads_into_timm(folder, tmp_path):
@@ -41,27 +77,143 @@ def test_exported_resnet_loads_into_timm(folder, tmp_path):
     model.load_state_dict(torch.load(tmp_path / "resnet18_1kpretrained.pth"), strict=True)
 
 
-@pytest.mark.parametrize("backend", ["masked", "torch"])
-def test_resume_continues_exactly_the_same_run(folder, tmp_path, backend):
-    straight = Trainer(tiny_config(folder, tmp_path / "a", backend=backend), "")
+def _stop_with_sigterm_during(trainer: Trainer, global_it: int) -> None:
+    """SIGTERM arrives while step ``global_it`` runs: the run stops (with a checkpoint) after the next step."""
+    real_step = trainer.step
+
+    def step(images, it, stop_requested=False):
+        if it == global_it:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(images, it, stop_requested)
+
+    trainer.step = step
+
+
+@pytest.mark.parametrize("backend,amp,workers", [("masked", "none", 0), ("torch", "none", 0),
+                                                 (DEFAULT_BACKEND, "none", 2), (DEFAULT_BACKEND, "bf16", 0)],
+                         ids=["masked", "torch", f"{DEFAULT_BACKEND}-default", f"{DEFAULT_BACKEND}-bf16"])
+def test_a_run_stopped_mid_epoch_and_resumed_equals_the_uninterrupted_run(folder12, tmp_path, backend, amp, workers):
+    def config(out, **extra):
+        return tiny_config(folder12, tmp_path / out, backend=backend, amp=amp, dataloader_workers=workers, **extra)
+
+    straight = Trainer(config("a"), "")
     straight.run()
-    halves = Trainer(tiny_config(folder, tmp_path / "b", backend=backend), "")
-    halves.run(max_epochs=1)
-    resumed = Trainer(tiny_config(folder, tmp_path / "b", backend=backend,
-                                  resume_from=str(tmp_path / "b" / "tiny_cnn_still_pretraining.pth")), "")
-    assert resumed.state.epoch == 0   # not loaded until run()
+    interrupted = Trainer(config("b"), "")
+    _stop_with_sigterm_during(interrupted, global_it=3)       # epoch 1, iteration 0 of 3
+    with pytest.raises(engine.StopRequested, match="--resume_from="):
+        interrupted.run()
+    ckpt = read_checkpoint(tmp_path / "b" / "tiny_cnn_still_pretraining.pth")
+    assert (ckpt["epoch"], ckpt["iteration"]) == (1, 2)        # stopped after the step that followed SIGTERM
+    resumed = Trainer(config("b", resume_from="auto"), "")     # the folder's own checkpoint
+    assert resumed.state.epoch == 0                           # not loaded until run()
     resumed.run()
     a, b = straight.spark.state_dict(), resumed.spark.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
-    log = (tmp_path / "b" / "pretrain_log.txt").read_text().splitlines()
-    assert [json.loads(line).get("epoch") for line in log if '"epoch"' in line and "args" not in line] == [1, 2]
+    logged = ("epoch", "loss", "min_loss", "lr", "unreadable_images")
+    want = [{k: r[k] for k in logged} for r in _epoch_records(tmp_path / "a" / "pretrain_log.txt")]
+    got = [{k: r[k] for k in logged} for r in _epoch_records(tmp_path / "b" / "pretrain_log.txt")]
+    assert got == want                                        # the resumed epoch's loss covers all its iterations
+    assert _epoch_records(tmp_path / "b" / "pretrain_log.txt")[-1]["resumed_at_iteration"] == 2
 
 
-def test_unreadable_images_are_skipped_and_named(folder, tmp_path):
+def test_resume_auto_without_a_checkpoint_starts_a_new_run(folder, tmp_path):
+    trainer = Trainer(tiny_config(folder, tmp_path, ep=1, resume_from="auto"), "")
+    assert trainer.resume_path is None
+    assert trainer.run().epoch == 1
+
+
+def _previous_run(folder_path):
+    folder_path.mkdir(parents=True)
+    (folder_path / "pretrain_log.txt").write_text('{"name": "old", "args": {}}\n{"epoch": 3, "loss": 0.9}\n')
+    atomic_save({"format": "spark-sparse/1"}, folder_path / "tiny_cnn_still_pretraining.pth")
+    return (folder_path / "pretrain_log.txt").read_bytes()
+
+
+def test_a_folder_holding_a_run_is_refused_with_the_commands_to_continue_or_start_over(folder, tmp_path):
+    log = _previous_run(tmp_path / "out")
+    with pytest.raises(ConfigError) as err:
+        Trainer(tiny_config(folder, tmp_path / "out"), "spark-pretrain t --ep=2")
+    message = str(err.value)
+    assert "already holds a run" in message and "last logged epoch 3/2" in message
+    assert f"spark-pretrain t --ep=2 --resume_from={tmp_path / 'out' / 'tiny_cnn_still_pretraining.pth'}" in message
+    assert "spark-pretrain t --ep=2 --overwrite" in message
+    assert (tmp_path / "out" / "pretrain_log.txt").read_bytes() == log
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["pretrain_log.txt",
+                                                                     "tiny_cnn_still_pretraining.pth"]
+
+
+def test_resuming_a_checkpoint_from_elsewhere_into_a_folder_with_a_run_is_refused(folder, tmp_path):
+    _previous_run(tmp_path / "out")
+    _previous_run(tmp_path / "other")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        Trainer(tiny_config(folder, tmp_path / "out",
+                            resume_from=str(tmp_path / "other" / "tiny_cnn_still_pretraining.pth")), "")
+
+
+def test_overwrite_starts_over_in_a_folder_holding_a_run(folder, tmp_path):
+    _previous_run(tmp_path / "out")
+    (tmp_path / "out" / "resnet18_still_pretraining.pth").write_bytes(b"another model's run")
+    (tmp_path / "out" / "notes.txt").write_text("not a run file")
+    pretrain(tiny_config(folder, tmp_path / "out", ep=1, overwrite=True))
+    records = [json.loads(line) for line in (tmp_path / "out" / "pretrain_log.txt").read_text().splitlines()]
+    assert [("args" in r, r.get("epoch")) for r in records] == [(True, None), (False, 1)]
+    assert not (tmp_path / "out" / "resnet18_still_pretraining.pth").exists()
+    assert (tmp_path / "out" / "notes.txt").read_text() == "not a run file"
+    assert read_checkpoint(tmp_path / "out" / "tiny_cnn_still_pretraining.pth")["epoch"] == 1
+
+
+def test_dataloader_workers_live_across_epochs(folder, tmp_path, monkeypatch):
+    pids = tmp_path / "pids.txt"
+    real_load = ImageFolderDataset.load
+
+    def load(self, index):
+        with open(pids, "a") as fh:                  # written by the worker process that loads the image
+            fh.write(f"{os.getpid()}\n")
+        return real_load(self, index)
+
+    monkeypatch.setattr(ImageFolderDataset, "load", load)
+    pretrain(tiny_config(folder, tmp_path / "out", ep=2, dataloader_workers=1))
+    loads = pids.read_text().split()
+    workers = set(loads) - {str(os.getpid())}          # this process loads only the final PNG's images
+    assert len(loads) >= 16 and len(workers) == 1
+
+
+def test_global_batch_is_checked_against_the_dataset_and_the_process_count():
+    assert split_global_batch(8, 2, 100) == (4, 8, [])
+    local, used, warnings = split_global_batch(10, 4, 100)
+    assert (local, used) == (2, 8) and "--bs 10 is not divisible by the 4 processes" in warnings[0]
+    with pytest.raises(ConfigError, match=r"--bs 64 is larger than the dataset \(24 images\).*--bs 24 or less"):
+        split_global_batch(64, 1, 24)
+    with pytest.raises(ConfigError, match="smaller than the 4 processes"):
+        split_global_batch(2, 4, 100)
+
+
+def test_a_batch_larger_than_the_dataset_fails_before_writing_anything(folder, tmp_path):
+    with pytest.raises(ConfigError, match="larger than the dataset"):
+        Trainer(tiny_config(folder, tmp_path / "out", bs=16), "")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_batch_above_the_memory_estimate_is_warned_before_the_first_step(folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(engine, "estimate_max_batch", lambda *args, **kwargs: BatchEstimate(50.0, 10.0, 200.0, 3))
+    trainer = Trainer(tiny_config(folder, tmp_path, bs=4), "")
+    assert len(trainer.warnings) == 1 and "batch per process (4) is larger than the estimated largest" in \
+        trainer.warnings[0] and "about 3" in trainer.warnings[0]
+    trainer._print_start()
+    assert "warning: the batch per process (4)" in capsys.readouterr().err
+
+
+def test_fp16_autocast_on_a_cpu_warns_to_use_bf16(folder, tmp_path):
+    trainer = Trainer(tiny_config(folder, tmp_path, amp="fp16"), "")
+    assert any("--amp fp16 on a CPU" in w and "--amp bf16" in w for w in trainer.warnings)
+    assert not any("fp16" in w for w in Trainer(tiny_config(folder, tmp_path, amp="bf16"), "").warnings)
+
+
+def test_unreadable_images_are_skipped_and_named(folder, tmp_path, capsys):
     broken = make_image_folder(tmp_path / "data", count=6)
     (broken / "train" / "class0" / "img0.png").write_bytes(b"this is not a png")
     pretrain(tiny_config(broken, tmp_path / "out", ep=1))
-    assert "img0.png" in (tmp_path / "out" / "stderr_backup.txt").read_text()
+    assert "img0.png" in capsys.readouterr().err
     epoch = json.loads((tmp_path / "out" / "pretrain_log.txt").read_text().splitlines()[-1])
     assert epoch["unreadable_images"] == 1
 
@@ -98,6 +250,5 @@ def test_non_finite_loss_stops_and_keeps_a_resumable_last_good_state(folder, tmp
 
 def test_resuming_a_file_that_is_not_a_run_checkpoint_is_a_clear_error(folder, tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "weights.pth")
-    from spark_sparse.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="not a spark-pretrain checkpoint.*--init_weight"):
         pretrain(tiny_config(folder, tmp_path / "out", resume_from=str(tmp_path / "weights.pth")))

@@ -34,7 +34,8 @@ class PretrainConfig:
     sbn: bool = True
     dataloader_workers: int = 8
     init_weight: Optional[str] = None
-    resume_from: Optional[str] = None
+    resume_from: Optional[str] = None     # a still_pretraining.pth, or 'auto': this run's folder's if present
+    overwrite: bool = False               # start over in a folder that holds another run (deletes its files)
     backend: Optional[str] = None
     strict_backend: bool = False
     device: str = "auto"

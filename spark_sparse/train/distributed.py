@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "init_distributed", "epoch_batches", "under_torchrun"]
+from ..errors import ConfigError
+
+__all__ = ["DistContext", "init_distributed", "epoch_batches", "EpochBatchSampler", "split_global_batch",
+           "under_torchrun"]
 
 
 def under_torchrun() -> bool:
@@ -58,15 +62,31 @@ class DistContext:
         return [bool(v) for v in t.tolist()]
 
 
+def _check_cuda(device: str) -> None:
+    """A clear :class:`ConfigError` when ``--device`` asks for a GPU that torch cannot use."""
+    if not torch.cuda.is_available():
+        why = ("this torch is a CPU-only build" if torch.version.cuda is None else
+               f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU: check the driver "
+               f"(nvidia-smi) and CUDA_VISIBLE_DEVICES")
+        raise ConfigError(f"--device {device} asks for CUDA, but {why}; use --device cpu (or auto), or install a "
+                          f"CUDA build of torch")
+    index = device.split(":", 1)[1] if ":" in device else None
+    if index is not None and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        raise ConfigError(f"--device {device}: no such GPU; this machine has {torch.cuda.device_count()} "
+                          f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+
+
 def init_distributed(device: str) -> DistContext:
     """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU).
 
     ``device`` is ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; under torchrun CUDA uses the
     local rank's GPU.
     """
+    if device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise ConfigError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N")
     want_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if want_cuda and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} asked for CUDA but torch sees no GPU")
+    if want_cuda:
+        _check_cuda(device)
     if not under_torchrun():
         dev = torch.device(device if device.startswith("cuda") else ("cuda" if want_cuda else "cpu"))
         return DistContext(device=dev)
@@ -79,6 +99,30 @@ def init_distributed(device: str) -> DistContext:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if want_cuda else "gloo", init_method="env://")
     return DistContext(rank, world, local, dev)
+
+
+def split_global_batch(global_batch: int, world: int, num_images: int) -> tuple[int, int, list[str]]:
+    """``--bs`` (global) -> ``(per process, global actually used, warnings)``; impossible requests raise.
+
+    SparK's rule: each process takes ``global // world`` images, so a global batch that is not a
+    multiple of the process count shrinks; that is worth a warning, since the learning rate is
+    scaled for the batch actually used. A global batch larger than the dataset would fill each
+    step with copies of the same images at a learning rate scaled for the larger batch: an error.
+    """
+    if global_batch < world:
+        raise ConfigError(f"--bs {global_batch} is the global batch over all processes and is smaller than the "
+                          f"{world} processes: use --bs {world} or more (a multiple of {world})")
+    if global_batch > num_images:
+        raise ConfigError(f"--bs {global_batch} is larger than the dataset ({num_images} images): every step would "
+                          f"repeat images {global_batch / num_images:.1f} times at a learning rate scaled for "
+                          f"{global_batch}; use --bs {num_images} or less, or more images")
+    local = global_batch // world
+    warnings = []
+    if local * world != global_batch:
+        warnings.append(f"--bs {global_batch} is not divisible by the {world} processes: the global batch is "
+                        f"{local * world} ({local} per process) and the learning rate is scaled for {local * world}; "
+                        f"use --bs {local * world} or {(local + 1) * world} to silence this")
+    return local, local * world, warnings
 
 
 def epoch_batches(num_samples: int, global_batch: int, epoch: int, seed: int, rank: int, world: int
@@ -100,3 +144,28 @@ def epoch_batches(num_samples: int, global_batch: int, epoch: int, seed: int, ra
         start = it * global_batch + rank * local
         batches.append(list(zip(order[start:start + local].tolist(), sample_seeds[start:start + local].tolist())))
     return batches
+
+
+class EpochBatchSampler:
+    """A DataLoader ``batch_sampler`` that yields :func:`epoch_batches` of the epoch set last.
+
+    One DataLoader with persistent workers serves the whole run: before each epoch the engine calls
+    :meth:`set_epoch` (with the iterations to skip when resuming mid-epoch); the DataLoader asks for
+    a fresh iterator at every ``iter(loader)``, and its workers only ever receive
+    ``(index, seed)`` pairs, so the batches stay a pure function of (seed, epoch).
+    """
+
+    def __init__(self, num_samples: int, global_batch: int, seed: int, rank: int, world: int):
+        self.num_samples, self.global_batch, self.seed = num_samples, global_batch, seed
+        self.rank, self.world = rank, world
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self):
+        batches = epoch_batches(self.num_samples, self.global_batch, self.epoch, self.seed, self.rank, self.world)
+        return iter(batches[self.skip:])
+
+    def __len__(self) -> int:
+        return max(0, math.ceil(self.num_samples / self.global_batch) - self.skip)

@@ -2,7 +2,14 @@
 
 Every iteration re-seeds its randomness from (seed, global iteration, rank): masks, drop-path and
 data augmentation are then functions of the run's seed and position, so a resumed run continues
-exactly as if it had never stopped.
+exactly as if it had never stopped. A checkpoint taken mid-epoch also keeps that epoch's loss sum,
+so the resumed epoch's logged loss covers the whole epoch, as in an uninterrupted run.
+
+Settings that cannot work (a global batch larger than the dataset, fewer images than processes, a
+folder holding another run) fail with :class:`~spark_sparse.errors.ConfigError` before anything is
+written; settings that work but differ from what was asked (a batch rounded down to a multiple of
+the process count, a batch above the memory estimate, fp16 autocast on a CPU) are printed as
+warnings before the first step and recorded in the log header.
 """
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -25,25 +32,28 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .. import __version__
+from ..errors import ConfigError, SparkSparseError
 from ..checkpoint import CheckpointError, atomic_save, load_pretrained, load_spark_state, read_checkpoint
 from ..models import resolve_model_name
 from ..spark import SparK, create_spark
 from ..speed import apply_speed_plan, estimate_max_batch, plan_speed
 from .config import PretrainConfig
 from .data import DemoPhotosDataset, ImageFolderDataset, pretrain_transform
-from .distributed import DistContext, epoch_batches, init_distributed
+from .distributed import DistContext, EpochBatchSampler, init_distributed, split_global_batch
 from .optim import apply_lr_wd, build_optimizer, default_beta2, lr_wd_at, param_groups
 from .outputs import RunOutputs, git_commit
 from .visualize import save_reconstruction_grid
 
-__all__ = ["pretrain", "TrainingError", "StopRequested"]
+__all__ = ["pretrain", "Trainer", "TrainingError", "StopRequested", "RESUME_AUTO"]
 
 CHECKPOINT_FORMAT = "spark-sparse/1"
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: ``--resume_from=auto``: this run's folder's ``<model>_still_pretraining.pth`` if there is one, else a new run
+RESUME_AUTO = "auto"
 
 
-class TrainingError(RuntimeError):
-    pass
+class TrainingError(SparkSparseError, RuntimeError):
+    """Training cannot go on (a non-finite loss): the message says what was saved and what to try."""
 
 
 class StopRequested(Exception):
@@ -55,6 +65,12 @@ class RunState:
     epoch: int = 0          # epoch being run
     iteration: int = 0      # next iteration within it
     min_loss: float = math.inf
+    loss_sum: float = 0.0   # this rank's losses of the epoch's iterations so far (mean over ranks once saved)
+    unreadable: set = field(default_factory=set)   # dataset indices found unreadable this epoch
+
+    def progress(self) -> dict:
+        """The partial epoch, as a checkpoint keeps it."""
+        return {"loss_sum": self.loss_sum, "unreadable": sorted(self.unreadable)}
 
 
 class _StopFlag:
@@ -99,19 +115,30 @@ def _rng_states() -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: PretrainConfig, cmd: str):
-        self.cfg, self.cmd = cfg, cmd
+    """One pre-training run: everything is built (and every setting checked) in the constructor.
+
+    ``capture_console`` tees ``sys.stdout``/``sys.stderr`` into the run's console backups while
+    :meth:`run` runs; the CLI asks for it, a library caller keeps its streams untouched by default.
+    """
+
+    def __init__(self, cfg: PretrainConfig, cmd: str, capture_console: bool = False):
+        self.cfg, self.cmd, self.capture_console = cfg, cmd, capture_console
+        self.warnings: list[str] = []
         self.ctx: DistContext = init_distributed(cfg.device)
         self.model_name = resolve_model_name(cfg.model)
         self.dataset = _build_dataset(cfg)                    # fails before any file is written
-        world = self.ctx.world_size
-        if cfg.bs < world:
-            raise ValueError(f"--bs {cfg.bs} (global) is smaller than the {world} processes")
-        self.local_batch = cfg.bs // world
-        self.global_batch = self.local_batch * world
+        self.outputs = RunOutputs(cfg.output_dir, self.model_name, self.ctx.is_main)
+        self.resume_path = self._resume_path()
+        if self.ctx.is_main:
+            self.outputs.check_reusable(self.resume_path, cfg.overwrite, cmd, cfg.ep)
+        self.local_batch, self.global_batch, batch_warnings = split_global_batch(cfg.bs, self.ctx.world_size,
+                                                                                 len(self.dataset))
+        self.warnings += batch_warnings
         self.iters_per_epoch = cfg.iterations_per_epoch(len(self.dataset), self.global_batch)
         self.total_iters = cfg.ep * self.iters_per_epoch
         self.amp_dtype = AMP_DTYPES[cfg.amp]
+        if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard, or drop the flag")
 
         torch.manual_seed(cfg.seed)   # the initial weights are part of the run: make them the seed's
         self.speed = plan_speed(cfg.recipe, self.ctx.device, backend=cfg.backend, channels_last=cfg.channels_last,
@@ -124,6 +151,7 @@ class Trainer:
         self.plan = self.spark.backend.plan(self.spark.encoder, self.ctx.device, self.amp_dtype or torch.float32)
         apply_speed_plan(self.spark, self.speed)
         self.batch_estimate = estimate_max_batch(self.spark, self.spark.input_hw, self.ctx.device)
+        self._check_precision_and_memory()
         self.model: nn.Module = self.spark
         if self.ctx.initialized:
             self.model = DistributedDataParallel(
@@ -136,23 +164,52 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.opt, self.groups, self.peak_lr, self.beta2, cfg.clip,
                                          foreach=self.speed.foreach_optimizer)
         self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=cfg.amp == "fp16")
-        if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
-            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard, or drop the flag")
-        self.outputs = RunOutputs(cfg.output_dir, self.model_name, self.ctx.is_main)
+        self.sampler = EpochBatchSampler(len(self.dataset), self.global_batch, cfg.seed, self.ctx.rank,
+                                         self.ctx.world_size)
+        self.loader: Optional[DataLoader] = None
         self.state = RunState()
         self.tb = None
 
+    # ------------------------------------------------------------------ settings checked before the first step
+    def _resume_path(self) -> Optional[str]:
+        """``--resume_from``, with ``auto`` resolved to this folder's checkpoint (``None``: a new run)."""
+        if self.cfg.resume_from != RESUME_AUTO:
+            return self.cfg.resume_from
+        found = self.outputs.still_pretraining_path
+        return str(found) if found.is_file() else None
+
+    def _check_precision_and_memory(self) -> None:
+        device = self.ctx.device
+        if self.cfg.amp == "fp16" and device.type == "cpu":
+            self._warn("--amp fp16 on a CPU: many CPUs have no optimised fp16 convolution backward (oneDNN then "
+                       "runs its reference kernels, 10-100x slower than fp32); use --amp bf16 on CPUs")
+        estimate = self.batch_estimate.max_batch
+        if self.local_batch > estimate:
+            self._warn(f"the batch per process ({self.local_batch}) is larger than the estimated largest that fits "
+                       f"on {device} (about {estimate}: {self.batch_estimate.describe(str(device))}); expect running "
+                       f"out of memory: lower --bs, add --grad_ckpt, or use --amp bf16")
+
+    def _warn(self, message: str) -> None:
+        """Printed before the first step (by the main process) and kept in the log header."""
+        self.warnings.append(message)
+
     # ------------------------------------------------------------------ checkpoints
-    def checkpoint(self) -> dict:
+    def checkpoint(self, progress: Optional[dict] = None) -> dict:
+        """Everything to resume exactly; ``progress`` is the partial epoch (loss sum, unreadable images)."""
         return {"format": CHECKPOINT_FORMAT, "version": __version__, "model": self.spark.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.state.epoch, "iteration": self.state.iteration, "min_loss": self.state.min_loss,
+                "epoch_progress": progress if progress is not None else self.state.progress(),
                 "rng": _rng_states(), "args": self.cfg.as_dict(), "model_name": self.model_name}
 
     def save(self, final: bool = False) -> None:
+        """Write both checkpoints (main process); every process must call it (the loss sum is averaged)."""
+        progress = self.state.progress()
+        # each rank summed its own losses: keep their mean, which every rank resumes from (equal counts)
+        progress["loss_sum"] = self.ctx.all_mean(progress["loss_sum"])
         if not self.ctx.is_main:
             return
-        atomic_save(self.checkpoint(), self.outputs.still_pretraining_path)
+        atomic_save(self.checkpoint(progress), self.outputs.still_pretraining_path)
         atomic_save(self.spark.encoder_state_dict(), self.outputs.pretrained_path)
         if final:
             print(f"[spark-pretrain] saved {self.outputs.pretrained_path} (timm-style encoder)")
@@ -168,7 +225,12 @@ class Trainer:
         load_spark_state(self.spark, ckpt["model"], f"{path}")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
-        self.state = RunState(ckpt["epoch"], ckpt["iteration"], ckpt.get("min_loss", math.inf))
+        progress = ckpt.get("epoch_progress", {})
+        self.state = RunState(ckpt["epoch"], ckpt["iteration"], ckpt.get("min_loss", math.inf),
+                              progress.get("loss_sum", 0.0), set(progress.get("unreadable", ())))
+        if self.state.iteration and "epoch_progress" not in ckpt:
+            self._warn(f"{path} predates epoch_progress: epoch {self.state.epoch + 1}'s logged loss will cover only "
+                       f"the iterations after the resume")
         print(f"[spark-pretrain] resumed from {path}: epoch {self.state.epoch}, iteration {self.state.iteration}")
 
     # ------------------------------------------------------------------ one step
@@ -205,20 +267,26 @@ class Trainer:
         return loss_value, stop
 
     # ------------------------------------------------------------------ the run
-    def _loader(self, epoch: int, skip: int) -> DataLoader:
-        batches = epoch_batches(len(self.dataset), self.global_batch, epoch, self.cfg.seed, self.ctx.rank,
-                                self.ctx.world_size)[skip:]
-        workers = self.cfg.dataloader_workers
-        return DataLoader(self.dataset, batch_sampler=batches, num_workers=workers,
-                          pin_memory=self.ctx.device.type == "cuda", persistent_workers=False,
-                          prefetch_factor=4 if workers > 0 else None)
+    def _epoch_loader(self, epoch: int, skip: int) -> DataLoader:
+        """The run's one DataLoader, set to ``epoch`` (skipping ``skip`` iterations when resuming).
+
+        Its workers persist across epochs (no process start-up per epoch); the sampler is told
+        the epoch before each ``iter(loader)``, which is when the DataLoader reads it.
+        """
+        self.sampler.set_epoch(epoch, skip)
+        if self.loader is None:
+            workers = self.cfg.dataloader_workers
+            self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=workers,
+                                     pin_memory=self.ctx.device.type == "cuda", persistent_workers=workers > 0,
+                                     prefetch_factor=4 if workers > 0 else None)
+        return self.loader
 
     def _header(self) -> dict:
         return {"name": self.cfg.exp_name, "cmd": self.cmd, "git_commit": git_commit(), "model": self.model_name,
                 "backend": self.speed.backend, "world_size": self.ctx.world_size, "device": str(self.ctx.device),
                 "global_batch": self.global_batch, "lr": self.peak_lr, "iters_per_epoch": self.iters_per_epoch,
                 "sync_bn": self.sync_bn, "speed_plan": self.speed.as_dict(), "backend_plan": self.plan,
-                "args": self.cfg.as_dict()}
+                "resumed_from": self.resume_path, "warnings": self.warnings, "args": self.cfg.as_dict()}
 
     def _print_start(self) -> None:
         cfg = self.cfg
@@ -234,18 +302,22 @@ class Trainer:
         print("[spark-pretrain] backend plan (layer: kernel):")
         for layer, how in self.plan:
             print(f"  {layer:<40} {how}")
+        for message in self.warnings:
+            print(f"[spark-pretrain] warning: {message}", file=sys.stderr)
 
     def run(self, max_epochs: Optional[int] = None) -> RunState:
         """Train to ``--ep`` (or for at most ``max_epochs`` more epochs, e.g. within a job's time slot)."""
         cfg = self.cfg
         if cfg.init_weight:
             print(f"[spark-pretrain] initialised from {cfg.init_weight} ({load_pretrained(self.spark, cfg.init_weight)})")
-        if cfg.resume_from:
-            self.resume(cfg.resume_from)
-        self.outputs.open()
+        if self.resume_path:
+            self.resume(self.resume_path)
+        fresh = cfg.overwrite and not self.outputs.continues_this_folder(self.resume_path)
+        self.outputs.open(fresh=fresh, capture_console=self.capture_console)
         try:
-            self._print_start()
-            self.outputs.write_header(self._header(), resumed=bool(cfg.resume_from))
+            if self.ctx.is_main:
+                self._print_start()
+            self.outputs.write_header(self._header())
             if cfg.tensorboard and self.ctx.is_main:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(str(self.outputs.dir / "tensorboard_log"))
@@ -265,8 +337,8 @@ class Trainer:
     def _run_epoch(self, stop: _StopFlag) -> None:
         cfg, state = self.cfg, self.state
         self.spark.train()
-        start_time, seen, losses, bad = time.time(), 0, [], set()
-        loader = self._loader(state.epoch, state.iteration)
+        start_time, seen, resumed_at = time.time(), 0, state.iteration
+        loader = self._epoch_loader(state.epoch, state.iteration)
         bar = tqdm(loader, total=self.iters_per_epoch, initial=state.iteration, disable=not self.ctx.is_main,
                    desc=f"epoch {state.epoch + 1}/{cfg.ep}", dynamic_ncols=True, file=sys.stderr,
                    mininterval=0.5 if sys.stderr.isatty() else 10.0)
@@ -281,8 +353,8 @@ class Trainer:
                                     f"{self.outputs.still_pretraining_path} (try a lower --base_lr or --clip)") from None
             state.iteration += 1
             seen += images.shape[0] * self.ctx.world_size
-            losses.append(loss)
-            bad.update(int(i) for i in bad_indices if i >= 0)
+            state.loss_sum += loss
+            state.unreadable.update(int(i) for i in bad_indices if i >= 0)
             rate = seen / max(time.time() - start_time, 1e-9)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.last_lr:.2e}", img_s=f"{rate:.1f}", refresh=False)
             if self.tb is not None:
@@ -294,19 +366,21 @@ class Trainer:
                 raise StopRequested(f"stopped at epoch {state.epoch} iteration {state.iteration}; resume with "
                                     f"--resume_from={self.outputs.still_pretraining_path}")
         bar.close()
-        for index in sorted(bad):
+        unreadable = sorted(state.unreadable)
+        for index in unreadable:
             print(f"[spark-pretrain] warning: could not read {self.dataset.describe(index)}; replaced by the next image",
                   file=sys.stderr)
-        epoch_loss = self.ctx.all_mean(sum(losses) / max(len(losses), 1))
+        epoch_loss = self.ctx.all_mean(state.loss_sum / max(state.iteration, 1))   # the whole epoch, resumed or not
         elapsed = time.time() - start_time
         state.min_loss = min(state.min_loss, epoch_loss)
-        state.epoch, state.iteration = state.epoch + 1, 0
+        state.epoch, state.iteration, state.loss_sum, state.unreadable = state.epoch + 1, 0, 0.0, set()
         remaining, finish = RunOutputs.eta(elapsed, cfg.ep - state.epoch)
         self.save(final=state.epoch == cfg.ep)
         self.outputs.log_epoch({"epoch": state.epoch, "loss": epoch_loss, "min_loss": state.min_loss,
                                 "lr": self.last_lr, "images_per_s": round(seen / max(elapsed, 1e-9), 2),
                                 "epoch_seconds": round(elapsed, 2), "remaining": remaining, "finish_time": finish,
-                                "unreadable_images": len(bad)})
+                                "unreadable_images": len(unreadable),
+                                **({"resumed_at_iteration": resumed_at} if resumed_at else {})})
         if self.ctx.is_main:
             print(f"[spark-pretrain] epoch {state.epoch}/{cfg.ep}: loss {epoch_loss:.4f} (min {state.min_loss:.4f}), "
                   f"{seen / max(elapsed, 1e-9):.1f} images/s, remaining {remaining}, finish @ {finish}")
@@ -323,6 +397,12 @@ class Trainer:
         print(f"[spark-pretrain] wrote {path}")
 
 
-def pretrain(cfg: PretrainConfig, cmd: str = "", max_epochs: Optional[int] = None) -> RunState:
-    """Run (or resume) a pre-training run; returns the final state."""
-    return Trainer(cfg, cmd).run(max_epochs)
+def pretrain(cfg: PretrainConfig, cmd: str = "", max_epochs: Optional[int] = None,
+             capture_console: bool = False) -> RunState:
+    """Run (or resume) a pre-training run; returns the final state.
+
+    ``capture_console``: tee this process's stdout/stderr into the run's ``stdout_backup.txt`` /
+    ``stderr_backup.txt`` while it runs (the CLI does; off by default so that a library call
+    leaves the caller's ``sys.stdout`` and ``sys.stderr`` alone).
+    """
+    return Trainer(cfg, cmd, capture_console).run(max_epochs)

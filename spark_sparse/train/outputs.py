@@ -1,6 +1,9 @@
 """The files SparK users know, in ``output_<name>/``: logs, console backups, checkpoints, a PNG.
 
 Only the main process writes. Checkpoints go through :func:`spark_sparse.checkpoint.atomic_save`.
+A folder that already holds a run is never overwritten silently: :meth:`RunOutputs.check_reusable`
+refuses unless the new run continues it (from its own ``*_still_pretraining.pth``) or
+``--overwrite`` asks to start over; the log is only ever appended to, except by ``--overwrite``.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
+from ..errors import ConfigError
 
 __all__ = ["RunOutputs", "git_commit", "Tee"]
 
@@ -52,6 +56,9 @@ class Tee:
 class RunOutputs:
     """Paths and writers of one run's output folder."""
 
+    #: files of a run that are not checkpoints (those are ``*_still_pretraining.pth``, ``*_1kpretrained.pth``)
+    PLAIN_FILES = ("pretrain_log.txt", "stdout_backup.txt", "stderr_backup.txt", "reconstruction.png")
+
     def __init__(self, exp_dir: Path, model: str, is_main: bool):
         self.dir = Path(exp_dir)
         self.model, self.is_main = model, is_main
@@ -73,13 +80,74 @@ class RunOutputs:
     def reconstruction_path(self) -> Path:
         return self.dir / "reconstruction.png"
 
-    def open(self) -> "RunOutputs":
+    def existing_run_files(self) -> list[Path]:
+        """The files a previous run left in this folder (checkpoints of any model count)."""
+        if not self.dir.is_dir():
+            return []
+        plain = [self.dir / name for name in self.PLAIN_FILES if (self.dir / name).exists()]
+        checkpoints = sorted(p for pattern in ("*_still_pretraining.pth", "*_1kpretrained.pth")
+                             for p in self.dir.glob(pattern))
+        return plain + checkpoints
+
+    def last_logged_epoch(self) -> Optional[int]:
+        """The epoch of the log's last epoch line, ``None`` without one (what a refusal reports)."""
+        if not self.log_path.is_file():
+            return None
+        epoch = None
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "epoch" in record and "args" not in record:
+                epoch = record["epoch"]
+        return epoch
+
+    def continues_this_folder(self, resume_from: Optional[str]) -> bool:
+        """True when ``resume_from`` is this folder's own ``<model>_still_pretraining.pth``."""
+        return resume_from is not None and Path(resume_from).resolve() == self.still_pretraining_path.resolve()
+
+    def check_reusable(self, resume_from: Optional[str], overwrite: bool, cmd: str, epochs: int) -> None:
+        """Refuse to write into a folder holding another run unless continuing it or told to start over.
+
+        Continuing means resuming from this folder's own checkpoint: the log is appended to. A
+        resume from a checkpoint elsewhere would replace this folder's checkpoints, so here it
+        counts as starting over and needs ``--overwrite`` too. Raises :class:`ConfigError` naming
+        the files found, the last logged epoch and the commands to continue or start over.
+        """
+        existing = self.existing_run_files()
+        if not existing or overwrite or self.continues_this_folder(resume_from):
+            return
+        epoch = self.last_logged_epoch()
+        progress = f"; last logged epoch {epoch}/{epochs}" if epoch is not None else ""
+        base = cmd or "spark-pretrain <same arguments>"
+        if self.still_pretraining_path.exists():
+            resume = f"continue it:  {base} --resume_from={self.still_pretraining_path}"
+        else:
+            resume = f"continue it:  not possible, it has no {self.still_pretraining_path.name}"
+        raise ConfigError(f"{self.dir}/ already holds a run ({', '.join(p.name for p in existing)}{progress}); "
+                          f"nothing was written. To\n"
+                          f"  {resume}\n"
+                          f"  start over:   {base} --overwrite   (deletes those files first)\n"
+                          f"  or choose another experiment name or --exp_dir.")
+
+    def open(self, fresh: bool, capture_console: bool = False) -> "RunOutputs":
+        """Create the folder; with ``fresh`` (``--overwrite``) delete a previous run's files first.
+
+        ``capture_console`` tees this process's ``sys.stdout``/``sys.stderr`` into the console
+        backups (SparK's ``stdout_backup.txt``, ``stderr_backup.txt``). Only the CLI asks for it:
+        a library call of :func:`~spark_sparse.train.engine.pretrain` leaves the caller's streams alone.
+        """
         if self.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            for name, stream in (("stdout", sys.stdout), ("stderr", sys.stderr)):
-                tee = Tee(stream, self.dir / f"{name}_backup.txt")
-                setattr(sys, name, tee)
-                self._tees.append((name, tee))
+            if fresh:
+                for path in self.existing_run_files():
+                    path.unlink()
+            if capture_console:
+                for name, stream in (("stdout", sys.stdout), ("stderr", sys.stderr)):
+                    tee = Tee(stream, self.dir / f"{name}_backup.txt")
+                    setattr(sys, name, tee)
+                    self._tees.append((name, tee))
         return self
 
     def close(self) -> None:
@@ -89,12 +157,11 @@ class RunOutputs:
             tee.close()
         self._tees.clear()
 
-    def write_header(self, header: dict, resumed: bool) -> None:
-        """The JSON header line (a resumed run appends a new header instead of truncating)."""
-        if not self.is_main:
-            return
-        with open(self.log_path, "a" if resumed else "w") as fh:
-            fh.write(json.dumps(header, default=str) + "\n")
+    def write_header(self, header: dict) -> None:
+        """Append the run's JSON header line: a resumed run adds a header, the log is never truncated."""
+        if self.is_main:
+            with open(self.log_path, "a") as fh:
+                fh.write(json.dumps(header, default=str) + "\n")
 
     def log_epoch(self, record: dict) -> None:
         if self.is_main:

@@ -12,10 +12,13 @@ __all__ = ["save_reconstruction_grid"]
 
 
 def save_reconstruction_grid(spark, images: torch.Tensor, mask: ActiveMask, path: Path, title: str = "") -> Path:
-    """One row per image: input, masked input, reconstruction (visible patches kept)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """One row per image: input, masked input, reconstruction (visible patches kept).
+
+    Drawn on a :class:`matplotlib.figure.Figure` with its own Agg canvas: no pyplot state, no
+    ``matplotlib.use``, so the caller's matplotlib backend and open figures are untouched.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     was_training = spark.training
     spark.eval()
@@ -24,7 +27,9 @@ def save_reconstruction_grid(spark, images: torch.Tensor, mask: ActiveMask, path
     finally:
         spark.train(was_training)
     n = images.shape[0]
-    fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
+    fig = Figure(figsize=(6, 2 * n))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(n, 3, squeeze=False)
     for i in range(n):
         for j, (label, batch) in enumerate(zip(("input", "masked", "reconstruction"), rows)):
             axes[i, j].imshow(batch[i].permute(1, 2, 0).numpy())
@@ -37,6 +42,5 @@ def save_reconstruction_grid(spark, images: torch.Tensor, mask: ActiveMask, path
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     tmp.replace(path)
     return path
