@@ -6,11 +6,16 @@ Each part is timed alone on the variant's real shapes (medians of ``--repeats`` 
 variants interleaved): the encoder's forward+backward, the decoder's forward+backward on fixed
 densified inputs, one optimizer step; "densify, loss, rest" is the whole step minus those three.
 This explains the step speed-ups of ``compare_backends.py --what step``; it is not a substitute.
+With ``--out DIR`` the medians are also written to ``DIR/breakdown.json`` (with the run's commit,
+machine and versions), which ``render_benchmarks.py`` turns into BENCHMARKS.md's table.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -18,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from _measure import Workload, summarize, time_once
+from _report import provenance
 from _variants import Variant, autocast
 
 PARTS = ("step", "encoder", "decoder", "optimizer")
@@ -32,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=None, help="also write the medians to OUT/breakdown.json")
     return p.parse_args(argv)
 
 
@@ -59,6 +66,7 @@ def part_functions(work: Workload) -> dict:
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    started, tables = time.time(), []
     for model in args.models:
         works = {}
         for name in args.variants:
@@ -75,14 +83,31 @@ def main(argv=None) -> None:
         print(f"\n{model}, batch {args.batch_size}, {args.input_size} px, mask {args.mask}, {args.threads} threads "
               f"(ms, median of {args.repeats}; share of the step)")
         print(f"{'variant':<18} {'step':>7} {'encoder':>15} {'decoder':>15} {'optimizer':>15} {'densify, loss, rest':>21}")
+        rows = []
         for name in works:
             med = {part: summarize(samples[name][part])["median"] for part in PARTS}
             rest = med["step"] - med["encoder"] - med["decoder"] - med["optimizer"]
             step = med["step"]
+            rows.append({"variant": name, **med, "rest": rest})
             cells = [f"{med[p]:7.0f} ({med[p] / step:4.0%})" for p in PARTS[1:]]
             rest_cell = f"{rest:7.0f} ({rest / step:4.0%})"
             print(f"{name:<18} {step:7.0f} " + " ".join(f"{c:>15}" for c in cells) + f" {rest_cell:>21}")
         print()
+        tables.append({"model": model, "rows": rows})
+    if args.out is not None:
+        write_breakdown(args, tables, time.time() - started)
+
+
+def write_breakdown(args, tables: list[dict], seconds: float) -> None:
+    from compare_backends import machine_info, versions
+
+    meta = {"command": shlex.join([sys.executable] + sys.argv), "batch_size": args.batch_size,
+            "input_size": args.input_size, "mask": args.mask, "threads": args.threads, "repeats": args.repeats,
+            "seconds": round(seconds, 1), "machine": machine_info(), "versions": versions(),
+            "provenance": provenance()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "breakdown.json").write_text(json.dumps({"meta": meta, "tables": tables}, indent=1))
+    print(f"[breakdown] wrote {args.out / 'breakdown.json'}")
 
 
 if __name__ == "__main__":

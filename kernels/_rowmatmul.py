@@ -1,9 +1,9 @@
 """Row-matrix products ``[N, K] x [O, K]^T`` through oneDNN's 1x1 convolution where it is faster.
 
-On this CPU (AMD EPYC, 2 threads) ``torch.mm`` reaches 145-220 GFLOP/s on the kernel's GEMM shapes
-while oneDNN's 1x1 convolution of the same matrices, viewed as an NHWC image of N x 1 pixels,
-reaches 300-457 GFLOP/s (measured, see kernels/gemm.py). The view costs no copy. Other devices and
-dtypes use the plain matmul (cuBLAS on CUDA).
+On the CPUs measured, oneDNN's 1x1 convolution of the same matrices, viewed as an NHWC image of
+N x 1 pixels, is markedly faster than ``torch.mm`` on the kernels' GEMM shapes; the view costs no
+copy. Measure both on a machine with ``python benchmarks/reference_points.py --sections gemm`` (the
+rendered figures are in BENCHMARKS.md). Other devices and dtypes use the plain matmul (cuBLAS on CUDA).
 """
 from __future__ import annotations
 

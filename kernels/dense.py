@@ -1,9 +1,10 @@
 """``dense``: scatter the active rows into a zero map, run the library's dense conv, gather the outputs.
 
 It computes masked sites too (the cost of SparK's masked convolution), but through oneDNN/cuDNN's
-tuned kernels. On this CPU that beats every gather-based depthwise 7x7 we measured by 2-4x
-(ConvNeXt-T stages, batch 16: 56 vs 232 ms at stride 4, 8 vs 15 ms at stride 32, fwd+bwd), so the
-``sparse`` backend runs depthwise layers here; everything else goes through ``gemm``.
+tuned kernels. On the CPUs measured that beats the gather-based depthwise 7x7 at every ConvNeXt stage
+(per-layer fwd+bwd of both: ``python benchmarks/kernel_profile.py --model convnext_tiny --batch 16
+--layers --candidates gemm dense``), so the ``sparse`` backend runs depthwise layers here;
+everything else goes through ``gemm``.
 """
 from __future__ import annotations
 

@@ -1,0 +1,78 @@
+"""BENCHMARKS.md is generated from committed result files: every figure traceable to a recorded run."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import render_benchmarks as rb  # noqa: E402
+
+
+def _record(model, backend, mask, fwd_bwd, peak, speedup):
+    return {"model": model, "backend": backend, "mask_ratio": mask, "dtype": "fp32", "fwd_ms": fwd_bwd / 3,
+            "fwd_bwd_ms": fwd_bwd, "step_ms": None, "images_per_s": 8000 / fwd_bwd, "speedup_vs_masked": speedup,
+            "peak_mem_mb": peak, "max_abs_err": 1e-9, "max_rel_err": 2e-6, "fp32_noise_floor": {"max_rel_err": 5e-2}}
+
+
+def _results(root: Path, name: str, commit="0123456789abcdef", dirty=False) -> Path:
+    meta = {"command": "/some/venv/bin/python benchmarks/compare_backends.py --models resnet50 --out x",
+            "what": "encoder", "device": "cpu", "threads": 2, "repeats": 3, "warmup": 1, "seconds": 90.0,
+            "memory_method": "peak growth", "skipped": {}, "machine": {"cpu": "Test CPU", "cores": 4, "python": "3.11.7"},
+            "versions": {"torch": "9.9", "spconv": None},
+            "provenance": {"git_commit": commit, "git_dirty": dirty, "date": "2026-11-26T10:00:00+00:00"}}
+    records = [_record("resnet50", "masked", 0.6, 1600.0, 1000.0, 1.0), _record("resnet50", "sparse", 0.6, 800.0, 500.0, 2.0)]
+    (root / name).mkdir(parents=True)
+    (root / name / "results.json").write_text(json.dumps({"meta": meta, "records": records}))
+    return root
+
+
+def test_the_committed_benchmarks_page_is_what_the_committed_results_give():
+    assert rb.main(["--check"]) == 0, "BENCHMARKS.md was edited by hand or the results changed: re-render it"
+
+
+def test_a_run_renders_its_command_provenance_and_table(tmp_path):
+    results = rb.load_results(_results(tmp_path, "cpu_x", dirty=True))
+    text = rb.render("{{run cpu_x}}", results)
+    assert "python benchmarks/compare_backends.py --models resnet50 --out x" in text     # interpreter path dropped
+    assert "commit 0123456789 (with uncommitted changes)" in text and "Test CPU (4 cores)" in text
+    assert "torch 9.9" in text and "spconv" not in text
+    assert "| resnet50 | sparse | 0.6 | fp32 | 267 | 800 | - | 10.0 | 2.00x | 500 | 1.0e-09 | 2.0e-06 | 5.0e-02 |" in text
+
+
+def test_figures_in_prose_come_from_the_records_and_judge_their_target(tmp_path):
+    results = rb.load_results(_results(tmp_path, "cpu_x"))
+    template = ("{{value cpu_x model=resnet50 variant=sparse mask=0.6 field=speedup_vs_masked suffix=x target=>=2.5}}; "
+                "{{ratio cpu_x model=resnet50 mask=0.6 field=peak_mem_mb num=sparse den=masked suffix=x target=<=0.6}}; "
+                "{{value cpu_x model=resnet50 variant=sparse mask=0.6 field=fwd_bwd_ms fmt=.0f suffix=' ms'}}")
+    assert rb.render(template, results).splitlines()[-1] == \
+        "2.00x (target ≥ 2.5x: not met); 0.50x (target ≤ 0.6x: met); 800 ms"
+
+
+def test_results_not_committed_say_so_and_unmentioned_ones_are_appended(tmp_path):
+    results = rb.load_results(_results(tmp_path, "gpu_h100"))
+    text = rb.render("{{run cpu_missing}} {{ref cpu_missing key=a.b}}", results)
+    assert "No committed results in `benchmarks/results/cpu_missing/` (not measured yet)" in text
+    assert "(not measured yet)" in text
+    assert "## Other committed results" in text and "### `gpu_h100`" in text and "| resnet50 | sparse |" in text
+
+
+@pytest.mark.parametrize("template,error", [("{{speed cpu_x}}", "unknown directive"),
+                                            ("{{value cpu_x model=resnet50 variant=torch mask=0.6 field=fwd_ms}}",
+                                             "no record"),
+                                            ("{{value cpu_x model=resnet50 variant=sparse mask=0.6 field=fwd_ms "
+                                             "target=2}}", "target=")])
+def test_template_mistakes_are_errors_not_silent_gaps(tmp_path, template, error):
+    with pytest.raises(rb.TemplateError, match=error):
+        rb.render(template, rb.load_results(_results(tmp_path, "cpu_x")))
+
+
+def test_reference_points_write_a_file_the_renderer_reads(tmp_path):
+    import reference_points
+    reference_points.main(["--quick", "--sections", "matmul", "gemm", "--out", str(tmp_path / "cpu_ref")])
+    results = rb.load_results(tmp_path)
+    text = rb.render("{{run cpu_ref}}\n{{ref cpu_ref key=gemm.onednn_gflops_max fmt=.3f}}", results)
+    assert "Square matmul" in text and "oneDNN 1x1 conv" in text and "reference_points.py --quick" in text
+    assert float(text.splitlines()[-1]) > 0
