@@ -2,13 +2,27 @@
 import pytest
 import torch
 import torch.nn as nn
-from timm.layers import LayerNorm2d
+from timm.layers import (BatchNormAct2d, EcaModule, EffectiveSEModule, GroupNormAct, LayerNorm2d, ScaledStdConv2d,
+                         SEModule, StdConv2d)
+from timm.layers.grn import GlobalResponseNorm
+from timm.models._efficientnet_blocks import SqueezeExcite
 
 from spark_sparse import ActiveMask
+from spark_sparse.backends.pools import ConstantPadMaxPool2d
 
 from equivalence import max_errors, run_layer_pair, sparse_backend_params
 
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
+
+
+def randomized(module: nn.Module, seed: int = 5) -> nn.Module:
+    """``module`` with every parameter drawn from N(0, 1) (timm zero-initialises GRN, for example)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen))
+    return module
+
 
 # name -> (layer factory, input stride, input channels)
 LAYERS = {
@@ -32,6 +46,22 @@ LAYERS = {
     "maxpool_signed": (lambda: nn.MaxPool2d(3, 2, 1), 2, 8),
     "avgpool": (lambda: nn.AvgPool2d(3, 2, 1), 4, 8),
     "avgpool_exclude_pad": (lambda: nn.AvgPool2d(3, 2, 1, count_include_pad=False), 4, 8),
+    # timm's CNN families (issue 14); semantics in docs/sparse_semantics.md
+    "avgpool_resnet_d": (lambda: nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False), 4, 8),
+    "zero_padded_maxpool": (lambda: ConstantPadMaxPool2d(3, 2, 1), 2, 8),
+    "std_conv3x3": (lambda: StdConv2d(8, 12, 3, padding=1), 4, 8),
+    "std_conv1x1_stride2": (lambda: StdConv2d(8, 12, 1, stride=2), 4, 8),
+    "scaled_std_conv3x3": (lambda: randomized(ScaledStdConv2d(8, 12, 3)), 4, 8),
+    "batchnorm_act_silu": (lambda: randomized(BatchNormAct2d(8, act_layer=nn.SiLU)), 4, 8),
+    "batchnorm_act_hardswish": (lambda: randomized(BatchNormAct2d(8, act_layer=nn.Hardswish)), 4, 8),
+    "batchnorm_act_leaky_relu": (lambda: randomized(BatchNormAct2d(8, act_layer=nn.LeakyReLU)), 4, 8),
+    "groupnorm": (lambda: randomized(nn.GroupNorm(4, 8)), 4, 8),
+    "groupnorm_act_gelu": (lambda: randomized(GroupNormAct(8, num_groups=2, act_layer="gelu")), 4, 8),
+    "squeeze_excite_se_module": (lambda: randomized(SEModule(8, rd_channels=4)), 4, 8),
+    "squeeze_excite_efficientnet": (lambda: randomized(SqueezeExcite(8, rd_channels=4, gate_layer=nn.Hardsigmoid)), 4, 8),
+    "effective_squeeze_excite": (lambda: randomized(EffectiveSEModule(8)), 4, 8),
+    "eca": (lambda: randomized(EcaModule(channels=8)), 4, 8),
+    "global_response_norm": (lambda: randomized(GlobalResponseNorm(8, channels_last=False)), 4, 8),
 }
 
 MASKS = {   # name -> (batch, patch grid); images are grid * 32 px, so stride-4 maps are >= 56 px wide

@@ -2,6 +2,7 @@
 from .base import Backend, UnsupportedModuleError, register_container, register_converter
 from .registry import (BackendInfo, UnknownBackendError, create_backend, get_backend_class, list_backends,
                        recommended_sparse_backend, register_backend)
+from . import norms, attention  # noqa: F401  (register GroupNorm, norm+act, GRN, SE/ECA on every backend)
 from . import masked  # noqa: F401  (registers "masked")
 from . import torch_gather  # noqa: F401  (registers "torch")
 from . import libraries  # noqa: F401  (registers "spconv" and "minkowski")

@@ -12,11 +12,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm, LayerNorm2d
+from timm.layers import activations as timm_act
 
 from ..features import FeatureMap
 
 __all__ = ["adopt_state", "FeatureBatchNorm", "FeatureSyncBatchNorm", "FeatureLayerNorm", "FeatureLinear", "Elementwise",
-           "FeatureDropPath", "COMMON_CONVERTERS", "ZERO_PRESERVING_ACTIVATIONS"]
+           "FeatureDropPath", "COMMON_CONVERTERS", "ZERO_PRESERVING_ACTIVATIONS", "check_output_grid"]
 
 
 def adopt_state(new: nn.Module, old: nn.Module) -> nn.Module:
@@ -99,9 +100,15 @@ class Elementwise(nn.Module):
         return x.elementwise(self.fn)
 
 
-#: f(0) == 0, so applying them to masked zeros keeps them zero (SparK relies on this too).
+#: f(0) == 0, so applying them to masked zeros keeps them zero (SparK relies on this too); no state
+#: (``Elementwise`` wraps the module, so a parameter would change its state-dict name). timm's own
+#: classes are listed beside torch's: ``create_act_layer`` returns them (``gelu`` -> timm's GELU).
+#: Sigmoid / hard-sigmoid (f(0) = 0.5) are not here: timm uses them as the gates of squeeze-excitation,
+#: which :mod:`.attention` converts as a whole; on features they would fill masked sites.
 ZERO_PRESERVING_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.Hardswish, nn.Mish,
-                               nn.Tanh, nn.ELU, nn.Dropout)
+                               nn.Tanh, nn.ELU, nn.CELU, nn.SELU, nn.Dropout,
+                               timm_act.GELU, timm_act.GELUTanh, timm_act.QuickGELU, timm_act.Swish, timm_act.Mish,
+                               timm_act.HardSwish, timm_act.HardMish, timm_act.Tanh)
 
 
 class FeatureDropPath(DropPath):
@@ -117,6 +124,42 @@ class FeatureDropPath(DropPath):
 
 def _elementwise(backend, module, name):
     return Elementwise(module)
+
+
+def _pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> int:
+    """``nn.Conv2d`` / ``nn.MaxPool2d`` / ``nn.AvgPool2d`` output length (incl. ceil mode's last-window rule)."""
+    span = size + 2 * padding - dilation * (kernel - 1) - 1
+    out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def check_output_grid(module: nn.Module, name: str, padding=None) -> None:
+    """Refuse a conv or pool whose output is not its input grid downsampled by its stride.
+
+    SparK's mask at the output stride (and every sparse kernel's output rows) is the input's mask
+    downsampled by the stride, so a map of ``m * stride`` sites must give ``m`` outputs for every
+    ``m`` (``ceil_mode`` is accepted where it changes nothing, e.g. ResNet-D's 2x2/2 average pool).
+    ``padding`` overrides the module's own (for layers that pad explicitly).
+    """
+    kernel, stride = _pair(module.kernel_size), _pair(module.stride)
+    pad = _pair(module.padding if padding is None else padding)
+    dilation = _pair(getattr(module, "dilation", 1))
+    ceil_mode = getattr(module, "ceil_mode", False)
+    for axis in range(2):
+        sizes = {m: _output_size(m * stride[axis], kernel[axis], stride[axis], pad[axis], dilation[axis], ceil_mode)
+                 for m in (1, 2, 3, 7)}
+        if any(out != m for m, out in sizes.items()):
+            raise NotImplementedError(
+                f"{name}: {type(module).__name__}(kernel={kernel}, stride={stride}, padding={pad}, dilation={dilation}, "
+                f"ceil_mode={ceil_mode}) maps {stride[axis] * 7} sites to {sizes[7]}, not {7}: its output is not the "
+                f"input grid downsampled by the stride, which SparK's masks (and sparse backends) need; use "
+                f"padding=(kernel-1)//2*dilation for odd kernels, kernel == stride with padding 0 for even ones")
 
 
 COMMON_CONVERTERS: dict = {

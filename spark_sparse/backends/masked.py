@@ -11,10 +11,12 @@ import torch.nn as nn
 
 from ..features import MaskedDense
 from .base import Backend
-from .common import COMMON_CONVERTERS, adopt_state
+from .common import COMMON_CONVERTERS, adopt_state, check_output_grid
+from .conv_weights import WEIGHT_TRANSFORMS, copy_transform_attributes, weight_for_forward
+from .pools import ConstantPadMaxPool2d
 from .registry import register_backend
 
-__all__ = ["MaskedBackend", "MaskedConv2d", "MaskedMaxPool2d", "MaskedAvgPool2d"]
+__all__ = ["MaskedBackend", "MaskedConv2d", "MaskedMaxPool2d", "MaskedConstantPadMaxPool2d", "MaskedAvgPool2d"]
 
 
 def _output_stride(module: nn.Module, x: MaskedDense) -> int:
@@ -23,10 +25,20 @@ def _output_stride(module: nn.Module, x: MaskedDense) -> int:
 
 
 class MaskedConv2d(nn.Conv2d):
-    """Dense convolution of the masked input, output multiplied by the output-resolution mask."""
+    """Dense convolution of the masked input, output multiplied by the output-resolution mask.
+
+    Weight-standardised convs (timm's ``StdConv2d``, ``ScaledStdConv2d``) convert to this class with
+    their weight transform (see :mod:`.conv_weights`).
+    """
+
+    weight_transform = None
+
+    def weight_for_forward(self):
+        """The weight the convolution uses (standardised for ``StdConv2d`` and friends)."""
+        return weight_for_forward(self)
 
     def forward(self, x: MaskedDense) -> MaskedDense:
-        out = super().forward(x.data)
+        out = self._conv_forward(x.data, self.weight_for_forward(), self.bias)
         stride = _output_stride(self, x)
         return MaskedDense(out * x.mask.dense_at(stride), x.mask, stride)
 
@@ -35,9 +47,12 @@ class MaskedConv2d(nn.Conv2d):
 
     @classmethod
     def from_dense(cls, backend, conv: nn.Conv2d, name: str = "") -> "MaskedConv2d":
+        if conv.padding != "same":          # torch's 'same' (stride 1) keeps the grid by definition
+            check_output_grid(conv, name)
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                   dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
                   padding_mode=conv.padding_mode)
+        copy_transform_attributes(new, conv)
         return adopt_state(new, conv)
 
 
@@ -55,7 +70,24 @@ class MaskedMaxPool2d(nn.MaxPool2d):
     def from_dense(cls, backend, pool: nn.MaxPool2d, name: str = "") -> "MaskedMaxPool2d":
         if pool.return_indices:
             raise NotImplementedError(f"{name}: max-pool with return_indices=True is not supported")
+        check_output_grid(pool, name)
         return cls(pool.kernel_size, pool.stride, pool.padding, pool.dilation, ceil_mode=pool.ceil_mode)
+
+
+class MaskedConstantPadMaxPool2d(ConstantPadMaxPool2d):
+    """Zero padding then max-pool of the masked input (padding and masked sites count as 0), output masked."""
+
+    def forward(self, x: MaskedDense) -> MaskedDense:
+        stride = _output_stride(self, x)
+        return MaskedDense(super().forward(x.data) * x.mask.dense_at(stride), x.mask, stride)
+
+    def describe_execution(self, device, dtype) -> str:
+        return "dense pad + max-pool x mask (torch)"
+
+    @classmethod
+    def from_dense(cls, backend, pool: ConstantPadMaxPool2d, name: str = "") -> "MaskedConstantPadMaxPool2d":
+        check_output_grid(pool, name, padding=pool.pad)
+        return cls(pool.kernel_size, pool.stride, pool.pad, pool.dilation, ceil_mode=pool.ceil_mode)
 
 
 class MaskedAvgPool2d(nn.AvgPool2d):
@@ -70,6 +102,7 @@ class MaskedAvgPool2d(nn.AvgPool2d):
 
     @classmethod
     def from_dense(cls, backend, pool: nn.AvgPool2d, name: str = "") -> "MaskedAvgPool2d":
+        check_output_grid(pool, name)
         return cls(pool.kernel_size, pool.stride, pool.padding, ceil_mode=pool.ceil_mode,
                    count_include_pad=pool.count_include_pad, divisor_override=pool.divisor_override)
 
@@ -81,7 +114,8 @@ class MaskedBackend(Backend):
     feature_type = MaskedDense
     converters = {
         **COMMON_CONVERTERS,
-        nn.Conv2d: MaskedConv2d.from_dense,
+        **{conv_type: MaskedConv2d.from_dense for conv_type in WEIGHT_TRANSFORMS},
         nn.MaxPool2d: MaskedMaxPool2d.from_dense,
+        ConstantPadMaxPool2d: MaskedConstantPadMaxPool2d.from_dense,
         nn.AvgPool2d: MaskedAvgPool2d.from_dense,
     }

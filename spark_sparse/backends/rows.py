@@ -17,10 +17,12 @@ from ..kernels import ConvCall, ConvSpec, list_kernels, select_kernel
 
 from ..features import SparseRows
 from .base import Backend
-from .common import COMMON_CONVERTERS, adopt_state
+from .common import COMMON_CONVERTERS, adopt_state, check_output_grid
+from .conv_weights import WEIGHT_TRANSFORMS, copy_transform_attributes, weight_for_forward
 from .fused import saved_as_recipe
+from .pools import ConstantPadMaxPool2d
 
-__all__ = ["RowBackend", "SparseConv2d", "SparseMaxPool2d", "SparseAvgPool2d"]
+__all__ = ["RowBackend", "SparseConv2d", "SparseMaxPool2d", "SparseConstantPadMaxPool2d", "SparseAvgPool2d"]
 
 
 def _square(value, what: str, name: str) -> int:
@@ -38,7 +40,17 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class SparseConv2d(nn.Conv2d):
-    """A Conv2d (timm's parameters, dense layout) computed on active rows by a dispatched kernel."""
+    """A Conv2d (timm's parameters, dense layout) computed on active rows by a dispatched kernel.
+
+    Weight-standardised convs (timm's ``StdConv2d``, ``ScaledStdConv2d``) convert to this class with
+    their weight transform (see :mod:`.conv_weights`): the kernel receives the transformed weight.
+    """
+
+    weight_transform = None
+
+    def weight_for_forward(self) -> torch.Tensor:
+        """The weight the kernel computes with (standardised for ``StdConv2d`` and friends)."""
+        return weight_for_forward(self)
 
     def configure(self, name: str, policy: Callable[[ConvSpec], Sequence[str]], strict: bool) -> "SparseConv2d":
         """``policy(spec)``: the kernel names to try for this layer on a device and dtype, best first."""
@@ -95,7 +107,7 @@ class SparseConv2d(nn.Conv2d):
         call = self.conv_call(x.mask, x.stride)
         bias = None if self.bias is None else self.bias.to(dtype)
         with saved_as_recipe(x):
-            out = kernel.conv(x.data.to(dtype), self.weight.to(dtype), bias, call)
+            out = kernel.conv(x.data.to(dtype), self.weight_for_forward().to(dtype), bias, call)
         return SparseRows(out, x.mask, call.out_stride)
 
     def describe_execution(self, device, dtype) -> str:
@@ -110,8 +122,10 @@ class SparseConv2d(nn.Conv2d):
             raise NotImplementedError(f"{name}: padding_mode={conv.padding_mode!r}; sparse backends pad with zeros")
         if isinstance(conv.padding, str):
             raise NotImplementedError(f"{name}: string padding {conv.padding!r} is not supported")
+        check_output_grid(conv, name)
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                   dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
+        copy_transform_attributes(new, conv)
         return adopt_state(new, conv).configure(name, backend.kernels_for, backend.strict)
 
 
@@ -141,9 +155,31 @@ class SparseMaxPool2d(_SparsePool, nn.MaxPool2d):
 
     @classmethod
     def from_dense(cls, backend, pool: nn.MaxPool2d, name: str) -> "SparseMaxPool2d":
-        if pool.ceil_mode or pool.return_indices:
-            raise NotImplementedError(f"{name}: max-pool with ceil_mode or return_indices is not supported")
+        if pool.return_indices:
+            raise NotImplementedError(f"{name}: max-pool with return_indices is not supported")
+        check_output_grid(pool, name)       # ceil_mode only where it changes nothing
         return cls(pool.kernel_size, pool.stride, pool.padding, pool.dilation)
+
+
+class SparseConstantPadMaxPool2d(SparseMaxPool2d):
+    """Max over the window where masked sites AND the zero padding count as 0 (BiT's padded stem pool).
+
+    ``padding`` here is the explicit zero padding of :class:`~.pools.ConstantPadMaxPool2d`: its taps
+    read the zero row, like masked sites, instead of never winning.
+    """
+
+    def _call(self, x: SparseRows) -> tuple[ConvCall, torch.Tensor]:
+        call, table = super()._call(x)
+        n_in = x.data.shape[0]
+        return call, torch.where(table == n_in + 1, n_in, table)
+
+    def describe_execution(self, device, dtype) -> str:
+        return f"gather     {type(self).__name__} (neighbour-table pooling, zero padding competes)"
+
+    @classmethod
+    def from_dense(cls, backend, pool: ConstantPadMaxPool2d, name: str) -> "SparseConstantPadMaxPool2d":
+        check_output_grid(pool, name, padding=pool.pad)
+        return cls(pool.kernel_size, pool.stride, pool.pad, pool.dilation)
 
 
 class SparseAvgPool2d(_SparsePool, nn.AvgPool2d):
@@ -163,8 +199,7 @@ class SparseAvgPool2d(_SparsePool, nn.AvgPool2d):
 
     @classmethod
     def from_dense(cls, backend, pool: nn.AvgPool2d, name: str) -> "SparseAvgPool2d":
-        if pool.ceil_mode:
-            raise NotImplementedError(f"{name}: avg-pool with ceil_mode is not supported")
+        check_output_grid(pool, name)       # ceil_mode only where it changes nothing (ResNet-D's 2x2/2 pool)
         return cls(pool.kernel_size, pool.stride, pool.padding, count_include_pad=pool.count_include_pad,
                    divisor_override=pool.divisor_override)
 
@@ -177,8 +212,9 @@ class RowBackend(Backend):
     kernels: ClassVar[tuple[str, ...]] = ("gather",)
     converters = {
         **COMMON_CONVERTERS,
-        nn.Conv2d: SparseConv2d.from_dense,
+        **{conv_type: SparseConv2d.from_dense for conv_type in WEIGHT_TRANSFORMS},
         nn.MaxPool2d: SparseMaxPool2d.from_dense,
+        ConstantPadMaxPool2d: SparseConstantPadMaxPool2d.from_dense,
         nn.AvgPool2d: SparseAvgPool2d.from_dense,
     }
 

@@ -1,8 +1,11 @@
-"""Encoders SparK can pre-train: timm ResNets/ConvNeXts and custom models (see :mod:`.registry`)."""
+"""Encoders SparK can pre-train: timm CNN families, any suitable timm CNN, custom models (see :mod:`.registry`)."""
 from .registry import (MODEL_ALIASES, HierarchicalEncoder, UnknownModelError, create_encoder, list_models,
                        model_default_drop_path, register_model, resolve_model_name)
-from . import resnet  # noqa: F401  (registers resnet*)
-from . import convnext  # noqa: F401  (registers convnext_*)
+from . import resnet  # noqa: F401  (registers resnet*, resnet50d, seresnet50, resnext50_32x4d)
+from . import convnext  # noqa: F401  (registers convnext_*, convnextv2_tiny)
+from . import efficientnet  # noqa: F401  (registers efficientnet_b0, mobilenetv3_large_100)
+from . import regnet  # noqa: F401  (registers regnety_016)
+from . import resnetv2  # noqa: F401  (registers resnetv2_50x1_bit)
 from . import example  # noqa: F401  (registers tiny_cnn)
 
 __all__ = ["MODEL_ALIASES", "HierarchicalEncoder", "UnknownModelError", "create_encoder", "list_models",

@@ -10,6 +10,11 @@ An encoder follows SparK's small contract (see :class:`HierarchicalEncoder`):
 
 Its ``forward`` must only compose child modules and ``+`` so that a backend can swap the modules
 (see :func:`spark_sparse.register_container`).
+
+Besides registered names, a *fallback* (:func:`register_model_fallback`) may build encoders for
+names it recognises: :mod:`.timm_encoders` serves any timm CNN by its timm name that way.
+``list_models(tested_only=True)`` lists the names the test suite checks against ``masked`` on every
+backend (features, loss, every gradient) and exports to timm.
 """
 from __future__ import annotations
 
@@ -19,8 +24,8 @@ import torch.nn as nn
 
 from ..errors import SparkSparseError
 
-__all__ = ["HierarchicalEncoder", "register_model", "create_encoder", "list_models", "model_default_drop_path",
-           "UnknownModelError", "MODEL_ALIASES", "resolve_model_name"]
+__all__ = ["HierarchicalEncoder", "register_model", "register_model_fallback", "create_encoder", "list_models",
+           "model_default_drop_path", "UnknownModelError", "MODEL_ALIASES", "resolve_model_name"]
 
 
 @runtime_checkable
@@ -38,16 +43,20 @@ class UnknownModelError(SparkSparseError, ValueError):
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _DEFAULT_DROP_PATH: dict[str, float] = {}
+_TESTED: set[str] = set()
+#: ``name -> factory or None``: builders of encoders for names not registered (e.g. any timm CNN)
+_FALLBACKS: list[Callable[[str], Optional[Callable[..., nn.Module]]]] = []
 
 #: SparK's older short names (``--model=res50``)
 MODEL_ALIASES = {"res50": "resnet50", "res101": "resnet101", "res152": "resnet152", "res200": "resnet200",
                  "cnxS": "convnext_small", "cnxB": "convnext_base", "cnxL": "convnext_large"}
 
 
-def register_model(name: Optional[str] = None, default_drop_path: float = 0.0):
+def register_model(name: Optional[str] = None, default_drop_path: float = 0.0, tested: bool = False):
     """Decorator registering an encoder factory (or class) under ``name`` (default: its ``__name__``).
 
-    ``default_drop_path`` is the drop-path rate used when the caller passes ``drop_path_rate=None``.
+    ``default_drop_path`` is the drop-path rate used when the caller passes ``drop_path_rate=None``;
+    ``tested`` declares that the test suite checks this very name on every backend.
     """
     def wrap(factory):
         key = name or factory.__name__
@@ -55,31 +64,52 @@ def register_model(name: Optional[str] = None, default_drop_path: float = 0.0):
             raise ValueError(f"model {key!r} is already registered")
         _MODELS[key] = factory
         _DEFAULT_DROP_PATH[key] = default_drop_path
+        if tested:
+            _TESTED.add(key)
         return factory
     return wrap
 
 
-def list_models() -> list[str]:
-    return sorted(_MODELS)
+def register_model_fallback(resolver: Callable[[str], Optional[Callable[..., nn.Module]]]) -> None:
+    """Let ``resolver(name)`` provide a factory (default drop path 0) for names not registered."""
+    _FALLBACKS.append(resolver)
+
+
+def list_models(tested_only: bool = False) -> list[str]:
+    """Registered model names; with ``tested_only``, those the test suite checks on every backend.
+
+    Names served by a fallback (any timm CNN by its timm name) are not listed.
+    """
+    return sorted(_TESTED if tested_only else _MODELS)
+
+
+def _fallback_factory(name: str) -> Optional[Callable[..., nn.Module]]:
+    for resolver in _FALLBACKS:
+        factory = resolver(name)
+        if factory is not None:
+            return factory
+    return None
 
 
 def resolve_model_name(name: str) -> str:
     name = MODEL_ALIASES.get(name, name)
-    if name not in _MODELS:
+    if name not in _MODELS and _fallback_factory(name) is None:
         raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(list_models())} "
-                                f"(aliases: {', '.join(f'{a}={n}' for a, n in MODEL_ALIASES.items())})")
+                                f"(aliases: {', '.join(f'{a}={n}' for a, n in MODEL_ALIASES.items())}), or any timm "
+                                f"CNN by its timm name (timm.list_models())")
     return name
 
 
 def model_default_drop_path(name: str) -> float:
-    return _DEFAULT_DROP_PATH[resolve_model_name(name)]
+    return _DEFAULT_DROP_PATH.get(resolve_model_name(name), 0.0)
 
 
 def create_encoder(name: str, drop_path_rate: Optional[float] = None, **kwargs) -> nn.Module:
-    """Build a registered encoder with SparK's default drop-path rate unless one is given."""
+    """Build an encoder with its default drop-path rate (SparK's for registered models) unless one is given."""
     key = resolve_model_name(name)
-    rate = _DEFAULT_DROP_PATH[key] if drop_path_rate is None else drop_path_rate
-    encoder = _MODELS[key](drop_path_rate=rate, **kwargs)
+    rate = model_default_drop_path(key) if drop_path_rate is None else drop_path_rate
+    factory = _MODELS.get(key) or _fallback_factory(key)
+    encoder = factory(drop_path_rate=rate, **kwargs)
     if not isinstance(encoder, HierarchicalEncoder):
         raise TypeError(f"model {key!r} does not follow the encoder contract (get_downsample_ratio, "
                         f"get_feature_map_channels, forward(x, hierarchical=True))")

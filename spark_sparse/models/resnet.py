@@ -1,7 +1,14 @@
-"""timm's ResNets: the SparK encoder, and what backends need to know about their blocks.
+"""timm's ResNets (incl. ResNet-D, SE-ResNet, ResNeXt, ECA-ResNet): their blocks on every backend.
 
 Default drop-path rates are SparK's (``pretrain/models/__init__.py``); ResNet-18/34, which SparK
-never pre-trained, use 0 (SparK's ``--dp`` default).
+never pre-trained, use 0 (SparK's ``--dp`` default); the ResNet-50-sized variants (``resnet50d``,
+``seresnet50``, ``resnext50_32x4d``) use ResNet-50's 0.05. SparK densifies ResNet features with
+BatchNorm.
+
+Layers these variants add, all handled by :mod:`spark_sparse.backends`: ResNet-D's deep stem (plain
+convs) and its ``AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)`` shortcut, the SE module
+(squeeze over active sites, :mod:`~spark_sparse.backends.attention`), ECA, and ResNeXt's grouped
+3x3 convs.
 """
 from __future__ import annotations
 
@@ -9,9 +16,9 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ..backends import register_container
 from ..backends.fused import register_bn_relu_pairs
-from .timm_encoders import TimmEncoder, register_timm_encoder
+from .timm_encoders import register_timm_encoder
 
-__all__ = ["TimmResNetEncoder"]
+__all__ = []
 
 # Their forward only calls children and adds: they run unchanged on every backend.
 for _block in (Bottleneck, BasicBlock, ResNet):
@@ -23,21 +30,9 @@ register_bn_relu_pairs(Bottleneck, ("bn1", "act1", ()), ("bn2", "act2", ("drop_b
 register_bn_relu_pairs(BasicBlock, ("bn1", "act1", ("drop_block",)))
 register_bn_relu_pairs(ResNet, ("bn1", "act1", ()))
 
-
-class TimmResNetEncoder(TimmEncoder):
-    head_modules = ("global_pool", "fc")
-    densify_norm = "bn"
-
-    def forward(self, x, hierarchical: bool = True) -> list:
-        m = self.model
-        x = m.maxpool(m.act1(m.bn1(m.conv1(x))))
-        features = []
-        for layer in (m.layer1, m.layer2, m.layer3, m.layer4):
-            x = layer(x)
-            features.append(x)
-        return features if hierarchical else features[-1]
-
-
-for _name, _dp in {"resnet18": 0.0, "resnet34": 0.0, "resnet50": 0.05, "resnet101": 0.08,
-                   "resnet152": 0.10, "resnet200": 0.15}.items():
-    register_timm_encoder(_name, TimmResNetEncoder, _dp)
+#: name -> (SparK default drop path, checked by the test suite on every backend)
+_RESNETS = {"resnet18": (0.0, True), "resnet34": (0.0, False), "resnet50": (0.05, True), "resnet101": (0.08, False),
+            "resnet152": (0.10, False), "resnet200": (0.15, False),
+            "resnet50d": (0.05, True), "seresnet50": (0.05, True), "resnext50_32x4d": (0.05, True)}
+for _name, (_dp, _tested) in _RESNETS.items():
+    register_timm_encoder(_name, _dp, densify_norm="bn", tested=_tested)

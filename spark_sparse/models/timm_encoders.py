@@ -1,43 +1,115 @@
-"""timm models as SparK encoders: the shared base and its registration helper.
+"""timm CNNs as SparK encoders: one generic encoder, per-family settings, and the timm-name fallback.
 
 The timm model itself is kept (``self.model``), created with ``pretrained=False`` and
 ``num_classes=0``, so parameter names are timm's and :meth:`TimmEncoder.timm_state_dict` loads into
-``timm.create_model(name, num_classes=0)`` with ``strict=True``. Only the hierarchical forward is
-ours (one subclass per model family, beside the family's layer knowledge): it returns the stage
-outputs at strides 4, 8, 16 and 32, finest first, like SparK's.
+``timm.create_model(name, num_classes=0)`` with ``strict=True``.
+
+The hierarchical forward is timm's own ``forward_intermediates`` (it only calls child modules, so it
+runs on any backend's feature maps), asked for the ``feature_info`` entries at reductions 4, 8, 16
+and 32 (the last entry at each: EfficientNet's stride-2 block and ResNet's stem are skipped), with
+``norm=True`` (the final norm of pre-activation nets such as ResNet-V2 is part of the features, as
+in their ``forward_features``) and ``stop_early=True``. Top-level children that this forward never
+calls (classifier heads, EfficientNet's ``conv_head``) are found once, by a dense probe at
+construction, and left out of conversion.
+
+Families register their names with SparK-style defaults (:func:`register_timm_encoder`); any other
+timm name works through a fallback when its layers are supported and its features come at strides
+4..32 (a layer that is not fails at conversion, naming it). Model families also declare their
+blocks (containers, converters) in their modules beside this one.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import timm
+import torch
 import torch.nn as nn
 
-from .registry import register_model
+from ..backends.pools import fold_zero_pad_into_max_pool
+from ..errors import SparkSparseError
+from .registry import register_model, register_model_fallback
 
-__all__ = ["TimmEncoder", "register_timm_encoder"]
+__all__ = ["TimmEncoder", "register_timm_encoder", "hierarchical_feature_indices", "UnsuitableModelError"]
+
+#: reductions of SparK's hierarchical features, finest first (the coarsest is the patch size)
+REDUCTIONS = (4, 8, 16, 32)
+
+
+class UnsuitableModelError(SparkSparseError, ValueError):
+    """A timm model that cannot be a SparK encoder (no features at strides 4..32, no forward_intermediates)."""
+
+
+def hierarchical_feature_indices(model: nn.Module, name: str) -> list[int]:
+    """Indices into ``model.feature_info`` of the last entry at each reduction 4, 8, 16, 32."""
+    infos = list(getattr(model, "feature_info", None) or [])
+    last_at = {int(info["reduction"]): index for index, info in enumerate(infos)}
+    missing = [r for r in REDUCTIONS if r not in last_at]
+    if missing or not hasattr(model, "forward_intermediates"):
+        found = ", ".join(f"{info['module']}@{info['reduction']}" for info in infos) or "none"
+        why = (f"it has no feature map at stride(s) {missing} (its feature_info: {found})" if missing
+               else "it has no forward_intermediates")
+        raise UnsuitableModelError(f"timm model {name!r} cannot be a SparK encoder: {why}; SparK needs feature maps "
+                                   f"at strides {', '.join(map(str, REDUCTIONS))} (register a custom encoder instead)")
+    return [last_at[r] for r in REDUCTIONS]
 
 
 class TimmEncoder(nn.Module):
-    """Base of the timm encoders; subclasses set ``head_modules``, ``densify_norm`` and ``forward``."""
+    """A timm CNN whose features at strides 4, 8, 16, 32 come from ``forward_intermediates``."""
 
     timm_name: str
-    #: children of the timm model the hierarchical forward never calls (classifier heads)
-    head_modules: tuple[str, ...] = ()
 
-    def __init__(self, timm_name: str, drop_path_rate: float = 0.0, **kwargs):
+    def __init__(self, timm_name: str, drop_path_rate: float = 0.0, densify_norm: Optional[str] = None,
+                 **kwargs):
         super().__init__()
         self.timm_name = timm_name
-        self.model = timm.create_model(timm_name, pretrained=False, num_classes=0,
-                                       drop_path_rate=drop_path_rate, **kwargs)
+        if drop_path_rate:          # only then: some CNNs (VGG, ...) take no drop_path_rate argument
+            kwargs["drop_path_rate"] = drop_path_rate
+        self.model = timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)
+        fold_zero_pad_into_max_pool(self.model)      # BiT's padded stem pool, as one convertible layer
+        self.feature_indices = hierarchical_feature_indices(self.model, timm_name)
+        self.densify_norm = densify_norm or _guess_densify_norm(self.model)
+        self._outside = self._probe_unused_children(kwargs.get("in_chans", 3))
+
+    def _probe_unused_children(self, in_chans: int) -> list[str]:
+        """Top-level children of the timm model none of whose modules the hierarchical forward calls
+        (dense probe at 64 px in eval mode, so no statistics change). Descendants count: timm may call
+        a slice of a child (``self.blocks[:n]``), which is a new container around the same blocks."""
+        called: set[int] = set()
+        hooks = [module.register_forward_pre_hook(lambda module, args: called.add(id(module)))
+                 for module in self.model.modules() if module is not self.model]
+        was_training = self.model.training
+        side = 2 * self.get_downsample_ratio()
+        param = next(self.model.parameters())
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                features = self.forward(torch.zeros(1, in_chans, side, side, dtype=param.dtype, device=param.device))
+        finally:
+            self.model.train(was_training)
+            for hook in hooks:
+                hook.remove()
+        sizes = [f.shape[-1] for f in features]
+        if sizes != [side // r for r in REDUCTIONS]:
+            raise UnsuitableModelError(f"timm model {self.timm_name!r}: its features at feature_info reductions "
+                                       f"{list(REDUCTIONS)} have widths {sizes} for a {side}px input, not "
+                                       f"{[side // r for r in REDUCTIONS]}")
+        return [name for name, child in self.model.named_children()
+                if not any(id(module) in called for module in child.modules())]
 
     def get_downsample_ratio(self) -> int:
-        return 32
+        return REDUCTIONS[-1]
 
     def get_feature_map_channels(self) -> list[int]:
-        return [info["num_chs"] for info in self.model.feature_info if info["reduction"] >= 4]
+        return [self.model.feature_info[i]["num_chs"] for i in self.feature_indices]
 
     def modules_outside_hierarchy(self) -> list[str]:
-        """Heads the hierarchical forward never calls: backends leave them as they are."""
-        return [f"model.{name}" for name in self.head_modules]
+        """Children the hierarchical forward never calls (heads): backends leave them as they are."""
+        return [f"model.{name}" for name in self._outside]
+
+    def forward(self, x, hierarchical: bool = True) -> list:
+        features = self.model.forward_intermediates(x, indices=list(self.feature_indices), norm=True,
+                                                    stop_early=True, intermediates_only=True)
+        return features if hierarchical else features[-1]
 
     def timm_state_dict(self) -> dict:
         """Weights as ``timm.create_model(self.timm_name, num_classes=0)`` names them."""
@@ -47,10 +119,33 @@ class TimmEncoder(nn.Module):
         return self.model.load_state_dict(state, strict=strict)
 
 
-def register_timm_encoder(name: str, cls: type[TimmEncoder], drop_path: float) -> None:
-    """Register timm model ``name`` as an encoder built by ``cls`` with default drop-path ``drop_path``."""
+_LAYER_NORMS = (nn.LayerNorm,)
+
+
+def _guess_densify_norm(model: nn.Module) -> str:
+    """SparK's choice by family: ``ln`` for LayerNorm nets (ConvNeXt-like), ``bn`` otherwise."""
+    has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    has_layer_norm = any(isinstance(m, _LAYER_NORMS) for m in model.modules())
+    return "ln" if has_layer_norm and not has_batch_norm else "bn"
+
+
+def register_timm_encoder(name: str, drop_path: float, densify_norm: str, tested: bool = False) -> None:
+    """Register timm model ``name`` with SparK's default drop path and densify norm for its family."""
     def factory(drop_path_rate: float = drop_path, **kwargs) -> nn.Module:
-        return cls(name, drop_path_rate=drop_path_rate, **kwargs)
+        return TimmEncoder(name, drop_path_rate=drop_path_rate, densify_norm=densify_norm, **kwargs)
     factory.__name__ = name
-    factory.__doc__ = f"timm ``{name}`` as a SparK encoder (default drop-path {drop_path})."
-    register_model(name, default_drop_path=drop_path)(factory)
+    factory.__doc__ = f"timm ``{name}`` as a SparK encoder (default drop-path {drop_path}, densify norm {densify_norm})."
+    register_model(name, default_drop_path=drop_path, tested=tested)(factory)
+
+
+def _timm_fallback(name: str):
+    """Any timm model name not registered here: a generic encoder (drop path 0 unless given)."""
+    if not timm.is_model(name):
+        return None
+
+    def factory(drop_path_rate: float = 0.0, **kwargs) -> nn.Module:
+        return TimmEncoder(name, drop_path_rate=drop_path_rate, **kwargs)
+    return factory
+
+
+register_model_fallback(_timm_fallback)

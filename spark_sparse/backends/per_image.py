@@ -1,0 +1,79 @@
+"""Per-image statistics over the ACTIVE sites of a feature map, for both representations.
+
+Layers that look beyond one site (squeeze-excitation, ECA, GroupNorm, ConvNeXt-V2's GRN) reduce over
+each image's active sites only: masked patches are not part of the image the encoder sees (SparK
+issue 54 asks exactly this of SE's global pooling). In the dense representation masked sites hold
+exact zeros, so a sum over the whole map is the sum over the active sites; counts come from the mask.
+
+Two operations cover those layers, each implemented once per representation (a
+``functools.singledispatch`` registry, so another representation registers its own):
+
+- :func:`image_sums`: ``[B, C]`` sums over each image's active sites of a tensor laid out like the
+  feature map's data;
+- :func:`per_site_values`: ``[B, C]`` per-image values placed at each active site (zero at masked
+  sites), laid out like the data, to combine with it elementwise.
+"""
+from __future__ import annotations
+
+from functools import singledispatch
+from typing import Optional
+
+import torch
+
+from ..features import FeatureMap, MaskedDense, SparseRows
+
+__all__ = ["active_counts", "image_sums", "image_means", "per_site_values", "scale_per_image"]
+
+
+def active_counts(x: FeatureMap, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``[B]``: the number of active sites of each image at ``x``'s stride (>= 1 for a valid mask)."""
+    counts = x.mask.cached(("active-counts", x.stride), lambda: x.mask.dense_at(x.stride).flatten(1).sum(1))
+    return counts.to(dtype or x.data.dtype)
+
+
+@singledispatch
+def image_sums(x: FeatureMap, values: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[B, C]``: per image, the sum over its active sites of ``values`` (default ``x.data``), a
+    tensor laid out like ``x.data`` and zero at masked sites."""
+    raise TypeError(f"no per-image reduction registered for {type(x).__name__}")
+
+
+@image_sums.register
+def _(x: MaskedDense, values: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return (x.data if values is None else values).sum(dim=(2, 3))
+
+
+@image_sums.register
+def _(x: SparseRows, values: Optional[torch.Tensor] = None) -> torch.Tensor:
+    rows = x.data if values is None else values
+    image_of_row = x.mask.coords_at(x.stride)[:, 0]
+    return rows.new_zeros(x.mask.batch_size, rows.shape[1]).index_add_(0, image_of_row, rows)
+
+
+@singledispatch
+def per_site_values(x: FeatureMap, values: torch.Tensor) -> torch.Tensor:
+    """``values [B, C]`` of each active site's image, laid out like ``x.data``; zero at masked sites."""
+    raise TypeError(f"no per-image broadcast registered for {type(x).__name__}")
+
+
+@per_site_values.register
+def _(x: MaskedDense, values: torch.Tensor) -> torch.Tensor:
+    return values[:, :, None, None] * x.mask.dense_at(x.stride).to(values.dtype)
+
+
+@per_site_values.register
+def _(x: SparseRows, values: torch.Tensor) -> torch.Tensor:
+    return values[x.mask.coords_at(x.stride)[:, 0]]
+
+
+def image_means(x: FeatureMap) -> torch.Tensor:
+    """``[B, C]``: each image's mean over its active sites (SparK issue 54's global average pool)."""
+    return image_sums(x) / active_counts(x).unsqueeze(1)
+
+
+def scale_per_image(x: FeatureMap, factors: torch.Tensor) -> FeatureMap:
+    """``x`` times a per-image, per-channel factor ``[B, C]`` (a squeeze-excitation gate).
+
+    Masked sites stay exactly zero: they are zero in ``x`` and only multiplied.
+    """
+    return x.with_data(x.data * per_site_values(x, factors))

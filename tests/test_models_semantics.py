@@ -1,0 +1,152 @@
+"""The sparse semantics of timm's layers on ``masked`` (the reference), as docs/sparse_semantics.md states them.
+
+Every sparse backend is compared with ``masked`` elsewhere (tests/test_equivalence_layers.py); here the
+reference itself is checked against the written formulas (statistics over each image's ACTIVE sites,
+masked sites exactly zero) and, with every site visible, against timm's own dense layers.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import (BatchNormAct2d, EcaModule, GroupNormAct, ScaledStdConv2d, SEModule, StdConv2d)
+from timm.layers.grn import GlobalResponseNorm
+from timm.models._efficientnet_blocks import SqueezeExcite
+
+import spark_sparse as ss
+from spark_sparse import ActiveMask, MaskedDense
+from spark_sparse.backends.pools import ConstantPadMaxPool2d, fold_zero_pad_into_max_pool
+
+from test_equivalence_layers import randomized
+
+ALL_BACKENDS = ["masked", "torch"]   # the reference and one true-sparse backend (the others are compared to masked)
+
+
+def _mask() -> ActiveMask:
+    """Two images of 3x3 patches, 4 and 2 visible: per-image statistics must differ from batch ones."""
+    active = torch.zeros(2, 1, 3, 3, dtype=torch.bool)
+    active[0, 0, 0, :2] = active[0, 0, 2, 1:] = True
+    active[1, 0, 1, 1] = active[1, 0, 2, 0] = True
+    return ActiveMask(active)
+
+
+def _masked_run(layer: nn.Module, x: torch.Tensor, mask: ActiveMask, stride: int = 4) -> torch.Tensor:
+    converted = ss.create_backend("masked").convert(nn.Sequential(copy.deepcopy(layer)))
+    return converted(MaskedDense(x * mask.dense_at(stride), mask, stride)).data
+
+
+def _input(mask: ActiveMask, channels: int = 8, stride: int = 4) -> torch.Tensor:
+    site = mask.dense_at(stride)
+    return torch.randn(mask.batch_size, channels, *site.shape[-2:], dtype=torch.float64) * site
+
+
+def _active_values(x: torch.Tensor, mask: ActiveMask, image: int, stride: int = 4) -> torch.Tensor:
+    """``[n, C]``: the active sites of one image."""
+    return x[image].permute(1, 2, 0)[mask.dense_at(stride)[image, 0]]
+
+
+def test_squeeze_excitation_squeezes_over_each_images_active_sites_only():
+    mask, se = _mask(), randomized(SEModule(8, rd_channels=4)).double()
+    x = _input(mask)
+    out = _masked_run(se, x, mask)
+    for image in range(2):
+        mean = _active_values(x, mask, image).mean(0).view(1, 8, 1, 1)
+        gate = se.gate(se.fc2(se.act(se.bn(se.fc1(mean)))))
+        torch.testing.assert_close(out[image], (x[image:image + 1] * gate)[0])
+
+
+def test_efficientnet_squeeze_excite_with_a_gate_nonzero_at_zero_keeps_masked_sites_zero():
+    mask = _mask()
+    se = randomized(SqueezeExcite(8, rd_channels=4, gate_layer=nn.Hardsigmoid)).double()
+    out = _masked_run(se, _input(mask), mask)
+    assert torch.all(out[~mask.dense_at(4).expand_as(out)] == 0)
+
+
+def test_eca_squeezes_over_active_sites_only():
+    mask, eca = _mask(), randomized(EcaModule(channels=8)).double()
+    x = _input(mask)
+    out = _masked_run(eca, x, mask)
+    for image in range(2):
+        mean = _active_values(x, mask, image).mean(0).view(1, 1, 8)
+        gate = eca.gate(eca.conv(mean)).view(1, 8, 1, 1)
+        torch.testing.assert_close(out[image], (x[image:image + 1] * gate)[0])
+
+
+@pytest.mark.parametrize("layer", [nn.GroupNorm(2, 8), GroupNormAct(8, num_groups=4, act_layer=nn.SiLU)],
+                         ids=["GroupNorm", "GroupNormAct"])
+def test_group_norm_takes_statistics_per_image_and_group_over_active_sites(layer):
+    mask, layer = _mask(), randomized(layer).double()
+    x = _input(mask)
+    out = _masked_run(layer, x, mask)
+    act = getattr(layer, "act", nn.Identity())
+    for image in range(2):
+        rows = _active_values(x, mask, image)                                   # [n, C]
+        groups = rows.view(rows.shape[0], layer.num_groups, -1)
+        mean = groups.mean(dim=(0, 2), keepdim=True)
+        var = groups.var(dim=(0, 2), unbiased=False, keepdim=True)
+        want = act(((groups - mean) / torch.sqrt(var + layer.eps)).view_as(rows) * layer.weight + layer.bias)
+        torch.testing.assert_close(_active_values(out, mask, image), want)
+    assert torch.all(out[~mask.dense_at(4).expand_as(out)] == 0)
+
+
+def test_global_response_norm_uses_each_images_l2_norm_over_active_sites():
+    mask, grn = _mask(), randomized(GlobalResponseNorm(8, channels_last=False)).double()
+    x = _input(mask)
+    out = _masked_run(grn, x, mask)
+    for image in range(2):
+        rows = _active_values(x, mask, image)
+        norm = rows.norm(dim=0)
+        normalized = norm / (norm.mean() + grn.eps)
+        want = rows + grn.bias + grn.weight * rows * normalized
+        torch.testing.assert_close(_active_values(out, mask, image), want)
+    assert torch.all(out[~mask.dense_at(4).expand_as(out)] == 0)
+
+
+def test_global_response_norm_gradient_is_finite_when_a_channel_is_zero_in_an_image():
+    mask, grn = _mask(), randomized(GlobalResponseNorm(8, channels_last=False)).double()
+    x = _input(mask)
+    x[0, 3] = 0.0
+    x.requires_grad_(True)
+    _masked_run(grn, x, mask).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("make", [
+    lambda: BatchNormAct2d(8, act_layer=nn.Hardswish),
+    lambda: GroupNormAct(8, num_groups=4),
+    lambda: nn.GroupNorm(2, 8),
+    lambda: SEModule(8, rd_channels=4),
+    lambda: SqueezeExcite(8, rd_channels=4),
+    lambda: EcaModule(channels=8),
+    lambda: GlobalResponseNorm(8, channels_last=False),
+    lambda: StdConv2d(8, 12, 3, padding=1),
+    lambda: ScaledStdConv2d(8, 12, 3),
+    lambda: nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False),
+], ids=["BatchNormAct2d", "GroupNormAct", "GroupNorm", "SEModule", "SqueezeExcite", "EcaModule",
+        "GlobalResponseNorm", "StdConv2d", "ScaledStdConv2d", "AvgPool2d_resnet_d"])
+def test_with_every_site_visible_the_layer_is_timms_dense_layer(backend, make):
+    layer = randomized(make()).double()
+    mask = ActiveMask.full(2, (2, 2))
+    x = torch.randn(2, 8, 16, 16, dtype=torch.float64)
+    backend_obj = ss.create_backend(backend)
+    converted = backend_obj.convert(nn.Sequential(copy.deepcopy(layer)))
+    fmap = MaskedDense(x, mask, 4) if backend == "masked" else ss.SparseRows(x.permute(0, 2, 3, 1).reshape(-1, 8), mask, 4)
+    torch.testing.assert_close(converted(fmap).to_dense(), layer(x))
+
+
+def test_zero_padded_max_pool_counts_padding_as_zero_unlike_max_pool_padding():
+    x = -torch.rand(1, 2, 8, 8) - 1.0                          # all negative: only padding can give 0
+    padded = ConstantPadMaxPool2d(3, 2, 1)(x)
+    assert torch.all(padded[..., 0, :] == 0) and torch.all(padded[..., :, 0] == 0)
+    torch.testing.assert_close(padded, F.max_pool2d(F.pad(x, (1, 1, 1, 1)), 3, 2))
+
+
+def test_bit_stem_pad_and_pool_fold_into_one_layer_with_the_same_output():
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.ConstantPad2d(1, 0.0), nn.MaxPool2d(3, 2, 0))
+    x = torch.randn(2, 3, 32, 32)
+    want = stem(x)
+    fold_zero_pad_into_max_pool(stem)
+    assert isinstance(stem[1], nn.Identity) and type(stem[2]) is ConstantPadMaxPool2d
+    torch.testing.assert_close(stem(x), want)
