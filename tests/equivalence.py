@@ -30,14 +30,18 @@ def max_errors(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
 
 
 def run_layer_pair(layer: nn.Module, backend: str, mask: ActiveMask, stride: int, channels: int,
-                   dtype: torch.dtype, seed: int = 0) -> dict:
-    """Run ``layer`` on masked and on ``backend`` from one random input; outputs and grads of both."""
+                   dtype: torch.dtype, seed: int = 0, device: str = "cpu") -> dict:
+    """Run ``layer`` on masked and on ``backend`` from one random input; outputs and grads of both.
+
+    Random numbers are drawn on the CPU and moved to ``device``: a CUDA run sees the same inputs.
+    """
     gen = torch.Generator().manual_seed(seed)
+    mask = mask.to(device)
     site = mask.dense_at(stride)
-    dense = torch.randn(mask.batch_size, channels, *site.shape[-2:], generator=gen, dtype=dtype) * site
+    dense = torch.randn(mask.batch_size, channels, *site.shape[-2:], generator=gen, dtype=dtype).to(device) * site
     results = {}
     for name in ("masked", backend):
-        holder = create_backend(name).convert(nn.Sequential(copy.deepcopy(layer).to(dtype)))
+        holder = create_backend(name).convert(nn.Sequential(copy.deepcopy(layer).to(device, dtype)))
         if name == "masked":
             x = dense.clone().requires_grad_(True)
             out = holder(MaskedDense(x, mask, stride))
@@ -48,7 +52,7 @@ def run_layer_pair(layer: nn.Module, backend: str, mask: ActiveMask, stride: int
             out = holder(SparseRows(x, mask, stride))
             out_rows = out.data
             out_dense = out.to_dense()
-        weights = torch.randn(out_rows.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=dtype)
+        weights = torch.randn(out_rows.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=dtype).to(device)
         (out_rows * weights).sum().backward()
         grad_in = x.grad if name != "masked" else x.grad.permute(0, 2, 3, 1)[site[:, 0]]
         results[name] = dict(out_rows=out_rows.detach(), out_dense=out_dense.detach(), out_stride=out.stride,
