@@ -1,12 +1,18 @@
-"""What one benchmark column is: a backend (SparK's recipe otherwise) or a whole speed recipe."""
+"""What one benchmark column is: a backend (SparK's recipe otherwise) or a whole speed recipe.
+
+A column on the ``auto`` backend (``auto`` itself, or ``recipe:fast``) is tuned before it is timed,
+by :func:`tune_workload`, for the configuration's batch, dtype and mask ratio, as training tunes
+before its first step; the tuning time is reported beside the timings, never inside them.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 
 import spark_sparse as ss
+from spark_sparse.autotune import AutotuneOptions, AutotuneResult, autotune
 from spark_sparse.speed import apply_speed_plan, plan_speed
 from spark_sparse.train.optim import build_optimizer, default_beta2, param_groups
 
@@ -35,12 +41,15 @@ class Variant:
     def recipe(self) -> Optional[str]:
         return self.base.split(":", 1)[1] if self.base.startswith("recipe:") else None
 
-    def build(self, model: str, input_size: int, mask_ratio: float, device: str) -> ss.SparK:
+    def build(self, model: str, input_size: int, mask_ratio: float, device: str,
+              backend: Optional[str] = None) -> ss.SparK:
+        """The column's model; ``backend`` replaces the column's (the autotune guard's masked twin)."""
         if self.recipe is None:
-            spark = ss.create_spark(model, backend=self.base, input_size=input_size, mask_ratio=mask_ratio,
+            spark = ss.create_spark(model, backend=backend or self.base, input_size=input_size, mask_ratio=mask_ratio,
                                     drop_path_rate=0.0)
             return spark.to(device)
         plan = plan_speed(self.recipe, device)
+        plan = replace(plan, backend=backend) if backend else plan
         spark = ss.create_spark(model, backend=plan.backend, input_size=input_size, mask_ratio=mask_ratio,
                                 drop_path_rate=0.0).to(device)
         return apply_speed_plan(spark, plan)
@@ -52,3 +61,36 @@ class Variant:
 
 def autocast(device: str, dtype: str):
     return torch.autocast(torch.device(device).type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
+
+
+def tune_workload(work, dtype: str, mode: str = "on", budget_s: float = 60.0) -> AutotuneResult:
+    """Tune ``work`` (a ``_measure.Workload``) for ``dtype`` if its model runs ``auto``; before timing it.
+
+    The tuned model, or the masked twin when the guard chooses it, becomes ``work.spark`` (with a new
+    optimizer over its parameters). The untuned ``auto`` model is kept on the workload, so a later
+    dtype of the same configuration is tuned from it again.
+    """
+    base = getattr(work, "untuned_spark", work.spark)
+    if base.backend.name != "auto":
+        return autotune(base, work.images.shape[0], work.device)          # not applicable: says so
+    work.untuned_spark = base
+    input_size = work.images.shape[-1]
+    amp = None if dtype == "fp32" else DTYPES[dtype]
+    result = autotune(base, work.images.shape[0], work.device, amp, channels_last=base.channels_last,
+                      options=AutotuneOptions(mode=mode, budget_s=budget_s),
+                      build_masked=lambda: work.variant.build(work.model, input_size, base.mask_ratio, work.device,
+                                                              backend="masked"))
+    if result.spark is not work.spark:
+        work.spark = result.spark
+        work.optimizer = work.variant.optimizer(work.spark, work.model, work.device)
+    return result
+
+
+def autotune_record(result: Optional[AutotuneResult]) -> Optional[dict]:
+    """What a results row keeps of the tuning (``None`` for columns that are not tuned)."""
+    if result is None or not result.applies:
+        return None
+    return {"runs": result.backend, "mode": result.mode, "source": result.source,
+            "tuning_s": round(result.seconds, 2), "summary": result.summary(),
+            "guard_ms": result.guard.ms if result.guard is not None else None,
+            "kernels": {name: d.kernel for name, d in result.decisions.items()}}

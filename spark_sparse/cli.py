@@ -17,6 +17,7 @@ from typing import Optional
 
 import click
 
+from .autotune import MODES
 from .backends import UnknownBackendError, get_backend_class, list_backends, recommended_sparse_backend
 from .errors import SparkSparseError
 from .models import UnknownModelError, list_models, resolve_model_name
@@ -110,6 +111,11 @@ def _validate_model(ctx, param, value: Optional[str]) -> Optional[str]:
 @_opt("backend", callback=_validate_backend, cls=_HelpAtDisplayOption, help_factory=_backend_help)
 @_opt("sparse_conv", type=int, default=0, help="SparK's old flag: 1 selects the recommended true-sparse backend")
 @_opt("strict_backend", is_flag=True, default=False, help="a layer the backend's preferred kernel cannot run is an error")
+@_opt("autotune", type=click.Choice(MODES), default=_SPARK_DEFAULTS.autotune,
+      help="backend auto: on = time every kernel per layer before the first step (results cached in the user cache "
+           "folder, SPARK_SPARSE_CACHE_DIR), cached = the cache only, off = the static rule")
+@_opt("autotune_budget", type=float, default=_SPARK_DEFAULTS.autotune_budget,
+      help="seconds of per-layer measurement at most; layers left keep the static rule")
 @_opt("recipe", type=click.Choice(RECIPES), default="fast",
       help="spark: SparK's exact recipe (masked, NCHW, fp32); fast: every option that keeps the fp32 maths")
 @_opt("channels_last", type=bool, default=None, help="NHWC dense parts (default: the recipe's)")

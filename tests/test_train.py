@@ -47,7 +47,8 @@ def test_one_epoch_writes_every_output_file(folder, tmp_path):
                                                "reconstruction.png"}
     header, epoch = [json.loads(line) for line in (out / "pretrain_log.txt").read_text().splitlines()]
     assert header["model"] == "tiny_cnn" and header["args"]["bs"] == 4
-    assert header["backend"] == header["speed_plan"]["backend"] == DEFAULT_BACKEND
+    # the default 'auto' backend runs masked where its whole-encoder guard measured masked faster
+    assert header["backend"] == header["speed_plan"]["backend"] in {DEFAULT_BACKEND, "masked"}
     assert header["backend_plan"] and "cmd" in header and "git_commit" in header and header["warnings"] == []
     assert epoch["epoch"] == 1 and epoch["loss"] > 0 and epoch["images_per_s"] > 0
     assert {"remaining", "finish_time", "lr"} <= epoch.keys()

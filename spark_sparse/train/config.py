@@ -38,6 +38,8 @@ class PretrainConfig:
     overwrite: bool = False               # start over in a folder that holds another run (deletes its files)
     backend: Optional[str] = None
     strict_backend: bool = False
+    autotune: str = "on"                  # backend 'auto': on (cache + measure the rest), cached, off (static rule)
+    autotune_budget: float = 60.0         # seconds of per-layer measurement at most (the guard comes on top)
     device: str = "auto"
     amp: str = "none"
     seed: int = 0

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .. import __version__
+from ..autotune import AutotuneOptions, AutotuneResult, autotune
 from ..errors import ConfigError, SparkSparseError
 from ..checkpoint import CheckpointError, atomic_save, load_pretrained, load_spark_state, read_checkpoint
 from ..models import resolve_model_name
@@ -109,6 +110,11 @@ def _build_dataset(cfg: PretrainConfig):
     return ImageFolderDataset(cfg.data_path, transform)
 
 
+def _saved_autotune_plan(path: str) -> Optional[dict]:
+    """The autotune plan stored in checkpoint ``path`` (``None`` for runs that were not on ``auto``)."""
+    return read_checkpoint(path).get("autotune")
+
+
 def _rng_states() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -145,9 +151,9 @@ class Trainer:
                                 compile_decoder=cfg.compile, foreach_optimizer=cfg.foreach_optimizer,
                                 grad_ckpt=cfg.grad_ckpt)
         self.sync_bn = cfg.sbn and self.ctx.initialized and self.ctx.device.type == "cuda"
-        self.spark: SparK = create_spark(self.model_name, backend=self.speed.backend, input_size=cfg.input_size,
-                                         mask_ratio=cfg.mask, drop_path_rate=cfg.dp, sync_bn=self.sync_bn,
-                                         strict_backend=cfg.strict_backend).to(self.ctx.device)
+        self.spark: SparK = self._create_spark(self.speed.backend)
+        self.autotune = self._autotune()          # backend 'auto': kernels measured (or the resumed run's plan)
+        self.spark, self.speed = self.autotune.spark, self.speed.with_autotune(self.autotune)
         self.plan = self.spark.backend.plan(self.spark.encoder, self.ctx.device, self.amp_dtype or torch.float32)
         apply_speed_plan(self.spark, self.speed)
         self.batch_estimate = estimate_max_batch(self.spark, self.spark.input_hw, self.ctx.device)
@@ -169,6 +175,28 @@ class Trainer:
         self.loader: Optional[DataLoader] = None
         self.state = RunState()
         self.tb = None
+
+    # ------------------------------------------------------------------ measured dispatch (backend 'auto')
+    def _create_spark(self, backend: str) -> SparK:
+        cfg = self.cfg
+        return create_spark(self.model_name, backend=backend, input_size=cfg.input_size, mask_ratio=cfg.mask,
+                            drop_path_rate=cfg.dp, sync_bn=self.sync_bn,
+                            strict_backend=cfg.strict_backend).to(self.ctx.device)
+
+    def _autotune(self) -> AutotuneResult:
+        """Pin the ``auto`` backend's kernels before the first step (other backends: nothing to do).
+
+        A resumed run re-applies the plan saved in its checkpoint (exact resume needs the same
+        kernels); otherwise ``--autotune`` measures (or reads from the cache) on this run's batch per
+        process, input size, mask ratio and dtype. The guard may hand back the model on ``masked``.
+        """
+        cfg = self.cfg
+        saved = _saved_autotune_plan(self.resume_path) if self.resume_path else None
+        options = AutotuneOptions(mode=cfg.autotune, budget_s=cfg.autotune_budget, progress=self.ctx.is_main,
+                                  seed=cfg.seed)
+        return autotune(self.spark, self.local_batch, self.ctx.device, self.amp_dtype,
+                        channels_last=self.speed.channels_last, options=options,
+                        build_masked=lambda: self._create_spark("masked"), plan_state=saved)
 
     # ------------------------------------------------------------------ settings checked before the first step
     def _resume_path(self) -> Optional[str]:
@@ -200,7 +228,8 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.state.epoch, "iteration": self.state.iteration, "min_loss": self.state.min_loss,
                 "epoch_progress": progress if progress is not None else self.state.progress(),
-                "rng": _rng_states(), "args": self.cfg.as_dict(), "model_name": self.model_name}
+                "rng": _rng_states(), "args": self.cfg.as_dict(), "model_name": self.model_name,
+                "autotune": self.autotune.plan_state()}
 
     def save(self, final: bool = False) -> None:
         """Write both checkpoints (main process); every process must call it (the loss sum is averaged)."""
@@ -286,6 +315,7 @@ class Trainer:
                 "backend": self.speed.backend, "world_size": self.ctx.world_size, "device": str(self.ctx.device),
                 "global_batch": self.global_batch, "lr": self.peak_lr, "iters_per_epoch": self.iters_per_epoch,
                 "sync_bn": self.sync_bn, "speed_plan": self.speed.as_dict(), "backend_plan": self.plan,
+                "autotune": self.autotune.plan_state(), "autotune_seconds": round(self.autotune.seconds, 2),
                 "resumed_from": self.resume_path, "warnings": self.warnings, "args": self.cfg.as_dict()}
 
     def _print_start(self) -> None:
@@ -298,6 +328,9 @@ class Trainer:
         if cfg.sbn and not self.sync_bn:
             print("[spark-pretrain] --sbn: SyncBatchNorm needs several CUDA processes; using plain BatchNorm here")
         print(self.speed.describe())
+        if self.autotune.applies:       # per-layer ms follow in the plan, or here when the guard chose masked
+            tuned = self.autotune.describe()
+            print(tuned if self.autotune.backend == "masked" else tuned.splitlines()[0])
         print(f"[spark-pretrain] {self.batch_estimate.describe(str(self.ctx.device))} (this run: {self.local_batch})")
         print("[spark-pretrain] backend plan (layer: kernel):")
         for layer, how in self.plan:

@@ -1,0 +1,396 @@
+"""Measured dispatch (backend ``auto``): plan from measurements, cache, modes, budget, guard, plan state, resume.
+
+Timings are injected (a fake timer answers from a table), so every choice here is deterministic;
+the fake timer never calls the timed function and warm-up is 0, so nothing but shape discovery runs.
+"""
+import json
+import zlib
+
+import pytest
+import torch
+
+import spark_sparse as ss
+from spark_sparse.autotune import AutotuneOptions, autotune, load_plan_state
+from spark_sparse.autotune.cache import CACHE_FILE
+from spark_sparse.backends.auto import sparse_convs
+from spark_sparse.errors import ConfigError
+
+from equivalence import max_errors
+
+KERNEL_ORDER = ["gather", "gemm", "dense", "spconv", "minkowski"]
+
+
+class FakeTimer:
+    """Layer ms from ``layer_ms(layer, kernel)``, encoder ms from ``encoder_ms[variant]``; counts its calls."""
+
+    def __init__(self, layer_ms=None, encoder_ms=None):
+        self.layer_ms = layer_ms or (lambda layer, kernel: 1.0 + KERNEL_ORDER.index(kernel) if kernel in KERNEL_ORDER
+                                     else 9.0)
+        self.encoder_ms = encoder_ms or {"tuned": 1.0, "static": 2.0, "masked": 3.0}
+        self.calls = []
+
+    def __call__(self, fn, what):
+        self.calls.append(what)
+        if what.kind == "layer":
+            return self.layer_ms(what.name, what.candidate)
+        return self.encoder_ms[what.candidate]
+
+    def layer_calls(self):
+        return [c for c in self.calls if c.kind == "layer"]
+
+    def encoder_calls(self):
+        return [c for c in self.calls if c.kind == "encoder"]
+
+
+class NoTimer:
+    """Fails the test if anything is measured."""
+
+    def __call__(self, fn, what):
+        raise AssertionError(f"nothing should be measured, but {what} was")
+
+
+def build(model="tiny_cnn", backend="auto", size=64, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return ss.create_spark(model, backend=backend, input_size=size, drop_path_rate=0.0).to(dtype)
+
+
+def tune(spark, tmp_path, timer, batch=2, mode="on", budget_s=600.0, model="tiny_cnn", size=64, **kwargs):
+    dtype = next(spark.parameters()).dtype
+    options = AutotuneOptions(mode=mode, budget_s=budget_s, warmup=0, repeats=1, progress=False,
+                              cache_dir=tmp_path / "cache")
+    return autotune(spark, batch, "cpu", options=options, timer=timer,
+                    build_masked=lambda: build(model, "masked", size, dtype), **kwargs)
+
+
+def pinned(spark, dtype=torch.float32):
+    return {name: conv.pinned_kernel("cpu", dtype) for name, conv in sparse_convs(spark.encoder)}
+
+
+def static_rule(spark, dtype=torch.float32):
+    return {name: spark.backend.static_kernel(conv, "cpu", dtype) for name, conv in sparse_convs(spark.encoder)}
+
+
+# ---------------------------------------------------------------------- choosing from measurements
+def test_each_layer_is_pinned_to_its_fastest_measured_kernel(tmp_path):
+    spark = build()
+    static = static_rule(spark)
+    result = tune(spark, tmp_path, FakeTimer())           # gather fastest, then gemm, dense, ...
+    assert result.backend == "auto" and result.spark is spark
+    assert set(pinned(spark).values()) == {"gather"} != set(static.values())
+    for name, decision in result.decisions.items():
+        assert decision.kernel == "gather" and decision.status == "measured"
+        assert decision.ms["gather"] == 1.0 and decision.ms["gemm"] == 2.0
+    plan = dict(spark.backend.plan(spark.encoder))
+    assert all(plan[name].startswith("gather") and "[measured: gather 1, gemm 2, dense 3" in plan[name]
+               for name in result.decisions)
+
+
+def test_the_choice_follows_the_timings_per_layer(tmp_path):
+    def layer_ms(layer, kernel):   # a different winner per layer
+        order = KERNEL_ORDER[zlib.crc32(layer.encode()) % 5:] + KERNEL_ORDER[:zlib.crc32(layer.encode()) % 5]
+        return 1.0 + order.index(kernel)
+
+    spark = build("resnet18")
+    result = tune(spark, tmp_path, FakeTimer(layer_ms), model="resnet18")
+    for name, decision in result.decisions.items():
+        assert decision.kernel == min(decision.ms, key=decision.ms.get) == pinned(spark)[name]
+    assert len({d.kernel for d in result.decisions.values()}) >= 3
+
+
+def test_identical_layers_are_measured_once(tmp_path):
+    spark = build()
+    timer = FakeTimer()
+    result = tune(spark, tmp_path, timer)
+    measured_layers = {call.name for call in timer.layer_calls()}
+    # tiny_cnn's residual pairs hold two identical convs: only one of each pair is timed
+    assert "stages.0.1.first.0" in measured_layers and "stages.0.1.second.0" not in measured_layers
+    assert result.decisions["stages.0.1.second.0"].ms == result.decisions["stages.0.1.first.0"].ms
+
+
+def test_a_layer_only_one_kernel_can_run_is_not_measured(tmp_path):
+    spark = build("convnext_tiny")
+    timer = FakeTimer()
+    result = tune(spark, tmp_path, timer, model="convnext_tiny")
+    candidates = {name: conv.candidate_kernels("cpu", torch.float32) for name, conv in sparse_convs(spark.encoder)}
+    for name, decision in result.decisions.items():
+        if len(candidates[name]) == 1:
+            assert decision.status == "only candidate" and not decision.ms
+    assert all(call.candidate in candidates[call.name] for call in timer.layer_calls())
+
+
+# ---------------------------------------------------------------------- the cache
+def test_measurements_are_cached_and_reused(tmp_path):
+    first = tune(build(), tmp_path, FakeTimer())
+    assert (tmp_path / "cache" / CACHE_FILE).is_file()
+    spark = build()
+    second = tune(spark, tmp_path, NoTimer())            # nothing measured: layers and guard come from the file
+    assert {d.status for d in second.decisions.values()} == {"cached"}
+    assert pinned(spark) == {name: d.kernel for name, d in first.decisions.items()}
+    assert second.guard.status == "cached" and second.guard.ms == first.guard.ms
+
+
+@pytest.mark.parametrize("change", ["batch", "dtype", "threads"])
+def test_a_different_key_is_measured_again(tmp_path, change):
+    tune(build(), tmp_path, FakeTimer())
+    timer = FakeTimer()
+    threads = torch.get_num_threads()
+    try:
+        if change == "batch":
+            tune(build(), tmp_path, timer, batch=16)                   # other active-row buckets
+        elif change == "dtype":
+            tune(build(dtype=torch.float64), tmp_path, timer)
+        else:
+            torch.set_num_threads(1 if threads > 1 else 2)               # another environment
+            tune(build(), tmp_path, timer)
+    finally:
+        torch.set_num_threads(threads)
+    assert timer.layer_calls() and timer.encoder_calls()
+
+
+def test_a_corrupt_cache_file_is_reported_ignored_and_rewritten(tmp_path):
+    path = tmp_path / "cache" / CACHE_FILE
+    path.parent.mkdir()
+    path.write_text("{not json")
+    timer = FakeTimer()
+    with pytest.warns(RuntimeWarning, match="corrupt"):
+        result = tune(build(), tmp_path, timer)
+    assert timer.layer_calls() and result.backend == "auto"
+    assert json.loads(path.read_text())["environments"]
+
+
+def test_an_unwritable_cache_folder_is_not_fatal(tmp_path):
+    (tmp_path / "cache").write_text("a file where the folder should be")
+    with pytest.warns(RuntimeWarning, match="could not write"):
+        result = tune(build(), tmp_path, FakeTimer())
+    assert result.backend == "auto"
+
+
+# ---------------------------------------------------------------------- modes and budget
+def test_cached_mode_measures_nothing_and_keeps_the_static_rule_for_unknown_layers(tmp_path):
+    spark = build()
+    result = tune(spark, tmp_path, NoTimer(), mode="cached")
+    assert pinned(spark) == static_rule(spark)
+    assert all(d.status == "static rule, not measured: --autotune cached" for d in result.decisions.values())
+    assert result.guard.status.startswith("not measured") and result.backend == "auto"
+
+
+def test_cached_mode_uses_what_an_earlier_run_measured(tmp_path):
+    tune(build(), tmp_path, FakeTimer())
+    spark = build()
+    result = tune(spark, tmp_path, NoTimer(), mode="cached")
+    assert set(pinned(spark).values()) == {"gather"} and result.guard.status == "cached"
+
+
+def test_off_mode_is_the_static_rule_and_says_it_was_not_measured(tmp_path):
+    spark = build()
+    result = tune(spark, tmp_path, NoTimer(), mode="off")
+    assert pinned(spark) == static_rule(spark) and result.guard is None
+    assert "not measured" in result.summary()
+    assert not (tmp_path / "cache").exists()
+
+
+def test_an_exhausted_budget_leaves_the_remaining_layers_on_the_static_rule(tmp_path):
+    spark = build()
+    timer = FakeTimer()
+    result = tune(spark, tmp_path, timer, budget_s=0.0)
+    assert not timer.layer_calls()
+    assert pinned(spark) == static_rule(spark)
+    assert all("budget of 0 s exhausted" in d.status for d in result.decisions.values())
+    assert "budget" in dict(spark.backend.plan(spark.encoder))["stem.0"]
+
+
+# ---------------------------------------------------------------------- the whole-encoder guard
+def test_the_guard_runs_masked_when_the_tuned_plan_is_slower(tmp_path):
+    spark = build()
+    result = tune(spark, tmp_path, FakeTimer(encoder_ms={"tuned": 5.0, "static": 6.0, "masked": 2.0}))
+    assert result.backend == "masked" and result.spark.backend.name == "masked" and result.spark is not spark
+    mine, theirs = spark.state_dict(), result.spark.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert result.plan_state()["backend"] == "masked"
+    assert "masked 2 ms" in result.summary() and "tuned 5 ms" in result.summary()
+
+
+def test_a_tie_with_masked_goes_to_masked(tmp_path):
+    result = tune(build(), tmp_path, FakeTimer(encoder_ms={"tuned": 3.0, "static": 4.0, "masked": 3.0}))
+    assert result.backend == "masked"
+
+
+def test_the_guard_keeps_the_static_rule_when_it_beats_the_tuned_plan(tmp_path):
+    spark = build()
+    result = tune(spark, tmp_path, FakeTimer(encoder_ms={"tuned": 5.0, "static": 2.0, "masked": 3.0}))
+    assert result.backend == "auto" and pinned(spark) == static_rule(spark)
+    assert result.plan_state()["kernels"] == static_rule(spark)
+
+
+def test_the_static_variant_is_not_timed_when_the_tuned_plan_is_the_static_rule(tmp_path):
+    spark = build()
+    static = static_rule(spark)
+    timer = FakeTimer(layer_ms=lambda layer, kernel: 1.0 if kernel == static.get(layer) else 5.0)
+    tune(spark, tmp_path, timer)
+    assert {c.candidate for c in timer.encoder_calls()} == {"tuned", "masked"}
+
+
+def test_tuning_changes_no_weight_statistic_or_random_stream(tmp_path):
+    spark = build()
+    before = {k: v.clone() for k, v in spark.state_dict().items()}
+    rng = torch.get_rng_state()
+    options = AutotuneOptions(warmup=1, repeats=1, progress=False, cache_dir=tmp_path / "cache")
+    autotune(spark, 2, "cpu", options=options, build_masked=lambda: build(backend="masked"))   # real timing
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[k], v) for k, v in spark.state_dict().items())
+    assert all(p.grad is None for p in spark.parameters()) and spark.training
+
+
+def test_other_backends_are_not_tuned(tmp_path):
+    spark = build(backend="sparse")
+    result = tune(spark, tmp_path, NoTimer())
+    assert not result.applies and result.spark is spark and result.plan_state() is None
+
+
+# ---------------------------------------------------------------------- plan state
+def test_the_plan_state_round_trips_through_json_without_measuring(tmp_path):
+    def layer_ms(layer, kernel):
+        return 1.0 if kernel == ("dense" if zlib.crc32(layer.encode()) % 2 else "gemm") else 4.0
+
+    spark = build("resnet18")
+    state = tune(spark, tmp_path, FakeTimer(layer_ms), model="resnet18").plan_state()
+    again = build("resnet18")
+    result = tune(again, tmp_path / "elsewhere", NoTimer(), model="resnet18", plan_state=json.loads(json.dumps(state)))
+    assert result.source == "checkpoint" and pinned(again) == pinned(spark)
+    assert result.plan_state()["kernels"] == state["kernels"]
+
+
+def test_a_saved_masked_decision_is_reapplied(tmp_path):
+    state = tune(build(), tmp_path, FakeTimer(encoder_ms={"tuned": 5.0, "masked": 1.0, "static": 6.0})).plan_state()
+    result = load_plan_state(build(), state, build_masked=lambda: build(backend="masked"))
+    assert result.backend == "masked" and result.spark.backend.name == "masked"
+
+
+def test_a_plan_naming_an_unavailable_kernel_is_refused_with_the_fix(tmp_path):
+    state = tune(build(), tmp_path, FakeTimer()).plan_state()
+    state["kernels"]["stem.0"] = "no-such-kernel"
+    with pytest.raises(ConfigError, match="Exact resume needs the kernels"):
+        load_plan_state(build(), state)
+
+
+def test_a_plan_for_another_model_is_refused(tmp_path):
+    state = tune(build(), tmp_path, FakeTimer()).plan_state()
+    with pytest.raises(ConfigError, match="does not fit this model"):
+        load_plan_state(build("resnet18"), state)
+
+
+# ---------------------------------------------------------------------- equivalence of the tuned backend
+@pytest.mark.parametrize("model", ["resnet18", "convnext_tiny"])
+def test_a_tuned_auto_encoder_equals_masked_in_fp64(tmp_path, model):
+    """Every layer on a kernel other than the static rule's where one exists: loss and all gradients as masked."""
+    dtype = torch.float64
+    ref, auto = build(model, "masked", dtype=dtype), build(model, dtype=dtype)
+    auto.load_state_dict(ref.state_dict())
+    static = static_rule(auto, dtype)
+    timer = FakeTimer(layer_ms=lambda layer, kernel: 9.0 if kernel == static[layer] else 1.0 + KERNEL_ORDER.index(kernel))
+    result = tune(auto, tmp_path, timer, model=model)
+    assert result.backend == "auto"
+    chosen = pinned(auto, dtype)
+    assert sum(chosen[name] != static[name] for name in chosen) > len(chosen) // 2
+    images = torch.randn(2, 3, 64, 64, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    mask = ref.mask(2, generator=torch.Generator().manual_seed(2))
+    x_ref, x = images.clone().requires_grad_(True), images.clone().requires_grad_(True)
+    loss_ref, loss = ref(x_ref, mask), auto(x, mask)
+    loss_ref.backward()
+    loss.backward()
+    assert abs(loss.item() - loss_ref.item()) < 1e-12
+    assert max_errors(x.grad, x_ref.grad)[0] < 1e-10
+    grads_ref = dict(ref.named_parameters())
+    for name, param in auto.named_parameters():
+        if grads_ref[name].grad is None:
+            assert param.grad is None, name
+        else:
+            assert max_errors(param.grad, grads_ref[name].grad)[0] < 1e-10, name
+    buffers_ref = dict(ref.named_buffers())
+    assert all(torch.allclose(buf, buffers_ref[name], atol=1e-12) for name, buf in auto.named_buffers())
+
+
+# ---------------------------------------------------------------------- training: --autotune and exact resume
+def test_resume_reapplies_the_saved_plan_and_continues_bit_identically(tmp_path, monkeypatch):
+    from spark_sparse.autotune import CACHE_DIR_ENV
+    from spark_sparse.train.engine import Trainer
+
+    from apptools import make_image_folder, tiny_config
+
+    folder = make_image_folder(tmp_path / "data", count=8)
+    # a cache in which 'dense' wins every layer (the static rule would run gemm on most)
+    spark = build()
+    options = AutotuneOptions(warmup=0, repeats=1, progress=False, cache_dir=tmp_path / "cache")
+    autotune(spark, 4, "cpu", channels_last=True, options=options, build_masked=lambda: build(backend="masked"),
+             timer=FakeTimer(lambda layer, kernel: 1.0 if kernel == "dense" else 5.0))
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
+
+    def config(out, **extra):
+        return tiny_config(folder, tmp_path / out, backend="auto", autotune="cached", **extra)
+
+    straight = Trainer(config("a"), "")
+    assert set(pinned(straight.spark).values()) == {"dense"}
+    straight.run()
+    Trainer(config("b"), "").run(max_epochs=1)
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "empty-cache"))     # the cache cannot supply the plan now
+    resumed = Trainer(config("b", resume_from=str(tmp_path / "b" / "tiny_cnn_still_pretraining.pth")), "")
+    assert resumed.autotune.source == "checkpoint" and set(pinned(resumed.spark).values()) == {"dense"}
+    resumed.run()
+    a, b = straight.spark.state_dict(), resumed.spark.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    header = json.loads((tmp_path / "b" / "pretrain_log.txt").read_text().splitlines()[0])
+    assert header["autotune"]["kernels"] and header["speed_plan"]["backend"] == "auto"
+
+
+def _two_rank_worker(rank: int, world: int, port: int, cfg, caches: list, dump_dir: str) -> None:
+    """One gloo process: rank 0 sees a cache that decides the plan, rank 1 an empty one."""
+    import os
+
+    from spark_sparse.autotune import CACHE_DIR_ENV
+    from spark_sparse.train.engine import Trainer
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), **{CACHE_DIR_ENV: caches[rank]})
+    torch.set_num_threads(1)
+    trainer = Trainer(cfg, "")
+    trainer.run()
+    torch.save({"kernels": pinned(trainer.spark), "state": trainer.spark.state_dict()},
+               os.path.join(dump_dir, f"rank{rank}.pth"))
+    torch.distributed.destroy_process_group()
+
+
+def test_every_rank_runs_rank_zeros_plan(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from apptools import make_image_folder, tiny_config
+
+    folder = make_image_folder(tmp_path / "data", count=8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                        # the ranks' environment key (their thread count)
+    try:
+        options = AutotuneOptions(warmup=0, repeats=1, progress=False, cache_dir=tmp_path / "cache")
+        autotune(build(), 4, "cpu", channels_last=True, options=options, build_masked=lambda: build(backend="masked"),
+                 timer=FakeTimer(lambda layer, kernel: 1.0 if kernel == "dense" else 5.0))
+    finally:
+        torch.set_num_threads(threads)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = tiny_config(folder, tmp_path / "out", ep=1, bs=8, backend="auto", autotune="cached")   # 4 images per rank
+    caches = [str(tmp_path / "cache"), str(tmp_path / "empty-cache")]
+    mp.spawn(_two_rank_worker, args=(2, port, cfg, caches, str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = torch.load(tmp_path / "rank0.pth"), torch.load(tmp_path / "rank1.pth")
+    assert set(rank0["kernels"].values()) == {"dense"} and rank1["kernels"] == rank0["kernels"]
+    trained = [k for k in rank0["state"] if "running" not in k and "num_batches" not in k]
+    assert all(torch.equal(rank0["state"][k], rank1["state"][k]) for k in trained)
+
+
+def test_the_cli_accepts_only_the_autotune_modes():
+    from click.testing import CliRunner
+
+    from spark_sparse.cli import pretrain_command
+
+    result = CliRunner().invoke(pretrain_command, ["--autotune", "sometimes"])
+    assert result.exit_code == 2 and "'on', 'cached', 'off'" in result.output
