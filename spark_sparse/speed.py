@@ -134,11 +134,12 @@ class BatchEstimate:
 
 
 def _memory_budget_mb(device: torch.device) -> float:
+    """Memory a run may use, in MB: a GPU's total memory, or the RAM available now (psutil: any OS)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[1] / 2**20
-    with open("/proc/meminfo") as fh:
-        info = {line.split(":")[0]: int(line.split()[1]) for line in fh}
-    return info.get("MemAvailable", info.get("MemTotal", 0)) / 1024
+    import psutil
+
+    return psutil.virtual_memory().available / 2**20
 
 
 def _saved_activation_bytes(spark: nn.Module, images: torch.Tensor) -> int:
