@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-minkowski demo test clean
+.PHONY: install install-minkowski demo test benchmarks-md clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: install
 
 test: install-minkowski
 	$(BIN)/python -m pytest -q
+
+# BENCHMARKS.md from benchmarks/results/*/ and benchmarks/BENCHMARKS.template.md (never edited by hand)
+benchmarks-md: $(BIN)/python
+	$(BIN)/python benchmarks/render_benchmarks.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
