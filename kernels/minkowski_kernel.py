@@ -8,7 +8,8 @@ we permute in and out of it with the maps ME returns. Ordinary convs run through
 ``MinkowskiConvolutionFunction``; depthwise ones through ME's kernel map, as
 ``MinkowskiChannelwiseConvolution`` computes them.
 
-ME 0.5.4 imports ``collections.Sequence``, removed in Python 3.10: the alias (to the same
+ME's coordinate manager is created with ``num_threads=0`` so that it never sets the process's OpenMP
+thread count (its default does, on every new manager). ME 0.5.4 imports ``collections.Sequence``, removed in Python 3.10: the alias (to the same
 ``collections.abc.Sequence``) exists only while ME imports, and only when missing. ME is imported the
 first time the kernel is used or asked whether it is available.
 """
@@ -81,7 +82,12 @@ class _Coordinates:
     def __init__(self, mask):
         self.mask = mask
         me = MINKOWSKI.get()[0]
-        self.manager = me.CoordinateManager(D=2, coordinate_map_type=me.CoordinateMapType.CPU
+        # num_threads=0: ME's default (min(cpu count, 20)) makes its manager call omp_set_dynamic(0) and
+        # omp_set_num_threads(n), which resolve to torch's OpenMP runtime and so change the whole
+        # process's thread count (torch.get_num_threads() included). With 0 it leaves both alone and
+        # its kernel-map loops use the process's current count.
+        self.manager = me.CoordinateManager(D=2, num_threads=0,
+                                            coordinate_map_type=me.CoordinateMapType.CPU
                                             if mask.device.type == "cpu" else me.CoordinateMapType.CUDA)
         self.keys: dict[int, tuple] = {}
 
