@@ -1,0 +1,111 @@
+"""timm CNN families as SparK encoders: defaults, strict export to timm, the generic path, clear refusals.
+
+fp64 equivalence of features, loss and every gradient on every backend is in
+tests/test_equivalence_encoders.py; the layers' semantics in tests/test_models_semantics.py.
+"""
+import pytest
+import timm
+import torch
+from click.testing import CliRunner
+
+import spark_sparse as ss
+from spark_sparse import ActiveMask
+from spark_sparse.models.timm_encoders import UnsuitableModelError
+
+from apptools import make_image_folder
+
+ISSUE_14_MODELS = ["resnet50d", "seresnet50", "resnext50_32x4d", "regnety_016", "efficientnet_b0",
+                   "mobilenetv3_large_100", "convnextv2_tiny", "resnetv2_50x1_bit"]
+
+#: SparK-style defaults per family: (drop path, densify norm)
+DEFAULTS = {"resnet50d": (0.05, "bn"), "seresnet50": (0.05, "bn"), "resnext50_32x4d": (0.05, "bn"),
+            "regnety_016": (0.0, "bn"), "efficientnet_b0": (0.0, "bn"), "mobilenetv3_large_100": (0.0, "bn"),
+            "convnextv2_tiny": (0.1, "ln"), "resnetv2_50x1_bit": (0.05, "bn")}
+
+
+def assert_exports_to_timm(spark: ss.SparK, name: str) -> None:
+    """``timm.create_model(name, num_classes=0)`` loads the export strictly and, with every patch visible,
+    computes the SparK encoder's hierarchical features (timm's ``forward_intermediates``; in fp64, so
+    that a 50-layer net's fp32 rounding does not blur the comparison)."""
+    dense = timm.create_model(name, pretrained=False, num_classes=0)
+    dense.load_state_dict(spark.encoder_state_dict(), strict=True)
+    spark.eval().double(), dense.eval().double()
+    images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        ours = [f.to_dense() for f in spark.encode(images, ActiveMask.full(2, (2, 2)))]
+        theirs = dense.forward_intermediates(images, indices=spark.encoder.feature_indices, norm=True,
+                                             intermediates_only=True)
+    assert [tuple(f.shape[1:]) for f in ours] == [tuple(f.shape[1:]) for f in theirs]
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-9 * max(1.0, float(b.abs().max())), rtol=1e-9)
+
+
+def test_every_issue_14_model_is_listed_as_tested_and_the_old_signature_works():
+    assert set(ISSUE_14_MODELS) <= set(ss.list_models(tested_only=True))
+    assert set(ss.list_models(tested_only=True)) <= set(ss.list_models()) == set(ss.list_models(tested_only=False))
+    assert "tiny_cnn" in ss.list_models() and "tiny_cnn" not in ss.list_models(tested_only=True)
+
+
+@pytest.mark.parametrize("name", ISSUE_14_MODELS)
+def test_model_has_sparks_defaults_trains_on_the_sparse_backend_and_exports_strictly_to_timm(name):
+    torch.manual_seed(0)
+    spark = ss.create_spark(name, backend="sparse", input_size=64)
+    drop_path, densify_norm = DEFAULTS[name]
+    assert ss.models.model_default_drop_path(name) == drop_path
+    assert spark.densify_norm_kind == densify_norm
+    images = torch.randn(2, 3, 64, 64)
+    features = spark.encode(images, spark.mask(2))
+    assert [f.stride for f in features] == [4, 8, 16, 32]
+    assert [f.channels for f in features] == spark.encoder.get_feature_map_channels()
+    opt = torch.optim.SGD(spark.parameters(), lr=0.01)
+    spark(images).backward()
+    opt.step()
+    assert_exports_to_timm(spark, name)
+
+
+def test_heads_are_left_out_of_the_hierarchy_and_frozen():
+    spark = ss.create_spark("efficientnet_b0", backend="sparse", input_size=64)
+    assert spark.encoder.modules_outside_hierarchy() == ["model.conv_head", "model.bn2", "model.global_pool",
+                                                         "model.classifier"]
+    assert not any(p.requires_grad for p in spark.encoder.model.conv_head.parameters())
+
+
+def test_any_timm_cnn_with_supported_layers_works_by_its_timm_name():
+    name = "mobilenetv3_small_050"                      # registered nowhere: served by the timm fallback
+    assert name not in ss.list_models()
+    assert ss.models.model_default_drop_path(name) == 0.0
+    torch.manual_seed(0)
+    spark = ss.create_spark(name, backend="sparse", input_size=64)
+    spark(torch.randn(2, 3, 64, 64)).backward()
+    assert_exports_to_timm(spark, name)
+
+
+@pytest.mark.parametrize("name,error,match", [
+    ("mixnet_s", ss.UnsupportedModuleError, r"'model\.blocks\.1\.0\.conv_pw' of type .*MixedConv2d"),
+    ("tf_efficientnet_b0", ss.UnsupportedModuleError, r"'model\.conv_stem' of type .*Conv2dSame.*subclasses"),
+    ("densenet121", ss.UnsupportedModuleError, r"'model' of type .*DenseNet"),
+    ("vit_tiny_patch16_224", UnsuitableModelError, r"no feature map at stride\(s\) \[4, 8, 32\]"),
+])
+def test_an_unsupported_timm_model_fails_at_creation_naming_the_module(name, error, match):
+    with pytest.raises(error, match=match):
+        ss.create_spark(name, backend="sparse", input_size=64)
+
+
+def test_an_unknown_name_mentions_timm_names():
+    with pytest.raises(ss.UnknownModelError, match="any timm CNN"):
+        ss.create_spark("no_such_net")
+
+
+@pytest.mark.parametrize("name,backend", [("efficientnet_b0", "sparse")])
+def test_spark_pretrain_runs_an_issue_14_model(name, backend, tmp_path):
+    from spark_sparse import cli
+
+    data = make_image_folder(tmp_path / "data", count=4)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli.pretrain_command, [
+        "t", f"--data_path={data}", f"--exp_dir={out}", f"--model={name}", f"--backend={backend}", "--input_size=64",
+        "--bs=2", "--ep=1", "--wp_ep=1", "--dataloader_workers=0", "--device=cpu", "--autotune=off"],
+        catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    timm.create_model(name, pretrained=False, num_classes=0).load_state_dict(
+        torch.load(out / f"{name}_1kpretrained.pth"), strict=True)
