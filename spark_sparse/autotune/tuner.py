@@ -140,14 +140,16 @@ class AutotuneResult:
                    "masked": "masked (no sparse plan was faster here)"}
         if self.guard is not None and self.guard.ms:
             timings = ", ".join(f"{name} {ms:.4g} ms" for name, ms in self.guard.ms.items())
-            return (f"measured on this machine ({self.guard.status}), encoder fwd+bwd at {self.shapes}: {timings} "
+            when = {"measured": "", "cached": " by an earlier run (cached)",
+                    "checkpoint": " for the resumed run"}.get(self.guard.status, f" ({self.guard.status})")
+            return (f"encoder fwd+bwd measured on this machine{when} at {self.shapes}: {timings} "
                     f"-> {verdict[self.guard.choice]}; layers: {layers}")
         guard = self.guard.status if self.guard is not None else "not measured"
         return f"-> {verdict['tuned']}; layers: {layers}; encoder vs masked {guard}"
 
     def describe(self) -> str:
         """Several lines: the summary, then each layer's kernel and every candidate's measured ms."""
-        lines = [f"[autotune] mode {self.mode}, {self.source}, {self.seconds:.1f} s: {self.summary()}"]
+        lines = [f"[autotune] {self.seconds:.1f} s (--autotune {self.mode}, plan {self.source}): {self.summary()}"]
         for name, decision in self.decisions.items():
             lines.append(f"  {name:<40} {decision.kernel:<10} {decision.describe()}")
         return "\n".join(lines)
