@@ -10,10 +10,11 @@ row, tap) feeds exactly one output row, recorded in a transposed table ``[N_in, 
 mask, so ``grad_input = gather(grad_out)[N_in, K*O] x W[K*O, C]``. Strided convs, where most
 (input row, tap) pairs feed nothing, use one GEMM over the outputs and a single ``index_add_``. ``grad_weight = grad_out^T x taps`` with
 the taps gathered again rather than kept (less memory). Depthwise convs use per-tap
-multiply-adds instead of GEMMs.
+multiply-adds instead of GEMMs; other grouped convs (ResNeXt, RegNet) one batched GEMM over the
+groups (``[G, N, K*C/G] x [G, K*C/G, O/G]``) in forward and in both backward products.
 
 The ops are ``torch.library`` custom ops (``spark_sparse::gather_gemm_conv``,
-``spark_sparse::gather_depthwise_conv``) with autograd and fake implementations, so autograd and
+``spark_sparse::gather_grouped_conv``, ``spark_sparse::gather_depthwise_conv``) with autograd and fake implementations, so autograd and
 ``torch.compile`` treat them as single ops.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ._rowmatmul import rows_times_weight, rows_times_weight_backward
 from .base import ConvCall, SparseConvKernel
 from .registry import register_kernel
 
-__all__ = ["GemmKernel", "transposed_table"]
+__all__ = ["GemmKernel", "transposed_table", "gather_gemm_conv", "gather_grouped_conv", "gather_depthwise_conv"]
 
 
 def _taps_major(weight: torch.Tensor) -> torch.Tensor:
@@ -120,6 +121,92 @@ def _gemm_backward(ctx, grad_out):
 gather_gemm_conv.register_autograd(_gemm_backward, setup_context=_gemm_setup)
 
 
+# ---------------------------------------------------------------------- grouped convs (not depthwise)
+def _grouped_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[O, C/G, kh, kw]`` -> ``[G, K*C/G, O/G]``, matching the grouped taps' ``(tap, channel)`` layout."""
+    out_ch, cin_g, kh, kw = weight.shape
+    return weight.view(groups, out_ch // groups, cin_g, kh * kw).permute(0, 3, 2, 1).reshape(
+        groups, kh * kw * cin_g, out_ch // groups)
+
+
+def _grouped_taps(rows: torch.Tensor, table: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[G, N_out, K*C/G]``: each group's channels of the rows under every tap (zero rows included)."""
+    n, k = table.shape
+    taps = _pad_rows(rows)[table].view(n, k, groups, rows.shape[1] // groups)
+    return taps.permute(2, 0, 1, 3).reshape(groups, n, -1)
+
+
+@torch.library.custom_op("spark_sparse::gather_grouped_conv", mutates_args=())
+def gather_grouped_conv(features: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, table_t: torch.Tensor,
+                        groups: int) -> torch.Tensor:
+    out = torch.bmm(_grouped_taps(features, table, groups), _grouped_weight(weight, groups))    # [G, N_out, O/G]
+    return out.permute(1, 0, 2).reshape(table.shape[0], weight.shape[0])
+
+
+@gather_grouped_conv.register_fake
+def _(features, weight, table, table_t, groups):
+    return features.new_empty(table.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("spark_sparse::gather_grouped_conv_grad_input", mutates_args=())
+def gather_grouped_conv_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, table: torch.Tensor,
+                                   table_t: torch.Tensor, groups: int) -> torch.Tensor:
+    out_ch, cin_g, kh, kw = weight.shape
+    out_g, k = out_ch // groups, kh * kw
+    n_in, n_out = table_t.shape[0], table.shape[0]
+    w = _grouped_weight(weight, groups)                                                   # [G, K*Cg, Og]
+    if n_in == n_out:
+        # stride 1: the transposed conv is a gather of the output gradient through the transposed table
+        grad_taps = _grouped_taps(grad_out, table_t, groups)                              # [G, N_in, K*Og]
+        w_t = w.view(groups, k, cin_g, out_g).transpose(2, 3).reshape(groups, k * out_g, cin_g)
+        return torch.bmm(grad_taps, w_t).permute(1, 0, 2).reshape(n_in, groups * cin_g)
+    # strided: a GEMM over the outputs, then one scatter-add of every (output row, tap) into its input row
+    grad_out_g = grad_out.view(n_out, groups, out_g).transpose(0, 1)                       # [G, N_out, Og]
+    grad_taps = torch.bmm(grad_out_g, w.transpose(1, 2)).view(groups, n_out, k, cin_g)     # [G, N_out, K, Cg]
+    grad_taps = grad_taps.permute(1, 2, 0, 3).reshape(n_out * k, groups * cin_g)
+    grad_in = grad_out.new_zeros(n_in + 2, groups * cin_g)
+    grad_in.index_add_(0, table.reshape(-1), grad_taps)
+    return grad_in[:n_in]
+
+
+@gather_grouped_conv_grad_input.register_fake
+def _(grad_out, weight, table, table_t, groups):
+    return grad_out.new_empty(table_t.shape[0], weight.shape[1] * groups)
+
+
+@torch.library.custom_op("spark_sparse::gather_grouped_conv_grad_weight", mutates_args=())
+def gather_grouped_conv_grad_weight(grad_out: torch.Tensor, features: torch.Tensor, weight: torch.Tensor,
+                                    table: torch.Tensor, groups: int) -> torch.Tensor:
+    out_ch, cin_g, kh, kw = weight.shape
+    grad_out_g = grad_out.view(-1, groups, out_ch // groups).permute(1, 2, 0)              # [G, Og, N_out]
+    grad_w = torch.bmm(grad_out_g, _grouped_taps(features, table, groups))               # [G, Og, K*Cg]; taps regathered
+    return grad_w.view(groups, out_ch // groups, kh * kw, cin_g).permute(0, 1, 3, 2).reshape(weight.shape).contiguous()
+
+
+@gather_grouped_conv_grad_weight.register_fake
+def _(grad_out, features, weight, table, groups):
+    return torch.empty_like(weight)
+
+
+def _grouped_setup(ctx, inputs, output):
+    features, weight, table, table_t, groups = inputs
+    ctx.groups = groups
+    ctx.save_for_backward(features, weight, table, table_t)
+
+
+def _grouped_backward(ctx, grad_out):
+    features, weight, table, table_t = ctx.saved_tensors
+    grad_out = grad_out.contiguous()
+    grad_in = (gather_grouped_conv_grad_input(grad_out, weight, table, table_t, ctx.groups)
+               if ctx.needs_input_grad[0] else None)
+    grad_w = (gather_grouped_conv_grad_weight(grad_out, features, weight, table, ctx.groups)
+              if ctx.needs_input_grad[1] else None)
+    return grad_in, grad_w, None, None, None
+
+
+gather_grouped_conv.register_autograd(_grouped_backward, setup_context=_grouped_setup)
+
+
 # ---------------------------------------------------------------------- depthwise convs
 @torch.library.custom_op("spark_sparse::gather_depthwise_conv", mutates_args=())
 def gather_depthwise_conv(features: torch.Tensor, weight: torch.Tensor, table: torch.Tensor,
@@ -180,7 +267,6 @@ gather_depthwise_conv.register_autograd(_depthwise_backward, setup_context=_gemm
 class GemmKernel(SparseConvKernel):
     NAME = "gemm"
     DESCRIPTION = "gather-GEMM over the dense index grid; backward by transposed-table gathers, no scatter"
-    SUPPORTED_GROUPS = "depthwise"
 
     def conv(self, features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
              call: ConvCall) -> torch.Tensor:
@@ -193,6 +279,11 @@ class GemmKernel(SparseConvKernel):
             # (e.g. the stem, whose input is the image)
             needs_input_grad = torch.is_grad_enabled() and features.requires_grad
             table_t = transposed_table(call) if needs_input_grad else table.new_empty(0, table.shape[1])
-            op = gather_depthwise_conv if call.groups > 1 else gather_gemm_conv
-            out = op(features.contiguous(), weight.contiguous(), table, table_t)
+            features, weight = features.contiguous(), weight.contiguous()
+            if call.groups == 1:
+                out = gather_gemm_conv(features, weight, table, table_t)
+            elif call.groups == features.shape[1] == weight.shape[0]:
+                out = gather_depthwise_conv(features, weight, table, table_t)
+            else:
+                out = gather_grouped_conv(features, weight, table, table_t, call.groups)
         return out if bias is None else out + bias

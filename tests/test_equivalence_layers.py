@@ -37,6 +37,7 @@ LAYERS = {
     "conv3x3_dilated": (lambda: nn.Conv2d(8, 8, 3, padding=2, dilation=2), 4, 8),
     "depthwise7x7": (lambda: nn.Conv2d(8, 8, 7, padding=3, groups=8), 4, 8),
     "grouped3x3": (lambda: nn.Conv2d(8, 8, 3, padding=1, groups=2), 4, 8),
+    "grouped3x3_stride2": (lambda: nn.Conv2d(8, 12, 3, stride=2, padding=1, groups=4), 4, 8),
     "grouped1x1": (lambda: nn.Conv2d(8, 12, 1, groups=4, bias=False), 4, 8),
     "grouped1x1_stride2": (lambda: nn.Conv2d(8, 12, 1, stride=2, groups=2), 4, 8),
     "depthwise1x1": (lambda: nn.Conv2d(8, 8, 1, groups=8), 4, 8),
@@ -101,3 +102,17 @@ def test_layer_matches_masked(backend, layer_name, mask_name, dtype):
 
 def test_one_visible_mask_has_exactly_one_patch():
     assert int(MASKS["one_visible_b1"]().active.sum()) == 1
+
+
+def test_grouped_gemm_op_passes_opcheck():
+    """The batched-GEMM grouped conv (ResNeXt/RegNet groups on the gemm kernel) is a well-formed custom op."""
+    from spark_sparse.kernels import ConvCall
+    from spark_sparse.kernels.gemm import gather_grouped_conv, transposed_table
+
+    mask = MASKS["random_b4"]()
+    for stride in (1, 2):
+        call = ConvCall(mask, 4, 4 * stride, (3, 3), (1, 1), (1, 1), 4)
+        gen = torch.Generator().manual_seed(stride)
+        x = torch.randn(mask.num_active(4), 8, generator=gen, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(12, 2, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+        torch.library.opcheck(gather_grouped_conv, (x, w, call.neighbours(), transposed_table(call), 4))
