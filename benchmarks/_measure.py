@@ -1,6 +1,7 @@
 """Timing, peak memory and equivalence of one variant (run in-process or in a fresh subprocess)."""
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import sys
@@ -10,7 +11,7 @@ from typing import Callable
 import torch
 
 import spark_sparse as ss
-from _variants import Variant, autocast
+from _variants import Variant, autocast, tune_workload
 
 
 def sync(device: str) -> None:
@@ -32,6 +33,12 @@ class Workload:
                                   ).to(device)
         self.active = self.spark.mask(batch, generator=torch.Generator().manual_seed(seed + 1)).active.to(device)
         self.optimizer = variant.optimizer(self.spark, model, device)
+
+    def subset(self, batch: int) -> "Workload":
+        """The same model, optimizer and variant on the first ``batch`` images and mask rows (shared, not copied)."""
+        part = copy.copy(self)
+        part.images, part.active = self.images[:batch], self.active[:batch]
+        return part
 
     def fresh_mask(self) -> ss.ActiveMask:
         """A new mask object per call: its index tables are built inside the timed region, as in training."""
@@ -73,6 +80,27 @@ def time_once(fn: Callable[[], None], device: str) -> float:
     fn()
     sync(device)
     return (time.perf_counter() - start) * 1000
+
+
+def time_and_cuda_peak(fn: Callable[[], None]) -> tuple[float, float]:
+    """(ms, MB): one timed CUDA call and the peak growth of allocated memory during it.
+
+    ``max_memory_allocated`` counts the caching allocator's live blocks exactly, so on CUDA the peak
+    of one variant is measured in the benchmark process itself, during one of its timed calls
+    (memory other variants hold is in the baseline, not in the growth).
+    """
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    elapsed = time_once(fn, "cuda")
+    return elapsed, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def persistent_mb(work: "Workload") -> float:
+    """MB a variant holds between steps: parameters, buffers and optimizer state tensors."""
+    tensors = list(work.spark.parameters()) + list(work.spark.buffers())
+    tensors += [t for state in work.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
 def summarize(samples: list[float]) -> dict:
@@ -128,6 +156,7 @@ def peak_memory_child(spec: dict) -> dict:
     for name in spec["variants"]:
         work = Workload(Variant(name), spec["model"], spec["input_size"], spec["mask_ratio"], spec["batch"],
                         spec["dtype"], spec["device"])
+        tune_workload(work, work.dtype, spec.get("autotune", "cached"))     # backend auto: the parent's tuned plan
         results[name] = peak_memory(work, spec["what"])["peak_mem_mb"]
         del work
         gc.collect()

@@ -3,15 +3,22 @@
 
     python benchmarks/compare_backends.py                           # CPU defaults, ~10-15 min on 2 cores
     python benchmarks/compare_backends.py --quick                   # tiny, for CI (< 1 min)
+    python benchmarks/compare_backends.py --families                # timm's CNN families (issue 14's models)
     python benchmarks/compare_backends.py --what step --recipes spark fast --models resnet50
+    python benchmarks/compare_backends.py --device cuda --batch-size 128 --dtype fp32 bf16 --check-batch 16
 
 Variants of one (model, mask ratio, dtype) are measured interleaved (A B C A B C ...) so machine
-drift cancels in the speed-up; memory is measured for each configuration in a fresh subprocess.
+drift cancels in the speed-up; on the CPU memory is measured for each configuration in a fresh
+subprocess, on CUDA during the last timed call (``max_memory_allocated``). Configurations run in
+priority order (every model at the first mask ratio first) and results.json/results.md are
+rewritten after each, so a ``--budget-s`` that runs out (or a kill) leaves every finished row.
 Outputs in --out: results.json, results.md, speedup_vs_mask_ratio.png, peak_memory.png.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
 import json
 import os
 import platform
@@ -19,7 +26,9 @@ import shlex
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
+from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -29,22 +38,34 @@ import torch  # noqa: E402
 import timm  # noqa: E402
 
 import spark_sparse as ss  # noqa: E402
+from spark_sparse.autotune import MODES  # noqa: E402
 from _equivalence import compare, fp32_noise_floor  # noqa: E402
-from _measure import Workload, peak_memory as peak_memory_in_process, summarize, time_once  # noqa: E402
+from _capacity import fit_largest_batch, markdown_section, memory_budget_mb  # noqa: E402
+from _measure import (Workload, peak_memory as peak_memory_in_process, peak_rss_growth_mb, persistent_mb,  # noqa: E402
+                      summarize, time_and_cuda_peak, time_once)
 from _report import write_json, write_markdown, write_plots  # noqa: E402
-from _variants import Variant  # noqa: E402
+from _variants import Variant, autotune_record, tune_workload  # noqa: E402
+
+
+#: one model per timm CNN family SparK-sparse supports beyond ResNet/ConvNeXt (all checked on every backend
+#: by the test suite); the depthwise-heavy EfficientNet / MobileNet rows are where sparse libraries lose
+FAMILY_MODELS = ("resnet50d", "seresnet50", "resnext50_32x4d", "regnety_016", "efficientnet_b0",
+                 "mobilenetv3_large_100", "convnextv2_tiny", "resnetv2_50x1_bit")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["resnet50", "convnext_tiny"])
+    p.add_argument("--families", action="store_true",
+                   help=f"measure timm's CNN families instead of --models: {', '.join(FAMILY_MODELS)}")
     p.add_argument("--backends", nargs="+", default=None, help="default: every available backend")
     p.add_argument("--recipes", nargs="*", default=[],
                    help="also measure whole speed recipes: spark, fast, or fast@bf16 / fast@fp16 (own AMP dtype)")
     p.add_argument("--mask", nargs="+", type=float, default=[0.6, 0.75])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--dtype", nargs="+", choices=["fp32", "bf16", "fp16"], default=["fp32"],
+                   help="one or more autocast dtypes, each measured on the same models")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -53,13 +74,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny models and sizes (CI)")
     p.add_argument("--memory", choices=["subprocess", "inprocess", "off"], default=None,
                    help="peak memory: one fresh subprocess per (model, mask) with glibc returning freed blocks "
-                        "(default), in this process (cheaper, under-reads reused memory), or off")
+                        "(default on CPU), in this process (default on CUDA: during the last timed call), or off")
+    p.add_argument("--check-batch", type=int, default=None,
+                   help="equivalence on the first N images only (default: the whole batch)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no new (model, mask, dtype) once this many seconds are spent or the next would "
+                        "not fit (estimated from the last one); the rest is listed as not run")
+    p.add_argument("--max-batch", action="store_true",
+                   help="--what step: also the largest batch at equal memory (peak at the batch and at half of it)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="skip --backends that are not registered in this version (with the reason) instead of failing")
+    p.add_argument("--autotune", choices=MODES, default="on",
+                   help="columns on backend auto (and recipe:fast) are tuned before timing: on = measure what the "
+                        "cache lacks, cached = the cache only, off = the static rule (tuning time reported apart)")
+    p.add_argument("--autotune-budget", type=float, default=60.0, help="seconds of per-layer tuning at most")
     p.add_argument("--out", type=Path, default=Path("bench_out"))
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.input_size, args.batch_size, args.mask = ["resnet18", "convnext_tiny"], 64, 2, [0.6]
         args.repeats, args.warmup = 2, 1
-    args.memory = args.memory or "subprocess"
+    if args.families:
+        args.models = list(FAMILY_MODELS)
+    args.memory = args.memory or ("inprocess" if args.device == "cuda" else "subprocess")
+    if args.max_batch and args.what != "step":
+        p.error("--max-batch measures training steps: use it with --what step")
     return args
 
 
@@ -69,7 +107,11 @@ def select_variants(args) -> tuple[list[Variant], dict[str, str]]:
     skipped = {}
     for name in wanted:
         if name not in infos:
-            raise SystemExit(f"unknown backend {name!r}; registered: {', '.join(infos)}")
+            if not args.allow_missing:
+                raise SystemExit(f"unknown backend {name!r}; registered: {', '.join(infos)}")
+            skipped[name] = f"not registered in this version of spark-sparse (registered: {', '.join(infos)})"
+            print(f"[bench] skipping backend {name}: {skipped[name]}", flush=True)
+            continue
         if not infos[name].available:
             skipped[name] = infos[name].reason
             print(f"[bench] skipping backend {name}: {infos[name].reason}", flush=True)
@@ -98,15 +140,15 @@ def versions() -> dict:
     return found
 
 
-def peak_memory(args, works: list[Workload], model: str, mask_ratio: float) -> dict[str, float]:
-    """Peak memory growth of each variant's fwd+bwd (or step) for one (model, mask ratio)."""
+def peak_memory(args, works: list[Workload], model: str, mask_ratio: float, dtype: str) -> dict[str, float]:
+    """Peak memory growth of each variant's fwd+bwd (or step) for one (model, mask ratio, dtype)."""
     if args.memory == "off":
         return {}
     if args.memory == "inprocess":
         return {w.variant.name: peak_memory_in_process(w, args.what)["peak_mem_mb"] for w in works}
     spec = dict(variants=[w.variant.name for w in works], model=model, input_size=args.input_size,
-                mask_ratio=mask_ratio, batch=args.batch_size, dtype=args.dtype, device=args.device, what=args.what,
-                threads=args.threads)
+                mask_ratio=mask_ratio, batch=args.batch_size, dtype=dtype, device=args.device, what=args.what,
+                threads=args.threads, autotune="off" if args.autotune == "off" else "cached")   # the parent's plan
     env = dict(os.environ, PYTHONPATH=str(HERE.parent), MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     result = subprocess.run([sys.executable, str(HERE / "_measure.py"), json.dumps(spec)], capture_output=True,
                             text=True, cwd=HERE, env=env)
@@ -115,69 +157,270 @@ def peak_memory(args, works: list[Workload], model: str, mask_ratio: float) -> d
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def step_growth_mb(work: Workload) -> float:
+    """Peak memory growth of one training step of ``work`` (CUDA: allocated; CPU: resident, VmHWM reset)."""
+    if torch.device(work.device).type == "cuda":
+        return time_and_cuda_peak(work.step)[1]
+    return peak_rss_growth_mb(work.step)
+
+
+def largest_batch(args, work: Workload) -> dict:
+    """Peak step memory at half the batch and at the batch -> the largest batch at equal memory (_capacity.py).
+
+    The half-batch step runs twice first: a compiled decoder recompiles for the new shape there and a
+    measuring backend tunes there, so neither lands in the measured step.
+    """
+    half = max(1, args.batch_size // 2)
+    part = work.subset(half)
+    part.step()
+    growth = {half: step_growth_mb(part), args.batch_size: step_growth_mb(work)}
+    return fit_largest_batch(growth, persistent_mb(work), memory_budget_mb(args.device)[0])
+
+
+def units(args) -> list[tuple[str, float, str]]:
+    """(model, mask ratio, dtype) in priority order: every model at the first mask ratio before the next ratio."""
+    return [(m, r, d) for r in args.mask for m in args.models for d in args.dtype]
+
+
+def cuda_info() -> Optional[dict]:
+    if not torch.cuda.is_available():
+        return None
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    props = torch.cuda.get_device_properties(0)
+    return {"name": props.name, "memory_mb": round(props.total_memory / 2**20), "capability": [props.major, props.minor],
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(), "triton": triton_version,
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark}
+
+
+def make_meta(args, skipped: dict, not_run: list[dict], failed: list[dict], started: float) -> dict:
+    return {"command": shlex.join([sys.executable] + sys.argv), "what": args.what, "device": args.device,
+            "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup, "machine": machine_info(),
+            "versions": versions(), "skipped": skipped, "seconds": round(time.time() - started, 1),
+            "dtypes": args.dtype, "check_batch": args.check_batch, "budget_s": args.budget_s, "not_run": not_run,
+            "failed": failed,
+            "cuda": cuda_info() if args.device == "cuda" else None,
+            "capacity_budget": memory_budget_mb(args.device)[1] if args.max_batch else None,
+            "memory_method": {"off": "not measured",
+                              "inprocess": ("peak growth of allocated memory during the last timed fwd+bwd/step "
+                                            "(CUDA max_memory_allocated)" if args.device == "cuda" else
+                                            "peak growth of one fwd+bwd/step (VmHWM reset), in the benchmark process"),
+                              "subprocess": "peak growth of one fwd+bwd/step (VmHWM reset), fresh process per "
+                                            "(model, mask), glibc returning freed blocks"
+                                            + (" (CUDA: max_memory_allocated)" if args.device == "cuda" else "")
+                              }[args.memory]}
+
+
+def write_tables(out: Path, meta: dict, records: list[dict]) -> None:
+    """results.json and results.md (rewritten after every configuration: a stopped run keeps its rows)."""
+    write_json(out / "results.json", meta, records)
+    write_markdown(out / "results.md", meta, records)
+    extra = []
+    if meta["cuda"]:
+        c = meta["cuda"]
+        extra += ["", f"GPU: {c['name']} ({c['memory_mb']} MB), CUDA {c['cuda']}, cuDNN {c['cudnn']}, Triton "
+                      f"{c['triton']}; TF32 in cuDNN convolutions {c['cudnn_allow_tf32']}, in matmuls "
+                      f"{c['matmul_allow_tf32']} (torch defaults unless the command changed them)."]
+    if meta["check_batch"]:
+        extra += ["", f"Errors computed on the first {meta['check_batch']} images of each batch."]
+    if meta["not_run"]:
+        extra += ["", "Not run:"] + [f"- {u['model']} mask {u['mask_ratio']} {u['dtype']}: {u['why']}"
+                                     for u in meta["not_run"]]
+    if meta["failed"]:
+        extra += ["", "Failed (variant left out of that configuration):"] + [
+            f"- {f['variant']} on {f['model']} mask {f['mask_ratio']} {f['dtype']} ({f['stage']}): {f['error']}"
+            for f in meta["failed"]]
+    extra += markdown_section(records, meta["capacity_budget"] or "")
+    if extra:
+        with open(out / "results.md", "a") as fh:
+            fh.write("\n".join(extra) + "\n")
+
+
+class Failures:
+    """Variants that raised, left out of their configuration (a GPU run must not lose the whole table to one)."""
+
+    def __init__(self):
+        self.entries: list[dict] = []
+
+    def guard(self, work_or_name, unit: tuple, stage: str, fn):
+        """``fn()``, or None after recording the error (the CUDA cache is emptied after an out-of-memory)."""
+        try:
+            return fn()
+        except Exception as exc:   # any failure of one variant: record it, keep the others going
+            name = work_or_name if isinstance(work_or_name, str) else work_or_name.variant.name
+            model, mask_ratio, dtype = unit
+            error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            self.entries.append({"variant": name, "model": model, "mask_ratio": mask_ratio, "dtype": dtype,
+                                 "stage": stage, "error": error})
+            print(f"[bench]   {name} failed in {stage}: {error}", flush=True)
+            traceback.print_exc()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return None
+
+
+def build_works(args, variants: list[Variant], unit: tuple, failures: Failures) -> tuple[list[Workload], dict]:
+    """The reference (``masked``) and every variant that builds, all on the reference's initial weights."""
+    model, mask_ratio, _ = unit
+    reference = Workload(variants[0], model, args.input_size, mask_ratio, args.batch_size, args.dtype[0], args.device)
+    state = copy.deepcopy(reference.spark.state_dict())
+    works = [reference]
+    for variant in variants[1:]:
+        work = failures.guard(variant.name, unit, "build", lambda: Workload(
+            variant, model, args.input_size, mask_ratio, args.batch_size, args.dtype[0], args.device, state))
+        if work is not None:
+            works.append(work)
+    return works, state
+
+
 def run(args) -> tuple[dict, list[dict]]:
     torch.set_num_threads(args.threads)
     variants, skipped = select_variants(args)
-    configs = [(m, r) for m in args.models for r in args.mask]
-    records, started = [], time.time()
-    for index, (model, mask_ratio) in enumerate(configs):
-        print(f"[bench] ({index + 1}/{len(configs)}) {model} mask {mask_ratio} {args.dtype} batch {args.batch_size}: "
+    order = {v.name: i for i, v in enumerate(variants)}
+    todo = units(args)
+    rows, not_run, durations, failures, started = [], [], {}, Failures(), time.time()
+    works, state, built, noise = [], {}, None, None
+    main_phase = "fwd_bwd_ms" if args.what == "encoder" else "step_ms"
+    cuda_peak = args.device == "cuda" and args.memory == "inprocess"
+
+    def meta_and_records():
+        return (make_meta(args, skipped, not_run, failures.entries, started),
+                [record for _, record in sorted(rows, key=lambda row: row[0])])
+
+    for index, unit in enumerate(todo):
+        model, mask_ratio, dtype = unit
+        spent = time.time() - started
+        estimate = max(durations.get(model) or [d for ds in durations.values() for d in ds], default=0.0)
+        if args.budget_s is not None and durations and spent + estimate > args.budget_s:
+            why = f"time budget: {spent:.0f} s of {args.budget_s:.0f} s spent, one takes about {estimate:.0f} s"
+            not_run.append({"model": model, "mask_ratio": mask_ratio, "dtype": dtype, "why": why})
+            print(f"[bench] ({index + 1}/{len(todo)}) {model} mask {mask_ratio} {dtype}: not run ({why})", flush=True)
+            continue
+        unit_started = time.time()
+        print(f"[bench] ({index + 1}/{len(todo)}) {model} mask {mask_ratio} {dtype} batch {args.batch_size}: "
               f"{', '.join(v.name for v in variants)}", flush=True)
-        reference = Workload(variants[0], model, args.input_size, mask_ratio, args.batch_size, args.dtype, args.device)
-        state = reference.spark.state_dict()
-        works = [reference] + [Workload(v, model, args.input_size, mask_ratio, args.batch_size, args.dtype, args.device,
-                                        state) for v in variants[1:]]
-        # equivalence first: the timed steps below update each variant's weights
-        equivalence = {w.variant.name: compare(w, reference) for w in works}
-        noise = fp32_noise_floor(reference)
-        samples = {w.variant.name: {} for w in works}
-        total = args.warmup + args.repeats
-        for rep in range(total):
-            for work in works:                       # interleaved: A B C A B C ...
-                for phase, fn in work.phases(args.what).items():
-                    elapsed = time_once(fn, args.device)
-                    if rep >= args.warmup:
-                        samples[work.variant.name].setdefault(phase, []).append(elapsed)
-            elapsed_all = time.time() - started
-            print(f"[bench]   repeat {rep + 1}/{total} done ({elapsed_all:.0f} s elapsed)", flush=True)
-        main_phase = "fwd_bwd_ms" if args.what == "encoder" else "step_ms"
-        base = summarize(samples["masked"][main_phase])["median"]
-        memory = peak_memory(args, works, model, mask_ratio)
-        for work in works:
-            stats = {phase: summarize(values) for phase, values in samples[work.variant.name].items()}
-            median = stats[main_phase]["median"]
-            record = {"model": model, "backend": work.variant.name, "mask_ratio": mask_ratio, "dtype": work.dtype,
-                      "device": args.device, "batch_size": args.batch_size, "input_size": args.input_size,
-                      "fwd_ms": stats.get("fwd_ms", {}).get("median"),
-                      "fwd_bwd_ms": stats.get("fwd_bwd_ms", {}).get("median"),
-                      "step_ms": stats.get("step_ms", {}).get("median"),
-                      "images_per_s": args.batch_size / median * 1000, "speedup_vs_masked": base / median,
-                      "peak_mem_mb": memory.get(work.variant.name), "max_abs_err": equivalence[work.variant.name]["max_abs_err"],
-                      "max_rel_err": equivalence[work.variant.name]["max_rel_err"], "timings": stats,
-                      "equivalence": equivalence[work.variant.name],
-                      "fp32_noise_floor": {"max_abs_err": noise["max_abs_err"], "max_rel_err": noise["max_rel_err"],
-                                           "errors": noise["errors"]},
-                      "plan": work.spark.backend.plan(work.spark.encoder, args.device)}
-            records.append(record)
-            print(f"[bench]   {work.variant.name:<14} {main_phase} {median:8.1f} ms  {record['speedup_vs_masked']:.2f}x  "
-                  f"peak {record['peak_mem_mb'] or 0:.0f} MB  max abs err {record['max_abs_err']:.1e}", flush=True)
-    meta = {"command": shlex.join([sys.executable] + sys.argv), "what": args.what, "device": args.device,
-            "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup, "machine": machine_info(),
-            "versions": versions(), "skipped": skipped, "seconds": round(time.time() - started, 1),
-            "memory_method": {"off": "not measured",
-                              "inprocess": "peak growth of one fwd+bwd/step (VmHWM reset), in the benchmark process",
-                              "subprocess": "peak growth of one fwd+bwd/step (VmHWM reset), fresh process per "
-                                            "(model, mask), glibc returning freed blocks"}[args.memory]
-            + (" (CUDA: max_memory_allocated)" if args.device == "cuda" else "")}
-    return meta, records
+        try:
+            if built != (model, mask_ratio):
+                works = noise = None
+                gc.collect()
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
+                built = None
+                works, state = build_works(args, variants, unit, failures)
+                built = (model, mask_ratio)
+            else:
+                for work in works:      # the timed calls of the last dtype moved weights and BN statistics
+                    work.spark.load_state_dict(state)
+            records = measure_unit(args, works, unit, failures, noise, cuda_peak, main_phase)
+            noise = records[0]["fp32_noise_floor"]
+        except Exception as exc:        # the reference itself failed: this configuration has no table
+            traceback.print_exc()
+            why = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            not_run.append({"model": model, "mask_ratio": mask_ratio, "dtype": dtype, "why": why})
+            works, built = [], None
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        key = (args.models.index(model), args.mask.index(mask_ratio), args.dtype.index(dtype))
+        rows += [((*key, order[r["backend"]]), r) for r in records]
+        durations.setdefault(model, []).append(time.time() - unit_started)
+        write_tables(args.out, *meta_and_records())
+    return meta_and_records()
+
+
+def tune_unit(args, works: list[Workload], unit: tuple, failures: Failures) -> dict:
+    """Tune every column on backend ``auto`` for this configuration's dtype, before anything is timed."""
+    tuning = {}
+    for work in works[1:]:
+        result = failures.guard(work, unit, "autotune",
+                                lambda: tune_workload(work, work.dtype, args.autotune, args.autotune_budget))
+        if result is not None and result.applies:
+            tuning[work.variant.name] = result
+            print(f"[bench]   {work.variant.name} tuned in {result.seconds:.1f} s (not in its timings): runs "
+                  f"{result.backend}; {result.summary()}", flush=True)
+    return tuning
+
+
+def measure_unit(args, works: list[Workload], unit: tuple, failures: Failures, noise: Optional[dict],
+                 cuda_peak: bool, main_phase: str) -> list[dict]:
+    """Equivalence, interleaved timings, memory (and largest batch) of every variant of one configuration."""
+    model, mask_ratio, dtype = unit
+    for work in works:
+        work.dtype = work.variant.dtype or dtype
+    tuning = tune_unit(args, works, unit, failures)
+    checked = {w.variant.name: (w.subset(args.check_batch) if args.check_batch else w) for w in works}
+    reference = checked["masked"]
+    # equivalence first: the timed steps below update each variant's weights
+    equivalence = {"masked": compare(reference, reference)}
+    for work in works[1:]:
+        result = failures.guard(work, unit, "equivalence", lambda: compare(checked[work.variant.name], reference))
+        if result is not None:
+            equivalence[work.variant.name] = result
+    noise = noise or fp32_noise_floor(reference)
+    live = [w for w in works if w.variant.name in equivalence]
+    samples = {w.variant.name: {} for w in live}
+    peaks = {}
+    total = args.warmup + args.repeats
+    for rep in range(total):
+        for work in list(live):                     # interleaved: A B C A B C ...
+            for phase, fn in work.phases(args.what).items():
+                if cuda_peak and rep == total - 1 and phase == main_phase:
+                    measured = failures.guard(work, unit, phase, lambda: time_and_cuda_peak(fn))
+                    elapsed = None if measured is None else measured[0]
+                    if measured is not None:
+                        peaks[work.variant.name] = measured[1]
+                else:
+                    elapsed = failures.guard(work, unit, phase, lambda: time_once(fn, args.device))
+                if elapsed is None:
+                    if work is works[0]:
+                        raise RuntimeError(f"the reference (masked) failed in {phase}: {failures.entries[-1]['error']}")
+                    live.remove(work)
+                    break
+                if rep >= args.warmup:
+                    samples[work.variant.name].setdefault(phase, []).append(elapsed)
+        print(f"[bench]   repeat {rep + 1}/{total} done", flush=True)
+    base = summarize(samples["masked"][main_phase])["median"]
+    memory = peaks if cuda_peak else peak_memory(args, live, model, mask_ratio, dtype)
+    capacity = {}
+    if args.max_batch:
+        for work in live:
+            capacity[work.variant.name] = failures.guard(work, unit, "largest batch", lambda: largest_batch(args, work))
+    records = []
+    for work in live:
+        name = work.variant.name
+        stats = {phase: summarize(values) for phase, values in samples[name].items()}
+        median = stats[main_phase]["median"]
+        record = {"model": model, "backend": name, "mask_ratio": mask_ratio, "dtype": work.dtype,
+                  "device": args.device, "batch_size": args.batch_size, "input_size": args.input_size,
+                  "fwd_ms": stats.get("fwd_ms", {}).get("median"),
+                  "fwd_bwd_ms": stats.get("fwd_bwd_ms", {}).get("median"),
+                  "step_ms": stats.get("step_ms", {}).get("median"),
+                  "images_per_s": args.batch_size / median * 1000, "speedup_vs_masked": base / median,
+                  "peak_mem_mb": memory.get(name), "max_abs_err": equivalence[name]["max_abs_err"],
+                  "max_rel_err": equivalence[name]["max_rel_err"], "timings": stats,
+                  "equivalence": equivalence[name],
+                  "fp32_noise_floor": {"max_abs_err": noise["max_abs_err"], "max_rel_err": noise["max_rel_err"],
+                                       "errors": noise["errors"]},
+                  "capacity": capacity.get(name), "autotune": autotune_record(tuning.get(name)),
+                  "plan": work.spark.backend.plan(work.spark.encoder, args.device)}
+        records.append(record)
+        largest = f"  largest batch {capacity[name]['max_batch']}" if capacity.get(name) else ""
+        print(f"[bench]   {name:<14} {main_phase} {median:8.1f} ms  {record['speedup_vs_masked']:.2f}x  "
+              f"peak {record['peak_mem_mb'] or 0:.0f} MB  max abs err {record['max_abs_err']:.1e}{largest}", flush=True)
+    return records
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     meta, records = run(args)
-    write_json(args.out / "results.json", meta, records)
-    write_markdown(args.out / "results.md", meta, records)
+    write_tables(args.out, meta, records)
     plots = write_plots(args.out, records)
     print(f"[bench] wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {', '.join(str(p) for p in plots)} "
           f"in {meta['seconds']} s")
