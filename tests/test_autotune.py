@@ -288,7 +288,7 @@ def test_a_tuned_auto_encoder_equals_masked_in_fp64(tmp_path, model):
     ref, auto = build(model, "masked", dtype=dtype), build(model, dtype=dtype)
     auto.load_state_dict(ref.state_dict())
     static = static_rule(auto, dtype)
-    timer = FakeTimer(layer_ms=lambda layer, kernel: 9.0 if kernel == static[layer] else 1.0 + KERNEL_ORDER.index(kernel))
+    timer = FakeTimer(lambda layer, kernel: 9.0 if kernel == static[layer] else 1.0 + KERNEL_ORDER.index(kernel))
     result = tune(auto, tmp_path, timer, model=model)
     assert result.backend == "auto"
     chosen = pinned(auto, dtype)

@@ -248,7 +248,9 @@ def autotune(spark: nn.Module, batch_size: int, device: torch.device | str | Non
                       RuntimeWarning, stacklevel=2)
     tuner = _Tuner(spark, batch_size, device, dtype, amp_dtype, image_hw or spark.input_hw, channels_last, options,
                    build_masked, timer or WallClockTimer(device))
-    forked = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    forked = []
+    if device.type == "cuda":
+        forked = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=forked):                 # tuning leaves the run's random streams alone
         return tuner.run()
 
@@ -380,8 +382,8 @@ class _Tuner:
             self.spark.to_channels_last()
             twin.to_channels_last()
         param = next(self.spark.parameters())
-        images = torch.randn(self.batch_size, 3, *self.image_hw, generator=torch.Generator().manual_seed(self.options.seed)
-                             ).to(self.device, param.dtype)
+        gen = torch.Generator().manual_seed(self.options.seed)
+        images = torch.randn(self.batch_size, 3, *self.image_hw, generator=gen).to(self.device, param.dtype)
         pin = self.backend.pin
         encoder, device_type, dtype = self.spark.encoder, self.device.type, self.dtype
         tuned_decisions = dict(decisions)
