@@ -13,7 +13,11 @@ from spark_sparse.backends.registry import get_backend_class
 
 
 def sparse_backend_params() -> list:
-    """Every registered sparse backend, skipped with its reason where unavailable."""
+    """Every registered sparse backend, skipped with its reason where unavailable.
+
+    ``auto`` is one of them: built without tuning it runs the ``sparse`` backend's static rule;
+    tests/test_autotune.py checks it tuned onto other kernels than that rule's.
+    """
     params = []
     for info in list_backends():
         if get_backend_class(info.name).feature_type is not SparseRows:
