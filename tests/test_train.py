@@ -90,16 +90,24 @@ def _stop_with_sigterm_during(trainer: Trainer, global_it: int) -> None:
     trainer.step = step
 
 
-@pytest.mark.parametrize("backend,amp,workers", [("masked", "none", 0), ("torch", "none", 0),
+def _kernel_plan(trainer: Trainer):
+    state = trainer.autotune.plan_state()
+    return None if state is None else (state["backend"], state["kernels"], state["guard"] and state["guard"]["choice"])
+
+
+@pytest.mark.parametrize("backend,amp,workers", [("masked", "none", 0), ("torch", "none", 0), ("sparse", "none", 0),
                                                  (DEFAULT_BACKEND, "none", 2), (DEFAULT_BACKEND, "bf16", 0)],
-                         ids=["masked", "torch", f"{DEFAULT_BACKEND}-default", f"{DEFAULT_BACKEND}-bf16"])
+                         ids=["masked", "torch", "sparse", f"{DEFAULT_BACKEND}-default", f"{DEFAULT_BACKEND}-bf16"])
 def test_a_run_stopped_mid_epoch_and_resumed_equals_the_uninterrupted_run(folder12, tmp_path, backend, amp, workers):
     def config(out, **extra):
         return tiny_config(folder12, tmp_path / out, backend=backend, amp=amp, dataloader_workers=workers, **extra)
 
     straight = Trainer(config("a"), "")
     straight.run()
-    interrupted = Trainer(config("b"), "")
+    # on 'auto' the second run must pick the same kernels to be comparable: it reads the first run's
+    # measurements from the (test session's) autotune cache instead of timing again
+    interrupted = Trainer(config("b", **({"autotune": "cached"} if backend == "auto" else {})), "")
+    assert _kernel_plan(interrupted) == _kernel_plan(straight)
     _stop_with_sigterm_during(interrupted, global_it=3)       # epoch 1, iteration 0 of 3
     with pytest.raises(engine.StopRequested, match="--resume_from="):
         interrupted.run()
@@ -197,7 +205,7 @@ def test_a_batch_larger_than_the_dataset_fails_before_writing_anything(folder, t
 
 def test_a_batch_above_the_memory_estimate_is_warned_before_the_first_step(folder, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(engine, "estimate_max_batch", lambda *args, **kwargs: BatchEstimate(50.0, 10.0, 200.0, 3))
-    trainer = Trainer(tiny_config(folder, tmp_path, bs=4), "")
+    trainer = Trainer(tiny_config(folder, tmp_path, bs=4, backend="masked"), "")
     assert len(trainer.warnings) == 1 and "batch per process (4) is larger than the estimated largest" in \
         trainer.warnings[0] and "about 3" in trainer.warnings[0]
     trainer._print_start()
@@ -205,9 +213,10 @@ def test_a_batch_above_the_memory_estimate_is_warned_before_the_first_step(folde
 
 
 def test_fp16_autocast_on_a_cpu_warns_to_use_bf16(folder, tmp_path):
-    trainer = Trainer(tiny_config(folder, tmp_path, amp="fp16"), "")
+    trainer = Trainer(tiny_config(folder, tmp_path, amp="fp16", backend="masked"), "")
     assert any("--amp fp16 on a CPU" in w and "--amp bf16" in w for w in trainer.warnings)
-    assert not any("fp16" in w for w in Trainer(tiny_config(folder, tmp_path, amp="bf16"), "").warnings)
+    bf16 = Trainer(tiny_config(folder, tmp_path, amp="bf16", backend="masked"), "")
+    assert not any("fp16" in w for w in bf16.warnings)
 
 
 def test_unreadable_images_are_skipped_and_named(folder, tmp_path, capsys):
