@@ -30,6 +30,7 @@ from .registry import register_kernel
 
 __all__ = ["SPCONV", "SpconvKernel", "to_native", "from_native", "spconv_rulebook"]
 
+
 class _Spconv(NamedTuple):
     """The parts of spconv this kernel calls."""
 
@@ -159,7 +160,8 @@ def _rulebook_backward_cpu(features, weight_krsc, grad_out, pairs, counts):
 @register_kernel
 class SpconvKernel(SparseConvKernel):
     NAME = "spconv"
-    DESCRIPTION = "spconv 2.x gather-GEMM-scatter on exact rulebooks built from the mask"
+    DESCRIPTION = ("spconv 2.x gather-GEMM-scatter on exact rulebooks built from the mask "
+                   "(CPU: spconv's gather, torch GEMM and race-free scatter-add)")
     SUPPORTED_DTYPES = frozenset({torch.float32, torch.float64, torch.float16})   # spconv has no bf16 kernels
     SUPPORTED_GROUPS = "none"                                                       # spconv has no grouped conv
 
