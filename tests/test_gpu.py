@@ -71,27 +71,6 @@ def test_fused_bn_relu_on_cuda_equals_bn_then_relu_bit_for_bit(momentum):
         assert torch.equal(got, want)
 
 
-def test_compiled_decoder_with_the_memory_probe_on_cuda():
-    """The fast recipe's CUDA options (channels_last, compiled decoder) train like eager, and the probe
-    that estimates the largest batch runs through the compiled decoder."""
-    torch.manual_seed(0)
-    eager = ss.create_spark("resnet18", backend="sparse", input_size=64, drop_path_rate=0.0).to(CUDA)
-    fast = copy.deepcopy(eager)
-    apply_speed_plan(fast, plan_speed("fast", CUDA, backend="sparse"))
-    estimate = estimate_max_batch(fast, (64, 64), CUDA)
-    assert estimate.activation_mb_per_image > 0 and estimate.max_batch > 0, estimate
-    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1)).to(CUDA)
-    mask = eager.mask(4, generator=torch.Generator().manual_seed(2)).to(CUDA)
-    losses = []
-    for spark in (eager, fast):
-        loss = spark(images, mask)
-        loss.backward()
-        losses.append(loss.item())
-    assert abs(losses[1] - losses[0]) <= 1e-4 * abs(losses[0]), losses
-    for (name, p_eager), (_, p_fast) in zip(eager.decoder.named_parameters(), fast.decoder.named_parameters()):
-        assert max_errors(p_fast.grad, p_eager.grad)[0] < 1e-3, name
-
-
 @pytest.mark.parametrize("layer_name", ["conv3x3", "conv1x1", "conv3x3_stride2", "conv1x1_stride2", "conv3x3_dilated"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_spconv_cuda_backward_matches_masked(layer_name, dtype):
@@ -135,7 +114,8 @@ def _encoder_results(spark, images, mask, autocast_dtype=None):
                 buffers={k: b.clone() for k, b in spark.named_buffers()})
 
 
-ENCODERS = [("resnet18", 96, 4), ("resnet50", 96, 4), ("convnext_tiny", 96, 4)]
+#: bottlenecks with fused BN+ReLU pairs, and ConvNeXt's depthwise 7x7 with LayerNorm (resnet18 runs in fp64 below)
+ENCODERS = [("resnet50", 96, 4), ("convnext_tiny", 96, 4)]
 
 
 @pytest.mark.parametrize("backend", sparse_backend_params())
@@ -194,6 +174,27 @@ def test_encoder_bf16_autocast_loss_agrees_with_masked(backend, model):
         assert max_errors(a, b)[1] < 5e-2
     assert max_errors(got["loss"], want["loss"])[1] < 2e-2
     assert torch.isfinite(got["grad_in"]).all()
+
+
+def test_compiled_decoder_with_the_memory_probe_on_cuda():
+    """The fast recipe's CUDA options (channels_last, compiled decoder) train like eager, and the probe
+    that estimates the largest batch runs through the compiled decoder."""
+    torch.manual_seed(0)
+    eager = ss.create_spark("resnet18", backend="sparse", input_size=64, drop_path_rate=0.0).to(CUDA)
+    fast = copy.deepcopy(eager)
+    apply_speed_plan(fast, plan_speed("fast", CUDA, backend="sparse"))
+    estimate = estimate_max_batch(fast, (64, 64), CUDA, probe_batch=4)      # the training batch: no recompile
+    assert estimate.activation_mb_per_image > 0 and estimate.max_batch > 0, estimate
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1)).to(CUDA)
+    mask = eager.mask(4, generator=torch.Generator().manual_seed(2)).to(CUDA)
+    losses = []
+    for spark in (eager, fast):
+        loss = spark(images, mask)
+        loss.backward()
+        losses.append(loss.item())
+    assert abs(losses[1] - losses[0]) <= 1e-4 * abs(losses[0]), losses
+    for (name, p_eager), (_, p_fast) in zip(eager.decoder.named_parameters(), fast.decoder.named_parameters()):
+        assert max_errors(p_fast.grad, p_eager.grad)[0] < 1e-3, name
 
 
 def _kernel_case(shape, dtype, seed=0):
