@@ -267,6 +267,15 @@ def test_a_saved_masked_decision_is_reapplied(tmp_path):
     assert result.backend == "masked" and result.spark.backend.name == "masked"
 
 
+def test_reapplying_a_saved_plan_draws_no_random_numbers(tmp_path):
+    """Building the masked twin initialises weights: the run's random streams must not see it (exact resume)."""
+    state = tune(build(), tmp_path, FakeTimer(encoder_ms={"tuned": 5.0, "masked": 1.0, "static": 6.0})).plan_state()
+    spark = build()
+    rng = torch.get_rng_state()
+    result = tune(spark, tmp_path / "elsewhere", NoTimer(), plan_state=state)
+    assert result.backend == "masked" and torch.equal(torch.get_rng_state(), rng)
+
+
 def test_a_plan_naming_an_unavailable_kernel_is_refused_with_the_fix(tmp_path):
     state = tune(build(), tmp_path, FakeTimer()).plan_state()
     state["kernels"]["stem.0"] = "no-such-kernel"

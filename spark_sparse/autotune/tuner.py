@@ -240,18 +240,20 @@ def autotune(spark: nn.Module, batch_size: int, device: torch.device | str | Non
     dtype = amp_dtype or param.dtype
     if not isinstance(spark.backend, AutoBackend):
         return AutotuneResult(spark, spark.backend.name, options.mode, "not applicable", device.type, dtype)
-    if plan_state is not None and options.mode != "off":
-        if (plan_state.get("device_type"), plan_state.get("dtype")) == (device.type, str(dtype).replace("torch.", "")):
-            return load_plan_state(spark, plan_state, build_masked)
-        warnings.warn(f"the saved autotune plan was made for {plan_state.get('device_type')} "
-                      f"{plan_state.get('dtype')}, this run computes on {device.type} {dtype}: tuning again",
-                      RuntimeWarning, stacklevel=2)
-    tuner = _Tuner(spark, batch_size, device, dtype, amp_dtype, image_hw or spark.input_hw, channels_last, options,
-                   build_masked, timer or WallClockTimer(device))
     forked = []
     if device.type == "cuda":
         forked = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=forked):                 # tuning leaves the run's random streams alone
+    # tuning, and building the masked twin, leave the run's random streams as they were: a run that
+    # re-applies a saved plan then draws the same numbers as the run that measured it
+    with torch.random.fork_rng(devices=forked):
+        if plan_state is not None and options.mode != "off":
+            saved_for = (plan_state.get("device_type"), plan_state.get("dtype"))
+            if saved_for == (device.type, str(dtype).replace("torch.", "")):
+                return load_plan_state(spark, plan_state, build_masked)
+            warnings.warn(f"the saved autotune plan was made for {saved_for[0]} {saved_for[1]}, this run computes "
+                          f"on {device.type} {dtype}: tuning again", RuntimeWarning, stacklevel=2)
+        tuner = _Tuner(spark, batch_size, device, dtype, amp_dtype, image_hw or spark.input_hw, channels_last,
+                       options, build_masked, timer or WallClockTimer(device))
         return tuner.run()
 
 
