@@ -26,7 +26,7 @@ from timm.layers.norm_act import BatchNormAct2d, GroupNorm1Act, GroupNormAct, Sy
 from ..features import FeatureMap
 from .base import register_converter
 from .common import FeatureBatchNorm, FeatureSyncBatchNorm, adopt_state
-from .per_image import active_counts, image_sums, per_site_values
+from .per_image import active_counts, image_sums, per_site_values, statistics_dtype
 
 __all__ = ["FeatureBatchNormAct", "FeatureSyncBatchNormAct", "FeatureGroupNorm", "FeatureGroupNormAct",
            "FeatureGlobalResponseNorm", "group_norm_active"]
@@ -67,8 +67,10 @@ def group_norm_active(x: FeatureMap, num_groups: int, weight: Optional[torch.Ten
 
     For image ``b`` and group ``g`` of ``C / G`` channels: ``mean`` and biased ``var`` over the
     ``n_b * C / G`` values of its ``n_b`` active sites; ``y = (x - mean) / sqrt(var + eps) * w + b``
-    at active sites, 0 at masked ones. With every site active this is ``F.group_norm``.
+    at active sites, 0 at masked ones. With every site active this is ``F.group_norm``. bf16/fp16
+    inputs are normalised in fp32 and give fp32 (as autocast runs ``group_norm``).
     """
+    x = x.with_data(x.data.to(statistics_dtype(x.data.dtype)))
     batch, channels = x.mask.batch_size, x.channels
     per_group = channels // num_groups
     count = (active_counts(x) * per_group).unsqueeze(1)                                          # [B, 1]
@@ -128,10 +130,12 @@ class FeatureGlobalResponseNorm(GlobalResponseNorm):
     ``G[b, c] = ||x[b, :, c]||_2`` over the active sites of image ``b``; ``N = G / (mean_c G + eps)``;
     ``y = x + bias + weight * (x * N)`` at active sites, 0 at masked ones (the bias would otherwise
     fill them). Per image, unlike the FCMAE code, which normalises over the whole batch
-    (ConvNeXt-V2 issue 86); with every site active this is timm's GRN.
+    (ConvNeXt-V2 issue 86); with every site active this is timm's GRN. bf16/fp16 inputs are
+    computed in fp32 and give fp32.
     """
 
     def forward(self, x: FeatureMap) -> FeatureMap:
+        x = x.with_data(x.data.to(statistics_dtype(x.data.dtype)))
         batch, channels = x.mask.batch_size, x.channels
         norm = _norm_with_zero_gradient_at_zero(image_sums(x, x.data * x.data))                 # [B, C]
         normalized = norm / (norm.mean(dim=1, keepdim=True) + self.eps)

@@ -9,7 +9,8 @@ Two operations cover those layers, each implemented once per representation (a
 ``functools.singledispatch`` registry, so another representation registers its own):
 
 - :func:`image_sums`: ``[B, C]`` sums over each image's active sites of a tensor laid out like the
-  feature map's data;
+  feature map's data, accumulated and returned in at least fp32 (bf16/fp16 rows of one image can
+  number thousands);
 - :func:`per_site_values`: ``[B, C]`` per-image values placed at each active site (zero at masked
   sites), laid out like the data, to combine with it elementwise.
 """
@@ -22,7 +23,12 @@ import torch
 
 from ..features import FeatureMap, MaskedDense, SparseRows
 
-__all__ = ["active_counts", "image_sums", "image_means", "per_site_values", "scale_per_image"]
+__all__ = ["active_counts", "image_sums", "image_means", "per_site_values", "scale_per_image", "statistics_dtype"]
+
+
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype per-image statistics are computed in: at least fp32 (as autocast runs norms)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def active_counts(x: FeatureMap, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -40,14 +46,16 @@ def image_sums(x: FeatureMap, values: Optional[torch.Tensor] = None) -> torch.Te
 
 @image_sums.register
 def _(x: MaskedDense, values: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return (x.data if values is None else values).sum(dim=(2, 3))
+    data = x.data if values is None else values
+    return data.sum(dim=(2, 3), dtype=statistics_dtype(data.dtype))
 
 
 @image_sums.register
 def _(x: SparseRows, values: Optional[torch.Tensor] = None) -> torch.Tensor:
     rows = x.data if values is None else values
     image_of_row = x.mask.coords_at(x.stride)[:, 0]
-    return rows.new_zeros(x.mask.batch_size, rows.shape[1]).index_add_(0, image_of_row, rows)
+    dtype = statistics_dtype(rows.dtype)
+    return rows.new_zeros(x.mask.batch_size, rows.shape[1], dtype=dtype).index_add_(0, image_of_row, rows.to(dtype))
 
 
 @singledispatch
@@ -68,7 +76,8 @@ def _(x: SparseRows, values: torch.Tensor) -> torch.Tensor:
 
 def image_means(x: FeatureMap) -> torch.Tensor:
     """``[B, C]``: each image's mean over its active sites (SparK issue 54's global average pool)."""
-    return image_sums(x) / active_counts(x).unsqueeze(1)
+    sums = image_sums(x)
+    return sums / active_counts(x, sums.dtype).unsqueeze(1)
 
 
 def scale_per_image(x: FeatureMap, factors: torch.Tensor) -> FeatureMap:
@@ -76,4 +85,4 @@ def scale_per_image(x: FeatureMap, factors: torch.Tensor) -> FeatureMap:
 
     Masked sites stay exactly zero: they are zero in ``x`` and only multiplied.
     """
-    return x.with_data(x.data * per_site_values(x, factors))
+    return x.with_data(x.data * per_site_values(x, factors.to(x.data.dtype)))
