@@ -4,7 +4,6 @@
     python benchmarks/compare_backends.py                           # CPU defaults, ~10-15 min on 2 cores
     python benchmarks/compare_backends.py --quick                   # tiny, for CI (< 1 min)
     python benchmarks/compare_backends.py --families                # timm's CNN families (issue 14's models)
-    python benchmarks/compare_backends.py --families                # timm's CNN families (issue 14's models)
     python benchmarks/compare_backends.py --what step --recipes spark fast --models resnet50
     python benchmarks/compare_backends.py --device cuda --batch-size 128 --dtype fp32 bf16 --check-batch 16
 
@@ -54,17 +53,9 @@ FAMILY_MODELS = ("resnet50d", "seresnet50", "resnext50_32x4d", "regnety_016", "e
                  "mobilenetv3_large_100", "convnextv2_tiny", "resnetv2_50x1_bit")
 
 
-#: one model per timm CNN family SparK-sparse supports beyond ResNet/ConvNeXt (all checked on every backend
-#: by the test suite); the depthwise-heavy EfficientNet / MobileNet rows are where sparse libraries lose
-FAMILY_MODELS = ("resnet50d", "seresnet50", "resnext50_32x4d", "regnety_016", "efficientnet_b0",
-                 "mobilenetv3_large_100", "convnextv2_tiny", "resnetv2_50x1_bit")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["resnet50", "convnext_tiny"])
-    p.add_argument("--families", action="store_true",
-                   help=f"measure timm's CNN families instead of --models: {', '.join(FAMILY_MODELS)}")
     p.add_argument("--families", action="store_true",
                    help=f"measure timm's CNN families instead of --models: {', '.join(FAMILY_MODELS)}")
     p.add_argument("--backends", nargs="+", default=None, help="default: every available backend")
@@ -102,8 +93,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.models, args.input_size, args.batch_size, args.mask = ["resnet18", "convnext_tiny"], 64, 2, [0.6]
         args.repeats, args.warmup = 2, 1
-    if args.families:
-        args.models = list(FAMILY_MODELS)
     if args.families:
         args.models = list(FAMILY_MODELS)
     args.memory = args.memory or ("inprocess" if args.device == "cuda" else "subprocess")
