@@ -119,7 +119,8 @@ def test_pairs_with_an_active_layer_between_them_stay_unfused():
 @pytest.mark.parametrize("kernel_size", [1, 3])
 def test_nothing_keeps_the_relu_output_once_the_next_conv_has_run(kernel_size):
     mask = _mask()
-    conv = SparseConv2d.from_dense(ss.create_backend("sparse"), nn.Conv2d(CHANNELS, 8, kernel_size, bias=False), "conv")
+    conv = SparseConv2d.from_dense(ss.create_backend("sparse"), nn.Conv2d(CHANNELS, 8, kernel_size, padding=kernel_size // 2,
+                                                                          bias=False), "conv")
     _, _, fused, _ = _unfused_and_fused()
     rows = fused(SparseRows(_rows(mask), mask, STRIDE))
     relu_output = weakref.ref(rows.data)
