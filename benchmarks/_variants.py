@@ -56,7 +56,7 @@ class Variant:
 
     def optimizer(self, spark: ss.SparK, model: str, device: str) -> torch.optim.Optimizer:
         foreach = plan_speed(self.recipe, device).foreach_optimizer if self.recipe else False
-        return build_optimizer("lamb", param_groups(spark), 1e-4, default_beta2(model), 5.0, foreach=foreach)
+        return build_optimizer("lamb", param_groups(spark), 1e-4, default_beta2(spark.densify_norm_kind), 5.0, foreach=foreach)
 
 
 def autocast(device: str, dtype: str):

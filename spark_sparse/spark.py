@@ -11,7 +11,7 @@ from typing import Optional, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import trunc_normal_
+from timm.layers import convert_sync_batchnorm, trunc_normal_
 
 from .backends import Backend, create_backend
 from .backends.common import FeatureBatchNorm, FeatureLayerNorm, FeatureSyncBatchNorm
@@ -84,8 +84,8 @@ class SparK(nn.Module):
         # DDP (find_unused_parameters=False) see only what trains. They are still exported.
         for name in getattr(encoder, "modules_outside_hierarchy", lambda: [])():
             encoder.get_submodule(name).requires_grad_(False)
-        if sync_bn:
-            encoder = nn.SyncBatchNorm.convert_sync_batchnorm(encoder)
+        if sync_bn:   # timm's conversion keeps BatchNormAct2d's activation (torch's would drop it)
+            encoder = convert_sync_batchnorm(encoder)
         self.encoder = self.backend.convert(encoder)
         self.decoder = LightDecoder(self.downsample_ratio, width=decoder_width, sync_bn=sync_bn)
 

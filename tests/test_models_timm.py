@@ -109,3 +109,18 @@ def test_spark_pretrain_runs_an_issue_14_model(name, backend, tmp_path):
     assert result.exit_code == 0, result.output
     timm.create_model(name, pretrained=False, num_classes=0).load_state_dict(
         torch.load(out / f"{name}_1kpretrained.pth"), strict=True)
+
+
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+def test_synchronised_batch_norm_keeps_the_activation_of_timms_norm_act_layers(backend):
+    """SparK's --sbn converts every BatchNorm to SyncBatchNorm: BatchNormAct2d must keep its activation."""
+    torch.manual_seed(0)
+    plain = ss.create_spark("mobilenetv3_large_100", backend=backend, input_size=64)
+    synced = ss.create_spark("mobilenetv3_large_100", backend=backend, input_size=64, sync_bn=True)
+    synced.load_state_dict(plain.state_dict())
+    plain.eval(), synced.eval()                    # running statistics: no process group needed
+    images = torch.randn(2, 3, 64, 64)
+    mask = plain.mask(2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for a, b in zip(plain.encode(images, mask), synced.encode(images, mask)):
+            torch.testing.assert_close(b.to_dense(), a.to_dense())

@@ -47,7 +47,7 @@ def test_scheduled_values_reach_each_group_scaled():
 
 
 def test_beta2_defaults_are_sparks():
-    assert default_beta2("resnet50") == 0.95 and default_beta2("convnext_base") == 0.999
+    assert default_beta2("bn") == 0.95 and default_beta2("ln") == 0.999
 
 
 def test_unknown_optimizer_is_named():

@@ -165,7 +165,7 @@ class Trainer:
                 broadcast_buffers=False)
 
         self.peak_lr = cfg.lr(self.global_batch)
-        self.beta2 = cfg.ada or default_beta2(self.model_name)
+        self.beta2 = cfg.ada or default_beta2(self.spark.densify_norm_kind)
         self.groups = param_groups(self.spark)
         self.optimizer = build_optimizer(cfg.opt, self.groups, self.peak_lr, self.beta2, cfg.clip,
                                          foreach=self.speed.foreach_optimizer)

@@ -35,9 +35,14 @@ def param_groups(model: nn.Module, no_decay_keys: Iterable[str] = NO_DECAY_KEYS)
     return [g for g in groups.values() if g["params"]]
 
 
-def default_beta2(model_name: str) -> float:
-    """SparK's ``--ada`` default: 0.95 for ResNets, 0.999 for ConvNeXts (and other models)."""
-    return 0.95 if "resnet" in model_name else 0.999
+def default_beta2(densify_norm: str) -> float:
+    """SparK's ``--ada`` default, by the encoder's normalisation family.
+
+    SparK sets 0.95 for its ResNets and 0.999 for its ConvNeXts, and densifies the former with
+    BatchNorm, the latter with LayerNorm; keying on the densify norm extends the same rule to every
+    family (BatchNorm CNNs such as ResNeXt, RegNet, EfficientNet: 0.95; LayerNorm ones: 0.999).
+    """
+    return 0.95 if densify_norm == "bn" else 0.999
 
 
 def build_optimizer(name: str, groups: list[dict], lr: float, beta2: float, clip: float,
