@@ -111,11 +111,31 @@ def test_a_layer_only_one_kernel_can_run_is_not_measured(tmp_path):
     spark = build("convnext_tiny")
     timer = FakeTimer()
     result = tune(spark, tmp_path, timer, model="convnext_tiny")
-    candidates = {name: conv.candidate_kernels("cpu", torch.float32) for name, conv in sparse_convs(spark.encoder)}
+    candidates = {name: conv.candidate_kernels("cpu", torch.float32, reproducible_only=True)
+                  for name, conv in sparse_convs(spark.encoder)}
     for name, decision in result.decisions.items():
         if len(candidates[name]) == 1:
             assert decision.status == "only candidate" and not decision.ms
     assert all(call.candidate in candidates[call.name] for call in timer.layer_calls())
+
+
+def test_on_the_cpu_a_kernel_without_bit_reproducible_results_is_never_timed_or_chosen(tmp_path, monkeypatch):
+    """On the CPU masked is bit-reproducible and exact resume is promised: 'auto' keeps that."""
+    from spark_sparse.kernels import registry
+    from spark_sparse.kernels.gather import GatherKernel
+
+    class Unreproducible(GatherKernel):
+        NAME = "unreproducible"
+        REPRODUCIBLE_ON = frozenset()
+
+    monkeypatch.setitem(registry._KERNELS, Unreproducible.NAME, Unreproducible)
+    spark = build()
+    convs = sparse_convs(spark.encoder)
+    assert all(Unreproducible.NAME in conv.candidate_kernels("cpu", torch.float32) for _, conv in convs)
+    timer = FakeTimer(lambda layer, kernel: 0.1 if kernel == Unreproducible.NAME else 1.0 + KERNEL_ORDER.index(kernel))
+    result = tune(spark, tmp_path, timer)
+    assert timer.layer_calls() and all(call.candidate != Unreproducible.NAME for call in timer.layer_calls())
+    assert all(Unreproducible.NAME not in d.ms and d.kernel != Unreproducible.NAME for d in result.decisions.values())
 
 
 # ---------------------------------------------------------------------- the cache

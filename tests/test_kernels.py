@@ -171,3 +171,22 @@ def test_max_pool_op_passes_opcheck():
     call = ConvCall(mask, 2, 4, (3, 3), (1, 1), (1, 1), 1)
     x = torch.randn(call.num_in, 4, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(gather_max_pool, (x, call.neighbours()))
+
+
+@pytest.mark.parametrize("kernel", [name for name, cls in list_kernels().items() if "cpu" in cls.REPRODUCIBLE_ON])
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+def test_kernels_that_claim_cpu_reproducibility_give_equal_bits_for_a_rebuilt_mask(kernel, shape):
+    """Exact resume needs it: a resumed run rebuilds the mask (and every table or library state cached on
+    it) from the same active patches. 'auto' only picks kernels that claim it on the CPU."""
+    x, w, b, call = _case(shape, torch.float32)
+    spec = ConvSpec(shape[1], shape[2], (shape[3],) * 2, (shape[4],) * 2, (shape[5],) * 2, (shape[6],) * 2, shape[7],
+                    True, "cpu", torch.float32)
+    reasons = get_kernel(kernel).not_supported_reasons(spec)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    first = _run(kernel, x, w, b, call)
+    for _ in range(3):
+        rebuilt = ActiveMask(call.mask.active.clone(), call.mask.downsample_ratio)
+        again = _run(kernel, x, w, b, ConvCall(rebuilt, *[getattr(call, f) for f in ("in_stride", "out_stride", "kernel_size",
+                                                                                       "padding", "dilation", "groups")]))
+        assert all(torch.equal(a, b) for a, b in zip(first, again))

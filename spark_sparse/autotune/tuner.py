@@ -4,7 +4,8 @@
 ratio, device and dtype:
 
 1. every converted conv's shapes are recorded (:func:`.layers.discover_layers`);
-2. per layer, every registered kernel that declares it can run the layer is timed (forward +
+2. per layer, every registered kernel that declares it can run the layer (on the CPU: and that its
+   results are bit-reproducible, see ``REPRODUCIBLE_DEVICES``) is timed (forward +
    backward, median of ``repeats`` after ``warmup``), largest layers first, identical layers once;
    results go to the cache file (:mod:`.cache`) and are reused by later runs;
 3. each layer is pinned to its fastest kernel;
@@ -50,6 +51,10 @@ from .timing import Timer, WallClockTimer
 __all__ = ["MODES", "AutotuneOptions", "AutotuneResult", "GuardDecision", "autotune", "load_plan_state"]
 
 MODES = ("on", "cached", "off")
+#: devices where ``masked`` is bit-reproducible from run to run (oneDNN), so that a resumed run equals an
+#: uninterrupted one: there only kernels that declare the same (``REPRODUCIBLE_ON``) are candidates. On
+#: CUDA cuDNN's default backward is not reproducible either, and every kernel competes.
+REPRODUCIBLE_DEVICES = frozenset({"cpu"})
 PLAN_FORMAT = "spark-sparse-autotune-plan/1"
 
 
@@ -311,7 +316,9 @@ class _Tuner:
         for layer in layers:
             groups.setdefault(layer.key(self.device.type, self.dtype), []).append(layer)
         order = sorted(groups.items(), key=lambda item: -max(layer.work for layer in item[1]))
-        candidates = {key: group[0].conv.candidate_kernels(self.device.type, self.dtype) for key, group in order}
+        reproducible = self.device.type in REPRODUCIBLE_DEVICES
+        candidates = {key: group[0].conv.candidate_kernels(self.device.type, self.dtype, reproducible)
+                      for key, group in order}
         to_measure = sum(1 for key, _ in order
                          if len(candidates[key]) > 1 and set(candidates[key]) - set(cache.layer(key)))
         decisions = {}

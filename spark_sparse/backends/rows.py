@@ -79,10 +79,13 @@ class SparseConv2d(nn.Conv2d):
     def pinned_kernel(self, device_type: str, dtype: torch.dtype) -> Optional[str]:
         return self._pinned.get((torch.device(device_type).type, dtype))
 
-    def candidate_kernels(self, device_type: str, dtype: torch.dtype) -> list[str]:
-        """Every registered kernel that declares it can run this layer on ``device_type`` in ``dtype``."""
+    def candidate_kernels(self, device_type: str, dtype: torch.dtype, reproducible_only: bool = False) -> list[str]:
+        """Every registered kernel that declares it can run this layer on ``device_type`` in ``dtype``
+        (and, with ``reproducible_only``, that declares bit-reproducible results there)."""
         spec = ConvSpec.of(self, device_type, dtype)
-        return [name for name, kernel in list_kernels().items() if not kernel.not_supported_reasons(spec)]
+        device = torch.device(device_type).type
+        return [name for name, kernel in list_kernels().items()
+                if not kernel.not_supported_reasons(spec) and (not reproducible_only or device in kernel.REPRODUCIBLE_ON)]
 
     def conv_call(self, mask, in_stride: int) -> ConvCall:
         """Where this layer computes for input rows at ``in_stride`` of ``mask``."""
