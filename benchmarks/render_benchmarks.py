@@ -188,7 +188,24 @@ def _ref(entry: dict, args: dict) -> float:
     return value
 
 
-FIGURES: dict[str, Callable[[dict, dict], float]] = {"value": _value, "ratio": _ratio, "part": _part, "ref": _ref}
+def _worst(entry: dict, args: dict) -> float:
+    """The smallest, over every configuration (model, mask, dtype, batch) of a run, of the fastest of
+    the ``against`` variants' ``field`` over ``variant``'s: >= 1 means ``variant`` is never slower."""
+    rows: dict[tuple, dict[str, float]] = {}
+    for r in entry["data"]["records"]:
+        if r.get(args["field"]) is not None:
+            key = (r["model"], r["mask_ratio"], r.get("dtype"), r.get("batch_size"))
+            rows.setdefault(key, {})[r["backend"]] = r[args["field"]]
+    against = args["against"].split(",")
+    ratios = [min(times[name] for name in against) / times[args["variant"]] for times in rows.values()
+              if args["variant"] in times and all(name in times for name in against)]
+    if not ratios:
+        raise TemplateError(f"no configuration with {args['variant']} and {args['against']} in the run")
+    return min(ratios)
+
+
+FIGURES: dict[str, Callable[[dict, dict], float]] = {"value": _value, "ratio": _ratio, "part": _part, "ref": _ref,
+                                                     "worst": _worst}
 
 
 def _with_target(text: str, value: float, target: str, suffix: str) -> str:

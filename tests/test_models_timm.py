@@ -13,6 +13,7 @@ from spark_sparse import ActiveMask
 from spark_sparse.models.timm_encoders import UnsuitableModelError
 
 from apptools import make_image_folder
+from equivalence import sparse_backend_params
 
 ISSUE_14_MODELS = ["resnet50d", "seresnet50", "resnext50_32x4d", "regnety_016", "efficientnet_b0",
                    "mobilenetv3_large_100", "convnextv2_tiny", "resnetv2_50x1_bit"]
@@ -96,7 +97,19 @@ def test_an_unknown_name_mentions_timm_names():
         ss.create_spark("no_such_net")
 
 
-@pytest.mark.parametrize("name,backend", [("efficientnet_b0", "sparse")])
+def _cli_runs() -> list:
+    """Every issue-14 model on ``sparse``, and one model with SE, hard-swish and depthwise convs on every
+    other backend (each skipped with its reason where unavailable); the fp64 equivalence of every model on
+    every backend is in tests/test_equivalence_encoders.py."""
+    runs = [pytest.param(name, "sparse", id=f"{name}-sparse") for name in ISSUE_14_MODELS]
+    runs += [pytest.param("mobilenetv3_large_100", "masked", id="mobilenetv3_large_100-masked")]
+    runs += [pytest.param("mobilenetv3_large_100", param.values[0], marks=param.marks,
+                          id=f"mobilenetv3_large_100-{param.values[0]}")
+             for param in sparse_backend_params() if param.values[0] != "sparse"]
+    return runs
+
+
+@pytest.mark.parametrize("name,backend", _cli_runs())
 def test_spark_pretrain_runs_an_issue_14_model(name, backend, tmp_path):
     from spark_sparse import cli
 

@@ -51,6 +51,19 @@ def test_figures_in_prose_come_from_the_records_and_judge_their_target(tmp_path)
         "2.00x (target ≥ 2.5x: not met); 0.50x (target ≤ 0.6x: met); 800 ms"
 
 
+def test_worst_row_compares_a_variant_with_the_fastest_of_others_on_every_configuration(tmp_path):
+    root = _results(tmp_path, "cpu_x")
+    data = json.loads((root / "cpu_x" / "results.json").read_text())
+    data["records"] += [_record("resnet50", "auto", 0.6, 760.0, 500.0, 2.1),        # 800 / 760 = 1.05
+                        _record("convnext", "masked", 0.6, 1000.0, 900.0, 1.0),
+                        _record("convnext", "sparse", 0.6, 1100.0, 600.0, 0.9),
+                        _record("convnext", "auto", 0.6, 1040.0, 600.0, 0.96)]     # 1000 / 1040 = 0.96
+    (root / "cpu_x" / "results.json").write_text(json.dumps(data))
+    text = rb.render("{{worst cpu_x variant=auto against=masked,sparse field=fwd_bwd_ms fmt=.3f suffix=x "
+                     "target=>=0.95}}", rb.load_results(root))
+    assert text.splitlines()[-1] == "0.962x (target ≥ 0.95x: met)"
+
+
 def test_results_not_committed_say_so_and_unmentioned_ones_are_appended(tmp_path):
     results = rb.load_results(_results(tmp_path, "gpu_h100"))
     text = rb.render("{{run cpu_missing}} {{ref cpu_missing key=a.b}}", results)
