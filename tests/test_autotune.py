@@ -139,14 +139,17 @@ def test_on_the_cpu_a_kernel_without_bit_reproducible_results_is_never_timed_or_
 
 
 # ---------------------------------------------------------------------- the cache
-def test_measurements_are_cached_and_reused(tmp_path):
+def test_layer_measurements_are_cached_and_reused_and_the_guard_is_timed_again(tmp_path):
     first = tune(build(), tmp_path, FakeTimer())
     assert (tmp_path / "cache" / CACHE_FILE).is_file()
     spark = build()
-    second = tune(spark, tmp_path, NoTimer())            # nothing measured: layers and guard come from the file
-    assert {d.status for d in second.decisions.values()} == {"cached"}
-    assert pinned(spark) == {name: d.kernel for name, d in first.decisions.items()}
-    assert second.guard.status == "cached" and second.guard.ms == first.guard.ms
+    timer = FakeTimer(encoder_ms={"tuned": 3.0, "static": 2.0, "masked": 1.0})   # the machine changed since
+    second = tune(spark, tmp_path, timer)
+    assert not timer.layer_calls() and {d.status for d in second.decisions.values()} == {"cached"}
+    assert second.guard.status == "measured" and first.guard.choice == "tuned" and second.guard.choice == "masked"
+    assert second.backend == "masked"
+    third = tune(build(), tmp_path, NoTimer(), mode="cached")        # cached mode: the last guard result
+    assert third.guard.status == "cached" and third.guard.ms == second.guard.ms and third.backend == "masked"
 
 
 @pytest.mark.parametrize("change", ["batch", "dtype", "threads"])

@@ -13,8 +13,9 @@ ratio, device and dtype:
    against ``masked``, and the run uses the fastest; when that is ``masked`` the result carries a
    SparK built on ``masked`` holding the same weights.
 
-Modes: ``on`` (use the cache, measure what is missing), ``cached`` (the cache only: layers not in it
-keep the static rule and say so; the guard is applied only when cached), ``off`` (the static rule).
+Modes: ``on`` (use the cache for layers, measure what is missing; the guard is timed on every run),
+``cached`` (the cache only: layers not in it keep the static rule and say so; the guard's last cached
+result is applied when there is one), ``off`` (the static rule).
 Tuning time is bounded by ``budget_s`` for the layer measurements (layers left when it runs out keep
 the static rule and say so); the guard always runs in mode ``on``, because it is what guarantees
 that the result is never slower than ``masked``.
@@ -381,11 +382,15 @@ class _Tuner:
                          "batch": self.batch_size, "image_hw": list(self.image_hw), "mask": self.spark.mask_ratio,
                          "dtype": str(self.dtype), "amp": self.amp_dtype is not None,
                          "channels_last": self.channels_last, "plan": sorted(tuned.items())})
-        cached = self.ranks.from_main(cache.encoder(key) if cache is not None else None)
-        if cached is not None:
-            return GuardDecision(cached["choice"], cached["ms"], "cached"), None
         if self.options.mode != "on":
+            # cached mode measures nothing: the last guard result for this plan, if any
+            cached = self.ranks.from_main(cache.encoder(key) if cache is not None else None)
+            if cached is not None:
+                return GuardDecision(cached["choice"], cached["ms"], "cached"), None
             return GuardDecision("tuned", {}, "not measured (--autotune cached)"), None
+        # mode on times the guard on every run, even with a cached result: it is a few encoder calls,
+        # and a decision taken under another machine load can be wrong now (seen here: a cached
+        # 'tuned 13% faster' that ran 6% slower than the static rule a day later)
         twin = _masked_twin(self.spark, self.build_masked, self.device)
         if self.channels_last:
             self.spark.to_channels_last()
