@@ -390,7 +390,7 @@ class _Tuner:
             return GuardDecision("tuned", {}, "not measured (--autotune cached)"), None
         # mode on times the guard on every run, even with a cached result: it is a few encoder calls,
         # and a decision taken under another machine load can be wrong now (seen here: a cached
-        # 'tuned 13% faster' that ran 6% slower than the static rule a day later)
+        # 'tuned 13% faster' that ran 6% slower than the static rule in a later session)
         twin = _masked_twin(self.spark, self.build_masked, self.device)
         if self.channels_last:
             self.spark.to_channels_last()
