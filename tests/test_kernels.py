@@ -1,4 +1,6 @@
 """Our kernels against the reference ``gather`` kernel, every conv shape and dtype; custom-op checks."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -36,6 +38,14 @@ def _case(shape, dtype, seed=0):
     return x, w, b, call
 
 
+def _skip_unless_supported(kernel, shape, dtype):
+    name, cin, cout, k, s, p, d, g, _ = shape
+    reasons = list_kernels()[kernel].not_supported_reasons(ConvSpec(cin, cout, (k, k), (s, s), (p, p), (d, d), g, True,
+                                                                    "cpu", dtype))
+    if reasons:
+        pytest.skip(f"{kernel} declares it cannot run this: {'; '.join(reasons)}")
+
+
 def _run(kernel, x, w, b, call, absolute=False):
     """Output and gradients; with ``absolute`` the same sums over |inputs| and |probe| (error scales)."""
     x, w, b = (t.abs() if absolute else t for t in (x, w, b))
@@ -50,11 +60,8 @@ def _run(kernel, x, w, b, call, absolute=False):
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
 @pytest.mark.parametrize("dtype", list(TOLERANCE), ids=lambda d: str(d).replace("torch.", ""))
 def test_kernel_matches_the_reference_forward_and_backward(kernel, shape, dtype):
+    _skip_unless_supported(kernel, shape, dtype)
     x, w, b, call = _case(shape, dtype)
-    reasons = list_kernels()[kernel].not_supported_reasons(ConvSpec(
-        shape[1], shape[2], (shape[3],) * 2, (shape[4],) * 2, (shape[5],) * 2, (shape[6],) * 2, shape[7], True, "cpu", dtype))
-    if reasons:
-        pytest.skip(f"{kernel} declares it cannot run this: {'; '.join(reasons)}")
     reference = _run("gather", x.double(), w.double(), b.double(), call)
     scales = _run("gather", x.double(), w.double(), b.double(), call, absolute=True)
     got = _run(kernel, x, w, b, call)
@@ -178,15 +185,10 @@ def test_max_pool_op_passes_opcheck():
 def test_kernels_that_claim_cpu_reproducibility_give_equal_bits_for_a_rebuilt_mask(kernel, shape):
     """Exact resume needs it: a resumed run rebuilds the mask (and every table or library state cached on
     it) from the same active patches. 'auto' only picks kernels that claim it on the CPU."""
+    _skip_unless_supported(kernel, shape, torch.float32)
     x, w, b, call = _case(shape, torch.float32)
-    spec = ConvSpec(shape[1], shape[2], (shape[3],) * 2, (shape[4],) * 2, (shape[5],) * 2, (shape[6],) * 2, shape[7],
-                    True, "cpu", torch.float32)
-    reasons = get_kernel(kernel).not_supported_reasons(spec)
-    if reasons:
-        pytest.skip("; ".join(reasons))
     first = _run(kernel, x, w, b, call)
     for _ in range(3):
         rebuilt = ActiveMask(call.mask.active.clone(), call.mask.downsample_ratio)
-        again = _run(kernel, x, w, b, ConvCall(rebuilt, *[getattr(call, f) for f in ("in_stride", "out_stride", "kernel_size",
-                                                                                       "padding", "dilation", "groups")]))
+        again = _run(kernel, x, w, b, dataclasses.replace(call, mask=rebuilt))
         assert all(torch.equal(a, b) for a, b in zip(first, again))

@@ -83,9 +83,8 @@ class SparseConv2d(nn.Conv2d):
         """Every registered kernel that declares it can run this layer on ``device_type`` in ``dtype``
         (and, with ``reproducible_only``, that declares bit-reproducible results there)."""
         spec = ConvSpec.of(self, device_type, dtype)
-        device = torch.device(device_type).type
-        return [name for name, kernel in list_kernels().items()
-                if not kernel.not_supported_reasons(spec) and (not reproducible_only or device in kernel.REPRODUCIBLE_ON)]
+        return [name for name, kernel in list_kernels().items() if not kernel.not_supported_reasons(spec)
+                and (not reproducible_only or spec.device_type in kernel.REPRODUCIBLE_ON)]
 
     def conv_call(self, mask, in_stride: int) -> ConvCall:
         """Where this layer computes for input rows at ``in_stride`` of ``mask``."""
