@@ -174,9 +174,11 @@ def main(argv=None) -> Path:
                "with the flips aligned", "in"]
     section = {"title": f"Whole-model parameter gradients vs masked ({args.input_size} px, batch {args.batch_size}, "
                         f"mask {args.mask}; row '{FP32_FLOOR}': masked fp32 vs fp64)", "columns": columns, "rows": rows}
-    aligned = [float(row[6]) for row in rows]
-    values = {"max_aligned_rel_err": max(aligned), "max_rel_err": max(float(row[4]) for row in rows),
-              "rows_with_flips": sum(1 for row in rows if row[3])}
+    values = {"rows_with_flips": sum(1 for row in rows if row[3])}
+    for model in args.models:
+        ours = [row for row in rows if row[0] == model]
+        values[f"max_{model}_rel_err"] = max(float(row[4]) for row in ours)
+        values[f"max_{model}_aligned_rel_err"] = max(float(row[6]) for row in ours)
     meta = {"command": shlex.join([sys.executable] + (sys.argv if argv is None else [__file__, *argv])),
             "threads": args.threads, "seconds": round(time.time() - started, 1),
             "machine": machine_info(), "versions": versions(), "provenance": provenance()}

@@ -60,7 +60,7 @@ def test_a_planted_flip_is_counted_and_aligning_it_removes_its_error():
 
 def test_the_script_writes_a_file_the_renderer_reads(tmp_path):
     kink_flips.main(["--quick", "--out", str(tmp_path / "cpu_kinks")])
-    text = rb.render("{{run cpu_kinks}}\n{{ref cpu_kinks key=kinks.max_aligned_rel_err fmt=.1e}}",
+    text = rb.render("{{run cpu_kinks}}\n{{ref cpu_kinks key=kinks.max_convnext_tiny_aligned_rel_err fmt=.1e}}",
                      rb.load_results(tmp_path))
     assert "decoder kink flips" in text and "masked fp32" in text and "kink_flips.py --quick" in text
     assert 0 < float(text.splitlines()[-1]) < 1e-3
