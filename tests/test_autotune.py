@@ -4,7 +4,9 @@ Timings are injected (a fake timer answers from a table), so every choice here i
 the fake timer never calls the timed function and warm-up is 0, so nothing but shape discovery runs.
 """
 import json
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ import torch
 import spark_sparse as ss
 from spark_sparse.autotune import AutotuneOptions, autotune, load_plan_state
 from spark_sparse.autotune.cache import CACHE_FILE
+from spark_sparse.autotune.guard import choose_encoder
 from spark_sparse.backends.auto import sparse_convs
 from spark_sparse.errors import ConfigError
 
@@ -238,6 +241,28 @@ def test_a_tie_with_masked_goes_to_masked(tmp_path):
     assert result.backend == "masked"
 
 
+@pytest.mark.parametrize("encoder_ms, choice", [
+    ({"tuned": 0.98, "static": 1.0, "masked": 3.0}, "static"),     # 2% faster: within the noise, not taken
+    ({"tuned": 0.95, "static": 1.0, "masked": 3.0}, "tuned"),      # 5% faster: taken
+    ({"tuned": 0.99, "static": 1.0, "masked": 1.01}, "masked"),    # nothing beats masked by the margin
+    ({"tuned": 0.9, "static": 0.98, "masked": 1.0}, "tuned"),      # the static rule does not, the tuned plan does
+])
+def test_a_variant_replaces_a_simpler_one_only_when_faster_by_the_margin(encoder_ms, choice):
+    assert choose_encoder(encoder_ms, margin=0.03) == choice
+    assert choose_encoder(encoder_ms, margin=0.0) == min(encoder_ms, key=encoder_ms.get)
+
+
+def test_the_guard_takes_its_own_rounds_and_rotates_the_order_of_its_variants(tmp_path):
+    timer = FakeTimer()
+    spark = build()
+    options = AutotuneOptions(warmup=0, repeats=1, guard_repeats=6, progress=False, cache_dir=tmp_path / "cache")
+    autotune(spark, 2, "cpu", options=options, timer=timer, build_masked=lambda: build(backend="masked"))
+    order = [c.candidate for c in timer.encoder_calls()]
+    rounds = [tuple(order[i:i + 3]) for i in range(0, len(order), 3)]
+    assert len(rounds) == 6 and all(sorted(r) == ["masked", "static", "tuned"] for r in rounds)
+    assert {r[0] for r in rounds} == {"masked", "static", "tuned"}, f"every variant leads some round: {rounds}"
+
+
 def test_the_guard_keeps_the_static_rule_when_it_beats_the_tuned_plan(tmp_path):
     spark = build()
     result = tune(spark, tmp_path, FakeTimer(encoder_ms={"tuned": 5.0, "static": 2.0, "masked": 3.0}))
@@ -427,3 +452,15 @@ def test_the_cli_accepts_only_the_autotune_modes():
 
     result = CliRunner().invoke(pretrain_command, ["--autotune", "sometimes"])
     assert result.exit_code == 2 and "'on', 'cached', 'off'" in result.output
+
+
+def test_the_guard_noise_control_times_the_same_plan_twice_under_two_names(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import guard_noise
+    monkeypatch.setenv("SPARK_SPARSE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)     # the script's, not the test process's
+    samples = guard_noise.main(["--model", "tiny_cnn", "--input-size", "64", "--batch-size", "2", "--rounds", "4",
+                                "--window", "2", "--threads", "1"])
+    assert set(samples) == {"tuned", "static", "static again", "masked"}
+    assert all(len(v) == 4 and all(ms > 0 for ms in v) for v in samples.values())
+    assert "same plan twice: 2-round medians up to" in capsys.readouterr().out

@@ -4,7 +4,18 @@ Per-layer timings miss what lies between the convs (norms, activations, residual
 gathers and scatters, tables shared by several layers) and what a small input does to all of it.
 So after choosing per layer, the guard times the encoder's forward+backward, on the run's batch,
 image size, mask ratio, dtype and memory format, three ways: the tuned plan, the ``sparse``
-backend's static rule (when it differs) and the ``masked`` backend, and the run uses the fastest.
+backend's static rule (when it differs) and the ``masked`` backend, and the run uses the fastest
+by a margin (:func:`choose_encoder`).
+
+Three things make the guard sturdy on a noisy machine. On a shared 2-core VM the same plan timed
+twice, interleaved, gives medians of 3 rounds several percent apart, more on small inputs
+(``benchmarks/guard_noise.py`` measures it: an A/A control). So the guard takes its own, larger
+number of rounds; the order
+of the variants rotates every round, so none is always timed first (after another model) or
+last; and a variant replaces a simpler one only when it is faster by more than ``margin``:
+``masked`` (SparK's own computation) stands unless beaten, the static rule stands unless the tuned
+plan beats it. A real gain smaller than the margin is given up; a loss hidden in the noise is not
+taken.
 
 ``masked`` is another representation (dense maps, not rows), so it cannot be a per-layer choice:
 the guard times a *twin* SparK built on ``masked``. SparK's parameter and buffer names do not
@@ -27,7 +38,10 @@ import torch.nn as nn
 from ..mask import ActiveMask
 from .timing import Measurement, Timer
 
-__all__ = ["EncoderVariant", "time_encoders", "left_as_it_was"]
+__all__ = ["EncoderVariant", "PREFERENCE", "choose_encoder", "time_encoders", "left_as_it_was"]
+
+#: simplest first: a later variant must beat the current choice by the margin to replace it
+PREFERENCE = ("masked", "static", "tuned")
 
 
 @contextmanager
@@ -58,7 +72,11 @@ class EncoderVariant:
 
 def time_encoders(variants: list[EncoderVariant], images: torch.Tensor, active: torch.Tensor,
                   amp_dtype: Optional[torch.dtype], timer: Timer, warmup: int, repeats: int) -> dict[str, float]:
-    """Median ms of each variant's encoder forward+backward, interleaved (A B C A B C ...) so drift cancels.
+    """Median ms of each variant's encoder forward+backward, interleaved so drift cancels.
+
+    Round ``r`` starts at variant ``r mod n`` (A B C, B C A, C A B, ...): no variant is always
+    timed first or last, so an order effect (caches, the allocator, the other model's memory)
+    lands on each in turn.
 
     The loss is a scalar of the active rows of every level (what densify reads). ``images``:
     ``(B, 3, H, W)``; ``active``: ``(B, 1, h, w)`` bool; a fresh mask per call builds its index
@@ -74,7 +92,8 @@ def time_encoders(variants: list[EncoderVariant], images: torch.Tensor, active: 
             stack.enter_context(left_as_it_was(model))
             model.train()
         for rep in range(warmup + max(1, repeats)):
-            for variant in variants:
+            start = rep % len(variants)
+            for variant in variants[start:] + variants[:start]:
                 variant.select()
                 variant.spark.zero_grad(set_to_none=True)
                 mask = ActiveMask(active, variant.spark.downsample_ratio)
@@ -90,3 +109,15 @@ def time_encoders(variants: list[EncoderVariant], images: torch.Tensor, active: 
                 else:
                     samples[variant.name].append(timer(run, Measurement("encoder", "", variant.name)))
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def choose_encoder(ms: dict[str, float], margin: float) -> str:
+    """The variant to run: in :data:`PREFERENCE` order, each replaces the choice so far only when faster
+    by more than ``margin`` (a fraction); ``masked`` is the starting choice. Exact ties keep masked.
+    """
+    order = [name for name in PREFERENCE if name in ms] + sorted(set(ms) - set(PREFERENCE))
+    choice = order[0]
+    for name in order[1:]:
+        if ms[name] < ms[choice] * (1.0 - margin):
+            choice = name
+    return choice

@@ -10,8 +10,9 @@ ratio, device and dtype:
    results go to the cache file (:mod:`.cache`) and are reused by later runs;
 3. each layer is pinned to its fastest kernel;
 4. the whole-encoder guard (:mod:`.guard`) times the tuned plan against the static rule and
-   against ``masked``, and the run uses the fastest; when that is ``masked`` the result carries a
-   SparK built on ``masked`` holding the same weights.
+   against ``masked`` (``guard_repeats`` rounds, order rotated) and the run uses the fastest, where a
+   variant must beat a simpler one by ``guard_margin`` (:func:`.guard.choose_encoder`); when that
+   is ``masked`` the result carries a SparK built on ``masked`` holding the same weights.
 
 Modes: ``on`` (use the cache for layers, measure what is missing; the guard is timed on every run),
 ``cached`` (the cache only: layers not in it keep the static rule and say so; the guard's last cached
@@ -45,7 +46,7 @@ from ..errors import ConfigError
 from ..kernels import NoKernelError
 from ..mask import ActiveMask
 from .cache import TuneCache, canonical, environment_key
-from .guard import EncoderVariant, time_encoders
+from .guard import EncoderVariant, choose_encoder, time_encoders
 from .layers import LayerShape, discover_layers, model_signature, time_kernel
 from .timing import Timer, WallClockTimer
 
@@ -64,7 +65,9 @@ class AutotuneOptions:
     """How to tune. ``cache_dir=None``: the user cache folder (see :func:`.cache.cache_dir`).
 
     A candidate whose first timed call takes more than ``give_up_factor`` times the best time so far
-    on its layer is not repeated (it cannot win).
+    on its layer is not repeated (it cannot win). The whole-encoder guard takes ``guard_repeats``
+    rounds and lets a variant replace a simpler one only when faster by more than ``guard_margin``
+    (see :mod:`.guard`).
     """
 
     mode: str = "on"
@@ -75,13 +78,17 @@ class AutotuneOptions:
     cache_dir: Optional[Path] = None
     seed: int = 0
     give_up_factor: float = 3.0
+    guard_repeats: int = 6
+    guard_margin: float = 0.03
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ConfigError(f"--autotune {self.mode!r}: choose one of {', '.join(MODES)}")
-        if self.budget_s < 0 or self.repeats < 1 or self.warmup < 0:
-            raise ConfigError(f"autotune budget ({self.budget_s} s), repeats ({self.repeats}) and warmup "
-                              f"({self.warmup}) must be >= 0, >= 1 and >= 0")
+        if self.budget_s < 0 or self.repeats < 1 or self.warmup < 0 or self.guard_repeats < 1:
+            raise ConfigError(f"autotune budget ({self.budget_s} s), repeats ({self.repeats}), guard repeats "
+                              f"({self.guard_repeats}) and warmup ({self.warmup}) must be >= 0, >= 1, >= 1 and >= 0")
+        if not 0.0 <= self.guard_margin < 1.0:
+            raise ConfigError(f"autotune guard margin {self.guard_margin} must be a fraction in [0, 1)")
 
 
 @dataclass
@@ -411,10 +418,9 @@ class _Tuner:
             print(f"[autotune] guard: timing the encoder ({', '.join(v.name for v in variants)}) at {self.shapes}",
                   file=sys.stderr, flush=True)
         ms = time_encoders(variants, images, active, self.amp_dtype, self.timer, self.options.warmup,
-                           self.options.repeats)
+                           self.options.guard_repeats)
         pin(encoder, device_type, dtype, tuned_decisions)
-        # on a tie masked wins: the tuned plan must be faster to be used
-        choice = min(ms, key=lambda name: (ms[name], name != "masked"))
+        choice = choose_encoder(ms, self.options.guard_margin)
         choice, ms = self.ranks.from_main((choice, ms))
         if cache is not None:
             cache.put_encoder(key, {"choice": choice, "ms": ms})
