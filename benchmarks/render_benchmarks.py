@@ -74,14 +74,31 @@ def _command(meta: dict) -> str:
     return shlex.join(argv)
 
 
+#: changes that cannot alter a measurement: earlier runs' results, the page and its template, tests
+NOT_MEASURED_CODE = ("benchmarks/results/", "BENCHMARKS.md", "benchmarks/BENCHMARKS.template.md", "tests/")
+
+
+def _tree_state(prov: dict) -> str:
+    """Clean, or which uncommitted changes could have touched the measured code (results written by
+    an earlier run of the same session, the page and tests cannot)."""
+    if not prov.get("git_dirty"):
+        return "clean tree"
+    changed = prov.get("git_changed_files")
+    if not changed:
+        return "with uncommitted changes"
+    code = [path for path in changed if not path.startswith(NOT_MEASURED_CODE)]
+    if not code:
+        return "uncommitted changes to results, the benchmarks page or tests only"
+    return "with uncommitted changes to " + ", ".join(code[:5]) + (", ..." if len(code) > 5 else "")
+
+
 def _provenance(meta: dict) -> str:
     prov = meta.get("provenance") or {}
     commit = prov.get("git_commit")
     if prov.get("transcribed"):
         where = f"transcribed: {prov['transcribed']}"
     elif commit:
-        state = "with uncommitted changes" if prov.get("git_dirty") else "clean tree"
-        where = f"measured at commit {commit[:10]} ({state}) on {prov.get('date', 'an unrecorded date')}"
+        where = f"measured at commit {commit[:10]} ({_tree_state(prov)}) on {prov.get('date', 'an unrecorded date')}"
     else:
         where = "commit not recorded (measured before results.json recorded its provenance)"
     machine = meta.get("machine", {})

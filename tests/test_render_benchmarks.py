@@ -42,6 +42,19 @@ def test_a_run_renders_its_command_provenance_and_table(tmp_path):
     assert "| resnet50 | sparse | 0.6 | fp32 | 267 | 800 | - | 10.0 | 2.00x | 500 | 1.0e-09 | 2.0e-06 | 5.0e-02 |" in text
 
 
+@pytest.mark.parametrize("changed, state", [
+    (None, "with uncommitted changes"),
+    (["benchmarks/results/cpu_a/results.json", "BENCHMARKS.md", "tests/test_x.py"],
+     "uncommitted changes to results, the benchmarks page or tests only"),
+    (["benchmarks/results/cpu_a/results.json", "spark_sparse/autotune/guard.py"],
+     "with uncommitted changes to spark_sparse/autotune/guard.py"),
+])
+def test_the_provenance_says_whether_uncommitted_changes_could_touch_the_measured_code(changed, state):
+    prov = {"git_commit": "0123456789abcdef", "git_dirty": True, "git_changed_files": changed}
+    assert rb._tree_state(prov) == state
+    assert rb._tree_state({**prov, "git_dirty": False}) == "clean tree"
+
+
 def test_figures_in_prose_come_from_the_records_and_judge_their_target(tmp_path):
     results = rb.load_results(_results(tmp_path, "cpu_x"))
     template = ("{{value cpu_x model=resnet50 variant=sparse mask=0.6 field=speedup_vs_masked suffix=x target=>=2.5}}; "
