@@ -274,12 +274,9 @@ HOPPER_BUILDS = [
 TILES = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, BLOCK_C=64, BLOCK_O=128, BLOCK_R=64)
 
 
-@pytest.mark.parametrize("program,dtype,constexprs", HOPPER_BUILDS,
-                         ids=[f"{p.strip('_')}-{d}" + ("-skip" if c.get("SKIP_EMPTY_TAPS") else "") +
-                              ("-tf32" if c.get("PRECISION") == "tf32" else "") for p, d, c in HOPPER_BUILDS])
-def test_program_compiles_for_hopper_without_a_gpu(program, dtype, constexprs):
-    """Triton compiles to an sm_90 (H100/H200) binary with its bundled ptxas, no GPU needed: a program
-    the interpreter accepts but the GPU compiler would refuse fails here, not on the lent GPU."""
+def _compile_for_hopper(program: str, dtype: str, constants: dict, num_warps: int = 4, num_stages: int = 3):
+    """Compile one program to an sm_90 binary with Triton's bundled ptxas (no GPU needed) and check
+    that it fits an H100's shared memory (what a launch on the GPU would refuse)."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed (pip install triton)")
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -303,11 +300,59 @@ def test_program_compiles_for_hopper_without_a_gpu(program, dtype, constexprs):
             signature[name] = "i32"
             if name in ("C", "O"):
                 aligned[(i,)] = [["tt.divisibility", 16]]
-    constants = {**{k: v for k, v in TILES.items() if k in fn.arg_names}, **constexprs}
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=aligned),
-                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
     assert compiled.asm.get("cubin"), "no sm_90 binary produced"
-    assert compiled.metadata.shared <= 227 * 1024, f"{compiled.metadata.shared} bytes of shared memory > H100's 227 KB"
+    assert compiled.metadata.shared <= H100_SHARED_BYTES, \
+        f"{compiled.metadata.shared} bytes of shared memory > H100's {H100_SHARED_BYTES}"
+
+
+H100_SHARED_BYTES = 227 * 1024
+
+
+@pytest.mark.parametrize("program,dtype,constexprs", HOPPER_BUILDS,
+                         ids=[f"{p.strip('_')}-{d}" + ("-skip" if c.get("SKIP_EMPTY_TAPS") else "") +
+                              ("-tf32" if c.get("PRECISION") == "tf32" else "") for p, d, c in HOPPER_BUILDS])
+def test_program_compiles_for_hopper_without_a_gpu(program, dtype, constexprs):
+    """A program the interpreter accepts but the GPU compiler would refuse fails here, not on the lent GPU."""
+    fn_args = _program_args(program)
+    _compile_for_hopper(program, dtype, {**{k: v for k, v in TILES.items() if k in fn_args}, **constexprs})
+
+
+def _program_args(program: str) -> list[str]:
+    from spark_sparse.kernels import _triton_kernels
+    return getattr(_triton_kernels, program).arg_names
+
+
+def _autotune_builds() -> list:
+    """Every configuration the autotuner may pick, per program: (program, dtype, constants, warps, stages).
+    fp32 holds the largest tiles in shared memory; the two tl.dot programs also in bf16 (other MMA path)."""
+    if importlib.util.find_spec("triton") is None:
+        return [pytest.param(None, id="no-triton", marks=pytest.mark.skip(reason="triton is not installed"))]
+    from spark_sparse.kernels import _triton_kernels as k
+    builds = []
+    for m, n, kk, warps, stages in k._GEMM_CONFIGS:
+        for dtype in ("fp32", "bf16"):
+            builds.append(("_gather_gemm_kernel", dtype, dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=kk, SKIP_EMPTY_TAPS=True,
+                                                            PRECISION="ieee", DOT_IN_FP32=False), warps, stages))
+    for c, o, r, warps, stages in k._WEIGHT_GRAD_CONFIGS:
+        for dtype in ("fp32", "bf16"):
+            builds.append(("_gather_gemm_weight_grad_kernel", dtype, dict(BLOCK_C=c, BLOCK_O=o, BLOCK_R=r,
+                                                                        PRECISION="ieee", DOT_IN_FP32=False), warps, stages))
+    for m, c, warps in k._DEPTHWISE_CONFIGS:
+        builds.append(("_depthwise_kernel", "fp32", dict(BLOCK_M=m, BLOCK_C=c), warps, 3))
+    for r, c, warps in k._DEPTHWISE_WEIGHT_GRAD_CONFIGS:
+        builds.append(("_depthwise_weight_grad_kernel", "fp32", dict(BLOCK_R=r, BLOCK_C=c), warps, 3))
+    return [pytest.param(b, id=f"{b[0].strip('_')}-{b[1]}-" + "x".join(str(v) for n, v in b[2].items()
+                                                                    if n.startswith("BLOCK")) + f"-w{b[3]}s{b[4]}")
+            for b in builds]
+
+
+@pytest.mark.parametrize("build", _autotune_builds())
+def test_every_autotune_config_compiles_for_hopper_and_fits_its_shared_memory(build):
+    """The autotuner tries each of these on the GPU; one that cannot compile or launch would fail there."""
+    program, dtype, constants, warps, stages = build
+    _compile_for_hopper(program, dtype, constants, warps, stages)
 
 
 # ------------------------------------------------------------------------------ declared capabilities
