@@ -10,7 +10,9 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,6 +36,21 @@ def provenance() -> dict:
             "git_changed_files": changed[:50] if changed else [],
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "python": platform.python_version(), "platform": platform.platform()}
+
+
+def write_reference(out: Path, script: str, argv, sections: list[dict], values: dict, **fields) -> Path:
+    """``out/reference.json`` of a diagnosis script (tables for ``render_benchmarks.py`` and the single
+    values its template quotes), with the command, ``fields`` (threads, seconds, ...), machine,
+    versions and provenance. ``argv=None``: the script ran from the command line."""
+    from compare_backends import machine_info, versions       # compare_backends imports this module
+
+    command = shlex.join([sys.executable] + (sys.argv if argv is None else [script, *argv]))
+    meta = {"command": command, **fields, "machine": machine_info(), "versions": versions(),
+            "provenance": provenance()}
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "reference.json"
+    path.write_text(json.dumps({"meta": meta, "sections": sections, "values": values}, indent=1))
+    return path
 
 
 def _fmt(value, digits=1):

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -46,7 +44,7 @@ import torch.nn as nn  # noqa: E402
 import spark_sparse as ss  # noqa: E402
 from _equivalence import _errors, _outputs  # noqa: E402
 from _measure import Workload  # noqa: E402
-from _report import provenance  # noqa: E402
+from _report import write_reference  # noqa: E402
 from _variants import Variant  # noqa: E402
 
 KINKS: dict[type, tuple[float, ...]] = {nn.ReLU: (0.0,), nn.ReLU6: (0.0, 6.0)}
@@ -61,6 +59,15 @@ def kink_side(x: torch.Tensor, kinks: tuple[float, ...]) -> torch.Tensor:
     return side
 
 
+def decoder_kinks(spark: nn.Module) -> dict[str, tuple[nn.Module, tuple[float, ...]]]:
+    """The decoder's piecewise-linear activations by name, with the inputs where their slope changes."""
+    kinks = {name: (module, KINKS[type(module)]) for name, module in spark.decoder.named_modules()
+             if type(module) in KINKS}
+    if not kinks:
+        raise ValueError("the decoder has no ReLU/ReLU6 module to check")
+    return kinks
+
+
 class DecoderKinks:
     """Records the decoder's activation inputs; optionally moves flipped elements to a reference's side.
 
@@ -70,11 +77,9 @@ class DecoderKinks:
     """
 
     def __init__(self, spark: nn.Module, align_to: Optional[dict[str, torch.Tensor]] = None):
-        self.align_to, self.inputs, self.flips = align_to, {}, 0
-        self.handles = [module.register_forward_pre_hook(self._hook(name, KINKS[type(module)]))
-                        for name, module in spark.decoder.named_modules() if type(module) in KINKS]
-        if not self.handles:
-            raise ValueError("the decoder has no ReLU/ReLU6 module to check")
+        self.align_to, self.inputs = align_to, {}
+        self.handles = [module.register_forward_pre_hook(self._hook(name, kinks))
+                        for name, (module, kinks) in decoder_kinks(spark).items()]
 
     def _hook(self, name: str, kinks: tuple[float, ...]):
         def hook(module, args):
@@ -84,7 +89,6 @@ class DecoderKinks:
             if self.align_to is not None:
                 want = self.align_to[name].to(x.dtype)
                 flipped = kink_side(x, kinks) != kink_side(want, kinks)
-                self.flips += int(flipped.sum())
                 x = x + torch.where(flipped, want - x, torch.zeros_like(x)).detach()
             self.inputs[name] = x.detach().clone()
             return (x, *args[1:])
@@ -96,18 +100,19 @@ class DecoderKinks:
 
 
 def count_flips(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], spark: nn.Module) -> int:
-    kinds = {name: KINKS[type(m)] for name, m in spark.decoder.named_modules() if type(m) in KINKS}
-    return sum(int((kink_side(got[n], kinds[n]) != kink_side(want[n].to(got[n].dtype), kinds[n])).sum()) for n in got)
+    """Elements of the recorded activation inputs ``got`` on another side of a kink than in ``want``."""
+    return sum(int((kink_side(got[name], kinks) != kink_side(want[name].to(got[name].dtype), kinks)).sum())
+               for name, (_, kinks) in decoder_kinks(spark).items())
 
 
-def run(spark, images, mask, align_to=None) -> tuple[dict, dict[str, torch.Tensor], int]:
-    """One forward+backward of SparK's loss (:func:`_equivalence._outputs`), with the decoder's kinks watched."""
+def run(spark, images, mask, align_to=None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """One forward+backward of SparK's loss (:func:`_equivalence._outputs`) and the decoder's activation inputs."""
     kinks = DecoderKinks(spark, align_to)
     try:
         out = _outputs(spark, images, mask, "cpu", "fp32")
     finally:
         kinks.remove()
-    return out, kinks.inputs, kinks.flips
+    return out, kinks.inputs
 
 
 def worst_grad(got: dict, ref: dict) -> tuple[float, str]:
@@ -118,10 +123,10 @@ def worst_grad(got: dict, ref: dict) -> tuple[float, str]:
 
 
 def compare_one(label: str, spark, images, mask_for, ref: dict, ref_inputs: dict) -> list:
-    got, inputs, _ = run(spark, images, mask_for())
+    got, inputs = run(spark, images, mask_for())
     flips = count_flips(inputs, ref_inputs, spark)
     before, where = worst_grad(got, ref)
-    aligned, _, _ = run(spark, images, mask_for(), align_to=ref_inputs)
+    aligned, _ = run(spark, images, mask_for(), align_to=ref_inputs)
     after, where_after = worst_grad(aligned, ref)
     return [label, flips, f"{before:.1e}", where, f"{after:.1e}", where_after]
 
@@ -130,8 +135,8 @@ def measure(model: str, seed: int, backends: list[str], args) -> list[list]:
     ref = Workload(Variant("masked"), model, args.input_size, args.mask, args.batch_size, "fp32", "cpu", seed=seed)
     state = ref.spark.state_dict()
     exact = copy.deepcopy(ref.spark).double()
-    ref_out, ref_inputs, _ = run(ref.spark, ref.images, ref.fresh_mask())
-    exact_out, exact_inputs, _ = run(exact, ref.images.double(), ref.fresh_mask())
+    ref_out, ref_inputs = run(ref.spark, ref.images, ref.fresh_mask())
+    exact_out, exact_inputs = run(exact, ref.images.double(), ref.fresh_mask())
     rows = [[model, seed, *compare_one(FP32_FLOOR, ref.spark, ref.images, ref.fresh_mask, exact_out, exact_inputs)]]
     del exact
     for backend in backends:
@@ -164,8 +169,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> Path:
-    from compare_backends import machine_info, versions
-
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.time()
@@ -179,12 +182,8 @@ def main(argv=None) -> Path:
         ours = [row for row in rows if row[0] == model]
         values[f"max_{model}_rel_err"] = max(float(row[4]) for row in ours)
         values[f"max_{model}_aligned_rel_err"] = max(float(row[6]) for row in ours)
-    meta = {"command": shlex.join([sys.executable] + (sys.argv if argv is None else [__file__, *argv])),
-            "threads": args.threads, "seconds": round(time.time() - started, 1),
-            "machine": machine_info(), "versions": versions(), "provenance": provenance()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "reference.json"
-    path.write_text(json.dumps({"meta": meta, "sections": [section], "values": {"kinks": values}}, indent=1))
+    path = write_reference(args.out, __file__, argv, [section], {"kinks": values}, threads=args.threads,
+                           seconds=round(time.time() - started, 1))
     print(f"[kinks] wrote {path}")
     return path
 

@@ -21,8 +21,6 @@ template quotes). CPU only.
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import statistics
 import sys
 import time
@@ -38,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 import spark_sparse as ss  # noqa: E402
 from spark_sparse.backends.rows import SparseConv2d  # noqa: E402
 from spark_sparse.kernels._rowmatmul import rows_times_weight  # noqa: E402
-from _report import provenance  # noqa: E402
+from _report import write_reference  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -156,8 +154,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> Path:
-    from compare_backends import machine_info, versions
-
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.time()
@@ -166,12 +162,8 @@ def main(argv=None) -> Path:
         section, values[name] = SECTIONS[name](args)
         sections.append(section)
         print(f"[reference] {name} done ({time.time() - started:.0f} s)", flush=True)
-    meta = {"command": shlex.join([sys.executable] + (sys.argv if argv is None else [__file__, *argv])),
-            "threads": args.threads, "repeats": args.repeats, "seconds": round(time.time() - started, 1),
-            "machine": machine_info(), "versions": versions(), "provenance": provenance()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "reference.json"
-    path.write_text(json.dumps({"meta": meta, "sections": sections, "values": values}, indent=1))
+    path = write_reference(args.out, __file__, argv, sections, values, threads=args.threads, repeats=args.repeats,
+                           seconds=round(time.time() - started, 1))
     print(f"[reference] wrote {path}")
     return path
 

@@ -25,14 +25,14 @@ def _last_kinked(spark) -> nn.Module:
 
 def test_the_same_model_twice_has_no_flips_and_no_error():
     work = _workload()
-    ref, inputs, _ = kink_flips.run(work.spark, work.images, work.fresh_mask())
+    ref, inputs = kink_flips.run(work.spark, work.images, work.fresh_mask())
     row = kink_flips.compare_one("again", work.spark, work.images, work.fresh_mask, ref, inputs)
     assert row[1] == 0 and float(row[2]) == 0.0 and float(row[4]) == 0.0
 
 
 def test_a_planted_flip_is_counted_and_aligning_it_removes_its_error():
     work = _workload()
-    ref, inputs, _ = kink_flips.run(work.spark, work.images, work.fresh_mask())
+    ref, inputs = kink_flips.run(work.spark, work.images, work.fresh_mask())
     last = _last_kinked(work.spark)
     name = next(n for n, m in work.spark.decoder.named_modules() if m is last)
     x = inputs[name]

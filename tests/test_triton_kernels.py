@@ -274,9 +274,14 @@ HOPPER_BUILDS = [
 TILES = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, BLOCK_C=64, BLOCK_O=128, BLOCK_R=64)
 
 
-def _compile_for_hopper(program: str, dtype: str, constants: dict, num_warps: int = 4, num_stages: int = 3):
+H100_SHARED_BYTES = 227 * 1024
+
+
+def _compile_for_hopper(program: str, dtype: str, constants: dict, num_warps: int = 4, num_stages: int = 3,
+                        tiles: dict | None = None):
     """Compile one program to an sm_90 binary with Triton's bundled ptxas (no GPU needed) and check
-    that it fits an H100's shared memory (what a launch on the GPU would refuse)."""
+    that it fits an H100's shared memory (what a launch on the GPU would refuse). ``tiles``: block
+    sizes offered to every program, each taking those it has."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed (pip install triton)")
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -300,6 +305,7 @@ def _compile_for_hopper(program: str, dtype: str, constants: dict, num_warps: in
             signature[name] = "i32"
             if name in ("C", "O"):
                 aligned[(i,)] = [["tt.divisibility", 16]]
+    constants = {**{k: v for k, v in (tiles or {}).items() if k in fn.arg_names}, **constants}
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=aligned),
                               target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
     assert compiled.asm.get("cubin"), "no sm_90 binary produced"
@@ -307,21 +313,13 @@ def _compile_for_hopper(program: str, dtype: str, constants: dict, num_warps: in
         f"{compiled.metadata.shared} bytes of shared memory > H100's {H100_SHARED_BYTES}"
 
 
-H100_SHARED_BYTES = 227 * 1024
-
 
 @pytest.mark.parametrize("program,dtype,constexprs", HOPPER_BUILDS,
                          ids=[f"{p.strip('_')}-{d}" + ("-skip" if c.get("SKIP_EMPTY_TAPS") else "") +
                               ("-tf32" if c.get("PRECISION") == "tf32" else "") for p, d, c in HOPPER_BUILDS])
 def test_program_compiles_for_hopper_without_a_gpu(program, dtype, constexprs):
     """A program the interpreter accepts but the GPU compiler would refuse fails here, not on the lent GPU."""
-    fn_args = _program_args(program)
-    _compile_for_hopper(program, dtype, {**{k: v for k, v in TILES.items() if k in fn_args}, **constexprs})
-
-
-def _program_args(program: str) -> list[str]:
-    from spark_sparse.kernels import _triton_kernels
-    return getattr(_triton_kernels, program).arg_names
+    _compile_for_hopper(program, dtype, constexprs, tiles=TILES)
 
 
 def _autotune_builds() -> list:

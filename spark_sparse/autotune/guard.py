@@ -10,12 +10,11 @@ by a margin (:func:`choose_encoder`).
 Three things make the guard sturdy on a noisy machine. On a shared 2-core VM the same plan timed
 twice, interleaved, gives medians of 3 rounds several percent apart, more on small inputs
 (``benchmarks/guard_noise.py`` measures it: an A/A control). So the guard takes its own, larger
-number of rounds; the order
-of the variants rotates every round, so none is always timed first (after another model) or
-last; and a variant replaces a simpler one only when it is faster by more than ``margin``:
-``masked`` (SparK's own computation) stands unless beaten, the static rule stands unless the tuned
-plan beats it. A real gain smaller than the margin is given up; a loss hidden in the noise is not
-taken.
+number of rounds; the order of the variants rotates every round, so none is always timed first
+(after another model) or last; and a variant replaces a simpler one only when it is faster by
+more than ``margin``: ``masked`` (SparK's own computation) stands unless beaten, the static rule
+stands unless the tuned plan beats it. A real gain smaller than the margin is given up; a loss
+hidden in the noise is not taken.
 
 ``masked`` is another representation (dense maps, not rows), so it cannot be a per-layer choice:
 the guard times a *twin* SparK built on ``masked``. SparK's parameter and buffer names do not
@@ -115,7 +114,7 @@ def choose_encoder(ms: dict[str, float], margin: float) -> str:
     """The variant to run: in :data:`PREFERENCE` order, each replaces the choice so far only when faster
     by more than ``margin`` (a fraction); ``masked`` is the starting choice. Exact ties keep masked.
     """
-    order = [name for name in PREFERENCE if name in ms] + sorted(set(ms) - set(PREFERENCE))
+    order = [name for name in PREFERENCE if name in ms]
     choice = order[0]
     for name in order[1:]:
         if ms[name] < ms[choice] * (1.0 - margin):
