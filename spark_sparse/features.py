@@ -9,18 +9,39 @@ consult global state. Two representations exist:
 - :class:`SparseRows`: the true sparse form, a ``[N, C]`` matrix whose rows are the active sites of
   ``mask.coords_at(stride)`` (the sparse backends).
 
-Both support ``+`` (residual adds) and :meth:`per_site` (any function of each site's channel vector:
-activations, Linear layers, layer-scale), so a block written once runs on every backend.
+Both support ``+`` (residual adds; the number 0 too, which sums start from), :meth:`per_site` (any function of each site's channel vector:
+activations, Linear layers, layer-scale) and the channel bookkeeping of concatenating nets
+(``torch.cat`` / ``torch.split`` / ``torch.chunk`` / ``.split`` / ``.chunk`` along ``dim=1``: CSPNet,
+DenseNet, VoVNet, Res2Net), so a block written once runs on every backend. Channels are dimension 1
+of both layouts (``[B, C, H, W]`` and ``[N, C]``), and every part of a split, like every input of a
+concatenation, has the same active sites, so these are exact on both.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from .errors import SparkSparseError
 from .mask import ActiveMask
 
-__all__ = ["FeatureMap", "MaskedDense", "SparseRows", "sample_drop_path_keep"]
+__all__ = ["FeatureMap", "MaskedDense", "SparseRows", "UnsupportedFeatureOperation", "sample_drop_path_keep"]
+
+
+class UnsupportedFeatureOperation(SparkSparseError, TypeError):
+    """A model's forward asked a feature map for an operation without an exact meaning on active sites
+    (a torch function other than channel cat/split/chunk, or one of those along another dimension)."""
+
+#: the channel dimension in the NCHW spelling a model's own code uses (``dim=1`` or ``dim=-3``)
+_CHANNEL_DIMS = (1, -3)
+
+
+def _channel_dim(dim: int, operation: str) -> int:
+    """1, the channel dimension of both layouts, or an error: other dimensions mix sites or images."""
+    if dim not in _CHANNEL_DIMS:
+        raise UnsupportedFeatureOperation(f"{operation} of SparK feature maps works along channels only (dim=1), got dim={dim}: "
+                         f"other dimensions would mix images or sites, which have no meaning on active sites")
+    return 1
 
 
 def sample_drop_path_keep(batch_size: int, drop_prob: float, scale_by_keep: bool,
@@ -35,6 +56,11 @@ def sample_drop_path_keep(batch_size: int, drop_prob: float, scale_by_keep: bool
     if keep > 0.0 and scale_by_keep:
         factors.div_(keep)
     return factors.view(batch_size)
+
+
+def _is_zero_scalar(value: object) -> bool:
+    """The Python number 0 (not a tensor, not a bool): the one scalar that adds nothing at any site."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
 
 
 class FeatureMap:
@@ -74,18 +100,69 @@ class FeatureMap:
         """``(B, C, H, W)`` with exact zeros at masked sites."""
         raise NotImplementedError
 
-    def _check_same_sites(self, other: "FeatureMap") -> None:
+    def _check_same_sites(self, other: "FeatureMap", operation: str = "add") -> None:
         if not isinstance(other, type(self)) or other.mask is not self.mask or other.stride != self.stride:
             raise ValueError(
-                f"cannot add feature maps of different kinds, masks or strides "
-                f"({type(self).__name__} stride {self.stride} + {type(other).__name__} stride {getattr(other, 'stride', '?')})"
+                f"cannot {operation} feature maps of different kinds, masks or strides "
+                f"({type(self).__name__} stride {self.stride}, {type(other).__name__} stride {getattr(other, 'stride', '?')})"
             )
 
-    def __add__(self, other: "FeatureMap") -> "FeatureMap":
+    def __add__(self, other: Union["FeatureMap", int, float]) -> "FeatureMap":
+        if _is_zero_scalar(other):      # sums started from 0 (MobileOne's branches): exact, sites unchanged
+            return self
         self._check_same_sites(other)
         return self.with_data(self.data + other.data)
 
-    __iadd__ = __add__
+    __iadd__ = __radd__ = __add__
+
+    # ------------------------------------------------------------------ channel bookkeeping
+    def split(self, split_size_or_sections: Union[int, Sequence[int]], dim: int = 0) -> tuple["FeatureMap", ...]:
+        """Channel groups of the same sites, as ``Tensor.split`` (CSPNet's and Res2Net's blocks).
+
+        ``dim`` defaults to 0 as in torch, which is an error here: a model splitting a batch is not
+        splitting channels, and must not be answered as if it were."""
+        parts = self.data.split(split_size_or_sections, dim=_channel_dim(dim, "split"))
+        return tuple(self.with_data(part) for part in parts)
+
+    def chunk(self, chunks: int, dim: int = 0) -> tuple["FeatureMap", ...]:
+        """``chunks`` channel groups of the same sites, as ``Tensor.chunk``."""
+        return tuple(self.with_data(part) for part in self.data.chunk(chunks, dim=_channel_dim(dim, "chunk")))
+
+    def contiguous(self) -> "FeatureMap":
+        """Itself: a model's ``.contiguous()`` is about memory layout, which each backend manages."""
+        return self
+
+    @classmethod
+    def concat_channels(cls, maps: Sequence["FeatureMap"], dim: int = 1) -> "FeatureMap":
+        """Maps of the same sites (same kind, mask and stride), their channels concatenated in order."""
+        _channel_dim(dim, "concatenation")
+        maps = list(maps)
+        if not maps or not all(isinstance(m, FeatureMap) for m in maps):
+            kinds = ", ".join(type(m).__name__ for m in maps) or "nothing"
+            raise UnsupportedFeatureOperation(f"torch.cat of SparK feature maps takes feature maps only, got: {kinds}")
+        for other in maps[1:]:
+            maps[0]._check_same_sites(other, "concatenate")
+        return maps[0].with_data(torch.cat([m.data for m in maps], dim=1))
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        """``torch.cat`` / ``torch.concat`` / ``torch.split`` / ``torch.chunk`` on feature maps, along
+        channels; any other torch function is an error (a model's forward must not see raw tensors of a
+        layout that differs per backend)."""
+        kwargs = dict(kwargs or {})
+        if func in (torch.cat, torch.concat):
+            maps = args[0] if args else kwargs.pop("tensors")
+            dim = args[1] if len(args) > 1 else kwargs.pop("dim", 0)       # torch's default, 0: an error here
+            return cls.concat_channels(maps, dim)
+        if func in (torch.split, torch.Tensor.split):
+            return args[0].split(*args[1:], **kwargs)
+        if func in (torch.chunk, torch.Tensor.chunk):
+            return args[0].chunk(*args[1:], **kwargs)
+        name = getattr(func, "__name__", repr(func))
+        raise UnsupportedFeatureOperation(
+            f"torch.{name} is not defined on SparK feature maps: a block's forward may call its children, add, "
+            f"and cat/split/chunk along channels; write a converter for a module that needs more "
+            f"(@spark_sparse.register_converter), or build the model without the option that calls it")
 
 
 class MaskedDense(FeatureMap):

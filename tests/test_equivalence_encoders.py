@@ -24,16 +24,29 @@ ENCODERS = {
     "mobilenetv3_large_100": (64, 2, {}),
     "convnextv2_tiny": (64, 2, dict(depths=(1, 1, 1, 1))),
     "resnetv2_50x1_bit": (64, 2, {}),
+    # channel split / concatenation and ByobNet's blocks: full timm models at 64 px
+    "cspresnet50": (64, 2, {}),
+    "cspdarknet53": (64, 2, {}),
+    "gernet_m": (64, 2, {}),
+    "repvgg_a2": (64, 2, {}),
+    "regnetz_c16": (64, 2, {}),
+    "resnet33ts": (64, 2, {}),
+    "densenet121": (64, 2, {}),
+    "ese_vovnet39b": (64, 2, {}),
+    "res2net50_26w_4s": (64, 2, {}),
 }
-#: drop path on, so the per-image DropPath draws are checked too (seeded alike on both backends)
+#: drop path on, so the per-image DropPath draws are checked too (seeded alike on both backends),
+#: except for the nets that have none
 DROP_PATH = 0.1
+WITHOUT_DROP_PATH = {"densenet121"}
 DECODER_WIDTH = 64
 ATOL = 1e-10
 
 
 def _spark(model: str, backend: str) -> ss.SparK:
     size, _, kwargs = ENCODERS[model]
-    return ss.create_spark(model, backend=backend, input_size=size, drop_path_rate=DROP_PATH,
+    drop_path = 0.0 if model in WITHOUT_DROP_PATH else DROP_PATH
+    return ss.create_spark(model, backend=backend, input_size=size, drop_path_rate=drop_path,
                            decoder_width=DECODER_WIDTH, **kwargs).double()
 
 
@@ -60,6 +73,10 @@ def _reference(model: str) -> tuple[dict, dict]:
     spark = _spark(model, "masked")
     state = {k: v.clone() for k, v in spark.state_dict().items()}
     return _run(spark, model), state
+
+
+def test_every_model_listed_as_tested_is_checked_here():
+    assert set(ss.list_models(tested_only=True)) == set(ENCODERS)
 
 
 @pytest.mark.parametrize("backend", sparse_backend_params())

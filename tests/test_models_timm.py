@@ -15,13 +15,15 @@ from spark_sparse.models.timm_encoders import UnsuitableModelError
 from apptools import make_image_folder
 from equivalence import sparse_backend_params
 
-ISSUE_14_MODELS = ["resnet50d", "seresnet50", "resnext50_32x4d", "regnety_016", "efficientnet_b0",
-                   "mobilenetv3_large_100", "convnextv2_tiny", "resnetv2_50x1_bit"]
-
-#: SparK-style defaults per family: (drop path, densify norm)
+#: SparK-style defaults per family member: (drop path, densify norm)
 DEFAULTS = {"resnet50d": (0.05, "bn"), "seresnet50": (0.05, "bn"), "resnext50_32x4d": (0.05, "bn"),
             "regnety_016": (0.0, "bn"), "efficientnet_b0": (0.0, "bn"), "mobilenetv3_large_100": (0.0, "bn"),
-            "convnextv2_tiny": (0.1, "ln"), "resnetv2_50x1_bit": (0.05, "bn")}
+            "convnextv2_tiny": (0.1, "ln"), "resnetv2_50x1_bit": (0.05, "bn"),
+            # channel split / concatenation (CSPNet, DenseNet, VoVNet, Res2Net) and ByobNet's blocks
+            "cspresnet50": (0.05, "bn"), "cspdarknet53": (0.05, "bn"), "gernet_m": (0.0, "bn"),
+            "repvgg_a2": (0.0, "bn"), "regnetz_c16": (0.0, "bn"), "resnet33ts": (0.05, "bn"),
+            "densenet121": (0.0, "bn"), "ese_vovnet39b": (0.0, "bn"), "res2net50_26w_4s": (0.0, "bn")}
+FAMILY_MODELS = list(DEFAULTS)
 
 
 def assert_exports_to_timm(spark: ss.SparK, name: str) -> None:
@@ -41,13 +43,13 @@ def assert_exports_to_timm(spark: ss.SparK, name: str) -> None:
         torch.testing.assert_close(a, b, atol=1e-9 * max(1.0, float(b.abs().max())), rtol=1e-9)
 
 
-def test_every_issue_14_model_is_listed_as_tested_and_the_old_signature_works():
-    assert set(ISSUE_14_MODELS) <= set(ss.list_models(tested_only=True))
+def test_every_family_model_is_listed_as_tested_and_the_old_signature_works():
+    assert set(FAMILY_MODELS) <= set(ss.list_models(tested_only=True))
     assert set(ss.list_models(tested_only=True)) <= set(ss.list_models()) == set(ss.list_models(tested_only=False))
     assert "tiny_cnn" in ss.list_models() and "tiny_cnn" not in ss.list_models(tested_only=True)
 
 
-@pytest.mark.parametrize("name", ISSUE_14_MODELS)
+@pytest.mark.parametrize("name", FAMILY_MODELS)
 def test_model_has_sparks_defaults_trains_on_the_sparse_backend_and_exports_strictly_to_timm(name):
     torch.manual_seed(0)
     spark = ss.create_spark(name, backend="sparse", input_size=64)
@@ -71,8 +73,9 @@ def test_heads_are_left_out_of_the_hierarchy_and_frozen():
     assert not any(p.requires_grad for p in spark.encoder.model.conv_head.parameters())
 
 
-def test_any_timm_cnn_with_supported_layers_works_by_its_timm_name():
-    name = "mobilenetv3_small_050"                      # registered nowhere: served by the timm fallback
+@pytest.mark.parametrize("name", ["mobilenetv3_small_050", "mobileone_s0"])
+def test_any_timm_cnn_with_supported_layers_works_by_its_timm_name(name):
+    """Registered nowhere, served by the timm fallback: MobileOne runs on ByobNet's registered blocks."""
     assert name not in ss.list_models()
     assert ss.models.model_default_drop_path(name) == 0.0
     torch.manual_seed(0)
@@ -84,12 +87,25 @@ def test_any_timm_cnn_with_supported_layers_works_by_its_timm_name():
 @pytest.mark.parametrize("name,error,match", [
     ("mixnet_s", ss.UnsupportedModuleError, r"'model\.blocks\.1\.0\.conv_pw' of type .*MixedConv2d"),
     ("tf_efficientnet_b0", ss.UnsupportedModuleError, r"'model\.conv_stem' of type .*Conv2dSame.*subclasses"),
-    ("densenet121", ss.UnsupportedModuleError, r"'model' of type .*DenseNet"),
+    ("dla34", ss.UnsupportedModuleError, r"'model' of type .*DLA"),
+    ("gcresnet33ts", ss.UnsupportedModuleError, r"'model\.stages\.0\.0\.attn' of type .*GlobalContext"),
     ("vit_tiny_patch16_224", UnsuitableModelError, r"no feature map at stride\(s\) \[4, 8, 32\]"),
 ])
 def test_an_unsupported_timm_model_fails_at_creation_naming_the_module(name, error, match):
     with pytest.raises(error, match=match):
         ss.create_spark(name, backend="sparse", input_size=64)
+
+
+def test_a_drop_path_for_a_net_without_one_is_refused_at_creation():
+    with pytest.raises(UnsuitableModelError, match=r"'densenet121' has no drop path .* --dp 0"):
+        ss.create_spark("densenet121", backend="sparse", input_size=64, drop_path_rate=0.1)
+
+
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+def test_dropout_inside_densenet_layers_is_refused_on_the_first_training_forward(backend):
+    spark = ss.create_spark("densenet121", backend=backend, input_size=64, proj_drop_rate=0.2)
+    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"torch\.dropout is not defined on SparK feature maps"):
+        spark(torch.randn(2, 3, 64, 64))
 
 
 def test_an_unknown_name_mentions_timm_names():
@@ -98,10 +114,10 @@ def test_an_unknown_name_mentions_timm_names():
 
 
 def _cli_runs() -> list:
-    """Every issue-14 model on ``sparse``, and one model with SE, hard-swish and depthwise convs on every
+    """Every family model on ``sparse``, and one model with SE, hard-swish and depthwise convs on every
     other backend (each skipped with its reason where unavailable); the fp64 equivalence of every model on
     every backend is in tests/test_equivalence_encoders.py."""
-    runs = [pytest.param(name, "sparse", id=f"{name}-sparse") for name in ISSUE_14_MODELS]
+    runs = [pytest.param(name, "sparse", id=f"{name}-sparse") for name in FAMILY_MODELS]
     runs += [pytest.param("mobilenetv3_large_100", "masked", id="mobilenetv3_large_100-masked")]
     runs += [pytest.param("mobilenetv3_large_100", param.values[0], marks=param.marks,
                           id=f"mobilenetv3_large_100-{param.values[0]}")
@@ -110,7 +126,7 @@ def _cli_runs() -> list:
 
 
 @pytest.mark.parametrize("name,backend", _cli_runs())
-def test_spark_pretrain_runs_an_issue_14_model(name, backend, tmp_path):
+def test_spark_pretrain_runs_a_family_model(name, backend, tmp_path):
     from spark_sparse import cli
 
     data = make_image_folder(tmp_path / "data", count=4)

@@ -3,8 +3,9 @@
 A backend converts a dense encoder module tree in place: each leaf module with its own compute is
 replaced by a module that consumes and returns :class:`~spark_sparse.features.FeatureMap` objects
 (the replacement keeps the original parameter names, so state dicts stay timm's). Composite modules
-whose ``forward`` only calls their children and adds results (``nn.Sequential``, timm's
-``Bottleneck``, ...) are kept as they are and recursed into. A module type that is neither known
+(``nn.Sequential``, timm's ``Bottleneck``, ...) whose ``forward`` only calls their children, adds
+results and concatenates or splits channels (``torch.cat`` / ``split`` / ``chunk`` along ``dim=1``)
+are kept as they are and recursed into. A module type that is neither known
 to the backend nor a known container is an error naming the module, never silently dense.
 
 Conversion is exact or refuses: a converter applies to exactly the module types it was registered
@@ -58,7 +59,7 @@ def register_converter(*module_types: type) -> Callable[[Converter], Converter]:
 
 
 def register_container(cls: type) -> type:
-    """Declare that ``cls.forward`` only composes its children and ``+``.
+    """Declare that ``cls.forward`` only composes its children, ``+`` and channel ``torch.cat`` / ``split``.
 
     Such modules run unchanged on every backend (their children are converted). Use it as a class
     decorator for the blocks of a custom encoder.
@@ -138,9 +139,10 @@ class Backend:
                 f"write a converter for it.")
         raise UnsupportedModuleError(
             f"backend {self.name!r} cannot make module {qualified!r} of type {kind} sparse: it is neither a "
-            f"layer the backend knows nor a registered container. If its forward only calls its children and "
-            f"adds their outputs, decorate its class with @spark_sparse.register_container; otherwise "
-            f"replace it by supported layers or register a converter (@spark_sparse.register_converter)."
+            f"layer the backend knows nor a registered container. If its forward only calls its children, "
+            f"adds their outputs and concatenates or splits channels (dim=1), decorate its class with "
+            f"@spark_sparse.register_container; otherwise replace it by supported layers or register a "
+            f"converter (@spark_sparse.register_converter)."
         )
 
     def adapt_per_site_module(self, module: nn.Module) -> nn.Module:

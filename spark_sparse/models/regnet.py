@@ -10,7 +10,6 @@ BatchNorm.
 """
 from __future__ import annotations
 
-from timm.layers import ConvNormAct
 from timm.models.regnet import Bottleneck, PreBottleneck, RegNet, RegStage
 
 from ..backends import register_container
@@ -18,7 +17,7 @@ from .timm_encoders import register_timm_encoder
 
 __all__ = []
 
-for _composite in (RegNet, RegStage, Bottleneck, PreBottleneck, ConvNormAct):
+for _composite in (RegNet, RegStage, Bottleneck, PreBottleneck):
     register_container(_composite)
 
 register_timm_encoder("regnety_016", 0.0, densify_norm="bn", tested=True)

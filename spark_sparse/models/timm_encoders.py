@@ -24,7 +24,9 @@ from typing import Optional
 import timm
 import torch
 import torch.nn as nn
+from timm.layers import ConvNormAct
 
+from ..backends import register_container
 from ..backends.pools import fold_zero_pad_into_max_pool
 from ..errors import SparkSparseError
 from .registry import register_model, register_model_fallback
@@ -34,9 +36,13 @@ __all__ = ["TimmEncoder", "register_timm_encoder", "hierarchical_feature_indices
 #: reductions of SparK's hierarchical features, finest first (the coarsest is the patch size)
 REDUCTIONS = (4, 8, 16, 32)
 
+# timm's conv -> norm+act (-> anti-aliasing slot, which must be Identity) block, in many families
+register_container(ConvNormAct)
+
 
 class UnsuitableModelError(SparkSparseError, ValueError):
-    """A timm model that cannot be a SparK encoder (no features at strides 4..32, no forward_intermediates)."""
+    """A timm model that cannot be a SparK encoder (no features at strides 4..32, no forward_intermediates)
+    or not with the options asked for (a drop path it does not have)."""
 
 
 def hierarchical_feature_indices(model: nn.Module, name: str) -> list[int]:
@@ -64,7 +70,13 @@ class TimmEncoder(nn.Module):
         self.timm_name = timm_name
         if drop_path_rate:          # only then: some CNNs (VGG, ...) take no drop_path_rate argument
             kwargs["drop_path_rate"] = drop_path_rate
-        self.model = timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)
+        try:
+            self.model = timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)
+        except TypeError as error:
+            if "drop_path_rate" not in kwargs or "drop_path_rate" not in str(error):
+                raise
+            raise UnsuitableModelError(f"timm model {timm_name!r} has no drop path (its constructor takes no "
+                                       f"drop_path_rate): pre-train it with --dp 0") from error
         fold_zero_pad_into_max_pool(self.model)      # BiT's padded stem pool, as one convertible layer
         self.feature_indices = hierarchical_feature_indices(self.model, timm_name)
         self.densify_norm = densify_norm or _guess_densify_norm(self.model)

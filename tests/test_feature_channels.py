@@ -1,0 +1,97 @@
+"""Channel bookkeeping on feature maps: torch.cat / split / chunk along channels, and sums started at 0.
+
+Concatenating nets (CSPNet, DenseNet, VoVNet, Res2Net) call these in their own forward code; the
+whole encoders are compared with ``masked`` in tests/test_equivalence_encoders.py.
+"""
+import pytest
+import torch
+
+import spark_sparse as ss
+from spark_sparse import ActiveMask, MaskedDense, SparseRows
+
+CHANNELS = (3, 5)
+
+
+@pytest.fixture
+def mask() -> ActiveMask:
+    return ActiveMask.random(2, (2, 3), 0.5, downsample_ratio=4, generator=torch.Generator().manual_seed(0))
+
+
+def _maps(kind: type, mask: ActiveMask) -> list:
+    """Two feature maps of ``kind`` at stride 2 (3 and 5 channels), from the same dense values."""
+    site = mask.dense_at(2)
+    dense = [torch.randn(2, c, *site.shape[2:], generator=torch.Generator().manual_seed(c)) * site for c in CHANNELS]
+    if kind is MaskedDense:
+        return [MaskedDense(d, mask, 2) for d in dense]
+    b, y, x = mask.coords_at(2).unbind(1)
+    return [SparseRows(d.permute(0, 2, 3, 1)[b, y, x], mask, 2) for d in dense]
+
+
+@pytest.mark.parametrize("kind", [MaskedDense, SparseRows])
+@pytest.mark.parametrize("dim", [1, -3])
+def test_cat_then_split_and_chunk_give_the_channel_groups_back_at_the_same_sites(kind, dim, mask):
+    a, b = _maps(kind, mask)
+    joined = torch.cat([a, b], dim)
+    assert isinstance(joined, kind) and joined.stride == 2 and joined.mask is mask and joined.channels == 8
+    torch.testing.assert_close(joined.to_dense(), torch.cat([a.to_dense(), b.to_dense()], 1), rtol=0, atol=0)
+    assert torch.equal(torch.concat([a, b], dim=dim).data, joined.data)
+    assert torch.equal(torch.cat(tensors=[a, b], dim=dim).data, joined.data)
+    for parts in (joined.split(list(CHANNELS), dim=dim), torch.split(joined, list(CHANNELS), dim),
+                  joined.split(4, dim)[:1] + (joined.split([4, 4], dim)[1],)):
+        assert torch.equal(torch.cat([p.to_dense() for p in parts], 1), joined.to_dense())
+    first, second = joined.split(list(CHANNELS), dim=dim)
+    assert torch.equal(first.data, a.data) and torch.equal(second.data, b.data)
+    halves = torch.chunk(joined, 2, dim)
+    assert [h.channels for h in halves] == [4, 4] == [h.channels for h in joined.chunk(2, dim=dim)]
+
+
+def test_both_representations_agree_on_every_channel_operation(mask):
+    dense, rows = _maps(MaskedDense, mask), _maps(SparseRows, mask)
+    for joined_dense, joined_rows in ((torch.cat(dense, 1), torch.cat(rows, 1)),
+                                      (torch.cat(dense, 1).split(2, 1)[1], torch.cat(rows, 1).split(2, 1)[1])):
+        assert torch.equal(joined_dense.to_dense(), joined_rows.to_dense())
+        site = mask.dense_at(2).expand_as(joined_dense.to_dense())
+        assert torch.all(joined_dense.to_dense()[~site] == 0)
+
+
+@pytest.mark.parametrize("call", [
+    lambda a, b: torch.cat([a, b]),                     # torch's default dim 0: the batch
+    lambda a, b: torch.cat([a, b], 2),
+    lambda a, b: a.split(1),
+    lambda a, b: torch.split(a, 1, -1),
+    lambda a, b: a.chunk(2),
+])
+@pytest.mark.parametrize("kind", [MaskedDense, SparseRows])
+def test_any_dimension_but_channels_is_refused(kind, call, mask):
+    a, b = _maps(kind, mask)
+    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"along channels only \(dim=1\)"):
+        call(a, b)
+
+
+@pytest.mark.parametrize("kind", [MaskedDense, SparseRows])
+def test_cat_refuses_tensors_other_strides_and_other_torch_functions(kind, mask):
+    a, b = _maps(kind, mask)
+    with pytest.raises(ss.UnsupportedFeatureOperation, match="feature maps only, got: .*Tensor"):
+        torch.cat([a, torch.zeros(1)], 1)
+    with pytest.raises(ValueError, match="cannot concatenate feature maps of different kinds, masks or strides"):
+        torch.cat([a, kind(b.data, mask, 4)], 1)
+    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"torch\.mean is not defined on SparK feature maps"):
+        torch.mean(a)
+    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"torch\.dropout is not defined"):
+        torch.nn.functional.dropout(a, 0.5)
+
+
+@pytest.mark.parametrize("kind", [MaskedDense, SparseRows])
+def test_sums_started_at_zero_are_exact_and_other_numbers_are_refused(kind, mask):
+    a, _ = _maps(kind, mask)
+    total = 0
+    total += a
+    assert total is a and (a + 0) is a and (0.0 + a) is a
+    for number in (1, 0.5, False):
+        with pytest.raises(ValueError, match="cannot add feature maps"):
+            a + number
+
+
+def test_contiguous_keeps_the_feature_map(mask):
+    rows = _maps(SparseRows, mask)[0]
+    assert rows.contiguous() is rows
