@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
+from ._dense_conv import dense_conv2d
 from .base import ConvCall, SparseConvKernel
 from .registry import register_kernel
 
@@ -31,6 +31,6 @@ class DenseScatterKernel(SparseConvKernel):
         dense = features.new_zeros(batch, height, width, features.shape[1])
         dense = dense.index_put((site_in,), features)                          # NHWC, zero at masked sites
         stride = call.out_stride // call.in_stride
-        out = F.conv2d(dense.permute(0, 3, 1, 2), weight, bias, stride=stride, padding=call.padding,
-                       dilation=call.dilation, groups=call.groups)
+        out = dense_conv2d(dense.permute(0, 3, 1, 2), weight, bias, stride=stride, padding=call.padding,
+                           dilation=call.dilation, groups=call.groups)
         return out.permute(0, 2, 3, 1)[call.mask.dense_at(call.out_stride)[:, 0]]

@@ -9,10 +9,11 @@ consult global state. Two representations exist:
 - :class:`SparseRows`: the true sparse form, a ``[N, C]`` matrix whose rows are the active sites of
   ``mask.coords_at(stride)`` (the sparse backends).
 
-Both support ``+`` (residual adds; the number 0 too, which sums start from), :meth:`per_site` (any function of each site's channel vector:
-activations, Linear layers, layer-scale) and the channel bookkeeping of concatenating nets
-(``torch.cat`` / ``torch.split`` / ``torch.chunk`` / ``.split`` / ``.chunk`` along ``dim=1``: CSPNet,
-DenseNet, VoVNet, Res2Net), so a block written once runs on every backend. Channels are dimension 1
+Both support ``+`` (residual adds; also of the number 0, which sums start from), :meth:`per_site`
+(any function of each site's channel vector: activations, Linear layers, layer-scale) and the
+channel bookkeeping of concatenating nets (``torch.cat`` / ``torch.split`` / ``torch.chunk`` /
+``.split`` / ``.chunk`` along ``dim=1``: CSPNet, DenseNet, VoVNet, Res2Net), so a block written once
+runs on every backend. Channels are dimension 1
 of both layouts (``[B, C, H, W]`` and ``[N, C]``), and every part of a split, like every input of a
 concatenation, has the same active sites, so these are exact on both.
 """
@@ -32,6 +33,7 @@ class UnsupportedFeatureOperation(SparkSparseError, TypeError):
     """A model's forward asked a feature map for an operation without an exact meaning on active sites
     (a torch function other than channel cat/split/chunk, or one of those along another dimension)."""
 
+
 #: the channel dimension in the NCHW spelling a model's own code uses (``dim=1`` or ``dim=-3``)
 _CHANNEL_DIMS = (1, -3)
 
@@ -39,8 +41,9 @@ _CHANNEL_DIMS = (1, -3)
 def _channel_dim(dim: int, operation: str) -> int:
     """1, the channel dimension of both layouts, or an error: other dimensions mix sites or images."""
     if dim not in _CHANNEL_DIMS:
-        raise UnsupportedFeatureOperation(f"{operation} of SparK feature maps works along channels only (dim=1), got dim={dim}: "
-                         f"other dimensions would mix images or sites, which have no meaning on active sites")
+        raise UnsupportedFeatureOperation(
+            f"{operation} of SparK feature maps works along channels only (dim=1), got dim={dim}: other "
+            f"dimensions would mix images or sites, which have no meaning on active sites")
     return 1
 
 
@@ -102,10 +105,10 @@ class FeatureMap:
 
     def _check_same_sites(self, other: "FeatureMap", operation: str = "add") -> None:
         if not isinstance(other, type(self)) or other.mask is not self.mask or other.stride != self.stride:
+            other_stride = getattr(other, "stride", "?")
             raise ValueError(
                 f"cannot {operation} feature maps of different kinds, masks or strides "
-                f"({type(self).__name__} stride {self.stride}, {type(other).__name__} stride {getattr(other, 'stride', '?')})"
-            )
+                f"({type(self).__name__} stride {self.stride}, {type(other).__name__} stride {other_stride})")
 
     def __add__(self, other: Union["FeatureMap", int, float]) -> "FeatureMap":
         if _is_zero_scalar(other):      # sums started from 0 (MobileOne's branches): exact, sites unchanged
@@ -139,7 +142,8 @@ class FeatureMap:
         maps = list(maps)
         if not maps or not all(isinstance(m, FeatureMap) for m in maps):
             kinds = ", ".join(type(m).__name__ for m in maps) or "nothing"
-            raise UnsupportedFeatureOperation(f"torch.cat of SparK feature maps takes feature maps only, got: {kinds}")
+            raise UnsupportedFeatureOperation(
+                f"torch.cat of SparK feature maps takes feature maps only, got: {kinds}")
         for other in maps[1:]:
             maps[0]._check_same_sites(other, "concatenate")
         return maps[0].with_data(torch.cat([m.data for m in maps], dim=1))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ..features import MaskedDense
+from ..kernels._dense_conv import dense_conv2d
 from .base import Backend
 from .common import COMMON_CONVERTERS, adopt_state, check_output_grid
 from .conv_weights import WEIGHT_TRANSFORMS, copy_transform_attributes, weight_for_forward
@@ -38,7 +39,11 @@ class MaskedConv2d(nn.Conv2d):
         return weight_for_forward(self)
 
     def forward(self, x: MaskedDense) -> MaskedDense:
-        out = self._conv_forward(x.data, self.weight_for_forward(), self.bias)
+        if self.padding_mode == "zeros":     # dense_conv2d: strided 1x1 convs avoid a oneDNN bug on the CPU
+            out = dense_conv2d(x.data, self.weight_for_forward(), self.bias, self.stride, self.padding,
+                               self.dilation, self.groups)
+        else:
+            out = self._conv_forward(x.data, self.weight_for_forward(), self.bias)
         stride = _output_stride(self, x)
         return MaskedDense(out * x.mask.dense_at(stride), x.mask, stride)
 
