@@ -155,9 +155,14 @@ def test_layer_measurements_are_cached_and_reused_and_the_guard_is_timed_again(t
     assert third.guard.status == "cached" and third.guard.ms == second.guard.ms and third.backend == "masked"
 
 
-@pytest.mark.parametrize("change", ["batch", "dtype", "threads"])
-def test_a_different_key_is_measured_again(tmp_path, change):
+@pytest.mark.parametrize("change", ["batch", "dtype", "threads", "kernel_source"])
+def test_a_different_key_is_measured_again(tmp_path, change, monkeypatch):
+    from spark_sparse.autotune import cache
+
+    assert len(cache.kernels_digest()) == 16
     tune(build(), tmp_path, FakeTimer())
+    if change == "kernel_source":                                      # our kernels' code changed
+        monkeypatch.setattr(cache, "kernels_digest", lambda: "0" * 16)
     timer = FakeTimer()
     threads = torch.get_num_threads()
     try:
@@ -165,6 +170,8 @@ def test_a_different_key_is_measured_again(tmp_path, change):
             tune(build(), tmp_path, timer, batch=16)                   # other active-row buckets
         elif change == "dtype":
             tune(build(dtype=torch.float64), tmp_path, timer)
+        elif change == "kernel_source":
+            tune(build(), tmp_path, timer)
         else:
             torch.set_num_threads(1 if threads > 1 else 2)               # another environment
             tune(build(), tmp_path, timer)

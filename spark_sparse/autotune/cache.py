@@ -2,7 +2,7 @@
 
 Like ``cudnn.benchmark``'s, a measurement is only valid for the machine and software that made it,
 so entries are grouped under an *environment* key (device name, torch and kernel-library versions,
-CPU threads) and, within it, keyed by what was measured (a layer's ``ConvSpec`` with dtype, the
+a digest of our own kernels' source, CPU threads) and, within it, keyed by what was measured (a layer's ``ConvSpec`` with dtype, the
 power-of-two buckets of its active-row and site counts; or a whole encoder's shapes and plan).
 
 The file lives in the user cache folder (``$SPARK_SPARSE_CACHE_DIR``, else
@@ -13,6 +13,8 @@ tuning then measures again, and the next write replaces it.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import platform
@@ -24,7 +26,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["CACHE_DIR_ENV", "CACHE_FILE", "TuneCache", "cache_dir", "environment_key", "canonical", "bucket"]
+__all__ = ["CACHE_DIR_ENV", "CACHE_FILE", "TuneCache", "cache_dir", "environment_key", "kernels_digest", "canonical",
+           "bucket"]
 
 CACHE_DIR_ENV = "SPARK_SPARSE_CACHE_DIR"
 CACHE_FILE = "autotune-v1.json"
@@ -76,11 +79,23 @@ def _library_versions() -> dict[str, str]:
     return found
 
 
+@functools.lru_cache(maxsize=1)
+def kernels_digest() -> str:
+    """A digest of the kernel package's source files: a change to our kernels (which the package
+    version does not track between releases) makes earlier timings stale, so they are not reused."""
+    from .. import kernels
+    digest = hashlib.sha256()
+    for path in sorted(Path(kernels.__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def environment_key(device: torch.device | str) -> dict:
-    """What a measurement depends on besides the shapes: device, software versions, CPU threads."""
+    """What a measurement depends on besides the shapes: device, software versions (our kernels'
+    source included), CPU threads."""
     device = torch.device(device)
     key = {"device_type": device.type, "device": _device_name(device), "torch": torch.__version__,
-           "libraries": _library_versions()}
+           "libraries": _library_versions(), "kernels": kernels_digest()}
     if device.type == "cpu":
         key["threads"] = torch.get_num_threads()
     return key
