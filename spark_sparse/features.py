@@ -12,8 +12,8 @@ consult global state. Two representations exist:
 Both support ``+`` (residual adds; also of the number 0, which sums start from), :meth:`per_site`
 (any function of each site's channel vector: activations, Linear layers, layer-scale) and the
 channel bookkeeping of concatenating nets (``torch.cat`` / ``torch.split`` / ``torch.chunk`` /
-``.split`` / ``.chunk`` along ``dim=1``: CSPNet, DenseNet, VoVNet, Res2Net), so a block written once
-runs on every backend. Channels are dimension 1
+``.split`` / ``.chunk`` along ``dim=1``, channel slices ``x[:, a:b]``: CSPNet, DenseNet, VoVNet,
+Res2Net, GhostNet), so a block written once runs on every backend. Channels are dimension 1
 of both layouts (``[B, C, H, W]`` and ``[N, C]``), and every part of a split, like every input of a
 concatenation, has the same active sites, so these are exact on both.
 """
@@ -64,6 +64,10 @@ def sample_drop_path_keep(batch_size: int, drop_prob: float, scale_by_keep: bool
 def _is_zero_scalar(value: object) -> bool:
     """The Python number 0 (not a tensor, not a bool): the one scalar that adds nothing at any site."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+
+
+def _is_whole_slice(value: object) -> bool:
+    return isinstance(value, slice) and value == slice(None)
 
 
 class FeatureMap:
@@ -130,6 +134,20 @@ class FeatureMap:
     def chunk(self, chunks: int, dim: int = 0) -> tuple["FeatureMap", ...]:
         """``chunks`` channel groups of the same sites, as ``Tensor.chunk``."""
         return tuple(self.with_data(part) for part in self.data.chunk(chunks, dim=_channel_dim(dim, "chunk")))
+
+    def __getitem__(self, index) -> "FeatureMap":
+        """A channel slice of the same sites, written as NCHW indexing: ``x[:, a:b]`` or
+        ``x[:, a:b, :, :]`` (GhostNet keeps the first ``out_chs`` of its concatenated channels).
+        Indexing images or positions has no meaning on active sites and is refused."""
+        parts = index if isinstance(index, tuple) else (index,)
+        if parts and parts[-1] is Ellipsis:
+            parts = parts[:-1]
+        if not (2 <= len(parts) <= 4 and isinstance(parts[1], slice)
+                and all(_is_whole_slice(p) for i, p in enumerate(parts) if i != 1)):
+            raise UnsupportedFeatureOperation(
+                f"indexing a SparK feature map selects channels only (x[:, a:b] or x[:, a:b, :, :]), got "
+                f"{index!r}: indexing images or positions has no meaning on active sites")
+        return self.with_data(self.data[:, parts[1]])
 
     def contiguous(self) -> "FeatureMap":
         """Itself: a model's ``.contiguous()`` is about memory layout, which each backend manages."""

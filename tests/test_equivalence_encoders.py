@@ -24,7 +24,7 @@ ENCODERS = {
     "mobilenetv3_large_100": (64, 2, {}),
     "convnextv2_tiny": (64, 2, dict(depths=(1, 1, 1, 1))),
     "resnetv2_50x1_bit": (64, 2, {}),
-    # channel split / concatenation and ByobNet's blocks: full timm models at 64 px
+    # channel split / concatenation / slicing, ByobNet's and MobileNet-V4's blocks: full timm models at 64 px
     "cspresnet50": (64, 2, {}),
     "cspdarknet53": (64, 2, {}),
     "gernet_m": (64, 2, {}),
@@ -34,11 +34,13 @@ ENCODERS = {
     "densenet121": (64, 2, {}),
     "ese_vovnet39b": (64, 2, {}),
     "res2net50_26w_4s": (64, 2, {}),
+    "ghostnet_100": (64, 2, {}),
+    "mobilenetv4_conv_small": (64, 2, {}),
 }
 #: drop path on, so the per-image DropPath draws are checked too (seeded alike on both backends),
 #: except for the nets that have none
 DROP_PATH = 0.1
-WITHOUT_DROP_PATH = {"densenet121"}
+WITHOUT_DROP_PATH = {"densenet121", "ghostnet_100"}
 DECODER_WIDTH = 64
 ATOL = 1e-10
 

@@ -1,4 +1,4 @@
-"""Channel bookkeeping on feature maps: torch.cat / split / chunk along channels, and sums started at 0.
+"""Channel bookkeeping on feature maps: torch.cat / split / chunk / slices along channels, sums started at 0.
 
 Concatenating nets (CSPNet, DenseNet, VoVNet, Res2Net) call these in their own forward code; the
 whole encoders are compared with ``masked`` in tests/test_equivalence_encoders.py.
@@ -90,6 +90,21 @@ def test_sums_started_at_zero_are_exact_and_other_numbers_are_refused(kind, mask
     for number in (1, 0.5, False):
         with pytest.raises(ValueError, match="cannot add feature maps"):
             a + number
+
+
+@pytest.mark.parametrize("kind", [MaskedDense, SparseRows])
+def test_channel_slices_keep_the_sites_and_anything_else_is_refused(kind, mask):
+    joined = torch.cat(_maps(kind, mask), 1)
+    for index, channels in (((slice(None), slice(None, 3)), slice(0, 3)),
+                            ((slice(None), slice(2, 7), slice(None), slice(None)), slice(2, 7)),
+                            ((slice(None), slice(1, None, 2), Ellipsis), slice(1, None, 2))):
+        part = joined[index]
+        assert isinstance(part, kind) and part.mask is mask and part.stride == 2
+        assert torch.equal(part.to_dense(), joined.to_dense()[:, channels])
+    for index in (0, slice(None), (slice(None), 1), (0, slice(None)), (slice(None), slice(0, 3), slice(0, 1)),
+                  (slice(None), slice(0, 3), slice(None), slice(None), slice(None))):
+        with pytest.raises(ss.UnsupportedFeatureOperation, match="selects channels only"):
+            joined[index]
 
 
 def test_contiguous_keeps_the_feature_map(mask):

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import (BatchNormAct2d, EcaModule, GroupNormAct, ScaledStdConv2d, SEModule, StdConv2d)
+from timm.layers import (BatchNormAct2d, EcaModule, GroupNormAct, LayerScale2d, ScaledStdConv2d, SEModule,
+                         StdConv2d)
 from timm.layers.grn import GlobalResponseNorm
 from timm.models._efficientnet_blocks import SqueezeExcite
 
@@ -124,8 +125,9 @@ def test_global_response_norm_gradient_is_finite_when_a_channel_is_zero_in_an_im
     lambda: StdConv2d(8, 12, 3, padding=1),
     lambda: ScaledStdConv2d(8, 12, 3),
     lambda: nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False),
+    lambda: LayerScale2d(8, init_values=0.5),
 ], ids=["BatchNormAct2d", "GroupNormAct", "GroupNorm", "SEModule", "SqueezeExcite", "EcaModule",
-        "GlobalResponseNorm", "StdConv2d", "ScaledStdConv2d", "AvgPool2d_resnet_d"])
+        "GlobalResponseNorm", "StdConv2d", "ScaledStdConv2d", "AvgPool2d_resnet_d", "LayerScale2d"])
 def test_with_every_site_visible_the_layer_is_timms_dense_layer(backend, make):
     layer = randomized(make()).double()
     mask = ActiveMask.full(2, (2, 2))

@@ -22,7 +22,8 @@ DEFAULTS = {"resnet50d": (0.05, "bn"), "seresnet50": (0.05, "bn"), "resnext50_32
             # channel split / concatenation (CSPNet, DenseNet, VoVNet, Res2Net) and ByobNet's blocks
             "cspresnet50": (0.05, "bn"), "cspdarknet53": (0.05, "bn"), "gernet_m": (0.0, "bn"),
             "repvgg_a2": (0.0, "bn"), "regnetz_c16": (0.0, "bn"), "resnet33ts": (0.05, "bn"),
-            "densenet121": (0.0, "bn"), "ese_vovnet39b": (0.0, "bn"), "res2net50_26w_4s": (0.0, "bn")}
+            "densenet121": (0.0, "bn"), "ese_vovnet39b": (0.0, "bn"), "res2net50_26w_4s": (0.0, "bn"),
+            "ghostnet_100": (0.0, "bn"), "mobilenetv4_conv_small": (0.0, "bn")}
 FAMILY_MODELS = list(DEFAULTS)
 
 

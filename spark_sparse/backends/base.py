@@ -140,7 +140,7 @@ class Backend:
         raise UnsupportedModuleError(
             f"backend {self.name!r} cannot make module {qualified!r} of type {kind} sparse: it is neither a "
             f"layer the backend knows nor a registered container. If its forward only calls its children, "
-            f"adds their outputs and concatenates or splits channels (dim=1), decorate its class with "
+            f"adds their outputs and concatenates, splits or slices channels (dim=1), decorate its class with "
             f"@spark_sparse.register_container; otherwise replace it by supported layers or register a "
             f"converter (@spark_sparse.register_converter)."
         )

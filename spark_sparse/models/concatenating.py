@@ -1,10 +1,11 @@
-"""timm's concatenating CNNs: DenseNet, VoVNet and Res2Net, their blocks on every backend.
+"""timm's concatenating CNNs: DenseNet, VoVNet, Res2Net and GhostNet, their blocks on every backend.
 
-Their blocks join channel groups with ``torch.cat(..., 1)`` (and Res2Net splits them with
-``torch.split(x, width, 1)``): every group holds the same active sites, so both are exact on every
-backend (:class:`~spark_sparse.features.FeatureMap`). The rest is layers the backends convert:
-BatchNorm (+ activation), convs, VoVNet's ``ConvNormAct`` and eSE attention (squeeze over active
-sites), pools (DenseNet's 2x2 average transition, VoVNet's ceil-mode 3x3 max-pool, Res2Net's 3x3
+Their blocks join channel groups with ``torch.cat(..., 1)`` (Res2Net splits them with
+``torch.split(x, width, 1)``, GhostNet keeps the first channels with ``out[:, :out_chs]``): every
+group holds the same active sites, so these are exact on every backend
+(:class:`~spark_sparse.features.FeatureMap`). The rest is layers the backends convert:
+BatchNorm (+ activation), convs, VoVNet's ``ConvNormAct``, eSE and GhostNet's SE attention (squeeze
+over active sites), pools (DenseNet's 2x2 average transition, VoVNet's ceil-mode 3x3 max-pool, Res2Net's 3x3
 average pool of the last group in each stage's first block, padding counted as SparK's dense pool
 counts it).
 
@@ -13,11 +14,16 @@ Options without an exact meaning on active sites are refused: DenseNet's ``proj_
 forward naming the torch function (:class:`~spark_sparse.features.UnsupportedFeatureOperation`); an
 anti-aliasing layer fails at conversion; a drop path for DenseNet, which has none, fails at creation.
 
-Default drop path 0 (SparK's ``--dp`` default; DenseNet takes none), densify norm BatchNorm.
+GhostNet-V2 and V3 are not registered (their DFC attention resizes features with
+``F.interpolate``): they fail at conversion, naming the module.
+
+Default drop path 0 (SparK's ``--dp`` default; DenseNet and GhostNet take none), densify norm
+BatchNorm.
 """
 from __future__ import annotations
 
 from timm.models.densenet import DenseBlock, DenseLayer, DenseNet, DenseTransition
+from timm.models.ghostnet import GhostBottleneck, GhostModule, GhostNet
 from timm.models.res2net import Bottle2neck
 from timm.models.vovnet import OsaBlock, OsaStage, SequentialAppendList, VovNet
 
@@ -27,8 +33,8 @@ from .timm_encoders import register_timm_encoder
 __all__ = []
 
 for _composite in (DenseNet, DenseBlock, DenseLayer, DenseTransition, VovNet, OsaStage, OsaBlock,
-                   SequentialAppendList, Bottle2neck):
+                   SequentialAppendList, Bottle2neck, GhostNet, GhostBottleneck, GhostModule):
     register_container(_composite)
 
-for _name in ("densenet121", "ese_vovnet39b", "res2net50_26w_4s"):
+for _name in ("densenet121", "ese_vovnet39b", "res2net50_26w_4s", "ghostnet_100"):
     register_timm_encoder(_name, 0.0, densify_norm="bn", tested=True)

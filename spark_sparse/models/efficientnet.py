@@ -1,10 +1,13 @@
-"""timm's EfficientNets and MobileNet-V3s (``_efficientnet_blocks``): their blocks on every backend.
+"""timm's EfficientNets and MobileNet-V3/V4s (``_efficientnet_blocks``): their blocks on every backend.
 
 Their blocks (``DepthwiseSeparableConv``, ``InvertedResidual``, ``ConvBnAct``, EfficientNet-V2's
-``EdgeResidual``) only call children and add, so they are containers; their layers are convs (depthwise included), ``BatchNormAct2d`` with
-SiLU / ReLU / hard-swish, and the family's own ``SqueezeExcite``, converted here as an
-:class:`~spark_sparse.backends.attention.ImageGate`: squeeze over each image's active sites, the
-block's own ``conv_reduce -> act1 -> conv_expand -> gate`` on the squeezed vector, gate on features.
+``EdgeResidual``, MobileNet-V4's ``UniversalInvertedResidual``) only call children and add, so they
+are containers; their layers are convs (depthwise included), ``BatchNormAct2d`` with SiLU / ReLU /
+hard-swish, MobileNet-V4's ``LayerScale2d`` (a per-channel factor at each site), and the family's
+own ``SqueezeExcite``, converted here as an :class:`~spark_sparse.backends.attention.ImageGate`:
+squeeze over each image's active sites, the block's own ``conv_reduce -> act1 -> conv_expand ->
+gate`` on the squeezed vector, gate on features. MobileNet-V4's hybrid models add attention blocks
+(``MobileAttention``), which are not registered and fail at conversion, naming the module.
 
 Features at strides 4..32 are timm's ``feature_info`` entries at those reductions (the stride-2
 block and the ``conv_head`` are not part of the hierarchy). Default drop path 0: SparK pre-trained
@@ -13,19 +16,35 @@ no model this small (SparK's ``--dp`` default; ResNet-18/34 use 0 too). Densify 
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
+from timm.layers import LayerScale2d
 from timm.models._efficientnet_blocks import (ConvBnAct, DepthwiseSeparableConv, EdgeResidual, InvertedResidual,
-                                              SqueezeExcite)
+                                              SqueezeExcite, UniversalInvertedResidual)
 from timm.models.efficientnet import EfficientNet
 from timm.models.mobilenetv3 import MobileNetV3
 
 from ..backends import register_container, register_converter
 from ..backends.attention import ImageGate
+from ..features import FeatureMap
 from .timm_encoders import register_timm_encoder
 
-__all__ = ["FeatureSqueezeExcite"]
+__all__ = ["FeatureLayerScale2d", "FeatureSqueezeExcite"]
 
-for _composite in (EfficientNet, MobileNetV3, DepthwiseSeparableConv, InvertedResidual, ConvBnAct, EdgeResidual):
+for _composite in (EfficientNet, MobileNetV3, DepthwiseSeparableConv, InvertedResidual, ConvBnAct, EdgeResidual,
+                   UniversalInvertedResidual):
     register_container(_composite)
+
+
+@register_converter(LayerScale2d)
+class FeatureLayerScale2d(nn.Module):
+    """timm's ``LayerScale2d``: each active site's channels times ``gamma`` (masked sites stay zero)."""
+
+    def __init__(self, backend, scale: LayerScale2d, name: str = ""):
+        super().__init__()
+        self.gamma = scale.gamma
+
+    def forward(self, x: FeatureMap) -> FeatureMap:
+        return x.per_site(lambda v: v * self.gamma)
 
 
 class FeatureSqueezeExcite(ImageGate):
@@ -37,5 +56,5 @@ class FeatureSqueezeExcite(ImageGate):
 
 register_converter(SqueezeExcite)(FeatureSqueezeExcite.from_dense)
 
-for _name in ("efficientnet_b0", "mobilenetv3_large_100"):
+for _name in ("efficientnet_b0", "mobilenetv3_large_100", "mobilenetv4_conv_small"):
     register_timm_encoder(_name, 0.0, densify_norm="bn", tested=True)
