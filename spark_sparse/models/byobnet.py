@@ -1,19 +1,19 @@
 """timm's ByobNet ("bring your own blocks"): GENet, RepVGG, RegNetZ, the ``*ts`` / ``*q`` ResNets.
 
-ByobNet assembles nets from a few residual blocks (``BasicBlock``, ``BottleneckBlock``, ``DarkBlock``,
-``EdgeBlock``, ``RepVggBlock``, ``MobileOneBlock``) whose forward calls ``ConvNormAct`` layers, optional attention, the
-shortcut (identity, ``ConvNormAct`` or ``DownsampleAvg``: ResNet-D's average pool + 1x1 conv) and
-adds: containers all, as are its stems. RepVGG's training-time block adds a kxk branch, a 1x1
-branch and a BatchNorm of the input, each a converted layer (a re-parameterised block,
-``reparam_conv``, is one plain conv and converts too); MobileOne's block does the same over k
-branches, starting its sums from the number 0 (which feature maps add exactly).
+ByobNet assembles nets from a few residual blocks (``BasicBlock``, ``BottleneckBlock``,
+``DarkBlock``, ``EdgeBlock``, ``RepVggBlock``, ``MobileOneBlock``) whose forward calls ``ConvNormAct``
+layers, optional attention, the shortcut (identity, ``ConvNormAct`` or ``DownsampleAvg``: ResNet-D's
+average pool + 1x1 conv) and adds: containers all, as are its stems. RepVGG's training-time block
+adds a kxk branch, a 1x1 branch and a BatchNorm of the input, each a converted layer (a
+re-parameterised block, ``reparam_conv``, is one plain conv and converts too); MobileOne's block
+does the same over k branches, starting its sums from the number 0 (which feature maps add
+exactly).
 
 Not registered, so it fails at conversion naming the module: ``SelfAttnBlock`` (BoTNet / HaloNet
-self-attention: its attention layers are not supported). Attention layers a
-config may choose (SE, ECA supported; global context, CBAM, selective kernel not) are converted or
-refused one by one.
+self-attention: its attention layers are not supported). Attention layers a config may choose (SE,
+ECA supported; global context, CBAM, selective kernel not) are converted or refused one by one.
 
-Default drop path 0.05 for the ResNet-50-sized nets registered here, 0 for the smaller ones
+Default drop path: ResNet-50's 0.05 for the ResNet ``resnet33ts``, 0 for GENet, RepVGG and RegNetZ
 (SparK's ``--dp`` default); densify norm BatchNorm.
 """
 from __future__ import annotations
