@@ -19,25 +19,23 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
+from .base import int_pair
+
 __all__ = ["dense_conv2d", "is_strided_pointwise"]
 
 IntPair = Union[int, tuple[int, int]]
 
 
-def _pair(value: IntPair) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)
-
-
 def is_strided_pointwise(weight: torch.Tensor, stride: IntPair, padding: Union[IntPair, str]) -> bool:
     """A 1x1 kernel, stride > 1 in some direction, no padding: the shape oneDNN mishandles."""
-    unpadded = padding == "valid" or (not isinstance(padding, str) and _pair(padding) == (0, 0))
-    return tuple(weight.shape[2:]) == (1, 1) and unpadded and _pair(stride) != (1, 1)
+    unpadded = padding == "valid" or (not isinstance(padding, str) and int_pair(padding) == (0, 0))
+    return tuple(weight.shape[2:]) == (1, 1) and unpadded and int_pair(stride) != (1, 1)
 
 
 def dense_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: IntPair = 1,
                  padding: Union[IntPair, str] = 0, dilation: IntPair = 1, groups: int = 1) -> torch.Tensor:
     """``F.conv2d`` with the same arguments, through a unit-stride call for strided 1x1 convs on the CPU."""
     if x.device.type == "cpu" and is_strided_pointwise(weight, stride, padding):
-        step_h, step_w = _pair(stride)
+        step_h, step_w = int_pair(stride)
         return F.conv2d(x[:, :, ::step_h, ::step_w], weight, bias, groups=groups)
     return F.conv2d(x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups)

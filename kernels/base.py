@@ -22,7 +22,12 @@ import torch.nn as nn
 if TYPE_CHECKING:
     from ..mask import ActiveMask
 
-__all__ = ["ConvSpec", "ConvCall", "SparseConvKernel"]
+__all__ = ["ConvSpec", "ConvCall", "SparseConvKernel", "int_pair"]
+
+
+def int_pair(value) -> tuple[int, int]:
+    """A conv or pool argument (``kernel_size``, ``stride``, ``padding``, ...) as ``(height, width)``."""
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 @dataclass(frozen=True)

@@ -25,17 +25,9 @@ ENCODERS = {
     "convnextv2_tiny": (64, 2, dict(depths=(1, 1, 1, 1))),
     "resnetv2_50x1_bit": (64, 2, {}),
     # channel split / concatenation / slicing, ByobNet's and MobileNet-V4's blocks: full timm models at 64 px
-    "cspresnet50": (64, 2, {}),
-    "cspdarknet53": (64, 2, {}),
-    "gernet_m": (64, 2, {}),
-    "repvgg_a2": (64, 2, {}),
-    "regnetz_c16": (64, 2, {}),
-    "resnet33ts": (64, 2, {}),
-    "densenet121": (64, 2, {}),
-    "ese_vovnet39b": (64, 2, {}),
-    "res2net50_26w_4s": (64, 2, {}),
-    "ghostnet_100": (64, 2, {}),
-    "mobilenetv4_conv_small": (64, 2, {}),
+    **{name: (64, 2, {}) for name in ("cspresnet50", "cspdarknet53", "gernet_m", "repvgg_a2", "regnetz_c16",
+                                      "resnet33ts", "densenet121", "ese_vovnet39b", "res2net50_26w_4s",
+                                      "ghostnet_100", "mobilenetv4_conv_small")},
 }
 #: drop path on, so the per-image DropPath draws are checked too (seeded alike on both backends),
 #: except for the nets that have none

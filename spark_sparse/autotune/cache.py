@@ -2,8 +2,9 @@
 
 Like ``cudnn.benchmark``'s, a measurement is only valid for the machine and software that made it,
 so entries are grouped under an *environment* key (device name, torch and kernel-library versions,
-a digest of our own kernels' source, CPU threads) and, within it, keyed by what was measured (a layer's ``ConvSpec`` with dtype, the
-power-of-two buckets of its active-row and site counts; or a whole encoder's shapes and plan).
+a digest of our own kernels' source, CPU threads) and, within it, keyed by what was measured (a
+layer's ``ConvSpec`` with dtype, the power-of-two buckets of its active-row and site counts; or a
+whole encoder's shapes and plan).
 
 The file lives in the user cache folder (``$SPARK_SPARSE_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/spark-sparse``, else ``~/.cache/spark-sparse``). Writes merge with what is on

@@ -4,9 +4,9 @@ A backend converts a dense encoder module tree in place: each leaf module with i
 replaced by a module that consumes and returns :class:`~spark_sparse.features.FeatureMap` objects
 (the replacement keeps the original parameter names, so state dicts stay timm's). Composite modules
 (``nn.Sequential``, timm's ``Bottleneck``, ...) whose ``forward`` only calls their children, adds
-results and concatenates or splits channels (``torch.cat`` / ``split`` / ``chunk`` along ``dim=1``)
-are kept as they are and recursed into. A module type that is neither known
-to the backend nor a known container is an error naming the module, never silently dense.
+results and concatenates, splits or slices channels (``torch.cat`` / ``split`` / ``chunk`` / ``x[:, a:b]``
+along ``dim=1``) are kept as they are and recursed into. A module type that is neither known to the
+backend nor a known container is an error naming the module, never silently dense.
 
 Conversion is exact or refuses: a converter applies to exactly the module types it was registered
 for. A subclass (timm's ``BatchNormAct2d`` is a ``BatchNorm2d`` plus an activation, ``StdConv2d`` a
@@ -59,7 +59,7 @@ def register_converter(*module_types: type) -> Callable[[Converter], Converter]:
 
 
 def register_container(cls: type) -> type:
-    """Declare that ``cls.forward`` only composes its children, ``+`` and channel ``torch.cat`` / ``split``.
+    """Declare that ``cls.forward`` only composes its children, ``+`` and channel cat / split / slices.
 
     Such modules run unchanged on every backend (their children are converted). Use it as a class
     decorator for the blocks of a custom encoder.

@@ -15,6 +15,7 @@ from timm.layers import DropPath, LayerNorm, LayerNorm2d
 from timm.layers import activations as timm_act
 
 from ..features import FeatureMap
+from ..kernels.base import int_pair
 
 __all__ = ["adopt_state", "FeatureBatchNorm", "FeatureSyncBatchNorm", "FeatureLayerNorm", "FeatureLinear", "Elementwise",
            "FeatureDropPath", "COMMON_CONVERTERS", "ZERO_PRESERVING_ACTIVATIONS", "check_output_grid"]
@@ -126,10 +127,6 @@ def _elementwise(backend, module, name):
     return Elementwise(module)
 
 
-def _pair(value) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
-
-
 def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> int:
     """``nn.Conv2d`` / ``nn.MaxPool2d`` / ``nn.AvgPool2d`` output length (incl. ceil mode's last-window rule)."""
     span = size + 2 * padding - dilation * (kernel - 1) - 1
@@ -147,9 +144,9 @@ def check_output_grid(module: nn.Module, name: str, padding=None) -> None:
     ``m`` (``ceil_mode`` is accepted where it changes nothing, e.g. ResNet-D's 2x2/2 average pool).
     ``padding`` overrides the module's own (for layers that pad explicitly).
     """
-    kernel, stride = _pair(module.kernel_size), _pair(module.stride)
-    pad = _pair(module.padding if padding is None else padding)
-    dilation = _pair(getattr(module, "dilation", 1))
+    kernel, stride = int_pair(module.kernel_size), int_pair(module.stride)
+    pad = int_pair(module.padding if padding is None else padding)
+    dilation = int_pair(getattr(module, "dilation", 1))
     ceil_mode = getattr(module, "ceil_mode", False)
     for axis in range(2):
         sizes = {m: _output_size(m * stride[axis], kernel[axis], stride[axis], pad[axis], dilation[axis], ceil_mode)

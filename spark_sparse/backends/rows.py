@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels import ConvCall, ConvSpec, list_kernels, select_kernel
+from ..kernels.base import int_pair
 
 from ..features import SparseRows
 from .base import Backend
@@ -26,7 +27,7 @@ __all__ = ["RowBackend", "SparseConv2d", "SparseMaxPool2d", "SparseConstantPadMa
 
 
 def _square(value, what: str, name: str) -> int:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
+    pair = int_pair(value)
     if pair[0] != pair[1]:
         raise NotImplementedError(f"{name}: non-square {what} {pair} is not supported by sparse backends")
     return pair[0]

@@ -3,11 +3,11 @@
 Their blocks join channel groups with ``torch.cat(..., 1)`` (Res2Net splits them with
 ``torch.split(x, width, 1)``, GhostNet keeps the first channels with ``out[:, :out_chs]``): every
 group holds the same active sites, so these are exact on every backend
-(:class:`~spark_sparse.features.FeatureMap`). The rest is layers the backends convert:
-BatchNorm (+ activation), convs, VoVNet's ``ConvNormAct``, eSE and GhostNet's SE attention (squeeze
-over active sites), pools (DenseNet's 2x2 average transition, VoVNet's ceil-mode 3x3 max-pool, Res2Net's 3x3
-average pool of the last group in each stage's first block, padding counted as SparK's dense pool
-counts it).
+(:class:`~spark_sparse.features.FeatureMap`). The rest is layers the backends convert: BatchNorm
+(+ activation), convs, VoVNet's ``ConvNormAct``, eSE and GhostNet's SE attention (squeeze over
+active sites), pools (DenseNet's 2x2 average transition, VoVNet's ceil-mode 3x3 max-pool, Res2Net's
+3x3 average pool of the last group in each stage's first block, padding counted as SparK's dense
+pool counts it).
 
 Options without an exact meaning on active sites are refused: DenseNet's ``proj_drop_rate``
 (``F.dropout`` inside its layers) and memory-efficient checkpointing fail on the first training

@@ -1,4 +1,4 @@
-"""timm's CSPNets (CSP-ResNet, CSP-ResNeXt, CSP-DarkNet, DarkNet, the CS3 nets): their blocks on every backend.
+"""timm's CSPNets (CSP-ResNet, CSP-ResNeXt, CSP-DarkNet, DarkNet, the CS3 nets) on every backend.
 
 A cross-stage block splits its expanded features into two channel groups, runs blocks on one and
 concatenates them back (``x.split(..., dim=1)``, ``torch.cat(..., dim=1)``): both parts hold the same

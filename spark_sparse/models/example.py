@@ -4,10 +4,10 @@ Copy this file to pre-train your own backbone with SparK on any backend:
 
 1. the encoder returns feature maps finest first, each stage halving the resolution, the last at
    ``get_downsample_ratio()`` (the patch size, a power of two, usually 32);
-2. ``forward`` only calls child modules, adds their outputs and concatenates or splits channels
-   (``torch.cat`` / ``.split`` / ``.chunk`` along ``dim=1``; no other tensor methods such as
-   ``.permute`` or ``.mean`` on the running features), so a backend can swap each module for its
-   sparse version; composite blocks are declared with ``@register_container``;
+2. ``forward`` only calls child modules, adds their outputs and concatenates, splits or slices
+   channels (``torch.cat`` / ``.split`` / ``.chunk`` / ``x[:, a:b]`` along ``dim=1``; no other
+   tensor methods such as ``.permute`` or ``.mean`` on the running features), so a backend can swap
+   each module for its sparse version; composite blocks are declared with ``@register_container``;
 3. layers are those the backends know: Conv2d, BatchNorm2d, LayerNorm, Linear, MaxPool2d,
    AvgPool2d, zero-preserving activations (ReLU, GELU, SiLU, ...), Dropout, timm's DropPath.
 
