@@ -69,7 +69,12 @@ class ConvSpec:
 
 @dataclass(frozen=True)
 class ConvCall:
-    """Where one call computes: the mask, the input and output strides and the conv geometry."""
+    """Where one call computes: the mask, the input and output strides and the conv geometry.
+
+    ``padding`` is the zero padding BEFORE the first site of each axis: output site ``i`` reads input
+    ``i * step - padding + tap * dilation``, and the output grid is the input grid downsampled by the
+    step (so the trailing padding follows; TensorFlow-"SAME" convs have less before than after).
+    """
 
     mask: "ActiveMask"
     in_stride: int

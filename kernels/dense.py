@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from ._dense_conv import dense_conv2d
 from .base import ConvCall, SparseConvKernel
@@ -30,7 +31,28 @@ class DenseScatterKernel(SparseConvKernel):
         batch, height, width = site_in.shape
         dense = features.new_zeros(batch, height, width, features.shape[1])
         dense = dense.index_put((site_in,), features)                          # NHWC, zero at masked sites
+        site_out = call.mask.dense_at(call.out_stride)[:, 0]
         stride = call.out_stride // call.in_stride
-        out = dense_conv2d(dense.permute(0, 3, 1, 2), weight, bias, stride=stride, padding=call.padding,
-                           dilation=call.dilation, groups=call.groups)
-        return out.permute(0, 2, 3, 1)[call.mask.dense_at(call.out_stride)[:, 0]]
+        dense, padding = _pad_for_grid(dense.permute(0, 3, 1, 2), site_out.shape[1:], stride, call)
+        out = dense_conv2d(dense, weight, bias, stride=stride, padding=padding, dilation=call.dilation,
+                           groups=call.groups)
+        return out.permute(0, 2, 3, 1)[site_out]
+
+
+def _pad_for_grid(dense: torch.Tensor, out_hw: tuple[int, int], stride: int,
+                  call: ConvCall) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``(input, padding)`` for ``F.conv2d`` that read ``call``'s taps and give the ``out_hw`` grid.
+
+    ``call.padding`` is the leading padding (as every kernel reads it); the trailing side is what the
+    output grid needs. When that equals the leading side (every symmetric conv) the library pads; a
+    TensorFlow-"SAME" conv (less before than after) gets its zeros explicitly.
+    """
+    trailing = []
+    for size_in, size_out, k, d, lead in zip(dense.shape[2:], out_hw, call.kernel_size, call.dilation, call.padding):
+        span = (k - 1) * d + 1
+        symmetric_out = (size_in + 2 * lead - span) // stride + 1
+        trailing.append(lead if symmetric_out == size_out else (size_out - 1) * stride + span - size_in - lead)
+    if tuple(trailing) == tuple(call.padding):
+        return dense, call.padding
+    (top, left), (bottom, right) = call.padding, trailing
+    return F.pad(dense, (left, right, top, bottom)), (0, 0)

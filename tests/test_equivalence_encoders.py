@@ -28,6 +28,14 @@ ENCODERS = {
     **{name: (64, 2, {}) for name in ("cspresnet50", "cspdarknet53", "gernet_m", "repvgg_a2", "regnetz_c16",
                                       "resnet33ts", "densenet121", "ese_vovnet39b", "res2net50_26w_4s",
                                       "ghostnet_100", "mobilenetv4_conv_small")},
+    # MixedConv2d's channel groups and TensorFlow-"SAME" padded strided convs; EfficientNet-V2-S at half
+    # depth (its full depth at 64 px normalises ~3 active sites per channel: 1e-10 conditioning, not error)
+    "mixnet_s": (64, 2, {}),
+    "tf_efficientnet_b0": (64, 2, {}),
+    "tf_efficientnetv2_s": (64, 2, dict(depth_multiplier=0.5)),
+    # ReXNet's partial shortcut (cat of a slice plus the shortcut and the rest); half depth, as its SE
+    # BatchNorm normalises over the batch of 2 squeezed vectors (badly conditioned at full depth)
+    "rexnet_100": (64, 2, dict(depth_mult=0.5)),
 }
 #: drop path on, so the per-image DropPath draws are checked too (seeded alike on both backends),
 #: except for the nets that have none

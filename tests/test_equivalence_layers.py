@@ -2,8 +2,8 @@
 import pytest
 import torch
 import torch.nn as nn
-from timm.layers import (BatchNormAct2d, EcaModule, EffectiveSEModule, GroupNormAct, LayerNorm2d, ScaledStdConv2d,
-                         SEModule, StdConv2d)
+from timm.layers import (BatchNormAct2d, Conv2dSame, EcaModule, EffectiveSEModule, GroupNormAct, LayerNorm2d,
+                         MixedConv2d, ScaledStdConv2d, ScaledStdConv2dSame, SEModule, StdConv2d, StdConv2dSame)
 from timm.layers.grn import GlobalResponseNorm
 from timm.models._efficientnet_blocks import SqueezeExcite
 
@@ -53,6 +53,16 @@ LAYERS = {
     "std_conv3x3": (lambda: StdConv2d(8, 12, 3, padding=1), 4, 8),
     "std_conv1x1_stride2": (lambda: StdConv2d(8, 12, 1, stride=2), 4, 8),
     "scaled_std_conv3x3": (lambda: randomized(ScaledStdConv2d(8, 12, 3)), 4, 8),
+    # TensorFlow "SAME" padding (timm's tf_* models): fewer zeros before than after on strided convs
+    "conv_same3x3_stride2": (lambda: Conv2dSame(8, 12, 3, stride=2), 4, 8),
+    "conv_same5x5_depthwise_stride2": (lambda: Conv2dSame(8, 8, 5, stride=2, groups=8), 4, 8),
+    "conv_same_stem3x3_stride2": (lambda: Conv2dSame(3, 8, 3, stride=2, bias=False), 1, 3),
+    "conv_same2x2_stride1": (lambda: Conv2dSame(8, 8, 2), 4, 8),
+    "std_conv_same3x3_stride2": (lambda: StdConv2dSame(8, 12, 3, stride=2, padding="same"), 4, 8),
+    "scaled_std_conv_same3x3_stride2": (lambda: randomized(ScaledStdConv2dSame(8, 12, 3, stride=2, padding="same")),
+                                        4, 8),
+    "mixed_conv_depthwise_3_5_7": (lambda: MixedConv2d(9, 9, [3, 5, 7], depthwise=True), 4, 9),
+    "mixed_conv_same_stride2": (lambda: MixedConv2d(8, 12, [3, 5], stride=2, padding="same"), 4, 8),
     "batchnorm_act_silu": (lambda: randomized(BatchNormAct2d(8, act_layer=nn.SiLU)), 4, 8),
     "batchnorm_act_hardswish": (lambda: randomized(BatchNormAct2d(8, act_layer=nn.Hardswish)), 4, 8),
     "batchnorm_act_leaky_relu": (lambda: randomized(BatchNormAct2d(8, act_layer=nn.LeakyReLU)), 4, 8),

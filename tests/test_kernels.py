@@ -21,6 +21,10 @@ SHAPES = [
     ("3x3_dilated", 16, 16, 3, 1, 2, 2, 1, 4),
     ("depthwise7x7", 16, 16, 7, 1, 3, 1, 16, 4),
     ("depthwise3x3_s2", 16, 16, 3, 2, 1, 1, 16, 4),
+    # TensorFlow "SAME" padding: the leading padding below, the trailing one larger
+    ("same3x3_s2", 16, 24, 3, 2, 0, 1, 1, 4),
+    ("same_depthwise5x5_s2", 16, 16, 5, 2, 1, 1, 16, 4),
+    ("same_stem3x3_s2", 3, 16, 3, 2, 0, 1, 1, 1),
 ]
 #: errors relative to the same sums taken over absolute values (the standard bound for a rounded
 #: sum): bf16 / fp16 keep 8 / 11 mantissa bits, so a few units of 2^-8 / 2^-11 per element
@@ -120,11 +124,20 @@ def test_torch_compile_traces_a_sparse_conv_without_graph_breaks():
 
 
 def _dense_masked_conv(x, w, b, call):
-    """SparK's masked convolution, read at the active output sites: the ground truth of every kernel."""
+    """SparK's masked convolution, read at the active output sites: the ground truth of every kernel.
+
+    ``call.padding`` zeros before each axis, and after it as many as the output grid (the input's
+    downsampled by the stride) needs: the symmetric padding of ``nn.Conv2d`` or TensorFlow's "SAME".
+    """
     site_in, site_out = call.mask.dense_at(call.in_stride)[:, 0], call.mask.dense_at(call.out_stride)[:, 0]
     dense = x.new_zeros(*site_in.shape, x.shape[1]).index_put((site_in,), x).permute(0, 3, 1, 2)
-    out = torch.nn.functional.conv2d(dense, w, b, stride=call.out_stride // call.in_stride, padding=call.padding,
-                                     dilation=call.dilation, groups=call.groups)
+    step = call.out_stride // call.in_stride
+    (top, left), (kh, kw), (dh, dw) = call.padding, call.kernel_size, call.dilation
+    bottom = (site_out.shape[1] - 1) * step + (kh - 1) * dh + 1 - site_in.shape[1] - top
+    right = (site_out.shape[2] - 1) * step + (kw - 1) * dw + 1 - site_in.shape[2] - left
+    dense = torch.nn.functional.pad(dense, (left, right, top, bottom))
+    out = torch.nn.functional.conv2d(dense, w, b, stride=step, dilation=call.dilation, groups=call.groups)
+    assert out.shape[2:] == site_out.shape[1:]
     return out.permute(0, 2, 3, 1)[site_out]
 
 

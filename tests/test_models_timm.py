@@ -23,7 +23,10 @@ DEFAULTS = {"resnet50d": (0.05, "bn"), "seresnet50": (0.05, "bn"), "resnext50_32
             "cspresnet50": (0.05, "bn"), "cspdarknet53": (0.05, "bn"), "gernet_m": (0.0, "bn"),
             "repvgg_a2": (0.0, "bn"), "regnetz_c16": (0.0, "bn"), "resnet33ts": (0.05, "bn"),
             "densenet121": (0.0, "bn"), "ese_vovnet39b": (0.0, "bn"), "res2net50_26w_4s": (0.0, "bn"),
-            "ghostnet_100": (0.0, "bn"), "mobilenetv4_conv_small": (0.0, "bn")}
+            "ghostnet_100": (0.0, "bn"), "mobilenetv4_conv_small": (0.0, "bn"),
+            # MixedConv2d and TensorFlow-"SAME" padding
+            "mixnet_s": (0.0, "bn"), "tf_efficientnet_b0": (0.0, "bn"), "tf_efficientnetv2_s": (0.05, "bn"),
+            "rexnet_100": (0.0, "bn")}
 FAMILY_MODELS = list(DEFAULTS)
 
 
@@ -86,8 +89,7 @@ def test_any_timm_cnn_with_supported_layers_works_by_its_timm_name(name):
 
 
 @pytest.mark.parametrize("name,error,match", [
-    ("mixnet_s", ss.UnsupportedModuleError, r"'model\.blocks\.1\.0\.conv_pw' of type .*MixedConv2d"),
-    ("tf_efficientnet_b0", ss.UnsupportedModuleError, r"'model\.conv_stem' of type .*Conv2dSame.*subclasses"),
+    ("efficientnet_cc_b0_4e", ss.UnsupportedModuleError, r"'model\.blocks\.4\.0' of type .*CondConvResidual"),
     ("dla34", ss.UnsupportedModuleError, r"'model' of type .*DLA"),
     ("gcresnet33ts", ss.UnsupportedModuleError, r"'model\.stages\.0\.0\.attn' of type .*GlobalContext"),
     ("vit_tiny_patch16_224", UnsuitableModelError, r"no feature map at stride\(s\) \[4, 8, 32\]"),

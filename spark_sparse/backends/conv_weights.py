@@ -8,8 +8,10 @@ the layer is "standardise the weight, then the backend's own (masked or sparse) 
 Each supported conv type maps to a :data:`WeightTransform` here, by exact type (``nn.Conv2d`` maps
 to ``None``: the weight as it is). A backend's conv converter accepts exactly the types of
 :data:`WEIGHT_TRANSFORMS` and stores the transform; its forward calls
-:func:`weight_for_forward`. A conv subclass not listed (``Conv2dSame``'s input-dependent padding,
-``StdConv2dSame``, ...) is refused by the conversion walk, never run as a plain conv.
+:func:`weight_for_forward`. The TensorFlow-"SAME" variants (``Conv2dSame``, ``StdConv2dSame``,
+``ScaledStdConv2dSame``) are listed with their base's transform; their padding is
+:mod:`.same_padding`'s business. A conv subclass not listed (``CondConv2d``, ...) is refused by the
+conversion walk, never run as a plain conv.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import ScaledStdConv2d, StdConv2d
+from timm.layers import Conv2dSame, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
 
 __all__ = ["WeightTransform", "WEIGHT_TRANSFORMS", "standardized_weight", "scaled_standardized_weight",
            "weight_transform_of", "weight_for_forward", "copy_transform_attributes"]
@@ -45,6 +47,9 @@ WEIGHT_TRANSFORMS: dict[type, Optional[WeightTransform]] = {
     nn.Conv2d: None,
     StdConv2d: standardized_weight,
     ScaledStdConv2d: scaled_standardized_weight,
+    Conv2dSame: None,
+    StdConv2dSame: standardized_weight,
+    ScaledStdConv2dSame: scaled_standardized_weight,
 }
 
 #: plain attributes (not parameters) a transform reads, copied onto the converted conv

@@ -8,6 +8,7 @@ save, but it is exactly what SparK computes.
 from __future__ import annotations
 
 import torch.nn as nn
+from timm.layers.padding import pad_same
 
 from ..features import MaskedDense
 from ..kernels._dense_conv import dense_conv2d
@@ -16,6 +17,7 @@ from .common import COMMON_CONVERTERS, adopt_state, check_output_grid
 from .conv_weights import WEIGHT_TRANSFORMS, copy_transform_attributes, weight_for_forward
 from .pools import ConstantPadMaxPool2d
 from .registry import register_backend
+from .same_padding import pads_same
 
 __all__ = ["MaskedBackend", "MaskedConv2d", "MaskedMaxPool2d", "MaskedConstantPadMaxPool2d", "MaskedAvgPool2d"]
 
@@ -29,17 +31,22 @@ class MaskedConv2d(nn.Conv2d):
     """Dense convolution of the masked input, output multiplied by the output-resolution mask.
 
     Weight-standardised convs (timm's ``StdConv2d``, ``ScaledStdConv2d``) convert to this class with
-    their weight transform (see :mod:`.conv_weights`).
+    their weight transform (see :mod:`.conv_weights`); TensorFlow-"SAME" convs (``Conv2dSame``, ...)
+    with ``same_pad`` set, padding their input at run time exactly as timm does (:mod:`.same_padding`).
     """
 
     weight_transform = None
+    same_pad = False
 
     def weight_for_forward(self):
         """The weight the convolution uses (standardised for ``StdConv2d`` and friends)."""
         return weight_for_forward(self)
 
     def forward(self, x: MaskedDense) -> MaskedDense:
-        if self.padding_mode == "zeros":     # dense_conv2d: strided 1x1 convs avoid a oneDNN bug on the CPU
+        if self.same_pad:
+            out = dense_conv2d(pad_same(x.data, self.kernel_size, self.stride, self.dilation),
+                               self.weight_for_forward(), self.bias, self.stride, 0, self.dilation, self.groups)
+        elif self.padding_mode == "zeros":     # dense_conv2d: strided 1x1 convs avoid a oneDNN bug on the CPU
             out = dense_conv2d(x.data, self.weight_for_forward(), self.bias, self.stride, self.padding,
                                self.dilation, self.groups)
         else:
@@ -52,11 +59,13 @@ class MaskedConv2d(nn.Conv2d):
 
     @classmethod
     def from_dense(cls, backend, conv: nn.Conv2d, name: str = "") -> "MaskedConv2d":
-        if conv.padding != "same":          # torch's 'same' (stride 1) keeps the grid by definition
+        same_pad = pads_same(conv)
+        if conv.padding != "same" and not same_pad:     # both keep the grid of m * stride sites by definition
             check_output_grid(conv, name)
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                   dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
                   padding_mode=conv.padding_mode)
+        new.same_pad = same_pad
         copy_transform_attributes(new, conv)
         return adopt_state(new, conv)
 

@@ -22,6 +22,7 @@ from .common import COMMON_CONVERTERS, adopt_state, check_output_grid
 from .conv_weights import WEIGHT_TRANSFORMS, copy_transform_attributes, weight_for_forward
 from .fused import saved_as_recipe
 from .pools import ConstantPadMaxPool2d
+from .same_padding import grid_padding, pads_same
 
 __all__ = ["RowBackend", "SparseConv2d", "SparseMaxPool2d", "SparseConstantPadMaxPool2d", "SparseAvgPool2d"]
 
@@ -45,6 +46,9 @@ class SparseConv2d(nn.Conv2d):
 
     Weight-standardised convs (timm's ``StdConv2d``, ``ScaledStdConv2d``) convert to this class with
     their weight transform (see :mod:`.conv_weights`): the kernel receives the transformed weight.
+    ``padding`` is the LEADING padding (kernels read it so, the output grid being the input's
+    downsampled by the stride): a TensorFlow-"SAME" conv converts with its leading part
+    (:func:`~.same_padding.grid_padding`).
     """
 
     weight_transform = None
@@ -125,9 +129,10 @@ class SparseConv2d(nn.Conv2d):
             raise NotImplementedError(f"{name}: padding_mode={conv.padding_mode!r}; sparse backends pad with zeros")
         if isinstance(conv.padding, str):
             raise NotImplementedError(f"{name}: string padding {conv.padding!r} is not supported")
-        check_output_grid(conv, name)
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                  dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
+        if not pads_same(conv):             # SAME padding keeps the grid of m * stride sites by definition
+            check_output_grid(conv, name)
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                  padding=grid_padding(conv), dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
         copy_transform_attributes(new, conv)
         return adopt_state(new, conv).configure(name, backend.kernels_for, backend.strict)
 

@@ -1,23 +1,28 @@
-"""timm's EfficientNets and MobileNet-V3/V4s (``_efficientnet_blocks``): their blocks on every backend.
+"""timm's EfficientNets, MixNets and MobileNet-V3/V4s (``_efficientnet_blocks``) on every backend.
 
 Their blocks (``DepthwiseSeparableConv``, ``InvertedResidual``, ``ConvBnAct``, EfficientNet-V2's
-``EdgeResidual``, MobileNet-V4's ``UniversalInvertedResidual``) only call children and add, so they
-are containers; their layers are convs (depthwise included), ``BatchNormAct2d`` with SiLU / ReLU /
-hard-swish, MobileNet-V4's ``LayerScale2d`` (a per-channel factor at each site), and the family's
-own ``SqueezeExcite``, converted here as an :class:`~spark_sparse.backends.attention.ImageGate`:
-squeeze over each image's active sites, the block's own ``conv_reduce -> act1 -> conv_expand ->
-gate`` on the squeezed vector, gate on features. MobileNet-V4's hybrid models add attention blocks
-(``MobileAttention``), which are not registered and fail at conversion, naming the module.
+``EdgeResidual``, MobileNet-V4's ``UniversalInvertedResidual``) only call children and add, and
+MixNet's ``MixedConv2d`` splits the channels into groups, convolves each with its own kernel size
+and concatenates them (``torch.split`` / ``torch.cat`` along ``dim=1``): containers all. The
+``tf_*`` ports pad their strided convs TensorFlow-"SAME"-style (``Conv2dSame``), which every backend
+runs exactly (:mod:`spark_sparse.backends.same_padding`). Their layers are convs (depthwise
+included), ``BatchNormAct2d`` with SiLU / ReLU / hard-swish, MobileNet-V4's ``LayerScale2d`` (a
+per-channel factor at each site), and the family's own ``SqueezeExcite``, converted here as an
+:class:`~spark_sparse.backends.attention.ImageGate`: squeeze over each image's active sites, the
+block's own ``conv_reduce -> act1 -> conv_expand -> gate`` on the squeezed vector, gate on features.
+MobileNet-V4's hybrid models add attention blocks (``MobileAttention``), which are not registered
+and fail at conversion, naming the module.
 
 Features at strides 4..32 are timm's ``feature_info`` entries at those reductions (the stride-2
 block and the ``conv_head`` are not part of the hierarchy). Default drop path 0: SparK pre-trained
-no model this small (SparK's ``--dp`` default; ResNet-18/34 use 0 too). Densify norm BatchNorm.
+no model this small (SparK's ``--dp`` default; ResNet-18/34 use 0 too), 0.05 for EfficientNet-V2-S
+(ResNet-50-sized). Densify norm BatchNorm.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from timm.layers import LayerScale2d
+from timm.layers import LayerScale2d, MixedConv2d
 from timm.models._efficientnet_blocks import (ConvBnAct, DepthwiseSeparableConv, EdgeResidual, InvertedResidual,
                                               SqueezeExcite, UniversalInvertedResidual)
 from timm.models.efficientnet import EfficientNet
@@ -31,7 +36,7 @@ from .timm_encoders import register_timm_encoder
 __all__ = ["FeatureLayerScale2d", "FeatureSqueezeExcite"]
 
 for _composite in (EfficientNet, MobileNetV3, DepthwiseSeparableConv, InvertedResidual, ConvBnAct, EdgeResidual,
-                   UniversalInvertedResidual):
+                   UniversalInvertedResidual, MixedConv2d):
     register_container(_composite)
 
 
@@ -56,5 +61,6 @@ class FeatureSqueezeExcite(ImageGate):
 
 register_converter(SqueezeExcite)(FeatureSqueezeExcite.from_dense)
 
-for _name in ("efficientnet_b0", "mobilenetv3_large_100", "mobilenetv4_conv_small"):
+for _name in ("efficientnet_b0", "mobilenetv3_large_100", "mobilenetv4_conv_small", "mixnet_s", "tf_efficientnet_b0"):
     register_timm_encoder(_name, 0.0, densify_norm="bn", tested=True)
+register_timm_encoder("tf_efficientnetv2_s", 0.05, densify_norm="bn", tested=True)
