@@ -36,11 +36,12 @@ ENCODERS = {
     # ReXNet's partial shortcut (cat of a slice plus the shortcut and the rest); half depth, as its SE
     # BatchNorm normalises over the batch of 2 squeezed vectors (badly conditioned at full depth)
     "rexnet_100": (64, 2, dict(depth_mult=0.5)),
+    "selecsls42b": (64, 2, {}),                 # [features, skip] lists between blocks, concatenations
 }
 #: drop path on, so the per-image DropPath draws are checked too (seeded alike on both backends),
 #: except for the nets that have none
 DROP_PATH = 0.1
-WITHOUT_DROP_PATH = {"densenet121", "ghostnet_100"}
+WITHOUT_DROP_PATH = {"densenet121", "ghostnet_100", "selecsls42b"}
 DECODER_WIDTH = 64
 ATOL = 1e-10
 

@@ -26,7 +26,7 @@ DEFAULTS = {"resnet50d": (0.05, "bn"), "seresnet50": (0.05, "bn"), "resnext50_32
             "ghostnet_100": (0.0, "bn"), "mobilenetv4_conv_small": (0.0, "bn"),
             # MixedConv2d and TensorFlow-"SAME" padding
             "mixnet_s": (0.0, "bn"), "tf_efficientnet_b0": (0.0, "bn"), "tf_efficientnetv2_s": (0.05, "bn"),
-            "rexnet_100": (0.0, "bn")}
+            "rexnet_100": (0.0, "bn"), "selecsls42b": (0.0, "bn")}
 FAMILY_MODELS = list(DEFAULTS)
 
 

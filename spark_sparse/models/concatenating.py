@@ -1,9 +1,10 @@
-"""timm's concatenating CNNs (DenseNet, VoVNet, Res2Net, GhostNet, ReXNet): their blocks on every backend.
+"""timm's concatenating CNNs (DenseNet, VoVNet, Res2Net, GhostNet, ReXNet, SelecSLS) on every backend.
 
 Their blocks join channel groups with ``torch.cat(..., 1)`` (Res2Net splits them with
 ``torch.split(x, width, 1)``, GhostNet keeps the first channels with ``out[:, :out_chs]``, ReXNet
-adds its shortcut to the first channels only: ``cat([x[:, :c] + shortcut, x[:, c:]], 1)``): every
-group holds the same active sites, so these are exact on every backend
+adds its shortcut to the first channels only: ``cat([x[:, :c] + shortcut, x[:, c:]], 1)``, SelecSLS
+passes ``[features, skip]`` lists between blocks and concatenates both into each block's output):
+every group holds the same active sites, so these are exact on every backend
 (:class:`~spark_sparse.features.FeatureMap`). The rest is layers the backends convert: BatchNorm (+
 activation), convs, VoVNet's ``ConvNormAct``, eSE and GhostNet's and ReXNet's SE attention (squeeze
 over active sites; ReXNet's has a BatchNorm on the squeezed vector, timm's own), pools (DenseNet's
@@ -13,13 +14,14 @@ group in each stage's first block, padding counted as SparK's dense pool counts 
 Options without an exact meaning on active sites are refused: DenseNet's ``proj_drop_rate``
 (``F.dropout`` inside its layers) and memory-efficient checkpointing fail on the first training
 forward naming the torch function (:class:`~spark_sparse.features.UnsupportedFeatureOperation`); an
-anti-aliasing layer fails at conversion; a drop path for DenseNet, which has none, fails at creation.
+anti-aliasing layer fails at conversion; a drop path for a net that has none (DenseNet, GhostNet,
+SelecSLS) fails at creation.
 
 GhostNet-V2 and V3 are not registered (their DFC attention resizes features with
 ``F.interpolate``): they fail at conversion, naming the module.
 
-Default drop path 0 (SparK's ``--dp`` default; DenseNet and GhostNet take none), densify norm
-BatchNorm.
+Default drop path 0 (SparK's ``--dp`` default; DenseNet, GhostNet and SelecSLS take none), densify
+norm BatchNorm.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from timm.models.densenet import DenseBlock, DenseLayer, DenseNet, DenseTransiti
 from timm.models.ghostnet import GhostBottleneck, GhostModule, GhostNet
 from timm.models.res2net import Bottle2neck
 from timm.models.rexnet import LinearBottleneck, RexNet
+from timm.models.selecsls import SelecSls, SelecSlsBlock, SelectSeq, SequentialList
 from timm.models.vovnet import OsaBlock, OsaStage, SequentialAppendList, VovNet
 
 from ..backends import register_container
@@ -35,8 +38,9 @@ from .timm_encoders import register_timm_encoder
 __all__ = []
 
 for _composite in (DenseNet, DenseBlock, DenseLayer, DenseTransition, VovNet, OsaStage, OsaBlock,
-                   SequentialAppendList, Bottle2neck, GhostNet, GhostBottleneck, GhostModule, RexNet, LinearBottleneck):
+                   SequentialAppendList, Bottle2neck, GhostNet, GhostBottleneck, GhostModule, RexNet, LinearBottleneck,
+                   SelecSls, SelecSlsBlock, SequentialList, SelectSeq):
     register_container(_composite)
 
-for _name in ("densenet121", "ese_vovnet39b", "res2net50_26w_4s", "ghostnet_100", "rexnet_100"):
+for _name in ("densenet121", "ese_vovnet39b", "res2net50_26w_4s", "ghostnet_100", "rexnet_100", "selecsls42b"):
     register_timm_encoder(_name, 0.0, densify_norm="bn", tested=True)
