@@ -38,11 +38,12 @@ ENCODERS = {
     "rexnet_100": (64, 2, dict(depth_mult=0.5)),
     "selecsls42b": (64, 2, {}),                 # [features, skip] lists between blocks, concatenations
     "dla34": (64, 2, {}),                       # trees joined by concatenation at one resolution
+    "hrnet_w18_small": (64, 2, {}),             # branches at strides 4..32 fused by sums (nearest upsampling)
 }
 #: drop path on, so the per-image DropPath draws are checked too (seeded alike on both backends),
 #: except for the nets that have none
 DROP_PATH = 0.1
-WITHOUT_DROP_PATH = {"densenet121", "ghostnet_100", "selecsls42b", "dla34"}
+WITHOUT_DROP_PATH = {"densenet121", "ghostnet_100", "selecsls42b", "dla34", "hrnet_w18_small"}
 DECODER_WIDTH = 64
 ATOL = 1e-10
 

@@ -63,6 +63,10 @@ LAYERS = {
                                         4, 8),
     "mixed_conv_depthwise_3_5_7": (lambda: MixedConv2d(9, 9, [3, 5, 7], depthwise=True), 4, 9),
     "mixed_conv_same_stride2": (lambda: MixedConv2d(8, 12, [3, 5], stride=2, padding="same"), 4, 8),
+    # HRNet's fusion: a coarse branch projected and upsampled (nearest) to a finer one
+    "upsample_nearest_x2": (lambda: nn.Upsample(scale_factor=2, mode="nearest"), 8, 8),
+    "conv_bn_upsample_x4": (lambda: randomized(nn.Sequential(nn.Conv2d(8, 6, 1, bias=False), nn.BatchNorm2d(6),
+                                                             nn.Upsample(scale_factor=4.0, mode="nearest"))), 16, 8),
     "batchnorm_act_silu": (lambda: randomized(BatchNormAct2d(8, act_layer=nn.SiLU)), 4, 8),
     "batchnorm_act_hardswish": (lambda: randomized(BatchNormAct2d(8, act_layer=nn.Hardswish)), 4, 8),
     "batchnorm_act_leaky_relu": (lambda: randomized(BatchNormAct2d(8, act_layer=nn.LeakyReLU)), 4, 8),

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import (BatchNormAct2d, EcaModule, GroupNormAct, LayerScale2d, ScaledStdConv2d, SEModule,
+from timm.layers import (BatchNormAct2d, Conv2dSame, EcaModule, GroupNormAct, LayerScale2d, MixedConv2d,
+                         ScaledStdConv2d, SEModule,
                          StdConv2d)
 from timm.layers.grn import GlobalResponseNorm
 from timm.models._efficientnet_blocks import SqueezeExcite
@@ -126,8 +127,13 @@ def test_global_response_norm_gradient_is_finite_when_a_channel_is_zero_in_an_im
     lambda: ScaledStdConv2d(8, 12, 3),
     lambda: nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False),
     lambda: LayerScale2d(8, init_values=0.5),
+    lambda: Conv2dSame(8, 12, 3, stride=2),
+    lambda: Conv2dSame(8, 8, 5, stride=2, groups=8),
+    lambda: MixedConv2d(8, 12, [3, 5], stride=2, padding="same"),
+    lambda: nn.Upsample(scale_factor=2, mode="nearest"),
 ], ids=["BatchNormAct2d", "GroupNormAct", "GroupNorm", "SEModule", "SqueezeExcite", "EcaModule",
-        "GlobalResponseNorm", "StdConv2d", "ScaledStdConv2d", "AvgPool2d_resnet_d", "LayerScale2d"])
+        "GlobalResponseNorm", "StdConv2d", "ScaledStdConv2d", "AvgPool2d_resnet_d", "LayerScale2d",
+        "Conv2dSame_3x3_s2", "Conv2dSame_depthwise_5x5_s2", "MixedConv2d_same_s2", "Upsample_nearest_x2"])
 def test_with_every_site_visible_the_layer_is_timms_dense_layer(backend, make):
     layer = randomized(make()).double()
     mask = ActiveMask.full(2, (2, 2))
@@ -136,6 +142,15 @@ def test_with_every_site_visible_the_layer_is_timms_dense_layer(backend, make):
     converted = backend_obj.convert(nn.Sequential(copy.deepcopy(layer)))
     fmap = MaskedDense(x, mask, 4) if backend == "masked" else ss.SparseRows(x.permute(0, 2, 3, 1).reshape(-1, 8), mask, 4)
     torch.testing.assert_close(converted(fmap).to_dense(), layer(x))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("upsample", [nn.Upsample(scale_factor=2, mode="bilinear"), nn.Upsample(size=(8, 8)),
+                                      nn.Upsample(scale_factor=1.5), nn.Upsample(scale_factor=(2, 1))],
+                         ids=["bilinear", "size", "fractional", "per_axis"])
+def test_an_upsample_other_than_nearest_by_one_integer_factor_is_refused(backend, upsample):
+    with pytest.raises(NotImplementedError, match=r"^1: nn\.Upsample.* only nearest upsampling by one integer factor"):
+        ss.create_backend(backend).convert(nn.Sequential(nn.Conv2d(8, 8, 1), upsample))
 
 
 def test_zero_padded_max_pool_counts_padding_as_zero_unlike_max_pool_padding():

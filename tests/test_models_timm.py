@@ -27,7 +27,7 @@ DEFAULTS = {"resnet50d": (0.05, "bn"), "seresnet50": (0.05, "bn"), "resnext50_32
             # MixedConv2d and TensorFlow-"SAME" padding
             "mixnet_s": (0.0, "bn"), "tf_efficientnet_b0": (0.0, "bn"), "tf_efficientnetv2_s": (0.05, "bn"),
             "rexnet_100": (0.0, "bn"), "selecsls42b": (0.0, "bn"),
-            "dla34": (0.0, "bn")}
+            "dla34": (0.0, "bn"), "hrnet_w18_small": (0.0, "bn")}
 FAMILY_MODELS = list(DEFAULTS)
 
 
@@ -91,7 +91,7 @@ def test_any_timm_cnn_with_supported_layers_works_by_its_timm_name(name):
 
 @pytest.mark.parametrize("name,error,match", [
     ("efficientnet_cc_b0_4e", ss.UnsupportedModuleError, r"'model\.blocks\.4\.0' of type .*CondConvResidual"),
-    ("hrnet_w18_small", ss.UnsupportedModuleError, r"'model' of type .*HighResolutionNet"),
+    ("tresnet_m", ss.UnsupportedModuleError, r"'model' of type .*TResNet"),
     ("gcresnet33ts", ss.UnsupportedModuleError, r"'model\.stages\.0\.0\.attn' of type .*GlobalContext"),
     ("vit_tiny_patch16_224", UnsuitableModelError, r"no feature map at stride\(s\) \[4, 8, 32\]"),
 ])

@@ -18,6 +18,7 @@ from .conv_weights import WEIGHT_TRANSFORMS, copy_transform_attributes, weight_f
 from .pools import ConstantPadMaxPool2d
 from .registry import register_backend
 from .same_padding import pads_same
+from .upsample import MaskedNearestUpsample
 
 __all__ = ["MaskedBackend", "MaskedConv2d", "MaskedMaxPool2d", "MaskedConstantPadMaxPool2d", "MaskedAvgPool2d"]
 
@@ -132,4 +133,5 @@ class MaskedBackend(Backend):
         nn.MaxPool2d: MaskedMaxPool2d.from_dense,
         ConstantPadMaxPool2d: MaskedConstantPadMaxPool2d.from_dense,
         nn.AvgPool2d: MaskedAvgPool2d.from_dense,
+        nn.Upsample: MaskedNearestUpsample.from_dense,
     }

@@ -23,6 +23,7 @@ from .conv_weights import WEIGHT_TRANSFORMS, copy_transform_attributes, weight_f
 from .fused import saved_as_recipe
 from .pools import ConstantPadMaxPool2d
 from .same_padding import grid_padding, pads_same
+from .upsample import SparseNearestUpsample
 
 __all__ = ["RowBackend", "SparseConv2d", "SparseMaxPool2d", "SparseConstantPadMaxPool2d", "SparseAvgPool2d"]
 
@@ -224,6 +225,7 @@ class RowBackend(Backend):
         nn.MaxPool2d: SparseMaxPool2d.from_dense,
         ConstantPadMaxPool2d: SparseConstantPadMaxPool2d.from_dense,
         nn.AvgPool2d: SparseAvgPool2d.from_dense,
+        nn.Upsample: SparseNearestUpsample.from_dense,
     }
 
     def __init__(self, strict: bool = False, kernels: Optional[Sequence[str]] = None):
