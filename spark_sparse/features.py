@@ -66,6 +66,13 @@ def _is_zero_scalar(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
 
 
+def _is_scalar(value: object) -> bool:
+    """A Python number or a one-element tensor (NF-Net's gains): a factor that keeps every zero a zero."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and value.dim() <= 1
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _is_whole_slice(value: object) -> bool:
     return isinstance(value, slice) and value == slice(None)
 
@@ -121,6 +128,27 @@ class FeatureMap:
         return self.with_data(self.data + other.data)
 
     __iadd__ = __radd__ = __add__
+
+    def __mul__(self, factor: Union[torch.Tensor, int, float]) -> "FeatureMap":
+        """The features times one scalar (NF-Nets' ``x * beta``, ``attn_gain * x``): masked sites stay 0.
+
+        A per-channel or per-site factor has no single meaning in both layouts and is refused."""
+        if not _is_scalar(factor):
+            kind = f"a tensor of shape {tuple(factor.shape)}" if isinstance(factor, torch.Tensor) else type(factor).__name__
+            raise UnsupportedFeatureOperation(
+                f"a SparK feature map can be multiplied by one scalar only (a number or a one-element tensor), "
+                f"not by {kind}")
+        return self.with_data(self.data * factor)
+
+    __rmul__ = __mul__
+
+    def mul_(self, factor: Union[torch.Tensor, int, float]) -> "FeatureMap":
+        """``x.mul_(gain)`` (NF-Net's skip-init gain): this map holds the product afterwards.
+
+        The product is a new tensor (autograd may keep the old one for backward); only the map's
+        reference to its data changes, which is what the caller's later reads of ``x`` see."""
+        vars(self).update(vars(self * factor))
+        return self
 
     # ------------------------------------------------------------------ channel bookkeeping
     def split(self, split_size_or_sections: Union[int, Sequence[int]], dim: int = 0) -> tuple["FeatureMap", ...]:

@@ -39,11 +39,17 @@ ENCODERS = {
     "selecsls42b": (64, 2, {}),                 # [features, skip] lists between blocks, concatenations
     "dla34": (64, 2, {}),                       # trees joined by concatenation at one resolution
     "hrnet_w18_small": (64, 2, {}),             # branches at strides 4..32 fused by sums (nearest upsampling)
+    # normalisation-free: scalar gains, weight-standardised convs (and TF "SAME" padding in dm_nfnet_*)
+    "nf_resnet50": (64, 2, {}),
+    "eca_nfnet_l0": (64, 2, {}),
 }
 #: drop path on, so the per-image DropPath draws are checked too (seeded alike on both backends),
 #: except for the nets that have none
 DROP_PATH = 0.1
 WITHOUT_DROP_PATH = {"densenet121", "ghostnet_100", "selecsls42b", "dla34", "hrnet_w18_small"}
+#: nets whose residual branches start switched off (NF-Nets zero-initialise the last conv's gain): their
+#: all-zero parameters are drawn at random first, or every branch would be compared on zero gradients
+ZERO_INIT_BRANCHES = {"nf_resnet50", "eca_nfnet_l0"}
 DECODER_WIDTH = 64
 ATOL = 1e-10
 
@@ -76,6 +82,11 @@ def _reference(model: str) -> tuple[dict, dict]:
     """(masked run, its initial state), computed once per model for every backend's test."""
     torch.manual_seed(0)
     spark = _spark(model, "masked")
+    if model in ZERO_INIT_BRANCHES:
+        with torch.no_grad():
+            for param in spark.parameters():
+                if not param.any():
+                    param.uniform_(0.5, 1.5)
     state = {k: v.clone() for k, v in spark.state_dict().items()}
     return _run(spark, model), state
 

@@ -110,3 +110,26 @@ def test_channel_slices_keep_the_sites_and_anything_else_is_refused(kind, mask):
 def test_contiguous_keeps_the_feature_map(mask):
     rows = _maps(SparseRows, mask)[0]
     assert rows.contiguous() is rows
+
+
+@pytest.mark.parametrize("kind", [MaskedDense, SparseRows])
+def test_scalar_factors_scale_every_site_and_in_place_scaling_rebinds_the_data(kind, mask):
+    a, _ = _maps(kind, mask)
+    gain = torch.tensor(0.25, requires_grad=True)
+    for scaled, factor in ((a * 2.0, 2.0), (3 * a, 3.0), (a * gain, 0.25), (a * torch.tensor([1.5]), 1.5)):
+        assert isinstance(scaled, kind) and scaled.mask is mask and scaled.stride == 2
+        assert torch.equal(scaled.to_dense(), a.to_dense() * factor)
+    original = a.data
+    out = a.mul_(gain)
+    assert out is a and torch.equal(original, _maps(kind, mask)[0].data)       # the old tensor is untouched
+    assert torch.equal(a.to_dense().detach(), _maps(kind, mask)[0].to_dense() * 0.25)
+    a.data.sum().backward()
+    assert gain.grad is not None and float(gain.grad) != 0.0
+
+
+@pytest.mark.parametrize("kind", [MaskedDense, SparseRows])
+def test_factors_other_than_one_scalar_are_refused(kind, mask):
+    a, b = _maps(kind, mask)
+    for factor in (torch.ones(3), torch.ones(1, 3, 1, 1), b, "2"):
+        with pytest.raises(ss.UnsupportedFeatureOperation, match="multiplied by one scalar only"):
+            a * factor

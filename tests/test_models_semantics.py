@@ -14,6 +14,7 @@ from timm.layers import (BatchNormAct2d, Conv2dSame, EcaModule, GroupNormAct, La
                          ScaledStdConv2d, SEModule,
                          StdConv2d)
 from timm.layers.grn import GlobalResponseNorm
+from timm.models.nfnet import GammaAct
 from timm.models._efficientnet_blocks import SqueezeExcite
 
 import spark_sparse as ss
@@ -131,9 +132,10 @@ def test_global_response_norm_gradient_is_finite_when_a_channel_is_zero_in_an_im
     lambda: Conv2dSame(8, 8, 5, stride=2, groups=8),
     lambda: MixedConv2d(8, 12, [3, 5], stride=2, padding="same"),
     lambda: nn.Upsample(scale_factor=2, mode="nearest"),
+    lambda: GammaAct("silu", gamma=1.7),
 ], ids=["BatchNormAct2d", "GroupNormAct", "GroupNorm", "SEModule", "SqueezeExcite", "EcaModule",
         "GlobalResponseNorm", "StdConv2d", "ScaledStdConv2d", "AvgPool2d_resnet_d", "LayerScale2d",
-        "Conv2dSame_3x3_s2", "Conv2dSame_depthwise_5x5_s2", "MixedConv2d_same_s2", "Upsample_nearest_x2"])
+        "Conv2dSame_3x3_s2", "Conv2dSame_depthwise_5x5_s2", "MixedConv2d_same_s2", "Upsample_nearest_x2", "GammaAct_silu"])
 def test_with_every_site_visible_the_layer_is_timms_dense_layer(backend, make):
     layer = randomized(make()).double()
     mask = ActiveMask.full(2, (2, 2))
@@ -167,3 +169,9 @@ def test_bit_stem_pad_and_pool_fold_into_one_layer_with_the_same_output():
     fold_zero_pad_into_max_pool(stem)
     assert isinstance(stem[1], nn.Identity) and type(stem[2]) is ConstantPadMaxPool2d
     torch.testing.assert_close(stem(x), want)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_an_nfnet_gamma_activation_that_fills_masked_sites_is_refused(backend):
+    with pytest.raises(ss.UnsupportedModuleError, match=r"'1' \(GammaAct of .*sigmoid.*\): the activation gives 0\.5 at 0"):
+        ss.create_backend(backend).convert(nn.Sequential(nn.Conv2d(8, 8, 1), GammaAct("sigmoid", gamma=2.0)))

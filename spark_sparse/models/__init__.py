@@ -11,6 +11,7 @@ from . import byobnet  # noqa: F401  (registers gernet_m, repvgg_a2, regnetz_c16
 from . import concatenating  # noqa: F401  (registers densenet121, ese_vovnet39b, res2net50_26w_4s, ghostnet_100, ...)
 from . import dla  # noqa: F401  (registers dla34)
 from . import hrnet  # noqa: F401  (registers hrnet_w18_small)
+from . import nfnet  # noqa: F401  (registers nf_resnet50, eca_nfnet_l0)
 from . import example  # noqa: F401  (registers tiny_cnn)
 
 __all__ = ["MODEL_ALIASES", "HierarchicalEncoder", "UnknownModelError", "create_encoder", "list_models",
