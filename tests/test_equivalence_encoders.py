@@ -42,11 +42,14 @@ ENCODERS = {
     # normalisation-free: scalar gains, weight-standardised convs (and TF "SAME" padding in dm_nfnet_*)
     "nf_resnet50": (64, 2, {}),
     "eca_nfnet_l0": (64, 2, {}),
+    # separable-conv blocks, dual paths as channel slices, re-parameterisable ghost modules, plain VGG
+    **{name: (64, 2, {}) for name in ("xception41", "dpn68", "repghostnet_100", "vgg11_bn")},
 }
 #: drop path on, so the per-image DropPath draws are checked too (seeded alike on both backends),
 #: except for the nets that have none
 DROP_PATH = 0.1
-WITHOUT_DROP_PATH = {"densenet121", "ghostnet_100", "selecsls42b", "dla34", "hrnet_w18_small"}
+WITHOUT_DROP_PATH = {"densenet121", "ghostnet_100", "selecsls42b", "dla34", "hrnet_w18_small", "dpn68",
+                     "repghostnet_100", "vgg11_bn"}
 #: nets whose residual branches start switched off (NF-Nets zero-initialise the last conv's gain): their
 #: all-zero parameters are drawn at random first, or every branch would be compared on zero gradients
 ZERO_INIT_BRANCHES = {"nf_resnet50", "eca_nfnet_l0"}

@@ -27,7 +27,9 @@ DEFAULTS = {"resnet50d": (0.05, "bn"), "seresnet50": (0.05, "bn"), "resnext50_32
             # MixedConv2d and TensorFlow-"SAME" padding
             "mixnet_s": (0.0, "bn"), "tf_efficientnet_b0": (0.0, "bn"), "tf_efficientnetv2_s": (0.05, "bn"),
             "rexnet_100": (0.0, "bn"), "selecsls42b": (0.0, "bn"),
-            "dla34": (0.0, "bn"), "hrnet_w18_small": (0.0, "bn"), "nf_resnet50": (0.05, "bn"), "eca_nfnet_l0": (0.05, "bn")}
+            "dla34": (0.0, "bn"), "hrnet_w18_small": (0.0, "bn"), "nf_resnet50": (0.05, "bn"), "eca_nfnet_l0": (0.05, "bn"),
+            "xception41": (0.05, "bn"), "dpn68": (0.0, "bn"), "repghostnet_100": (0.0, "bn"),
+            "vgg11_bn": (0.0, "bn")}
 FAMILY_MODELS = list(DEFAULTS)
 
 

@@ -8,10 +8,12 @@ from . import regnet  # noqa: F401  (registers regnety_016)
 from . import resnetv2  # noqa: F401  (registers resnetv2_50x1_bit)
 from . import cspnet  # noqa: F401  (registers cspresnet50, cspdarknet53)
 from . import byobnet  # noqa: F401  (registers gernet_m, repvgg_a2, regnetz_c16, resnet33ts)
-from . import concatenating  # noqa: F401  (registers densenet121, ese_vovnet39b, res2net50_26w_4s, ghostnet_100, ...)
+from . import concatenating  # noqa: F401  (registers densenet121, ese_vovnet39b, dpn68, ghostnet_100, ...)
 from . import dla  # noqa: F401  (registers dla34)
 from . import hrnet  # noqa: F401  (registers hrnet_w18_small)
 from . import nfnet  # noqa: F401  (registers nf_resnet50, eca_nfnet_l0)
+from . import xception  # noqa: F401  (registers xception41)
+from . import vgg  # noqa: F401  (registers vgg11_bn)
 from . import example  # noqa: F401  (registers tiny_cnn)
 
 __all__ = ["MODEL_ALIASES", "HierarchicalEncoder", "UnknownModelError", "create_encoder", "list_models",
