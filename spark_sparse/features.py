@@ -130,17 +130,22 @@ class FeatureMap:
     __iadd__ = __radd__ = __add__
 
     def __mul__(self, factor: Union[torch.Tensor, int, float]) -> "FeatureMap":
-        """The features times one scalar (NF-Nets' ``x * beta``, ``attn_gain * x``): masked sites stay 0.
+        """The features times one scalar (NF-Nets' ``x * beta``, ``attn_gain * x``) or times a factor
+        per channel written in NCHW, shape ``(1, C, 1, 1)`` or ``(C, 1, 1)`` (InceptionNeXt's layer
+        scale ``x.mul(gamma.reshape(1, -1, 1, 1))``): masked sites stay 0.
 
-        A per-channel or per-site factor has no single meaning in both layouts and is refused."""
-        if not _is_scalar(factor):
-            kind = f"a tensor of shape {tuple(factor.shape)}" if isinstance(factor, torch.Tensor) else type(factor).__name__
-            raise UnsupportedFeatureOperation(
-                f"a SparK feature map can be multiplied by one scalar only (a number or a one-element tensor), "
-                f"not by {kind}")
-        return self.with_data(self.data * factor)
+        Any other shape would mean positions or images, which active sites do not have: refused."""
+        if _is_scalar(factor):
+            return self.with_data(self.data * factor)
+        if isinstance(factor, torch.Tensor) and factor.shape in ((1, self.channels, 1, 1), (self.channels, 1, 1)):
+            per_channel = factor.reshape(self.channels)
+            return self.per_site(lambda values: values * per_channel)
+        kind = f"a tensor of shape {tuple(factor.shape)}" if isinstance(factor, torch.Tensor) else type(factor).__name__
+        raise UnsupportedFeatureOperation(
+            f"a SparK feature map can be multiplied by one scalar (a number or a one-element tensor) or by a "
+            f"per-channel factor of shape (1, {self.channels}, 1, 1) only, not by {kind}")
 
-    __rmul__ = __mul__
+    __rmul__ = mul = __mul__
 
     def mul_(self, factor: Union[torch.Tensor, int, float]) -> "FeatureMap":
         """``x.mul_(gain)`` (NF-Net's skip-init gain): this map holds the product afterwards.

@@ -43,7 +43,10 @@ ENCODERS = {
     "nf_resnet50": (64, 2, {}),
     "eca_nfnet_l0": (64, 2, {}),
     # separable-conv blocks, dual paths as channel slices, re-parameterisable ghost modules, plain VGG
-    **{name: (64, 2, {}) for name in ("xception41", "dpn68", "repghostnet_100", "vgg11_bn")},
+    **{name: (64, 2, {}) for name in ("xception41", "dpn68", "repghostnet_100", "vgg11_bn", "hgnet_tiny")},
+    # split into square and band (1 x k, k x 1) depthwise convs; per-channel layer scale, drawn at 1 (timm:
+    # 1e-6, which would leave the residual branches out of the comparison)
+    "inception_next_tiny": (64, 2, dict(depths=(1, 1, 1, 1), ls_init_value=1.0)),
 }
 #: drop path on, so the per-image DropPath draws are checked too (seeded alike on both backends),
 #: except for the nets that have none

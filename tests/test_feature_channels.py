@@ -130,6 +130,15 @@ def test_scalar_factors_scale_every_site_and_in_place_scaling_rebinds_the_data(k
 @pytest.mark.parametrize("kind", [MaskedDense, SparseRows])
 def test_factors_other_than_one_scalar_are_refused(kind, mask):
     a, b = _maps(kind, mask)
-    for factor in (torch.ones(3), torch.ones(1, 3, 1, 1), b, "2"):
-        with pytest.raises(ss.UnsupportedFeatureOperation, match="multiplied by one scalar only"):
+    for factor in (torch.ones(3), torch.ones(1, 4, 1, 1), torch.ones(2, 3, 1, 1), torch.ones(1, 3, 2, 1), b, "2"):
+        with pytest.raises(ss.UnsupportedFeatureOperation, match=r"one scalar .* or by a per-channel factor"):
             a * factor
+
+
+@pytest.mark.parametrize("kind", [MaskedDense, SparseRows])
+def test_a_per_channel_factor_written_in_nchw_scales_each_channel(kind, mask):
+    a, _ = _maps(kind, mask)
+    gamma = torch.tensor([0.5, -2.0, 3.0])
+    for scaled in (a.mul(gamma.reshape(1, -1, 1, 1)), a * gamma.view(3, 1, 1), gamma.view(1, 3, 1, 1) * a):
+        assert isinstance(scaled, kind) and scaled.mask is mask and scaled.stride == 2
+        torch.testing.assert_close(scaled.to_dense(), a.to_dense() * gamma.view(1, 3, 1, 1), rtol=0, atol=0)

@@ -29,7 +29,7 @@ DEFAULTS = {"resnet50d": (0.05, "bn"), "seresnet50": (0.05, "bn"), "resnext50_32
             "rexnet_100": (0.0, "bn"), "selecsls42b": (0.0, "bn"),
             "dla34": (0.0, "bn"), "hrnet_w18_small": (0.0, "bn"), "nf_resnet50": (0.05, "bn"), "eca_nfnet_l0": (0.05, "bn"),
             "xception41": (0.05, "bn"), "dpn68": (0.0, "bn"), "repghostnet_100": (0.0, "bn"),
-            "vgg11_bn": (0.0, "bn")}
+            "vgg11_bn": (0.0, "bn"), "hgnet_tiny": (0.0, "bn"), "inception_next_tiny": (0.1, "bn")}
 FAMILY_MODELS = list(DEFAULTS)
 
 

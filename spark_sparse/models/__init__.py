@@ -14,6 +14,8 @@ from . import hrnet  # noqa: F401  (registers hrnet_w18_small)
 from . import nfnet  # noqa: F401  (registers nf_resnet50, eca_nfnet_l0)
 from . import xception  # noqa: F401  (registers xception41)
 from . import vgg  # noqa: F401  (registers vgg11_bn)
+from . import hgnet  # noqa: F401  (registers hgnet_tiny)
+from . import inception_next  # noqa: F401  (registers inception_next_tiny)
 from . import example  # noqa: F401  (registers tiny_cnn)
 
 __all__ = ["MODEL_ALIASES", "HierarchicalEncoder", "UnknownModelError", "create_encoder", "list_models",
