@@ -43,7 +43,8 @@ ENCODERS = {
     "nf_resnet50": (64, 2, {}),
     "eca_nfnet_l0": (64, 2, {}),
     # separable-conv blocks, dual paths as channel slices, re-parameterisable ghost modules, plain VGG
-    **{name: (64, 2, {}) for name in ("xception41", "dpn68", "repghostnet_100", "vgg11_bn", "hgnet_tiny")},
+    **{name: (64, 2, {}) for name in ("xception41", "dpn68", "repghostnet_100", "vgg11_bn", "hgnet_tiny",
+                                      "legacy_seresnet18")},
     # split into square and band (1 x k, k x 1) depthwise convs; per-channel layer scale, drawn at 1 (timm:
     # 1e-6, which would leave the residual branches out of the comparison)
     "inception_next_tiny": (64, 2, dict(depths=(1, 1, 1, 1), ls_init_value=1.0)),
@@ -52,7 +53,7 @@ ENCODERS = {
 #: except for the nets that have none
 DROP_PATH = 0.1
 WITHOUT_DROP_PATH = {"densenet121", "ghostnet_100", "selecsls42b", "dla34", "hrnet_w18_small", "dpn68",
-                     "repghostnet_100", "vgg11_bn"}
+                     "repghostnet_100", "vgg11_bn", "legacy_seresnet18"}
 #: nets whose residual branches start switched off (NF-Nets zero-initialise the last conv's gain): their
 #: all-zero parameters are drawn at random first, or every branch would be compared on zero gradients
 ZERO_INIT_BRANCHES = {"nf_resnet50", "eca_nfnet_l0"}

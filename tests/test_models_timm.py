@@ -24,12 +24,13 @@ DEFAULTS = {"resnet50d": (0.05, "bn"), "seresnet50": (0.05, "bn"), "resnext50_32
             "repvgg_a2": (0.0, "bn"), "regnetz_c16": (0.0, "bn"), "resnet33ts": (0.05, "bn"),
             "densenet121": (0.0, "bn"), "ese_vovnet39b": (0.0, "bn"), "res2net50_26w_4s": (0.0, "bn"),
             "ghostnet_100": (0.0, "bn"), "mobilenetv4_conv_small": (0.0, "bn"),
-            # MixedConv2d and TensorFlow-"SAME" padding
+            # MixedConv2d, TensorFlow-"SAME" padding, lists of maps, nearest upsampling, scalar gains, ...
             "mixnet_s": (0.0, "bn"), "tf_efficientnet_b0": (0.0, "bn"), "tf_efficientnetv2_s": (0.05, "bn"),
-            "rexnet_100": (0.0, "bn"), "selecsls42b": (0.0, "bn"),
-            "dla34": (0.0, "bn"), "hrnet_w18_small": (0.0, "bn"), "nf_resnet50": (0.05, "bn"), "eca_nfnet_l0": (0.05, "bn"),
+            "rexnet_100": (0.0, "bn"), "selecsls42b": (0.0, "bn"), "dla34": (0.0, "bn"),
+            "hrnet_w18_small": (0.0, "bn"), "nf_resnet50": (0.05, "bn"), "eca_nfnet_l0": (0.05, "bn"),
             "xception41": (0.05, "bn"), "dpn68": (0.0, "bn"), "repghostnet_100": (0.0, "bn"),
-            "vgg11_bn": (0.0, "bn"), "hgnet_tiny": (0.0, "bn"), "inception_next_tiny": (0.1, "bn")}
+            "vgg11_bn": (0.0, "bn"), "hgnet_tiny": (0.0, "bn"), "inception_next_tiny": (0.1, "bn"),
+            "legacy_seresnet18": (0.0, "bn")}
 FAMILY_MODELS = list(DEFAULTS)
 
 

@@ -16,6 +16,7 @@ from . import xception  # noqa: F401  (registers xception41)
 from . import vgg  # noqa: F401  (registers vgg11_bn)
 from . import hgnet  # noqa: F401  (registers hgnet_tiny)
 from . import inception_next  # noqa: F401  (registers inception_next_tiny)
+from . import senet  # noqa: F401  (registers legacy_seresnet18)
 from . import example  # noqa: F401  (registers tiny_cnn)
 
 __all__ = ["MODEL_ALIASES", "HierarchicalEncoder", "UnknownModelError", "create_encoder", "list_models",
