@@ -48,6 +48,13 @@ ENCODERS = {
     # split into square and band (1 x k, k x 1) depthwise convs; per-channel layer scale, drawn at 1 (timm:
     # 1e-6, which would leave the residual branches out of the comparison)
     "inception_next_tiny": (64, 2, dict(depths=(1, 1, 1, 1), ls_init_value=1.0)),
+    # split attention and selective kernels (radix groups as channel slices, squeeze over active sites); the
+    # 50-layer nets at one block per stage (full-depth SKNeXt at batch 2: its attention BatchNorm over two
+    # squeezed vectors amplifies rounding to 2e-9 on every backend, masked in channels-last included)
+    "resnest14d": (64, 2, {}),
+    "skresnet18": (64, 2, {}),
+    "resnest50d": (64, 2, dict(layers=(1, 1, 1, 1))),
+    "skresnext50_32x4d": (64, 2, dict(layers=(1, 1, 1, 1))),
 }
 #: drop path on, so the per-image DropPath draws are checked too (seeded alike on both backends),
 #: except for the nets that have none

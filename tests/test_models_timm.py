@@ -30,7 +30,8 @@ DEFAULTS = {"resnet50d": (0.05, "bn"), "seresnet50": (0.05, "bn"), "resnext50_32
             "hrnet_w18_small": (0.0, "bn"), "nf_resnet50": (0.05, "bn"), "eca_nfnet_l0": (0.05, "bn"),
             "xception41": (0.05, "bn"), "dpn68": (0.0, "bn"), "repghostnet_100": (0.0, "bn"),
             "vgg11_bn": (0.0, "bn"), "hgnet_tiny": (0.0, "bn"), "inception_next_tiny": (0.1, "bn"),
-            "legacy_seresnet18": (0.0, "bn")}
+            "legacy_seresnet18": (0.0, "bn"), "resnest14d": (0.0, "bn"), "resnest50d": (0.05, "bn"),
+            "skresnet18": (0.0, "bn"), "skresnext50_32x4d": (0.05, "bn")}
 FAMILY_MODELS = list(DEFAULTS)
 
 
