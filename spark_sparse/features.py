@@ -61,16 +61,21 @@ def sample_drop_path_keep(batch_size: int, drop_prob: float, scale_by_keep: bool
     return factors.view(batch_size)
 
 
+def _is_number(value: object) -> bool:
+    """A Python int or float (not a bool, not a tensor)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _is_zero_scalar(value: object) -> bool:
-    """The Python number 0 (not a tensor, not a bool): the one scalar that adds nothing at any site."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+    """The Python number 0: the one scalar that adds nothing at any site."""
+    return _is_number(value) and value == 0
 
 
 def _is_scalar(value: object) -> bool:
     """A Python number or a one-element tensor (NF-Net's gains): a factor that keeps every zero a zero."""
     if isinstance(value, torch.Tensor):
         return value.numel() == 1 and value.dim() <= 1
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return _is_number(value)
 
 
 def _is_whole_slice(value: object) -> bool:

@@ -65,6 +65,27 @@ def run_layer_pair(layer: nn.Module, backend: str, mask: ActiveMask, stride: int
     return results
 
 
+def assert_layer_pair_matches(results: dict, backend: str, mask: ActiveMask, tol: float) -> None:
+    """A :func:`run_layer_pair` result: ``backend`` equals ``masked`` (same output stride and rows, exact
+    zeros at masked sites, input, parameter and buffer gradients within ``tol``; parameter gradients
+    scaled by their largest reference magnitude)."""
+    ref, got = results["masked"], results[backend]
+    assert got["out_stride"] == ref["out_stride"]
+    site = mask.dense_at(ref["out_stride"]).expand_as(ref["out_dense"])
+    assert torch.all(ref["out_dense"][~site] == 0) and torch.all(got["out_dense"][~site] == 0)
+    assert got["out_rows"].shape == ref["out_rows"].shape
+    for what in ("out_rows", "grad_in"):
+        abs_err, _ = max_errors(got[what], ref[what])
+        assert abs_err <= tol, f"{what}: max abs error {abs_err:.3g}"
+    assert ref["params"].keys() == got["params"].keys()
+    for name, grad in ref["params"].items():
+        abs_err, rel_err = max_errors(got["params"][name], grad)
+        assert abs_err <= tol * max(1.0, float(grad.abs().max())), f"grad {name}: {abs_err:.3g} (rel {rel_err:.3g})"
+    for name, buf in ref["buffers"].items():
+        abs_err, _ = max_errors(got["buffers"][name].to(buf.dtype), buf)
+        assert abs_err <= tol, f"buffer {name}: {abs_err:.3g}"
+
+
 def assert_encoder_matches_timm(spark, model: str, state: dict, atol: float) -> None:
     """Plain ``timm.create_model(model, num_classes=0)`` loads ``state`` strictly and, on an all-visible
     mask, gives the SparK encoder's hierarchical features."""

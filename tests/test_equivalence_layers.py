@@ -10,7 +10,7 @@ from timm.models._efficientnet_blocks import SqueezeExcite
 from spark_sparse import ActiveMask
 from spark_sparse.backends.pools import ConstantPadMaxPool2d
 
-from equivalence import max_errors, run_layer_pair, sparse_backend_params
+from equivalence import assert_layer_pair_matches, run_layer_pair, sparse_backend_params
 
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
 
@@ -96,22 +96,8 @@ def test_layer_matches_masked(backend, layer_name, mask_name, dtype):
     factory, stride, channels = LAYERS[layer_name]
     mask = MASKS[mask_name]()
     layer = factory()
-    res = run_layer_pair(layer, backend, mask, stride, channels, dtype)
-    ref, got = res["masked"], res[backend]
-    tol = TOLERANCE[dtype]
-    assert got["out_stride"] == ref["out_stride"]
-    site = mask.dense_at(ref["out_stride"]).expand_as(ref["out_dense"])
-    assert torch.all(ref["out_dense"][~site] == 0) and torch.all(got["out_dense"][~site] == 0)
-    assert got["out_rows"].shape == ref["out_rows"].shape
-    for what in ("out_rows", "grad_in"):
-        abs_err, _ = max_errors(got[what], ref[what])
-        assert abs_err <= tol, f"{what}: max abs error {abs_err:.3g}"
-    for name, grad in ref["params"].items():
-        abs_err, rel_err = max_errors(got["params"][name], grad)
-        assert abs_err <= tol * max(1.0, float(grad.abs().max())), f"grad {name}: {abs_err:.3g} (rel {rel_err:.3g})"
-    for name, buf in ref["buffers"].items():
-        abs_err, _ = max_errors(got["buffers"][name].to(buf.dtype), buf)
-        assert abs_err <= tol, f"buffer {name}: {abs_err:.3g}"
+    assert_layer_pair_matches(run_layer_pair(layer, backend, mask, stride, channels, dtype), backend, mask,
+                              TOLERANCE[dtype])
 
 
 def test_one_visible_mask_has_exactly_one_patch():

@@ -15,7 +15,7 @@ from timm.layers import DropBlock2d, SelectiveKernel, SplitAttn
 import spark_sparse as ss
 from spark_sparse import ActiveMask, MaskedDense, SparseRows
 
-from equivalence import max_errors, run_layer_pair, sparse_backend_params
+from equivalence import assert_layer_pair_matches, run_layer_pair, sparse_backend_params
 from test_equivalence_layers import randomized
 
 FP64_TOLERANCE = 1e-10
@@ -59,20 +59,7 @@ def test_layer_matches_masked_in_fp64(backend, layer_name):
     factory, stride, channels = LAYERS[layer_name]
     mask = _random_mask()
     res = run_layer_pair(randomized(factory()), backend, mask, stride, channels, torch.float64)
-    ref, got = res["masked"], res[backend]
-    assert got["out_stride"] == ref["out_stride"]
-    site = mask.dense_at(ref["out_stride"]).expand_as(ref["out_dense"])
-    assert torch.all(ref["out_dense"][~site] == 0) and torch.all(got["out_dense"][~site] == 0)
-    for what in ("out_rows", "grad_in"):
-        abs_err, _ = max_errors(got[what], ref[what])
-        assert abs_err <= FP64_TOLERANCE, f"{what}: max abs error {abs_err:.3g}"
-    assert ref["params"].keys() == got["params"].keys()
-    for name, grad in ref["params"].items():
-        abs_err, rel_err = max_errors(got["params"][name], grad)
-        assert abs_err <= FP64_TOLERANCE * max(1.0, float(grad.abs().max())), f"grad {name}: {abs_err:.3g}"
-    for name, buf in ref["buffers"].items():
-        abs_err, _ = max_errors(got["buffers"][name].to(buf.dtype), buf)
-        assert abs_err <= FP64_TOLERANCE, f"buffer {name}: {abs_err:.3g}"
+    assert_layer_pair_matches(res, backend, mask, FP64_TOLERANCE)
 
 
 def _branches(layer: nn.Module, x: torch.Tensor, site: torch.Tensor) -> list[torch.Tensor]:
