@@ -38,6 +38,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+from _report import error_vs_floor
+
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE / "BENCHMARKS.template.md"
 RESULTS = HERE / "results"
@@ -129,13 +131,14 @@ def render_run(name: str, entry: Optional[dict]) -> str:
              f"{meta['warmup']} warm-up, {meta['threads']} threads, {meta['device']}; memory: {meta['memory_method']}.",
              "",
              "| model | variant | mask | dtype | fwd ms | fwd+bwd ms | step ms | images/s | speed-up vs masked | peak MB "
-             "| max abs err | max rel err | fp32 floor rel err |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| max abs err | max rel err | fp32 floor rel err | x floor |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         lines.append(f"| {r['model']} | {r['backend']} | {r['mask_ratio']} | {r['dtype']} | {_fmt(r['fwd_ms'], '.0f')} | "
                      f"{_fmt(r['fwd_bwd_ms'], '.0f')} | {_fmt(r['step_ms'], '.0f')} | {_fmt(r['images_per_s'], '.1f')} | "
                      f"{_fmt(r['speedup_vs_masked'], '.2f')}x | {_fmt(r['peak_mem_mb'], '.0f')} | "
-                     f"{r['max_abs_err']:.1e} | {r['max_rel_err']:.1e} | {r['fp32_noise_floor']['max_rel_err']:.1e} |")
+                     f"{r['max_abs_err']:.1e} | {r['max_rel_err']:.1e} | {r['fp32_noise_floor']['max_rel_err']:.1e} | "
+                     f"{_fmt(error_vs_floor(r), '.2f')} |")
     if meta.get("skipped"):
         lines += ["", "Skipped (unavailable on that machine): "
                   + "; ".join(f"`{b}`: {why}" for b, why in meta["skipped"].items())]

@@ -102,3 +102,26 @@ def test_reference_points_write_a_file_the_renderer_reads(tmp_path):
     text = rb.render("{{run cpu_ref}}\n{{ref cpu_ref key=gemm.onednn_gflops_max fmt=.3f}}", results)
     assert "Square matmul" in text and "oneDNN 1x1 conv" in text and "reference_points.py --quick" in text
     assert float(text.splitlines()[-1]) > 0
+
+
+def _errors(**groups):
+    return {"errors": {name: {"max_abs": value, "max_rel": 0.5} for name, value in groups.items()}}
+
+
+def test_x_floor_is_the_worst_groups_abs_error_over_maskeds_fp32_floor():
+    from _report import error_vs_floor
+
+    record = {"dtype": "fp32", "equivalence": _errors(loss=2e-7, grad_input=3e-6, grad_params=0.0),
+              "fp32_noise_floor": _errors(loss=4e-7, grad_input=1e-6, grad_params=1e-5)}
+    assert error_vs_floor(record) == pytest.approx(3.0)                   # grad_input: 3e-6 / 1e-6
+    assert error_vs_floor({**record, "equivalence": _errors(loss=0.0, grad_input=0.0)}) == 0.0
+    assert error_vs_floor({**record, "equivalence": _errors(loss=1e-9),
+                           "fp32_noise_floor": _errors(loss=0.0)}) == float("inf")
+    assert error_vs_floor({**record, "dtype": "bf16"}) is None           # the floor is an fp32 one
+    assert error_vs_floor({"dtype": "fp32"}) is None
+
+
+def test_the_table_shows_x_floor_per_row(tmp_path):
+    results = rb.load_results(_results(tmp_path, "cpu_x"))
+    header = next(line for line in rb.render("{{run cpu_x}}", results).splitlines() if line.startswith("| model"))
+    assert header.endswith("| x floor |")
