@@ -57,10 +57,12 @@ def build(model="tiny_cnn", backend="auto", size=64, dtype=torch.float32, seed=0
     return ss.create_spark(model, backend=backend, input_size=size, drop_path_rate=0.0).to(dtype)
 
 
-def tune(spark, tmp_path, timer, batch=2, mode="on", budget_s=600.0, model="tiny_cnn", size=64, **kwargs):
+def tune(spark, tmp_path, timer, batch=2, mode="on", budget_s=600.0, model="tiny_cnn", size=64, memory_limit=None,
+         **kwargs):
+    """Tune on the fake timings; without a memory limit unless asked (its tests are under "memory" below)."""
     dtype = next(spark.parameters()).dtype
     options = AutotuneOptions(mode=mode, budget_s=budget_s, warmup=0, repeats=1, progress=False,
-                              cache_dir=tmp_path / "cache")
+                              cache_dir=tmp_path / "cache", memory_limit=memory_limit)
     return autotune(spark, batch, "cpu", options=options, timer=timer,
                     build_masked=lambda: build(model, "masked", size, dtype), **kwargs)
 
@@ -303,6 +305,99 @@ def test_other_backends_are_not_tuned(tmp_path):
     assert not result.applies and result.spark is spark and result.plan_state() is None
 
 
+# ---------------------------------------------------------------------- memory: held for backward, limit
+def test_held_bytes_counts_each_saved_storage_once_without_the_excluded_ones():
+    from spark_sparse.autotune.memory import held_bytes
+
+    x = torch.randn(100, requires_grad=True)
+    y = torch.randn(3, 100, requires_grad=True)
+    # x * y saves both; (x * y) * y saves the product and y again (one storage)
+    assert held_bytes(lambda: (x * y) * y) == 4 * (100 + 300 + 300)
+    assert held_bytes(lambda: (x * y) * y, exclude=[x, y]) == 4 * 300
+    assert held_bytes(lambda: x.detach() * y.detach()) == 0                    # nothing needs a gradient: nothing saved
+
+
+def test_lighter_plan_frees_bytes_at_the_least_slowdown_per_byte():
+    from spark_sparse.autotune.memory import lighter_plan
+
+    kernels = {"a": "fast", "b": "fast", "c": "fast"}
+    ms = {"a": {"fast": 1.0, "slim": 3.0}, "b": {"fast": 1.0, "slim": 1.5, "slimmer": 4.0}, "c": {"fast": 1.0, "lean": 0.9}}
+    held = {"a": {"fast": 100, "slim": 50}, "b": {"fast": 100, "slim": 50, "slimmer": 10}, "c": {"fast": 100, "lean": 99}}
+    assert lighter_plan(kernels, ms, held, 0) == {}
+    assert lighter_plan(kernels, ms, held, 1) == {"c": "lean"}               # lighter and faster: first, for free
+    assert lighter_plan(kernels, ms, held, 30) == {"c": "lean", "b": "slim"}  # 0.5 ms / 50 B beats a's 2 ms / 50 B
+    # b's next step (2.5 ms for 40 B) is dearer per byte than a's (2 ms for 50 B)
+    assert lighter_plan(kernels, ms, held, 100) == {"c": "lean", "b": "slim", "a": "slim"}
+    assert lighter_plan(kernels, ms, held, 10**6) == {"c": "lean", "b": "slimmer", "a": "slim"}   # all it can
+
+
+def _held_mb(spark, batch=2, size=64, seed=0):
+    from spark_sparse.autotune.memory import MB, encoder_held_bytes
+    from spark_sparse.mask import ActiveMask
+
+    active = ActiveMask.random(batch, (size // 32, size // 32), spark.mask_ratio, spark.downsample_ratio,
+                               generator=torch.Generator().manual_seed(seed)).active
+    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return encoder_held_bytes(spark, images, active, None) / MB
+
+
+def test_the_fastest_plan_is_moved_to_lighter_kernels_until_it_holds_no_more_than_masked(tmp_path):
+    # 'gather' (fastest here) keeps every tap of its input for backward: all-gather holds about 5x masked
+    unlimited = tune(build(), tmp_path / "a", FakeTimer())
+    assert set(pinned(unlimited.spark).values()) == {"gather"}
+    assert unlimited.memory.limit is None and unlimited.memory.status == "no limit"
+    masked_mb = _held_mb(build(backend="masked"))
+    assert _held_mb(unlimited.spark) > 2 * masked_mb
+
+    spark = build()
+    result = tune(spark, tmp_path / "b", FakeTimer(), memory_limit=1.0)
+    memory = result.memory
+    assert memory.status == "measured" and memory.held_mb["masked"] == pytest.approx(masked_mb)
+    assert memory.held_mb["fastest"] > 2 * masked_mb >= 2 * memory.held_mb["tuned"]
+    assert memory.held_mb["tuned"] == pytest.approx(_held_mb(spark))         # what runs is what was measured
+    assert memory.moved and memory.fits("tuned")
+    assert {name: kernel for name, kernel in pinned(spark).items() if kernel != "gather"} == memory.moved
+    for name, kernel in memory.moved.items():
+        assert result.decisions[name].kernel == kernel and f"{kernel} for memory" in result.decisions[name].status
+    assert "encoder held for backward (limit 1 x masked)" in result.summary()
+    # the guard's timings are the fake ones (tuned fastest): the moved plan runs
+    assert result.backend == "auto" and result.guard.choice == "tuned"
+    # a looser limit moves fewer layers
+    loose = tune(build(), tmp_path / "c", FakeTimer(), memory_limit=3.0)
+    assert len(loose.memory.moved) < len(memory.moved) and loose.memory.fits("tuned")
+
+
+def test_the_guard_never_picks_a_variant_over_the_memory_limit():
+    assert choose_encoder({"masked": 3.0, "static": 2.0, "tuned": 1.0}, 0.03, allowed=["masked", "static"]) == "static"
+    assert choose_encoder({"masked": 3.0, "tuned": 1.0}, 0.03, allowed=["masked"]) == "masked"
+    with pytest.raises(ValueError, match="no allowed variant"):
+        choose_encoder({"masked": 3.0}, 0.03, allowed=[])
+
+
+def test_below_what_any_plan_can_hold_the_lightest_timed_variant_runs(tmp_path):
+    result = tune(build(), tmp_path, FakeTimer(), memory_limit=0.05)
+    memory = result.memory
+    assert not memory.fits("tuned") and "even on its lightest" in memory.status
+    timed = result.guard.ms
+    lightest = min(timed, key=lambda name: memory.held_mb[name])
+    assert result.guard.choice == lightest
+
+
+def test_the_memory_check_is_kept_in_the_plan_state_and_shown_on_resume(tmp_path):
+    spark = build()
+    state = tune(spark, tmp_path, FakeTimer(), memory_limit=1.0).plan_state()
+    assert state["memory"]["limit"] == 1.0 and state["memory"]["moved"]
+    resumed = load_plan_state(build(), json.loads(json.dumps(state)))
+    assert resumed.memory.status == "checkpoint" and resumed.memory.moved == state["memory"]["moved"]
+    assert pinned(resumed.spark) == pinned(spark)
+
+
+def test_a_memory_limit_must_be_positive():
+    with pytest.raises(ConfigError, match="memory limit 0"):
+        AutotuneOptions(memory_limit=0)
+    AutotuneOptions(memory_limit=None)
+
+
 # ---------------------------------------------------------------------- plan state
 def test_the_plan_state_round_trips_through_json_without_measuring(tmp_path):
     def layer_ms(layer, kernel):
@@ -391,7 +486,7 @@ def test_resume_reapplies_the_saved_plan_and_continues_bit_identically(tmp_path,
     monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
 
     def config(out, **extra):
-        return tiny_config(folder, tmp_path / out, backend="auto", autotune="cached", **extra)
+        return tiny_config(folder, tmp_path / out, backend="auto", autotune="cached", autotune_memory=0, **extra)
 
     straight = Trainer(config("a"), "")
     assert set(pinned(straight.spark).values()) == {"dense"}
@@ -443,7 +538,8 @@ def test_every_rank_runs_rank_zeros_plan(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cfg = tiny_config(folder, tmp_path / "out", ep=1, bs=8, backend="auto", autotune="cached")   # 4 images per rank
+    cfg = tiny_config(folder, tmp_path / "out", ep=1, bs=8, backend="auto", autotune="cached",   # 4 images per rank
+                      autotune_memory=0)     # all-dense holds more than masked: this test is about the plan's source
     caches = [str(tmp_path / "cache"), str(tmp_path / "empty-cache")]
     mp.spawn(_two_rank_worker, args=(2, port, cfg, caches, str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = torch.load(tmp_path / "rank0.pth"), torch.load(tmp_path / "rank1.pth")

@@ -29,7 +29,7 @@ from __future__ import annotations
 import statistics
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -110,11 +110,15 @@ def time_encoders(variants: list[EncoderVariant], images: torch.Tensor, active: 
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def choose_encoder(ms: dict[str, float], margin: float) -> str:
+def choose_encoder(ms: dict[str, float], margin: float, allowed: Optional[Iterable[str]] = None) -> str:
     """The variant to run: in :data:`PREFERENCE` order, each replaces the choice so far only when faster
     by more than ``margin`` (a fraction); ``masked`` is the starting choice. Exact ties keep masked.
+    Only ``allowed`` variants compete (default: every timed one; e.g. those within the memory limit).
     """
-    order = [name for name in PREFERENCE if name in ms]
+    allowed = set(ms if allowed is None else allowed)
+    order = [name for name in PREFERENCE if name in ms and name in allowed]
+    if not order:
+        raise ValueError(f"no allowed variant among the timed ones ({sorted(ms)})")
     choice = order[0]
     for name in order[1:]:
         if ms[name] < ms[choice] * (1.0 - margin):

@@ -25,9 +25,10 @@ from ..backends.rows import SparseConv2d
 from ..kernels import ConvSpec, get_kernel
 from ..mask import ActiveMask
 from .cache import bucket, canonical
+from .memory import held_bytes
 from .timing import Measurement, Timer, median_ms
 
-__all__ = ["LayerShape", "discover_layers", "time_kernel", "model_signature"]
+__all__ = ["LayerShape", "discover_layers", "time_kernel", "layer_held_bytes", "model_signature"]
 
 
 @dataclass(frozen=True)
@@ -113,35 +114,54 @@ def model_signature(spark: nn.Module, layers: list[LayerShape], device_type: str
     return digest.hexdigest()[:16]
 
 
+class _LayerRun:
+    """One layer alone on one kernel: random rows with the layer's own weight (in the compute dtype)."""
+
+    def __init__(self, layer: LayerShape, kernel_name: str, active: torch.Tensor, downsample_ratio: int,
+                 dtype: torch.dtype):
+        self.layer, self.kernel, self.active, self.ratio = layer, get_kernel(kernel_name), active, downsample_ratio
+        conv, device = layer.conv, active.device
+        gen = torch.Generator().manual_seed(0)
+        self.features = torch.randn(layer.rows_in, conv.in_channels, generator=gen).to(device, dtype)
+        self.features.requires_grad_(layer.needs_input_grad)
+        self.weight = conv.weight.detach().to(dtype).clone().requires_grad_(conv.weight.requires_grad)
+        self.bias = (None if conv.bias is None
+                     else conv.bias.detach().to(dtype).clone().requires_grad_(conv.bias.requires_grad))
+        self.grad_out = torch.randn(layer.rows_out, conv.out_channels, generator=gen).to(device, dtype)
+        self.call = None
+
+    def prepare(self) -> None:
+        """A fresh mask, with what every layer at these strides shares built (untimed)."""
+        for tensor in (self.features, self.weight, self.bias):
+            if tensor is not None:
+                tensor.grad = None
+        mask = ActiveMask(self.active, self.ratio)
+        self.call = self.layer.conv.conv_call(mask, self.layer.in_stride)
+        mask.index_grid(self.call.in_stride), mask.index_grid(self.call.out_stride)
+
+    def forward(self) -> torch.Tensor:
+        return self.kernel.conv(self.features, self.weight, self.bias, self.call)
+
+    def forward_backward(self) -> None:
+        out = self.forward()
+        if out.requires_grad:
+            out.backward(self.grad_out)
+
+
 def time_kernel(layer: LayerShape, kernel_name: str, active: torch.Tensor, downsample_ratio: int,
                 dtype: torch.dtype, timer: Timer, warmup: int, repeats: int,
                 give_up_above: float | None = None) -> float:
     """Median ms of one forward+backward of ``layer`` on kernel ``kernel_name`` (see the module docstring)."""
-    kernel = get_kernel(kernel_name)
-    conv = layer.conv
-    device = active.device
-    gen = torch.Generator().manual_seed(0)
-    features = torch.randn(layer.rows_in, conv.in_channels, generator=gen).to(device, dtype)
-    features.requires_grad_(layer.needs_input_grad)
-    weight = conv.weight.detach().to(dtype).clone().requires_grad_(conv.weight.requires_grad)
-    bias = None if conv.bias is None else conv.bias.detach().to(dtype).clone().requires_grad_(conv.bias.requires_grad)
-    grad_out = torch.randn(layer.rows_out, conv.out_channels, generator=gen).to(device, dtype)
-    current: dict = {}
-
-    def prepare() -> None:
-        for tensor in (features, weight, bias):
-            if tensor is not None:
-                tensor.grad = None
-        mask = ActiveMask(active, downsample_ratio)
-        call = conv.conv_call(mask, layer.in_stride)
-        mask.index_grid(call.in_stride), mask.index_grid(call.out_stride)   # shared by every layer at these strides
-        current["call"] = call
-
-    def run() -> None:
-        out = kernel.conv(features, weight, bias, current["call"])
-        if out.requires_grad:
-            out.backward(grad_out)
-
+    run = _LayerRun(layer, kernel_name, active, downsample_ratio, dtype)
     with torch.enable_grad():
-        return median_ms(timer, run, Measurement("layer", layer.name, kernel_name), warmup, repeats,
-                         prepare=prepare, give_up_above=give_up_above)
+        return median_ms(timer, run.forward_backward, Measurement("layer", layer.name, kernel_name), warmup, repeats,
+                         prepare=run.prepare, give_up_above=give_up_above)
+
+
+def layer_held_bytes(layer: LayerShape, kernel_name: str, active: torch.Tensor, downsample_ratio: int,
+                     dtype: torch.dtype) -> int:
+    """Bytes ``layer``'s forward on ``kernel_name`` holds for backward beyond its input rows and weights
+    (which exist whatever runs); the mask's index grids are built beforehand, as for timing."""
+    run = _LayerRun(layer, kernel_name, active, downsample_ratio, dtype)
+    run.prepare()
+    return held_bytes(run.forward, exclude=[run.features, run.weight, run.bias])

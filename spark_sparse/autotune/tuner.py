@@ -9,10 +9,14 @@ ratio, device and dtype:
    backward, median of ``repeats`` after ``warmup``), largest layers first, identical layers once;
    results go to the cache file (:mod:`.cache`) and are reused by later runs;
 3. each layer is pinned to its fastest kernel;
-4. the whole-encoder guard (:mod:`.guard`) times the tuned plan against the static rule and
-   against ``masked`` (``guard_repeats`` rounds, order rotated) and the run uses the fastest, where a
-   variant must beat a simpler one by ``guard_margin`` (:func:`.guard.choose_encoder`); when that
-   is ``masked`` the result carries a SparK built on ``masked`` holding the same weights.
+4. memory: when that plan's encoder holds more for backward than ``memory_limit`` x what ``masked``
+   holds, layers move to kernels that hold less until it fits (:mod:`.memory`; a forward pass, no
+   clock, so in every mode but ``off``);
+5. the whole-encoder guard (:mod:`.guard`) times the tuned plan against the static rule and
+   against ``masked`` (``guard_repeats`` rounds, order rotated) and the run uses the fastest of those
+   within the memory limit, where a variant must beat a simpler one by ``guard_margin``
+   (:func:`.guard.choose_encoder`); when that is ``masked`` the result carries a SparK built on
+   ``masked`` holding the same weights.
 
 Modes: ``on`` (use the cache for layers, measure what is missing; the guard is timed on every run),
 ``cached`` (the cache only: layers not in it keep the static rule and say so; the guard's last cached
@@ -46,8 +50,9 @@ from ..errors import ConfigError
 from ..kernels import NoKernelError
 from ..mask import ActiveMask
 from .cache import TuneCache, canonical, environment_key
-from .guard import EncoderVariant, choose_encoder, time_encoders
-from .layers import LayerShape, discover_layers, model_signature, time_kernel
+from .guard import PREFERENCE, EncoderVariant, choose_encoder, time_encoders
+from .layers import LayerShape, discover_layers, layer_held_bytes, model_signature, time_kernel
+from .memory import MB, MemoryCheck, encoder_held_bytes, lighter_plan
 from .timing import Timer, WallClockTimer
 
 __all__ = ["MODES", "AutotuneOptions", "AutotuneResult", "GuardDecision", "autotune", "load_plan_state"]
@@ -67,7 +72,8 @@ class AutotuneOptions:
     A candidate whose first timed call takes more than ``give_up_factor`` times the best time so far
     on its layer is not repeated (it cannot win). The whole-encoder guard takes ``guard_repeats``
     rounds and lets a variant replace a simpler one only when faster by more than ``guard_margin``
-    (see :mod:`.guard`).
+    (see :mod:`.guard`). ``memory_limit``: the most the encoder may hold for backward, as a fraction
+    of what ``masked`` holds (see :mod:`.memory`; ``None``: no limit).
     """
 
     mode: str = "on"
@@ -80,6 +86,7 @@ class AutotuneOptions:
     give_up_factor: float = 3.0
     guard_repeats: int = 6
     guard_margin: float = 0.03
+    memory_limit: Optional[float] = 1.0
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -89,6 +96,9 @@ class AutotuneOptions:
                               f"({self.guard_repeats}) and warmup ({self.warmup}) must be >= 0, >= 1, >= 1 and >= 0")
         if not 0.0 <= self.guard_margin < 1.0:
             raise ConfigError(f"autotune guard margin {self.guard_margin} must be a fraction in [0, 1)")
+        if self.memory_limit is not None and not self.memory_limit > 0:
+            raise ConfigError(f"autotune memory limit {self.memory_limit} must be > 0 (a fraction of what masked "
+                              f"holds), or None for no limit")
 
 
 @dataclass
@@ -124,6 +134,7 @@ class AutotuneResult:
     guard: Optional[GuardDecision] = None
     seconds: float = 0.0
     shapes: str = ""
+    memory: Optional[MemoryCheck] = None
 
     @property
     def applies(self) -> bool:
@@ -136,7 +147,10 @@ class AutotuneResult:
         return {"format": PLAN_FORMAT, "backend": self.backend, "device_type": self.device_type,
                 "dtype": str(self.dtype).replace("torch.", ""), "mode": self.mode, "shapes": self.shapes,
                 "kernels": {name: decision.kernel for name, decision in self.decisions.items()},
-                "guard": None if self.guard is None else {"choice": self.guard.choice, "ms": dict(self.guard.ms)}}
+                "guard": None if self.guard is None else {"choice": self.guard.choice, "ms": dict(self.guard.ms)},
+                "memory": None if self.memory is None else {"limit": self.memory.limit,
+                                                            "held_mb": dict(self.memory.held_mb),
+                                                            "moved": dict(self.memory.moved)}}
 
     def summary(self) -> str:
         """One line: what runs and the measurement it rests on (or that none was made)."""
@@ -156,9 +170,12 @@ class AutotuneResult:
             when = {"measured": "", "cached": " by an earlier run (cached)",
                     "checkpoint": " for the resumed run"}.get(self.guard.status, f" ({self.guard.status})")
             return (f"encoder fwd+bwd measured on this machine{when} at {self.shapes}: {timings} "
-                    f"-> {verdict[self.guard.choice]}; layers: {layers}")
+                    f"-> {verdict[self.guard.choice]}; layers: {layers}{self._memory_summary()}")
         guard = self.guard.status if self.guard is not None else "not measured"
-        return f"-> {verdict['tuned']}; layers: {layers}; encoder vs masked {guard}"
+        return f"-> {verdict['tuned']}; layers: {layers}; encoder vs masked {guard}{self._memory_summary()}"
+
+    def _memory_summary(self) -> str:
+        return "" if self.memory is None else f"; {self.memory.describe()}"
 
     def describe(self) -> str:
         """Several lines: the summary, then each layer's kernel and every candidate's measured ms."""
@@ -225,8 +242,11 @@ def load_plan_state(spark: nn.Module, state: dict, build_masked: Optional[Callab
                           f"the run then continues on other kernels and is not bit-identical)") from None
     saved_guard = state.get("guard")
     guard = None if saved_guard is None else GuardDecision(saved_guard["choice"], saved_guard["ms"], "checkpoint")
+    saved_memory = state.get("memory")
+    memory = (None if saved_memory is None else
+              MemoryCheck(saved_memory["limit"], saved_memory["held_mb"], saved_memory["moved"], "checkpoint"))
     result = AutotuneResult(spark, state["backend"], state.get("mode", "on"), "checkpoint", device_type, dtype,
-                            decisions, guard, 0.0, state.get("shapes", ""))
+                            decisions, guard, 0.0, state.get("shapes", ""), memory)
     if state["backend"] == "masked":
         if build_masked is None:
             raise ConfigError("the saved autotune plan runs the encoder on 'masked': pass build_masked to re-apply it")
@@ -281,10 +301,11 @@ class _Tuner:
         self.shapes = (f"batch {batch_size}, {image_hw[0]}x{image_hw[1]}, mask {spark.mask_ratio}, "
                        f"{device.type} {str(dtype).replace('torch.', '')}")
 
-    def result(self, backend: str, source: str, decisions, guard, started: float, spark=None) -> AutotuneResult:
+    def result(self, backend: str, source: str, decisions, guard, started: float, spark=None,
+               memory: Optional[MemoryCheck] = None) -> AutotuneResult:
         return AutotuneResult(spark if spark is not None else self.spark, backend, self.options.mode, source,
                               self.device.type, self.dtype, decisions, guard, time.perf_counter() - started,
-                              self.shapes)
+                              self.shapes, memory)
 
     def run(self) -> AutotuneResult:
         started = time.perf_counter()
@@ -296,7 +317,7 @@ class _Tuner:
         static = {name: self.backend.static_kernel(conv, self.device.type, self.dtype) for name, conv in convs}
         if options.mode == "off":
             decisions = {name: LayerDecision(name, static[name], "autotune off: static rule") for name, _ in convs}
-            self.backend.pin(spark.encoder, self.device.type, self.dtype, decisions)
+            self.pin(decisions)
             return self.result("auto", "off", decisions, None, started)
         layers = discover_layers(spark, active)
         cache = TuneCache(environment_key(self.device), options.cache_dir) if self.ranks.is_main else None
@@ -304,18 +325,30 @@ class _Tuner:
         decisions = self.ranks.from_main(decisions)
         for name, _ in convs:                      # convs the hierarchical forward never calls
             decisions.setdefault(name, LayerDecision(name, static[name], "not called: static rule"))
-        self.backend.pin(spark.encoder, self.device.type, self.dtype, decisions)
-        guard, twin = self.guard(layers, decisions, static, active, cache)
+        self.pin(decisions)
+        twin = None
+        if self.build_masked is not None:
+            twin = _masked_twin(spark, self.build_masked, self.device)
+            if self.channels_last:
+                spark.to_channels_last()
+                twin.to_channels_last()
+        param = next(spark.parameters())
+        images = torch.randn(self.batch_size, 3, *self.image_hw,
+                             generator=torch.Generator().manual_seed(options.seed)).to(self.device, param.dtype)
+        decisions, memory = self.hold_to_limit(layers, decisions, static, active, twin, images)
+        guard = self.guard(layers, decisions, static, active, cache, twin, images, memory)
         if cache is not None:
             cache.save()
-        if guard is not None and guard.choice == "static":
+        if guard.choice == "static":
             decisions = {name: LayerDecision(name, static[name], "static rule (guard: faster than the tuned plan)",
                                              d.ms) for name, d in decisions.items()}
-            self.backend.pin(spark.encoder, self.device.type, self.dtype, decisions)
-        if guard is not None and guard.choice == "masked":
-            twin = twin if twin is not None else _masked_twin(spark, self.build_masked, self.device)
-            return self.result("masked", "measured", decisions, guard, started, spark=twin)
-        return self.result("auto", "measured", decisions, guard, started)
+            self.pin(decisions)
+        if guard.choice == "masked":
+            return self.result("masked", "measured", decisions, guard, started, spark=twin, memory=memory)
+        return self.result("auto", "measured", decisions, guard, started, memory=memory)
+
+    def pin(self, decisions: dict[str, LayerDecision]) -> None:
+        self.backend.pin(self.spark.encoder, self.device.type, self.dtype, decisions)
 
     # ------------------------------------------------------------------ per layer
     def choose(self, layers: list[LayerShape], static: dict[str, str], active: torch.Tensor, cache: TuneCache,
@@ -379,49 +412,113 @@ class _Tuner:
             best = ms if best is None else min(best, ms)
         return measured
 
+    # ------------------------------------------------------------------ memory
+    def hold_to_limit(self, layers: list[LayerShape], decisions: dict[str, LayerDecision], static: dict[str, str],
+                      active: torch.Tensor, twin: Optional[nn.Module], images: torch.Tensor
+                      ) -> tuple[dict[str, LayerDecision], MemoryCheck]:
+        """Keep the plan within ``memory_limit`` x what ``masked`` holds for backward (see :mod:`.memory`).
+
+        The encoder is measured on every rank in step (SyncBatchNorm); rank 0's numbers and moves apply.
+        """
+        limit = self.options.memory_limit
+        if limit is None:
+            return decisions, MemoryCheck(None, status="no limit")
+        if twin is None:
+            return decisions, MemoryCheck(limit, status="not measured (no masked model to compare with)")
+
+        def held_mb(model: nn.Module) -> float:
+            return self.ranks.from_main(encoder_held_bytes(model, images, active, self.amp_dtype) / MB)
+
+        check = MemoryCheck(limit, {"masked": held_mb(twin), "tuned": held_mb(self.spark)})
+        if {name: d.kernel for name, d in decisions.items()} != static:
+            self.pin({name: LayerDecision(name, kernel, "static rule") for name, kernel in static.items()})
+            check.held_mb["static"] = held_mb(self.spark)
+            self.pin(decisions)
+        if check.fits("tuned"):
+            return decisions, check
+        check.held_mb["fastest"] = check.held_mb["tuned"]
+        decisions = dict(decisions)
+        layer_held: dict[str, dict[str, int]] = {}
+        while not check.fits("tuned"):
+            to_free = int((check.held_mb["tuned"] - limit * check.held_mb["masked"]) * MB) + 1
+            moves = None
+            if self.ranks.is_main:
+                moves = {name: (kernel, (layer_held[name][decisions[name].kernel] - layer_held[name][kernel]) / MB)
+                         for name, kernel in self.lighter_kernels(layers, decisions, active, layer_held,
+                                                                  to_free).items()}
+            moves = self.ranks.from_main(moves)
+            if not moves:
+                break
+            for name, (kernel, freed) in moves.items():
+                before = decisions[name]
+                decisions[name] = LayerDecision(name, kernel, f"{before.status}; {kernel} for memory (holds {freed:.2g} "
+                                                f"MB less than {before.kernel})", before.ms)
+                check.moved[name] = kernel
+            self.pin(decisions)
+            check.held_mb["tuned"] = held_mb(self.spark)
+        if not check.fits("tuned"):
+            check.status = "the tuned plan holds more than the limit even on its lightest measured kernels"
+        return decisions, check
+
+    def lighter_kernels(self, layers: list[LayerShape], decisions: dict[str, LayerDecision], active: torch.Tensor,
+                        layer_held: dict[str, dict[str, int]], to_free: int) -> dict[str, str]:
+        """Moves that free ``to_free`` bytes at the least slowdown; ``layer_held`` caches per-layer bytes."""
+        per_key: dict[str, dict[str, int]] = {}
+        for layer in layers:
+            if layer.name in layer_held or len(decisions[layer.name].ms) < 2:
+                continue
+            key = layer.key(self.device.type, self.dtype)
+            if key not in per_key:
+                per_key[key] = {}
+                for kernel in decisions[layer.name].ms:
+                    try:
+                        per_key[key][kernel] = layer_held_bytes(layer, kernel, active, self.spark.downsample_ratio,
+                                                                self.dtype)
+                    except Exception as err:   # a candidate that fails here is not a move
+                        warnings.warn(f"autotune: kernel {kernel!r} failed on layer {layer.name} while measuring its "
+                                      f"memory ({type(err).__name__}: {err})", RuntimeWarning, stacklevel=2)
+            layer_held[layer.name] = per_key[key]
+        kernels = {name: d.kernel for name, d in decisions.items() if name in layer_held}
+        return lighter_plan(kernels, {name: decisions[name].ms for name in kernels}, layer_held, to_free)
+
     # ------------------------------------------------------------------ whole encoder
-    def guard(self, layers, decisions, static, active, cache) -> tuple[Optional[GuardDecision], Optional[nn.Module]]:
-        """Tuned plan vs static rule vs masked on the whole encoder; ``(decision, masked twin if built)``."""
-        if self.build_masked is None:
-            return GuardDecision("tuned", {}, "not measured (no masked model to compare with)"), None
+    def guard(self, layers, decisions, static, active, cache, twin: Optional[nn.Module], images: torch.Tensor,
+              memory: MemoryCheck) -> GuardDecision:
+        """Tuned plan vs static rule vs masked on the whole encoder, among those within the memory limit."""
         tuned = {name: decision.kernel for name, decision in decisions.items()}
+        within = [name for name in PREFERENCE if memory.fits(name) and (name != "static" or static != tuned)]
+        default = "tuned" if "tuned" in within else within[-1] if within else "masked"
+        if twin is None:
+            return GuardDecision(default, {}, "not measured (no masked model to compare with)")
         key = canonical({"model": model_signature(self.spark, layers, self.device.type, self.dtype),
                          "batch": self.batch_size, "image_hw": list(self.image_hw), "mask": self.spark.mask_ratio,
                          "dtype": str(self.dtype), "amp": self.amp_dtype is not None,
-                         "channels_last": self.channels_last, "plan": sorted(tuned.items())})
+                         "channels_last": self.channels_last, "plan": sorted(tuned.items()),
+                         "memory_limit": self.options.memory_limit})
         if self.options.mode != "on":
-            # cached mode measures nothing: the last guard result for this plan, if any
+            # cached mode measures no time: the last guard result for this plan, if any
             cached = self.ranks.from_main(cache.encoder(key) if cache is not None else None)
             if cached is not None:
-                return GuardDecision(cached["choice"], cached["ms"], "cached"), None
-            return GuardDecision("tuned", {}, "not measured (--autotune cached)"), None
+                return GuardDecision(cached["choice"], cached["ms"], "cached")
+            return GuardDecision(default, {}, "not measured (--autotune cached)")
         # mode on times the guard on every run, even with a cached result: it is a few encoder calls,
         # and a decision taken under another machine load can be wrong now (seen here: a cached
         # 'tuned 13% faster' that ran 6% slower than the static rule in a later session)
-        twin = _masked_twin(self.spark, self.build_masked, self.device)
-        if self.channels_last:
-            self.spark.to_channels_last()
-            twin.to_channels_last()
-        param = next(self.spark.parameters())
-        gen = torch.Generator().manual_seed(self.options.seed)
-        images = torch.randn(self.batch_size, 3, *self.image_hw, generator=gen).to(self.device, param.dtype)
-        pin = self.backend.pin
-        encoder, device_type, dtype = self.spark.encoder, self.device.type, self.dtype
-        tuned_decisions = dict(decisions)
-        static_decisions = {name: LayerDecision(name, kernel, "static rule") for name, kernel in static.items()}
-        variants = [EncoderVariant("tuned", self.spark, lambda: pin(encoder, device_type, dtype, tuned_decisions))]
+        pin, static_decisions = self.pin, {name: LayerDecision(name, kernel, "static rule")
+                                           for name, kernel in static.items()}
+        variants = [EncoderVariant("tuned", self.spark, lambda: pin(decisions))]
         if static != tuned:
-            variants.append(EncoderVariant("static", self.spark,
-                                           lambda: pin(encoder, device_type, dtype, static_decisions)))
+            variants.append(EncoderVariant("static", self.spark, lambda: pin(static_decisions)))
         variants.append(EncoderVariant("masked", twin))
         if self.options.progress and self.ranks.is_main:
             print(f"[autotune] guard: timing the encoder ({', '.join(v.name for v in variants)}) at {self.shapes}",
                   file=sys.stderr, flush=True)
         ms = time_encoders(variants, images, active, self.amp_dtype, self.timer, self.options.warmup,
                            self.options.guard_repeats)
-        pin(encoder, device_type, dtype, tuned_decisions)
-        choice = choose_encoder(ms, self.options.guard_margin)
+        pin(decisions)
+        allowed = [name for name in ms if memory.fits(name)] or [min(ms, key=lambda name: memory.held_mb[name])]
+        choice = choose_encoder(ms, self.options.guard_margin, allowed)
         choice, ms = self.ranks.from_main((choice, ms))
         if cache is not None:
             cache.put_encoder(key, {"choice": choice, "ms": ms})
-        return GuardDecision(choice, ms, "measured"), twin
+        return GuardDecision(choice, ms, "measured")

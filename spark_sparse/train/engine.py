@@ -193,7 +193,7 @@ class Trainer:
         cfg = self.cfg
         saved = _saved_autotune_plan(self.resume_path) if self.resume_path else None
         options = AutotuneOptions(mode=cfg.autotune, budget_s=cfg.autotune_budget, progress=self.ctx.is_main,
-                                  seed=cfg.seed)
+                                  seed=cfg.seed, memory_limit=cfg.autotune_memory or None)
         return autotune(self.spark, self.local_batch, self.ctx.device, self.amp_dtype,
                         channels_last=self.speed.channels_last, options=options,
                         build_masked=lambda: self._create_spark("masked"), plan_state=saved)
