@@ -360,6 +360,7 @@ def test_the_fastest_plan_is_moved_to_lighter_kernels_until_it_holds_no_more_tha
     for name, kernel in memory.moved.items():
         assert result.decisions[name].kernel == kernel and f"{kernel} for memory" in result.decisions[name].status
     assert "encoder held for backward (limit 1 x masked)" in result.summary()
+    assert f"layers: {len(result.decisions)} measured;" in result.summary()      # moved layers are counted once
     # the guard's timings are the fake ones (tuned fastest): the moved plan runs
     assert result.backend == "auto" and result.guard.choice == "tuned"
     # a looser limit moves fewer layers

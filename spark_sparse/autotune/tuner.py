@@ -160,7 +160,7 @@ class AutotuneResult:
             return "auto with --autotune off: the sparse backend's static rule, not measured here"
         counts: dict[str, int] = {}
         for decision in self.decisions.values():
-            kind = decision.status.split(" ", 1)[0].rstrip(":")
+            kind = decision.status.split(" ", 1)[0].rstrip(":;")
             counts[kind] = counts.get(kind, 0) + 1
         layers = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
         verdict = {"tuned": "auto (per-layer kernels)", "static": "auto (static rule)",
