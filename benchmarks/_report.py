@@ -145,6 +145,7 @@ def write_plots(out: Path, records: list[dict]) -> list[Path]:
 
 
 def write_json(path: Path, meta: dict, records: list[dict]) -> None:
-    """``{"meta": meta + provenance, "records": records}``; the provenance is taken now, at write time."""
+    """``{"meta": meta + provenance, "records": records}``; the provenance is the meta's own (compare_backends
+    takes it when the run starts) or, without one, taken now."""
     meta = {**meta, "provenance": meta.get("provenance") or provenance()}
     path.write_text(json.dumps({"meta": meta, "records": records}, indent=1, default=str))

@@ -43,7 +43,7 @@ from _equivalence import compare, fp32_noise_floor  # noqa: E402
 from _capacity import fit_largest_batch, markdown_section, memory_budget_mb  # noqa: E402
 from _measure import (Workload, peak_memory as peak_memory_in_process, peak_rss_growth_mb, persistent_mb,  # noqa: E402
                       summarize, time_and_cuda_peak, time_once)
-from _report import write_json, write_markdown, write_plots  # noqa: E402
+from _report import provenance, write_json, write_markdown, write_plots  # noqa: E402
 from _variants import Variant, autotune_record, tune_workload  # noqa: E402
 
 
@@ -199,7 +199,8 @@ def cuda_info() -> Optional[dict]:
             "cudnn_benchmark": torch.backends.cudnn.benchmark}
 
 
-def make_meta(args, skipped: dict, not_run: list[dict], failed: list[dict], started: float) -> dict:
+def make_meta(args, skipped: dict, not_run: list[dict], failed: list[dict], started: float, origin: dict) -> dict:
+    """The run's description; ``origin``: its provenance, taken when it started (the code it measured)."""
     return {"command": shlex.join([sys.executable] + sys.argv), "what": args.what, "device": args.device,
             "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup, "machine": machine_info(),
             "versions": versions(), "skipped": skipped, "seconds": round(time.time() - started, 1),
@@ -214,7 +215,8 @@ def make_meta(args, skipped: dict, not_run: list[dict], failed: list[dict], star
                               "subprocess": "peak growth of one fwd+bwd/step (VmHWM reset), fresh process per "
                                             "(model, mask), glibc returning freed blocks"
                                             + (" (CUDA: max_memory_allocated)" if args.device == "cuda" else "")
-                              }[args.memory]}
+                              }[args.memory],
+            "provenance": origin}
 
 
 def write_tables(out: Path, meta: dict, records: list[dict]) -> None:
@@ -285,12 +287,13 @@ def run(args) -> tuple[dict, list[dict]]:
     order = {v.name: i for i, v in enumerate(variants)}
     todo = units(args)
     rows, not_run, durations, failures, started = [], [], {}, Failures(), time.time()
+    origin = provenance()        # now: an edit made while the run goes on is not what it measured
     works, state, built, noise = [], {}, None, None
     main_phase = "fwd_bwd_ms" if args.what == "encoder" else "step_ms"
     cuda_peak = args.device == "cuda" and args.memory == "inprocess"
 
     def meta_and_records():
-        return (make_meta(args, skipped, not_run, failures.entries, started),
+        return (make_meta(args, skipped, not_run, failures.entries, started, origin),
                 [record for _, record in sorted(rows, key=lambda row: row[0])])
 
     for index, unit in enumerate(todo):
