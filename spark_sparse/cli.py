@@ -117,8 +117,8 @@ def _validate_model(ctx, param, value: Optional[str]) -> Optional[str]:
 @_opt("autotune_budget", type=float, default=_SPARK_DEFAULTS.autotune_budget,
       help="seconds of per-layer measurement at most; layers left keep the static rule")
 @_opt("autotune_memory", type=click.FloatRange(min=0), default=_SPARK_DEFAULTS.autotune_memory,
-      help="most the tuned encoder may hold for backward, as a multiple of what masked holds (measured; layers move "
-           "to kernels that hold less until it fits); 0 = no limit")
+      help="most the tuned step's estimated peak memory may be, as a multiple of masked's (from what one forward "
+           "holds for backward, measured; layers move to kernels that hold less until it fits); 0 = no limit")
 @_opt("recipe", type=click.Choice(RECIPES), default="fast",
       help="spark: SparK's exact recipe (masked, NCHW, fp32); fast: every option that keeps the fp32 maths")
 @_opt("channels_last", type=bool, default=None, help="NHWC dense parts (default: the recipe's)")

@@ -9,9 +9,9 @@ ratio, device and dtype:
    backward, median of ``repeats`` after ``warmup``), largest layers first, identical layers once;
    results go to the cache file (:mod:`.cache`) and are reused by later runs;
 3. each layer is pinned to its fastest kernel;
-4. memory: when that plan's encoder holds more for backward than ``memory_limit`` x what ``masked``
-   holds, layers move to kernels that hold less until it fits (:mod:`.memory`; a forward pass, no
-   clock, so in every mode but ``off``);
+4. memory: when that plan's training step would peak above ``memory_limit`` x ``masked``'s (from
+   what one forward holds for backward, :mod:`.memory`), layers move to kernels that hold less
+   until it fits (forward passes, no clock: in every mode but ``off``);
 5. the whole-encoder guard (:mod:`.guard`) times the tuned plan against the static rule and
    against ``masked`` (``guard_repeats`` rounds, order rotated) and the run uses the fastest of those
    within the memory limit, where a variant must beat a simpler one by ``guard_margin``
@@ -52,7 +52,7 @@ from ..mask import ActiveMask
 from .cache import TuneCache, canonical, environment_key
 from .guard import PREFERENCE, EncoderVariant, choose_encoder, time_encoders
 from .layers import LayerShape, discover_layers, layer_held_bytes, model_signature, time_kernel
-from .memory import MB, MemoryCheck, encoder_held_bytes, lighter_plan
+from .memory import MB, MemoryCheck, lighter_plan, parameters_bytes, step_held_bytes
 from .timing import Timer, WallClockTimer
 
 __all__ = ["MODES", "AutotuneOptions", "AutotuneResult", "GuardDecision", "autotune", "load_plan_state"]
@@ -72,8 +72,8 @@ class AutotuneOptions:
     A candidate whose first timed call takes more than ``give_up_factor`` times the best time so far
     on its layer is not repeated (it cannot win). The whole-encoder guard takes ``guard_repeats``
     rounds and lets a variant replace a simpler one only when faster by more than ``guard_margin``
-    (see :mod:`.guard`). ``memory_limit``: the most the encoder may hold for backward, as a fraction
-    of what ``masked`` holds (see :mod:`.memory`; ``None``: no limit).
+    (see :mod:`.guard`). ``memory_limit``: the most the step's estimated peak may be, as a multiple
+    of ``masked``'s (see :mod:`.memory`; ``None``: no limit).
     """
 
     mode: str = "on"
@@ -97,8 +97,8 @@ class AutotuneOptions:
         if not 0.0 <= self.guard_margin < 1.0:
             raise ConfigError(f"autotune guard margin {self.guard_margin} must be a fraction in [0, 1)")
         if self.memory_limit is not None and not self.memory_limit > 0:
-            raise ConfigError(f"autotune memory limit {self.memory_limit} must be > 0 (a fraction of what masked "
-                              f"holds), or None for no limit")
+            raise ConfigError(f"autotune memory limit {self.memory_limit} must be > 0 (a multiple of masked's "
+                              f"estimated step peak), or None for no limit")
 
 
 @dataclass
@@ -150,6 +150,7 @@ class AutotuneResult:
                 "guard": None if self.guard is None else {"choice": self.guard.choice, "ms": dict(self.guard.ms)},
                 "memory": None if self.memory is None else {"limit": self.memory.limit,
                                                             "held_mb": dict(self.memory.held_mb),
+                                                            "params_mb": self.memory.params_mb,
                                                             "moved": dict(self.memory.moved)}}
 
     def summary(self) -> str:
@@ -244,7 +245,8 @@ def load_plan_state(spark: nn.Module, state: dict, build_masked: Optional[Callab
     guard = None if saved_guard is None else GuardDecision(saved_guard["choice"], saved_guard["ms"], "checkpoint")
     saved_memory = state.get("memory")
     memory = (None if saved_memory is None else
-              MemoryCheck(saved_memory["limit"], saved_memory["held_mb"], saved_memory["moved"], "checkpoint"))
+              MemoryCheck(saved_memory["limit"], saved_memory["held_mb"], saved_memory["params_mb"], saved_memory["moved"],
+                          "checkpoint"))
     result = AutotuneResult(spark, state["backend"], state.get("mode", "on"), "checkpoint", device_type, dtype,
                             decisions, guard, 0.0, state.get("shapes", ""), memory)
     if state["backend"] == "masked":
@@ -416,7 +418,7 @@ class _Tuner:
     def hold_to_limit(self, layers: list[LayerShape], decisions: dict[str, LayerDecision], static: dict[str, str],
                       active: torch.Tensor, twin: Optional[nn.Module], images: torch.Tensor
                       ) -> tuple[dict[str, LayerDecision], MemoryCheck]:
-        """Keep the plan within ``memory_limit`` x what ``masked`` holds for backward (see :mod:`.memory`).
+        """Keep the step's estimated peak within ``memory_limit`` x ``masked``'s (see :mod:`.memory`).
 
         The encoder is measured on every rank in step (SyncBatchNorm); rank 0's numbers and moves apply.
         """
@@ -427,9 +429,10 @@ class _Tuner:
             return decisions, MemoryCheck(limit, status="not measured (no masked model to compare with)")
 
         def held_mb(model: nn.Module) -> float:
-            return self.ranks.from_main(encoder_held_bytes(model, images, active, self.amp_dtype) / MB)
+            return self.ranks.from_main(step_held_bytes(model, images, active, self.amp_dtype) / MB)
 
-        check = MemoryCheck(limit, {"masked": held_mb(twin), "tuned": held_mb(self.spark)})
+        check = MemoryCheck(limit, {"masked": held_mb(twin), "tuned": held_mb(self.spark)},
+                            parameters_bytes(self.spark) / MB)
         if {name: d.kernel for name, d in decisions.items()} != static:
             self.pin({name: LayerDecision(name, kernel, "static rule") for name, kernel in static.items()})
             check.held_mb["static"] = held_mb(self.spark)
@@ -440,7 +443,7 @@ class _Tuner:
         decisions = dict(decisions)
         layer_held: dict[str, dict[str, int]] = {}
         while not check.fits("tuned"):
-            to_free = int((check.held_mb["tuned"] - limit * check.held_mb["masked"]) * MB) + 1
+            to_free = int((check.held_mb["tuned"] - check.held_allowed_mb()) * MB) + 1
             moves = None
             if self.ranks.is_main:
                 moves = {name: (kernel, (layer_held[name][decisions[name].kernel] - layer_held[name][kernel]) / MB)
