@@ -420,7 +420,7 @@ class _Tuner:
                       ) -> tuple[dict[str, LayerDecision], MemoryCheck]:
         """Keep the step's estimated peak within ``memory_limit`` x ``masked``'s (see :mod:`.memory`).
 
-        The encoder is measured on every rank in step (SyncBatchNorm); rank 0's numbers and moves apply.
+        The loss forward is measured on every rank in step (SyncBatchNorm); rank 0's numbers and moves apply.
         """
         limit = self.options.memory_limit
         if limit is None:
