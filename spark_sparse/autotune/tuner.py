@@ -65,6 +65,16 @@ REPRODUCIBLE_DEVICES = frozenset({"cpu"})
 PLAN_FORMAT = "spark-sparse-autotune-plan/1"
 
 
+def static_plan(static: dict[str, str], status: str = "static rule") -> dict[str, LayerDecision]:
+    """The static rule's kernel for every layer, as decisions (what ``pin`` takes)."""
+    return {name: LayerDecision(name, kernel, status) for name, kernel in static.items()}
+
+
+def kernels_of(decisions: dict[str, LayerDecision]) -> dict[str, str]:
+    """Layer name -> chosen kernel: the plan without its timings, for comparing plans."""
+    return {name: decision.kernel for name, decision in decisions.items()}
+
+
 @dataclass(frozen=True)
 class AutotuneOptions:
     """How to tune. ``cache_dir=None``: the user cache folder (see :func:`.cache.cache_dir`).
@@ -146,7 +156,7 @@ class AutotuneResult:
             return None
         return {"format": PLAN_FORMAT, "backend": self.backend, "device_type": self.device_type,
                 "dtype": str(self.dtype).replace("torch.", ""), "mode": self.mode, "shapes": self.shapes,
-                "kernels": {name: decision.kernel for name, decision in self.decisions.items()},
+                "kernels": kernels_of(self.decisions),
                 "guard": None if self.guard is None else {"choice": self.guard.choice, "ms": dict(self.guard.ms)},
                 "memory": None if self.memory is None else {"limit": self.memory.limit,
                                                             "held_mb": dict(self.memory.held_mb),
@@ -318,7 +328,7 @@ class _Tuner:
         convs = sparse_convs(spark.encoder)
         static = {name: self.backend.static_kernel(conv, self.device.type, self.dtype) for name, conv in convs}
         if options.mode == "off":
-            decisions = {name: LayerDecision(name, static[name], "autotune off: static rule") for name, _ in convs}
+            decisions = static_plan(static, "autotune off: static rule")
             self.pin(decisions)
             return self.result("auto", "off", decisions, None, started)
         layers = discover_layers(spark, active)
@@ -433,8 +443,8 @@ class _Tuner:
 
         check = MemoryCheck(limit, {"masked": held_mb(twin), "tuned": held_mb(self.spark)},
                             parameters_bytes(self.spark) / MB)
-        if {name: d.kernel for name, d in decisions.items()} != static:
-            self.pin({name: LayerDecision(name, kernel, "static rule") for name, kernel in static.items()})
+        if kernels_of(decisions) != static:
+            self.pin(static_plan(static))
             check.held_mb["static"] = held_mb(self.spark)
             self.pin(decisions)
         if check.fits("tuned"):
@@ -488,7 +498,7 @@ class _Tuner:
     def guard(self, layers, decisions, static, active, cache, twin: Optional[nn.Module], images: torch.Tensor,
               memory: MemoryCheck) -> GuardDecision:
         """Tuned plan vs static rule vs masked on the whole encoder, among those within the memory limit."""
-        tuned = {name: decision.kernel for name, decision in decisions.items()}
+        tuned = kernels_of(decisions)
         within = [name for name in PREFERENCE if memory.fits(name) and (name != "static" or static != tuned)]
         default = "tuned" if "tuned" in within else within[-1] if within else "masked"
         if twin is None:
@@ -507,8 +517,7 @@ class _Tuner:
         # mode on times the guard on every run, even with a cached result: it is a few encoder calls,
         # and a decision taken under another machine load can be wrong now (seen here: a cached
         # 'tuned 13% faster' that ran 6% slower than the static rule in a later session)
-        pin, static_decisions = self.pin, {name: LayerDecision(name, kernel, "static rule")
-                                           for name, kernel in static.items()}
+        pin, static_decisions = self.pin, static_plan(static)
         variants = [EncoderVariant("tuned", self.spark, lambda: pin(decisions))]
         if static != tuned:
             variants.append(EncoderVariant("static", self.spark, lambda: pin(static_decisions)))
