@@ -34,3 +34,20 @@ def test_environment_installs_every_runtime_dependency_of_pyproject():
 def test_environment_installs_the_project_itself_with_pip():
     pip = next(d["pip"] for d in _environment()["dependencies"] if isinstance(d, dict))
     assert "-e ." in pip and any(_name(p) == "spconv" for p in pip)
+
+
+def _listed_packages() -> tuple[list[str], dict[str, str]]:
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    return setuptools["packages"], setuptools.get("package-dir", {})
+
+
+def test_every_package_folder_is_listed_for_the_wheel():
+    """``packages`` is an explicit list (the kernels/ folder installs as ``spark_sparse.kernels``), so a new
+    sub-package left out of it is missing from a regular (non-editable) install while editable installs
+    and the tests still find it on the source path."""
+    listed, package_dir = _listed_packages()
+    folders = set()
+    for name, folder in {"spark_sparse": "spark_sparse", **package_dir}.items():
+        folders |= {".".join([name, *init.parent.relative_to(REPO / folder).parts])
+                    for init in (REPO / folder).rglob("__init__.py")}
+    assert folders <= set(listed), f"sub-packages missing from [tool.setuptools] packages: {sorted(folders - set(listed))}"
