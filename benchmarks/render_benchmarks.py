@@ -22,11 +22,15 @@ Placeholders in the template (``{{directive folder key=value ...}}``):
   ``sparse`` over ``masked``;
 - ``{{part NAME model=M variant=V part=P}}``: a step-breakdown median in ms (``P``: step, encoder,
   decoder, optimizer, rest);
-- ``{{ref NAME key=a.b.c}}``: a number from a reference-points run.
+- ``{{ref NAME key=a.b.c}}``: a number from a reference-points run;
+- ``{{worst NAME variant=V against=A,B field=F}}``: over every configuration (model, mask, dtype,
+  batch) of a run, the smallest ratio of the fastest of ``A, B`` to ``V`` in ``F`` (e.g. ``fwd_bwd_ms``):
+  >= 1 means ``V`` was never slower than the best of the others.
 
 Optional keys: ``fmt`` (Python format spec, default ``.2f``), ``suffix`` (e.g. ``x``, `` ms``),
 ``target`` (``>=2.0`` or ``<=0.6``: appends "target ...: met" or "not met", so a conclusion follows
-the numbers). A placeholder whose results are not committed renders as "not measured yet".
+the numbers; a figure that would round across its target gets more digits). A placeholder whose
+results are not committed renders as "not measured yet".
 """
 from __future__ import annotations
 
@@ -228,13 +232,24 @@ FIGURES: dict[str, Callable[[dict, dict], float]] = {"value": _value, "ratio": _
                                                      "worst": _worst}
 
 
-def _with_target(text: str, value: float, target: str, suffix: str) -> str:
+def _with_target(value: float, fmt: str, target: str, suffix: str) -> str:
+    """The figure and its verdict. A fixed-point figure gets more digits while its rounded text would read
+    the other way (0.9497 against >= 0.95 is shown as 0.950, not 0.95, next to "not met")."""
     match = re.fullmatch(r"(>=|<=)([0-9.eE+-]+)", target)
     if not match:
         raise TemplateError(f"target={target!r}: write target=>=2.0 or target=<=0.6")
     op, bound = match.group(1), float(match.group(2))
-    met = value >= bound if op == ">=" else value <= bound
-    return f"{text} (target {op.replace('>=', '≥').replace('<=', '≤')} {bound:g}{suffix}: {'met' if met else 'not met'})"
+
+    def meets(x: float) -> bool:
+        return x >= bound if op == ">=" else x <= bound
+    text = format(value, fmt)
+    fixed = re.fullmatch(r"\.(\d+)f", fmt)
+    digits = int(fixed.group(1)) if fixed else 0
+    while fixed and digits < 6 and meets(float(text)) != meets(value):
+        digits += 1
+        text = format(value, f".{digits}f")
+    return f"{text}{suffix} (target {op.replace('>=', '≥').replace('<=', '≤')} {bound:g}{suffix}: " \
+           f"{'met' if meets(value) else 'not met'})"
 
 
 def render_placeholder(body: str, results: dict[str, dict], used: set[str]) -> str:
@@ -255,9 +270,8 @@ def render_placeholder(body: str, results: dict[str, dict], used: set[str]) -> s
     if entry is None:
         return f"({NOT_MEASURED})"
     value = FIGURES[directive](entry, args)
-    suffix = args.get("suffix", "")
-    text = f"{format(value, args.get('fmt', '.2f'))}{suffix}"
-    return _with_target(text, value, args["target"], suffix) if "target" in args else text
+    suffix, fmt = args.get("suffix", ""), args.get("fmt", ".2f")
+    return _with_target(value, fmt, args["target"], suffix) if "target" in args else f"{format(value, fmt)}{suffix}"
 
 
 def render(template: str, results: dict[str, dict]) -> str:

@@ -125,3 +125,13 @@ def test_the_table_shows_x_floor_per_row(tmp_path):
     results = rb.load_results(_results(tmp_path, "cpu_x"))
     header = next(line for line in rb.render("{{run cpu_x}}", results).splitlines() if line.startswith("| model"))
     assert header.endswith("| x floor |")
+
+
+@pytest.mark.parametrize("value, target, text", [
+    (0.94969, ">=0.95", "0.9497x (target ≥ 0.95x: not met)"),    # .2f would print 0.95 next to "not met"
+    (1.99951, ">=2.0", "1.9995x (target ≥ 2x: not met)"),
+    (0.60004, "<=0.6", "0.60004x (target ≤ 0.6x: not met)"),
+    (0.9512, ">=0.95", "0.95x (target ≥ 0.95x: met)"),           # consistent at two digits: left alone
+])
+def test_a_figure_never_rounds_across_its_target(value, target, text):
+    assert rb._with_target(value, ".2f", target, "x") == text
