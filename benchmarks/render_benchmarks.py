@@ -17,7 +17,9 @@ Placeholders in the template (``{{directive folder key=value ...}}``):
   the table and where the plots are;
 - ``{{breakdown NAME}}``: a step breakdown table;
 - ``{{value NAME model=M variant=V mask=R field=F}}``: one field of one record, e.g.
-  ``field=speedup_vs_masked``;
+  ``field=speedup_vs_masked`` or, nested, ``field=autotune.held_mb.tuned``;
+- ``{{count NAME model=M variant=V mask=R field=F}}``: how many entries a field holds, e.g.
+  ``field=autotune.moved_for_memory`` (``fmt=d``);
 - ``{{ratio NAME model=M mask=R field=F num=V1 den=V2}}``: ``F(V1) / F(V2)``, e.g. peak memory of
   ``sparse`` over ``masked``;
 - ``{{part NAME model=M variant=V part=P}}``: a step-breakdown median in ms (``P``: step, encoder,
@@ -187,8 +189,22 @@ def _record(entry: dict, model: str, variant: str, mask: str) -> dict:
     raise TemplateError(f"no record model={model} variant={variant} mask={mask}")
 
 
+def _field(record: dict, path: str):
+    """``record[a][b]...`` for ``path`` ``a.b...`` (e.g. ``autotune.held_mb.tuned``)."""
+    value = record
+    for key in path.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise TemplateError(f"no field {path!r} in the record of {record['model']} / {record['backend']}")
+        value = value[key]
+    return value
+
+
 def _value(entry: dict, args: dict) -> float:
-    return _record(entry, args["model"], args["variant"], args["mask"])[args["field"]]
+    return _field(_record(entry, args["model"], args["variant"], args["mask"]), args["field"])
+
+
+def _count(entry: dict, args: dict) -> int:
+    return len(_field(_record(entry, args["model"], args["variant"], args["mask"]), args["field"]))
 
 
 def _ratio(entry: dict, args: dict) -> float:
@@ -228,8 +244,8 @@ def _worst(entry: dict, args: dict) -> float:
     return min(ratios)
 
 
-FIGURES: dict[str, Callable[[dict, dict], float]] = {"value": _value, "ratio": _ratio, "part": _part, "ref": _ref,
-                                                     "worst": _worst}
+FIGURES: dict[str, Callable[[dict, dict], float]] = {"value": _value, "count": _count, "ratio": _ratio, "part": _part,
+                                                     "ref": _ref, "worst": _worst}
 
 
 def _with_target(value: float, fmt: str, target: str, suffix: str) -> str:
