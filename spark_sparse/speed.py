@@ -4,7 +4,7 @@
 baseline every speed claim is measured against. ``fast`` switches on every option that keeps the
 fp32 maths: the ``auto`` backend (each conv on the kernel measured fastest on this machine, the
 encoder on ``masked`` when that is not faster, see :mod:`spark_sparse.autotune`), channels_last for
-the dense parts, foreach optimizer updates and ``torch.compile`` of the decoder on CUDA. Mixed
+the dense parts and, on CUDA only, foreach optimizer updates and ``torch.compile`` of the decoder. Mixed
 precision (``--amp``) changes the maths, so it stays a separate choice. Explicit flags override a
 recipe.
 
