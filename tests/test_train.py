@@ -1,7 +1,9 @@
 """The training run: output files, export to timm, exact resume, guards, bad data, non-finite loss."""
 import json
+import multiprocessing
 import os
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -78,13 +80,22 @@ def test_exported_resnet_loads_into_timm(folder, tmp_path):
     model.load_state_dict(torch.load(tmp_path / "resnet18_1kpretrained.pth"), strict=True)
 
 
-def _stop_with_sigterm_during(trainer: Trainer, global_it: int) -> None:
-    """SIGTERM arrives while step ``global_it`` runs: the run stops (with a checkpoint) after the next step."""
+def _stop_with_sigterm_during(trainer: Trainer, global_it: int, whole_group: bool = False) -> None:
+    """SIGTERM arrives while step ``global_it`` runs: the run stops (with a checkpoint) after the next step.
+
+    ``whole_group``: the loader's workers get it too, from another process, as from ``kill -TERM -<pgid>``,
+    ``timeout`` or SLURM (torch's workers exit quietly on a SIGTERM from their parent, not from others;
+    the test cannot signal its real process group: pytest is in it)."""
     real_step = trainer.step
 
     def step(images, it, stop_requested=False):
         if it == global_it:
-            os.kill(os.getpid(), signal.SIGTERM)
+            if whole_group:
+                workers = [str(worker.pid) for worker in multiprocessing.active_children()]
+                assert workers, "no loader workers to signal"
+                subprocess.run(["kill", "-s", "TERM", str(os.getpid()), *workers], check=True)
+            else:
+                os.kill(os.getpid(), signal.SIGTERM)
         return real_step(images, it, stop_requested)
 
     trainer.step = step
@@ -95,10 +106,12 @@ def _kernel_plan(trainer: Trainer):
     return None if state is None else (state["backend"], state["kernels"], state["guard"] and state["guard"]["choice"])
 
 
-@pytest.mark.parametrize("backend,amp,workers", [("masked", "none", 0), ("torch", "none", 0), ("sparse", "none", 0),
-                                                 (DEFAULT_BACKEND, "none", 2), (DEFAULT_BACKEND, "bf16", 0)],
-                         ids=["masked", "torch", "sparse", f"{DEFAULT_BACKEND}-default", f"{DEFAULT_BACKEND}-bf16"])
-def test_a_run_stopped_mid_epoch_and_resumed_equals_the_uninterrupted_run(folder12, tmp_path, backend, amp, workers):
+@pytest.mark.parametrize("backend,amp,workers,whole_group", [
+    ("masked", "none", 0, False), ("torch", "none", 0, False), ("sparse", "none", 0, False),
+    (DEFAULT_BACKEND, "none", 2, False), (DEFAULT_BACKEND, "bf16", 0, False), ("masked", "none", 2, True)],
+    ids=["masked", "torch", "sparse", f"{DEFAULT_BACKEND}-default", f"{DEFAULT_BACKEND}-bf16", "masked-workers-signalled"])
+def test_a_run_stopped_mid_epoch_and_resumed_equals_the_uninterrupted_run(folder12, tmp_path, backend, amp, workers,
+                                                                          whole_group):
     def config(out, **extra):
         return tiny_config(folder12, tmp_path / out, backend=backend, amp=amp, dataloader_workers=workers, **extra)
 
@@ -108,7 +121,7 @@ def test_a_run_stopped_mid_epoch_and_resumed_equals_the_uninterrupted_run(folder
     # measurements from the (test session's) autotune cache instead of timing again
     interrupted = Trainer(config("b", **({"autotune": "cached"} if backend == "auto" else {})), "")
     assert _kernel_plan(interrupted) == _kernel_plan(straight)
-    _stop_with_sigterm_during(interrupted, global_it=3)       # epoch 1, iteration 0 of 3
+    _stop_with_sigterm_during(interrupted, global_it=3, whole_group=whole_group)   # epoch 1, iteration 0 of 3
     with pytest.raises(engine.StopRequested, match="--resume_from="):
         interrupted.run()
     ckpt = read_checkpoint(tmp_path / "b" / "tiny_cnn_still_pretraining.pth")

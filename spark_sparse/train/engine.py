@@ -99,6 +99,22 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+def _loader_worker_init(worker_id: int) -> None:
+    """Let a loader worker outlive the first SIGTERM.
+
+    ``kill -TERM -<pgid>``, ``timeout`` and SLURM signal the whole process group. A worker killed by
+    it makes the DataLoader raise in the main process from its SIGCHLD handler, wherever the main
+    process is: mid-step, or mid-way through writing the checkpoint it saves on SIGTERM. The main
+    process stops its workers when it exits; a second SIGTERM (the loader's own ``terminate``) still
+    ends a worker at once.
+    """
+    signal.signal(signal.SIGTERM, _default_on_next_sigterm)
+
+
+def _default_on_next_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _seed_for(seed: int, global_it: int, rank: int) -> int:
     return (seed * 1_000_003 + global_it * 1_009 + rank) % (2**63 - 1)
 
@@ -307,7 +323,8 @@ class Trainer:
             workers = self.cfg.dataloader_workers
             self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=workers,
                                      pin_memory=self.ctx.device.type == "cuda", persistent_workers=workers > 0,
-                                     prefetch_factor=4 if workers > 0 else None)
+                                     prefetch_factor=4 if workers > 0 else None,
+                                     worker_init_fn=_loader_worker_init if workers > 0 else None)
         return self.loader
 
     def _header(self) -> dict:
@@ -396,7 +413,8 @@ class Trainer:
             if stop_now:
                 bar.close()
                 self.save()
-                raise StopRequested(f"stopped at epoch {state.epoch} iteration {state.iteration}; resume with "
+                raise StopRequested(f"stopped after iteration {state.iteration}/{self.iters_per_epoch} of epoch "
+                                    f"{state.epoch + 1}/{cfg.ep} (counted as the progress bar does); resume with "
                                     f"--resume_from={self.outputs.still_pretraining_path}")
         bar.close()
         unreadable = sorted(state.unreadable)
