@@ -21,8 +21,9 @@ install-minkowski: install
 	PYTHON=$(BIN)/python bash scripts/install_minkowski.sh || \
 		echo "WARNING: MinkowskiEngine could not be built; the minkowski backend's tests will skip"
 
+# the demo starts over each time (--overwrite replaces the previous demo's output_demo/)
 demo: install
-	$(BIN)/spark-pretrain
+	$(BIN)/spark-pretrain --overwrite
 
 test: install-minkowski
 	$(BIN)/python -m pytest -q

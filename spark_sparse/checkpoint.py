@@ -33,6 +33,14 @@ class CheckpointError(SparkSparseError, ValueError):
     pass
 
 
+def _new_file_mode() -> int:
+    """What ``open`` gives a new file (0o666 less the umask); mkstemp's 0o600 would hide checkpoints from the
+    rest of a shared cluster's group, unlike the run's other files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_save(obj: Any, path: PathLike) -> Path:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 
@@ -42,6 +50,7 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _new_file_mode())
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
@@ -62,8 +71,10 @@ def read_checkpoint(path: PathLike) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # torch raises several types for corrupt or foreign files
+        reason = (str(exc).strip().splitlines() or [""])[0]     # the first line; the rest is torch's advice
         raise CheckpointError(f"{str(path)!r} is not a readable PyTorch checkpoint (expected a file written by "
-                              f"torch.save, e.g. <model>_1kpretrained.pth): {type(exc).__name__}: {exc}") from exc
+                              f"torch.save, e.g. a run's <model>_still_pretraining.pth or <model>_1kpretrained.pth): "
+                              f"{type(exc).__name__}: {reason}") from exc
     if not isinstance(obj, dict):
         raise CheckpointError(f"{str(path)!r} holds a {type(obj).__name__}, expected a dict (a state dict or a "
                               f"checkpoint with 'model' / 'module' keys)")

@@ -83,7 +83,9 @@ def _validate_model(ctx, param, value: Optional[str]) -> Optional[str]:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110})
-@click.argument("exp_name", required=False, default="demo")
+@click.argument("exp_name", required=False)
+@click.option("--exp_name", "--exp-name", "exp_name_opt",
+              help="the run's name (SparK's flag; or the EXP_NAME argument); default: the model's name (demo: demo)")
 @_opt("exp_dir", help="output folder (default: output_<exp_name>)")
 @_opt("data_path", help="image folder (uses <data_path>/train if present); omitted: embedded demo photos")
 @_opt("model", callback=_validate_model, help=f"encoder ({', '.join(list_models())}); default resnet50, "
@@ -135,9 +137,12 @@ def _validate_model(ctx, param, value: Optional[str]) -> Optional[str]:
 @_opt("node_rank", type=int, default=0, help="SparK launch flag: this node's rank")
 @_opt("master_address", default="127.0.0.1", help="SparK launch flag: rendezvous host")
 @_opt("master_port", type=int, default=29500, help="SparK launch flag: rendezvous port")
-def pretrain_command(exp_name: str, num_nodes: int, ngpu_per_node: int, node_rank: int, master_address: str,
-                     master_port: int, sparse_conv: int, **options) -> None:
+def pretrain_command(exp_name: Optional[str], exp_name_opt: Optional[str], num_nodes: int, ngpu_per_node: int,
+                     node_rank: int, master_address: str, master_port: int, sparse_conv: int, **options) -> None:
     """Pre-train a CNN with SparK. EXP_NAME names the output folder output_<EXP_NAME>/."""
+    if exp_name and exp_name_opt and exp_name != exp_name_opt:
+        raise click.UsageError(f"two names for the run: EXP_NAME {exp_name!r} and --exp_name {exp_name_opt!r}")
+    exp_name = exp_name or exp_name_opt
     if (num_nodes > 1 or ngpu_per_node > 1) and not under_torchrun():
         _relaunch(num_nodes, ngpu_per_node, node_rank, master_address, master_port)
         return
@@ -155,9 +160,10 @@ def pretrain_command(exp_name: str, num_nodes: int, ngpu_per_node: int, node_ran
     if demo:
         click.echo(f"[spark-pretrain] no --data_path: pre-training on the embedded demo photos with demo defaults "
                    f"{', '.join(f'{k}={options[k]}' for k in DEMO_DEFAULTS)}", err=True)
-    cfg = PretrainConfig(exp_name=exp_name, demo=demo, **options)
+    exp_name = exp_name or ("demo" if demo else options["model"])
     from .train.engine import StopRequested, pretrain
     try:
+        cfg = PretrainConfig(exp_name=exp_name, demo=demo, **options)
         pretrain(cfg, cmd=shlex.join(sys.argv), capture_console=True)
     except StopRequested as stop:
         click.echo(f"[spark-pretrain] {stop}", err=True)

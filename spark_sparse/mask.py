@@ -12,16 +12,18 @@ from typing import Optional
 
 import torch
 
+from .errors import ConfigError
+
 __all__ = ["ActiveMask", "kept_patches_per_image"]
 
 
 def kept_patches_per_image(num_patches: int, mask_ratio: float) -> int:
     """SparK's ``len_keep = round(h * w * (1 - mask_ratio))``, refusing ratios that hide everything."""
     if not 0.0 <= mask_ratio < 1.0:
-        raise ValueError(f"mask ratio must be in [0, 1), got {mask_ratio}")
+        raise ConfigError(f"mask ratio must be in [0, 1), got {mask_ratio}")
     keep = round(num_patches * (1.0 - mask_ratio))
     if keep < 1:
-        raise ValueError(
+        raise ConfigError(
             f"mask ratio {mask_ratio} keeps round({num_patches} * {1 - mask_ratio:.4g}) = 0 of "
             f"{num_patches} patches visible; lower the ratio or use a larger input"
         )

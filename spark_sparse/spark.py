@@ -16,6 +16,7 @@ from timm.layers import convert_sync_batchnorm, trunc_normal_
 from .backends import Backend, create_backend
 from .backends.common import FeatureBatchNorm, FeatureLayerNorm, FeatureSyncBatchNorm
 from .decoder import LightDecoder
+from .errors import ConfigError
 from .features import FeatureMap
 from .mask import ActiveMask, kept_patches_per_image
 from .models import create_encoder, resolve_model_name
@@ -123,7 +124,7 @@ class SparK(nn.Module):
 
     def _check_image_hw(self, hw: tuple[int, int]) -> None:
         if hw[0] % self.downsample_ratio or hw[1] % self.downsample_ratio or min(hw) <= 0:
-            raise ValueError(f"input size {hw[0]}x{hw[1]} must be positive multiples of the downsample ratio "
+            raise ConfigError(f"input size {hw[0]}x{hw[1]} must be positive multiples of the downsample ratio "
                              f"{self.downsample_ratio} (e.g. 224 or 192x256)")
 
     def mask(self, batch_size: int, generator: Optional[torch.Generator] = None,

@@ -1,4 +1,7 @@
 """Export to timm, SparK's released formats, ConvNeXt key layouts, atomic writes, bad files."""
+import os
+import stat
+
 import pytest
 import timm
 import torch
@@ -105,3 +108,15 @@ def test_atomic_save_never_leaves_a_broken_file(tmp_path):
         atomic_save({"step": 2, "bad": Unpicklable()}, path)
     assert read_checkpoint(path) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
+
+
+def test_checkpoints_get_the_mode_of_the_runs_other_files(tmp_path):
+    """mkstemp creates 0o600 files: a checkpoint must be as readable as the log next to it (umask applies)."""
+    previous = os.umask(0o022)
+    try:
+        atomic_save({"w": torch.zeros(1)}, tmp_path / "ckpt.pth")
+        (tmp_path / "log.txt").write_text("")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "ckpt.pth").stat().st_mode) == stat.S_IMODE((tmp_path / "log.txt").stat().st_mode) \
+        == 0o644

@@ -141,3 +141,30 @@ def test_asking_for_cuda_without_a_gpu_is_one_clear_line(tmp_path):
     assert result.exit_code == 1 and result.output.startswith("Error: --device cuda asks for CUDA, but ")
     assert "use --device cpu" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_sparks_exp_name_flag_names_the_run(captured, tmp_path):
+    assert _run([f"--exp_name=debug", f"--data_path={tmp_path}"]).exit_code == 0
+    assert captured["cfg"].output_dir.name == "output_debug"
+    result = CliRunner().invoke(cli.pretrain_command, ["a", "--exp_name=b", f"--data_path={tmp_path}"])
+    assert result.exit_code == 2 and "two names for the run" in result.output
+
+
+def test_a_run_on_user_data_without_a_name_is_named_after_its_model(captured, tmp_path):
+    assert _run([f"--data_path={tmp_path}", "--model=resnet18"]).exit_code == 0
+    assert (captured["cfg"].exp_name, captured["cfg"].output_dir.name) == ("resnet18", "output_resnet18")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mask=0"], "--mask 0.0: the ratio of patches hidden must be above 0"),
+    (["--mask=1.5"], "--mask 1.5: the ratio"),
+    (["--ep=0"], "--ep 0: at least one epoch"),
+    (["--base_lr=-1"], "--base_lr -1.0: must be positive"),
+    (["--dataloader_workers=-1"], "--dataloader_workers -1: 0 (load in the training process) or more"),
+    (["--input_size=0"], "--input_size 0: must be a positive multiple of 32"),
+])
+def test_values_no_run_can_use_are_one_line_errors(args, message, tmp_path, monkeypatch):
+    monkeypatch.setattr("spark_sparse.train.engine.pretrain", _raising(AssertionError("must not start")))
+    result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={tmp_path}", *args])
+    assert result.exit_code == 1 and result.output.startswith("Error: ") and message in result.output, result.output
+    assert "Traceback" not in result.output

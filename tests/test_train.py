@@ -275,3 +275,58 @@ def test_resuming_a_file_that_is_not_a_run_checkpoint_is_a_clear_error(folder, t
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "weights.pth")
     with pytest.raises(CheckpointError, match="not a spark-pretrain checkpoint.*--init_weight"):
         pretrain(tiny_config(folder, tmp_path / "out", resume_from=str(tmp_path / "weights.pth")))
+
+
+@pytest.mark.parametrize("input_size, mask, message", [
+    (50, 0.6, "must be positive multiples of the downsample ratio 32"),
+    (32, 0.6, "keeps round(1 * 0.4) = 0 of 1 patches visible"),
+])
+def test_an_input_size_the_model_cannot_mask_is_refused_before_anything_is_written(folder, tmp_path, input_size,
+                                                                                   mask, message):
+    with pytest.raises(ConfigError) as err:
+        Trainer(tiny_config(folder, tmp_path / "out", input_size=input_size, mask=mask), "")
+    assert message in str(err.value) and not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_that_cannot_be_made_is_refused_before_the_run(folder, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match="a_file is a file"):
+        Trainer(tiny_config(folder, tmp_path / "a_file" / "out"), "")
+
+
+def test_resume_auto_restarts_a_run_that_died_before_its_first_checkpoint(folder, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pretrain_log.txt").write_text('{"name": "t", "args": {}}\n')       # the header, then it died
+    pretrain(tiny_config(folder, out, ep=1, resume_from="auto"))
+    records = (out / "pretrain_log.txt").read_text().splitlines()
+    assert records[0] == '{"name": "t", "args": {}}' and json.loads(records[-1])["epoch"] == 1   # appended to
+
+
+def test_a_missing_resume_checkpoint_is_named_before_the_folder_guard(folder, tmp_path):
+    _previous_run(tmp_path / "out")
+    with pytest.raises(ConfigError, match="--resume_from .*typo.pth: no such file"):
+        Trainer(tiny_config(folder, tmp_path / "out", resume_from=str(tmp_path / "typo.pth")), "")
+
+
+def test_the_folder_guard_suggests_commands_that_fit_what_it_found(folder, tmp_path):
+    _previous_run(tmp_path / "out")                                   # logged epoch 3: finished for --ep 2
+    with pytest.raises(ConfigError) as err:
+        Trainer(tiny_config(folder, tmp_path / "out"), "spark-pretrain t --resume_from=auto --ep=2")
+    message = str(err.value)
+    assert "spark-pretrain t --ep=2 --resume_from=" in message and "--resume_from=auto" not in message
+    assert "--ep <more than 3>" in message
+    other = tmp_path / "other"
+    other.mkdir()
+    atomic_save({"format": "spark-sparse/1"}, other / "resnet18_still_pretraining.pth")
+    with pytest.raises(ConfigError, match="it is a run of resnet18, not of tiny_cnn: add --model resnet18"):
+        Trainer(tiny_config(folder, other), "spark-pretrain t")
+
+
+def test_resuming_with_other_settings_warns_in_the_console_and_the_log(folder, tmp_path):
+    pretrain(tiny_config(folder, tmp_path, ep=1))
+    trainer = Trainer(tiny_config(folder, tmp_path, ep=2, bs=2, resume_from="auto"), "")
+    trainer.run()
+    header = [json.loads(line) for line in (tmp_path / "pretrain_log.txt").read_text().splitlines()
+              if "args" in json.loads(line)][-1]
+    assert any("--bs 2 (was 4)" in warning and "no longer the run" in warning for warning in header["warnings"])

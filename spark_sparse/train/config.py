@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..errors import ConfigError
+
 __all__ = ["PretrainConfig", "DEMO_DEFAULTS"]
 
 #: what replaces SparK's ImageNet defaults when no --data_path is given (explicit flags still win)
@@ -53,6 +55,23 @@ class PretrainConfig:
     demo: bool = False
     vis_images: int = 4
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        """Refuse values no run can use, before anything is built or written (the CLI prints one line)."""
+        problems = [f"--{name} {value}: {rule}" for name, value, ok, rule in (
+            ("input_size", self.input_size, self.input_size > 0, "must be a positive multiple of 32, e.g. 224"),
+            ("mask", self.mask, 0 < self.mask < 1, "the ratio of patches hidden must be above 0 (something to "
+                                                   "reconstruct) and below 1 (something to see), e.g. 0.6"),
+            ("bs", self.bs, self.bs >= 1, "the global batch must hold at least one image"),
+            ("ep", self.ep, self.ep >= 1, "at least one epoch"),
+            ("wp_ep", self.wp_ep, self.wp_ep >= 0, "warm-up epochs cannot be negative"),
+            ("base_lr", self.base_lr, self.base_lr > 0, "must be positive (SparK: 2e-4)"),
+            ("dataloader_workers", self.dataloader_workers, self.dataloader_workers >= 0,
+             "0 (load in the training process) or more"),
+            ("autotune_budget", self.autotune_budget, self.autotune_budget >= 0, "seconds, 0 or more"),
+        ) if not ok]
+        if problems:
+            raise ConfigError("; ".join(problems))
 
     @property
     def output_dir(self) -> Path:

@@ -22,6 +22,7 @@ import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -51,6 +52,8 @@ CHECKPOINT_FORMAT = "spark-sparse/1"
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: ``--resume_from=auto``: this run's folder's ``<model>_still_pretraining.pth`` if there is one, else a new run
 RESUME_AUTO = "auto"
+#: settings a resumed run should share with its checkpoint's (the maths of the run; --ep may grow)
+RESUME_KEEPS = ("input_size", "mask", "bs", "wp_ep", "base_lr", "wd", "wde", "clip", "opt", "ada", "dp", "seed", "amp")
 
 
 class TrainingError(SparkSparseError, RuntimeError):
@@ -152,7 +155,9 @@ class Trainer:
         self.outputs = RunOutputs(cfg.output_dir, self.model_name, self.ctx.is_main)
         self.resume_path = self._resume_path()
         if self.ctx.is_main:
-            self.outputs.check_reusable(self.resume_path, cfg.overwrite, cmd, cfg.ep)
+            self.outputs.check_writable()
+            self.outputs.check_reusable(self.resume_path, cfg.overwrite, cmd, cfg.ep,
+                                        resume_auto=cfg.resume_from == RESUME_AUTO)
         self.local_batch, self.global_batch, batch_warnings = split_global_batch(cfg.bs, self.ctx.world_size,
                                                                                  len(self.dataset))
         self.warnings += batch_warnings
@@ -218,6 +223,9 @@ class Trainer:
     def _resume_path(self) -> Optional[str]:
         """``--resume_from``, with ``auto`` resolved to this folder's checkpoint (``None``: a new run)."""
         if self.cfg.resume_from != RESUME_AUTO:
+            if self.cfg.resume_from is not None and not Path(self.cfg.resume_from).is_file():
+                raise ConfigError(f"--resume_from {self.cfg.resume_from}: no such file (a run's "
+                                  f"<model>_still_pretraining.pth, or 'auto' for the output folder's own)")
             return self.cfg.resume_from
         found = self.outputs.still_pretraining_path
         return str(found) if found.is_file() else None
@@ -273,6 +281,11 @@ class Trainer:
         progress = ckpt.get("epoch_progress", {})
         self.state = RunState(ckpt["epoch"], ckpt["iteration"], ckpt.get("min_loss", math.inf),
                               progress.get("loss_sum", 0.0), set(progress.get("unreadable", ())))
+        changed = [f"--{key} {getattr(self.cfg, key)} (was {ckpt['args'][key]})" for key in RESUME_KEEPS
+                   if key in ckpt.get("args", {}) and ckpt["args"][key] != getattr(self.cfg, key)]
+        if changed:
+            self._warn(f"resuming {path} with settings that differ from its run: {', '.join(changed)}; the run goes "
+                       f"on with the new values, so it is no longer the run that was interrupted")
         if self.state.iteration and "epoch_progress" not in ckpt:
             self._warn(f"{path} predates epoch_progress: epoch {self.state.epoch + 1}'s logged loss will cover only "
                        f"the iterations after the resume")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import shlex
 import subprocess
 import sys
 import time
@@ -27,6 +29,23 @@ def git_commit() -> Optional[str]:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+def _without_flags(cmd: str, flags: tuple[str, ...]) -> str:
+    """``cmd`` without the given ``--flag[=value]`` / ``--flag value`` arguments (SparK's or dashed spelling),
+    so a suggested command does not repeat a flag it adds."""
+    words, kept, skip = shlex.split(cmd), [], False
+    names = {f"--{flag}" for flag in flags} | {f"--{flag.replace('_', '-')}" for flag in flags}
+    for word in words:
+        if skip:
+            skip = False
+            continue
+        name = word.split("=", 1)[0]
+        if name in names:
+            skip = "=" not in word and name not in ("--overwrite",)
+            continue
+        kept.append(word)
+    return shlex.join(kept)
 
 
 class Tee:
@@ -107,22 +126,38 @@ class RunOutputs:
         """True when ``resume_from`` is this folder's own ``<model>_still_pretraining.pth``."""
         return resume_from is not None and Path(resume_from).resolve() == self.still_pretraining_path.resolve()
 
-    def check_reusable(self, resume_from: Optional[str], overwrite: bool, cmd: str, epochs: int) -> None:
+    def holds_checkpoints(self) -> bool:
+        return any(path.suffix == ".pth" for path in self.existing_run_files())
+
+    def check_reusable(self, resume_from: Optional[str], overwrite: bool, cmd: str, epochs: int,
+                       resume_auto: bool = False) -> None:
         """Refuse to write into a folder holding another run unless continuing it or told to start over.
 
         Continuing means resuming from this folder's own checkpoint: the log is appended to. A
         resume from a checkpoint elsewhere would replace this folder's checkpoints, so here it
-        counts as starting over and needs ``--overwrite`` too. Raises :class:`ConfigError` naming
-        the files found, the last logged epoch and the commands to continue or start over.
+        counts as starting over and needs ``--overwrite`` too. With ``--resume_from=auto`` a folder
+        whose run died before its first checkpoint (logs only) is started again, the log appended to:
+        the same command serves a job's first start and every restart. Raises :class:`ConfigError`
+        naming the files found, the last logged epoch and the commands that fit what was found.
         """
         existing = self.existing_run_files()
         if not existing or overwrite or self.continues_this_folder(resume_from):
             return
+        if resume_auto and resume_from is None and not self.holds_checkpoints():
+            return
         epoch = self.last_logged_epoch()
         progress = f"; last logged epoch {epoch}/{epochs}" if epoch is not None else ""
-        base = cmd or "spark-pretrain <same arguments>"
+        base = _without_flags(cmd, ("resume_from", "resume", "overwrite")) or "spark-pretrain <same arguments>"
+        others = sorted({path.name[:-len(suffix)] for path in existing
+                         for suffix in ("_still_pretraining.pth", "_1kpretrained.pth") if path.name.endswith(suffix)}
+                        - {self.model})
         if self.still_pretraining_path.exists():
             resume = f"continue it:  {base} --resume_from={self.still_pretraining_path}"
+            if epoch is not None and epoch >= epochs:
+                resume += f" --ep <more than {epoch}>   (it finished its {epoch} epochs)"
+        elif others:
+            resume = (f"continue it:  it is a run of {', '.join(others)}, not of {self.model}: add --model "
+                      f"{others[0]} --resume_from=auto")
         else:
             resume = f"continue it:  not possible, it has no {self.still_pretraining_path.name}"
         raise ConfigError(f"{self.dir}/ already holds a run ({', '.join(p.name for p in existing)}{progress}); "
@@ -130,6 +165,18 @@ class RunOutputs:
                           f"  {resume}\n"
                           f"  start over:   {base} --overwrite   (deletes those files first)\n"
                           f"  or choose another experiment name or --exp_dir.")
+
+    def check_writable(self) -> None:
+        """Fail before the run is built, not at its first write, where the folder cannot be made or written."""
+        existing = self.dir
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ConfigError(f"cannot create the output folder {self.dir}/: {existing} is a file; choose another "
+                              f"--exp_dir or experiment name")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"cannot write the output folder {self.dir}/: no write permission in {existing}; choose "
+                              f"another --exp_dir or fix its permissions")
 
     def open(self, fresh: bool, capture_console: bool = False) -> "RunOutputs":
         """Create the folder; with ``fresh`` (``--overwrite``) delete a previous run's files first.
@@ -139,7 +186,11 @@ class RunOutputs:
         a library call of :func:`~spark_sparse.train.engine.pretrain` leaves the caller's streams alone.
         """
         if self.is_main:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:   # what check_writable cannot see (a read-only mount, a full disk, root squash)
+                raise ConfigError(f"cannot create the output folder {self.dir}/ ({err.strerror}); choose another "
+                                  f"--exp_dir") from None
             if fresh:
                 for path in self.existing_run_files():
                     path.unlink()
