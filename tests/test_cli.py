@@ -81,6 +81,8 @@ def test_unknown_backend_lists_available_ones(tmp_path):
 def test_unknown_model_lists_known_ones(tmp_path):
     result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={tmp_path}", "--model=no_such_net"])
     assert result.exit_code == 2 and "unknown model 'no_such_net'" in result.output and "resnet50" in result.output
+    result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={tmp_path}", "--model=resnet5"])
+    assert "did you mean resnet50" in result.output
 
 
 def test_help_shows_every_option_with_defaults():

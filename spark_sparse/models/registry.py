@@ -18,6 +18,7 @@ backend (features, loss, every gradient) and exports to timm.
 """
 from __future__ import annotations
 
+import difflib
 from typing import Callable, Optional, Protocol, runtime_checkable
 
 import torch.nn as nn
@@ -94,7 +95,9 @@ def _fallback_factory(name: str) -> Optional[Callable[..., nn.Module]]:
 def resolve_model_name(name: str) -> str:
     name = MODEL_ALIASES.get(name, name)
     if name not in _MODELS and _fallback_factory(name) is None:
-        raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(list_models())} "
+        close = difflib.get_close_matches(name, [*list_models(), *MODEL_ALIASES], n=3)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise UnknownModelError(f"unknown model {name!r}; {hint}known models: {', '.join(list_models())} "
                                 f"(aliases: {', '.join(f'{a}={n}' for a, n in MODEL_ALIASES.items())}), or any timm "
                                 f"CNN by its timm name (timm.list_models())")
     return name
