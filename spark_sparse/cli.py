@@ -99,7 +99,8 @@ def _validate_model(ctx, param, value: Optional[str]) -> Optional[str]:
 @_opt("wd", type=float, default=_SPARK_DEFAULTS.wd, help="initial weight decay")
 @_opt("wde", type=float, default=_SPARK_DEFAULTS.wde, help="final weight decay (cosine); 0 = same as --wd")
 @_opt("clip", type=float, default=_SPARK_DEFAULTS.clip, help="gradient norm clip (<= 0: off)")
-@_opt("opt", type=click.Choice(["lamb", "adamw", "sgd"], case_sensitive=False), default="lamb")
+@_opt("opt", type=click.Choice(["lamb", "adamw", "sgd"], case_sensitive=False), default="lamb",
+      help="optimizer (SparK: lamb)")
 @_opt("ada", type=float, default=0.0, help="Adam beta2; 0 = SparK's (0.95 ResNet, 0.999 ConvNeXt)")
 @_opt("dp", type=float, default=None, help="drop-path rate; default: SparK's for the model")
 @_opt("sbn", type=bool, default=True, help="SyncBatchNorm when several CUDA processes run")
@@ -130,7 +131,7 @@ def _validate_model(ctx, param, value: Optional[str]) -> Optional[str]:
 @_opt("grad_ckpt", is_flag=True, default=False, help="recompute decoder blocks in backward to save memory")
 @_opt("device", default="auto", help="auto, cpu, cuda or cuda:N")
 @_opt("amp", type=click.Choice(["none", "bf16", "fp16"]), default="none", help="mixed precision (SparK: none)")
-@_opt("seed", type=int, default=0)
+@_opt("seed", type=int, default=0, help="seeds the initial weights, masks, augmentation and data order")
 @_opt("tensorboard", is_flag=True, default=False, help="write TensorBoard logs to <exp_dir>/tensorboard_log")
 @_opt("num_nodes", type=int, default=1, help="SparK launch flag: nodes")
 @_opt("ngpu_per_node", type=int, default=1, help="SparK launch flag: processes per node")

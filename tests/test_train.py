@@ -42,7 +42,7 @@ def _epoch_records(log_path):
 
 
 def test_one_epoch_writes_every_output_file(folder, tmp_path):
-    pretrain(tiny_config(folder, tmp_path / "out", ep=1), capture_console=True)
+    pretrain(tiny_config(folder, tmp_path / "out", ep=1, wp_ep=0.5), capture_console=True)
     out = tmp_path / "out"
     assert {p.name for p in out.iterdir()} == {"pretrain_log.txt", "stdout_backup.txt", "stderr_backup.txt",
                                                "tiny_cnn_still_pretraining.pth", "tiny_cnn_1kpretrained.pth",
@@ -236,9 +236,21 @@ def test_unreadable_images_are_skipped_and_named(folder, tmp_path, capsys):
     broken = make_image_folder(tmp_path / "data", count=6)
     (broken / "train" / "class0" / "img0.png").write_bytes(b"this is not a png")
     pretrain(tiny_config(broken, tmp_path / "out", ep=1))
-    assert "img0.png" in capsys.readouterr().err
+    assert "img0.png (UnidentifiedImageError: cannot identify image file" in capsys.readouterr().err
     epoch = json.loads((tmp_path / "out" / "pretrain_log.txt").read_text().splitlines()[-1])
     assert epoch["unreadable_images"] == 1
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_folder_of_unreadable_images_is_one_message_naming_a_file_and_why(tmp_path, workers):
+    broken = make_image_folder(tmp_path / "data", count=4)
+    for path in (broken / "train").rglob("*.png"):
+        path.write_bytes(b"this is not a png")
+    with pytest.raises(DataError) as err:
+        pretrain(tiny_config(broken, tmp_path / "out", ep=1, dataloader_workers=workers))
+    message = str(err.value)        # from a loader worker too: without torch's worker traceback
+    assert message.startswith("none of the 4 images could be read, e.g. ") and "UnidentifiedImageError" in message
+    assert "Traceback" not in message and ".png" in message
 
 
 def test_missing_and_empty_folders_fail_before_writing_anything(tmp_path):
@@ -330,3 +342,9 @@ def test_resuming_with_other_settings_warns_in_the_console_and_the_log(folder, t
     header = [json.loads(line) for line in (tmp_path / "pretrain_log.txt").read_text().splitlines()
               if "args" in json.loads(line)][-1]
     assert any("--bs 2 (was 4)" in warning and "no longer the run" in warning for warning in header["warnings"])
+
+
+def test_a_run_shorter_than_its_warm_up_is_warned_about(folder, tmp_path):
+    trainer = Trainer(tiny_config(folder, tmp_path, ep=1, wp_ep=40), "")
+    assert any("--wp_ep 40 is not below --ep 1" in warning for warning in trainer.warnings)
+    assert not any("--wp_ep" in w for w in Trainer(tiny_config(folder, tmp_path / "b", ep=2, wp_ep=1), "").warnings)

@@ -78,6 +78,14 @@ class _SeededDataset(Dataset):
     def describe(self, index: int) -> str:
         return str(index)
 
+    def why_unreadable(self, index: int) -> str:
+        """The error reading ``index`` gives (the loader workers only report which index failed)."""
+        try:
+            self.load(index)
+        except Exception as err:
+            return f"{type(err).__name__}: {err}"
+        return "readable now"
+
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item
         bad = -1
@@ -89,7 +97,8 @@ class _SeededDataset(Dataset):
             except Exception:   # any decoding failure of one file must not stop the epoch
                 bad = candidate if bad < 0 else bad
         else:
-            raise DataError("no image in the dataset could be read")
+            raise DataError(f"none of the {len(self)} images could be read, e.g. {self.describe(index)} "
+                            f"({self.why_unreadable(index)})")
         with torch.random.fork_rng(devices=[]):   # torchvision's random transforms draw from torch's RNG
             torch.manual_seed(seed)
             return self.transform(image), bad

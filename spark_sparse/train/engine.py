@@ -118,6 +118,24 @@ def _default_on_next_sigterm(signum, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _batches(loader: DataLoader):
+    """The loader's batches. An error of ours raised in a loader worker comes back as the same type with
+    torch's worker traceback in its message: it is re-raised with our message alone (the CLI's one line)."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except SparkSparseError as err:
+            text = str(err)
+            if "Original Traceback" not in text:
+                raise
+            last = text.rstrip().splitlines()[-1]
+            raise type(err)(last.split(f"{type(err).__name__}: ", 1)[-1]) from None
+        yield batch
+
+
 def _seed_for(seed: int, global_it: int, rank: int) -> int:
     return (seed * 1_000_003 + global_it * 1_009 + rank) % (2**63 - 1)
 
@@ -163,6 +181,9 @@ class Trainer:
         self.warnings += batch_warnings
         self.iters_per_epoch = cfg.iterations_per_epoch(len(self.dataset), self.global_batch)
         self.total_iters = cfg.ep * self.iters_per_epoch
+        if cfg.wp_ep >= cfg.ep:
+            self._warn(f"--wp_ep {cfg.wp_ep:g} is not below --ep {cfg.ep}: the learning rate never leaves its linear "
+                       f"warm-up (SparK: 40 of 1600 epochs); lower --wp_ep for a short run")
         self.amp_dtype = AMP_DTYPES[cfg.amp]
         if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard, or drop the flag")
@@ -402,7 +423,7 @@ class Trainer:
         self.spark.train()
         start_time, seen, resumed_at = time.time(), 0, state.iteration
         loader = self._epoch_loader(state.epoch, state.iteration)
-        bar = tqdm(loader, total=self.iters_per_epoch, initial=state.iteration, disable=not self.ctx.is_main,
+        bar = tqdm(_batches(loader), total=self.iters_per_epoch, initial=state.iteration, disable=not self.ctx.is_main,
                    desc=f"epoch {state.epoch + 1}/{cfg.ep}", dynamic_ncols=True, file=sys.stderr,
                    mininterval=0.5 if sys.stderr.isatty() else 10.0)
         for images, bad_indices in bar:
@@ -432,8 +453,8 @@ class Trainer:
         bar.close()
         unreadable = sorted(state.unreadable)
         for index in unreadable:
-            print(f"[spark-pretrain] warning: could not read {self.dataset.describe(index)}; replaced by the next image",
-                  file=sys.stderr)
+            print(f"[spark-pretrain] warning: could not read {self.dataset.describe(index)} "
+                  f"({self.dataset.why_unreadable(index)}); replaced by the next image", file=sys.stderr)
         epoch_loss = self.ctx.all_mean(state.loss_sum / max(state.iteration, 1))   # the whole epoch, resumed or not
         elapsed = time.time() - start_time
         state.min_loss = min(state.min_loss, epoch_loss)
