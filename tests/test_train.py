@@ -283,8 +283,9 @@ def test_non_finite_loss_stops_and_keeps_a_resumable_last_good_state(folder, tmp
     assert state.epoch == 2
 
 
-def test_resuming_a_file_that_is_not_a_run_checkpoint_is_a_clear_error(folder, tmp_path):
+def test_resuming_a_file_that_is_not_a_run_checkpoint_is_a_clear_error_before_tuning(folder, tmp_path, monkeypatch):
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "weights.pth")
+    monkeypatch.setattr(engine, "autotune", lambda *args, **kwargs: pytest.fail("tuned before checking the file"))
     with pytest.raises(CheckpointError, match="not a spark-pretrain checkpoint.*--init_weight"):
         pretrain(tiny_config(folder, tmp_path / "out", resume_from=str(tmp_path / "weights.pth")))
 

@@ -147,9 +147,16 @@ def _build_dataset(cfg: PretrainConfig):
     return ImageFolderDataset(cfg.data_path, transform)
 
 
-def _saved_autotune_plan(path: str) -> Optional[dict]:
-    """The autotune plan stored in checkpoint ``path`` (``None`` for runs that were not on ``auto``)."""
-    return read_checkpoint(path).get("autotune")
+def _resumable_checkpoint(path: str, model_name: str) -> dict:
+    """Checkpoint ``path``, checked to be a run of ``model_name`` that can be resumed (before any tuning)."""
+    ckpt = read_checkpoint(path)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a spark-pretrain checkpoint (expected '{CHECKPOINT_FORMAT}' "
+                              f"with model/optimizer/epoch keys; found keys {', '.join(list(ckpt)[:6])}); "
+                              f"use --init_weight to start from a pre-trained file instead")
+    if ckpt.get("model_name") != model_name:
+        raise CheckpointError(f"{path} was pre-training {ckpt.get('model_name')!r}, this run is {model_name!r}")
+    return ckpt
 
 
 def _rng_states() -> dict:
@@ -176,6 +183,8 @@ class Trainer:
             self.outputs.check_writable()
             self.outputs.check_reusable(self.resume_path, cfg.overwrite, cmd, cfg.ep,
                                         resume_auto=cfg.resume_from == RESUME_AUTO)
+        # read and checked now: a wrong file is named before minutes of kernel tuning, not after
+        self.resume_checkpoint = _resumable_checkpoint(self.resume_path, self.model_name) if self.resume_path else None
         self.local_batch, self.global_batch, batch_warnings = split_global_batch(cfg.bs, self.ctx.world_size,
                                                                                  len(self.dataset))
         self.warnings += batch_warnings
@@ -233,7 +242,7 @@ class Trainer:
         process, input size, mask ratio and dtype. The guard may hand back the model on ``masked``.
         """
         cfg = self.cfg
-        saved = _saved_autotune_plan(self.resume_path) if self.resume_path else None
+        saved = self.resume_checkpoint.get("autotune") if self.resume_checkpoint else None
         options = AutotuneOptions(mode=cfg.autotune, budget_s=cfg.autotune_budget, progress=self.ctx.is_main,
                                   seed=cfg.seed, memory_limit=cfg.autotune_memory or None)
         return autotune(self.spark, self.local_batch, self.ctx.device, self.amp_dtype,
@@ -289,13 +298,9 @@ class Trainer:
             print(f"[spark-pretrain] saved {self.outputs.pretrained_path} (timm-style encoder)")
 
     def resume(self, path: str) -> None:
-        ckpt = read_checkpoint(path)
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{path} is not a spark-pretrain checkpoint (expected '{CHECKPOINT_FORMAT}' "
-                                  f"with model/optimizer/epoch keys; found keys {', '.join(list(ckpt)[:6])}); "
-                                  f"use --init_weight to start from a pre-trained file instead")
-        if ckpt.get("model_name") != self.model_name:
-            raise CheckpointError(f"{path} was pre-training {ckpt.get('model_name')!r}, this run is {self.model_name!r}")
+        ckpt = self.resume_checkpoint if self.resume_checkpoint is not None else \
+            _resumable_checkpoint(path, self.model_name)
+        self.resume_checkpoint = None          # read once: do not hold a second copy of the weights while training
         load_spark_state(self.spark, ckpt["model"], f"{path}")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
