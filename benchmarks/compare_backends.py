@@ -53,24 +53,34 @@ FAMILY_MODELS = ("resnet50d", "seresnet50", "resnext50_32x4d", "regnety_016", "e
                  "mobilenetv3_large_100", "convnextv2_tiny", "resnetv2_50x1_bit")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and each option's default in its help (unless it says it already)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["resnet50", "convnext_tiny"])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p.add_argument("--models", nargs="+", default=["resnet50", "convnext_tiny"], help="spark-sparse model names")
     p.add_argument("--families", action="store_true",
                    help=f"measure timm's CNN families instead of --models: {', '.join(FAMILY_MODELS)}")
     p.add_argument("--backends", nargs="+", default=None, help="default: every available backend")
     p.add_argument("--recipes", nargs="*", default=[],
                    help="also measure whole speed recipes: spark, fast, or fast@bf16 / fast@fp16 (own AMP dtype)")
-    p.add_argument("--mask", nargs="+", type=float, default=[0.6, 0.75])
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--mask", nargs="+", type=float, default=[0.6, 0.75], help="mask ratios")
+    p.add_argument("--batch-size", type=int, default=8, help="images per timed call")
+    p.add_argument("--input-size", type=int, default=224, help="image side in pixels (multiple of 32)")
     p.add_argument("--dtype", nargs="+", choices=["fp32", "bf16", "fp16"], default=["fp32"],
                    help="one or more autocast dtypes, each measured on the same models")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--what", choices=["encoder", "step"], default="encoder")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where every variant runs")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per variant (medians reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per variant first")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--what", choices=["encoder", "step"], default="encoder",
+                   help="encoder forward+backward, or the whole training step (decoder, loss, optimizer)")
     p.add_argument("--quick", action="store_true", help="tiny models and sizes (CI)")
     p.add_argument("--memory", choices=["subprocess", "inprocess", "off"], default=None,
                    help="peak memory: one fresh subprocess per (model, mask) with glibc returning freed blocks "
@@ -88,7 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="columns on backend auto (and recipe:fast) are tuned before timing: on = measure what the "
                         "cache lacks, cached = the cache only, off = the static rule (tuning time reported apart)")
     p.add_argument("--autotune-budget", type=float, default=60.0, help="seconds of per-layer tuning at most")
-    p.add_argument("--out", type=Path, default=Path("bench_out"))
+    p.add_argument("--out", type=Path, default=Path("bench_out"),
+                   help="folder for results.json, results.md and the plots (printed at the end)")
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.input_size, args.batch_size, args.mask = ["resnet18", "convnext_tiny"], 64, 2, [0.6]
