@@ -188,9 +188,13 @@ class AutotuneResult:
     def _memory_summary(self) -> str:
         return "" if self.memory is None else f"; {self.memory.describe()}"
 
+    def headline(self) -> str:
+        """How long tuning took and where the plan came from (the summary left out)."""
+        return f"[autotune] {self.seconds:.1f} s (--autotune {self.mode}, plan {self.source})"
+
     def describe(self) -> str:
         """Several lines: the summary, then each layer's kernel and every candidate's measured ms."""
-        lines = [f"[autotune] {self.seconds:.1f} s (--autotune {self.mode}, plan {self.source}): {self.summary()}"]
+        lines = [f"{self.headline()}: {self.summary()}"]
         for name, decision in self.decisions.items():
             lines.append(f"  {name:<40} {decision.kernel:<10} {decision.describe()}")
         return "\n".join(lines)

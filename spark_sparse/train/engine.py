@@ -384,9 +384,10 @@ class Trainer:
         if cfg.sbn and not self.sync_bn:
             print("[spark-pretrain] --sbn: SyncBatchNorm needs several CUDA processes; using plain BatchNorm here")
         print(self.speed.describe())
-        if self.autotune.applies:       # per-layer ms follow in the plan, or here when the guard chose masked
-            tuned = self.autotune.describe()
-            print(tuned if self.autotune.backend == "masked" else tuned.splitlines()[0])
+        if self.autotune.applies:       # per-layer ms follow in the plan, or here when the guard chose masked;
+            # the summary is the recipe's backend reason, printed just above
+            print(self.autotune.describe() if self.autotune.backend == "masked" else
+                  f"{self.autotune.headline()}: what it measured is the backend's reason above")
         print(f"[spark-pretrain] {self.batch_estimate.describe(str(self.ctx.device))} (this run: {self.local_batch})")
         print("[spark-pretrain] backend plan (layer: kernel):")
         for layer, how in self.plan:
