@@ -24,6 +24,7 @@ from .models import UnknownModelError, list_models, resolve_model_name
 from .speed import RECIPES
 from .train.config import DEMO_DEFAULTS, PretrainConfig
 from .train.distributed import under_torchrun
+from .train.outputs import without_flags
 
 __all__ = ["main", "pretrain_command"]
 
@@ -176,16 +177,8 @@ def pretrain_command(exp_name: Optional[str], exp_name_opt: Optional[str], num_n
 def _relaunch(num_nodes: int, nproc: int, node_rank: int, address: str, port: int) -> None:
     from torch.distributed import run as torchrun
 
-    launch_flags = {"num_nodes", "ngpu_per_node", "node_rank", "master_address", "master_port"}
-    passthrough, skip_value = [], False
-    for arg in sys.argv[1:]:
-        if skip_value:                       # the value of a space-separated launch flag
-            skip_value = False
-            continue
-        if arg.startswith("--") and arg[2:].split("=")[0].replace("-", "_") in launch_flags:
-            skip_value = "=" not in arg
-            continue
-        passthrough.append(arg)
+    passthrough = without_flags(sys.argv[1:], valued=("num_nodes", "ngpu_per_node", "node_rank", "master_address",
+                                                      "master_port"))
     args = [f"--nnodes={num_nodes}", f"--nproc_per_node={nproc}", f"--node_rank={node_rank}",
             f"--master_addr={address}", f"--master_port={port}", "-m", "spark_sparse.cli", *passthrough]
     click.echo(f"[spark-pretrain] launching {num_nodes}x{nproc} processes: torchrun {' '.join(args)}", err=True)

@@ -349,3 +349,11 @@ def test_a_run_shorter_than_its_warm_up_is_warned_about(folder, tmp_path):
     trainer = Trainer(tiny_config(folder, tmp_path, ep=1, wp_ep=40), "")
     assert any("--wp_ep 40 is not below --ep 1" in warning for warning in trainer.warnings)
     assert not any("--wp_ep" in w for w in Trainer(tiny_config(folder, tmp_path / "b", ep=2, wp_ep=1), "").warnings)
+
+
+def test_without_flags_drops_named_options_in_every_spelling():
+    from spark_sparse.train.outputs import without_flags
+    words = ["x", "--resume_from=a.pth", "--ep", "2", "--resume-from", "b.pth", "--overwrite", "--master_port", "1",
+             "--data_path=d"]
+    assert without_flags(words, valued=("resume_from", "master_port"), bare=("overwrite",)) == \
+        ["x", "--ep", "2", "--data_path=d"]

@@ -88,17 +88,18 @@ class _SeededDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item
-        bad = -1
+        bad, first_error = -1, None
         for attempt in range(len(self)):
             candidate = (index + attempt) % len(self)
             try:
                 image = self.load(candidate)
                 break
-            except Exception:   # any decoding failure of one file must not stop the epoch
-                bad = candidate if bad < 0 else bad
+            except Exception as err:   # any decoding failure of one file must not stop the epoch
+                if bad < 0:
+                    bad, first_error = candidate, err
         else:
             raise DataError(f"none of the {len(self)} images could be read, e.g. {self.describe(index)} "
-                            f"({self.why_unreadable(index)})")
+                            f"({type(first_error).__name__}: {first_error})")
         with torch.random.fork_rng(devices=[]):   # torchvision's random transforms draw from torch's RNG
             torch.manual_seed(seed)
             return self.transform(image), bad

@@ -15,11 +15,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, TextIO
+from typing import Any, Collection, Optional, TextIO
 
 from ..errors import ConfigError
 
-__all__ = ["RunOutputs", "git_commit", "Tee"]
+__all__ = ["RunOutputs", "git_commit", "Tee", "without_flags"]
+
+#: what follows ``<model>`` in a run's two checkpoint names (resumable state, timm-style encoder)
+STILL_PRETRAINING, PRETRAINED = "_still_pretraining.pth", "_1kpretrained.pth"
 
 
 def git_commit() -> Optional[str]:
@@ -31,21 +34,20 @@ def git_commit() -> Optional[str]:
     return out.stdout.strip() or None
 
 
-def _without_flags(cmd: str, flags: tuple[str, ...]) -> str:
-    """``cmd`` without the given ``--flag[=value]`` / ``--flag value`` arguments (SparK's or dashed spelling),
-    so a suggested command does not repeat a flag it adds."""
-    words, kept, skip = shlex.split(cmd), [], False
-    names = {f"--{flag}" for flag in flags} | {f"--{flag.replace('_', '-')}" for flag in flags}
+def without_flags(words: list[str], valued: Collection[str], bare: Collection[str] = ()) -> list[str]:
+    """Command-line ``words`` without the named options, in SparK's spelling or dashed: ``valued`` ones as
+    ``--name=value`` or ``--name value``, ``bare`` ones (flags) alone."""
+    kept, skip_value = [], False
     for word in words:
-        if skip:
-            skip = False
+        if skip_value:
+            skip_value = False
             continue
-        name = word.split("=", 1)[0]
-        if name in names:
-            skip = "=" not in word and name not in ("--overwrite",)
-            continue
-        kept.append(word)
-    return shlex.join(kept)
+        name = word[2:].split("=", 1)[0].replace("-", "_") if word.startswith("--") else None
+        if name in valued:
+            skip_value = "=" not in word
+        elif name not in bare:
+            kept.append(word)
+    return kept
 
 
 class Tee:
@@ -89,11 +91,11 @@ class RunOutputs:
 
     @property
     def still_pretraining_path(self) -> Path:
-        return self.dir / f"{self.model}_still_pretraining.pth"
+        return self.dir / f"{self.model}{STILL_PRETRAINING}"
 
     @property
     def pretrained_path(self) -> Path:
-        return self.dir / f"{self.model}_1kpretrained.pth"
+        return self.dir / f"{self.model}{PRETRAINED}"
 
     @property
     def reconstruction_path(self) -> Path:
@@ -104,7 +106,7 @@ class RunOutputs:
         if not self.dir.is_dir():
             return []
         plain = [self.dir / name for name in self.PLAIN_FILES if (self.dir / name).exists()]
-        checkpoints = sorted(p for pattern in ("*_still_pretraining.pth", "*_1kpretrained.pth")
+        checkpoints = sorted(p for pattern in (f"*{STILL_PRETRAINING}", f"*{PRETRAINED}")
                              for p in self.dir.glob(pattern))
         return plain + checkpoints
 
@@ -126,9 +128,6 @@ class RunOutputs:
         """True when ``resume_from`` is this folder's own ``<model>_still_pretraining.pth``."""
         return resume_from is not None and Path(resume_from).resolve() == self.still_pretraining_path.resolve()
 
-    def holds_checkpoints(self) -> bool:
-        return any(path.suffix == ".pth" for path in self.existing_run_files())
-
     def check_reusable(self, resume_from: Optional[str], overwrite: bool, cmd: str, epochs: int,
                        resume_auto: bool = False) -> None:
         """Refuse to write into a folder holding another run unless continuing it or told to start over.
@@ -143,14 +142,15 @@ class RunOutputs:
         existing = self.existing_run_files()
         if not existing or overwrite or self.continues_this_folder(resume_from):
             return
-        if resume_auto and resume_from is None and not self.holds_checkpoints():
+        models = {path.name.removesuffix(suffix) for path in existing
+                  for suffix in (STILL_PRETRAINING, PRETRAINED) if path.name.endswith(suffix)}
+        if resume_auto and resume_from is None and not models:     # logs only: died before its first checkpoint
             return
         epoch = self.last_logged_epoch()
         progress = f"; last logged epoch {epoch}/{epochs}" if epoch is not None else ""
-        base = _without_flags(cmd, ("resume_from", "resume", "overwrite")) or "spark-pretrain <same arguments>"
-        others = sorted({path.name[:-len(suffix)] for path in existing
-                         for suffix in ("_still_pretraining.pth", "_1kpretrained.pth") if path.name.endswith(suffix)}
-                        - {self.model})
+        base = (shlex.join(without_flags(shlex.split(cmd), valued=("resume_from", "resume"), bare=("overwrite",)))
+                or "spark-pretrain <same arguments>")
+        others = sorted(models - {self.model})
         if self.still_pretraining_path.exists():
             resume = f"continue it:  {base} --resume_from={self.still_pretraining_path}"
             if epoch is not None and epoch >= epochs:
