@@ -3,8 +3,10 @@
 Timings are injected (a fake timer answers from a table), so every choice here is deterministic;
 the fake timer never calls the timed function and warm-up is 0, so nothing but shape discovery runs.
 """
+import gc
 import json
 import sys
+import weakref
 import zlib
 from pathlib import Path
 
@@ -317,6 +319,25 @@ def test_held_bytes_counts_each_saved_storage_once_without_the_excluded_ones():
     assert held_bytes(lambda: (x * y) * y) == 4 * (100 + 300 + 300)
     assert held_bytes(lambda: (x * y) * y, exclude=[x, y]) == 4 * 300
     assert held_bytes(lambda: x.detach() * y.detach()) == 0                    # nothing needs a gradient: nothing saved
+
+
+def test_held_bytes_frees_what_the_forward_saved():
+    """A forward that saves its own output (exp, ReLU, ...) must not outlive the measurement: a pack
+    hook that returned the tensor itself tied it to its own graph node in a cycle the garbage
+    collector cannot see, and every tuned model leaked its activations (GBs in a benchmark run)."""
+    from spark_sparse.autotune.memory import held_bytes
+
+    x = torch.randn(1000, requires_grad=True)
+    outputs = []
+
+    def forward():
+        y = x.exp()                                     # exp saves its result for backward
+        outputs.append(weakref.ref(y))
+        return y.sum()
+
+    assert held_bytes(forward) == 4 * 1000
+    gc.collect()
+    assert outputs[0]() is None, "the saved output is still alive after held_bytes returned"
 
 
 def test_lighter_plan_frees_bytes_at_the_least_slowdown_per_byte():

@@ -94,7 +94,12 @@ def _storage_key(tensor: torch.Tensor) -> tuple[int, int]:
 def held_bytes(run: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
     """Bytes of the distinct storages autograd saves while ``run()`` executes, without ``exclude``'s.
 
-    What ``run`` returns is dropped before this returns, so what it saved is freed again.
+    What ``run`` returns is dropped before this returns, so what it saved is freed again. The pack hook
+    keeps a detached view: it holds the storage alive until then (so no two saved storages can share
+    an address and be counted once) without the tensor's ``grad_fn``. Returning the tensor itself would
+    tie a saved output (ReLU's, exp's) to its own graph node in a cycle through C++ that Python's
+    garbage collector cannot see: never run backward, the whole graph would leak. The returned graph
+    is not meant for backward.
     """
     excluded = {_storage_key(t) for t in exclude if t is not None}
     saved: dict[tuple[int, int], int] = {}
@@ -104,7 +109,7 @@ def held_bytes(run: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) 
             key = _storage_key(tensor)
             if key not in excluded:
                 saved[key] = key[1]
-        return tensor
+        return tensor.detach()
 
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         result = run()
