@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn as nn
 
+from .autotune.memory import held_bytes
 from .backends import list_backends
 
 if TYPE_CHECKING:
@@ -144,19 +145,7 @@ def _memory_budget_mb(device: torch.device) -> float:
 
 def _saved_activation_bytes(spark: nn.Module, images: torch.Tensor) -> int:
     """Bytes autograd keeps for backward in one forward (distinct storages, parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in spark.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = spark(images)
-    del loss
-    return sum(seen.values())
+    return held_bytes(lambda: spark(images), exclude=list(spark.parameters()))
 
 
 def estimate_max_batch(spark: nn.Module, image_hw: tuple[int, int], device: torch.device | str,

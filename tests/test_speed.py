@@ -194,3 +194,19 @@ def test_speed_options_reach_the_model_that_trains(tmp_path, monkeypatch, fast):
     assert weights and all(w.is_contiguous(memory_format=torch.channels_last) == fast for w in weights)
     trainer.step(torch.randn(4, 3, 64, 64), 0)
     assert bool(recomputed) == fast
+
+
+def test_the_batch_estimate_keeps_no_tensor_of_its_probe_forward():
+    """The probe forward is never run backward: nothing it saved may stay alive (its saved-tensor hook
+    once kept each saved output tied to its own graph node, out of the garbage collector's reach)."""
+    import gc
+
+    spark = ss.create_spark("tiny_cnn", backend="sparse", input_size=64)
+
+    def live() -> set[int]:
+        gc.collect()
+        return {id(o) for o in gc.get_objects() if isinstance(o, torch.Tensor)}
+
+    before = live()
+    estimate_max_batch(spark, (64, 64), "cpu")
+    assert live() - before == set()
