@@ -122,11 +122,11 @@ def test_an_unknown_name_mentions_timm_names():
 
 
 #: the command line on one model of each kind of parameter the trainer treats apart: LayerNorm densify
-#: norms and GRN (convnextv2), weight gains and scalar gains without norm layers (nf_resnet50), a head left out of the hierarchy
-#: and frozen (efficientnet_b0), concatenation (densenet121), parallel branches (hrnet_w18_small). Every
-#: family model's training step and strict export is checked above without the command line (the same
-#: ``SparK`` and ``encoder_state_dict`` the trainer uses), so running each again through it would only
-#: repeat that at several seconds a model.
+#: norms and GRN (convnextv2), weight gains and scalar gains without norm layers (nf_resnet50), a head
+#: left out of the hierarchy and frozen (efficientnet_b0), concatenation (densenet121), parallel
+#: branches (hrnet_w18_small). Every family model's training step and strict export is checked above
+#: without the command line (the same ``SparK`` and ``encoder_state_dict`` the trainer uses), so running
+#: each again through it would only repeat that at several seconds a model.
 CLI_MODELS = ("convnextv2_tiny", "nf_resnet50", "efficientnet_b0", "densenet121", "hrnet_w18_small")
 
 
