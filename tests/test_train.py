@@ -200,6 +200,28 @@ def test_dataloader_workers_live_across_epochs(folder, tmp_path, monkeypatch):
     assert len(loads) >= 16 and len(workers) == 1
 
 
+def test_too_many_loader_workers_for_the_cpus_is_said_once_with_the_number_to_use(folder, tmp_path, monkeypatch,
+                                                                                    recwarn):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)   # a one-CPU machine
+    pretrain(tiny_config(folder, tmp_path / "out", ep=1, wp_ep=0.5, dataloader_workers=2))
+    header = json.loads((tmp_path / "out" / "pretrain_log.txt").read_text().splitlines()[0])
+    said = [w for w in header["warnings"] if "--dataloader_workers 2" in w]
+    assert len(said) == 1 and "on the 1 CPUs" in said[0] and "use --dataloader_workers 1 or fewer" in said[0]
+    assert not [w for w in recwarn if "worker processes" in str(w.message)]    # torch's twice-printed one muted
+
+
+@pytest.mark.parametrize("workers, processes, cpus, use", [(8, 1, 2, 2), (8, 8, 32, 4), (3, 2, 4, 2)])
+def test_loader_workers_over_the_cpus_name_a_count_that_fits(workers, processes, cpus, use):
+    message = engine.too_many_loader_workers(workers, processes, cpus)
+    assert f"use --dataloader_workers {use} or fewer" in message
+    assert (f"{processes} training processes x {workers}" in message) == (processes > 1)
+
+
+@pytest.mark.parametrize("workers, processes, cpus", [(0, 1, 1), (8, 1, 8), (8, 8, 64), (2, 2, 4)])
+def test_loader_workers_that_fit_the_cpus_are_not_warned_about(workers, processes, cpus):
+    assert engine.too_many_loader_workers(workers, processes, cpus) is None
+
+
 def test_global_batch_is_checked_against_the_dataset_and_the_process_count():
     assert split_global_batch(8, 2, 100) == (4, 8, [])
     local, used, warnings = split_global_batch(10, 4, 100)

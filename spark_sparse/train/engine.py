@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import random
 import signal
 import sys
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,10 +120,35 @@ def _default_on_next_sigterm(signum, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _batches(loader: DataLoader):
-    """The loader's batches. An error of ours raised in a loader worker comes back as the same type with
-    torch's worker traceback in its message: it is re-raised with our message alone (the CLI's one line)."""
-    batches = iter(loader)
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: taskset, cgroups, SLURM), as torch's DataLoader counts."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def too_many_loader_workers(workers: int, processes_on_node: int, cpus: int) -> Optional[str]:
+    """Why ``workers`` loader processes per training process overload ``cpus`` CPUs, or ``None``.
+
+    SparK's default of 8 workers is sized for a GPU server; on a laptop or a small cloud machine the
+    workers and the training processes fight for the same cores. Said once, with the number to use,
+    in place of torch's own warning (printed at the loader's creation and again at its first
+    iteration, without the node's other training processes in its count).
+    """
+    if workers <= 0 or processes_on_node * workers <= cpus:
+        return None
+    spread = f"{processes_on_node} training processes x {workers}" if processes_on_node > 1 else f"{workers}"
+    return (f"--dataloader_workers {workers}: {spread} loader processes on the {cpus} CPUs this process can use; "
+            f"they compete with training for the cores and can slow it down: use --dataloader_workers "
+            f"{cpus // processes_on_node} or fewer")
+
+
+#: torch's own warning for the case above, replaced by ours (see :func:`too_many_loader_workers`)
+_TORCH_WORKER_WARNING = r"This DataLoader will create \d+ worker processes"
+
+
+def _batches(batches):
+    """The loader's batches (``batches``: an iterator of the loader). An error of ours raised in a loader
+    worker comes back as the same type with torch's worker traceback in its message: it is re-raised with
+    our message alone (the CLI's one line)."""
     while True:
         try:
             batch = next(batches)
@@ -190,6 +217,10 @@ class Trainer:
         self.warnings += batch_warnings
         self.iters_per_epoch = cfg.iterations_per_epoch(len(self.dataset), self.global_batch)
         self.total_iters = cfg.ep * self.iters_per_epoch
+        crowded = too_many_loader_workers(cfg.dataloader_workers, int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                                          _usable_cpus())
+        if crowded:
+            self._warn(crowded)
         if cfg.wp_ep >= cfg.ep:
             self._warn(f"--wp_ep {cfg.wp_ep:g} is not below --ep {cfg.ep}: the learning rate never leaves its linear "
                        f"warm-up (SparK: 40 of 1600 epochs); lower --wp_ep for a short run")
@@ -351,20 +382,24 @@ class Trainer:
         return loss_value, stop
 
     # ------------------------------------------------------------------ the run
-    def _epoch_loader(self, epoch: int, skip: int) -> DataLoader:
-        """The run's one DataLoader, set to ``epoch`` (skipping ``skip`` iterations when resuming).
+    def _epoch_batches(self, epoch: int, skip: int):
+        """An iterator over ``epoch``'s batches (skipping ``skip`` iterations when resuming), from the run's
+        one DataLoader.
 
         Its workers persist across epochs (no process start-up per epoch); the sampler is told
-        the epoch before each ``iter(loader)``, which is when the DataLoader reads it.
+        the epoch before each ``iter(loader)``, which is when the DataLoader reads it. Too many workers
+        for this machine's CPUs were already warned about, with the fix (torch's warning is muted).
         """
         self.sampler.set_epoch(epoch, skip)
-        if self.loader is None:
-            workers = self.cfg.dataloader_workers
-            self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=workers,
-                                     pin_memory=self.ctx.device.type == "cuda", persistent_workers=workers > 0,
-                                     prefetch_factor=4 if workers > 0 else None,
-                                     worker_init_fn=_loader_worker_init if workers > 0 else None)
-        return self.loader
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_TORCH_WORKER_WARNING, category=UserWarning)
+            if self.loader is None:
+                workers = self.cfg.dataloader_workers
+                self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=workers,
+                                         pin_memory=self.ctx.device.type == "cuda", persistent_workers=workers > 0,
+                                         prefetch_factor=4 if workers > 0 else None,
+                                         worker_init_fn=_loader_worker_init if workers > 0 else None)
+            return iter(self.loader)
 
     def _header(self) -> dict:
         return {"name": self.cfg.exp_name, "cmd": self.cmd, "git_commit": git_commit(), "model": self.model_name,
@@ -428,8 +463,8 @@ class Trainer:
         cfg, state = self.cfg, self.state
         self.spark.train()
         start_time, seen, resumed_at = time.time(), 0, state.iteration
-        loader = self._epoch_loader(state.epoch, state.iteration)
-        bar = tqdm(_batches(loader), total=self.iters_per_epoch, initial=state.iteration, disable=not self.ctx.is_main,
+        batches = _batches(self._epoch_batches(state.epoch, state.iteration))
+        bar = tqdm(batches, total=self.iters_per_epoch, initial=state.iteration, disable=not self.ctx.is_main,
                    desc=f"epoch {state.epoch + 1}/{cfg.ep}", dynamic_ncols=True, file=sys.stderr,
                    mininterval=0.5 if sys.stderr.isatty() else 10.0)
         for images, bad_indices in bar:
