@@ -206,7 +206,7 @@ def test_too_many_loader_workers_for_the_cpus_is_said_once_with_the_number_to_us
     pretrain(tiny_config(folder, tmp_path / "out", ep=1, wp_ep=0.5, dataloader_workers=2))
     header = json.loads((tmp_path / "out" / "pretrain_log.txt").read_text().splitlines()[0])
     said = [w for w in header["warnings"] if "--dataloader_workers 2" in w]
-    assert len(said) == 1 and "on the 1 CPUs" in said[0] and "use --dataloader_workers 1 or fewer" in said[0]
+    assert len(said) == 1 and "on the 1 CPU this" in said[0] and "use --dataloader_workers 1 or fewer" in said[0]
     assert not [w for w in recwarn if "worker processes" in str(w.message)]    # torch's twice-printed one muted
 
 

@@ -136,9 +136,9 @@ def too_many_loader_workers(workers: int, processes_on_node: int, cpus: int) -> 
     if workers <= 0 or processes_on_node * workers <= cpus:
         return None
     spread = f"{processes_on_node} training processes x {workers}" if processes_on_node > 1 else f"{workers}"
-    return (f"--dataloader_workers {workers}: {spread} loader processes on the {cpus} CPUs this process can use; "
-            f"they compete with training for the cores and can slow it down: use --dataloader_workers "
-            f"{cpus // processes_on_node} or fewer")
+    return (f"--dataloader_workers {workers}: {spread} loader processes on the {cpus} CPU{'s' * (cpus != 1)} "
+            f"this process can use; they compete with training for the cores and can slow it down: use "
+            f"--dataloader_workers {cpus // processes_on_node} or fewer")
 
 
 #: torch's own warning for the case above, replaced by ours (see :func:`too_many_loader_workers`)
