@@ -25,6 +25,8 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    #: training processes on this node (torchrun's LOCAL_WORLD_SIZE): they share its CPUs
+    local_world_size: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -98,7 +100,7 @@ def init_distributed(device: str) -> DistContext:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if want_cuda else "gloo", init_method="env://")
-    return DistContext(rank, world, local, dev)
+    return DistContext(rank, world, local, dev, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def split_global_batch(global_batch: int, world: int, num_images: int) -> tuple[int, int, list[str]]:

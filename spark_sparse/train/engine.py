@@ -217,8 +217,7 @@ class Trainer:
         self.warnings += batch_warnings
         self.iters_per_epoch = cfg.iterations_per_epoch(len(self.dataset), self.global_batch)
         self.total_iters = cfg.ep * self.iters_per_epoch
-        crowded = too_many_loader_workers(cfg.dataloader_workers, int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
-                                          _usable_cpus())
+        crowded = too_many_loader_workers(cfg.dataloader_workers, self.ctx.local_world_size, _usable_cpus())
         if crowded:
             self._warn(crowded)
         if cfg.wp_ep >= cfg.ep:
