@@ -52,6 +52,12 @@ from _variants import Variant, autotune_record, tune_workload  # noqa: E402
 FAMILY_MODELS = ("resnet50d", "seresnet50", "resnext50_32x4d", "regnety_016", "efficientnet_b0",
                  "mobilenetv3_large_100", "convnextv2_tiny", "resnetv2_50x1_bit")
 
+#: what --quick sets, unless given on the command line. Five repeats, not two: a median of two is their
+#: mean, and on a shared 2-core machine one computation timed twice differs by several percent, more on
+#: small inputs (benchmarks/guard_noise.py), while a call here takes only 30-120 ms
+QUICK_PRESET = {"models": ["resnet18", "convnext_tiny"], "input_size": 64, "batch_size": 2, "mask": [0.6],
+                "repeats": 5, "warmup": 1}
+
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The module docstring as written, and each option's default in its help (unless it says it already)."""
@@ -81,7 +87,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--what", choices=["encoder", "step"], default="encoder",
                    help="encoder forward+backward, or the whole training step (decoder, loss, optimizer)")
-    p.add_argument("--quick", action="store_true", help="tiny models and sizes (CI)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny models and sizes, for CI: " + " ".join(
+                       f"--{key.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                       for key, v in QUICK_PRESET.items()) + " (options given explicitly win)")
     p.add_argument("--memory", choices=["subprocess", "inprocess", "off"], default=None,
                    help="peak memory: one fresh subprocess per (model, mask) with glibc returning freed blocks "
                         "(default on CPU), in this process (default on CUDA: during the last timed call), or off")
@@ -100,10 +109,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--autotune-budget", type=float, default=60.0, help="seconds of per-layer tuning at most")
     p.add_argument("--out", type=Path, default=Path("bench_out"),
                    help="folder for results.json, results.md and the plots (printed at the end)")
+    if p.parse_known_args(argv)[0].quick:
+        p.set_defaults(**QUICK_PRESET)      # as defaults, so that e.g. --quick --repeats 15 keeps 15
     args = p.parse_args(argv)
-    if args.quick:
-        args.models, args.input_size, args.batch_size, args.mask = ["resnet18", "convnext_tiny"], 64, 2, [0.6]
-        args.repeats, args.warmup = 2, 1
     if args.families:
         args.models = list(FAMILY_MODELS)
     args.memory = args.memory or ("inprocess" if args.device == "cuda" else "subprocess")

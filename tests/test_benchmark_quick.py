@@ -7,6 +7,9 @@ from pathlib import Path
 import spark_sparse as ss
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from compare_backends import QUICK_PRESET, parse_args  # noqa: E402
 KEYS = {"model", "backend", "mask_ratio", "dtype", "device", "batch_size", "input_size", "fwd_ms", "fwd_bwd_ms",
         "step_ms", "images_per_s", "speedup_vs_masked", "peak_mem_mb", "max_abs_err", "max_rel_err"}
 
@@ -23,7 +26,7 @@ def test_quick_run_writes_json_markdown_and_plots_within_tolerance(tmp_path):
     for record in data["records"]:
         assert KEYS <= record.keys()
         assert record["fwd_ms"] > 0 and record["fwd_bwd_ms"] > 0 and record["peak_mem_mb"] is not None
-        assert len(record["timings"]["fwd_bwd_ms"]["samples"]) == 2
+        assert len(record["timings"]["fwd_bwd_ms"]["samples"]) == QUICK_PRESET["repeats"]
         eq = record["equivalence"]
         assert eq["masked_sites_nonzero"] == 0 and not eq["grad_params_mismatched_names"]
         # fp32, unit-scale activations: features and loss agree to float rounding; gradients are bounded in
@@ -36,3 +39,11 @@ def test_quick_run_writes_json_markdown_and_plots_within_tolerance(tmp_path):
         floor = record["fp32_noise_floor"]["errors"]
         assert floor["loss"]["max_rel"] < 1e-5 and floor["grad_params"]["max_abs"] < 1e-3
     assert "| resnet18 | sparse |" in (tmp_path / "results.md").read_text()
+
+
+def test_quick_presets_yield_to_options_given_explicitly():
+    quick = parse_args(["--quick"])
+    assert {key: getattr(quick, key) for key in QUICK_PRESET} == QUICK_PRESET
+    mine = parse_args(["--quick", "--repeats", "15", "--models", "resnet50"])
+    assert (mine.repeats, mine.models, mine.batch_size) == (15, ["resnet50"], QUICK_PRESET["batch_size"])
+    assert parse_args([]).repeats == 3 and parse_args([]).models == ["resnet50", "convnext_tiny"]
