@@ -107,8 +107,9 @@ class MinkowskiKernel(SparseConvKernel):
     DESCRIPTION = "MinkowskiEngine 0.5.4 convolution on explicit coordinates (one coordinate manager per mask)"
     SUPPORTED_DTYPES = frozenset({torch.float32, torch.float64})     # ME has no fp16/bf16 kernels
     SUPPORTED_GROUPS = "depthwise"                                  # channelwise conv, no general groups
-    # its weight gradient sums each tap's pairs in the order of the coordinate manager's hash map, which
-    # differs between two managers built for the same mask: equal inputs differ in the last bits
+    # it orders each tap's pairs by the coordinate manager's hash map, which differs between two managers
+    # built for the same mask: equal inputs give weight gradients (and, seen in some processes, strided
+    # convs' outputs) that differ in the last bits (docs/library_backends.md)
     REPRODUCIBLE_ON = frozenset()
 
     @classmethod
