@@ -50,13 +50,14 @@ def fit_largest_batch(growth_mb: dict[int, float], persistent_mb: float, budget_
     return dict(result, max_batch=max(0, math.floor((budget_mb - persistent_mb - fixed) / per_image)), why="")
 
 
-def markdown_section(records: list[dict], budget_what: str) -> list[str]:
+def markdown_section(records: list[dict], budget_what: str,
+                     heading: str = "## Largest batch at equal memory") -> list[str]:
     """Markdown lines of the 'largest batch at equal memory' table for the records that carry a fit."""
     rows = [r for r in records if r.get("capacity")]
     if not rows:
         return []
     base = {(r["model"], r["mask_ratio"]): r["capacity"]["max_batch"] for r in rows if r["backend"] == "masked"}
-    lines = ["", "## Largest batch at equal memory", "",
+    lines = ["", heading, "",
              f"Method: {METHOD}. Budget: {budget_what}.", "",
              "| model | variant | mask | dtype | peak growth MB (batch) | per image MB | fixed MB | persistent MB | "
              "largest batch | vs masked |",

@@ -28,6 +28,10 @@ Placeholders in the template (``{{directive folder key=value ...}}``):
 - ``{{worst NAME variant=V against=A,B field=F}}``: over every configuration (model, mask, dtype,
   batch) of a run, the smallest ratio of the fastest of ``A, B`` to ``V`` in ``F`` (e.g. ``fwd_bwd_ms``):
   >= 1 means ``V`` was never slower than the best of the others.
+- ``{{gpu PREFIX}}``: every committed GPU check, i.e. folders ``PREFIX_<card>_encoder`` and
+  ``PREFIX_<card>_step`` (``gpu_check.sh``'s ``encoder/`` and ``step/`` copied there): per card,
+  the GPU targets next to the measured figures (``gpu_check.targets``, the table of its
+  ``gpu_check.md``), then both runs; "not measured yet" while there is none.
 
 Optional keys: ``fmt`` (Python format spec, default ``.2f``), ``suffix`` (e.g. ``x``, `` ms``),
 ``target`` (``>=2.0`` or ``<=0.6``: appends "target ...: met" or "not met", so a conclusion follows
@@ -44,7 +48,9 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+from _capacity import markdown_section
 from _report import error_vs_floor
+from gpu_check import targets as gpu_targets
 
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE / "BENCHMARKS.template.md"
@@ -145,6 +151,8 @@ def render_run(name: str, entry: Optional[dict]) -> str:
                      f"{_fmt(r['speedup_vs_masked'], '.2f')}x | {_fmt(r['peak_mem_mb'], '.0f')} | "
                      f"{r['max_abs_err']:.1e} | {r['max_rel_err']:.1e} | {r['fp32_noise_floor']['max_rel_err']:.1e} | "
                      f"{_fmt(error_vs_floor(r), '.2f')} |")
+    lines += markdown_section(records, meta.get("capacity_budget") or "not recorded",
+                              heading="Largest batch at equal memory (`--max-batch`):")
     if meta.get("skipped"):
         lines += ["", "Skipped (unavailable on that machine): "
                   + "; ".join(f"`{b}`: {why}" for b, why in meta["skipped"].items())]
@@ -179,6 +187,32 @@ def render_reference(name: str, entry: dict) -> str:
         lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in section["rows"]]
         lines.append("")
     return "\n".join(lines).rstrip()
+
+
+def render_gpu_checks(prefix: str, results: dict[str, dict], used: set[str]) -> str:
+    """Per card with committed ``<prefix>_<card>_encoder|step`` folders: the GPU targets, then the runs."""
+    pattern = re.compile(rf"{re.escape(prefix)}_([a-z0-9]+)_(encoder|step)")
+    cards: dict[str, dict[str, str]] = {}
+    for name in results:
+        match = pattern.fullmatch(name)
+        if match:
+            cards.setdefault(match.group(1), {})[match.group(2)] = name
+    if not cards:
+        return f"_No GPU check committed in `benchmarks/results/{prefix}_<card>_encoder/` or `_step/` ({NOT_MEASURED})._"
+    sections = []
+    for card, names in sorted(cards.items()):
+        used.update(names.values())
+        records = {what: results[name]["data"].get("records", []) for what, name in names.items()}
+        gpus = {results[name]["data"]["meta"].get("machine", {}).get("gpu") for name in names.values()} - {None}
+        rows = gpu_targets(records.get("encoder", []), records.get("step", []))
+        lines = [f"### {', '.join(sorted(gpus)) or card.upper()}", "",
+                 "| target | measured | |", "|---|---|---|", *(rows or ["| - | no target row in these runs | |"])]
+        for what in ("encoder", "step"):
+            lines += ["", f"#### {what.capitalize()} (`benchmarks/results/{names[what]}/`)", "",
+                      render_run(names[what], results[names[what]])] if what in names else \
+                     ["", f"_{what.capitalize()}: not in this card's committed results ({NOT_MEASURED})._"]
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections)
 
 
 # ---------------------------------------------------------------------- single figures
@@ -278,8 +312,11 @@ def render_placeholder(body: str, results: dict[str, dict], used: set[str]) -> s
         return render_run(name, results.get(name))
     if directive == "breakdown":
         return render_run(name, results.get(name))
+    if directive == "gpu":
+        used.discard(name)                  # a prefix, not a folder
+        return render_gpu_checks(name, results, used)
     if directive not in FIGURES:
-        raise TemplateError(f"unknown directive {directive!r} in {{{{{body}}}}}; known: run, breakdown, "
+        raise TemplateError(f"unknown directive {directive!r} in {{{{{body}}}}}; known: run, breakdown, gpu, "
                             f"{', '.join(FIGURES)}")
     args = dict(word.split("=", 1) for word in rest)
     entry = results.get(name)

@@ -6,6 +6,7 @@ layout working in CI, so the one GPU run does not fail on a broken script.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import gpu_check  # noqa: E402
+import render_benchmarks  # noqa: E402
 from _capacity import fit_largest_batch  # noqa: E402
 
 
@@ -59,6 +61,16 @@ def test_smoke_run_writes_one_folder_with_both_tables(tmp_path):
     assert "SMOKE" in summary
     for phase in ("install", "environment", "encoder", "step"):
         assert f"| {phase} | ok |" in summary, summary
+
+    # what a GPU session does next: copy both folders into the results and render the page's GPU section
+    results = tmp_path / "results"
+    for what in ("encoder", "step"):
+        shutil.copytree(folder / what, results / f"gpu_smoke_{what}")
+    page = render_benchmarks.render("{{gpu gpu}}", render_benchmarks.load_results(results))
+    assert "encoder fwd+bwd `auto` >= 1.5x `masked`, tiny_cnn fp32 mask 0.6" in page, page
+    assert "step `fast@bf16` >= 3x `spark` images/s, tiny_cnn" in page, page
+    assert "| tiny_cnn | auto | 0.6 | bf16 |" in page and "| tiny_cnn | recipe:fast@bf16 |" in page, page
+    assert "Largest batch at equal memory" in page, page
 
 
 def test_a_phase_past_its_deadline_is_killed_with_what_it_started(tmp_path):

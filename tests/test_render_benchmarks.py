@@ -148,3 +148,42 @@ def test_nested_fields_and_counts_come_from_the_record(tmp_path):
     assert rb.render(template, results).splitlines()[-1] == "995 MB, 2 moved"
     with pytest.raises(rb.TemplateError, match="autotune.held_mb.static"):
         rb.render("{{value cpu_x model=resnet50 variant=sparse mask=0.6 field=autotune.held_mb.static}}", results)
+
+
+def _gpu_results(root: Path, card: str, encoder: list[dict], step: list[dict]) -> Path:
+    for what, records in (("encoder", encoder), ("step", step)):
+        _results(root, f"gpu_{card}_{what}")
+        path = root / f"gpu_{card}_{what}" / "results.json"
+        data = json.loads(path.read_text())
+        data["meta"]["machine"]["gpu"] = "NVIDIA H100 80GB HBM3"
+        data["records"] = records
+        path.write_text(json.dumps(data))
+    return root
+
+
+def test_gpu_checks_render_per_card_with_each_targets_verdict(tmp_path):
+    def record(backend, dtype, fwd_bwd, speedup, **extra):
+        return dict(_record("resnet50", backend, 0.6, fwd_bwd, 1000.0, speedup), dtype=dtype, **extra)
+    encoder = [record("masked", "bf16", 90.0, 1.0), record("auto", "bf16", 50.0, 1.8), record("spconv", "bf16", 60.0, 1.5)]
+    def capacity(max_batch, per_image):
+        return {"batch_sizes": [64, 128], "peak_growth_mb": [64 * per_image, 128 * per_image], "per_image_mb": per_image,
+                "fixed_mb": 0.0, "persistent_mb": 500.0, "max_batch": max_batch, "why": ""}
+    step = [record("recipe:spark", "fp32", 800.0, 1.0, capacity=capacity(400, 180.0)),
+            record("recipe:fast@bf16", "bf16", 400.0, 2.0, capacity=capacity(800, 90.0))]
+    text = rb.render("## GPU\n\n{{gpu gpu}}\n", rb.load_results(_gpu_results(tmp_path, "h100", encoder, step)))
+    assert "### NVIDIA H100 80GB HBM3" in text
+    assert "| encoder fwd+bwd `auto` >= 1.5x `masked`, resnet50 bf16 mask 0.6 | 1.80x; spconv 50.0 vs 60.0 ms: faster " \
+           "| met |" in text
+    assert "| step `fast@bf16` >= 3x `spark` images/s, resnet50 | 2.00x (20 vs 10) | not met |" in text
+    assert "| largest batch at equal memory `fast@bf16` >= 1.5x `spark`, resnet50 | 2.00x (800 vs 400) | met |" in text
+    assert "#### Encoder (`benchmarks/results/gpu_h100_encoder/`)" in text and "| resnet50 | auto | 0.6 | bf16 |" in text
+    assert "#### Step (`benchmarks/results/gpu_h100_step/`)" in text
+    assert "Largest batch at equal memory (`--max-batch`):" in text
+    assert "| resnet50 | recipe:fast@bf16 | 0.6 | bf16 | 5760 (64), 11520 (128) | 90.0 | 0 | 500 | 800 | - |" in text
+    assert "Other committed results" not in text                 # shown in their section, not appended again
+
+
+def test_no_gpu_check_committed_says_not_measured(tmp_path):
+    text = rb.render("{{gpu gpu}}", rb.load_results(_results(tmp_path, "cpu_x")))
+    assert "No GPU check committed" in text and "(not measured yet)" in text
+    assert "### `cpu_x`" in text                                  # other folders are still appended
