@@ -267,7 +267,8 @@ def write_summary(path: Path, env: dict, phases: list[PhaseResult], pytest_line:
               "## The issue's GPU targets (measured here; a table row missing means it was not run)", "",
               "| target | measured | |", "|---|---|---|"] + (rows or ["| - | nothing measured | |"])
     lines += ["", "Tables: encoder/results.md, step/results.md (copy `encoder` and `step` to "
-                  "`benchmarks/results/gpu_<card>_encoder|step/`, see README 'GPU check')."]
+                  "`benchmarks/results/gpu_<card>_encoder|step/`, this file and pytest_gpu.log to "
+                  "`benchmarks/results/gpu_<card>_check/`, see README 'GPU check')."]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -28,10 +28,12 @@ Placeholders in the template (``{{directive folder key=value ...}}``):
 - ``{{worst NAME variant=V against=A,B field=F}}``: over every configuration (model, mask, dtype,
   batch) of a run, the smallest ratio of the fastest of ``A, B`` to ``V`` in ``F`` (e.g. ``fwd_bwd_ms``):
   >= 1 means ``V`` was never slower than the best of the others.
-- ``{{gpu PREFIX}}``: every committed GPU check, i.e. folders ``PREFIX_<card>_encoder`` and
-  ``PREFIX_<card>_step`` (``gpu_check.sh``'s ``encoder/`` and ``step/`` copied there): per card,
-  the GPU targets next to the measured figures (``gpu_check.targets``, the table of its
-  ``gpu_check.md``), then both runs; "not measured yet" while there is none.
+- ``{{gpu PREFIX}}``: every committed GPU check, i.e. folders ``PREFIX_<card>_encoder``,
+  ``PREFIX_<card>_step`` (``gpu_check.sh``'s ``encoder/`` and ``step/`` copied there) and
+  ``PREFIX_<card>_check`` (its ``gpu_check.md`` and ``pytest_gpu.log``): per card, the device and
+  ``pytest -m gpu`` lines of that summary, the GPU targets next to the measured figures
+  (``gpu_check.targets``, the summary's own table), then both runs; "not measured yet" while there
+  is none.
 
 Optional keys: ``fmt`` (Python format spec, default ``.2f``), ``suffix`` (e.g. ``x``, `` ms``),
 ``target`` (``>=2.0`` or ``<=0.6``: appends "target ...: met" or "not met", so a conclusion follows
@@ -57,6 +59,7 @@ TEMPLATE = HERE / "BENCHMARKS.template.md"
 RESULTS = HERE / "results"
 OUTPUT = HERE.parent / "BENCHMARKS.md"
 RESULT_FILES = ("results.json", "breakdown.json", "reference.json")
+GPU_SUMMARY = "gpu_check.md"
 NOT_MEASURED = "not measured yet"
 PLACEHOLDER = re.compile(r"\{\{(.+?)\}\}", re.S)
 
@@ -70,13 +73,17 @@ class TemplateError(ValueError):
 
 # ---------------------------------------------------------------------- reading results
 def load_results(results_dir: Path) -> dict[str, dict]:
-    """``name -> {"kind": file stem, "data": parsed JSON}`` for every result folder."""
+    """``name -> {"kind": file stem, "data": parsed JSON}`` for every result folder; a folder holding the
+    GPU check's own summary (``gpu_check.md``) is ``{"kind": "gpu_check", "data": {"summary": text}}``."""
     found = {}
     for folder in sorted(p for p in results_dir.iterdir() if p.is_dir()) if results_dir.is_dir() else []:
         for filename in RESULT_FILES:
             if (folder / filename).is_file():
                 found[folder.name] = {"kind": filename.split(".")[0], "data": json.loads((folder / filename).read_text())}
                 break
+        else:
+            if (folder / GPU_SUMMARY).is_file():
+                found[folder.name] = {"kind": "gpu_check", "data": {"summary": (folder / GPU_SUMMARY).read_text()}}
     return found
 
 
@@ -136,6 +143,8 @@ def render_run(name: str, entry: Optional[dict]) -> str:
         return render_breakdown(name, entry)
     if entry["kind"] == "reference":
         return render_reference(name, entry)
+    if entry["kind"] == "gpu_check":
+        return f"The GPU check's own summary, as it wrote it:\n\n{entry['data']['summary'].strip()}"
     meta, records = entry["data"]["meta"], entry["data"]["records"]
     lines = ["```", _command(meta), "```", "",
              f"Provenance: {_provenance(meta)}  ",
@@ -190,8 +199,9 @@ def render_reference(name: str, entry: dict) -> str:
 
 
 def render_gpu_checks(prefix: str, results: dict[str, dict], used: set[str]) -> str:
-    """Per card with committed ``<prefix>_<card>_encoder|step`` folders: the GPU targets, then the runs."""
-    pattern = re.compile(rf"{re.escape(prefix)}_([a-z0-9]+)_(encoder|step)")
+    """Per card with committed ``<prefix>_<card>_encoder|step|check`` folders: the check's device and pytest
+    lines, the GPU targets, then the runs."""
+    pattern = re.compile(rf"{re.escape(prefix)}_([a-z0-9]+)_(encoder|step|check)")
     cards: dict[str, dict[str, str]] = {}
     for name in results:
         match = pattern.fullmatch(name)
@@ -202,11 +212,18 @@ def render_gpu_checks(prefix: str, results: dict[str, dict], used: set[str]) -> 
     sections = []
     for card, names in sorted(cards.items()):
         used.update(names.values())
-        records = {what: results[name]["data"].get("records", []) for what, name in names.items()}
-        gpus = {results[name]["data"]["meta"].get("machine", {}).get("gpu") for name in names.values()} - {None}
+        runs = {what: results[name]["data"] for what, name in names.items() if what != "check"}
+        records = {what: data.get("records", []) for what, data in runs.items()}
+        gpus = {data["meta"].get("machine", {}).get("gpu") for data in runs.values()} - {None}
         rows = gpu_targets(records.get("encoder", []), records.get("step", []))
-        lines = [f"### {', '.join(sorted(gpus)) or card.upper()}", "",
-                 "| target | measured | |", "|---|---|---|", *(rows or ["| - | no target row in these runs | |"])]
+        lines = [f"### {', '.join(sorted(gpus)) or card.upper()}", ""]
+        if "check" in names:
+            summary = results[names["check"]]["data"]["summary"]
+            for key in ("Device:", "pytest -m gpu:"):
+                match = re.search(rf"^{re.escape(key)}.*$", summary, re.M)
+                lines += [match.group(0) if match else f"{key} not in the summary", ""]
+            lines += [f"The check's whole summary and `pytest_gpu.log`: `benchmarks/results/{names['check']}/`.", ""]
+        lines += ["| target | measured | |", "|---|---|---|", *(rows or ["| - | no target row in these runs | |"])]
         for what in ("encoder", "step"):
             lines += ["", f"#### {what.capitalize()} (`benchmarks/results/{names[what]}/`)", "",
                       render_run(names[what], results[names[what]])] if what in names else \

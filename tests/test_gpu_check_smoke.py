@@ -66,11 +66,14 @@ def test_smoke_run_writes_one_folder_with_both_tables(tmp_path):
     results = tmp_path / "results"
     for what in ("encoder", "step"):
         shutil.copytree(folder / what, results / f"gpu_smoke_{what}")
+    (results / "gpu_smoke_check").mkdir()
+    shutil.copy(folder / "gpu_check.md", results / "gpu_smoke_check")
     page = render_benchmarks.render("{{gpu gpu}}", render_benchmarks.load_results(results))
     assert "encoder fwd+bwd `auto` >= 1.5x `masked`, tiny_cnn fp32 mask 0.6" in page, page
     assert "step `fast@bf16` >= 3x `spark` images/s, tiny_cnn" in page, page
     assert "| tiny_cnn | auto | 0.6 | bf16 |" in page and "| tiny_cnn | recipe:fast@bf16 |" in page, page
     assert "Largest batch at equal memory" in page, page
+    assert "\npytest -m gpu: " in page and "\nDevice: " in page, page
 
 
 def test_a_phase_past_its_deadline_is_killed_with_what_it_started(tmp_path):

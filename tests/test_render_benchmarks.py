@@ -170,8 +170,17 @@ def test_gpu_checks_render_per_card_with_each_targets_verdict(tmp_path):
                 "fixed_mb": 0.0, "persistent_mb": 500.0, "max_batch": max_batch, "why": ""}
     step = [record("recipe:spark", "fp32", 800.0, 1.0, capacity=capacity(400, 180.0)),
             record("recipe:fast@bf16", "bf16", 400.0, 2.0, capacity=capacity(800, 90.0))]
-    text = rb.render("## GPU\n\n{{gpu gpu}}\n", rb.load_results(_gpu_results(tmp_path, "h100", encoder, step)))
+    root = _gpu_results(tmp_path, "h100", encoder, step)
+    (root / "gpu_h100_check").mkdir()
+    (root / "gpu_h100_check" / "gpu_check.md").write_text(
+        "# GPU check\n\nDevice: NVIDIA H100 80GB HBM3 (capability 9.0, 81559 MB), driver 580\n\n"
+        "pytest -m gpu: 120 passed, 3 skipped in 95.1s\n")
+    (root / "gpu_h100_check" / "pytest_gpu.log").write_text("...\n")
+    text = rb.render("## GPU\n\n{{gpu gpu}}\n", rb.load_results(root))
     assert "### NVIDIA H100 80GB HBM3" in text
+    assert "\nDevice: NVIDIA H100 80GB HBM3 (capability 9.0, 81559 MB), driver 580\n\npytest -m gpu: 120 passed, " \
+           "3 skipped in 95.1s\n" in text
+    assert "`benchmarks/results/gpu_h100_check/`" in text
     assert "| encoder fwd+bwd `auto` >= 1.5x `masked`, resnet50 bf16 mask 0.6 | 1.80x; spconv 50.0 vs 60.0 ms: faster " \
            "| met |" in text
     assert "| step `fast@bf16` >= 3x `spark` images/s, resnet50 | 2.00x (20 vs 10) | not met |" in text
@@ -181,6 +190,13 @@ def test_gpu_checks_render_per_card_with_each_targets_verdict(tmp_path):
     assert "Largest batch at equal memory (`--max-batch`):" in text
     assert "| resnet50 | recipe:fast@bf16 | 0.6 | bf16 | 5760 (64), 11520 (128) | 90.0 | 0 | 500 | 800 | - |" in text
     assert "Other committed results" not in text                 # shown in their section, not appended again
+
+
+def test_a_gpu_check_summary_not_shown_in_the_gpu_section_is_appended_as_it_was_written(tmp_path):
+    (tmp_path / "gpu_h200_check").mkdir()
+    (tmp_path / "gpu_h200_check" / "gpu_check.md").write_text("# GPU check\n\npytest -m gpu: 1 passed\n")
+    text = rb.render("no GPU section", rb.load_results(tmp_path))
+    assert "### `gpu_h200_check`" in text and "pytest -m gpu: 1 passed" in text
 
 
 def test_no_gpu_check_committed_says_not_measured(tmp_path):
