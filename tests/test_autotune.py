@@ -15,6 +15,7 @@ import torch
 
 import spark_sparse as ss
 from spark_sparse.autotune import AutotuneOptions, autotune, load_plan_state
+from spark_sparse.autotune import cache
 from spark_sparse.autotune.cache import CACHE_FILE
 from spark_sparse.autotune.guard import choose_encoder
 from spark_sparse.backends.auto import sparse_convs
@@ -203,6 +204,32 @@ def test_an_unwritable_cache_folder_is_not_fatal(tmp_path):
     with pytest.warns(RuntimeWarning, match="cannot be read"), pytest.warns(RuntimeWarning, match="could not write"):
         result = tune(build(), tmp_path, FakeTimer())
     assert result.backend == "auto"
+
+
+def test_the_cache_file_keeps_only_the_most_recently_written_environments(tmp_path):
+    old = {f"old-{i:02d}": {"environment": {"n": i}, "written": float(i), "layers": {"k": {"gemm": 1.0}}}
+           for i in range(1, 21)}
+    (tmp_path / CACHE_FILE).write_text(json.dumps({"format": cache.FORMAT, "environments": old}))
+    mine = cache.TuneCache({"device": "this one"}, tmp_path)
+    mine.put_layer("layer", {"gemm": 2.0})
+    mine.save()
+    kept = json.loads((tmp_path / CACHE_FILE).read_text())["environments"]
+    assert len(kept) == cache.MAX_ENVIRONMENTS
+    assert mine.environment in kept and kept[mine.environment]["layers"] == {"layer": {"gemm": 2.0}}
+    assert sorted(name for name in kept if name != mine.environment) == [f"old-{i:02d}" for i in range(6, 21)]
+    assert cache.TuneCache({"device": "this one"}, tmp_path).layer("layer") == {"gemm": 2.0}
+
+
+def test_a_failed_cache_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    mine = cache.TuneCache({"device": "this one"}, tmp_path)
+    mine.put_layer("layer", {"gemm": 2.0})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(cache.json, "dump", disk_full)
+    with pytest.warns(RuntimeWarning, match="could not write .*No space left"):
+        mine.save()
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------- modes and budget

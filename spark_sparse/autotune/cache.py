@@ -11,15 +11,21 @@ The file lives in the user cache folder (``$SPARK_SPARSE_CACHE_DIR``, else
 disk and replace the file atomically (temp file + rename), so concurrent runs lose nothing worse
 than each other's newest entries. A file that cannot be read or parsed is reported and ignored:
 tuning then measures again, and the next write replaces it.
+
+An environment whose versions or kernel source changed is never matched again, so the file keeps
+only the :data:`MAX_ENVIRONMENTS` most recently written ones: upgrades and kernel edits do not make
+it grow (and every run parse it) without end.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import platform
 import tempfile
+import time
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -33,6 +39,8 @@ __all__ = ["CACHE_DIR_ENV", "CACHE_FILE", "TuneCache", "cache_dir", "environment
 CACHE_DIR_ENV = "SPARK_SPARSE_CACHE_DIR"
 CACHE_FILE = "autotune-v1.json"
 FORMAT = "spark-sparse-autotune-cache/1"
+#: environments kept in the file, the most recently written first (e.g. several venvs or GPUs in turn)
+MAX_ENVIRONMENTS = 16
 #: distributions whose version changes what a kernel costs
 _LIBRARIES = ("spark-sparse", "spconv", "spconv-cu118", "spconv-cu120", "spconv-cu121", "spconv-cu124",
               "spconv-cu126", "cumm", "cumm-cu126", "MinkowskiEngine", "triton")
@@ -102,6 +110,12 @@ def environment_key(device: torch.device | str) -> dict:
     return key
 
 
+def _written(entry: dict) -> float:
+    """When an environment's entry was last written (0 for entries from before the field existed)."""
+    written = entry.get("written") if isinstance(entry, dict) else None
+    return float(written) if isinstance(written, (int, float)) else 0.0
+
+
 class TuneCache:
     """Layer timings and encoder-guard results of one environment, backed by one JSON file."""
 
@@ -149,8 +163,12 @@ class TuneCache:
         environments = self._read()
         mine = environments.setdefault(self.environment, {})
         mine["environment"] = self._environment_value
+        mine["written"] = time.time()
         mine.setdefault("layers", {}).update(self._layers)
         mine.setdefault("encoders", {}).update(self._encoders)
+        newest = sorted(environments, key=lambda env: _written(environments[env]), reverse=True)[:MAX_ENVIRONMENTS]
+        environments = {env: environments[env] for env in newest}
+        tmp = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".autotune-", suffix=".json", dir=self.path.parent)
@@ -159,6 +177,9 @@ class TuneCache:
             os.replace(tmp, self.path)
             self._dirty = False
         except OSError as err:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)           # a half-written file (disk full) is not left behind
             warnings.warn(f"could not write the autotune cache file {self.path} ({err}); this run's measurements "
                           f"are not kept (set {CACHE_DIR_ENV} to a writable folder)", RuntimeWarning, stacklevel=2)
 
