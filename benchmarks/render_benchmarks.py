@@ -324,14 +324,13 @@ def render_placeholder(body: str, results: dict[str, dict], used: set[str]) -> s
     if len(words) < 2:
         raise TemplateError(f"{{{{{body}}}}}: expected '{{{{directive NAME key=value ...}}}}'")
     directive, name, rest = words[0], words[1], words[2:]
+    if directive == "gpu":                  # NAME is a prefix: the folders it renders mark themselves used
+        return render_gpu_checks(name, results, used)
     used.add(name)
     if directive == "run":
         return render_run(name, results.get(name))
     if directive == "breakdown":
         return render_run(name, results.get(name))
-    if directive == "gpu":
-        used.discard(name)                  # a prefix, not a folder
-        return render_gpu_checks(name, results, used)
     if directive not in FIGURES:
         raise TemplateError(f"unknown directive {directive!r} in {{{{{body}}}}}; known: run, breakdown, gpu, "
                             f"{', '.join(FIGURES)}")
