@@ -101,6 +101,29 @@ def test_reconstruction_keeps_visible_patches_and_fills_masked_ones():
     assert torch.equal(rec[pixels], images[pixels]) and not torch.equal(rec[~pixels], images[~pixels])
 
 
+def test_reconstruction_grid_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from spark_sparse.train.visualize import save_reconstruction_grid
+
+    spark = ss.create_spark("tiny_cnn", input_size=64)
+    images = torch.randn(1, 3, 64, 64)
+    mask = spark.mask(1, generator=torch.Generator().manual_seed(0))
+    path = save_reconstruction_grid(spark, images, mask, tmp_path / "reconstruction.png")
+    before = path.read_bytes()
+    assert before.startswith(b"\x89PNG")
+
+    def disk_full(self, fname, **kwargs):
+        open(fname, "wb").write(b"half a png")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_reconstruction_grid(spark, images, mask, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reconstruction.png"]
+    assert path.read_bytes() == before
+
+
 # ---------------------------------------------------------------------- bad input
 def test_unknown_model_lists_known_ones():
     with pytest.raises(ss.UnknownModelError, match="resnet50.*convnext_tiny|convnext_tiny.*resnet50"):

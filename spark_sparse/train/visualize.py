@@ -41,6 +41,10 @@ def save_reconstruction_grid(spark, images: torch.Tensor, mask: ActiveMask, path
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp, dpi=100)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave a hidden half-written PNG behind
+        raise
     return path
