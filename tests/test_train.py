@@ -15,7 +15,7 @@ from spark_sparse.errors import ConfigError
 from spark_sparse.spark import SparK
 from spark_sparse.speed import BatchEstimate, plan_speed
 from spark_sparse.train import engine
-from spark_sparse.train.data import DataError, ImageFolderDataset
+from spark_sparse.train.data import DataError, ImageFolderDataset, find_images
 from spark_sparse.train.distributed import split_global_batch
 from spark_sparse.train.engine import Trainer, TrainingError, pretrain
 
@@ -282,6 +282,39 @@ def test_missing_and_empty_folders_fail_before_writing_anything(tmp_path):
     with pytest.raises(DataError, match="no image files"):
         pretrain(tiny_config(tmp_path / "empty", tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_symlinked_class_folders_are_read_as_torchvisions_imagefolder_reads_them(tmp_path):
+    shared = make_image_folder(tmp_path / "shared", count=4)          # shared/train/class0, class1: 2 images each
+    data = tmp_path / "data" / "train"
+    data.mkdir(parents=True)
+    (data / "class0").symlink_to(shared / "train" / "class0", target_is_directory=True)
+    (data / "same").symlink_to(shared / "train" / "class0", target_is_directory=True)   # listed once, first name
+    (data / "class1").mkdir()
+    (data / "class1" / "loop").symlink_to(data, target_is_directory=True)               # a cycle must end
+    (data / "class1" / "flat.png").symlink_to(shared / "train" / "class1" / "img1.png")
+    (data / "class1" / "gone.png").symlink_to(tmp_path / "deleted.png")                 # kept: read, then reported
+    listing = find_images(tmp_path / "data")
+    assert listing.root == data and listing.unlisted == []
+    names = [str(p.relative_to(data)) for p in listing.files]
+    assert names == ["class0/img0.png", "class0/img2.png", "class1/flat.png", "class1/gone.png"]
+
+
+def test_folders_that_cannot_be_listed_are_warned_about_with_the_reason(folder, tmp_path, monkeypatch):
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path).endswith("class1"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    listing = find_images(folder)
+    assert all(p.parent.name == "class0" for p in listing.files)
+    assert listing.unlisted == [f"{folder / 'train' / 'class1'}: Permission denied"]
+    trainer = Trainer(tiny_config(folder, tmp_path, backend="masked"), "")
+    assert any(w.startswith("1 folder(s) under --data_path could not be listed") and "class1: Permission denied" in w
+               for w in trainer.warnings)
 
 
 def test_non_finite_loss_stops_and_keeps_a_resumable_last_good_state(folder, tmp_path, monkeypatch):

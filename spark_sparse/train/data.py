@@ -7,8 +7,9 @@ and reported by name.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from torchvision import transforms
 from ..errors import SparkSparseError
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "DataError", "pretrain_transform", "ImageFolderDataset",
-           "DemoPhotosDataset", "find_images", "denormalize"]
+           "DemoPhotosDataset", "ImageListing", "find_images", "denormalize"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,8 +47,25 @@ def denormalize(images: torch.Tensor) -> torch.Tensor:
     return (images * std + mean).clamp(0, 1)
 
 
-def find_images(data_path: str | Path) -> tuple[Path, list[Path]]:
+class ImageListing(NamedTuple):
+    """What :func:`find_images` found: the folder read, its image files, and the folders below it that
+    could not be listed (``"<folder>: <error>"``), whose images are left out."""
+
+    root: Path
+    files: list[Path]
+    unlisted: list[str]
+
+
+def find_images(data_path: str | Path) -> ImageListing:
     """``<data_path>/train`` if it exists, else ``data_path``; every image file below it, sorted.
+
+    Symlinked folders are followed, as torchvision's ``ImageFolder`` (SparK's loader) does: datasets
+    are often assembled from links to class folders, and ``Path.rglob`` before Python 3.13 skips
+    them without a word, which would train on part of the data. Each real folder is listed once,
+    so a link cycle ends. File types come from the directory listing (no ``stat`` per file, which
+    costs minutes for ImageNet on a network file system); a broken link is kept and then reported
+    as unreadable by name, rather than dropped unseen. Folders that cannot be listed (permissions)
+    are returned for the caller to report.
 
     Raises :class:`DataError` before anything starts when the folder is missing or holds no image.
     """
@@ -57,10 +75,22 @@ def find_images(data_path: str | Path) -> tuple[Path, list[Path]]:
                         f"'train' sub-folder and class sub-folders)")
     if (root / "train").is_dir():
         root = root / "train"
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files: list[Path] = []
+    unlisted: list[str] = []
+    listed: set[str] = set()
+    for folder, subfolders, names in os.walk(root, followlinks=True,
+                                             onerror=lambda err: unlisted.append(f"{err.filename}: {err.strerror}")):
+        real = os.path.realpath(folder)
+        if real in listed:
+            subfolders.clear()
+            continue
+        listed.add(real)
+        subfolders.sort()               # a folder reached by two names is listed under the first, every run
+        files.extend(Path(folder, name) for name in names if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)
     if not files:
-        raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}")
-    return root, files
+        could_not = f"; could not list {'; '.join(unlisted[:3])}" if unlisted else ""
+        raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}{could_not}")
+    return ImageListing(root, sorted(files), unlisted)
 
 
 class _SeededDataset(Dataset):
@@ -68,6 +98,9 @@ class _SeededDataset(Dataset):
 
     Returns ``(image, index of an unreadable file that was replaced, or -1)``.
     """
+
+    #: folders whose images are left out because they could not be listed (``"<folder>: <error>"``)
+    unlisted_folders: Sequence[str] = ()
 
     def __init__(self, transform: Callable):
         self.transform = transform
@@ -108,7 +141,7 @@ class _SeededDataset(Dataset):
 class ImageFolderDataset(_SeededDataset):
     def __init__(self, data_path: str | Path, transform: Callable):
         super().__init__(transform)
-        self.root, self.files = find_images(data_path)
+        self.root, self.files, self.unlisted_folders = find_images(data_path)
 
     def __len__(self) -> int:
         return len(self.files)

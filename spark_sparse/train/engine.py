@@ -215,6 +215,10 @@ class Trainer:
         self.local_batch, self.global_batch, batch_warnings = split_global_batch(cfg.bs, self.ctx.world_size,
                                                                                  len(self.dataset))
         self.warnings += batch_warnings
+        if self.dataset.unlisted_folders:
+            unlisted = self.dataset.unlisted_folders
+            self._warn(f"{len(unlisted)} folder(s) under --data_path could not be listed and their images are left "
+                       f"out: {'; '.join(unlisted[:3])}{' ...' if len(unlisted) > 3 else ''}")
         self.iters_per_epoch = cfg.iterations_per_epoch(len(self.dataset), self.global_batch)
         self.total_iters = cfg.ep * self.iters_per_epoch
         crowded = too_many_loader_workers(cfg.dataloader_workers, self.ctx.local_world_size, _usable_cpus())
