@@ -284,22 +284,6 @@ def test_missing_and_empty_folders_fail_before_writing_anything(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_symlinked_class_folders_are_read_as_torchvisions_imagefolder_reads_them(tmp_path):
-    shared = make_image_folder(tmp_path / "shared", count=4)          # shared/train/class0, class1: 2 images each
-    data = tmp_path / "data" / "train"
-    data.mkdir(parents=True)
-    (data / "class0").symlink_to(shared / "train" / "class0", target_is_directory=True)
-    (data / "same").symlink_to(shared / "train" / "class0", target_is_directory=True)   # listed once, first name
-    (data / "class1").mkdir()
-    (data / "class1" / "loop").symlink_to(data, target_is_directory=True)               # a cycle must end
-    (data / "class1" / "flat.png").symlink_to(shared / "train" / "class1" / "img1.png")
-    (data / "class1" / "gone.png").symlink_to(tmp_path / "deleted.png")                 # kept: read, then reported
-    listing = find_images(tmp_path / "data")
-    assert listing.root == data and listing.unlisted == []
-    names = [str(p.relative_to(data)) for p in listing.files]
-    assert names == ["class0/img0.png", "class0/img2.png", "class1/flat.png", "class1/gone.png"]
-
-
 def test_folders_that_cannot_be_listed_are_warned_about_with_the_reason(folder, tmp_path, monkeypatch):
     real_scandir = os.scandir
 

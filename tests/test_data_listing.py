@@ -1,0 +1,69 @@
+"""Listing an image folder: what is found, in which order, and how the list is held for loader workers."""
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import pytest
+
+from spark_sparse.train.data import IMAGE_EXTENSIONS, PackedPaths, find_images
+
+from apptools import make_image_folder
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import loader_memory  # noqa: E402
+
+
+def test_symlinked_class_folders_are_read_as_torchvisions_imagefolder_reads_them(tmp_path):
+    shared = make_image_folder(tmp_path / "shared", count=4)          # shared/train/class0, class1: 2 images each
+    data = tmp_path / "data" / "train"
+    data.mkdir(parents=True)
+    (data / "class0").symlink_to(shared / "train" / "class0", target_is_directory=True)
+    (data / "same").symlink_to(shared / "train" / "class0", target_is_directory=True)   # listed once, first name
+    (data / "class1").mkdir()
+    (data / "class1" / "loop").symlink_to(data, target_is_directory=True)               # a cycle must end
+    (data / "class1" / "flat.png").symlink_to(shared / "train" / "class1" / "img1.png")
+    (data / "class1" / "gone.png").symlink_to(tmp_path / "deleted.png")                 # kept: read, then reported
+    listing = find_images(tmp_path / "data")
+    assert listing.root == data and listing.unlisted == []
+    names = [str(p.relative_to(data)) for p in listing.files]
+    assert names == ["class0/img0.png", "class0/img2.png", "class1/flat.png", "class1/gone.png"]
+
+
+def test_files_keep_paths_order_so_a_run_keeps_its_data_order(tmp_path):
+    """The order of the earlier ``sorted(Path, ...)`` listing, on names where string order differs from it."""
+    root = tmp_path / "train"
+    for name in ["a/b.jpg", "a-b/c.jpg", "a.b.jpg", "A/z.png", "\u00e4/x.png", "a/b/c/d.PNG", "b.jpg", "a b/x.jpg",
+                 "a0/x.jpg", "notes.txt", "a/readme.md"]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).touch()
+    with open(os.fsencode(root) + b"/\xff\xfe.jpg", "wb"):          # not UTF-8: kept and read back
+        pass
+    listing = find_images(tmp_path)
+    path_order = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    assert list(listing.files) == path_order and len(path_order) == 10
+    assert all(p.is_file() for p in listing.files)
+
+
+def test_packed_paths_index_like_a_list_and_pickle_as_two_arrays(tmp_path):
+    names = [f"n{i % 7:08d}/n{i % 7:08d}_{i}.JPEG" for i in range(5000)]
+    packed = PackedPaths(tmp_path, names)
+    assert len(packed) == 5000 and packed[0] == tmp_path / names[0] and packed[-1] == tmp_path / names[-1]
+    assert [packed[i] for i in (17, 4999)] == [tmp_path / names[17], tmp_path / names[4999]]
+    for wrong in (5000, -5001):
+        with pytest.raises(IndexError, match="out of range for 5000 files"):
+            packed[wrong]
+    # no object per file: the pickle is the names' bytes and one offset per file, plus a constant
+    pickled = pickle.dumps(packed)
+    assert len(pickled) < sum(map(len, names)) + 8 * len(names) + 1000
+    assert list(pickle.loads(pickled)) == list(packed)
+
+
+def test_a_forked_worker_reading_packed_paths_copies_far_less_than_a_list_of_paths():
+    names = loader_memory.synthetic_names(200_000)
+    root = Path("/datasets/imagenet/train")
+    as_list = loader_memory.worker_growth_mb([root / name for name in names])
+    packed = loader_memory.worker_growth_mb(PackedPaths(root, names))
+    assert as_list > 30 and packed < as_list / 4, (as_list, packed)
