@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 __all__ = ["INTERPRETED", "gather_gemm", "gather_gemm_weight_grad", "depthwise", "depthwise_weight_grad"]
 
@@ -203,10 +204,27 @@ def _fitting(limits: dict[str, str]):
     return prune
 
 
+#: milliseconds of warm-up and of timed calls per configuration when tuning (Triton's default: 25, 100)
+TUNING_WARMUP_MS, TUNING_REP_MS = 5, 25
+
+
+def _brief_benchmark(kernel_call, quantiles):
+    """Triton's ``do_bench`` with shorter windows. Tuning runs on the first call of every layer shape
+    key (forward, input and weight gradient programs), a few configurations each, and each timing
+    costs about warm-up + window. ResNet-50's convs on these programs make 23 keys and up to 99
+    timings per dtype: 12 s of windows alone at Triton's default 25 + 100 ms, 3 s at these (in a
+    process that finds no cached choice, see :func:`_tuned`). ``do_bench`` repeats the call to fill the window (a 1 ms call: 25 times) and
+    returns quantiles of those repeats."""
+    return triton.testing.do_bench(kernel_call, warmup=TUNING_WARMUP_MS, rep=TUNING_REP_MS, quantiles=quantiles)
+
+
 def _tuned(kernel, configs, key, limits):
+    """The autotuned program; its choices are kept in Triton's cache folder (``cache_results``), so a
+    resumed run, the next phase of a benchmark or another process on the same GPU skips the tuning."""
     if INTERPRETED:
         return None
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _fitting(limits)})(kernel)
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _fitting(limits)},
+                           do_bench=_brief_benchmark, cache_results=True)(kernel)
 
 
 _GEMM = _tuned(_gather_gemm_kernel, [

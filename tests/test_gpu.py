@@ -266,3 +266,11 @@ def test_layer_matches_masked_on_cuda(backend, layer_name, mask_name, dtype):
     for name, buf in ref["buffers"].items():
         abs_err, _ = max_errors(got["buffers"][name].to(buf.dtype).float(), buf.float())
         assert abs_err <= tol, f"buffer {name}: {abs_err:.3g}"
+
+
+def test_the_triton_autotuners_brief_benchmark_times_a_cuda_call():
+    from spark_sparse.kernels import _triton_kernels as k
+
+    a = torch.randn(1024, 1024, device=CUDA)
+    p50, p20, p80 = k._brief_benchmark(lambda: a @ a, quantiles=(0.5, 0.2, 0.8))
+    assert 0 < p20 <= p50 <= p80 < k.TUNING_REP_MS

@@ -353,6 +353,20 @@ def test_every_autotune_config_compiles_for_hopper_and_fits_its_shared_memory(bu
     _compile_for_hopper(program, dtype, constants, warps, stages)
 
 
+def test_autotuners_time_briefly_and_keep_their_choices_on_disk():
+    """Every tuned program uses the short benchmark windows and Triton's on-disk result cache (what keeps
+    the GPU check's later phases and a resumed run from tuning again); on the GPU the benchmark itself
+    runs in tests/test_gpu.py."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install triton)")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 in this process: the programs run untuned")
+    from spark_sparse.kernels import _triton_kernels as k
+
+    tuners = [k._GEMM, k._GEMM_WEIGHT_GRAD, k._DEPTHWISE, k._DEPTHWISE_WEIGHT_GRAD]
+    assert all(t.cache_results and t.do_bench is k._brief_benchmark for t in tuners)
+
+
 # ------------------------------------------------------------------------------ declared capabilities
 def _spec(device: str, dtype: torch.dtype = torch.float32, groups: int = 1, channels: int = 16) -> ConvSpec:
     return ConvSpec(channels, channels, (3, 3), (1, 1), (1, 1), (1, 1), groups, False, device, dtype)
