@@ -86,16 +86,17 @@ class Sizes:
     check_batch: int
     step_models: list[str]
     autotune_budget_s: float      # per configuration and tuned column (``auto``, ``recipe:fast``)
+    pytest_workers: int           # pytest-xdist processes for ``pytest -m gpu`` (where xdist is installed)
     budgets: dict[str, float] = field(default_factory=dict)
 
 
 GPU = Sizes(device="cuda", models=["resnet50", "convnext_base"], input_size=224, batch=128, masks=["0.6", "0.75"],
             dtypes=["fp32", "bf16"], repeats=3, warmup=1, check_batch=16, step_models=["resnet50", "convnext_base"],
-            autotune_budget_s=20,
+            autotune_budget_s=20, pytest_workers=4,
             # seconds from the shell's start (its install is the first phase): under 8 minutes in all
             budgets={"install": 45, "environment": 25, "pytest": 110, "encoder": 150, "step": 130})
 SMOKE = Sizes(device="cpu", models=["tiny_cnn"], input_size=64, batch=4, masks=["0.6"], dtypes=["fp32", "bf16"],
-              repeats=1, warmup=0, check_batch=2, step_models=["tiny_cnn"], autotune_budget_s=5,
+              repeats=1, warmup=0, check_batch=2, step_models=["tiny_cnn"], autotune_budget_s=5, pytest_workers=2,
               budgets={"install": 120, "environment": 120, "pytest": 300, "encoder": 600, "step": 600})
 ENCODER_VARIANTS = ["masked", "sparse", "auto", "spconv", "triton"]
 STEP_RECIPES = ["spark", "fast", "fast@bf16"]
@@ -185,6 +186,18 @@ def benchmark_command(python: str, what: str, sizes: Sizes, out: Path, budget_s:
                       "--backends", *ENCODER_VARIANTS]
     return cmd + ["--models", *sizes.step_models, "--mask", sizes.masks[0], "--dtype", "fp32",
                   "--backends", "masked", "--recipes", *STEP_RECIPES, "--max-batch"]
+
+
+def pytest_command(python: str, sizes: Sizes) -> list[str]:
+    """``pytest -m gpu``, verbose, with a per-test timeout and several processes where the plugins are there
+    (both are on the GPU image). Over a thousand small tests, most of their time is Python and Triton's
+    compiler on the CPU, with the GPU nearly idle: processes in parallel fit them into the phase's budget."""
+    cmd = [python, "-m", "pytest", "-m", "gpu", "-v", "-rfEs", "-p", "no:cacheprovider", "--durations=15"]
+    if importable(python, "pytest_timeout"):
+        cmd += ["--timeout", "90"]                          # one hanging test cannot take the phase
+    if sizes.pytest_workers > 1 and importable(python, "xdist"):
+        cmd += ["-n", str(sizes.pytest_workers)]
+    return cmd + ["tests"]
 
 
 def slug(device_name: str) -> str:
@@ -307,11 +320,7 @@ def main(argv=None) -> int:
 
     pytest_line = ""
     if "pytest" in args.phases:
-        cmd = [python, "-m", "pytest", "-m", "gpu", "-v", "-rfEs", "-p", "no:cacheprovider", "--durations=15"]
-        if importable(python, "pytest_timeout"):
-            cmd += ["--timeout", "90"]                          # one hanging test cannot take the phase
-        cmd.append("tests")
-        result, text = run_phase("pytest", cmd, clock.left("pytest"), sizes.budgets["pytest"],
+        result, text = run_phase("pytest", pytest_command(python, sizes), clock.left("pytest"), sizes.budgets["pytest"],
                                  log=folder / "pytest_gpu.log", env=env, echo=_pytest_line_worth_showing)
         pytest_line = pytest_summary(text)
         result.note = pytest_line

@@ -126,6 +126,24 @@ def test_targets_compare_what_was_measured_with_the_issue():
     assert "2.00x (800 vs 400) | met" in rows[2]
 
 
+@pytest.mark.parametrize("plugins", [True, False], ids=["xdist-and-timeout", "neither"])
+def test_pytest_phase_uses_several_processes_and_a_timeout_where_the_plugins_are(monkeypatch, plugins):
+    monkeypatch.setattr(gpu_check, "importable", lambda python, module: plugins)
+    cmd = gpu_check.pytest_command("python3", gpu_check.GPU)
+    assert cmd[:5] == ["python3", "-m", "pytest", "-m", "gpu"] and cmd[-1] == "tests"
+    assert (cmd[cmd.index("-n") + 1] == "4" if plugins else "-n" not in cmd)
+    assert ("--timeout" in cmd) == plugins
+
+
+def test_xdist_progress_lines_are_kept_out_of_the_console_but_failures_are_shown():
+    show = gpu_check._pytest_line_worth_showing
+    assert not show("[gw0] [ 50%] PASSED tests/test_gpu.py::test_x[fp32] \n")
+    assert not show("[gw1] [100%] SKIPPED tests/test_gpu.py::test_y \n")
+    assert show("[gw1] [ 75%] FAILED tests/test_gpu.py::test_z[bf16] \n")
+    assert gpu_check.pytest_summary("[gw0] [100%] PASSED tests/t.py::a \n== 1 passed, 3 skipped in 4.84s ==\n") \
+        == "1 passed, 3 skipped in 4.84s"
+
+
 def test_pytest_summary_line_is_found():
     log = "tests/test_gpu.py::test_x PASSED\n==== 3 passed, 2 skipped in 1.20s ====\n"
     assert gpu_check.pytest_summary(log) == "3 passed, 2 skipped in 1.20s"
