@@ -213,8 +213,8 @@ def _brief_benchmark(kernel_call, quantiles):
     key (forward, input and weight gradient programs), a few configurations each, and each timing
     costs about warm-up + window. ResNet-50's convs on these programs make 23 keys and up to 99
     timings per dtype: 12 s of windows alone at Triton's default 25 + 100 ms, 3 s at these (in a
-    process that finds no cached choice, see :func:`_tuned`). ``do_bench`` repeats the call to fill the window (a 1 ms call: 25 times) and
-    returns quantiles of those repeats."""
+    process that finds no cached choice, see :func:`_tuned`). ``do_bench`` repeats the call to fill
+    the window (a 1 ms call: 25 times) and returns quantiles of those repeats."""
     return triton.testing.do_bench(kernel_call, warmup=TUNING_WARMUP_MS, rep=TUNING_REP_MS, quantiles=quantiles)
 
 
