@@ -1,4 +1,5 @@
 """Listing an image folder: what is found, in which order, and how the list is held for loader workers."""
+import json
 import os
 import pickle
 import sys
@@ -13,7 +14,7 @@ from apptools import make_image_folder
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import loader_memory  # noqa: E402
+import data_loading  # noqa: E402
 
 
 def test_symlinked_class_folders_are_read_as_torchvisions_imagefolder_reads_them(tmp_path):
@@ -62,8 +63,18 @@ def test_packed_paths_index_like_a_list_and_pickle_as_two_arrays(tmp_path):
 
 
 def test_a_forked_worker_reading_packed_paths_copies_far_less_than_a_list_of_paths():
-    names = loader_memory.synthetic_names(200_000)
+    names = data_loading.synthetic_names(200_000)
     root = Path("/datasets/imagenet/train")
-    as_list = loader_memory.worker_growth_mb([root / name for name in names])
-    packed = loader_memory.worker_growth_mb(PackedPaths(root, names))
+    as_list = data_loading.worker_growth_mb([root / name for name in names])
+    packed = data_loading.worker_growth_mb(PackedPaths(root, names))
     assert as_list > 30 and packed < as_list / 4, (as_list, packed)
+
+
+def test_the_data_loading_benchmark_writes_both_sections(tmp_path):
+    path = data_loading.main(["--quick", "--out", str(tmp_path)])
+    report = json.loads(path.read_text())
+    assert [s["columns"] for s in report["sections"]] == [["what", "images/s", "per worker"], ["file list", "MB"]]
+    loader, memory = report["values"]["loader"], report["values"]["memory"]
+    assert loader["workers_1_images_per_s"] > 0 and loader["decode_images_per_s"] > loader["augment_images_per_s"] > 0
+    assert 20 < loader["mean_file_kb"] < 500 and set(memory) == {"path_list_mb", "packed_mb"}
+    assert "--quick" in report["meta"]["command"]

@@ -1,0 +1,203 @@
+#!/usr/bin/env python
+"""What the data side of a step costs: loader workers' images/s, and the memory each worker copies.
+
+    python benchmarks/data_loading.py --out benchmarks/results/cpu_data_loading
+    python benchmarks/data_loading.py --quick          # tiny sizes, to check that it runs
+
+Two sections:
+
+1. ``loader``: images/s of ``spark-pretrain``'s own loader (``ImageFolderDataset`` with SparK's
+   augmentation at ``--input-size``, the engine's ``EpochBatchSampler``, persistent workers) for each
+   worker count in ``--workers``, median of ``--repeats`` epochs after one warm-up epoch, over
+   ``--images`` synthetic JPEGs of ImageNet's typical size (400-500 x 300-375 px, quality 90, smooth
+   content plus noise, so the files are about ImageNet's 110 KB average; their mean size is
+   reported). Also one process, one thread: JPEG decoding alone, and decoding plus augmentation.
+   A GPU that steps faster than its process's workers deliver waits for data: SparK runs 8 workers
+   per GPU (``--dataloader_workers``).
+2. ``memory``: the private memory a forked worker gains by reading every file name once, as it does
+   over an epoch, for a list of ``Path`` (what the loader held before) and for ``PackedPaths``, at
+   ImageNet-1k's 1,281,167 names (synthetic; nothing read from disk). Linux only.
+
+Writes ``OUT/reference.json`` for ``render_benchmarks.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from spark_sparse.train.data import ImageFolderDataset, PackedPaths, pretrain_transform  # noqa: E402
+from spark_sparse.train.distributed import EpochBatchSampler  # noqa: E402
+from _report import write_reference  # noqa: E402
+
+IMAGENET_TRAIN_FILES = 1_281_167
+IMAGENET_CLASSES = 1000
+
+
+# ------------------------------------------------------------------------------------------- loader
+def write_jpegs(folder: Path, count: int, seed: int = 0) -> float:
+    """``count`` JPEGs in ``folder/train/class<k>/`` of ImageNet's typical size; returns their mean KB."""
+    rng = np.random.default_rng(seed)
+    total = 0
+    for i in range(count):
+        width, height = int(rng.integers(400, 501)), int(rng.integers(300, 376))
+        coarse = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+        smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.float32)
+        pixels = (smooth + rng.normal(0, 16, smooth.shape)).clip(0, 255).astype(np.uint8)
+        path = folder / "train" / f"class{i % 10}" / f"img{i}.JPEG"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path, quality=90)
+        total += path.stat().st_size
+    return total / count / 1024
+
+
+def loader_images_per_s(dataset: ImageFolderDataset, workers: int, batch: int, repeats: int) -> float:
+    """Images/s of the engine's loader set-up over whole epochs (median of ``repeats`` after one warm-up)."""
+    sampler = EpochBatchSampler(len(dataset), batch, seed=0, rank=0, world=1)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0)
+    seconds = []
+    for epoch in range(repeats + 1):
+        sampler.set_epoch(epoch)
+        started = time.perf_counter()
+        images = sum(len(batch_images) for batch_images, _ in loader)
+        if epoch:
+            seconds.append(time.perf_counter() - started)
+    del loader
+    return images / statistics.median(seconds)
+
+
+def in_process_images_per_s(fn, count: int, repeats: int) -> float:
+    times = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        for index in range(count):
+            fn(index)
+        times.append(time.perf_counter() - started)
+    return count / statistics.median(times[1:])
+
+
+def loader_section(args) -> tuple[dict, dict]:
+    with tempfile.TemporaryDirectory(prefix="spark-loader-") as folder:
+        mean_kb = write_jpegs(Path(folder), args.images)
+        dataset = ImageFolderDataset(folder, pretrain_transform(args.input_size))
+        torch.set_num_threads(1)                 # what a loader worker runs with
+        decode = in_process_images_per_s(dataset.load, len(dataset), args.repeats)
+        augment = in_process_images_per_s(lambda i: dataset[(i, i)], len(dataset), args.repeats)
+        torch.set_num_threads(args.threads)
+        rows = [["in process, 1 thread: JPEG decode only", f"{decode:.0f}", "-"],
+                ["in process, 1 thread: decode + augmentation", f"{augment:.0f}", "-"]]
+        values = {"mean_file_kb": mean_kb, "decode_images_per_s": decode, "augment_images_per_s": augment}
+        for workers in args.workers:
+            rate = loader_images_per_s(dataset, workers, args.batch_size, args.repeats)
+            rows.append([f"DataLoader, {workers} worker{'s' if workers != 1 else ''}", f"{rate:.0f}",
+                         f"{rate / workers:.0f}"])
+            values[f"workers_{workers}_images_per_s"] = rate
+            print(f"[data] {workers} workers: {rate:.0f} images/s", flush=True)
+    title = (f"Loader images/s, SparK's augmentation at {args.input_size} px, {args.images} synthetic JPEGs "
+             f"of {mean_kb:.0f} KB on average, batch {args.batch_size}")
+    return {"title": title, "columns": ["what", "images/s", "per worker"], "rows": rows}, values
+
+
+# ------------------------------------------------------------------------------------------- memory
+def private_dirty_mb() -> float:
+    with open("/proc/self/smaps_rollup") as smaps:
+        for line in smaps:
+            if line.startswith("Private_Dirty:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no Private_Dirty line in /proc/self/smaps_rollup")
+
+
+def synthetic_names(count: int) -> list[str]:
+    """ImageNet's layout: ``n<wnid>/n<wnid>_<i>.JPEG``, spread over 1000 class folders."""
+    return [f"n{i % IMAGENET_CLASSES:08d}/n{i % IMAGENET_CLASSES:08d}_{i}.JPEG" for i in range(count)]
+
+
+def worker_growth_mb(files) -> float:
+    """Private memory a forked child gains by reading ``files[i]`` for every ``i``, as a loader worker does."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        before = private_dirty_mb()
+        for index in range(len(files)):
+            str(files[index])
+        os.write(write_end, f"{private_dirty_mb() - before:.1f}".encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        grown = float(pipe.read())
+    os.waitpid(pid, 0)
+    return grown
+
+
+def memory_section(args) -> tuple[dict, dict]:
+    root = Path("/datasets/imagenet/train")
+    names = synthetic_names(args.names)
+    containers = {"list of Path (before)": lambda: [root / name for name in names],
+                  "PackedPaths": lambda: PackedPaths(root, names)}
+    rows, values = [], {}
+    for label, build in containers.items():
+        files = build()
+        grown = worker_growth_mb(files)
+        del files
+        rows.append([label, f"{grown:.0f}"])
+        values["path_list_mb" if label.startswith("list") else "packed_mb"] = grown
+        print(f"[data] {label}: a worker gains {grown:.0f} MB", flush=True)
+    title = f"Private memory one forked worker gains reading {args.names:,} file names once"
+    return {"title": title, "columns": ["file list", "MB"], "rows": rows}, values
+
+
+SECTIONS = {"loader": loader_section, "memory": memory_section}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
+    p.add_argument("--images", type=int, default=512, help="synthetic JPEGs for the loader section")
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, nargs="+", default=None,
+                   help="loader worker counts (default: 1 up to this machine's CPUs, doubling)")
+    p.add_argument("--names", type=int, default=IMAGENET_TRAIN_FILES, help="file names for the memory section")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the main process")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks that it runs, measures nothing useful")
+    p.add_argument("--out", type=Path, default=Path("bench_out/data_loading"))
+    args = p.parse_args(argv)
+    if args.workers is None:
+        cpus = len(os.sched_getaffinity(0))
+        args.workers = [1 << i for i in range(cpus.bit_length()) if 1 << i <= cpus]
+    if args.quick:
+        args.images, args.batch_size, args.names, args.repeats, args.workers = 16, 4, 20_000, 1, [1]
+    return args
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    started = time.time()
+    sections, values = [], {}
+    for name in args.sections:
+        section, values[name] = SECTIONS[name](args)
+        sections.append(section)
+        print(f"[data] {name} done ({time.time() - started:.0f} s)", flush=True)
+    path = write_reference(args.out, __file__, argv, sections, values, threads=args.threads, repeats=args.repeats,
+                           seconds=round(time.time() - started, 1))
+    print(f"[data] wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
