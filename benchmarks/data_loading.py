@@ -9,11 +9,12 @@ Two sections:
 1. ``loader``: images/s of ``spark-pretrain``'s own loader (``ImageFolderDataset`` with SparK's
    augmentation at ``--input-size``, the engine's ``EpochBatchSampler``, persistent workers) for each
    worker count in ``--workers``, median of ``--repeats`` epochs after one warm-up epoch, over
-   ``--images`` synthetic JPEGs of ImageNet's typical size (400-500 x 300-375 px, quality 90, smooth
-   content plus noise, so the files are about ImageNet's 110 KB average; their mean size is
-   reported). Also one process, one thread: JPEG decoding alone, and decoding plus augmentation.
-   A GPU that steps faster than its process's workers deliver waits for data: SparK runs 8 workers
-   per GPU (``--dataloader_workers``).
+   ``--images`` synthetic JPEGs of ImageNet's typical pixel size (400-500 x 300-375 px, quality 90,
+   smooth content plus noise; their mean file size is reported). Both what the workers return now
+   (uint8, normalised on the device by ``ImageNormalizer``) and what SparK's return (float32,
+   ToTensor and Normalize in the worker). Also one process, one thread: JPEG decoding alone, and
+   each pipeline per image; and ``ImageNormalizer`` on this CPU. A GPU that steps faster than its
+   process's workers deliver waits for data: SparK runs 8 workers per GPU (``--dataloader_workers``).
 2. ``memory``: the private memory a forked worker gains by reading every file name once, as it does
    over an epoch, for a list of ``Path`` (what the loader held before) and for ``PackedPaths``, at
    ImageNet-1k's 1,281,167 names (synthetic; nothing read from disk). Linux only.
@@ -39,7 +40,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from spark_sparse.train.data import ImageFolderDataset, PackedPaths, pretrain_transform  # noqa: E402
+from spark_sparse.train.data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, ImageNormalizer,  # noqa: E402
+                                     PackedPaths, pretrain_augmentation)
 from spark_sparse.train.distributed import EpochBatchSampler  # noqa: E402
 from _report import write_reference  # noqa: E402
 
@@ -89,23 +91,45 @@ def in_process_images_per_s(fn, count: int, repeats: int) -> float:
     return count / statistics.median(times[1:])
 
 
+def sparks_worker_transform(input_size: int):
+    """What SparK's loader workers return (and ours did): the augmentation, then ToTensor and Normalize."""
+    from torchvision import transforms
+    return transforms.Compose([
+        transforms.RandomResizedCrop(input_size, scale=(0.67, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
 def loader_section(args) -> tuple[dict, dict]:
     with tempfile.TemporaryDirectory(prefix="spark-loader-") as folder:
         mean_kb = write_jpegs(Path(folder), args.images)
-        dataset = ImageFolderDataset(folder, pretrain_transform(args.input_size))
+        pipelines = {"uint8": pretrain_augmentation(args.input_size),
+                     "float32": sparks_worker_transform(args.input_size)}
+        datasets = {name: ImageFolderDataset(folder, transform) for name, transform in pipelines.items()}
         torch.set_num_threads(1)                 # what a loader worker runs with
-        decode = in_process_images_per_s(dataset.load, len(dataset), args.repeats)
-        augment = in_process_images_per_s(lambda i: dataset[(i, i)], len(dataset), args.repeats)
+        decode = in_process_images_per_s(datasets["uint8"].load, args.images, args.repeats)
+        per_thread = {name: in_process_images_per_s(lambda i, d=dataset: d[(i, i)], args.images, args.repeats)
+                      for name, dataset in datasets.items()}
         torch.set_num_threads(args.threads)
+        batch = torch.stack([datasets["uint8"][(i, i)][0] for i in range(args.batch_size)])
+        normalize = ImageNormalizer()
+        normalize_rate = in_process_images_per_s(lambda i: normalize(batch), 1, args.repeats) * args.batch_size
         rows = [["in process, 1 thread: JPEG decode only", f"{decode:.0f}", "-"],
-                ["in process, 1 thread: decode + augmentation", f"{augment:.0f}", "-"]]
-        values = {"mean_file_kb": mean_kb, "decode_images_per_s": decode, "augment_images_per_s": augment}
+                ["in process, 1 thread: decode, crop, flip (uint8: a worker's part now)", f"{per_thread['uint8']:.0f}",
+                 "-"],
+                ["in process, 1 thread: the same + ToTensor + Normalize (float32: SparK's worker)",
+                 f"{per_thread['float32']:.0f}", "-"],
+                [f"ImageNormalizer on this CPU, batch {args.batch_size}, {args.threads} threads (main process)",
+                 f"{normalize_rate:.0f}", "-"]]
+        values = {"mean_file_kb": mean_kb, "decode_images_per_s": decode,
+                  "augment_uint8_images_per_s": per_thread["uint8"], "augment_float32_images_per_s": per_thread["float32"],
+                  "normalizer_images_per_s": normalize_rate}
         for workers in args.workers:
-            rate = loader_images_per_s(dataset, workers, args.batch_size, args.repeats)
-            rows.append([f"DataLoader, {workers} worker{'s' if workers != 1 else ''}", f"{rate:.0f}",
-                         f"{rate / workers:.0f}"])
-            values[f"workers_{workers}_images_per_s"] = rate
-            print(f"[data] {workers} workers: {rate:.0f} images/s", flush=True)
+            for name, dataset in datasets.items():
+                rate = loader_images_per_s(dataset, workers, args.batch_size, args.repeats)
+                rows.append([f"DataLoader, {workers} worker{'s' if workers != 1 else ''}, {name} batches",
+                             f"{rate:.0f}", f"{rate / workers:.0f}"])
+                values[f"workers_{workers}_{name}_images_per_s"] = rate
+                print(f"[data] {workers} workers, {name}: {rate:.0f} images/s", flush=True)
     title = (f"Loader images/s, SparK's augmentation at {args.input_size} px, {args.images} synthetic JPEGs "
              f"of {mean_kb:.0f} KB on average, batch {args.batch_size}")
     return {"title": title, "columns": ["what", "images/s", "per worker"], "rows": rows}, values

@@ -274,3 +274,11 @@ def test_the_triton_autotuners_brief_benchmark_times_a_cuda_call():
     a = torch.randn(1024, 1024, device=CUDA)
     p50, p20, p80 = k._brief_benchmark(lambda: a @ a, quantiles=(0.5, 0.2, 0.8))
     assert 0 < p20 <= p50 <= p80 < k.TUNING_REP_MS
+
+
+def test_image_normalizer_on_cuda_gives_the_cpus_bits():
+    from spark_sparse.train.data import ImageNormalizer
+
+    images = torch.randint(0, 256, (4, 3, 32, 40), dtype=torch.uint8)
+    normalize = ImageNormalizer()
+    assert torch.equal(normalize(images.to(CUDA)).cpu(), normalize(images))

@@ -42,7 +42,7 @@ from ..models import resolve_model_name
 from ..spark import SparK, create_spark
 from ..speed import apply_speed_plan, estimate_max_batch, plan_speed
 from .config import PretrainConfig
-from .data import DemoPhotosDataset, ImageFolderDataset, pretrain_transform
+from .data import DemoPhotosDataset, ImageFolderDataset, ImageNormalizer, pretrain_augmentation
 from .distributed import DistContext, EpochBatchSampler, init_distributed, split_global_batch
 from .optim import apply_lr_wd, build_optimizer, default_beta2, lr_wd_at, param_groups
 from .outputs import RunOutputs, git_commit
@@ -168,7 +168,7 @@ def _seed_for(seed: int, global_it: int, rank: int) -> int:
 
 
 def _build_dataset(cfg: PretrainConfig):
-    transform = pretrain_transform(cfg.input_size)
+    transform = pretrain_augmentation(cfg.input_size)
     if cfg.data_path is None:
         return DemoPhotosDataset(transform)
     return ImageFolderDataset(cfg.data_path, transform)
@@ -204,6 +204,7 @@ class Trainer:
         self.ctx: DistContext = init_distributed(cfg.device)
         self.model_name = resolve_model_name(cfg.model)
         self.dataset = _build_dataset(cfg)                    # fails before any file is written
+        self.normalize = ImageNormalizer()                    # the loader's uint8 batches -> SparK's inputs
         self.outputs = RunOutputs(cfg.output_dir, self.model_name, self.ctx.is_main)
         self.resume_path = self._resume_path()
         if self.ctx.is_main:
@@ -472,7 +473,7 @@ class Trainer:
                    mininterval=0.5 if sys.stderr.isatty() else 10.0)
         for images, bad_indices in bar:
             global_it = state.epoch * self.iters_per_epoch + state.iteration
-            images = images.to(self.ctx.device, non_blocking=True)
+            images = self.normalize(images.to(self.ctx.device, non_blocking=True))
             try:
                 loss, stop_now = self.step(images, global_it, stop.requested)
             except TrainingError as err:
@@ -518,7 +519,7 @@ class Trainer:
     def _visualise(self) -> None:
         n = min(self.cfg.vis_images, len(self.dataset))
         picks = torch.linspace(0, len(self.dataset) - 1, n).long().tolist()
-        images = torch.stack([self.dataset[(index, self.cfg.seed + index)][0] for index in picks])
+        images = self.normalize(torch.stack([self.dataset[(index, self.cfg.seed + index)][0] for index in picks]))
         mask = self.spark.mask(n, generator=torch.Generator().manual_seed(self.cfg.seed))
         path = save_reconstruction_grid(self.spark, images.to(self.ctx.device), mask.to(self.ctx.device),
                                         self.outputs.reconstruction_path,

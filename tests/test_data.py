@@ -1,13 +1,19 @@
-"""Listing an image folder: what is found, in which order, and how the list is held for loader workers."""
+"""The image data: listing a folder (what, in which order, held how for loader workers), and SparK's
+transform split between the loader workers (uint8 augmentation) and the device (``ImageNormalizer``)."""
 import json
 import os
 import pickle
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
 
-from spark_sparse.train.data import IMAGE_EXTENSIONS, PackedPaths, find_images
+from spark_sparse.train.data import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageNormalizer, PackedPaths,
+                                     find_images, pretrain_augmentation)
 
 from apptools import make_image_folder
 
@@ -75,6 +81,39 @@ def test_the_data_loading_benchmark_writes_both_sections(tmp_path):
     report = json.loads(path.read_text())
     assert [s["columns"] for s in report["sections"]] == [["what", "images/s", "per worker"], ["file list", "MB"]]
     loader, memory = report["values"]["loader"], report["values"]["memory"]
-    assert loader["workers_1_images_per_s"] > 0 and loader["decode_images_per_s"] > loader["augment_images_per_s"] > 0
+    assert loader["workers_1_uint8_images_per_s"] > 0 and loader["workers_1_float32_images_per_s"] > 0
+    assert loader["decode_images_per_s"] > loader["augment_uint8_images_per_s"] > 0 and loader["normalizer_images_per_s"] > 0
     assert 20 < loader["mean_file_kb"] < 500 and set(memory) == {"path_list_mb", "packed_mb"}
     assert "--quick" in report["meta"]["command"]
+
+
+def sparks_transform(input_size):
+    """SparK's own worker transform, written out with torchvision (the reference)."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(input_size, scale=(0.67, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+@pytest.mark.parametrize("input_size", [64, 96])
+def test_augmentation_then_normalizer_is_sparks_transform_bit_for_bit(input_size):
+    rng = np.random.default_rng(0)
+    normalize, ours, sparks = ImageNormalizer(), pretrain_augmentation(input_size), sparks_transform(input_size)
+    images, expected = [], []
+    for seed in range(12):
+        image = Image.fromarray(rng.integers(0, 256, (70 + 7 * seed, 90, 3), dtype=np.uint8))
+        torch.manual_seed(seed)
+        expected.append(sparks(image))
+        torch.manual_seed(seed)
+        images.append(ours(image))
+    assert all(image.dtype == torch.uint8 for image in images)
+    got = normalize(torch.stack(images))
+    assert got.dtype == torch.float32 and torch.equal(got, torch.stack(expected))
+
+
+def test_normalizer_covers_every_value_and_refuses_what_is_not_a_uint8_batch():
+    every = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(2, 3, 16, 16).contiguous()
+    reference = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)(every.float().div(255))
+    assert torch.equal(ImageNormalizer()(every), reference)
+    for wrong in (every.float(), every[0], every[:, :1]):
+        with pytest.raises(ValueError, match=r"expected uint8 images of shape \[B, 3, H, W\]"):
+            ImageNormalizer()(wrong)
