@@ -46,9 +46,10 @@ def pretrain_augmentation(input_size: int | tuple[int, int]) -> Callable:
 class ImageNormalizer:
     """uint8 images -> SparK's inputs: bit for bit what torchvision's ToTensor + Normalize give, on any device.
 
-    Why not in the loader workers, as SparK does: there ToTensor + Normalize take about a sixth of a
-    worker's time per image, and float32 batches are four times the bytes of uint8 ones to pass from
-    the workers, pin and copy to the GPU. Why a table: the result depends only on (channel, value),
+    Why not in the loader workers, as SparK does: float32 batches are four times the bytes of uint8
+    ones to pass from the workers, pin and copy to the GPU, and ToTensor + Normalize add a few
+    percent to a worker's time per image; a worker delivers about 30% more images/s without them
+    (``benchmarks/data_loading.py``). Why a table: the result depends only on (channel, value),
     so torchvision's own functions compute all 3 x 256 values once on the CPU, and normalising a
     batch is a lookup. The same arithmetic on a GPU could round differently (CUDA divides by a
     scalar through its reciprocal); a lookup is exact everywhere, so a run's inputs stay SparK's.
