@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The one-shot GPU check: environment, ``pytest -m gpu``, the encoder table and the step table.
+"""The one-shot GPU check: environment, ``pytest -m gpu``, the encoder and step tables, the loader's images/s.
 
 Run through ``bash benchmarks/gpu_check.sh`` (it installs the project and any carried wheels first);
 README "GPU check" gives the device call. Every phase runs in its own process with a deadline, so a
@@ -8,13 +8,18 @@ slow or hanging phase cannot eat the others' time: phase ``i`` must end by ``sta
 deadline as ``--budget-s`` (they stop starting configurations and keep every finished row) and are
 killed a few seconds after it at the latest.
 
-Output: ONE folder ``$OUT/<name>/`` of at most 8 files (what the device tool brings back), laid out
+Output: ONE folder ``$OUT/<name>/`` of 7 files (the device tool brings back 8 at most), laid out
 like ``benchmarks/results/<name>/``::
 
-    gpu_check.md          environment, phases (status, seconds), pytest summary, the issue's targets
+    gpu_check.md          environment, phases (status, seconds), pytest summary, the issue's targets,
+                          the loader's images/s against the step's
     pytest_gpu.log        the full ``pytest -m gpu`` output
-    encoder/              results.json, results.md, speedup_vs_mask_ratio.png   (compare_backends)
-    step/                 results.json, results.md, peak_memory.png             (compare_backends --what step)
+    encoder/              results.json, speedup_vs_mask_ratio.png   (compare_backends)
+    step/                 results.json, peak_memory.png             (compare_backends --what step)
+    data/                 reference.json                            (data_loading.py --sections loader)
+
+The benchmarks' results.md files stay in the stage folder (their tables are printed at the end and
+rendered again from results.json by ``render_benchmarks.py``).
 
 ``GPU_CHECK_SMOKE=1`` runs the same phases on the CPU at tiny sizes (the test
 ``tests/test_gpu_check_smoke.py`` does, so CI catches a broken driver before a GPU session does).
@@ -87,22 +92,25 @@ class Sizes:
     step_models: list[str]
     autotune_budget_s: float      # per configuration and tuned column (``auto``, ``recipe:fast``)
     pytest_workers: int           # pytest-xdist processes for ``pytest -m gpu`` (where xdist is installed)
+    data_workers: list[int]       # loader worker counts of the data phase (SparK runs 8 per GPU)
+    data_images: int              # synthetic JPEGs the data phase decodes
     budgets: dict[str, float] = field(default_factory=dict)
 
 
 GPU = Sizes(device="cuda", models=["resnet50", "convnext_base"], input_size=224, batch=128, masks=["0.6", "0.75"],
             dtypes=["fp32", "bf16"], repeats=3, warmup=1, check_batch=16, step_models=["resnet50", "convnext_base"],
-            autotune_budget_s=20, pytest_workers=4,
+            autotune_budget_s=20, pytest_workers=4, data_workers=[4, 8], data_images=384,
             # seconds from the shell's start (its install is the first phase): under 8 minutes in all
-            budgets={"install": 45, "environment": 25, "pytest": 110, "encoder": 150, "step": 130})
+            budgets={"install": 45, "environment": 25, "pytest": 110, "encoder": 140, "step": 120, "data": 25})
 SMOKE = Sizes(device="cpu", models=["tiny_cnn"], input_size=64, batch=4, masks=["0.6"], dtypes=["fp32", "bf16"],
               repeats=1, warmup=0, check_batch=2, step_models=["tiny_cnn"], autotune_budget_s=5, pytest_workers=2,
-              budgets={"install": 120, "environment": 120, "pytest": 300, "encoder": 600, "step": 600})
+              data_workers=[1], data_images=16,
+              budgets={"install": 120, "environment": 120, "pytest": 300, "encoder": 600, "step": 600, "data": 120})
 ENCODER_VARIANTS = ["masked", "sparse", "auto", "spconv", "triton"]
 STEP_RECIPES = ["spark", "fast", "fast@bf16"]
-#: files each benchmark phase contributes to the output folder (8 files in all with the two below)
-KEEP = {"encoder": ["results.json", "results.md", "speedup_vs_mask_ratio.png"],
-        "step": ["results.json", "results.md", "peak_memory.png"]}
+#: files each benchmark phase contributes to the output folder (7 with gpu_check.md and pytest_gpu.log)
+KEEP = {"encoder": ["results.json", "speedup_vs_mask_ratio.png"], "step": ["results.json", "peak_memory.png"],
+        "data": ["reference.json"]}
 
 
 @dataclass
@@ -188,6 +196,14 @@ def benchmark_command(python: str, what: str, sizes: Sizes, out: Path, budget_s:
                   "--backends", "masked", "--recipes", *STEP_RECIPES, "--max-batch"]
 
 
+def data_command(python: str, sizes: Sizes, out: Path) -> list[str]:
+    """The loader's images/s on this machine's CPUs (``data_loading.py``'s loader section, SparK's worker
+    counts): whether the workers feed the GPU as fast as the step table says it can take images."""
+    return [python, str(BENCH / "data_loading.py"), "--sections", "loader", "--input-size", str(sizes.input_size),
+            "--images", str(sizes.data_images), "--workers", *map(str, sizes.data_workers), "--repeats", "1",
+            "--threads", str(os.cpu_count() or 1), "--out", str(out)]
+
+
 def pytest_command(python: str, sizes: Sizes) -> list[str]:
     """``pytest -m gpu``, verbose, with a per-test timeout and several processes where the plugins are there
     (both are on the GPU image). Over a thousand small tests, most of their time is Python and Triton's
@@ -256,6 +272,23 @@ def targets(encoder: list[dict], step: list[dict]) -> list[str]:
     return rows
 
 
+def _loader_values(stage: Path) -> dict:
+    path = stage / "reference.json"
+    return json.loads(path.read_text())["values"].get("loader", {}) if path.exists() else {}
+
+
+def loader_line(loader: dict, step: list[dict]) -> str:
+    """``Loader: ...``: images/s the loader workers deliver here against what the fastest recipe's step takes."""
+    if not loader:
+        return "Loader: not measured (no data phase results)."
+    counts = sorted({int(key.split("_")[1]) for key in loader if key.startswith("workers_")})
+    delivered = "; ".join(f"{n} worker{'s' if n != 1 else ''} {loader[f'workers_{n}_uint8_images_per_s']:.0f} images/s "
+                          f"(SparK's float32 batches: {loader[f'workers_{n}_float32_images_per_s']:.0f})" for n in counts)
+    steps = [f"{r['model']} {r['images_per_s']:.0f}" for r in step if r["backend"] == "recipe:fast@bf16"]
+    takes = f"; the step `fast@bf16` takes {', '.join(steps)} images/s" if steps else ""
+    return f"Loader: {delivered}{takes}."
+
+
 def pytest_summary(log_text: str) -> str:
     """The last ``N passed, M skipped in Xs`` line of a pytest run ('' if it never got there)."""
     found = re.findall(r"^=*\s*(\d+ (?:passed|failed|skipped|error|errors|deselected|xfailed).*?)\s*=*$", log_text,
@@ -264,7 +297,7 @@ def pytest_summary(log_text: str) -> str:
 
 
 def write_summary(path: Path, env: dict, phases: list[PhaseResult], pytest_line: str, rows: list[str],
-                  smoke: bool, total_s: float) -> None:
+                  loader: str, smoke: bool, total_s: float) -> None:
     title = "GPU check (SMOKE run on the CPU: tiny sizes, not a GPU result)" if smoke else "GPU check"
     lines = [f"# {title}", "",
              f"Device: {env.get('device', '?')} (capability {env.get('capability', '-')}, {env.get('memory_mb', '-')} MB), "
@@ -276,12 +309,12 @@ def write_summary(path: Path, env: dict, phases: list[PhaseResult], pytest_line:
              f"Total {total_s:.0f} s (the shell's install included).", "",
              "| phase | status | seconds | budget s | note |", "|---|---|---|---|---|"]
     lines += [f"| {p.name} | {p.status} | {p.seconds:.0f} | {p.budget:.0f} | {p.note} |" for p in phases]
-    lines += ["", f"pytest -m gpu: {pytest_line or 'no summary line (see pytest_gpu.log)'}", "",
+    lines += ["", f"pytest -m gpu: {pytest_line or 'no summary line (see pytest_gpu.log)'}", "", loader, "",
               "## The issue's GPU targets (measured here; a table row missing means it was not run)", "",
               "| target | measured | |", "|---|---|---|"] + (rows or ["| - | nothing measured | |"])
-    lines += ["", "Tables: encoder/results.md, step/results.md (copy `encoder` and `step` to "
-                  "`benchmarks/results/gpu_<card>_encoder|step/`, this file and pytest_gpu.log to "
-                  "`benchmarks/results/gpu_<card>_check/`, see README 'GPU check')."]
+    lines += ["", "Tables: encoder/results.json, step/results.json, data/reference.json (copy `encoder`, `step` and "
+                  "`data` to `benchmarks/results/gpu_<card>_encoder|step|data/`, this file and pytest_gpu.log to "
+                  "`benchmarks/results/gpu_<card>_check/`, then run render_benchmarks.py; see README 'GPU check')."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -292,7 +325,7 @@ def main(argv=None) -> int:
                    help="CPU, tiny sizes (default from GPU_CHECK_SMOKE=1)")
     p.add_argument("--stage", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "gpu_check_stage",
                    help="where the benchmarks write everything before the chosen files are copied to --out")
-    p.add_argument("--phases", nargs="+", default=["environment", "pytest", "encoder", "step"])
+    p.add_argument("--phases", nargs="+", default=["environment", "pytest", "encoder", "step", "data"])
     args = p.parse_args(argv)
     start = float(os.environ.get("GPU_CHECK_T0") or time.time())     # the shell's start: its install counts
     sizes = SMOKE if args.smoke else GPU
@@ -347,13 +380,24 @@ def main(argv=None) -> int:
         result.note = f"{len(records)} rows; kept {', '.join(copied) or 'nothing'}"
         phases.append(result)
 
+    if "data" in args.phases:
+        stage = args.stage / "data"
+        result, _ = run_phase("data", data_command(python, sizes, stage), clock.left("data"), sizes.budgets["data"],
+                              env=env)
+        if (stage / "reference.json").exists():
+            (folder / "data").mkdir(exist_ok=True)
+            shutil.copy2(stage / "reference.json", folder / "data" / "reference.json")
+            result.note = "kept reference.json"
+        phases.append(result)
+
     rows = targets(_records(args.stage / "encoder"), _records(args.stage / "step"))
-    write_summary(folder / "gpu_check.md", info, phases, pytest_line, rows, args.smoke, time.time() - start)
+    loader = loader_line(_loader_values(args.stage / "data"), _records(args.stage / "step"))
+    write_summary(folder / "gpu_check.md", info, phases, pytest_line, rows, loader, args.smoke, time.time() - start)
     files = sorted(str(f.relative_to(args.out)) for f in folder.rglob("*") if f.is_file())
     print(f"[gpu_check] wrote {len(files)} files under {args.out}: {', '.join(files)}", flush=True)
     for what in ("encoder", "step"):          # the summary last: the device tool returns the output's tail
-        if (folder / what / "results.md").exists():
-            print((folder / what / "results.md").read_text(), flush=True)
+        if (args.stage / what / "results.md").exists():
+            print((args.stage / what / "results.md").read_text(), flush=True)
     print((folder / "gpu_check.md").read_text(), flush=True)
     return 0 if all(p.status == "ok" for p in phases) else 1
 

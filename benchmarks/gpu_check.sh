@@ -2,8 +2,8 @@
 # The one-shot GPU check of spark-sparse: on a fresh H100/H200 machine (Python 3.12, torch, Triton,
 # timm, pytest; no network) it installs the project from this working tree (and the spconv CUDA
 # build, if benchmarks/gpu_wheels.sh put it under .whl/), then runs benchmarks/gpu_check.py:
-# environment, `pytest -m gpu`, the encoder table and the step table, each phase with its own
-# deadline, under 8 minutes in all. Results: ONE folder $OUT/gpu_<card>/ (8 files at most).
+# environment, `pytest -m gpu`, the encoder table, the step table and the loader's images/s, each phase
+# with its own deadline, under 8 minutes in all. Results: ONE folder $OUT/gpu_<card>/ (7 files).
 #
 #   OUT=/some/folder bash benchmarks/gpu_check.sh                   # on the GPU machine
 #   GPU_CHECK_SMOKE=1 OUT=/tmp/x bash benchmarks/gpu_check.sh       # the same driver on the CPU, tiny sizes

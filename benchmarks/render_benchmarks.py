@@ -199,9 +199,9 @@ def render_reference(name: str, entry: dict) -> str:
 
 
 def render_gpu_checks(prefix: str, results: dict[str, dict], used: set[str]) -> str:
-    """Per card with committed ``<prefix>_<card>_encoder|step|check`` folders: the check's device and pytest
-    lines, the GPU targets, then the runs."""
-    pattern = re.compile(rf"{re.escape(prefix)}_([a-z0-9]+)_(encoder|step|check)")
+    """Per card with committed ``<prefix>_<card>_encoder|step|data|check`` folders: the check's device,
+    pytest and loader lines, the GPU targets, then the runs."""
+    pattern = re.compile(rf"{re.escape(prefix)}_([a-z0-9]+)_(encoder|step|data|check)")
     cards: dict[str, dict[str, str]] = {}
     for name in results:
         match = pattern.fullmatch(name)
@@ -219,15 +219,15 @@ def render_gpu_checks(prefix: str, results: dict[str, dict], used: set[str]) -> 
         lines = [f"### {', '.join(sorted(gpus)) or card.upper()}", ""]
         if "check" in names:
             summary = results[names["check"]]["data"]["summary"]
-            for key in ("Device:", "pytest -m gpu:"):
+            for key in ("Device:", "pytest -m gpu:", "Loader:"):
                 match = re.search(rf"^{re.escape(key)}.*$", summary, re.M)
                 lines += [match.group(0) if match else f"{key} not in the summary", ""]
             lines += [f"The check's whole summary and `pytest_gpu.log`: `benchmarks/results/{names['check']}/`.", ""]
         lines += ["| target | measured | |", "|---|---|---|", *(rows or ["| - | no target row in these runs | |"])]
-        for what in ("encoder", "step"):
-            lines += ["", f"#### {what.capitalize()} (`benchmarks/results/{names[what]}/`)", "",
+        for what, title in (("encoder", "Encoder"), ("step", "Step"), ("data", "Data loading on that machine's CPUs")):
+            lines += ["", f"#### {title} (`benchmarks/results/{names[what]}/`)", "",
                       render_run(names[what], results[names[what]])] if what in names else \
-                     ["", f"_{what.capitalize()}: not in this card's committed results ({NOT_MEASURED})._"]
+                     ["", f"_{title}: not in this card's committed results ({NOT_MEASURED})._"]
         sections.append("\n".join(lines))
     return "\n\n".join(sections)
 

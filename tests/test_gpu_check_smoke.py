@@ -33,12 +33,12 @@ def _run_smoke(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_smoke_run_writes_one_folder_with_both_tables(tmp_path):
     # the pytest phase is left out here: pytest inside pytest adds minutes and only re-checks collection
-    result = _run_smoke(tmp_path, "--phases", "environment", "encoder", "step")
+    result = _run_smoke(tmp_path, "--phases", "environment", "encoder", "step", "data")
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     folder = tmp_path / "out" / "cpu_smoke"
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    assert files == ["encoder/results.json", "encoder/results.md", "encoder/speedup_vs_mask_ratio.png", "gpu_check.md",
-                     "step/peak_memory.png", "step/results.json", "step/results.md"]
+    assert files == ["data/reference.json", "encoder/results.json", "encoder/speedup_vs_mask_ratio.png", "gpu_check.md",
+                     "step/peak_memory.png", "step/results.json"]
 
     encoder = json.loads((folder / "encoder" / "results.json").read_text())
     records = encoder["records"]
@@ -59,12 +59,17 @@ def test_smoke_run_writes_one_folder_with_both_tables(tmp_path):
 
     summary = (folder / "gpu_check.md").read_text()
     assert "SMOKE" in summary
-    for phase in ("install", "environment", "encoder", "step"):
+    for phase in ("install", "environment", "encoder", "step", "data"):
         assert f"| {phase} | ok |" in summary, summary
+    loader = json.loads((folder / "data" / "reference.json").read_text())["values"]["loader"]
+    fast = next(r for r in step if r["backend"] == "recipe:fast@bf16")
+    assert f"\nLoader: 1 worker {loader['workers_1_uint8_images_per_s']:.0f} images/s (SparK's float32 batches: " \
+           f"{loader['workers_1_float32_images_per_s']:.0f}); the step `fast@bf16` takes tiny_cnn " \
+           f"{fast['images_per_s']:.0f} images/s.\n" in summary, summary
 
     # what a GPU session does next: copy both folders into the results and render the page's GPU section
     results = tmp_path / "results"
-    for what in ("encoder", "step"):
+    for what in ("encoder", "step", "data"):
         shutil.copytree(folder / what, results / f"gpu_smoke_{what}")
     (results / "gpu_smoke_check").mkdir()
     shutil.copy(folder / "gpu_check.md", results / "gpu_smoke_check")
@@ -73,7 +78,9 @@ def test_smoke_run_writes_one_folder_with_both_tables(tmp_path):
     assert "step `fast@bf16` >= 3x `spark` images/s, tiny_cnn" in page, page
     assert "| tiny_cnn | auto | 0.6 | bf16 |" in page and "| tiny_cnn | recipe:fast@bf16 |" in page, page
     assert "Largest batch at equal memory" in page, page
-    assert "\npytest -m gpu: " in page and "\nDevice: " in page, page
+    assert "\npytest -m gpu: " in page and "\nDevice: " in page and "\nLoader: 1 worker " in page, page
+    assert "#### Data loading on that machine's CPUs (`benchmarks/results/gpu_smoke_data/`)" in page, page
+    assert "| DataLoader, 1 worker, uint8 batches |" in page, page
 
 
 def test_a_phase_past_its_deadline_is_killed_with_what_it_started(tmp_path):
