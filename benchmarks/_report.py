@@ -13,6 +13,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -51,6 +52,21 @@ def write_reference(out: Path, script: str, argv, sections: list[dict], values: 
     out.mkdir(parents=True, exist_ok=True)
     path = out / "reference.json"
     path.write_text(json.dumps({"meta": meta, "sections": sections, "values": values}, indent=1))
+    return path
+
+
+def run_reference_sections(sections: dict, args, script: str, argv, tag: str) -> Path:
+    """Run the diagnosis script's sections ``args.sections`` (``name -> fn(args) -> (table, values)``), with
+    progress on stdout, and write their ``reference.json`` to ``args.out`` (see :func:`write_reference`)."""
+    started = time.time()
+    tables, values = [], {}
+    for name in args.sections:
+        table, values[name] = sections[name](args)
+        tables.append(table)
+        print(f"[{tag}] {name} done ({time.time() - started:.0f} s)", flush=True)
+    path = write_reference(args.out, script, argv, tables, values, threads=args.threads, repeats=args.repeats,
+                           seconds=round(time.time() - started, 1))
+    print(f"[{tag}] wrote {path}")
     return path
 
 

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from spark_sparse.train.data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, ImageNormalizer,  # noqa: E402
                                      PackedPaths, pretrain_augmentation)
 from spark_sparse.train.distributed import EpochBatchSampler  # noqa: E402
-from _report import write_reference  # noqa: E402
+from _report import run_reference_sections  # noqa: E402
 
 IMAGENET_TRAIN_FILES = 1_281_167
 IMAGENET_CLASSES = 1000
@@ -211,16 +211,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    started = time.time()
-    sections, values = [], {}
-    for name in args.sections:
-        section, values[name] = SECTIONS[name](args)
-        sections.append(section)
-        print(f"[data] {name} done ({time.time() - started:.0f} s)", flush=True)
-    path = write_reference(args.out, __file__, argv, sections, values, threads=args.threads, repeats=args.repeats,
-                           seconds=round(time.time() - started, 1))
-    print(f"[data] wrote {path}")
-    return path
+    return run_reference_sections(SECTIONS, args, __file__, argv, tag="data")
 
 
 if __name__ == "__main__":

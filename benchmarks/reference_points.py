@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 import spark_sparse as ss  # noqa: E402
 from spark_sparse.backends.rows import SparseConv2d  # noqa: E402
 from spark_sparse.kernels._rowmatmul import rows_times_weight  # noqa: E402
-from _report import write_reference  # noqa: E402
+from _report import run_reference_sections  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -156,16 +156,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> Path:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    started = time.time()
-    sections, values = [], {}
-    for name in args.sections:
-        section, values[name] = SECTIONS[name](args)
-        sections.append(section)
-        print(f"[reference] {name} done ({time.time() - started:.0f} s)", flush=True)
-    path = write_reference(args.out, __file__, argv, sections, values, threads=args.threads, repeats=args.repeats,
-                           seconds=round(time.time() - started, 1))
-    print(f"[reference] wrote {path}")
-    return path
+    return run_reference_sections(SECTIONS, args, __file__, argv, tag="reference")
 
 
 if __name__ == "__main__":
