@@ -200,6 +200,15 @@ def test_dataloader_workers_live_across_epochs(folder, tmp_path, monkeypatch):
     assert len(loads) >= 16 and len(workers) == 1
 
 
+def test_a_finished_run_stops_its_loader_workers_at_once(folder, tmp_path):
+    """Not when the trainer is garbage-collected: a notebook or a sweep holding it would keep the workers (and
+    their memory) alive, and a collection at an arbitrary later moment races with other loaders' queues."""
+    trainer = Trainer(tiny_config(folder, tmp_path, ep=1, wp_ep=0.5, dataloader_workers=2), "")
+    before = set(multiprocessing.active_children())
+    trainer.run()
+    assert trainer.loader is None and set(multiprocessing.active_children()) <= before
+
+
 def test_too_many_loader_workers_for_the_cpus_is_said_once_with_the_number_to_use(folder, tmp_path, monkeypatch,
                                                                                     recwarn):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)   # a one-CPU machine

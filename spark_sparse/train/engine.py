@@ -459,6 +459,7 @@ class Trainer:
                 print(f"[spark-pretrain] finished: min loss {self.state.min_loss:.4f}; outputs in {self.outputs.dir}")
             return self.state
         finally:
+            self.loader = None   # stops the persistent loader workers now, not whenever the trainer is collected
             if self.tb is not None:
                 self.tb.close()
             self.outputs.close()
