@@ -222,6 +222,17 @@ def slug(device_name: str) -> str:
     return words[0] if words else "unknown"
 
 
+def keep(stage: Path, folder: Path, what: str) -> list[str]:
+    """Copy phase ``what``'s files in :data:`KEEP` from its stage to ``folder/what/``; the names copied."""
+    copied = []
+    for file in KEEP[what]:
+        if (stage / file).exists():
+            (folder / what).mkdir(exist_ok=True)
+            shutil.copy2(stage / file, folder / what / file)
+            copied.append(file)
+    return copied
+
+
 def finish_plots(python: str, stage: Path, what: str) -> None:
     """A benchmark killed at its deadline left results.json but no plots: draw them from the JSON."""
     if not (stage / "results.json").exists() or all((stage / f).exists() for f in KEEP[what] if f.endswith(".png")):
@@ -370,28 +381,20 @@ def main(argv=None) -> int:
         cmd = benchmark_command(python, what, sizes, stage, budget_s=left - 25)   # 25 s to write plots and return
         result, _ = run_phase(what, cmd, left + 10, sizes.budgets[what], env=env)
         finish_plots(python, stage, what)
-        copied = []
-        for file in KEEP[what]:
-            if (stage / file).exists():
-                (folder / what).mkdir(exist_ok=True)
-                shutil.copy2(stage / file, folder / what / file)
-                copied.append(file)
-        records = _records(stage)
-        result.note = f"{len(records)} rows; kept {', '.join(copied) or 'nothing'}"
+        copied = keep(stage, folder, what)
+        result.note = f"{len(_records(stage))} rows; kept {', '.join(copied) or 'nothing'}"
         phases.append(result)
 
     if "data" in args.phases:
         stage = args.stage / "data"
         result, _ = run_phase("data", data_command(python, sizes, stage), clock.left("data"), sizes.budgets["data"],
                               env=env)
-        if (stage / "reference.json").exists():
-            (folder / "data").mkdir(exist_ok=True)
-            shutil.copy2(stage / "reference.json", folder / "data" / "reference.json")
-            result.note = "kept reference.json"
+        result.note = f"kept {', '.join(keep(stage, folder, 'data')) or 'nothing'}"
         phases.append(result)
 
-    rows = targets(_records(args.stage / "encoder"), _records(args.stage / "step"))
-    loader = loader_line(_loader_values(args.stage / "data"), _records(args.stage / "step"))
+    step_records = _records(args.stage / "step")
+    rows = targets(_records(args.stage / "encoder"), step_records)
+    loader = loader_line(_loader_values(args.stage / "data"), step_records)
     write_summary(folder / "gpu_check.md", info, phases, pytest_line, rows, loader, args.smoke, time.time() - start)
     files = sorted(str(f.relative_to(args.out)) for f in folder.rglob("*") if f.is_file())
     print(f"[gpu_check] wrote {len(files)} files under {args.out}: {', '.join(files)}", flush=True)

@@ -29,11 +29,11 @@ Placeholders in the template (``{{directive folder key=value ...}}``):
   batch) of a run, the smallest ratio of the fastest of ``A, B`` to ``V`` in ``F`` (e.g. ``fwd_bwd_ms``):
   >= 1 means ``V`` was never slower than the best of the others.
 - ``{{gpu PREFIX}}``: every committed GPU check, i.e. folders ``PREFIX_<card>_encoder``,
-  ``PREFIX_<card>_step`` (``gpu_check.sh``'s ``encoder/`` and ``step/`` copied there) and
-  ``PREFIX_<card>_check`` (its ``gpu_check.md`` and ``pytest_gpu.log``): per card, the device and
-  ``pytest -m gpu`` lines of that summary, the GPU targets next to the measured figures
-  (``gpu_check.targets``, the summary's own table), then both runs; "not measured yet" while there
-  is none.
+  ``PREFIX_<card>_step``, ``PREFIX_<card>_data`` (``gpu_check.sh``'s ``encoder/``, ``step/`` and
+  ``data/`` copied there) and ``PREFIX_<card>_check`` (its ``gpu_check.md`` and ``pytest_gpu.log``):
+  per card, the device, ``pytest -m gpu`` and loader lines of that summary, the GPU targets next to
+  the measured figures (``gpu_check.targets``, the summary's own table), then the runs; "not
+  measured yet" while there is none.
 
 Optional keys: ``fmt`` (Python format spec, default ``.2f``), ``suffix`` (e.g. ``x``, `` ms``),
 ``target`` (``>=2.0`` or ``<=0.6``: appends "target ...: met" or "not met", so a conclusion follows

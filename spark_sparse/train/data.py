@@ -58,17 +58,18 @@ class ImageNormalizer:
     def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         every_value = np.repeat(np.arange(256, dtype=np.uint8).reshape(1, 256, 1), 3, axis=2)   # an HWC image
         self.table = transforms.Normalize(mean, std)(transforms.functional.to_tensor(every_value)).reshape(3, 256)
-        self._tables: dict[torch.device, torch.Tensor] = {}
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` uint8 -> float32 of the same shape, on ``images``' device."""
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 images of shape [B, 3, H, W], got {images.dtype} {tuple(images.shape)}")
-        table = self._tables.get(images.device)
-        if table is None:
-            table = self._tables[images.device] = self.table.to(images.device)
-        channel_offsets = torch.arange(0, 3 * 256, 256, dtype=torch.int32, device=images.device).view(1, 3, 1, 1)
-        return table.view(-1)[images.int() + channel_offsets]
+        if images.device not in self._on_device:     # the flat table and each channel's offset into it
+            self._on_device[images.device] = (
+                self.table.reshape(-1).to(images.device),
+                torch.arange(0, 3 * 256, 256, dtype=torch.int32, device=images.device).view(1, 3, 1, 1))
+        flat_table, channel_offsets = self._on_device[images.device]
+        return flat_table[images.int() + channel_offsets]
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:
