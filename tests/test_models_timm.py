@@ -98,6 +98,9 @@ def test_any_timm_cnn_with_supported_layers_works_by_its_timm_name(name):
     ("tresnet_m", ss.UnsupportedModuleError, r"'model' of type .*TResNet"),
     ("gcresnet33ts", ss.UnsupportedModuleError, r"'model\.stages\.0\.0\.attn' of type .*GlobalContext"),
     ("vit_tiny_patch16_224", UnsuitableModelError, r"no feature map at stride\(s\) \[4, 8, 32\]"),
+    # timm's own forward refuses other sizes: a bare assert (BoTNet), a shape error (LambdaNet)
+    ("botnet26t_256", UnsuitableModelError, r"'botnet26t_256' .* fails on a 64px image \(AssertionError: no message\)"),
+    ("lambda_resnet26rpt_256", UnsuitableModelError, r"fails on a 64px image \(RuntimeError: Expected size"),
 ])
 def test_an_unsupported_timm_model_fails_at_creation_naming_the_module(name, error, match):
     with pytest.raises(error, match=match):

@@ -96,6 +96,15 @@ class TimmEncoder(nn.Module):
             self.model.eval()
             with torch.no_grad():
                 features = self.forward(torch.zeros(1, in_chans, side, side, dtype=param.dtype, device=param.device))
+        except (RuntimeError, AssertionError, ValueError) as error:
+            # timm's own checks, e.g. BoTNet/HaloNet position embeddings sized for one input (a bare
+            # AssertionError) or LambdaNet's relative positions (a shape mismatch): no SparK encoder
+            # can be built on a model that only runs at one image size
+            raise UnsuitableModelError(
+                f"timm model {self.timm_name!r} cannot be a SparK encoder: its own forward fails on a {side}px "
+                f"image ({type(error).__name__}: {str(error) or 'no message'}); SparK needs a CNN that runs on "
+                f"any multiple of {self.get_downsample_ratio()}px (models with attention sized for a fixed "
+                f"input, such as BoTNet, HaloNet or LambdaNet, do not)") from error
         finally:
             self.model.train(was_training)
             for hook in hooks:
