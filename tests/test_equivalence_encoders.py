@@ -45,6 +45,8 @@ ENCODERS = {
     # separable-conv blocks, dual paths as channel slices, re-parameterisable ghost modules, plain VGG
     **{name: (64, 2, {}) for name in ("xception41", "dpn68", "repghostnet_100", "vgg11_bn", "hgnet_tiny",
                                       "legacy_seresnet18")},
+    # HGNet-V2: a stem padded on one side (SAME 2x2 convs, a zero-padded 2x2 pool), learnable affines
+    "hgnetv2_b0": (64, 2, {}),
     # split into square and band (1 x k, k x 1) depthwise convs; per-channel layer scale, drawn at 1 (timm:
     # 1e-6, which would leave the residual branches out of the comparison)
     "inception_next_tiny": (64, 2, dict(depths=(1, 1, 1, 1), ls_init_value=1.0)),
@@ -64,6 +66,9 @@ WITHOUT_DROP_PATH = {"densenet121", "ghostnet_100", "selecsls42b", "dla34", "hrn
 #: nets whose residual branches start switched off (NF-Nets zero-initialise the last conv's gain): their
 #: all-zero parameters are drawn at random first, or every branch would be compared on zero gradients
 ZERO_INIT_BRANCHES = {"nf_resnet50", "eca_nfnet_l0"}
+#: nets whose learnable affine blocks start as the identity (scale 1, bias 0): drawn at random, with
+#: negative scales and biases, so the masked zeros and the stem's zero padding win max-pool windows
+IDENTITY_INIT_AFFINES = {"hgnetv2_b0"}
 DECODER_WIDTH = 64
 ATOL = 1e-10
 
@@ -101,6 +106,12 @@ def _reference(model: str) -> tuple[dict, dict]:
             for param in spark.parameters():
                 if not param.any():
                     param.uniform_(0.5, 1.5)
+    if model in IDENTITY_INIT_AFFINES:
+        gen = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for name, param in spark.named_parameters():
+                if name.endswith(("lab.scale", "lab.bias")):
+                    param.copy_(torch.empty_like(param).uniform_(-1.0, 1.5, generator=gen))
     state = {k: v.clone() for k, v in spark.state_dict().items()}
     return _run(spark, model), state
 

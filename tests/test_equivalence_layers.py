@@ -6,6 +6,7 @@ from timm.layers import (BatchNormAct2d, Conv2dSame, EcaModule, EffectiveSEModul
                          MixedConv2d, ScaledStdConv2d, ScaledStdConv2dSame, SEModule, StdConv2d, StdConv2dSame)
 from timm.layers.grn import GlobalResponseNorm
 from timm.models._efficientnet_blocks import SqueezeExcite
+from timm.models.hgnet import LearnableAffineBlock
 
 from spark_sparse import ActiveMask
 from spark_sparse.backends.pools import ConstantPadMaxPool2d
@@ -50,6 +51,9 @@ LAYERS = {
     # timm's CNN families (issue 14); semantics in docs/sparse_semantics.md
     "avgpool_resnet_d": (lambda: nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False), 4, 8),
     "zero_padded_maxpool": (lambda: ConstantPadMaxPool2d(3, 2, 1), 2, 8),
+    # HGNet-V2's stem: F.pad(x, (0, 1, 0, 1)) then a 2x2 stride-1 max-pool; its learnable scalar affine
+    "zero_padded_maxpool_trailing_2x2": (lambda: ConstantPadMaxPool2d(2, 1, (0, 1, 0, 1)), 2, 8),
+    "learnable_affine": (lambda: randomized(LearnableAffineBlock()), 4, 8),
     "std_conv3x3": (lambda: StdConv2d(8, 12, 3, padding=1), 4, 8),
     "std_conv1x1_stride2": (lambda: StdConv2d(8, 12, 1, stride=2), 4, 8),
     "scaled_std_conv3x3": (lambda: randomized(ScaledStdConv2d(8, 12, 3)), 4, 8),

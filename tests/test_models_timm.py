@@ -31,7 +31,7 @@ DEFAULTS = {"resnet50d": (0.05, "bn"), "seresnet50": (0.05, "bn"), "resnext50_32
             "xception41": (0.05, "bn"), "dpn68": (0.0, "bn"), "repghostnet_100": (0.0, "bn"),
             "vgg11_bn": (0.0, "bn"), "hgnet_tiny": (0.0, "bn"), "inception_next_tiny": (0.1, "bn"),
             "legacy_seresnet18": (0.0, "bn"), "resnest14d": (0.0, "bn"), "resnest50d": (0.05, "bn"),
-            "skresnet18": (0.0, "bn"), "skresnext50_32x4d": (0.05, "bn")}
+            "skresnet18": (0.0, "bn"), "skresnext50_32x4d": (0.05, "bn"), "hgnetv2_b0": (0.0, "bn")}
 FAMILY_MODELS = list(DEFAULTS)
 
 
@@ -73,6 +73,26 @@ def test_model_has_sparks_defaults_trains_on_the_sparse_backend_and_exports_stri
     spark(images).backward()
     opt.step()
     assert_exports_to_timm(spark, name)
+
+
+def test_hgnetv2_stem_without_its_pads_computes_timms_and_a_stem_it_does_not_reproduce_is_refused(monkeypatch):
+    """HGNet-V2's ``F.pad`` calls are folded into SAME convs and a zero-padded pool: with random learnable
+    affines (negative values, so the padding's zeros win pool windows) the encoder still equals timm's
+    model on an all-visible mask; a timm stem computing anything else is refused, never replaced."""
+    from timm.models.hgnet import StemV2
+
+    torch.manual_seed(0)
+    spark = ss.create_spark("hgnetv2_b0", backend="sparse", input_size=64)
+    with torch.no_grad():
+        for name, param in spark.named_parameters():
+            if name.endswith(("lab.scale", "lab.bias")):
+                param.uniform_(-1.0, 1.5)
+    assert_exports_to_timm(spark, "hgnetv2_b0")
+
+    timm_forward = StemV2.forward
+    monkeypatch.setattr(StemV2, "forward", lambda self, x: timm_forward(self, x.flip(-1)))
+    with pytest.raises(UnsuitableModelError, match="HGNet-V2 stem .* no longer computes"):
+        ss.create_spark("hgnetv2_b0", backend="sparse", input_size=64)
 
 
 def test_heads_are_left_out_of_the_hierarchy_and_frozen():

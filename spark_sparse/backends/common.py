@@ -127,11 +127,12 @@ def _elementwise(backend, module, name):
     return Elementwise(module)
 
 
-def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> int:
-    """``nn.Conv2d`` / ``nn.MaxPool2d`` / ``nn.AvgPool2d`` output length (incl. ceil mode's last-window rule)."""
-    span = size + 2 * padding - dilation * (kernel - 1) - 1
+def _output_size(size: int, kernel: int, stride: int, before: int, after: int, dilation: int, ceil_mode: bool) -> int:
+    """``nn.Conv2d`` / ``nn.MaxPool2d`` / ``nn.AvgPool2d`` output length of ``size`` sites padded by
+    ``before`` and ``after`` (incl. ceil mode's last-window rule)."""
+    span = size + before + after - dilation * (kernel - 1) - 1
     out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1
-    if ceil_mode and (out - 1) * stride >= size + padding:
+    if ceil_mode and (out - 1) * stride >= size + before:
         out -= 1
     return out
 
@@ -142,14 +143,19 @@ def check_output_grid(module: nn.Module, name: str, padding=None) -> None:
     SparK's mask at the output stride (and every sparse kernel's output rows) is the input's mask
     downsampled by the stride, so a map of ``m * stride`` sites must give ``m`` outputs for every
     ``m`` (``ceil_mode`` is accepted where it changes nothing, e.g. ResNet-D's 2x2/2 average pool).
-    ``padding`` overrides the module's own (for layers that pad explicitly).
+    ``padding`` overrides the module's own (for layers that pad explicitly): an int or a pair pads both
+    sides of an axis alike, four values are ``F.pad``'s ``(left, right, top, bottom)``.
     """
     kernel, stride = int_pair(module.kernel_size), int_pair(module.stride)
-    pad = int_pair(module.padding if padding is None else padding)
+    pad = module.padding if padding is None else padding
+    if isinstance(pad, (tuple, list)) and len(pad) == 4:
+        sides = ((pad[2], pad[3]), (pad[0], pad[1]))        # (before, after) along height, then width
+    else:
+        sides = tuple((p, p) for p in int_pair(pad))
     dilation = int_pair(getattr(module, "dilation", 1))
     ceil_mode = getattr(module, "ceil_mode", False)
     for axis in range(2):
-        sizes = {m: _output_size(m * stride[axis], kernel[axis], stride[axis], pad[axis], dilation[axis], ceil_mode)
+        sizes = {m: _output_size(m * stride[axis], kernel[axis], stride[axis], *sides[axis], dilation[axis], ceil_mode)
                  for m in (1, 2, 3, 7)}
         if any(out != m for m, out in sizes.items()):
             raise NotImplementedError(

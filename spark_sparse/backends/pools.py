@@ -1,9 +1,10 @@
-"""Max-pooling after explicit zero padding (BiT's "fixed SAME" stem), as one layer backends can convert.
+"""Max-pooling after explicit zero padding, as one layer backends can convert.
 
 timm's BiT ResNet-V2 stem pads with ``nn.ConstantPad2d(1, 0.)`` and then max-pools with
-``padding=0``: the padding competes as a zero, unlike ``MaxPool2d(padding=1)`` whose padding never
-wins. A padding module on its own cannot be made sparse (it changes the map's geometry), so
-:func:`fold_zero_pad_into_max_pool` replaces such a pair in an ``nn.Sequential`` by an
+``padding=0``; PP-HGNet-V2's stem pads the bottom and right with ``F.pad(x, (0, 1, 0, 1))`` before a
+2x2 stride-1 pool. There the padding competes as a zero, unlike ``MaxPool2d(padding=1)`` whose
+padding never wins. A padding module on its own cannot be made sparse (it changes the map's
+geometry), so :func:`fold_zero_pad_into_max_pool` replaces such a pair in an ``nn.Sequential`` by an
 ``nn.Identity`` and a :class:`ConstantPadMaxPool2d` that computes exactly the pair's output
 (dense forward: ``max_pool2d(pad(x, 0))``). Neither module has state, so state dicts are unchanged.
 """
@@ -17,19 +18,29 @@ __all__ = ["ConstantPadMaxPool2d", "fold_zero_pad_into_max_pool"]
 
 
 class ConstantPadMaxPool2d(nn.MaxPool2d):
-    """``MaxPool2d(kernel, stride, padding=0)`` of the input zero-padded by ``pad`` on every side.
+    """``MaxPool2d(kernel, stride, padding=0)`` of the input zero-padded by ``pad``.
 
-    Masked sites and padding both read 0 (in SparK's dense tensor both are zeros), so on a feature map
-    this is the max over the window of ``0`` and the active values under it wherever the window
-    reaches padding or masked sites.
+    ``pad``: one int for every side, or ``(left, right, top, bottom)`` as ``F.pad`` takes it (kept in
+    that form). Masked sites and padding both read 0 (in SparK's dense tensor both are zeros), so on a
+    feature map this is the max over the window of ``0`` and the active values under it wherever the
+    window reaches padding or masked sites.
     """
 
-    def __init__(self, kernel_size, stride, pad: int, dilation=1, ceil_mode: bool = False):
+    def __init__(self, kernel_size, stride, pad: int | tuple[int, int, int, int], dilation=1,
+                 ceil_mode: bool = False):
         super().__init__(kernel_size, stride, padding=0, dilation=dilation, ceil_mode=ceil_mode)
-        self.pad = int(pad)
+        sides = (pad,) * 4 if isinstance(pad, int) else tuple(pad)
+        if len(sides) != 4:
+            raise ValueError(f"pad must be an int or (left, right, top, bottom), got {pad!r}")
+        self.pad: tuple[int, int, int, int] = tuple(int(side) for side in sides)
+
+    @property
+    def leading_padding(self) -> tuple[int, int]:
+        """``(top, left)``: the padding before the first site, which is how sparse kernels read a window."""
+        return self.pad[2], self.pad[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        padded = F.pad(x, (self.pad,) * 4, value=0.0)
+        padded = F.pad(x, self.pad, value=0.0)
         return F.max_pool2d(padded, self.kernel_size, self.stride, 0, self.dilation, ceil_mode=self.ceil_mode)
 
     def extra_repr(self) -> str:

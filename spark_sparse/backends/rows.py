@@ -173,8 +173,9 @@ class SparseMaxPool2d(_SparsePool, nn.MaxPool2d):
 class SparseConstantPadMaxPool2d(SparseMaxPool2d):
     """Max over the window where masked sites AND the zero padding count as 0 (BiT's padded stem pool).
 
-    ``padding`` here is the explicit zero padding of :class:`~.pools.ConstantPadMaxPool2d`: its taps
-    read the zero row, like masked sites, instead of never winning.
+    ``padding`` here is the LEADING part of :class:`~.pools.ConstantPadMaxPool2d`'s explicit zero padding
+    (the window's first tap; the output grid fixes the rest): taps outside the map read the zero row,
+    like masked sites, instead of never winning.
     """
 
     def _call(self, x: SparseRows) -> tuple[ConvCall, torch.Tensor]:
@@ -188,7 +189,7 @@ class SparseConstantPadMaxPool2d(SparseMaxPool2d):
     @classmethod
     def from_dense(cls, backend, pool: ConstantPadMaxPool2d, name: str) -> "SparseConstantPadMaxPool2d":
         check_output_grid(pool, name, padding=pool.pad)
-        return cls(pool.kernel_size, pool.stride, pool.pad, pool.dilation)
+        return cls(pool.kernel_size, pool.stride, pool.leading_padding, pool.dilation)
 
 
 class SparseAvgPool2d(_SparsePool, nn.AvgPool2d):

@@ -19,7 +19,7 @@ blocks (containers, converters) in their modules beside this one.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import timm
 import torch
@@ -31,13 +31,26 @@ from ..backends.pools import fold_zero_pad_into_max_pool
 from ..errors import SparkSparseError
 from .registry import register_model, register_model_fallback
 
-__all__ = ["TimmEncoder", "register_timm_encoder", "hierarchical_feature_indices", "UnsuitableModelError"]
+__all__ = ["TimmEncoder", "register_timm_encoder", "register_timm_rewrite", "hierarchical_feature_indices",
+           "UnsuitableModelError"]
 
 #: reductions of SparK's hierarchical features, finest first (the coarsest is the patch size)
 REDUCTIONS = (4, 8, 16, 32)
 
 # timm's conv -> norm+act (-> anti-aliasing slot, which must be Identity) block, in many families
 register_container(ConvNormAct)
+
+#: in-place rewrites of a freshly created timm model into modules the backends convert, each with
+#: the same maths and the same state dict (BiT's padded stem pool; families add theirs)
+_MODEL_REWRITES: list[Callable[[nn.Module], object]] = [fold_zero_pad_into_max_pool]
+
+
+def register_timm_rewrite(rewrite: Callable[[nn.Module], object]) -> Callable[[nn.Module], object]:
+    """Apply ``rewrite(model)`` to every timm model a :class:`TimmEncoder` creates (registered or not),
+    before its features are probed. It must keep the model's maths and parameter names exactly, or
+    refuse (raise) where it cannot."""
+    _MODEL_REWRITES.append(rewrite)
+    return rewrite
 
 
 class UnsuitableModelError(SparkSparseError, ValueError):
@@ -77,7 +90,8 @@ class TimmEncoder(nn.Module):
                 raise
             raise UnsuitableModelError(f"timm model {timm_name!r} has no drop path (its constructor takes no "
                                        f"drop_path_rate): pre-train it with --dp 0") from error
-        fold_zero_pad_into_max_pool(self.model)      # BiT's padded stem pool, as one convertible layer
+        for rewrite in _MODEL_REWRITES:
+            rewrite(self.model)
         self.feature_indices = hierarchical_feature_indices(self.model, timm_name)
         self.densify_norm = densify_norm or _guess_densify_norm(self.model)
         self._outside = self._probe_unused_children(kwargs.get("in_chans", 3))
@@ -98,13 +112,14 @@ class TimmEncoder(nn.Module):
                 features = self.forward(torch.zeros(1, in_chans, side, side, dtype=param.dtype, device=param.device))
         except (RuntimeError, AssertionError, ValueError) as error:
             # timm's own checks, e.g. BoTNet/HaloNet position embeddings sized for one input (a bare
-            # AssertionError) or LambdaNet's relative positions (a shape mismatch): no SparK encoder
-            # can be built on a model that only runs at one image size
+            # AssertionError), LambdaNet's relative positions or Inception-V4's unpadded convs (shape
+            # errors): such a model cannot give SparK's features at every image size
             raise UnsuitableModelError(
                 f"timm model {self.timm_name!r} cannot be a SparK encoder: its own forward fails on a {side}px "
                 f"image ({type(error).__name__}: {str(error) or 'no message'}); SparK needs a CNN that runs on "
-                f"any multiple of {self.get_downsample_ratio()}px (models with attention sized for a fixed "
-                f"input, such as BoTNet, HaloNet or LambdaNet, do not)") from error
+                f"any multiple of {self.get_downsample_ratio()}px with features at exactly 1/4 to 1/32 of it "
+                f"(attention sized for one input, as in BoTNet or HaloNet, or unpadded convs, as in "
+                f"Inception-V4, are not)") from error
         finally:
             self.model.train(was_training)
             for hook in hooks:
