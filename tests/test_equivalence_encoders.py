@@ -47,6 +47,9 @@ ENCODERS = {
                                       "legacy_seresnet18")},
     # HGNet-V2: a stem padded on one side (SAME 2x2 convs, a zero-padded 2x2 pool), learnable affines
     "hgnetv2_b0": (64, 2, {}),
+    # CSPNeXt (SPP max-pools, eSE), FasterNet (partial conv: split, conv, cat), RDNet (dense concatenation,
+    # LayerNorm), RepViT and LCNet-V2 (re-parameterisable branches summed)
+    **{name: (64, 2, {}) for name in ("cspnext_tiny", "fasternet_t0", "rdnet_tiny", "repvit_m0_9", "lcnetv2_small")},
     # split into square and band (1 x k, k x 1) depthwise convs; per-channel layer scale, drawn at 1 (timm:
     # 1e-6, which would leave the residual branches out of the comparison)
     "inception_next_tiny": (64, 2, dict(depths=(1, 1, 1, 1), ls_init_value=1.0)),
@@ -62,7 +65,7 @@ ENCODERS = {
 #: except for the nets that have none
 DROP_PATH = 0.1
 WITHOUT_DROP_PATH = {"densenet121", "ghostnet_100", "selecsls42b", "dla34", "hrnet_w18_small", "dpn68",
-                     "repghostnet_100", "vgg11_bn", "legacy_seresnet18"}
+                     "repghostnet_100", "vgg11_bn", "legacy_seresnet18", "repvit_m0_9", "lcnetv2_small"}
 #: nets whose residual branches start switched off (NF-Nets zero-initialise the last conv's gain): their
 #: all-zero parameters are drawn at random first, or every branch would be compared on zero gradients
 ZERO_INIT_BRANCHES = {"nf_resnet50", "eca_nfnet_l0"}
