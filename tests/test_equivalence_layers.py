@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn as nn
 from timm.layers import (BatchNormAct2d, Conv2dSame, EcaModule, EffectiveSEModule, GroupNormAct, LayerNorm2d,
-                         MixedConv2d, ScaledStdConv2d, ScaledStdConv2dSame, SEModule, StdConv2d, StdConv2dSame)
+                         MixedConv2d, RmsNorm2d, ScaledStdConv2d, ScaledStdConv2dSame, SEModule, SimpleNorm2d,
+                         StdConv2d, StdConv2dSame)
 from timm.layers.grn import GlobalResponseNorm
 from timm.models._efficientnet_blocks import SqueezeExcite
 from timm.models.hgnet import LearnableAffineBlock
@@ -44,6 +45,8 @@ LAYERS = {
     "depthwise1x1": (lambda: nn.Conv2d(8, 8, 1, groups=8), 4, 8),
     "batchnorm": (lambda: nn.BatchNorm2d(8), 4, 8),
     "layernorm": (lambda: LayerNorm2d(8), 4, 8),
+    "rms_norm": (lambda: randomized(RmsNorm2d(8)), 4, 8),
+    "simple_norm": (lambda: randomized(SimpleNorm2d(8)), 4, 8),
     "relu_maxpool": (lambda: nn.Sequential(nn.ReLU(), nn.MaxPool2d(3, 2, 1)), 2, 8),
     "maxpool_signed": (lambda: nn.MaxPool2d(3, 2, 1), 2, 8),
     "avgpool": (lambda: nn.AvgPool2d(3, 2, 1), 4, 8),

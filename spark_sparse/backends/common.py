@@ -8,16 +8,20 @@ vector, so they are written once here and every backend's converter table starts
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerNorm, LayerNorm2d
+from timm.layers import DropPath, LayerNorm, LayerNorm2d, RmsNorm, RmsNorm2d, SimpleNorm, SimpleNorm2d
 from timm.layers import activations as timm_act
+from timm.layers.fast_norm import rms_norm, simple_norm
 
 from ..features import FeatureMap
 from ..kernels.base import int_pair
 
-__all__ = ["adopt_state", "FeatureBatchNorm", "FeatureSyncBatchNorm", "FeatureLayerNorm", "FeatureLinear", "Elementwise",
+__all__ = ["adopt_state", "FeatureBatchNorm", "FeatureSyncBatchNorm", "FeatureLayerNorm", "FeatureChannelNorm",
+           "FeatureLinear", "Elementwise",
            "FeatureDropPath", "COMMON_CONVERTERS", "ZERO_PRESERVING_ACTIVATIONS", "check_output_grid"]
 
 
@@ -76,6 +80,29 @@ class FeatureLayerNorm(nn.LayerNorm):
         new = cls(ln.normalized_shape, eps=ln.eps, elementwise_affine=ln.elementwise_affine,
                   bias=ln.bias is not None)
         return adopt_state(new, ln)
+
+
+class FeatureChannelNorm(nn.Module):
+    """timm's RMS norms (``RmsNorm``, ``RmsNorm2d``) and ``SimpleNorm`` layers over the channels of each active
+    site, through timm's own channels-last function (the 2d layers compute the same over ``dim=1``)."""
+
+    def __init__(self, normalized_shape: tuple[int, ...], eps: float,
+                 function: Callable[..., torch.Tensor]):
+        super().__init__()
+        self.normalized_shape, self.eps, self.function = tuple(normalized_shape), eps, function
+
+    def forward(self, x: FeatureMap) -> FeatureMap:
+        return x.per_site(lambda v: self.function(v, self.normalized_shape, self.weight, self.eps))
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}, {self.function.__name__}"
+
+    @classmethod
+    def converter(cls, function: Callable[..., torch.Tensor]) -> Callable:
+        """The converter of a timm norm whose per-site maths is ``function(x, shape, weight, eps)``."""
+        def convert(backend, norm: nn.Module, name: str = "") -> "FeatureChannelNorm":
+            return adopt_state(cls(norm.normalized_shape, norm.eps, function), norm)
+        return convert
 
 
 class FeatureLinear(nn.Linear):
@@ -172,6 +199,11 @@ COMMON_CONVERTERS: dict = {
     nn.LayerNorm: FeatureLayerNorm.from_dense,
     LayerNorm: FeatureLayerNorm.from_dense,
     LayerNorm2d: FeatureLayerNorm.from_dense,
+    # RMS norms (ConvNeXt's *_rms variants): per site as well
+    RmsNorm: FeatureChannelNorm.converter(rms_norm),
+    RmsNorm2d: FeatureChannelNorm.converter(rms_norm),
+    SimpleNorm: FeatureChannelNorm.converter(simple_norm),
+    SimpleNorm2d: FeatureChannelNorm.converter(simple_norm),
     nn.Linear: FeatureLinear.from_dense,
     DropPath: FeatureDropPath.from_dense,
     nn.Identity: lambda backend, module, name: module,
