@@ -116,6 +116,16 @@ def test_any_timm_cnn_with_supported_layers_works_by_its_timm_name(name):
     assert_exports_to_timm(spark, name)
 
 
+def test_an_rms_norm_convnext_runs_by_its_timm_name_with_sparks_layernorm_densify_norm():
+    """RMS norms are per-site channel norms: an RMS-norm net without BatchNorm densifies with LayerNorm,
+    as SparK's ConvNeXt (a timm name registered nowhere, so the choice is the generic guess)."""
+    torch.manual_seed(0)
+    spark = ss.create_spark("convnext_zepto_rms", backend="sparse", input_size=64)
+    assert spark.densify_norm_kind == "ln"
+    spark(torch.randn(2, 3, 64, 64)).backward()
+    assert_exports_to_timm(spark, "convnext_zepto_rms")
+
+
 @pytest.mark.parametrize("name,error,match", [
     ("efficientnet_cc_b0_4e", ss.UnsupportedModuleError, r"'model\.blocks\.4\.0' of type .*CondConvResidual"),
     ("tresnet_m", ss.UnsupportedModuleError, r"'model' of type .*TResNet"),

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import timm
 import torch
 import torch.nn as nn
-from timm.layers import ConvNormAct
+from timm.layers import ConvNormAct, RmsNorm, RmsNorm2d, SimpleNorm, SimpleNorm2d
 
 from ..backends import register_container
 from ..backends.pools import fold_zero_pad_into_max_pool
@@ -155,11 +155,12 @@ class TimmEncoder(nn.Module):
         return self.model.load_state_dict(state, strict=strict)
 
 
-_LAYER_NORMS = (nn.LayerNorm,)
+#: per-site channel norms: timm's LayerNorm2d subclasses nn.LayerNorm; its RMS norms do not
+_LAYER_NORMS = (nn.LayerNorm, RmsNorm, RmsNorm2d, SimpleNorm, SimpleNorm2d)
 
 
 def _guess_densify_norm(model: nn.Module) -> str:
-    """SparK's choice by family: ``ln`` for LayerNorm nets (ConvNeXt-like), ``bn`` otherwise."""
+    """SparK's choice by family: ``ln`` for LayerNorm (or RMS-norm) nets (ConvNeXt-like), ``bn`` otherwise."""
     has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     has_layer_norm = any(isinstance(m, _LAYER_NORMS) for m in model.modules())
     return "ln" if has_layer_norm and not has_batch_norm else "bn"
