@@ -134,12 +134,20 @@ class FeatureMap:
 
     __iadd__ = __radd__ = __add__
 
-    def __mul__(self, factor: Union[torch.Tensor, int, float]) -> "FeatureMap":
-        """The features times one scalar (NF-Nets' ``x * beta``, ``attn_gain * x``) or times a factor
+    def __mul__(self, factor: Union["FeatureMap", torch.Tensor, int, float]) -> "FeatureMap":
+        """The features times one scalar (NF-Nets' ``x * beta``, ``attn_gain * x``), times a factor
         per channel written in NCHW, shape ``(1, C, 1, 1)`` or ``(C, 1, 1)`` (InceptionNeXt's layer
-        scale ``x.mul(gamma.reshape(1, -1, 1, 1))``): masked sites stay 0.
+        scale ``x.mul(gamma.reshape(1, -1, 1, 1))``), or times another map of the same sites and
+        channels, site by site (StarNet's "star" ``act(x1) * x2``): masked sites stay 0.
 
         Any other shape would mean positions or images, which active sites do not have: refused."""
+        if isinstance(factor, FeatureMap):
+            self._check_same_sites(factor, "multiply")
+            if factor.channels != self.channels:
+                raise UnsupportedFeatureOperation(
+                    f"two SparK feature maps multiply site by site only with the same channels, not "
+                    f"{self.channels} and {factor.channels}")
+            return self.with_data(self.data * factor.data)
         if _is_scalar(factor):
             return self.with_data(self.data * factor)
         if isinstance(factor, torch.Tensor) and factor.shape in ((1, self.channels, 1, 1), (self.channels, 1, 1)):
@@ -147,8 +155,9 @@ class FeatureMap:
             return self.per_site(lambda values: values * per_channel)
         kind = f"a tensor of shape {tuple(factor.shape)}" if isinstance(factor, torch.Tensor) else type(factor).__name__
         raise UnsupportedFeatureOperation(
-            f"a SparK feature map can be multiplied by one scalar (a number or a one-element tensor) or by a "
-            f"per-channel factor of shape (1, {self.channels}, 1, 1) only, not by {kind}")
+            f"a SparK feature map can be multiplied by one scalar (a number or a one-element tensor), by a "
+            f"per-channel factor of shape (1, {self.channels}, 1, 1) or by a map of the same sites only, "
+            f"not by {kind}")
 
     __rmul__ = mul = __mul__
 

@@ -48,8 +48,9 @@ ENCODERS = {
     # HGNet-V2: a stem padded on one side (SAME 2x2 convs, a zero-padded 2x2 pool), learnable affines
     "hgnetv2_b0": (64, 2, {}),
     # CSPNeXt (SPP max-pools, eSE), FasterNet (partial conv: split, conv, cat), RDNet (dense concatenation,
-    # LayerNorm), RepViT and LCNet-V2 (re-parameterisable branches summed)
-    **{name: (64, 2, {}) for name in ("cspnext_tiny", "fasternet_t0", "rdnet_tiny", "repvit_m0_9", "lcnetv2_small")},
+    # LayerNorm), RepViT and LCNet-V2 (re-parameterisable branches summed), StarNet (product of two maps)
+    **{name: (64, 2, {}) for name in ("cspnext_tiny", "fasternet_t0", "rdnet_tiny", "repvit_m0_9", "lcnetv2_small",
+                                      "starnet_s1")},
     # split into square and band (1 x k, k x 1) depthwise convs; per-channel layer scale, drawn at 1 (timm:
     # 1e-6, which would leave the residual branches out of the comparison)
     "inception_next_tiny": (64, 2, dict(depths=(1, 1, 1, 1), ls_init_value=1.0)),

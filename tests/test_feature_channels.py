@@ -130,9 +130,29 @@ def test_scalar_factors_scale_every_site_and_in_place_scaling_rebinds_the_data(k
 @pytest.mark.parametrize("kind", [MaskedDense, SparseRows])
 def test_factors_other_than_one_scalar_are_refused(kind, mask):
     a, b = _maps(kind, mask)
-    for factor in (torch.ones(3), torch.ones(1, 4, 1, 1), torch.ones(2, 3, 1, 1), torch.ones(1, 3, 2, 1), b, "2"):
-        with pytest.raises(ss.UnsupportedFeatureOperation, match=r"one scalar .* or by a per-channel factor"):
+    for factor in (torch.ones(3), torch.ones(1, 4, 1, 1), torch.ones(2, 3, 1, 1), torch.ones(1, 3, 2, 1), "2"):
+        with pytest.raises(ss.UnsupportedFeatureOperation, match=r"one scalar .* per-channel factor .* map of the same"):
             a * factor
+    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"site by site only with the same channels, not 3 and 5"):
+        a * b
+
+
+@pytest.mark.parametrize("kind", [MaskedDense, SparseRows])
+def test_two_maps_of_the_same_sites_multiply_site_by_site(kind, mask):
+    """StarNet's ``act(x1) * x2``: the product of the dense maps, masked sites 0, gradients to both."""
+    _, b = _maps(kind, mask)
+    c = b.with_data((b.data * 0.5 - 1.0 if kind is SparseRows else (b.data * 0.5 - 1.0) * mask.dense_at(2)))
+    b.data.requires_grad_(True), c.data.requires_grad_(True)
+    product = b * c
+    assert isinstance(product, kind) and product.mask is mask and product.stride == 2
+    torch.testing.assert_close(product.to_dense(), b.to_dense() * c.to_dense(), rtol=0, atol=0)
+    site = mask.dense_like(product.to_dense()).expand_as(product.to_dense())
+    assert torch.all(product.to_dense()[~site] == 0) and product.to_dense()[site].abs().sum() > 0
+    product.data.sum().backward()
+    assert torch.equal(b.data.grad, c.data.detach()) and torch.equal(c.data.grad, b.data.detach())
+    other_stride = kind(b.data.detach(), mask, 4) if kind is SparseRows else MaskedDense(b.data.detach(), mask, 4)
+    with pytest.raises(ValueError, match="cannot multiply feature maps of different kinds, masks or strides"):
+        b * other_stride
 
 
 @pytest.mark.parametrize("kind", [MaskedDense, SparseRows])

@@ -34,7 +34,7 @@ DEFAULTS = {"resnet50d": (0.05, "bn"), "seresnet50": (0.05, "bn"), "resnext50_32
             "skresnet18": (0.0, "bn"), "skresnext50_32x4d": (0.05, "bn"), "hgnetv2_b0": (0.0, "bn"),
             # detection and mobile backbones: CSPNeXt (RTMDet), FasterNet, RDNet, RepViT, LCNet-V2
             "cspnext_tiny": (0.0, "bn"), "fasternet_t0": (0.0, "bn"), "rdnet_tiny": (0.1, "ln"),
-            "repvit_m0_9": (0.0, "bn"), "lcnetv2_small": (0.0, "bn")}
+            "repvit_m0_9": (0.0, "bn"), "lcnetv2_small": (0.0, "bn"), "starnet_s1": (0.0, "bn")}
 FAMILY_MODELS = list(DEFAULTS)
 
 

@@ -19,6 +19,7 @@ from . import hgnet  # noqa: F401  (registers hgnet_tiny, hgnetv2_b0)
 from . import inception_next  # noqa: F401  (registers inception_next_tiny)
 from . import senet  # noqa: F401  (registers legacy_seresnet18)
 from . import reparameterised  # noqa: F401  (registers repvit_m0_9, lcnetv2_small)
+from . import starnet  # noqa: F401  (registers starnet_s1)
 from . import example  # noqa: F401  (registers tiny_cnn)
 
 __all__ = ["MODEL_ALIASES", "HierarchicalEncoder", "UnknownModelError", "create_encoder", "list_models",
