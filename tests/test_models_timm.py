@@ -6,6 +6,7 @@ tests/test_equivalence_encoders.py; the layers' semantics in tests/test_models_s
 import pytest
 import timm
 import torch
+from timm.layers import DropPath
 from click.testing import CliRunner
 
 import spark_sparse as ss
@@ -138,6 +139,17 @@ def test_an_rms_norm_convnext_runs_by_its_timm_name_with_sparks_layernorm_densif
 def test_an_unsupported_timm_model_fails_at_creation_naming_the_module(name, error, match):
     with pytest.raises(error, match=match):
         ss.create_spark(name, backend="sparse", input_size=64)
+
+
+def test_the_drop_path_asked_for_is_the_one_that_runs_even_where_timm_defaults_to_another():
+    """FasterNet-T2's timm entrypoint defaults to drop path 0.05: SparK's default for an unregistered name
+    is 0 and must be what runs (it is what the log says), and a given rate replaces timm's."""
+    def rates(spark):
+        return {round(m.drop_prob, 6) for m in spark.modules() if isinstance(m, DropPath) and m.drop_prob}
+
+    assert ss.models.model_default_drop_path("fasternet_t2") == 0.0
+    assert rates(ss.create_spark("fasternet_t2", backend="sparse", input_size=64)) == set()
+    assert max(rates(ss.create_spark("fasternet_t2", backend="sparse", input_size=64, drop_path_rate=0.2))) == 0.2
 
 
 def test_a_drop_path_for_a_net_without_one_is_refused_at_creation():

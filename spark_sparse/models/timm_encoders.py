@@ -81,20 +81,29 @@ class TimmEncoder(nn.Module):
                  **kwargs):
         super().__init__()
         self.timm_name = timm_name
-        if drop_path_rate:          # only then: some CNNs (VGG, ...) take no drop_path_rate argument
-            kwargs["drop_path_rate"] = drop_path_rate
-        try:
-            self.model = timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)
-        except TypeError as error:
-            if "drop_path_rate" not in kwargs or "drop_path_rate" not in str(error):
-                raise
-            raise UnsuitableModelError(f"timm model {timm_name!r} has no drop path (its constructor takes no "
-                                       f"drop_path_rate): pre-train it with --dp 0") from error
+        self.model = self._create(timm_name, drop_path_rate, kwargs)
         for rewrite in _MODEL_REWRITES:
             rewrite(self.model)
         self.feature_indices = hierarchical_feature_indices(self.model, timm_name)
         self.densify_norm = densify_norm or _guess_densify_norm(self.model)
         self._outside = self._probe_unused_children(kwargs.get("in_chans", 3))
+
+    @staticmethod
+    def _create(timm_name: str, drop_path_rate: float, kwargs: dict) -> nn.Module:
+        """``timm.create_model`` with exactly ``drop_path_rate``, 0 included: some entrypoints default
+        to another rate (FasterNet-T2: 0.05), which would otherwise run unasked and unlogged. Nets whose
+        constructor takes no rate (VGG, RepViT, ...) are created without one when it is 0, refused
+        otherwise."""
+        try:
+            return timm.create_model(timm_name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate,
+                                     **kwargs)
+        except TypeError as error:
+            if "drop_path_rate" not in str(error):
+                raise
+            if drop_path_rate:
+                raise UnsuitableModelError(f"timm model {timm_name!r} has no drop path (its constructor takes no "
+                                           f"drop_path_rate): pre-train it with --dp 0") from error
+        return timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)
 
     def _probe_unused_children(self, in_chans: int) -> list[str]:
         """Top-level children of the timm model none of whose modules the hierarchical forward calls
