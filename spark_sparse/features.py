@@ -26,12 +26,23 @@ import torch
 from .errors import SparkSparseError
 from .mask import ActiveMask
 
-__all__ = ["FeatureMap", "MaskedDense", "SparseRows", "UnsupportedFeatureOperation", "sample_drop_path_keep"]
+__all__ = ["FeatureMap", "MaskedDense", "SparseRows", "UnsupportedFeatureOperation", "UnsupportedFeatureMethod", "sample_drop_path_keep"]
 
 
 class UnsupportedFeatureOperation(SparkSparseError, TypeError):
     """A model's forward asked a feature map for an operation without an exact meaning on active sites
     (a torch function other than channel cat/split/chunk, or one of those along another dimension)."""
+
+
+class UnsupportedFeatureMethod(UnsupportedFeatureOperation, AttributeError):
+    """A model's forward called a ``torch.Tensor`` method a feature map does not define (``x.clone()``,
+    ``x.permute(...)``). Also an ``AttributeError``, so ``hasattr`` still answers False."""
+
+
+#: what a block's forward may do with feature maps, and the ways out (every refusal ends with it)
+_ALLOWED_IN_A_BLOCK = ("a block's forward may call its children, add, and cat/split/chunk along channels; write a "
+                       "converter for a module that needs more (@spark_sparse.register_converter), or build the "
+                       "model without the option that calls it")
 
 
 #: the channel dimension in the NCHW spelling a model's own code uses (``dim=1`` or ``dim=-3``)
@@ -228,10 +239,15 @@ class FeatureMap:
         if func in (torch.chunk, torch.Tensor.chunk):
             return args[0].chunk(*args[1:], **kwargs)
         name = getattr(func, "__name__", repr(func))
-        raise UnsupportedFeatureOperation(
-            f"torch.{name} is not defined on SparK feature maps: a block's forward may call its children, add, "
-            f"and cat/split/chunk along channels; write a converter for a module that needs more "
-            f"(@spark_sparse.register_converter), or build the model without the option that calls it")
+        raise UnsupportedFeatureOperation(f"torch.{name} is not defined on SparK feature maps: {_ALLOWED_IN_A_BLOCK}")
+
+    def __getattr__(self, name: str):
+        """Reached only for names the map does not define: a ``torch.Tensor`` method is refused like an
+        unsupported torch function, naming it (timm's FasterNet ``x.clone()``, MetaFormer's
+        ``x.permute(...)``), instead of a bare AttributeError about the map's class."""
+        if name.startswith("__") or not hasattr(torch.Tensor, name):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        raise UnsupportedFeatureMethod(f"Tensor.{name} is not defined on SparK feature maps: {_ALLOWED_IN_A_BLOCK}")
 
 
 class MaskedDense(FeatureMap):

@@ -3,6 +3,8 @@
 Concatenating nets (CSPNet, DenseNet, VoVNet, Res2Net) call these in their own forward code; the
 whole encoders are compared with ``masked`` in tests/test_equivalence_encoders.py.
 """
+import copy
+
 import pytest
 import torch
 
@@ -162,3 +164,20 @@ def test_a_per_channel_factor_written_in_nchw_scales_each_channel(kind, mask):
     for scaled in (a.mul(gamma.reshape(1, -1, 1, 1)), a * gamma.view(3, 1, 1), gamma.view(1, 3, 1, 1) * a):
         assert isinstance(scaled, kind) and scaled.mask is mask and scaled.stride == 2
         torch.testing.assert_close(scaled.to_dense(), a.to_dense() * gamma.view(1, 3, 1, 1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", [MaskedDense, SparseRows])
+def test_a_tensor_method_a_map_does_not_define_is_refused_by_name(kind, mask):
+    """FasterNet's inference-only ``x.clone()`` and MetaFormer's ``x.permute(...)`` get the refusal of
+    an unsupported torch function, naming the method; other missing names stay plain AttributeErrors."""
+    from spark_sparse.features import UnsupportedFeatureMethod
+
+    a, _ = _maps(kind, mask)
+    for call in (lambda: a.clone(), lambda: a.permute(0, 2, 3, 1)):
+        with pytest.raises(ss.UnsupportedFeatureOperation, match=r"Tensor\.(clone|permute) is not defined on SparK"):
+            call()
+    assert not hasattr(a, "clone")                              # still an AttributeError for hasattr
+    with pytest.raises(AttributeError) as missing:
+        a.no_such_attribute
+    assert not isinstance(missing.value, UnsupportedFeatureMethod)
+    assert torch.equal(copy.deepcopy(a).data, a.data)           # copy's dunder lookups are untouched

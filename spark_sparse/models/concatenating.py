@@ -20,7 +20,7 @@ FasterNet's per-channel layer scale multiplies every active site; RDNet's blocks
 eSE, a per-channel ``gamma``) are layers the backends convert.
 
 Options without an exact meaning on active sites are refused: DenseNet's and RDNet's
-``proj_drop_rate``/``drop_rate`` (``F.dropout`` inside their layers), FasterNet's inference-only
+``proj_drop_rate`` (``F.dropout`` inside their layers), FasterNet's inference-only
 ``pconv_fw_type='slicing'`` (assigns into a slice) and memory-efficient checkpointing fail on the first training
 forward naming the torch function (:class:`~spark_sparse.features.UnsupportedFeatureOperation`); an
 anti-aliasing layer fails at conversion; a drop path for a net that has none (DenseNet, GhostNet,
