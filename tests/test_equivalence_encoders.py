@@ -51,6 +51,8 @@ ENCODERS = {
     # LayerNorm), RepViT and LCNet-V2 (re-parameterisable branches summed), StarNet (product of two maps)
     **{name: (64, 2, {}) for name in ("cspnext_tiny", "fasternet_t0", "rdnet_tiny", "repvit_m0_9", "lcnetv2_small",
                                       "starnet_s1")},
+    # GCNet's global context (softmax attention pooling over each image's active sites)
+    "gcresnet33ts": (64, 2, {}),
     # split into square and band (1 x k, k x 1) depthwise convs; per-channel layer scale, drawn at 1 (timm:
     # 1e-6, which would leave the residual branches out of the comparison)
     "inception_next_tiny": (64, 2, dict(depths=(1, 1, 1, 1), ls_init_value=1.0)),
@@ -67,9 +69,10 @@ ENCODERS = {
 DROP_PATH = 0.1
 WITHOUT_DROP_PATH = {"densenet121", "ghostnet_100", "selecsls42b", "dla34", "hrnet_w18_small", "dpn68",
                      "repghostnet_100", "vgg11_bn", "legacy_seresnet18", "repvit_m0_9", "lcnetv2_small"}
-#: nets whose residual branches start switched off (NF-Nets zero-initialise the last conv's gain): their
-#: all-zero parameters are drawn at random first, or every branch would be compared on zero gradients
-ZERO_INIT_BRANCHES = {"nf_resnet50", "eca_nfnet_l0"}
+#: nets whose residual branches start switched off (NF-Nets zero-initialise the last conv's gain; GCNet's
+#: global context adds the output of a zero-initialised conv): their all-zero parameters are drawn at
+#: random first, or every branch would be compared on zero gradients
+ZERO_INIT_BRANCHES = {"nf_resnet50", "eca_nfnet_l0", "gcresnet33ts"}
 #: nets whose learnable affine blocks start as the identity (scale 1, bias 0): drawn at random, with
 #: negative scales and biases, so the masked zeros and the stem's zero padding win max-pool windows
 IDENTITY_INIT_AFFINES = {"hgnetv2_b0"}

@@ -2,8 +2,8 @@
 import pytest
 import torch
 import torch.nn as nn
-from timm.layers import (BatchNormAct2d, Conv2dSame, EcaModule, EffectiveSEModule, GroupNormAct, LayerNorm2d,
-                         MixedConv2d, RmsNorm2d, ScaledStdConv2d, ScaledStdConv2dSame, SEModule, SimpleNorm2d,
+from timm.layers import (BatchNormAct2d, Conv2dSame, EcaModule, EffectiveSEModule, GlobalContext, GroupNormAct,
+                         LayerNorm2d, MixedConv2d, RmsNorm2d, ScaledStdConv2d, ScaledStdConv2dSame, SEModule, SimpleNorm2d,
                          StdConv2d, StdConv2dSame)
 from timm.layers.grn import GlobalResponseNorm
 from timm.models._efficientnet_blocks import SqueezeExcite
@@ -83,6 +83,7 @@ LAYERS = {
     "squeeze_excite_efficientnet": (lambda: randomized(SqueezeExcite(8, rd_channels=4, gate_layer=nn.Hardsigmoid)), 4, 8),
     "effective_squeeze_excite": (lambda: randomized(EffectiveSEModule(8)), 4, 8),
     "eca": (lambda: randomized(EcaModule(channels=8)), 4, 8),
+    "global_context": (lambda: randomized(GlobalContext(8, fuse_add=True, rd_channels=4)), 4, 8),
     "global_response_norm": (lambda: randomized(GlobalResponseNorm(8, channels_last=False)), 4, 8),
 }
 

@@ -10,9 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import (BatchNormAct2d, Conv2dSame, EcaModule, GroupNormAct, LayerScale2d, MixedConv2d,
-                         ScaledStdConv2d, SEModule,
-                         StdConv2d)
+from timm.layers import (BatchNormAct2d, Conv2dSame, EcaModule, GlobalContext, GroupNormAct, LayerScale2d,
+                         MixedConv2d, ScaledStdConv2d, SEModule, StdConv2d)
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.nfnet import GammaAct
 from timm.models._efficientnet_blocks import SqueezeExcite
@@ -76,6 +75,26 @@ def test_eca_squeezes_over_active_sites_only():
         torch.testing.assert_close(out[image], (x[image:image + 1] * gate)[0])
 
 
+@pytest.mark.parametrize("fuse_add", [False, True])
+def test_global_context_attends_over_each_images_active_sites_only(fuse_add):
+    """GCNet's attention pooling: softmax of the attention logits over each image's active sites, the
+    context through the module's own MLPs; the add branch adds only at active sites."""
+    mask = _mask()
+    gc = randomized(GlobalContext(8, fuse_add=fuse_add, fuse_scale=True, rd_channels=4)).double()
+    x = _input(mask)
+    out = _masked_run(gc, x, mask)
+    site = mask.dense_at(4)
+    assert torch.all(out[~site.expand_as(out)] == 0)
+    for image in range(2):
+        values = _active_values(x, mask, image)                              # [n, C]
+        weights = torch.softmax(values @ gc.conv_attn.weight.view(8) + gc.conv_attn.bias, dim=0)
+        context = (weights[:, None] * values).sum(0).view(1, 8, 1, 1)
+        expected = x[image:image + 1] * gc.gate(gc.mlp_scale(context))
+        if fuse_add:
+            expected = expected + gc.mlp_add(context) * site[image:image + 1]
+        torch.testing.assert_close(out[image], expected[0])
+
+
 @pytest.mark.parametrize("layer", [nn.GroupNorm(2, 8), GroupNormAct(8, num_groups=4, act_layer=nn.SiLU)],
                          ids=["GroupNorm", "GroupNormAct"])
 def test_group_norm_takes_statistics_per_image_and_group_over_active_sites(layer):
@@ -133,9 +152,11 @@ def test_global_response_norm_gradient_is_finite_when_a_channel_is_zero_in_an_im
     lambda: MixedConv2d(8, 12, [3, 5], stride=2, padding="same"),
     lambda: nn.Upsample(scale_factor=2, mode="nearest"),
     lambda: GammaAct("silu", gamma=1.7),
+    lambda: GlobalContext(8, fuse_add=True, rd_channels=4),
 ], ids=["BatchNormAct2d", "GroupNormAct", "GroupNorm", "SEModule", "SqueezeExcite", "EcaModule",
         "GlobalResponseNorm", "StdConv2d", "ScaledStdConv2d", "AvgPool2d_resnet_d", "LayerScale2d",
-        "Conv2dSame_3x3_s2", "Conv2dSame_depthwise_5x5_s2", "MixedConv2d_same_s2", "Upsample_nearest_x2", "GammaAct_silu"])
+        "Conv2dSame_3x3_s2", "Conv2dSame_depthwise_5x5_s2", "MixedConv2d_same_s2", "Upsample_nearest_x2", "GammaAct_silu",
+        "GlobalContext"])
 def test_with_every_site_visible_the_layer_is_timms_dense_layer(backend, make):
     layer = randomized(make()).double()
     mask = ActiveMask.full(2, (2, 2))

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from timm.layers import EcaModule, EffectiveSEModule, SEModule
+import torch.nn.functional as F
+from timm.layers import EcaModule, EffectiveSEModule, GlobalContext, SEModule
 
 from ..features import FeatureMap
 from .base import UnsupportedModuleError, register_converter
 from .common import adopt_state
-from .per_image import image_means, scale_per_image
+from .per_image import image_means, image_softmax, image_sums, per_site_values, scale_per_image
 
-__all__ = ["ImageGate", "FeatureSEModule", "FeatureEffectiveSEModule", "FeatureEcaModule"]
+__all__ = ["ImageGate", "FeatureSEModule", "FeatureEffectiveSEModule", "FeatureEcaModule", "FeatureGlobalContext"]
 
 
 class ImageGate(nn.Module):
@@ -83,3 +84,42 @@ class FeatureEcaModule(ImageGate):
 register_converter(SEModule)(FeatureSEModule.from_dense)
 register_converter(EffectiveSEModule)(FeatureEffectiveSEModule.from_dense)
 register_converter(EcaModule)(FeatureEcaModule.from_dense)
+
+
+class FeatureGlobalContext(nn.Module):
+    """timm's ``GlobalContext`` (GCNet; GC-ResNet, GC-ResNeXt) over each image's active sites.
+
+    Context: with attention, the softmax of the module's ``conv_attn`` logit runs over the image's
+    active sites (:func:`.per_image.image_softmax`) and weights their features; without, the mean over
+    them (as SE's squeeze). The module's own ``mlp_scale`` / ``mlp_add`` (1x1-conv MLPs with LayerNorm)
+    run unchanged on that ``[B, C, 1, 1]`` context: the scale branch gates the features like SE, the add
+    branch adds its per-image vector at active sites only (masked sites stay 0).
+    """
+
+    def forward(self, x: FeatureMap) -> FeatureMap:
+        batch, channels = x.mask.batch_size, x.channels
+        if self.conv_attn is not None:
+            weight = self.conv_attn.weight.reshape(1, channels)
+            logits = x.per_site(lambda values: F.linear(values, weight, self.conv_attn.bias)).data
+            context = image_sums(x, x.data * image_softmax(x, logits).to(x.data.dtype))
+        else:
+            context = image_means(x)
+        context = context.view(batch, channels, 1, 1)
+        if self.mlp_scale is not None:
+            x = scale_per_image(x, self.gate(self.mlp_scale(context)).reshape(batch, channels))
+        if self.mlp_add is not None:
+            added = self.mlp_add(context).reshape(batch, channels).to(x.data.dtype)
+            x = x.with_data(x.data + per_site_values(x, added))
+        return x
+
+    @classmethod
+    def from_dense(cls, backend, module: GlobalContext, name: str = "") -> "FeatureGlobalContext":
+        """A module holding ``module``'s very children (``conv_attn``, the MLPs, ``gate``): same names.
+        An option timm built without is a plain ``None`` attribute there, and here."""
+        new = cls()
+        for name in ("conv_attn", "mlp_add", "mlp_scale", "gate"):
+            setattr(new, name, getattr(module, name))
+        return adopt_state(new, module)
+
+
+register_converter(GlobalContext)(FeatureGlobalContext.from_dense)

@@ -23,7 +23,8 @@ import torch
 
 from ..features import FeatureMap, MaskedDense, SparseRows
 
-__all__ = ["active_counts", "image_sums", "image_means", "per_site_values", "scale_per_image", "statistics_dtype"]
+__all__ = ["active_counts", "image_sums", "image_means", "image_softmax", "per_site_values", "scale_per_image",
+           "statistics_dtype"]
 
 
 def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -72,6 +73,32 @@ def _(x: MaskedDense, values: torch.Tensor) -> torch.Tensor:
 @per_site_values.register
 def _(x: SparseRows, values: torch.Tensor) -> torch.Tensor:
     return values[x.mask.coords_at(x.stride)[:, 0]]
+
+
+@singledispatch
+def image_softmax(x: FeatureMap, logits: torch.Tensor) -> torch.Tensor:
+    """Softmax of one logit per site (``logits`` laid out like ``x.data`` with one channel) over each
+    image's ACTIVE sites, in at least fp32; zero at masked sites. Each image's own maximum is
+    subtracted first, so one image's scale cannot underflow another's."""
+    raise TypeError(f"no per-image softmax registered for {type(x).__name__}")
+
+
+@image_softmax.register
+def _(x: MaskedDense, logits: torch.Tensor) -> torch.Tensor:
+    site = x.mask.dense_at(x.stride)
+    flat = logits.to(statistics_dtype(logits.dtype)).masked_fill(~site, float("-inf")).flatten(1)
+    return flat.softmax(dim=1).view_as(logits)
+
+
+@image_softmax.register
+def _(x: SparseRows, logits: torch.Tensor) -> torch.Tensor:
+    image_of_row = x.mask.coords_at(x.stride)[:, 0]
+    values = logits.to(statistics_dtype(logits.dtype))
+    peaks = values.new_full((x.mask.batch_size, 1), float("-inf")).scatter_reduce(
+        0, image_of_row.unsqueeze(1), values, reduce="amax", include_self=True)
+    exps = (values - peaks[image_of_row]).exp()
+    totals = exps.new_zeros(x.mask.batch_size, 1).index_add_(0, image_of_row, exps)
+    return exps / totals[image_of_row]
 
 
 def image_means(x: FeatureMap) -> torch.Tensor:

@@ -11,10 +11,11 @@ exactly).
 
 Not registered, so it fails at conversion naming the module: ``SelfAttnBlock`` (BoTNet / HaloNet
 self-attention: its attention layers are not supported). Attention layers a config may choose (SE,
-ECA supported; global context, CBAM, selective kernel not) are converted or refused one by one.
+ECA, GCNet's global context supported; CBAM, selective kernel not) are converted or refused one by
+one.
 
-Default drop path: ResNet-50's 0.05 for the ResNet ``resnet33ts``, 0 for GENet, RepVGG and RegNetZ
-(SparK's ``--dp`` default); densify norm BatchNorm.
+Default drop path: ResNet-50's 0.05 for the ResNets ``resnet33ts`` and ``gcresnet33ts``, 0 for
+GENet, RepVGG and RegNetZ (SparK's ``--dp`` default); densify norm BatchNorm.
 """
 from __future__ import annotations
 
@@ -31,6 +32,6 @@ for _composite in (ByobNet, Stem, BasicBlock, BottleneckBlock, DarkBlock, EdgeBl
     register_container(_composite)
 
 #: name -> SparK-style default drop path
-_BYOBNETS = {"gernet_m": 0.0, "repvgg_a2": 0.0, "regnetz_c16": 0.0, "resnet33ts": 0.05}
+_BYOBNETS = {"gernet_m": 0.0, "repvgg_a2": 0.0, "regnetz_c16": 0.0, "resnet33ts": 0.05, "gcresnet33ts": 0.05}
 for _name, _dp in _BYOBNETS.items():
     register_timm_encoder(_name, _dp, densify_norm="bn", tested=True)
