@@ -69,10 +69,12 @@ ENCODERS = {
 DROP_PATH = 0.1
 WITHOUT_DROP_PATH = {"densenet121", "ghostnet_100", "selecsls42b", "dla34", "hrnet_w18_small", "dpn68",
                      "repghostnet_100", "vgg11_bn", "legacy_seresnet18", "repvit_m0_9", "lcnetv2_small"}
-#: nets whose residual branches start switched off (NF-Nets zero-initialise the last conv's gain; GCNet's
-#: global context adds the output of a zero-initialised conv): their all-zero parameters are drawn at
-#: random first, or every branch would be compared on zero gradients
-ZERO_INIT_BRANCHES = {"nf_resnet50", "eca_nfnet_l0", "gcresnet33ts"}
+#: timm starts residual branches switched off: the last BatchNorm's weight 0 in ResNets, ByobNets,
+#: CSPNets, RegNets and RepViT, NF-Nets' zero gains, GCNet's zero last conv, GRN's zero weight, ConvNeXt's
+#: and RDNet's layer scale 1e-6. Compared there, a branch's convs would get exactly zero (or 1e-6-scaled)
+#: gradients on both backends and the features would not depend on them, so every encoder parameter
+#: that is all zero or all below this magnitude is drawn from U(0.5, 1.5) first, in every model.
+SWITCHED_OFF_BELOW = 1e-4
 #: nets whose learnable affine blocks start as the identity (scale 1, bias 0): drawn at random, with
 #: negative scales and biases, so the masked zeros and the stem's zero padding win max-pool windows
 IDENTITY_INIT_AFFINES = {"hgnetv2_b0"}
@@ -108,11 +110,10 @@ def _reference(model: str) -> tuple[dict, dict]:
     """(masked run, its initial state), computed once per model for every backend's test."""
     torch.manual_seed(0)
     spark = _spark(model, "masked")
-    if model in ZERO_INIT_BRANCHES:
-        with torch.no_grad():
-            for param in spark.parameters():
-                if not param.any():
-                    param.uniform_(0.5, 1.5)
+    with torch.no_grad():
+        for param in spark.encoder.parameters():
+            if float(param.abs().max()) < SWITCHED_OFF_BELOW:
+                param.uniform_(0.5, 1.5)
     if model in IDENTITY_INIT_AFFINES:
         gen = torch.Generator().manual_seed(5)
         with torch.no_grad():
