@@ -43,7 +43,12 @@ FAMILY_MODELS = list(DEFAULTS)
 def assert_exports_to_timm(spark: ss.SparK, name: str) -> None:
     """``timm.create_model(name, num_classes=0)`` loads the export strictly and, with every patch visible,
     computes the SparK encoder's hierarchical features (timm's ``forward_intermediates``; in fp64, so
-    that a 50-layer net's fp32 rounding does not blur the comparison)."""
+    that a 50-layer net's fp32 rounding does not blur the comparison). Parameters timm starts at zero or
+    1e-6 to switch residual branches off are drawn first (in ``spark``), so the branches count."""
+    with torch.no_grad():       # branches timm starts switched off (zero last-BN weight, 1e-6 layer scale) on
+        for param in spark.encoder.parameters():
+            if float(param.abs().max()) < 1e-4:
+                param.uniform_(0.5, 1.5)
     dense = timm.create_model(name, pretrained=False, num_classes=0)
     dense.load_state_dict(spark.encoder_state_dict(), strict=True)
     spark.eval().double(), dense.eval().double()
