@@ -7,7 +7,7 @@ from timm.optim import Lamb
 
 import spark_sparse as ss
 
-from equivalence import assert_encoder_matches_timm, max_errors, sparse_backend_params
+from equivalence import assert_encoder_matches_timm, max_errors, sparse_backend_params, switch_branches_on
 
 # model -> (input size, batch, timm kwargs). The timm families of issue 14 run at 64 px, batch 2, with
 # one block per stage where timm's constructor allows it (every layer type stays; the suite stays
@@ -69,12 +69,6 @@ ENCODERS = {
 DROP_PATH = 0.1
 WITHOUT_DROP_PATH = {"densenet121", "ghostnet_100", "selecsls42b", "dla34", "hrnet_w18_small", "dpn68",
                      "repghostnet_100", "vgg11_bn", "legacy_seresnet18", "repvit_m0_9", "lcnetv2_small"}
-#: timm starts residual branches switched off: the last BatchNorm's weight 0 in ResNets, ByobNets,
-#: CSPNets, RegNets and RepViT, NF-Nets' zero gains, GCNet's zero last conv, GRN's zero weight, ConvNeXt's
-#: and RDNet's layer scale 1e-6. Compared there, a branch's convs would get exactly zero (or 1e-6-scaled)
-#: gradients on both backends and the features would not depend on them, so every encoder parameter
-#: that is all zero or all below this magnitude is drawn from U(0.5, 1.5) first, in every model.
-SWITCHED_OFF_BELOW = 1e-4
 #: nets whose learnable affine blocks start as the identity (scale 1, bias 0): drawn at random, with
 #: negative scales and biases, so the masked zeros and the stem's zero padding win max-pool windows
 IDENTITY_INIT_AFFINES = {"hgnetv2_b0"}
@@ -110,10 +104,7 @@ def _reference(model: str) -> tuple[dict, dict]:
     """(masked run, its initial state), computed once per model for every backend's test."""
     torch.manual_seed(0)
     spark = _spark(model, "masked")
-    with torch.no_grad():
-        for param in spark.encoder.parameters():
-            if float(param.abs().max()) < SWITCHED_OFF_BELOW:
-                param.uniform_(0.5, 1.5)
+    switch_branches_on(spark.encoder)        # timm's zero-initialised last BNs, gains, layer scales
     if model in IDENTITY_INIT_AFFINES:
         gen = torch.Generator().manual_seed(5)
         with torch.no_grad():

@@ -22,7 +22,7 @@ from spark_sparse.backends.fused import FusedBatchNormReLU
 from spark_sparse.kernels import ConvCall, ConvSpec, get_kernel, list_kernels
 from spark_sparse.speed import apply_speed_plan, estimate_max_batch, plan_speed
 
-from equivalence import max_errors, run_layer_pair, sparse_backend_params
+from equivalence import max_errors, run_layer_pair, sparse_backend_params, switch_branches_on
 from test_equivalence_layers import LAYERS, MASKS
 from test_kernels import SHAPES, TOLERANCE as KERNEL_TOLERANCE
 
@@ -96,7 +96,9 @@ def test_spconv_cuda_backward_matches_masked(layer_name, dtype):
 
 def _spark_pair(model: str, backend: str, size: int, dtype: torch.dtype):
     torch.manual_seed(0)
-    ref = ss.create_spark(model, input_size=size, drop_path_rate=0.0).to(CUDA, dtype)
+    ref = ss.create_spark(model, input_size=size, drop_path_rate=0.0)
+    switch_branches_on(ref.encoder)          # timm's zero-initialised last BNs and 1e-6 layer scales
+    ref = ref.to(CUDA, dtype)
     other = ss.create_spark(model, backend=backend, input_size=size, drop_path_rate=0.0).to(CUDA, dtype)
     other.load_state_dict(ref.state_dict())
     return ref, other

@@ -14,7 +14,7 @@ from spark_sparse import ActiveMask
 from spark_sparse.models.timm_encoders import UnsuitableModelError
 
 from apptools import make_image_folder
-from equivalence import sparse_backend_params
+from equivalence import sparse_backend_params, switch_branches_on
 
 #: SparK-style defaults per family member: (drop path, densify norm)
 DEFAULTS = {"resnet50d": (0.05, "bn"), "seresnet50": (0.05, "bn"), "resnext50_32x4d": (0.05, "bn"),
@@ -45,10 +45,7 @@ def assert_exports_to_timm(spark: ss.SparK, name: str) -> None:
     computes the SparK encoder's hierarchical features (timm's ``forward_intermediates``; in fp64, so
     that a 50-layer net's fp32 rounding does not blur the comparison). Parameters timm starts at zero or
     1e-6 to switch residual branches off are drawn first (in ``spark``), so the branches count."""
-    with torch.no_grad():       # branches timm starts switched off (zero last-BN weight, 1e-6 layer scale) on
-        for param in spark.encoder.parameters():
-            if float(param.abs().max()) < 1e-4:
-                param.uniform_(0.5, 1.5)
+    switch_branches_on(spark.encoder, low=0.1, high=0.2)     # eval mode: keep activations bounded
     dense = timm.create_model(name, pretrained=False, num_classes=0)
     dense.load_state_dict(spark.encoder_state_dict(), strict=True)
     spark.eval().double(), dense.eval().double()
