@@ -3,10 +3,12 @@
 timm's BiT ResNet-V2 stem pads with ``nn.ConstantPad2d(1, 0.)`` and then max-pools with
 ``padding=0``; PP-HGNet-V2's stem pads the bottom and right with ``F.pad(x, (0, 1, 0, 1))`` before a
 2x2 stride-1 pool. There the padding competes as a zero, unlike ``MaxPool2d(padding=1)`` whose
-padding never wins. A padding module on its own cannot be made sparse (it changes the map's
-geometry), so :func:`fold_zero_pad_into_max_pool` replaces such a pair in an ``nn.Sequential`` by an
-``nn.Identity`` and a :class:`ConstantPadMaxPool2d` that computes exactly the pair's output
-(dense forward: ``max_pool2d(pad(x, 0))``). Neither module has state, so state dicts are unchanged.
+padding never wins. A padding on its own cannot be made sparse (it changes the map's geometry), so
+each pair becomes one :class:`ConstantPadMaxPool2d` that computes exactly the pair's output (dense
+forward: ``max_pool2d(pad(x, 0))``): BiT's modules in an ``nn.Sequential`` through
+:func:`fold_zero_pad_into_max_pool` (an ``nn.Identity`` takes the pad's place), HGNet-V2's functional
+pad through its stem's rewrite (:mod:`spark_sparse.models.hgnet`). Neither has state, so state dicts
+are unchanged.
 """
 from __future__ import annotations
 
