@@ -46,6 +46,17 @@ def switch_branches_on(encoder: nn.Module, seed: int = 0, low: float = 0.5, high
                 param.copy_(torch.empty(param.shape, dtype=param.dtype).uniform_(low, high, generator=gen))
 
 
+def draw_learnable_affines(module: nn.Module, seed: int = 5) -> None:
+    """HGNet-V2's learnable affine blocks start as the identity (scale 1, bias 0): draw both from
+    U(-1, 1.5), in place, so negative scales and biases let masked zeros and the stem's zero padding
+    win max-pool windows."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if name.endswith(("lab.scale", "lab.bias")):
+                param.copy_(torch.empty(param.shape, dtype=param.dtype).uniform_(-1.0, 1.5, generator=gen))
+
+
 def max_errors(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
     """(max abs error, max abs error relative to the largest reference magnitude)."""
     abs_err = float((got - want).detach().abs().max()) if got.numel() else 0.0

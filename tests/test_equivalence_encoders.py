@@ -7,7 +7,8 @@ from timm.optim import Lamb
 
 import spark_sparse as ss
 
-from equivalence import assert_encoder_matches_timm, max_errors, sparse_backend_params, switch_branches_on
+from equivalence import (assert_encoder_matches_timm, draw_learnable_affines, max_errors, sparse_backend_params,
+                         switch_branches_on)
 
 # model -> (input size, batch, timm kwargs). The timm families of issue 14 run at 64 px, batch 2, with
 # one block per stage where timm's constructor allows it (every layer type stays; the suite stays
@@ -69,8 +70,7 @@ ENCODERS = {
 DROP_PATH = 0.1
 WITHOUT_DROP_PATH = {"densenet121", "ghostnet_100", "selecsls42b", "dla34", "hrnet_w18_small", "dpn68",
                      "repghostnet_100", "vgg11_bn", "legacy_seresnet18", "repvit_m0_9", "lcnetv2_small"}
-#: nets whose learnable affine blocks start as the identity (scale 1, bias 0): drawn at random, with
-#: negative scales and biases, so the masked zeros and the stem's zero padding win max-pool windows
+#: nets whose learnable affine blocks start as the identity (drawn at random: draw_learnable_affines)
 IDENTITY_INIT_AFFINES = {"hgnetv2_b0"}
 DECODER_WIDTH = 64
 ATOL = 1e-10
@@ -106,11 +106,7 @@ def _reference(model: str) -> tuple[dict, dict]:
     spark = _spark(model, "masked")
     switch_branches_on(spark.encoder)        # timm's zero-initialised last BNs, gains, layer scales
     if model in IDENTITY_INIT_AFFINES:
-        gen = torch.Generator().manual_seed(5)
-        with torch.no_grad():
-            for name, param in spark.named_parameters():
-                if name.endswith(("lab.scale", "lab.bias")):
-                    param.copy_(torch.empty_like(param).uniform_(-1.0, 1.5, generator=gen))
+        draw_learnable_affines(spark)
     state = {k: v.clone() for k, v in spark.state_dict().items()}
     return _run(spark, model), state
 

@@ -14,7 +14,7 @@ from spark_sparse import ActiveMask
 from spark_sparse.models.timm_encoders import UnsuitableModelError
 
 from apptools import make_image_folder
-from equivalence import sparse_backend_params, switch_branches_on
+from equivalence import draw_learnable_affines, sparse_backend_params, switch_branches_on
 
 #: SparK-style defaults per family member: (drop path, densify norm)
 DEFAULTS = {"resnet50d": (0.05, "bn"), "seresnet50": (0.05, "bn"), "resnext50_32x4d": (0.05, "bn"),
@@ -90,10 +90,7 @@ def test_hgnetv2_stem_without_its_pads_computes_timms_and_a_stem_it_does_not_rep
 
     torch.manual_seed(0)
     spark = ss.create_spark("hgnetv2_b0", backend="sparse", input_size=64)
-    with torch.no_grad():
-        for name, param in spark.named_parameters():
-            if name.endswith(("lab.scale", "lab.bias")):
-                param.uniform_(-1.0, 1.5)
+    draw_learnable_affines(spark)
     assert_exports_to_timm(spark, "hgnetv2_b0")
 
     timm_forward = StemV2.forward
