@@ -33,6 +33,7 @@ class Workload:
                                   ).to(device)
         self.active = self.spark.mask(batch, generator=torch.Generator().manual_seed(seed + 1)).active.to(device)
         self.optimizer = variant.optimizer(self.spark, model, device)
+        self.switched_on: list[str] = []     # encoder parameters drawn to switch residual branches on
 
     def subset(self, batch: int) -> "Workload":
         """The same model, optimizer and variant on the first ``batch`` images and mask rows (shared, not copied)."""

@@ -70,51 +70,92 @@ def run_reference_sections(sections: dict, args, script: str, argv, tag: str) ->
     return path
 
 
-def error_vs_floor(record: dict) -> Optional[float]:
-    """Worst ratio, over the compared groups (each feature map, the loss, the input gradient, the parameter
-    gradients), of the row's max abs error against ``masked`` to ``masked``'s own fp32-vs-fp64 max abs error.
+def floor_ratios(record: dict) -> Optional[dict[str, float]]:
+    """Per compared group (each feature map, the loss, the input gradient, the parameter gradients), the
+    row's max abs error against ``masked`` over ``masked``'s own fp32-vs-fp64 max abs error.
 
     Scale-free where the per-tensor relative error is not: a tensor that is zero in exact arithmetic (a
     BatchNorm bias gradient of ~1e-20) makes relative errors of 1 out of pure rounding. About 1 means "as
     precise as ``masked`` in fp32". ``None`` when the row is not fp32 (the floor is an fp32 one) or the
-    record has no per-group errors.
+    record has no per-group errors; groups without error are left out.
     """
     errors = (record.get("equivalence") or {}).get("errors")
     floor = (record.get("fp32_noise_floor") or {}).get("errors")
     if record.get("dtype") != "fp32" or not errors or not floor:
         return None
-    ratios = [0.0]
+    ratios = {}
     for group, error in errors.items():
         if error["max_abs"] == 0.0:
             continue
         floor_abs = floor.get(group, {}).get("max_abs", 0.0)
-        ratios.append(error["max_abs"] / floor_abs if floor_abs > 0 else float("inf"))
-    return max(ratios)
+        ratios[group] = error["max_abs"] / floor_abs if floor_abs > 0 else float("inf")
+    return ratios
+
+
+def error_vs_floor(record: dict) -> Optional[float]:
+    """The worst of :func:`floor_ratios` (0 when every group is exact; ``None`` where it is ``None``)."""
+    ratios = floor_ratios(record)
+    return None if ratios is None else max(ratios.values(), default=0.0)
+
+
+def worst_group(record: dict) -> str:
+    """The group :func:`error_vs_floor` comes from, "-" when there is none."""
+    ratios = floor_ratios(record)
+    return max(ratios, key=ratios.get) if ratios else "-"
 
 
 def _fmt(value, digits=1):
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def weights_note(meta: dict) -> str:
+    """Which weights the error columns were measured on (runs before ``--weights`` existed used timm's)."""
+    if meta.get("weights") == "branches-on":
+        return ("every variant on timm's initial weights with the parameters that switch residual branches off "
+                "(zero last-BatchNorm weights, zero gains, 1e-6 layer scales) drawn from U(0.5, 1.5)")
+    return ("every variant on timm's initial weights as they are: in ResNet-like nets (zero last-BatchNorm weights, "
+            "zero gains, 1e-6 layer scales) the residual branches are switched off, so these errors do not cover them")
+
+
+def equivalence_header() -> list[str]:
+    return ["| model | variant | mask | dtype | batch | drawn | max abs err | max rel err | fp32 floor rel err | "
+            "x floor | worst group | masked sites nonzero |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def equivalence_row(r: dict) -> str:
+    """One row of an equivalence table (``--what equivalence``)."""
+    return (f"| {r['model']} | {r['backend']} | {r['mask_ratio']} | {r['dtype']} | {r['batch_size']} | "
+            f"{r.get('switched_on', '-')} | {r['max_abs_err']:.1e} | {r['max_rel_err']:.1e} | "
+            f"{r['fp32_noise_floor']['max_rel_err']:.1e} | {_fmt(error_vs_floor(r), 2)} | {worst_group(r)} | "
+            f"{r['equivalence']['masked_sites_nonzero']} |")
+
+
 def write_markdown(path: Path, meta: dict, records: list[dict]) -> None:
     lines = [f"# Backend comparison ({meta['what']}, {meta['device']}, {meta['threads']} threads)", "",
              f"Command: `{meta['command']}`  ",
              f"Machine: {meta['machine']['cpu']} ({meta['machine']['cores']} cores), torch {meta['versions']['torch']}, "
-             f"timm {meta['versions']['timm']}  ",
-             f"Medians of {meta['repeats']} repeats after {meta['warmup']} warm-up, variants interleaved; speed-up vs "
-             f"`masked` from the same run; memory: {meta['memory_method']}; errors vs `masked` on the same weights, "
-             f"images and mask (relative = max abs error / max |reference|, worst tensor); fp32 floor = the same errors "
-             f"between `masked` in fp32 and in fp64, i.e. what fp32 rounding alone gives; x floor = the worst group's "
-             f"max abs error over the floor's (fp32 rows).", "",
-             "| model | variant | mask | dtype | batch | fwd ms | fwd+bwd ms | step ms | images/s | speed-up | peak MB | "
-             "max abs err | max rel err | fp32 floor rel err | x floor |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in records:
-        lines.append(f"| {r['model']} | {r['backend']} | {r['mask_ratio']} | {r['dtype']} | {r['batch_size']} | "
-                     f"{_fmt(r['fwd_ms'])} | {_fmt(r['fwd_bwd_ms'])} | {_fmt(r['step_ms'])} | {_fmt(r['images_per_s'])} | "
-                     f"{_fmt(r['speedup_vs_masked'], 2)}x | {_fmt(r['peak_mem_mb'], 0)} | "
-                     f"{r['max_abs_err']:.2e} | {r['max_rel_err']:.2e} | {r['fp32_noise_floor']['max_rel_err']:.2e} | "
-                     f"{_fmt(error_vs_floor(r), 2)} |")
+             f"timm {meta['versions']['timm']}  "]
+    errors = (f"errors vs `masked` on the same weights, images and mask ({weights_note(meta)}; relative = max abs "
+              f"error / max |reference|, worst tensor); fp32 floor = the same errors between `masked` in fp32 and in "
+              f"fp64, i.e. what fp32 rounding alone gives; x floor = the worst group's max abs error over the floor's "
+              f"(fp32 rows).")
+    if meta["what"] == "equivalence":
+        lines += [f"Equivalence only (no timing): {errors} drawn = parameters drawn; masked sites nonzero = feature "
+                  f"values at masked sites that are not exactly 0 (must be 0).", "", *equivalence_header()]
+        lines += [equivalence_row(r) for r in records]
+    else:
+        lines += [f"Medians of {meta['repeats']} repeats after {meta['warmup']} warm-up, variants interleaved; speed-up "
+                  f"vs `masked` from the same run; memory: {meta['memory_method']}; {errors}", "",
+                  "| model | variant | mask | dtype | batch | fwd ms | fwd+bwd ms | step ms | images/s | speed-up | "
+                  "peak MB | max abs err | max rel err | fp32 floor rel err | x floor |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in records:
+            lines.append(f"| {r['model']} | {r['backend']} | {r['mask_ratio']} | {r['dtype']} | {r['batch_size']} | "
+                         f"{_fmt(r['fwd_ms'])} | {_fmt(r['fwd_bwd_ms'])} | {_fmt(r['step_ms'])} | "
+                         f"{_fmt(r['images_per_s'])} | {_fmt(r['speedup_vs_masked'], 2)}x | {_fmt(r['peak_mem_mb'], 0)} | "
+                         f"{r['max_abs_err']:.2e} | {r['max_rel_err']:.2e} | {r['fp32_noise_floor']['max_rel_err']:.2e} | "
+                         f"{_fmt(error_vs_floor(r), 2)} |")
     if meta["skipped"]:
         lines += ["", "Skipped (unavailable here):"] + [f"- `{name}`: {why}" for name, why in meta["skipped"].items()]
     path.write_text("\n".join(lines) + "\n")

@@ -6,13 +6,19 @@
     python benchmarks/compare_backends.py --families                # timm's CNN families (issue 14's models)
     python benchmarks/compare_backends.py --what step --recipes spark fast --models resnet50
     python benchmarks/compare_backends.py --device cuda --batch-size 128 --dtype fp32 bf16 --check-batch 16
+    python benchmarks/compare_backends.py --what equivalence --models resnet50 regnety_016  # errors only
+
+Every variant starts from the same weights: timm's initialisation with the parameters that switch
+residual branches off (zero last-BatchNorm weights, zero gains, 1e-6 layer scales) drawn from
+U(0.5, 1.5), so the error columns cover every branch (``--weights init`` keeps timm's as they are).
 
 Variants of one (model, mask ratio, dtype) are measured interleaved (A B C A B C ...) so machine
 drift cancels in the speed-up; on the CPU memory is measured for each configuration in a fresh
 subprocess, on CUDA during the last timed call (``max_memory_allocated``). Configurations run in
 priority order (every model at the first mask ratio first) and results.json/results.md are
 rewritten after each, so a ``--budget-s`` that runs out (or a kill) leaves every finished row.
-Outputs in --out: results.json, results.md, speedup_vs_mask_ratio.png, peak_memory.png.
+Outputs in --out: results.json, results.md, speedup_vs_mask_ratio.png, peak_memory.png (no plots with
+--what equivalence).
 """
 from __future__ import annotations
 
@@ -39,11 +45,12 @@ import timm  # noqa: E402
 
 import spark_sparse as ss  # noqa: E402
 from spark_sparse.autotune import MODES  # noqa: E402
+from spark_sparse.testing import switch_branches_on  # noqa: E402
 from _equivalence import compare, fp32_noise_floor  # noqa: E402
 from _capacity import fit_largest_batch, markdown_section, memory_budget_mb  # noqa: E402
 from _measure import (Workload, peak_memory as peak_memory_in_process, peak_rss_growth_mb, persistent_mb,  # noqa: E402
                       summarize, time_and_cuda_peak, time_once)
-from _report import provenance, write_json, write_markdown, write_plots  # noqa: E402
+from _report import error_vs_floor, provenance, write_json, write_markdown, write_plots  # noqa: E402
 from _variants import Variant, autotune_record, tune_workload  # noqa: E402
 
 
@@ -85,8 +92,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed calls per variant (medians reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per variant first")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--what", choices=["encoder", "step"], default="encoder",
-                   help="encoder forward+backward, or the whole training step (decoder, loss, optimizer)")
+    p.add_argument("--what", choices=["encoder", "step", "equivalence"], default="encoder",
+                   help="time encoder forward+backward, or the whole training step (decoder, loss, optimizer), or "
+                        "only check every variant's errors against masked (no timing, no memory)")
+    p.add_argument("--weights", choices=["branches-on", "init"], default="branches-on",
+                   help="the weights every variant starts from: timm's initialisation with its switched-off residual "
+                        "branches drawn from U(0.5, 1.5) (errors then cover every branch), or timm's as they are")
     p.add_argument("--quick", action="store_true",
                    help="tiny models and sizes, for CI: " + " ".join(
                        f"--{key.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
@@ -223,7 +234,7 @@ def make_meta(args, skipped: dict, not_run: list[dict], failed: list[dict], star
     return {"command": shlex.join([sys.executable] + sys.argv), "what": args.what, "device": args.device,
             "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup, "machine": machine_info(),
             "versions": versions(), "skipped": skipped, "seconds": round(time.time() - started, 1),
-            "dtypes": args.dtype, "check_batch": args.check_batch, "budget_s": args.budget_s, "not_run": not_run,
+            "dtypes": args.dtype, "weights": args.weights, "check_batch": args.check_batch, "budget_s": args.budget_s, "not_run": not_run,
             "failed": failed,
             "cuda": cuda_info() if args.device == "cuda" else None,
             "capacity_budget": memory_budget_mb(args.device)[1] if args.max_batch else None,
@@ -287,15 +298,20 @@ class Failures:
 
 
 def build_works(args, variants: list[Variant], unit: tuple, failures: Failures) -> tuple[list[Workload], dict]:
-    """The reference (``masked``) and every variant that builds, all on the reference's initial weights."""
+    """The reference (``masked``) and every variant that builds, all on the reference's initial weights
+    (with ``--weights branches-on``, its encoder's switched-off parameters drawn first)."""
     model, mask_ratio, _ = unit
     reference = Workload(variants[0], model, args.input_size, mask_ratio, args.batch_size, args.dtype[0], args.device)
+    if args.weights == "branches-on":
+        reference.switched_on = switch_branches_on(reference.spark.encoder)
+        print(f"[bench]   {len(reference.switched_on)} switched-off encoder parameters drawn", flush=True)
     state = copy.deepcopy(reference.spark.state_dict())
     works = [reference]
     for variant in variants[1:]:
         work = failures.guard(variant.name, unit, "build", lambda: Workload(
             variant, model, args.input_size, mask_ratio, args.batch_size, args.dtype[0], args.device, state))
         if work is not None:
+            work.switched_on = reference.switched_on
             works.append(work)
     return works, state
 
@@ -374,7 +390,8 @@ def tune_unit(args, works: list[Workload], unit: tuple, failures: Failures) -> d
 
 def measure_unit(args, works: list[Workload], unit: tuple, failures: Failures, noise: Optional[dict],
                  cuda_peak: bool, main_phase: str) -> list[dict]:
-    """Equivalence, interleaved timings, memory (and largest batch) of every variant of one configuration."""
+    """Equivalence, interleaved timings, memory (and largest batch) of every variant of one configuration;
+    equivalence alone with ``--what equivalence``."""
     model, mask_ratio, dtype = unit
     for work in works:
         work.dtype = work.variant.dtype or dtype
@@ -389,11 +406,53 @@ def measure_unit(args, works: list[Workload], unit: tuple, failures: Failures, n
             equivalence[work.variant.name] = result
     noise = noise or fp32_noise_floor(reference)
     live = [w for w in works if w.variant.name in equivalence]
+    if args.what == "equivalence":
+        stats, memory = {w.variant.name: {} for w in live}, {}
+    else:
+        stats, peaks = time_interleaved(args, live, unit, failures, cuda_peak, main_phase)
+        memory = peaks if cuda_peak else peak_memory(args, live, model, mask_ratio, dtype)
+    base = stats["masked"].get(main_phase, {}).get("median")
+    records = []
+    for work in live:
+        name = work.variant.name
+        median = stats[name].get(main_phase, {}).get("median")
+        record = {"model": model, "backend": name, "mask_ratio": mask_ratio, "dtype": work.dtype,
+                  "device": args.device, "batch_size": args.batch_size, "input_size": args.input_size,
+                  "fwd_ms": stats[name].get("fwd_ms", {}).get("median"),
+                  "fwd_bwd_ms": stats[name].get("fwd_bwd_ms", {}).get("median"),
+                  "step_ms": stats[name].get("step_ms", {}).get("median"),
+                  "images_per_s": args.batch_size / median * 1000 if median else None,
+                  "speedup_vs_masked": base / median if median else None,
+                  "peak_mem_mb": memory.get(name), "max_abs_err": equivalence[name]["max_abs_err"],
+                  "max_rel_err": equivalence[name]["max_rel_err"], "timings": stats[name],
+                  "equivalence": equivalence[name],
+                  "fp32_noise_floor": {"max_abs_err": noise["max_abs_err"], "max_rel_err": noise["max_rel_err"],
+                                       "errors": noise["errors"]},
+                  "switched_on": len(work.switched_on),
+                  "capacity": None, "autotune": autotune_record(tuning.get(name)),
+                  "plan": work.spark.backend.plan(work.spark.encoder, args.device)}
+        records.append(record)
+        timing = (f"{main_phase} {median:8.1f} ms  {record['speedup_vs_masked']:.2f}x  "
+                  f"peak {record['peak_mem_mb'] or 0:.0f} MB  " if median else "")
+        print(f"[bench]   {name:<14} {timing}max abs err {record['max_abs_err']:.1e}  "
+              f"x floor {_fmt_ratio(error_vs_floor(record))}", flush=True)
+    return records
+
+
+def _fmt_ratio(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def time_interleaved(args, live: list[Workload], unit: tuple, failures: Failures, cuda_peak: bool,
+                     main_phase: str) -> tuple[dict[str, dict], dict[str, float]]:
+    """Per variant, ``phase -> summary`` of its timed calls, interleaved (A B C A B C ...), and its CUDA peak
+    (MB, during the last timed call) where ``cuda_peak``. A variant that fails is dropped from ``live``."""
     samples = {w.variant.name: {} for w in live}
     peaks = {}
+    reference = live[0]
     total = args.warmup + args.repeats
     for rep in range(total):
-        for work in list(live):                     # interleaved: A B C A B C ...
+        for work in list(live):
             for phase, fn in work.phases(args.what).items():
                 if cuda_peak and rep == total - 1 and phase == main_phase:
                     measured = failures.guard(work, unit, phase, lambda: time_and_cuda_peak(fn))
@@ -403,37 +462,15 @@ def measure_unit(args, works: list[Workload], unit: tuple, failures: Failures, n
                 else:
                     elapsed = failures.guard(work, unit, phase, lambda: time_once(fn, args.device))
                 if elapsed is None:
-                    if work is works[0]:
+                    if work is reference:
                         raise RuntimeError(f"the reference (masked) failed in {phase}: {failures.entries[-1]['error']}")
                     live.remove(work)
                     break
                 if rep >= args.warmup:
                     samples[work.variant.name].setdefault(phase, []).append(elapsed)
         print(f"[bench]   repeat {rep + 1}/{total} done", flush=True)
-    base = summarize(samples["masked"][main_phase])["median"]
-    memory = peaks if cuda_peak else peak_memory(args, live, model, mask_ratio, dtype)
-    records = []
-    for work in live:
-        name = work.variant.name
-        stats = {phase: summarize(values) for phase, values in samples[name].items()}
-        median = stats[main_phase]["median"]
-        record = {"model": model, "backend": name, "mask_ratio": mask_ratio, "dtype": work.dtype,
-                  "device": args.device, "batch_size": args.batch_size, "input_size": args.input_size,
-                  "fwd_ms": stats.get("fwd_ms", {}).get("median"),
-                  "fwd_bwd_ms": stats.get("fwd_bwd_ms", {}).get("median"),
-                  "step_ms": stats.get("step_ms", {}).get("median"),
-                  "images_per_s": args.batch_size / median * 1000, "speedup_vs_masked": base / median,
-                  "peak_mem_mb": memory.get(name), "max_abs_err": equivalence[name]["max_abs_err"],
-                  "max_rel_err": equivalence[name]["max_rel_err"], "timings": stats,
-                  "equivalence": equivalence[name],
-                  "fp32_noise_floor": {"max_abs_err": noise["max_abs_err"], "max_rel_err": noise["max_rel_err"],
-                                       "errors": noise["errors"]},
-                  "capacity": None, "autotune": autotune_record(tuning.get(name)),
-                  "plan": work.spark.backend.plan(work.spark.encoder, args.device)}
-        records.append(record)
-        print(f"[bench]   {name:<14} {main_phase} {median:8.1f} ms  {record['speedup_vs_masked']:.2f}x  "
-              f"peak {record['peak_mem_mb'] or 0:.0f} MB  max abs err {record['max_abs_err']:.1e}", flush=True)
-    return records
+    return {w.variant.name: {phase: summarize(values) for phase, values in samples[w.variant.name].items()}
+            for w in live}, peaks
 
 
 def add_largest_batches(args, works: list[Workload], records: list[dict], unit: tuple, failures: Failures,
@@ -461,8 +498,8 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     meta, records = run(args)
     write_tables(args.out, meta, records)
-    plots = write_plots(args.out, records)
-    print(f"[bench] wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {', '.join(str(p) for p in plots)} "
+    plots = write_plots(args.out, records) if args.what != "equivalence" else []   # no timings to plot
+    print(f"[bench] wrote {', '.join(str(p) for p in [args.out / 'results.json', args.out / 'results.md', *plots])} "
           f"in {meta['seconds']} s")
 
 

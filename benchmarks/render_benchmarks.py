@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from _capacity import markdown_section
-from _report import error_vs_floor
+from _report import equivalence_header, equivalence_row, error_vs_floor, weights_note
 from gpu_check import targets as gpu_targets
 
 HERE = Path(__file__).resolve().parent
@@ -146,10 +146,13 @@ def render_run(name: str, entry: Optional[dict]) -> str:
     if entry["kind"] == "gpu_check":
         return f"The GPU check's own summary, as it wrote it:\n\n{entry['data']['summary'].strip()}"
     meta, records = entry["data"]["meta"], entry["data"]["records"]
+    if meta["what"] == "equivalence":
+        return render_equivalence(name, meta, records)
     lines = ["```", _command(meta), "```", "",
              f"Provenance: {_provenance(meta)}  ",
              f"The run took {meta['seconds'] / 60:.1f} min; medians of {meta['repeats']} repeats after "
-             f"{meta['warmup']} warm-up, {meta['threads']} threads, {meta['device']}; memory: {meta['memory_method']}.",
+             f"{meta['warmup']} warm-up, {meta['threads']} threads, {meta['device']}; memory: {meta['memory_method']}.  ",
+             f"Errors: {weights_note(meta)}.",
              "",
              "| model | variant | mask | dtype | fwd ms | fwd+bwd ms | step ms | images/s | speed-up vs masked | peak MB "
              "| max abs err | max rel err | fp32 floor rel err | x floor |",
@@ -166,6 +169,23 @@ def render_run(name: str, entry: Optional[dict]) -> str:
         lines += ["", "Skipped (unavailable on that machine): "
                   + "; ".join(f"`{b}`: {why}" for b, why in meta["skipped"].items())]
     lines += ["", f"Plots and raw data: `benchmarks/results/{name}/`."]
+    return "\n".join(lines)
+
+
+def render_equivalence(name: str, meta: dict, records: list[dict]) -> str:
+    """The table of a ``--what equivalence`` run: errors only."""
+    lines = ["```", _command(meta), "```", "", f"Provenance: {_provenance(meta)}  ",
+             f"The run took {meta['seconds'] / 60:.1f} min, {meta['threads']} threads, {meta['device']}; "
+             f"{weights_note(meta)}.", "", *equivalence_header(), *map(equivalence_row, records)]
+    if meta.get("not_run"):
+        lines += ["", "Not run: " + "; ".join(f"{u['model']} mask {u['mask_ratio']} {u['dtype']}: {u['why']}"
+                                               for u in meta["not_run"])]
+    if meta.get("failed"):
+        lines += ["", "Failed (variant left out): " + "; ".join(
+            f"`{f['variant']}` on {f['model']} ({f['stage']}): {f['error']}" for f in meta["failed"])]
+    if meta.get("skipped"):
+        lines += ["", "Skipped (unavailable on that machine): "
+                  + "; ".join(f"`{b}`: {why}" for b, why in meta["skipped"].items())]
     return "\n".join(lines)
 
 

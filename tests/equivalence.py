@@ -27,25 +27,6 @@ def sparse_backend_params() -> list:
     return params
 
 
-#: timm starts residual branches switched off: the last BatchNorm's weight 0 in ResNets, ByobNets,
-#: CSPNets, RegNets and RepViT, NF-Nets' zero gains, GCNet's zero last conv, GRN's zero weight, ConvNeXt's
-#: and RDNet's layer scale 1e-6. Compared there, a branch's convs get exactly zero (or 1e-6-scaled)
-#: gradients on both sides and the features do not depend on them.
-SWITCHED_OFF_BELOW = 1e-4
-
-
-def switch_branches_on(encoder: nn.Module, seed: int = 0, low: float = 0.5, high: float = 1.5) -> None:
-    """Draw every parameter of ``encoder`` that is all zero or all below :data:`SWITCHED_OFF_BELOW` in
-    magnitude from U(low, high), in place, so whole-model comparisons exercise every residual branch.
-    (In eval mode, where BatchNorm uses its initial running statistics, a deep net's activations grow
-    with these gains: comparisons there draw smaller ones.)"""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in encoder.parameters():
-            if param.numel() and float(param.abs().max()) < SWITCHED_OFF_BELOW:
-                param.copy_(torch.empty(param.shape, dtype=param.dtype).uniform_(low, high, generator=gen))
-
-
 def draw_learnable_affines(module: nn.Module, seed: int = 5) -> None:
     """HGNet-V2's learnable affine blocks start as the identity (scale 1, bias 0): draw both from
     U(-1, 1.5), in place, so negative scales and biases let masked zeros and the stem's zero padding

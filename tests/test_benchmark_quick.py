@@ -41,6 +41,23 @@ def test_quick_run_writes_json_markdown_and_plots_within_tolerance(tmp_path):
     assert "| resnet18 | sparse |" in (tmp_path / "results.md").read_text()
 
 
+def test_an_equivalence_run_checks_every_variant_on_switched_on_branches_without_timing(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compare_backends.py"), "--what", "equivalence",
+                             "--models", "resnet18", "--input-size", "64", "--batch-size", "2", "--mask", "0.6",
+                             "--backends", "masked", "sparse", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {p.name for p in tmp_path.iterdir()} == {"results.json", "results.md"}      # nothing timed, no plots
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["meta"]["weights"] == "branches-on"
+    sparse = next(r for r in data["records"] if r["backend"] == "sparse")
+    assert sparse["fwd_bwd_ms"] is None and sparse["peak_mem_mb"] is None and sparse["timings"] == {}
+    # resnet18: 8 blocks' last BatchNorm weights and the 20 BatchNorm biases start at exactly zero
+    assert sparse["switched_on"] == 28
+    assert sparse["equivalence"]["masked_sites_nonzero"] == 0 and sparse["max_rel_err"] < 1e-1
+    assert "| masked sites nonzero |" in (tmp_path / "results.md").read_text()
+
+
 def test_quick_presets_yield_to_options_given_explicitly():
     quick = parse_args(["--quick"])
     assert {key: getattr(quick, key) for key in QUICK_PRESET} == QUICK_PRESET

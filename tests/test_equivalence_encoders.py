@@ -6,9 +6,9 @@ import torch
 from timm.optim import Lamb
 
 import spark_sparse as ss
+from spark_sparse.testing import switch_branches_on
 
-from equivalence import (assert_encoder_matches_timm, draw_learnable_affines, max_errors, sparse_backend_params,
-                         switch_branches_on)
+from equivalence import assert_encoder_matches_timm, draw_learnable_affines, max_errors, sparse_backend_params
 
 # model -> (input size, batch, timm kwargs). The timm families of issue 14 run at 64 px, batch 2, with
 # one block per stage where timm's constructor allows it (every layer type stays; the suite stays

@@ -21,8 +21,9 @@ from spark_sparse.backends.common import Elementwise, FeatureBatchNorm
 from spark_sparse.backends.fused import FusedBatchNormReLU
 from spark_sparse.kernels import ConvCall, ConvSpec, get_kernel, list_kernels
 from spark_sparse.speed import apply_speed_plan, estimate_max_batch, plan_speed
+from spark_sparse.testing import switch_branches_on
 
-from equivalence import max_errors, run_layer_pair, sparse_backend_params, switch_branches_on
+from equivalence import max_errors, run_layer_pair, sparse_backend_params
 from test_equivalence_layers import LAYERS, MASKS
 from test_kernels import SHAPES, TOLERANCE as KERNEL_TOLERANCE
 

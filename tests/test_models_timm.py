@@ -12,9 +12,10 @@ from click.testing import CliRunner
 import spark_sparse as ss
 from spark_sparse import ActiveMask
 from spark_sparse.models.timm_encoders import UnsuitableModelError
+from spark_sparse.testing import switch_branches_on
 
 from apptools import make_image_folder
-from equivalence import draw_learnable_affines, sparse_backend_params, switch_branches_on
+from equivalence import draw_learnable_affines, sparse_backend_params
 
 #: SparK-style defaults per family member: (drop path, densify norm)
 DEFAULTS = {"resnet50d": (0.05, "bn"), "seresnet50": (0.05, "bn"), "resnext50_32x4d": (0.05, "bn"),

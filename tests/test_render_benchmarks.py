@@ -121,6 +121,44 @@ def test_x_floor_is_the_worst_groups_abs_error_over_maskeds_fp32_floor():
     assert error_vs_floor({"dtype": "fp32"}) is None
 
 
+def test_the_worst_group_names_where_x_floor_comes_from():
+    from _report import worst_group
+
+    record = {"dtype": "fp32", "equivalence": _errors(loss=2e-7, grad_input=3e-6),
+              "fp32_noise_floor": _errors(loss=4e-7, grad_input=1e-6)}
+    assert worst_group(record) == "grad_input"
+    assert worst_group({**record, "equivalence": _errors(loss=0.0)}) == "-"
+
+
+@pytest.mark.parametrize("weights, note", [(None, "these errors do not cover them"),      # runs before --weights
+                                           ("init", "these errors do not cover them"),
+                                           ("branches-on", "drawn from U(0.5, 1.5)")])
+def test_a_speed_table_says_which_weights_its_errors_were_measured_on(tmp_path, weights, note):
+    root = _results(tmp_path, "cpu_x")
+    data = json.loads((root / "cpu_x" / "results.json").read_text())
+    if weights:
+        data["meta"]["weights"] = weights
+    (root / "cpu_x" / "results.json").write_text(json.dumps(data))
+    errors_line = next(line for line in rb.render("{{run cpu_x}}", rb.load_results(root)).splitlines()
+                       if line.startswith("Errors:"))
+    assert note in errors_line
+
+
+def test_an_equivalence_run_renders_errors_without_timing_columns(tmp_path):
+    root = _results(tmp_path, "cpu_eq")
+    data = json.loads((root / "cpu_eq" / "results.json").read_text())
+    data["meta"].update(what="equivalence", weights="branches-on")
+    for record in data["records"]:
+        record.update(batch_size=2, switched_on=69, fwd_ms=None, fwd_bwd_ms=None, speedup_vs_masked=None,
+                      equivalence={**_errors(loss=2e-7, grad_input=3e-6), "masked_sites_nonzero": 0},
+                      fp32_noise_floor={"max_rel_err": 5e-2, **_errors(loss=4e-7, grad_input=1e-6)})
+    (root / "cpu_eq" / "results.json").write_text(json.dumps(data))
+    text = rb.render("{{run cpu_eq}}", rb.load_results(root))
+    header = next(line for line in text.splitlines() if line.startswith("| model"))
+    assert "ms" not in header and "speed-up" not in header and header.endswith("| masked sites nonzero |")
+    assert "| resnet50 | sparse | 0.6 | fp32 | 2 | 69 | 1.0e-09 | 2.0e-06 | 5.0e-02 | 3.00 | grad_input | 0 |" in text
+
+
 def test_the_table_shows_x_floor_per_row(tmp_path):
     results = rb.load_results(_results(tmp_path, "cpu_x"))
     header = next(line for line in rb.render("{{run cpu_x}}", results).splitlines() if line.startswith("| model"))
