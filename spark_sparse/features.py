@@ -145,6 +145,11 @@ class FeatureMap:
 
     __iadd__ = __radd__ = __add__
 
+    def __sub__(self, other: "FeatureMap") -> "FeatureMap":
+        """The difference of two maps of the same sites (PoolFormer's ``pool(x) - x``)."""
+        self._check_same_sites(other, "subtract")
+        return self.with_data(self.data - other.data)
+
     def __mul__(self, factor: Union["FeatureMap", torch.Tensor, int, float]) -> "FeatureMap":
         """The features times one scalar (NF-Nets' ``x * beta``, ``attn_gain * x``), times a factor
         per channel written in NCHW, shape ``(1, C, 1, 1)`` or ``(C, 1, 1)`` (InceptionNeXt's layer

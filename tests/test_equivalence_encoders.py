@@ -54,6 +54,10 @@ ENCODERS = {
                                       "starnet_s1")},
     # GCNet's global context (softmax attention pooling over each image's active sites)
     "gcresnet33ts": (64, 2, {}),
+    # MetaFormers: LayerNorm, separable convs with StarReLU (nonzero at 0), per-channel residual scales
+    # (ConvFormer); pooling minus input and one-group GroupNorm (PoolFormer-V2)
+    "convformer_s18": (64, 2, {}),
+    "poolformerv2_s12": (64, 2, {}),
     # split into square and band (1 x k, k x 1) depthwise convs; per-channel layer scale, drawn at 1 (timm:
     # 1e-6, which would leave the residual branches out of the comparison)
     "inception_next_tiny": (64, 2, dict(depths=(1, 1, 1, 1), ls_init_value=1.0)),

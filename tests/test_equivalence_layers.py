@@ -8,6 +8,7 @@ from timm.layers import (BatchNormAct2d, Conv2dSame, EcaModule, EffectiveSEModul
 from timm.layers.grn import GlobalResponseNorm
 from timm.models._efficientnet_blocks import SqueezeExcite
 from timm.models.hgnet import LearnableAffineBlock
+from timm.models.metaformer import GroupNorm1NoBias, LayerNorm2dNoBias, Pooling, StarReLU
 
 from spark_sparse import ActiveMask
 from spark_sparse.backends.pools import ConstantPadMaxPool2d
@@ -85,6 +86,12 @@ LAYERS = {
     "eca": (lambda: randomized(EcaModule(channels=8)), 4, 8),
     "global_context": (lambda: randomized(GlobalContext(8, fuse_add=True, rd_channels=4)), 4, 8),
     "global_response_norm": (lambda: randomized(GlobalResponseNorm(8, channels_last=False)), 4, 8),
+    # ConvFormer's activation (nonzero at 0: scale * relu(x) ** 2 + bias) and its bias-free LayerNorm
+    "star_relu": (lambda: randomized(StarReLU()), 4, 8),
+    "layernorm_no_bias": (lambda: randomized(LayerNorm2dNoBias(8)), 4, 8),
+    # PoolFormer-V2's token mixer avgpool3x3(x) - x (padding not counted) and its one-group GroupNorm
+    "pooling_mixer": (lambda: Pooling(3), 4, 8),
+    "groupnorm1_no_bias": (lambda: randomized(GroupNorm1NoBias(8)), 4, 8),
 }
 
 MASKS = {   # name -> (batch, patch grid); images are grid * 32 px, so stride-4 maps are >= 56 px wide

@@ -158,6 +158,20 @@ def test_two_maps_of_the_same_sites_multiply_site_by_site(kind, mask):
 
 
 @pytest.mark.parametrize("kind", [MaskedDense, SparseRows])
+def test_two_maps_of_the_same_sites_subtract_and_others_are_refused(kind, mask):
+    """PoolFormer's ``pool(x) - x``: the difference of the dense maps, masked sites 0."""
+    a, b = _maps(kind, mask)
+    c = b.with_data(b.data * 0.5 - 1.0 if kind is SparseRows else (b.data * 0.5 - 1.0) * mask.dense_at(2))
+    difference = b - c
+    assert isinstance(difference, kind) and difference.mask is mask and difference.stride == 2
+    torch.testing.assert_close(difference.to_dense(), b.to_dense() - c.to_dense(), rtol=0, atol=0)
+    other_stride = kind(b.data, mask, 4)
+    for other in (other_stride, b.to_dense()):
+        with pytest.raises(ValueError, match="cannot subtract feature maps of different kinds, masks or strides"):
+            b - other
+
+
+@pytest.mark.parametrize("kind", [MaskedDense, SparseRows])
 def test_a_per_channel_factor_written_in_nchw_scales_each_channel(kind, mask):
     a, _ = _maps(kind, mask)
     gamma = torch.tensor([0.5, -2.0, 3.0])

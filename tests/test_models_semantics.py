@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from timm.layers import (BatchNormAct2d, Conv2dSame, EcaModule, GlobalContext, GroupNormAct, LayerScale2d,
                          MixedConv2d, ScaledStdConv2d, SEModule, StdConv2d)
 from timm.layers.grn import GlobalResponseNorm
+from timm.models.metaformer import GroupNorm1NoBias, LayerNorm2dNoBias, Pooling, StarReLU
 from timm.models.nfnet import GammaAct
 from timm.models._efficientnet_blocks import SqueezeExcite
 
@@ -63,6 +64,23 @@ def test_efficientnet_squeeze_excite_with_a_gate_nonzero_at_zero_keeps_masked_si
     se = randomized(SqueezeExcite(8, rd_channels=4, gate_layer=nn.Hardsigmoid)).double()
     out = _masked_run(se, _input(mask), mask)
     assert torch.all(out[~mask.dense_at(4).expand_as(out)] == 0)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_star_relu_runs_on_active_sites_and_its_bias_never_reaches_masked_ones(backend):
+    """ConvFormer's ``scale * relu(x) ** 2 + bias`` is ``bias`` at 0: a depthwise conv after it must not
+    read ``bias`` from masked sites (SparK's masked dense conv would, if the activation were not masked)."""
+    mask, act = _mask(), randomized(StarReLU()).double()
+    layer = nn.Sequential(act, randomized(nn.Conv2d(8, 8, 7, padding=3, groups=8)).double())
+    x = _input(mask)
+    converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(layer)))
+    site = mask.dense_at(4)
+    fmap = MaskedDense(x, mask, 4) if backend == "masked" else ss.SparseRows(
+        x.permute(0, 2, 3, 1)[site[:, 0]], mask, 4)
+    out = converted(fmap).to_dense()
+    expected = layer[1]((act.scale * torch.relu(x) ** 2 + act.bias) * site) * site
+    assert float(act.bias.detach().abs()) > 0.1
+    torch.testing.assert_close(out, expected)
 
 
 def test_eca_squeezes_over_active_sites_only():
@@ -153,10 +171,15 @@ def test_global_response_norm_gradient_is_finite_when_a_channel_is_zero_in_an_im
     lambda: nn.Upsample(scale_factor=2, mode="nearest"),
     lambda: GammaAct("silu", gamma=1.7),
     lambda: GlobalContext(8, fuse_add=True, rd_channels=4),
+    lambda: StarReLU(),
+    lambda: LayerNorm2dNoBias(8),
+    lambda: Pooling(3),
+    lambda: GroupNorm1NoBias(8),
 ], ids=["BatchNormAct2d", "GroupNormAct", "GroupNorm", "SEModule", "SqueezeExcite", "EcaModule",
         "GlobalResponseNorm", "StdConv2d", "ScaledStdConv2d", "AvgPool2d_resnet_d", "LayerScale2d",
         "Conv2dSame_3x3_s2", "Conv2dSame_depthwise_5x5_s2", "MixedConv2d_same_s2", "Upsample_nearest_x2", "GammaAct_silu",
-        "GlobalContext"])
+        "GlobalContext", "StarReLU", "LayerNorm2dNoBias", "Pooling",
+        "GroupNorm1NoBias"])
 def test_with_every_site_visible_the_layer_is_timms_dense_layer(backend, make):
     layer = randomized(make()).double()
     mask = ActiveMask.full(2, (2, 2))

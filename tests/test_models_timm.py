@@ -37,7 +37,8 @@ DEFAULTS = {"resnet50d": (0.05, "bn"), "seresnet50": (0.05, "bn"), "resnext50_32
             # detection and mobile backbones: CSPNeXt (RTMDet), FasterNet, RDNet, RepViT, LCNet-V2
             "cspnext_tiny": (0.0, "bn"), "fasternet_t0": (0.0, "bn"), "rdnet_tiny": (0.1, "ln"),
             "repvit_m0_9": (0.0, "bn"), "lcnetv2_small": (0.0, "bn"), "starnet_s1": (0.0, "bn"),
-            "gcresnet33ts": (0.05, "bn")}
+            "gcresnet33ts": (0.05, "bn"), "convformer_s18": (0.1, "ln"),
+            "poolformerv2_s12": (0.1, "ln")}
 FAMILY_MODELS = list(DEFAULTS)
 
 
@@ -131,6 +132,8 @@ def test_an_rms_norm_convnext_runs_by_its_timm_name_with_sparks_layernorm_densif
 @pytest.mark.parametrize("name,error,match", [
     ("efficientnet_cc_b0_4e", ss.UnsupportedModuleError, r"'model\.blocks\.4\.0' of type .*CondConvResidual"),
     ("tresnet_m", ss.UnsupportedModuleError, r"'model' of type .*TResNet"),
+    ("caformer_s18", ss.UnsupportedModuleError, r"model\.stages\.2: a MetaFormer stage of Attention blocks .* "
+                                                 r"masked positions included"),
     ("vit_tiny_patch16_224", UnsuitableModelError, r"no feature map at stride\(s\) \[4, 8, 32\]"),
     # timm's own forward refuses other sizes: a bare assert (BoTNet), a shape error (LambdaNet)
     ("botnet26t_256", UnsuitableModelError, r"'botnet26t_256' .* fails on a 64px image \(AssertionError: no message\)"),

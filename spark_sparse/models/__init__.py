@@ -20,6 +20,7 @@ from . import inception_next  # noqa: F401  (registers inception_next_tiny)
 from . import senet  # noqa: F401  (registers legacy_seresnet18)
 from . import reparameterised  # noqa: F401  (registers repvit_m0_9, lcnetv2_small)
 from . import starnet  # noqa: F401  (registers starnet_s1)
+from . import metaformer  # noqa: F401  (registers convformer_s18, poolformerv2_s12)
 from . import example  # noqa: F401  (registers tiny_cnn)
 
 __all__ = ["MODEL_ALIASES", "HierarchicalEncoder", "UnknownModelError", "create_encoder", "list_models",
