@@ -38,7 +38,7 @@ DEFAULTS = {"resnet50d": (0.05, "bn"), "seresnet50": (0.05, "bn"), "resnext50_32
             "cspnext_tiny": (0.0, "bn"), "fasternet_t0": (0.0, "bn"), "rdnet_tiny": (0.1, "ln"),
             "repvit_m0_9": (0.0, "bn"), "lcnetv2_small": (0.0, "bn"), "starnet_s1": (0.0, "bn"),
             "gcresnet33ts": (0.05, "bn"), "convformer_s18": (0.1, "ln"),
-            "poolformerv2_s12": (0.1, "ln")}
+            "poolformerv2_s12": (0.1, "ln"), "fastvit_t8": (0.0, "bn")}
 FAMILY_MODELS = list(DEFAULTS)
 
 
@@ -134,6 +134,7 @@ def test_an_rms_norm_convnext_runs_by_its_timm_name_with_sparks_layernorm_densif
     ("tresnet_m", ss.UnsupportedModuleError, r"'model' of type .*TResNet"),
     ("caformer_s18", ss.UnsupportedModuleError, r"model\.stages\.2: a MetaFormer stage of Attention blocks .* "
                                                  r"masked positions included"),
+    ("fastvit_sa12", ss.UnsupportedModuleError, r"stages\.3\.blocks\.0\.token_mixer: FastViT's attention"),
     ("vit_tiny_patch16_224", UnsuitableModelError, r"no feature map at stride\(s\) \[4, 8, 32\]"),
     # timm's own forward refuses other sizes: a bare assert (BoTNet), a shape error (LambdaNet)
     ("botnet26t_256", UnsuitableModelError, r"'botnet26t_256' .* fails on a 64px image \(AssertionError: no message\)"),
