@@ -15,7 +15,9 @@ channel bookkeeping of concatenating nets (``torch.cat`` / ``torch.split`` / ``t
 ``.split`` / ``.chunk`` along ``dim=1``, channel slices ``x[:, a:b]``: CSPNet, DenseNet, VoVNet,
 Res2Net, GhostNet), so a block written once runs on every backend. Channels are dimension 1
 of both layouts (``[B, C, H, W]`` and ``[N, C]``), and every part of a split, like every input of a
-concatenation, has the same active sites, so these are exact on both.
+concatenation, has the same active sites, so these are exact on both. Channels-last blocks
+(MambaOut) permute a map to NHWC and back: :class:`ChannelsLastView` is the same map with the last
+dimension as its channels.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ import torch
 from .errors import SparkSparseError
 from .mask import ActiveMask
 
-__all__ = ["FeatureMap", "MaskedDense", "SparseRows", "UnsupportedFeatureOperation", "UnsupportedFeatureMethod", "sample_drop_path_keep"]
+__all__ = ["FeatureMap", "MaskedDense", "SparseRows", "ChannelsLastView", "UnsupportedFeatureOperation",
+           "UnsupportedFeatureMethod", "sample_drop_path_keep"]
 
 
 class UnsupportedFeatureOperation(SparkSparseError, TypeError):
@@ -36,7 +39,7 @@ class UnsupportedFeatureOperation(SparkSparseError, TypeError):
 
 class UnsupportedFeatureMethod(UnsupportedFeatureOperation, AttributeError):
     """A model's forward called a ``torch.Tensor`` method a feature map does not define (``x.clone()``,
-    ``x.permute(...)``). Also an ``AttributeError``, so ``hasattr`` still answers False."""
+    ``x.view(...)``). Also an ``AttributeError``, so ``hasattr`` still answers False."""
 
 
 #: what a block's forward may do with feature maps, and the ways out (every refusal ends with it)
@@ -91,6 +94,16 @@ def _is_scalar(value: object) -> bool:
 
 def _is_whole_slice(value: object) -> bool:
     return isinstance(value, slice) and value == slice(None)
+
+
+#: ``permute`` orders between the NCHW spelling and the NHWC one of channels-last blocks
+_TO_CHANNELS_LAST, _TO_CHANNELS_FIRST = (0, 2, 3, 1), (0, 3, 1, 2)
+
+
+def _permutation(dims: tuple) -> tuple:
+    """``permute``'s arguments as one tuple: ``x.permute(0, 2, 3, 1)`` and ``x.permute((0, 2, 3, 1))``."""
+    order = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else tuple(dims)
+    return tuple(d % 4 if isinstance(d, int) and -4 <= d < 4 else d for d in order)
 
 
 class FeatureMap:
@@ -216,6 +229,17 @@ class FeatureMap:
         """Itself: a model's ``.contiguous()`` is about memory layout, which each backend manages."""
         return self
 
+    def permute(self, *dims) -> "ChannelsLastView":
+        """``x.permute(0, 2, 3, 1)``, NCHW -> NHWC, as channels-last blocks write it (MambaOut): the same
+        map seen channels last (:class:`ChannelsLastView`). Any other order would move images, sites or
+        channels into each other's places and is refused."""
+        order = _permutation(dims)
+        if order != _TO_CHANNELS_LAST:
+            raise UnsupportedFeatureOperation(
+                f"a SparK feature map can be permuted to channels last only, x.permute(0, 2, 3, 1), got "
+                f"permute{order}")
+        return ChannelsLastView(self)
+
     @classmethod
     def concat_channels(cls, maps: Sequence["FeatureMap"], dim: int = 1) -> "FeatureMap":
         """Maps of the same sites (same kind, mask and stride), their channels concatenated in order."""
@@ -243,13 +267,15 @@ class FeatureMap:
             return args[0].split(*args[1:], **kwargs)
         if func in (torch.chunk, torch.Tensor.chunk):
             return args[0].chunk(*args[1:], **kwargs)
+        if func in (torch.permute, torch.Tensor.permute):
+            return args[0].permute(*args[1:], **kwargs)
         name = getattr(func, "__name__", repr(func))
         raise UnsupportedFeatureOperation(f"torch.{name} is not defined on SparK feature maps: {_ALLOWED_IN_A_BLOCK}")
 
     def __getattr__(self, name: str):
         """Reached only for names the map does not define: a ``torch.Tensor`` method is refused like an
-        unsupported torch function, naming it (timm's FasterNet ``x.clone()``, MetaFormer's
-        ``x.permute(...)``), instead of a bare AttributeError about the map's class."""
+        unsupported torch function, naming it (timm's FasterNet ``x.clone()``, ``x.view(...)``), instead
+        of a bare AttributeError about the map's class."""
         if name.startswith("__") or not hasattr(torch.Tensor, name):
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         raise UnsupportedFeatureMethod(f"Tensor.{name} is not defined on SparK feature maps: {_ALLOWED_IN_A_BLOCK}")
@@ -340,3 +366,148 @@ class SparseRows(FeatureMap):
         out = self.data.new_zeros(grid.shape[0], grid.shape[2], grid.shape[3], self.channels)
         out[b, y, x] = self.data
         return out.permute(0, 3, 1, 2)
+
+
+#: the channel dimension in the NHWC spelling of channels-last blocks (``dim=-1`` or ``dim=3``)
+_CHANNELS_LAST_DIMS = (-1, 3)
+
+
+class ChannelsLastView:
+    """A feature map as a channels-last block sees it after ``x.permute(0, 2, 3, 1)`` (MambaOut's
+    blocks and stem run NHWC: channels-last LayerNorm and Linear layers, ``torch.split`` /
+    ``torch.cat`` along ``dim=-1``).
+
+    The sites and values are the map's own; only the meaning of "the last dimension" changes, so
+    what a channels-last block does is exact on every backend: per-site layers (Linear, channels-last
+    LayerNorm, activations, drop path) go through :meth:`per_site` / :meth:`elementwise` like on the
+    map, adds and site-by-site products of views of the same sites, splits and concatenations along
+    ``dim=-1``, a per-channel factor of shape ``(C,)`` (timm's ``LayerScale``), and
+    ``x.permute(0, 3, 1, 2)`` back to the map. Anything that reads the channels-first layout (a
+    conv, a pool, BatchNorm, LayerNorm2d) is refused on a view: in the dense model it would read
+    the wrong dimension.
+    """
+
+    def __init__(self, channels_first: FeatureMap):
+        self.channels_first = channels_first
+
+    @property
+    def mask(self) -> ActiveMask:
+        return self.channels_first.mask
+
+    @property
+    def stride(self) -> int:
+        return self.channels_first.stride
+
+    @property
+    def channels(self) -> int:
+        return self.channels_first.channels
+
+    def permute(self, *dims) -> FeatureMap:
+        order = _permutation(dims)
+        if order != _TO_CHANNELS_FIRST:
+            raise UnsupportedFeatureOperation(
+                f"a channels-last view of a SparK feature map can be permuted back to channels first only, "
+                f"x.permute(0, 3, 1, 2), got permute{order}")
+        return self.channels_first
+
+    def per_site(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "ChannelsLastView":
+        return ChannelsLastView(self.channels_first.per_site(fn))
+
+    def elementwise(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "ChannelsLastView":
+        return ChannelsLastView(self.channels_first.elementwise(fn))
+
+    def drop_path(self, drop_prob: float, training: bool, scale_by_keep: bool = True) -> "ChannelsLastView":
+        return ChannelsLastView(self.channels_first.drop_path(drop_prob, training, scale_by_keep))
+
+    def contiguous(self) -> "ChannelsLastView":
+        return self
+
+    def _same_sites(self, other: object, operation: str) -> FeatureMap:
+        if not isinstance(other, ChannelsLastView):
+            raise UnsupportedFeatureOperation(
+                f"cannot {operation} a channels-last view of a SparK feature map and a "
+                f"{type(other).__name__}: both must be views of maps of the same sites")
+        return other.channels_first
+
+    def __add__(self, other: Union["ChannelsLastView", int, float]) -> "ChannelsLastView":
+        if _is_zero_scalar(other):
+            return self
+        return ChannelsLastView(self.channels_first + self._same_sites(other, "add"))
+
+    __iadd__ = __radd__ = __add__
+
+    def __sub__(self, other: "ChannelsLastView") -> "ChannelsLastView":
+        return ChannelsLastView(self.channels_first - self._same_sites(other, "subtract"))
+
+    def __mul__(self, factor: Union["ChannelsLastView", torch.Tensor, int, float]) -> "ChannelsLastView":
+        """Times a view of the same sites and channels (MambaOut's gate ``act(g) * cat(i, c)``), one
+        scalar, or a per-channel factor written channels last, ``(C,)`` or ``(1, 1, 1, C)``."""
+        if isinstance(factor, ChannelsLastView):
+            return ChannelsLastView(self.channels_first * factor.channels_first)
+        if isinstance(factor, torch.Tensor) and not _is_scalar(factor):
+            if factor.shape not in ((self.channels,), (1, 1, 1, self.channels)):
+                raise UnsupportedFeatureOperation(
+                    f"a channels-last view of a SparK feature map can be multiplied by one scalar, a per-channel "
+                    f"factor of shape ({self.channels},) or a view of the same sites only, not by a tensor of "
+                    f"shape {tuple(factor.shape)}")
+            factor = factor.reshape(1, self.channels, 1, 1)
+        return ChannelsLastView(self.channels_first * factor)
+
+    __rmul__ = mul = __mul__
+
+    def mul_(self, factor: Union[torch.Tensor, int, float]) -> "ChannelsLastView":
+        """``x.mul_(gamma)`` (timm's in-place ``LayerScale``): this view holds the product afterwards."""
+        self.channels_first = (self * factor).channels_first
+        return self
+
+    def split(self, split_size_or_sections: Union[int, Sequence[int]], dim: int = 0) -> tuple["ChannelsLastView", ...]:
+        parts = self.channels_first.split(split_size_or_sections, dim=_channels_last_dim(dim, "split"))
+        return tuple(ChannelsLastView(part) for part in parts)
+
+    def chunk(self, chunks: int, dim: int = 0) -> tuple["ChannelsLastView", ...]:
+        parts = self.channels_first.chunk(chunks, dim=_channels_last_dim(dim, "chunk"))
+        return tuple(ChannelsLastView(part) for part in parts)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        """``torch.cat`` / ``torch.split`` / ``torch.chunk`` along ``dim=-1`` and ``torch.permute`` back;
+        any other torch function is refused as on a feature map."""
+        kwargs = dict(kwargs or {})
+        if func in (torch.cat, torch.concat):
+            views = list(args[0] if args else kwargs.pop("tensors"))
+            dim = _channels_last_dim(args[1] if len(args) > 1 else kwargs.pop("dim", 0), "concatenation")
+            if not all(isinstance(v, ChannelsLastView) for v in views):
+                raise UnsupportedFeatureOperation("torch.cat of channels-last views takes such views only, got: "
+                                                  + ", ".join(type(v).__name__ for v in views))
+            return ChannelsLastView(FeatureMap.concat_channels([v.channels_first for v in views], dim))
+        if func in (torch.split, torch.Tensor.split):
+            return args[0].split(*args[1:], **kwargs)
+        if func in (torch.chunk, torch.Tensor.chunk):
+            return args[0].chunk(*args[1:], **kwargs)
+        if func in (torch.permute, torch.Tensor.permute):
+            return args[0].permute(*args[1:], **kwargs)
+        name = getattr(func, "__name__", repr(func))
+        raise UnsupportedFeatureOperation(f"torch.{name} is not defined on a channels-last view of SparK feature "
+                                          f"maps: {_ALLOWED_IN_A_BLOCK}")
+
+    def __getattr__(self, name: str):
+        """Reached for what a view does not define: the layout-reading parts of a feature map (``data``,
+        ``active_rows``, ... which convs, pools and BatchNorm read) and torch.Tensor methods."""
+        if name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        raise UnsupportedFeatureMethod(
+            f"{name!r} of a channels-last view (x.permute(0, 2, 3, 1)) of a SparK feature map: a layer that reads "
+            f"the channels-first layout (a conv, a pool, BatchNorm, LayerNorm2d) would read another dimension "
+            f"of an NHWC tensor in the dense model; permute back with x.permute(0, 3, 1, 2) first")
+
+    def __repr__(self) -> str:
+        return f"ChannelsLastView({self.channels_first!r})"
+
+
+def _channels_last_dim(dim: int, operation: str) -> int:
+    """1 (the map's channel dimension) for the last dimension of a channels-last view, or an error."""
+    if dim not in _CHANNELS_LAST_DIMS:
+        raise UnsupportedFeatureOperation(
+            f"{operation} of a channels-last view of SparK feature maps works along channels only (dim=-1), got "
+            f"dim={dim}: other dimensions would mix images or sites, which have no meaning on active sites")
+    return 1

@@ -60,6 +60,9 @@ ENCODERS = {
     "poolformerv2_s12": (64, 2, {}),
     # FastViT: MobileOne branches summed from 0, RepMixer's mixer(x) - norm(x), layer scales
     "fastvit_t8": (64, 2, {}),
+    # MambaOut: channels-last blocks (NHWC LayerNorm, Linear, split/cat along dim=-1, a gate product),
+    # permuted to NCHW around each conv
+    "mambaout_tiny": (64, 2, {}),
     # split into square and band (1 x k, k x 1) depthwise convs; per-channel layer scale, drawn at 1 (timm:
     # 1e-6, which would leave the residual branches out of the comparison)
     "inception_next_tiny": (64, 2, dict(depths=(1, 1, 1, 1), ls_init_value=1.0)),

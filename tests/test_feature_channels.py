@@ -182,16 +182,84 @@ def test_a_per_channel_factor_written_in_nchw_scales_each_channel(kind, mask):
 
 @pytest.mark.parametrize("kind", [MaskedDense, SparseRows])
 def test_a_tensor_method_a_map_does_not_define_is_refused_by_name(kind, mask):
-    """FasterNet's inference-only ``x.clone()`` and MetaFormer's ``x.permute(...)`` get the refusal of
+    """FasterNet's inference-only ``x.clone()`` and a reshaping ``x.view(...)`` get the refusal of
     an unsupported torch function, naming the method; other missing names stay plain AttributeErrors."""
     from spark_sparse.features import UnsupportedFeatureMethod
 
     a, _ = _maps(kind, mask)
-    for call in (lambda: a.clone(), lambda: a.permute(0, 2, 3, 1)):
-        with pytest.raises(ss.UnsupportedFeatureOperation, match=r"Tensor\.(clone|permute) is not defined on SparK"):
+    for call in (lambda: a.clone(), lambda: a.view(2, -1)):
+        with pytest.raises(ss.UnsupportedFeatureOperation, match=r"Tensor\.(clone|view) is not defined on SparK"):
             call()
     assert not hasattr(a, "clone")                              # still an AttributeError for hasattr
     with pytest.raises(AttributeError) as missing:
         a.no_such_attribute
     assert not isinstance(missing.value, UnsupportedFeatureMethod)
     assert torch.equal(copy.deepcopy(a).data, a.data)           # copy's dunder lookups are untouched
+
+
+# ---------------------------------------------------------------- channels-last views (MambaOut's NHWC blocks)
+def _nhwc(dense: torch.Tensor) -> torch.Tensor:
+    return dense.permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("kind", [MaskedDense, SparseRows])
+def test_a_channels_last_view_is_the_same_map_and_permutes_back_to_it(kind, mask):
+    from spark_sparse.features import ChannelsLastView
+
+    a, _ = _maps(kind, mask)
+    for view in (a.permute(0, 2, 3, 1), a.permute((0, 2, 3, 1)), a.permute(0, -2, -1, 1), torch.permute(a, (0, 2, 3, 1))):
+        assert isinstance(view, ChannelsLastView) and view.mask is mask and view.stride == 2 and view.channels == 3
+        assert view.permute(0, 3, 1, 2) is a and torch.permute(view, (0, 3, 1, 2)) is a
+    for order in ((0, 1, 3, 2), (0, 3, 1, 2), (1, 0, 2, 3)):
+        with pytest.raises(ss.UnsupportedFeatureOperation, match=r"permuted to channels last only"):
+            a.permute(*order)
+    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"back to channels first only"):
+        a.permute(0, 2, 3, 1).permute(0, 1, 3, 2)
+
+
+@pytest.mark.parametrize("kind", [MaskedDense, SparseRows])
+def test_a_channels_last_block_computes_on_the_view_what_it_computes_on_the_nhwc_tensor(kind, mask):
+    """MambaOut's gated block in miniature: Linear, split along dim=-1, a gate product, cat along dim=-1,
+    a per-channel (C,) factor, a residual add; compared with the same code on the dense NHWC tensor."""
+    a, _ = _maps(kind, mask)
+    site = _nhwc(mask.dense_at(2).float())
+    fc = torch.nn.Linear(3, 6)
+    gamma = torch.tensor([0.5, -1.0, 2.0])
+
+    def block(x, linear, act):
+        g, i, c = torch.split(linear(x), (3, 1, 2), dim=-1)
+        return act(g) * torch.cat((i, c), dim=-1) * gamma + x
+
+    gelu = torch.nn.functional.gelu
+    view = a.permute(0, 2, 3, 1)
+    ours = block(view, lambda v: v.per_site(fc), lambda v: v.elementwise(gelu)).permute(0, 3, 1, 2).to_dense()
+    dense = block(_nhwc(a.to_dense()), lambda t: fc(t) * site, gelu)      # SparK masks a Linear's bias
+    torch.testing.assert_close(ours, dense.permute(0, 3, 1, 2) * site.permute(0, 3, 1, 2), rtol=1e-6, atol=1e-6)
+    assert torch.all(ours[~mask.dense_at(2).expand_as(ours)] == 0)
+
+
+@pytest.mark.parametrize("kind", [MaskedDense, SparseRows])
+def test_a_channels_last_view_refuses_what_would_read_another_dimension(kind, mask):
+    """Per-channel factors are (C,) on a view and (C, 1, 1) on a map, each refused on the other; what a
+    conv, pool or BatchNorm reads of a map is refused on a view; a channels-first norm refuses a view."""
+    from timm.layers import LayerNorm, LayerNorm2d
+
+    a, b = _maps(kind, mask)
+    view = a.permute(0, 2, 3, 1)
+    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"per-channel factor of shape \(3,\)"):
+        view * torch.ones(3, 1, 1)
+    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"per-channel factor of shape \(1, 3, 1, 1\)"):
+        a * torch.ones(3)
+    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"along channels only \(dim=-1\), got dim=1"):
+        torch.split(view, 1, dim=1)
+    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"'data' of a channels-last view .* permute back"):
+        view.data
+    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"cannot add a channels-last view .* and a"):
+        view + a
+    backend = ss.create_backend("masked" if kind is MaskedDense else "sparse")
+    for layer in (torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.BatchNorm2d(3), LayerNorm2d(3)):
+        with pytest.raises(ss.UnsupportedFeatureOperation, match=r"channels-last view"):
+            backend.convert(torch.nn.Sequential(layer))(view)
+    normed = backend.convert(torch.nn.Sequential(LayerNorm(3)))(view)          # a channels-last LayerNorm
+    torch.testing.assert_close(normed.permute(0, 3, 1, 2).to_dense(),
+                               backend.convert(torch.nn.Sequential(LayerNorm2d(3)))(a).to_dense())

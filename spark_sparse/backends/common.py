@@ -17,7 +17,7 @@ from timm.layers import DropPath, LayerNorm, LayerNorm2d, RmsNorm, RmsNorm2d, Si
 from timm.layers import activations as timm_act
 from timm.layers.fast_norm import rms_norm, simple_norm
 
-from ..features import FeatureMap
+from ..features import ChannelsLastView, FeatureMap, UnsupportedFeatureOperation
 from ..kernels.base import int_pair
 
 __all__ = ["adopt_state", "FeatureBatchNorm", "FeatureSyncBatchNorm", "FeatureLayerNorm", "FeatureChannelNorm",
@@ -69,16 +69,37 @@ class FeatureSyncBatchNorm(nn.SyncBatchNorm):
         return adopt_state(new, bn)
 
 
+#: timm's norms over dimension 1 of an NCHW tensor (the others normalise its last dimension)
+CHANNELS_FIRST_NORMS = (LayerNorm2d, RmsNorm2d, SimpleNorm2d)
+
+
+def refuse_channels_last_view(x: object, layer: str) -> None:
+    """A channels-first norm given a channels-last view (``x.permute(0, 2, 3, 1)``) would normalise the
+    width of the dense model's NHWC tensor, not its channels: refused."""
+    if isinstance(x, ChannelsLastView):
+        raise UnsupportedFeatureOperation(
+            f"{layer} normalises dimension 1 of an NCHW tensor, but it was given a channels-last view "
+            f"(x.permute(0, 2, 3, 1)), whose dimension 1 is the height in the dense model")
+
+
 class FeatureLayerNorm(nn.LayerNorm):
-    """LayerNorm over the channels of each active site (timm's ``LayerNorm`` and ``LayerNorm2d``)."""
+    """LayerNorm over the channels of each active site (timm's ``LayerNorm`` and ``LayerNorm2d``).
+
+    ``channels_first`` (``LayerNorm2d``) refuses a channels-last view; a channels-last LayerNorm
+    takes a view or a map (ConvNeXt's block converter passes the map)."""
+
+    channels_first: bool = False
 
     def forward(self, x: FeatureMap) -> FeatureMap:
+        if self.channels_first:
+            refuse_channels_last_view(x, "LayerNorm2d")
         return x.per_site(lambda v: F.layer_norm(v, self.normalized_shape, self.weight, self.bias, self.eps))
 
     @classmethod
     def from_dense(cls, backend, ln: nn.LayerNorm, name: str = "") -> "FeatureLayerNorm":
         new = cls(ln.normalized_shape, eps=ln.eps, elementwise_affine=ln.elementwise_affine,
                   bias=ln.bias is not None)
+        new.channels_first = isinstance(ln, CHANNELS_FIRST_NORMS)
         return adopt_state(new, ln)
 
 
@@ -87,11 +108,14 @@ class FeatureChannelNorm(nn.Module):
     site, through timm's own channels-last function (the 2d layers compute the same over ``dim=1``)."""
 
     def __init__(self, normalized_shape: tuple[int, ...], eps: float,
-                 function: Callable[..., torch.Tensor]):
+                 function: Callable[..., torch.Tensor], channels_first: bool = False):
         super().__init__()
         self.normalized_shape, self.eps, self.function = tuple(normalized_shape), eps, function
+        self.channels_first = channels_first
 
     def forward(self, x: FeatureMap) -> FeatureMap:
+        if self.channels_first:
+            refuse_channels_last_view(x, self.function.__name__)
         return x.per_site(lambda v: self.function(v, self.normalized_shape, self.weight, self.eps))
 
     def extra_repr(self) -> str:
@@ -101,7 +125,8 @@ class FeatureChannelNorm(nn.Module):
     def converter(cls, function: Callable[..., torch.Tensor]) -> Callable:
         """The converter of a timm norm whose per-site maths is ``function(x, shape, weight, eps)``."""
         def convert(backend, norm: nn.Module, name: str = "") -> "FeatureChannelNorm":
-            return adopt_state(cls(norm.normalized_shape, norm.eps, function), norm)
+            return adopt_state(cls(norm.normalized_shape, norm.eps, function,
+                                   channels_first=isinstance(norm, CHANNELS_FIRST_NORMS)), norm)
         return convert
 
 

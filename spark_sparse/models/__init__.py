@@ -22,6 +22,7 @@ from . import reparameterised  # noqa: F401  (registers repvit_m0_9, lcnetv2_sma
 from . import starnet  # noqa: F401  (registers starnet_s1)
 from . import metaformer  # noqa: F401  (registers convformer_s18, poolformerv2_s12)
 from . import fastvit  # noqa: F401  (registers fastvit_t8)
+from . import mambaout  # noqa: F401  (registers mambaout_tiny)
 from . import example  # noqa: F401  (registers tiny_cnn)
 
 __all__ = ["MODEL_ALIASES", "HierarchicalEncoder", "UnknownModelError", "create_encoder", "list_models",
