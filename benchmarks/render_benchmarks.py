@@ -28,6 +28,9 @@ Placeholders in the template (``{{directive folder key=value ...}}``):
 - ``{{worst NAME variant=V against=A,B field=F}}``: over every configuration (model, mask, dtype,
   batch) of a run, the smallest ratio of the fastest of ``A, B`` to ``V`` in ``F`` (e.g. ``fwd_bwd_ms``):
   >= 1 means ``V`` was never slower than the best of the others.
+- ``{{maxfloor NAME [variant=V]}}``: the largest "x floor" over a run's fp32 rows other than
+  ``masked``'s (or ``V``'s rows only);
+- ``{{nonzero NAME}}``: feature values at masked sites that are not exactly 0, over every row (``fmt=d``);
 - ``{{gpu PREFIX}}``: every committed GPU check, i.e. folders ``PREFIX_<card>_encoder``,
   ``PREFIX_<card>_step``, ``PREFIX_<card>_data`` (``gpu_check.sh``'s ``encoder/``, ``step/`` and
   ``data/`` copied there) and ``PREFIX_<card>_check`` (its ``gpu_check.md`` and ``pytest_gpu.log``):
@@ -315,8 +318,26 @@ def _worst(entry: dict, args: dict) -> float:
     return min(ratios)
 
 
+def _maxfloor(entry: dict, args: dict) -> float:
+    """The largest "x floor" (:func:`~_report.error_vs_floor`) over the fp32 rows of a run other than
+    ``masked``'s, or over ``variant``'s rows only."""
+    ratios = [error_vs_floor(r) for r in entry["data"]["records"]
+              if r["backend"] != "masked" and args.get("variant", r["backend"]) == r["backend"]]
+    ratios = [ratio for ratio in ratios if ratio is not None]
+    if not ratios:
+        which = f" of {args['variant']}" if "variant" in args else ""
+        raise TemplateError(f"no fp32 row{which} with errors against masked in the run")
+    return max(ratios)
+
+
+def _nonzero(entry: dict, args: dict) -> int:
+    """Feature values at masked sites that are not exactly 0, summed over every row of a run."""
+    return sum(r["equivalence"]["masked_sites_nonzero"] for r in entry["data"]["records"])
+
+
 FIGURES: dict[str, Callable[[dict, dict], float]] = {"value": _value, "count": _count, "ratio": _ratio, "part": _part,
-                                                     "ref": _ref, "worst": _worst}
+                                                     "ref": _ref, "worst": _worst, "maxfloor": _maxfloor,
+                                                     "nonzero": _nonzero}
 
 
 def _with_target(value: float, fmt: str, target: str, suffix: str) -> str:

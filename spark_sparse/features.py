@@ -48,16 +48,19 @@ _ALLOWED_IN_A_BLOCK = ("a block's forward may call its children, add, and cat/sp
                        "model without the option that calls it")
 
 
-#: the channel dimension in the NCHW spelling a model's own code uses (``dim=1`` or ``dim=-3``)
-_CHANNEL_DIMS = (1, -3)
+#: the channel dimension in the NCHW spelling a model's own code uses (``dim=1`` or ``dim=-3``), and in the
+#: NHWC spelling of channels-last blocks (``dim=-1`` or ``dim=3``)
+_CHANNEL_DIMS, _CHANNELS_LAST_DIMS = (1, -3), (-1, 3)
 
 
-def _channel_dim(dim: int, operation: str) -> int:
-    """1, the channel dimension of both layouts, or an error: other dimensions mix sites or images."""
-    if dim not in _CHANNEL_DIMS:
+def _channel_dim(dim: int, operation: str, channels_last: bool = False) -> int:
+    """1, the channel dimension of both layouts, for ``dim`` naming channels in the model's spelling (NCHW,
+    or NHWC on a channels-last view), or an error: other dimensions mix sites or images."""
+    if dim not in (_CHANNELS_LAST_DIMS if channels_last else _CHANNEL_DIMS):
+        of = "a channels-last view of SparK feature maps" if channels_last else "SparK feature maps"
         raise UnsupportedFeatureOperation(
-            f"{operation} of SparK feature maps works along channels only (dim=1), got dim={dim}: other "
-            f"dimensions would mix images or sites, which have no meaning on active sites")
+            f"{operation} of {of} works along channels only (dim={-1 if channels_last else 1}), got dim={dim}: "
+            f"other dimensions would mix images or sites, which have no meaning on active sites")
     return 1
 
 
@@ -104,6 +107,25 @@ def _permutation(dims: tuple) -> tuple:
     """``permute``'s arguments as one tuple: ``x.permute(0, 2, 3, 1)`` and ``x.permute((0, 2, 3, 1))``."""
     order = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else tuple(dims)
     return tuple(d % 4 if isinstance(d, int) and -4 <= d < 4 else d for d in order)
+
+
+#: torch functions that feature maps (and their channels-last views) answer with their own method
+_FUNCTIONS_AS_METHODS = {torch.split: "split", torch.Tensor.split: "split", torch.chunk: "chunk",
+                         torch.Tensor.chunk: "chunk", torch.permute: "permute", torch.Tensor.permute: "permute"}
+
+
+def _dispatch_torch_function(func, args: tuple, kwargs: Optional[dict], concat: Callable, what: str):
+    """``__torch_function__`` of feature maps and views: ``torch.cat`` / ``torch.concat`` by ``concat(maps,
+    dim)``, split / chunk / permute by the first argument's method; any other function refused."""
+    kwargs = dict(kwargs or {})
+    if func in (torch.cat, torch.concat):
+        maps = args[0] if args else kwargs.pop("tensors")
+        dim = args[1] if len(args) > 1 else kwargs.pop("dim", 0)       # torch's default, 0: an error there
+        return concat(maps, dim)
+    if func in _FUNCTIONS_AS_METHODS:
+        return getattr(args[0], _FUNCTIONS_AS_METHODS[func])(*args[1:], **kwargs)
+    name = getattr(func, "__name__", repr(func))
+    raise UnsupportedFeatureOperation(f"torch.{name} is not defined on {what}: {_ALLOWED_IN_A_BLOCK}")
 
 
 class FeatureMap:
@@ -258,19 +280,7 @@ class FeatureMap:
         """``torch.cat`` / ``torch.concat`` / ``torch.split`` / ``torch.chunk`` on feature maps, along
         channels; any other torch function is an error (a model's forward must not see raw tensors of a
         layout that differs per backend)."""
-        kwargs = dict(kwargs or {})
-        if func in (torch.cat, torch.concat):
-            maps = args[0] if args else kwargs.pop("tensors")
-            dim = args[1] if len(args) > 1 else kwargs.pop("dim", 0)       # torch's default, 0: an error here
-            return cls.concat_channels(maps, dim)
-        if func in (torch.split, torch.Tensor.split):
-            return args[0].split(*args[1:], **kwargs)
-        if func in (torch.chunk, torch.Tensor.chunk):
-            return args[0].chunk(*args[1:], **kwargs)
-        if func in (torch.permute, torch.Tensor.permute):
-            return args[0].permute(*args[1:], **kwargs)
-        name = getattr(func, "__name__", repr(func))
-        raise UnsupportedFeatureOperation(f"torch.{name} is not defined on SparK feature maps: {_ALLOWED_IN_A_BLOCK}")
+        return _dispatch_torch_function(func, args, kwargs, cls.concat_channels, "SparK feature maps")
 
     def __getattr__(self, name: str):
         """Reached only for names the map does not define: a ``torch.Tensor`` method is refused like an
@@ -368,10 +378,6 @@ class SparseRows(FeatureMap):
         return out.permute(0, 3, 1, 2)
 
 
-#: the channel dimension in the NHWC spelling of channels-last blocks (``dim=-1`` or ``dim=3``)
-_CHANNELS_LAST_DIMS = (-1, 3)
-
-
 class ChannelsLastView:
     """A feature map as a channels-last block sees it after ``x.permute(0, 2, 3, 1)`` (MambaOut's
     blocks and stem run NHWC: channels-last LayerNorm and Linear layers, ``torch.split`` /
@@ -461,34 +467,29 @@ class ChannelsLastView:
         return self
 
     def split(self, split_size_or_sections: Union[int, Sequence[int]], dim: int = 0) -> tuple["ChannelsLastView", ...]:
-        parts = self.channels_first.split(split_size_or_sections, dim=_channels_last_dim(dim, "split"))
+        parts = self.channels_first.split(split_size_or_sections, dim=_channel_dim(dim, "split", channels_last=True))
         return tuple(ChannelsLastView(part) for part in parts)
 
     def chunk(self, chunks: int, dim: int = 0) -> tuple["ChannelsLastView", ...]:
-        parts = self.channels_first.chunk(chunks, dim=_channels_last_dim(dim, "chunk"))
+        parts = self.channels_first.chunk(chunks, dim=_channel_dim(dim, "chunk", channels_last=True))
         return tuple(ChannelsLastView(part) for part in parts)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         """``torch.cat`` / ``torch.split`` / ``torch.chunk`` along ``dim=-1`` and ``torch.permute`` back;
         any other torch function is refused as on a feature map."""
-        kwargs = dict(kwargs or {})
-        if func in (torch.cat, torch.concat):
-            views = list(args[0] if args else kwargs.pop("tensors"))
-            dim = _channels_last_dim(args[1] if len(args) > 1 else kwargs.pop("dim", 0), "concatenation")
-            if not all(isinstance(v, ChannelsLastView) for v in views):
-                raise UnsupportedFeatureOperation("torch.cat of channels-last views takes such views only, got: "
-                                                  + ", ".join(type(v).__name__ for v in views))
-            return ChannelsLastView(FeatureMap.concat_channels([v.channels_first for v in views], dim))
-        if func in (torch.split, torch.Tensor.split):
-            return args[0].split(*args[1:], **kwargs)
-        if func in (torch.chunk, torch.Tensor.chunk):
-            return args[0].chunk(*args[1:], **kwargs)
-        if func in (torch.permute, torch.Tensor.permute):
-            return args[0].permute(*args[1:], **kwargs)
-        name = getattr(func, "__name__", repr(func))
-        raise UnsupportedFeatureOperation(f"torch.{name} is not defined on a channels-last view of SparK feature "
-                                          f"maps: {_ALLOWED_IN_A_BLOCK}")
+        return _dispatch_torch_function(func, args, kwargs, cls.concat_channels,
+                                        "a channels-last view of SparK feature maps")
+
+    @staticmethod
+    def concat_channels(views: Sequence["ChannelsLastView"], dim: int = -1) -> "ChannelsLastView":
+        """Views of maps of the same sites, their channels concatenated in order (``dim=-1``)."""
+        views = list(views)
+        if not all(isinstance(v, ChannelsLastView) for v in views):
+            raise UnsupportedFeatureOperation("torch.cat of channels-last views takes such views only, got: "
+                                              + ", ".join(type(v).__name__ for v in views))
+        dim = _channel_dim(dim, "concatenation", channels_last=True)
+        return ChannelsLastView(FeatureMap.concat_channels([v.channels_first for v in views], dim))
 
     def __getattr__(self, name: str):
         """Reached for what a view does not define: the layout-reading parts of a feature map (``data``,
@@ -502,12 +503,3 @@ class ChannelsLastView:
 
     def __repr__(self) -> str:
         return f"ChannelsLastView({self.channels_first!r})"
-
-
-def _channels_last_dim(dim: int, operation: str) -> int:
-    """1 (the map's channel dimension) for the last dimension of a channels-last view, or an error."""
-    if dim not in _CHANNELS_LAST_DIMS:
-        raise UnsupportedFeatureOperation(
-            f"{operation} of a channels-last view of SparK feature maps works along channels only (dim=-1), got "
-            f"dim={dim}: other dimensions would mix images or sites, which have no meaning on active sites")
-    return 1

@@ -159,6 +159,21 @@ def test_an_equivalence_run_renders_errors_without_timing_columns(tmp_path):
     assert "| resnet50 | sparse | 0.6 | fp32 | 2 | 69 | 1.0e-09 | 2.0e-06 | 5.0e-02 | 3.00 | grad_input | 0 |" in text
 
 
+def test_the_largest_x_floor_and_the_masked_site_count_come_from_every_row(tmp_path):
+    root = _results(tmp_path, "cpu_eq")
+    data = json.loads((root / "cpu_eq" / "results.json").read_text())
+    floor = {"max_rel_err": 5e-2, **_errors(loss=1e-7, grad_input=1e-6)}
+    for record, (loss, grad, nonzero) in zip(data["records"], [(3e-7, 1e-6, 0), (1e-7, 2e-6, 2)]):
+        record.update(equivalence={**_errors(loss=loss, grad_input=grad), "masked_sites_nonzero": nonzero},
+                      fp32_noise_floor=floor)
+    data["records"].append({**data["records"][1], "backend": "auto",
+                            "equivalence": {**_errors(loss=1e-7), "masked_sites_nonzero": 0}})
+    (root / "cpu_eq" / "results.json").write_text(json.dumps(data))
+    results = rb.load_results(root)
+    text = rb.render("{{maxfloor cpu_eq}} {{maxfloor cpu_eq variant=auto}} {{nonzero cpu_eq fmt=d}}", results)
+    assert text.splitlines()[-1] == "2.00 1.00 2"          # masked's own 3.00 is not a variant's error
+
+
 def test_the_table_shows_x_floor_per_row(tmp_path):
     results = rb.load_results(_results(tmp_path, "cpu_x"))
     header = next(line for line in rb.render("{{run cpu_x}}", results).splitlines() if line.startswith("| model"))
