@@ -70,14 +70,23 @@ def run_reference_sections(sections: dict, args, script: str, argv, tag: str) ->
     return path
 
 
+#: fp32's unit roundoff: rounding a value to fp32 moves it by up to this fraction of itself
+FP32_UNIT_ROUNDOFF = 2.0 ** -24
+
+
 def floor_ratios(record: dict) -> Optional[dict[str, float]]:
     """Per compared group (each feature map, the loss, the input gradient, the parameter gradients), the
-    row's max abs error against ``masked`` over ``masked``'s own fp32-vs-fp64 max abs error.
+    row's max abs error against ``masked`` over ``masked``'s own fp32-vs-fp64 max abs error, that floor
+    taken at least as fp32's unit roundoff of the group's largest value.
 
     Scale-free where the per-tensor relative error is not: a tensor that is zero in exact arithmetic (a
     BatchNorm bias gradient of ~1e-20) makes relative errors of 1 out of pure rounding. About 1 means "as
-    precise as ``masked`` in fp32". ``None`` when the row is not fp32 (the floor is an fp32 one) or the
-    record has no per-group errors; groups without error are left out.
+    precise as ``masked`` in fp32", up to about 2 as close as two fp32 computations get. The roundoff
+    minimum matters for the loss, one number: ``masked`` fp32 may land within 1e-9 of the exact loss by
+    chance, while any other summation order moves it by one fp32 step (2^-23 of it). The group's largest
+    value is read as ``max abs error / max rel error``, which for the parameter gradients (worst tensors
+    by either measure) can only understate it. ``None`` when the row is not fp32 (the floor is an fp32
+    one) or the record has no per-group errors; groups without error are left out.
     """
     errors = (record.get("equivalence") or {}).get("errors")
     floor = (record.get("fp32_noise_floor") or {}).get("errors")
@@ -87,7 +96,8 @@ def floor_ratios(record: dict) -> Optional[dict[str, float]]:
     for group, error in errors.items():
         if error["max_abs"] == 0.0:
             continue
-        floor_abs = floor.get(group, {}).get("max_abs", 0.0)
+        largest = error["max_abs"] / error["max_rel"] if error["max_rel"] > 0 else 0.0
+        floor_abs = max(floor.get(group, {}).get("max_abs", 0.0), FP32_UNIT_ROUNDOFF * largest)
         ratios[group] = error["max_abs"] / floor_abs if floor_abs > 0 else float("inf")
     return ratios
 

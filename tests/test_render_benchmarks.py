@@ -115,7 +115,13 @@ def test_x_floor_is_the_worst_groups_abs_error_over_maskeds_fp32_floor():
               "fp32_noise_floor": _errors(loss=4e-7, grad_input=1e-6, grad_params=1e-5)}
     assert error_vs_floor(record) == pytest.approx(3.0)                   # grad_input: 3e-6 / 1e-6
     assert error_vs_floor({**record, "equivalence": _errors(loss=0.0, grad_input=0.0)}) == 0.0
+    # a floor below fp32's roundoff of the largest value (here max_abs / max_rel = 2e-9) counts as that
     assert error_vs_floor({**record, "equivalence": _errors(loss=1e-9),
+                           "fp32_noise_floor": _errors(loss=0.0)}) == pytest.approx(0.5 / 2 ** -24)
+    one_step = {"loss": {"max_abs": 2.0 ** -23, "max_rel": 2.0 ** -23}}        # a loss of 1, one fp32 step off
+    assert error_vs_floor({**record, "equivalence": {"errors": one_step},
+                           "fp32_noise_floor": _errors(loss=1e-9)}) == pytest.approx(2.0)
+    assert error_vs_floor({**record, "equivalence": {"errors": {"loss": {"max_abs": 1e-9, "max_rel": 0.0}}},
                            "fp32_noise_floor": _errors(loss=0.0)}) == float("inf")
     assert error_vs_floor({**record, "dtype": "bf16"}) is None           # the floor is an fp32 one
     assert error_vs_floor({"dtype": "fp32"}) is None
