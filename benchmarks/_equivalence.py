@@ -44,11 +44,19 @@ def _compare_outputs(got: dict, ref: dict) -> dict:
             "masked_sites_nonzero": nonzero, "grad_params_mismatched_names": missing}
 
 
-def compare(work, reference) -> dict:
+def compare(work, reference, fp64: bool = False) -> dict:
     """Max abs / relative error of every feature map, the loss, the input and every parameter gradient.
 
     ``masked_sites_nonzero`` counts feature values at masked sites that are not exactly zero (must be 0).
+    ``fp64``: both run in float64 (copies of their models; weights, images and every kernel in double),
+    where rounding no longer hides a difference of maths: what remains is how much the net amplifies
+    the last bits of another summation order.
     """
+    if fp64:
+        ref = _outputs(copy.deepcopy(reference.spark).double(), reference.images.double(), reference.fresh_mask(),
+                       reference.device, "fp32")
+        got = _outputs(copy.deepcopy(work.spark).double(), work.images.double(), work.fresh_mask(), work.device, "fp32")
+        return _compare_outputs(got, ref)
     ref = _outputs(reference.spark, reference.images, reference.fresh_mask(), reference.device, reference.dtype)
     got = _outputs(work.spark, work.images, work.fresh_mask(), work.device, work.dtype)
     return _compare_outputs(got, ref)

@@ -109,9 +109,17 @@ def error_vs_floor(record: dict) -> Optional[float]:
 
 
 def worst_group(record: dict) -> str:
-    """The group :func:`error_vs_floor` comes from, "-" when there is none."""
+    """The group :func:`error_vs_floor` comes from; in rows without a floor (fp64, bf16), the group of the
+    largest relative error; "-" when every group is exact."""
     ratios = floor_ratios(record)
+    if ratios is None:
+        errors = (record.get("equivalence") or {}).get("errors") or {}
+        ratios = {group: error["max_rel"] for group, error in errors.items() if error["max_abs"] > 0}
     return max(ratios, key=ratios.get) if ratios else "-"
+
+
+def _fmt_exp(value) -> str:
+    return "-" if value is None else f"{value:.1e}"
 
 
 def _fmt(value, digits=1):
@@ -137,7 +145,8 @@ def equivalence_row(r: dict) -> str:
     """One row of an equivalence table (``--what equivalence``)."""
     return (f"| {r['model']} | {r['backend']} | {r['mask_ratio']} | {r['dtype']} | {r['batch_size']} | "
             f"{r.get('switched_on', '-')} | {r['max_abs_err']:.1e} | {r['max_rel_err']:.1e} | "
-            f"{r['fp32_noise_floor']['max_rel_err']:.1e} | {_fmt(error_vs_floor(r), 2)} | {worst_group(r)} | "
+            f"{_fmt_exp((r['fp32_noise_floor'] or {}).get('max_rel_err'))} | {_fmt(error_vs_floor(r), 2)} | "
+            f"{worst_group(r)} | "
             f"{r['equivalence']['masked_sites_nonzero']} |")
 
 
@@ -151,7 +160,8 @@ def write_markdown(path: Path, meta: dict, records: list[dict]) -> None:
               f"fp64, i.e. what fp32 rounding alone gives; x floor = the worst group's max abs error over the floor's "
               f"(fp32 rows).")
     if meta["what"] == "equivalence":
-        lines += [f"Equivalence only (no timing): {errors} drawn = parameters drawn; masked sites nonzero = feature "
+        lines += [f"Equivalence only (no timing): {errors} drawn = parameters drawn; worst group = where x floor "
+                  f"comes from (rows without a floor: the largest relative error); masked sites nonzero = feature "
                   f"values at masked sites that are not exactly 0 (must be 0).", "", *equivalence_header()]
         lines += [equivalence_row(r) for r in records]
     else:

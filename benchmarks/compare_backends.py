@@ -95,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--what", choices=["encoder", "step", "equivalence"], default="encoder",
                    help="time encoder forward+backward, or the whole training step (decoder, loss, optimizer), or "
                         "only check every variant's errors against masked (no timing, no memory)")
+    p.add_argument("--fp64", action="store_true",
+                   help="--what equivalence: compare in float64 (every model and image in double, no fp32 floor), "
+                        "to tell a difference of maths from amplified fp32 rounding")
     p.add_argument("--weights", choices=["branches-on", "init"], default="branches-on",
                    help="the weights every variant starts from: timm's initialisation with its switched-off residual "
                         "branches drawn from U(0.5, 1.5) (errors then cover every branch), or timm's as they are")
@@ -128,6 +131,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.memory = args.memory or ("inprocess" if args.device == "cuda" else "subprocess")
     if args.max_batch and args.what != "step":
         p.error("--max-batch measures training steps: use it with --what step")
+    if args.fp64 and args.what != "equivalence":
+        p.error("--fp64 compares in float64 without timing: use it with --what equivalence")
     return args
 
 
@@ -234,7 +239,8 @@ def make_meta(args, skipped: dict, not_run: list[dict], failed: list[dict], star
     return {"command": shlex.join([sys.executable] + sys.argv), "what": args.what, "device": args.device,
             "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup, "machine": machine_info(),
             "versions": versions(), "skipped": skipped, "seconds": round(time.time() - started, 1),
-            "dtypes": args.dtype, "weights": args.weights, "check_batch": args.check_batch, "budget_s": args.budget_s, "not_run": not_run,
+            "dtypes": ["fp64"] if args.fp64 else args.dtype, "weights": args.weights,
+            "check_batch": args.check_batch, "budget_s": args.budget_s, "not_run": not_run,
             "failed": failed,
             "cuda": cuda_info() if args.device == "cuda" else None,
             "capacity_budget": memory_budget_mb(args.device)[1] if args.max_batch else None,
@@ -399,12 +405,18 @@ def measure_unit(args, works: list[Workload], unit: tuple, failures: Failures, n
     checked = {w.variant.name: (w.subset(args.check_batch) if args.check_batch else w) for w in works}
     reference = checked["masked"]
     # equivalence first: the timed steps below update each variant's weights
-    equivalence = {"masked": compare(reference, reference)}
+    equivalence = {"masked": compare(reference, reference, args.fp64)}
     for work in works[1:]:
-        result = failures.guard(work, unit, "equivalence", lambda: compare(checked[work.variant.name], reference))
+        result = failures.guard(work, unit, "equivalence",
+                                lambda: compare(checked[work.variant.name], reference, args.fp64))
         if result is not None:
             equivalence[work.variant.name] = result
-    noise = noise or fp32_noise_floor(reference)
+    if args.fp64:
+        noise = None            # an fp32 floor says nothing about fp64 differences
+        for work in works:
+            work.dtype = "fp64"
+    else:
+        noise = noise or fp32_noise_floor(reference)
     live = [w for w in works if w.variant.name in equivalence]
     if args.what == "equivalence":
         stats, memory = {w.variant.name: {} for w in live}, {}
@@ -426,8 +438,8 @@ def measure_unit(args, works: list[Workload], unit: tuple, failures: Failures, n
                   "peak_mem_mb": memory.get(name), "max_abs_err": equivalence[name]["max_abs_err"],
                   "max_rel_err": equivalence[name]["max_rel_err"], "timings": stats[name],
                   "equivalence": equivalence[name],
-                  "fp32_noise_floor": {"max_abs_err": noise["max_abs_err"], "max_rel_err": noise["max_rel_err"],
-                                       "errors": noise["errors"]},
+                  "fp32_noise_floor": noise and {"max_abs_err": noise["max_abs_err"],
+                                                 "max_rel_err": noise["max_rel_err"], "errors": noise["errors"]},
                   "switched_on": len(work.switched_on),
                   "capacity": None, "autotune": autotune_record(tuning.get(name)),
                   "plan": work.spark.backend.plan(work.spark.encoder, args.device)}

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import spark_sparse as ss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,6 +58,19 @@ def test_an_equivalence_run_checks_every_variant_on_switched_on_branches_without
     assert sparse["switched_on"] == 28
     assert sparse["equivalence"]["masked_sites_nonzero"] == 0 and sparse["max_rel_err"] < 1e-1
     assert "| masked sites nonzero |" in (tmp_path / "results.md").read_text()
+
+
+def test_an_fp64_equivalence_run_compares_in_double_and_has_no_fp32_floor(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compare_backends.py"), "--what", "equivalence",
+                             "--fp64", "--models", "resnet18", "--input-size", "64", "--batch-size", "2", "--mask", "0.6",
+                             "--backends", "masked", "sparse", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sparse = next(r for r in json.loads((tmp_path / "results.json").read_text())["records"] if r["backend"] == "sparse")
+    assert sparse["dtype"] == "fp64" and sparse["fp32_noise_floor"] is None
+    assert 0 < sparse["max_abs_err"] < 1e-12         # fp32 would give 1e-6: the comparison ran in double
+    with pytest.raises(SystemExit):
+        parse_args(["--fp64"])                         # timing in fp64 is not offered
 
 
 def test_quick_presets_yield_to_options_given_explicitly():

@@ -134,6 +134,9 @@ def test_the_worst_group_names_where_x_floor_comes_from():
               "fp32_noise_floor": _errors(loss=4e-7, grad_input=1e-6)}
     assert worst_group(record) == "grad_input"
     assert worst_group({**record, "equivalence": _errors(loss=0.0)}) == "-"
+    fp64 = {"dtype": "fp64", "equivalence": {"errors": {"loss": {"max_abs": 1e-15, "max_rel": 1e-15},
+                                                        "grad_params": {"max_abs": 1e-16, "max_rel": 1e-9}}}}
+    assert worst_group(fp64) == "grad_params"
 
 
 @pytest.mark.parametrize("weights, note", [(None, "these errors do not cover them"),      # runs before --weights
