@@ -50,7 +50,7 @@ from _equivalence import compare, fp32_noise_floor  # noqa: E402
 from _capacity import fit_largest_batch, markdown_section, memory_budget_mb  # noqa: E402
 from _measure import (Workload, peak_memory as peak_memory_in_process, peak_rss_growth_mb, persistent_mb,  # noqa: E402
                       summarize, time_and_cuda_peak, time_once)
-from _report import error_vs_floor, provenance, write_json, write_markdown, write_plots  # noqa: E402
+from _report import _fmt, error_vs_floor, provenance, write_json, write_markdown, write_plots  # noqa: E402
 from _variants import Variant, autotune_record, tune_workload  # noqa: E402
 
 
@@ -447,12 +447,8 @@ def measure_unit(args, works: list[Workload], unit: tuple, failures: Failures, n
         timing = (f"{main_phase} {median:8.1f} ms  {record['speedup_vs_masked']:.2f}x  "
                   f"peak {record['peak_mem_mb'] or 0:.0f} MB  " if median else "")
         print(f"[bench]   {name:<14} {timing}max abs err {record['max_abs_err']:.1e}  "
-              f"x floor {_fmt_ratio(error_vs_floor(record))}", flush=True)
+              f"x floor {_fmt(error_vs_floor(record), 2)}", flush=True)
     return records
-
-
-def _fmt_ratio(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.2f}"
 
 
 def time_interleaved(args, live: list[Workload], unit: tuple, failures: Failures, cuda_peak: bool,

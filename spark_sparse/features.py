@@ -448,8 +448,8 @@ class ChannelsLastView:
     def __mul__(self, factor: Union["ChannelsLastView", torch.Tensor, int, float]) -> "ChannelsLastView":
         """Times a view of the same sites and channels (MambaOut's gate ``act(g) * cat(i, c)``), one
         scalar, or a per-channel factor written channels last, ``(C,)`` or ``(1, 1, 1, C)``."""
-        if isinstance(factor, ChannelsLastView):
-            return ChannelsLastView(self.channels_first * factor.channels_first)
+        if isinstance(factor, (ChannelsLastView, FeatureMap)):      # a channels-first map is refused, as in +
+            return ChannelsLastView(self.channels_first * self._same_sites(factor, "multiply"))
         if isinstance(factor, torch.Tensor) and not _is_scalar(factor):
             if factor.shape not in ((self.channels,), (1, 1, 1, self.channels)):
                 raise UnsupportedFeatureOperation(

@@ -256,6 +256,8 @@ def test_a_channels_last_view_refuses_what_would_read_another_dimension(kind, ma
         view.data
     with pytest.raises(ss.UnsupportedFeatureOperation, match=r"cannot add a channels-last view .* and a"):
         view + a
+    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"cannot multiply a channels-last view .* and a"):
+        view * a
     backend = ss.create_backend("masked" if kind is MaskedDense else "sparse")
     for layer in (torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.BatchNorm2d(3), LayerNorm2d(3)):
         with pytest.raises(ss.UnsupportedFeatureOperation, match=r"channels-last view"):
