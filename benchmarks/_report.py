@@ -155,7 +155,7 @@ def write_markdown(path: Path, meta: dict, records: list[dict]) -> None:
              f"Command: `{meta['command']}`  ",
              f"Machine: {meta['machine']['cpu']} ({meta['machine']['cores']} cores), torch {meta['versions']['torch']}, "
              f"timm {meta['versions']['timm']}  "]
-    errors = (f"errors vs `masked` on the same weights, images and mask ({weights_note(meta)}; relative = max abs "
+    errors = (f"errors vs `{meta.get('reference', 'masked')}` on the same weights, images and mask ({weights_note(meta)}; relative = max abs "
               f"error / max |reference|, worst tensor); fp32 floor = the same errors between `masked` in fp32 and in "
               f"fp64, i.e. what fp32 rounding alone gives; x floor = the worst group's max abs error over the floor's "
               f"(fp32 rows).")

@@ -7,6 +7,7 @@
     python benchmarks/compare_backends.py --what step --recipes spark fast --models resnet50
     python benchmarks/compare_backends.py --device cuda --batch-size 128 --dtype fp32 bf16 --check-batch 16
     python benchmarks/compare_backends.py --what equivalence --models resnet50 regnety_016  # errors only
+    python benchmarks/compare_backends.py --what equivalence --fp64 --reference sparse       # backends vs one another
 
 Every variant starts from the same weights: timm's initialisation with the parameters that switch
 residual branches off (zero last-BatchNorm weights, zero gains, 1e-6 layer scales) drawn from
@@ -98,6 +99,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fp64", action="store_true",
                    help="--what equivalence: compare in float64 (every model and image in double, no fp32 floor), "
                         "to tell a difference of maths from amplified fp32 rounding")
+    p.add_argument("--reference", default="masked",
+                   help="the backend every variant's errors are measured against (speed-ups stay against masked); "
+                        "another one tells whether the sparse backends agree with one another where they differ "
+                        "from masked")
     p.add_argument("--weights", choices=["branches-on", "init"], default="branches-on",
                    help="the weights every variant starts from: timm's initialisation with its switched-off residual "
                         "branches drawn from U(0.5, 1.5) (errors then cover every branch), or timm's as they are")
@@ -150,6 +155,11 @@ def select_variants(args) -> tuple[list[Variant], dict[str, str]]:
         if not infos[name].available:
             skipped[name] = infos[name].reason
             print(f"[bench] skipping backend {name}: {infos[name].reason}", flush=True)
+    if args.reference not in infos:
+        raise SystemExit(f"unknown --reference {args.reference!r}; registered: {', '.join(infos)}")
+    if not infos[args.reference].available:
+        raise SystemExit(f"--reference {args.reference} cannot run here: {infos[args.reference].reason}")
+    wanted += [args.reference] if args.reference not in wanted else []
     names = ["masked"] + [n for n in wanted if n != "masked" and n not in skipped]
     return [Variant(n) for n in names] + [Variant(f"recipe:{r}") for r in args.recipes], skipped
 
@@ -239,7 +249,7 @@ def make_meta(args, skipped: dict, not_run: list[dict], failed: list[dict], star
     return {"command": shlex.join([sys.executable] + sys.argv), "what": args.what, "device": args.device,
             "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup, "machine": machine_info(),
             "versions": versions(), "skipped": skipped, "seconds": round(time.time() - started, 1),
-            "dtypes": ["fp64"] if args.fp64 else args.dtype, "weights": args.weights,
+            "dtypes": ["fp64"] if args.fp64 else args.dtype, "weights": args.weights, "reference": args.reference,
             "check_batch": args.check_batch, "budget_s": args.budget_s, "not_run": not_run,
             "failed": failed,
             "cuda": cuda_info() if args.device == "cuda" else None,
@@ -304,20 +314,20 @@ class Failures:
 
 
 def build_works(args, variants: list[Variant], unit: tuple, failures: Failures) -> tuple[list[Workload], dict]:
-    """The reference (``masked``) and every variant that builds, all on the reference's initial weights
+    """``masked`` (the baseline) and every variant that builds, all on ``masked``'s initial weights
     (with ``--weights branches-on``, its encoder's switched-off parameters drawn first)."""
     model, mask_ratio, _ = unit
-    reference = Workload(variants[0], model, args.input_size, mask_ratio, args.batch_size, args.dtype[0], args.device)
+    baseline = Workload(variants[0], model, args.input_size, mask_ratio, args.batch_size, args.dtype[0], args.device)
     if args.weights == "branches-on":
-        reference.switched_on = switch_branches_on(reference.spark.encoder)
-        print(f"[bench]   {len(reference.switched_on)} switched-off encoder parameters drawn", flush=True)
-    state = copy.deepcopy(reference.spark.state_dict())
-    works = [reference]
+        baseline.switched_on = switch_branches_on(baseline.spark.encoder)
+        print(f"[bench]   {len(baseline.switched_on)} switched-off encoder parameters drawn", flush=True)
+    state = copy.deepcopy(baseline.spark.state_dict())
+    works = [baseline]
     for variant in variants[1:]:
         work = failures.guard(variant.name, unit, "build", lambda: Workload(
             variant, model, args.input_size, mask_ratio, args.batch_size, args.dtype[0], args.device, state))
         if work is not None:
-            work.switched_on = reference.switched_on
+            work.switched_on = baseline.switched_on
             works.append(work)
     return works, state
 
@@ -403,20 +413,27 @@ def measure_unit(args, works: list[Workload], unit: tuple, failures: Failures, n
         work.dtype = work.variant.dtype or dtype
     tuning = tune_unit(args, works, unit, failures)
     checked = {w.variant.name: (w.subset(args.check_batch) if args.check_batch else w) for w in works}
-    reference = checked["masked"]
-    # equivalence first: the timed steps below update each variant's weights
-    equivalence = {"masked": compare(reference, reference, args.fp64)}
-    for work in works[1:]:
+    if args.reference not in checked:
+        raise RuntimeError(f"the reference ({args.reference}) did not build: {failures.entries[-1]['error']}")
+    reference = checked[args.reference]
+    # equivalence first: the timed steps below update each variant's weights; the reference's own row (all
+    # zeros) still counts its non-zero masked sites, and a failing reference fails the configuration
+    equivalence = {args.reference: compare(reference, reference, args.fp64)}
+    for work in works:
+        if work.variant.name == args.reference:
+            continue
         result = failures.guard(work, unit, "equivalence",
                                 lambda: compare(checked[work.variant.name], reference, args.fp64))
         if result is not None:
             equivalence[work.variant.name] = result
+    if "masked" not in equivalence:
+        raise RuntimeError(f"masked, whose timings are the baseline, failed: {failures.entries[-1]['error']}")
     if args.fp64:
         noise = None            # an fp32 floor says nothing about fp64 differences
         for work in works:
             work.dtype = "fp64"
     else:
-        noise = noise or fp32_noise_floor(reference)
+        noise = noise or fp32_noise_floor(checked["masked"])
     live = [w for w in works if w.variant.name in equivalence]
     if args.what == "equivalence":
         stats, memory = {w.variant.name: {} for w in live}, {}

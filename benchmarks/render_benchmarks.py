@@ -175,11 +175,20 @@ def render_run(name: str, entry: Optional[dict]) -> str:
     return "\n".join(lines)
 
 
+def _reference_note(meta: dict) -> list[str]:
+    """A line saying what the errors were measured against, where that is not ``masked``."""
+    reference = meta.get("reference", "masked")
+    if reference == "masked":
+        return []
+    return [f"Errors against `{reference}` (`--reference {reference}`): its own rows are 0; `masked`'s row is "
+            f"masked's difference from it."]
+
+
 def render_equivalence(name: str, meta: dict, records: list[dict]) -> str:
     """The table of a ``--what equivalence`` run: errors only."""
     lines = ["```", _command(meta), "```", "", f"Provenance: {_provenance(meta)}  ",
              f"The run took {meta['seconds'] / 60:.1f} min, {meta['threads']} threads, {meta['device']}; "
-             f"{weights_note(meta)}.", "", *equivalence_header(), *map(equivalence_row, records)]
+             f"{weights_note(meta)}.", *_reference_note(meta), "", *equivalence_header(), *map(equivalence_row, records)]
     if meta.get("not_run"):
         lines += ["", "Not run: " + "; ".join(f"{u['model']} mask {u['mask_ratio']} {u['dtype']}: {u['why']}"
                                                for u in meta["not_run"])]
@@ -319,14 +328,15 @@ def _worst(entry: dict, args: dict) -> float:
 
 
 def _maxfloor(entry: dict, args: dict) -> float:
-    """The largest "x floor" (:func:`~_report.error_vs_floor`) over the fp32 rows of a run other than
-    ``masked``'s, or over ``variant``'s rows only."""
+    """The largest "x floor" (:func:`~_report.error_vs_floor`) over the fp32 rows of a run other than its
+    reference's (``masked``'s unless ``--reference``), or over ``variant``'s rows only."""
+    reference = entry["data"]["meta"].get("reference", "masked")
     ratios = [error_vs_floor(r) for r in entry["data"]["records"]
-              if r["backend"] != "masked" and args.get("variant", r["backend"]) == r["backend"]]
+              if r["backend"] != reference and args.get("variant", r["backend"]) == r["backend"]]
     ratios = [ratio for ratio in ratios if ratio is not None]
     if not ratios:
         which = f" of {args['variant']}" if "variant" in args else ""
-        raise TemplateError(f"no fp32 row{which} with errors against masked in the run")
+        raise TemplateError(f"no fp32 row{which} with errors against {reference} in the run")
     return max(ratios)
 
 

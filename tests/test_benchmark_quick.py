@@ -11,7 +11,7 @@ import spark_sparse as ss
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from compare_backends import QUICK_PRESET, parse_args  # noqa: E402
+from compare_backends import QUICK_PRESET, parse_args, select_variants  # noqa: E402
 KEYS = {"model", "backend", "mask_ratio", "dtype", "device", "batch_size", "input_size", "fwd_ms", "fwd_bwd_ms",
         "step_ms", "images_per_s", "speedup_vs_masked", "peak_mem_mb", "max_abs_err", "max_rel_err"}
 
@@ -71,6 +71,23 @@ def test_an_fp64_equivalence_run_compares_in_double_and_has_no_fp32_floor(tmp_pa
     assert 0 < sparse["max_abs_err"] < 1e-12         # fp32 would give 1e-6: the comparison ran in double
     with pytest.raises(SystemExit):
         parse_args(["--fp64"])                         # timing in fp64 is not offered
+
+
+def test_errors_can_be_measured_against_another_backend_with_masked_still_the_speed_baseline(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compare_backends.py"), "--what", "equivalence",
+                             "--fp64", "--reference", "torch", "--models", "resnet18", "--input-size", "64",
+                             "--batch-size", "2", "--mask", "0.6", "--backends", "masked", "sparse",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["backend"]: r for r in data["records"]}
+    assert data["meta"]["reference"] == "torch" and list(rows) == ["masked", "sparse", "torch"]  # torch added
+    assert rows["torch"]["max_abs_err"] == 0.0                          # the reference against itself
+    assert 0 < rows["masked"]["max_abs_err"] < 1e-12                     # masked measured against torch
+    assert rows["sparse"]["max_abs_err"] < 1e-12
+    assert "errors vs `torch`" in (tmp_path / "results.md").read_text()
+    with pytest.raises(SystemExit, match="unknown --reference"):
+        select_variants(parse_args(["--reference", "no_such_backend"]))
 
 
 def test_quick_presets_yield_to_options_given_explicitly():

@@ -181,6 +181,13 @@ def test_the_largest_x_floor_and_the_masked_site_count_come_from_every_row(tmp_p
     results = rb.load_results(root)
     text = rb.render("{{maxfloor cpu_eq}} {{maxfloor cpu_eq variant=auto}} {{nonzero cpu_eq fmt=d}}", results)
     assert text.splitlines()[-1] == "2.00 1.00 2"          # masked's own 3.00 is not a variant's error
+    data["meta"].update(what="equivalence", reference="sparse")      # --reference sparse: masked is a variant
+    for record in data["records"]:
+        record.update(batch_size=2)
+    (root / "cpu_eq" / "results.json").write_text(json.dumps(data))
+    results = rb.load_results(root)
+    assert rb.render("{{maxfloor cpu_eq}}", results).splitlines()[-1] == "3.00"
+    assert "Errors against `sparse` (`--reference sparse`)" in rb.render("{{run cpu_eq}}", results)
 
 
 def test_the_table_shows_x_floor_per_row(tmp_path):
