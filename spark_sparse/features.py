@@ -189,15 +189,17 @@ class FeatureMap:
         """The features times one scalar (NF-Nets' ``x * beta``, ``attn_gain * x``), times a factor
         per channel written in NCHW, shape ``(1, C, 1, 1)`` or ``(C, 1, 1)`` (InceptionNeXt's layer
         scale ``x.mul(gamma.reshape(1, -1, 1, 1))``), or times another map of the same sites and
-        channels, site by site (StarNet's "star" ``act(x1) * x2``): masked sites stay 0.
+        channels, site by site (StarNet's "star" ``act(x1) * x2``), or of one channel, broadcast over
+        the other's channels as in NCHW (FocalNet's gates ``ctx * gates[:, l:l + 1]``): masked sites
+        stay 0.
 
         Any other shape would mean positions or images, which active sites do not have: refused."""
         if isinstance(factor, FeatureMap):
             self._check_same_sites(factor, "multiply")
-            if factor.channels != self.channels:
+            if factor.channels != self.channels and 1 not in (factor.channels, self.channels):
                 raise UnsupportedFeatureOperation(
-                    f"two SparK feature maps multiply site by site only with the same channels, not "
-                    f"{self.channels} and {factor.channels}")
+                    f"two SparK feature maps multiply site by site only with the same channels or one channel "
+                    f"in either, not {self.channels} and {factor.channels}")
             return self.with_data(self.data * factor.data)
         if _is_scalar(factor):
             return self.with_data(self.data * factor)

@@ -63,6 +63,10 @@ ENCODERS = {
     # MambaOut: channels-last blocks (NHWC LayerNorm, Linear, split/cat along dim=-1, a gate product),
     # permuted to NCHW around each conv
     "mambaout_tiny": (64, 2, {}),
+    # FocalNet: a channel split into query, context and one-channel gates broadcast over the context,
+    # depthwise focal levels, a global context averaged over each image's active sites (timm's
+    # constructor takes no depths for its named sizes: the full tiny net)
+    "focalnet_tiny_srf": (64, 2, {}),
     # split into square and band (1 x k, k x 1) depthwise convs; per-channel layer scale, drawn at 1 (timm:
     # 1e-6, which would leave the residual branches out of the comparison)
     "inception_next_tiny": (64, 2, dict(depths=(1, 1, 1, 1), ls_init_value=1.0)),

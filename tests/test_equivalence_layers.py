@@ -7,6 +7,7 @@ from timm.layers import (BatchNormAct2d, Conv2dSame, EcaModule, EffectiveSEModul
                          StdConv2d, StdConv2dSame)
 from timm.layers.grn import GlobalResponseNorm
 from timm.models._efficientnet_blocks import SqueezeExcite
+from timm.models.focalnet import FocalModulation
 from timm.models.hgnet import LearnableAffineBlock
 from timm.models.metaformer import GroupNorm1NoBias, LayerNorm2dNoBias, Pooling, StarReLU
 
@@ -24,6 +25,16 @@ def randomized(module: nn.Module, seed: int = 5) -> nn.Module:
     with torch.no_grad():
         for param in module.parameters():
             param.copy_(torch.randn(param.shape, generator=gen))
+    return module
+
+
+def scaled(module: nn.Module, factor: float) -> nn.Module:
+    """``module`` with every parameter times ``factor``: a layer that multiplies the outputs of its own
+    convs (FocalNet's ``q * h(ctx)``) has gradients of order weight^3, about 300 at N(0, 1) weights, where
+    fp32 rounding alone passes the absolute tolerance; at 0.3 they are of order 1."""
+    with torch.no_grad():
+        for param in module.parameters():
+            param.mul_(factor)
     return module
 
 
@@ -92,6 +103,10 @@ LAYERS = {
     # PoolFormer-V2's token mixer avgpool3x3(x) - x (padding not counted) and its one-group GroupNorm
     "pooling_mixer": (lambda: Pooling(3), 4, 8),
     "groupnorm1_no_bias": (lambda: randomized(GroupNorm1NoBias(8)), 4, 8),
+    # FocalNet's modulation: one-channel gates times the context, depthwise focal levels, a global context
+    # over each image's active sites, LayerNorm after the modulation
+    "focal_modulation": (lambda: scaled(randomized(FocalModulation(8, focal_window=3, focal_level=2, use_post_norm=True,
+                                                                   normalize_modulator=True)), 0.3), 4, 8),
 }
 
 MASKS = {   # name -> (batch, patch grid); images are grid * 32 px, so stride-4 maps are >= 56 px wide

@@ -135,8 +135,19 @@ def test_factors_other_than_one_scalar_are_refused(kind, mask):
     for factor in (torch.ones(3), torch.ones(1, 4, 1, 1), torch.ones(2, 3, 1, 1), torch.ones(1, 3, 2, 1), "2"):
         with pytest.raises(ss.UnsupportedFeatureOperation, match=r"one scalar .* per-channel factor .* map of the same"):
             a * factor
-    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"site by site only with the same channels, not 3 and 5"):
+    with pytest.raises(ss.UnsupportedFeatureOperation,
+                       match=r"site by site only with the same channels or one channel in either, not 3 and 5"):
         a * b
+
+
+@pytest.mark.parametrize("kind", [MaskedDense, SparseRows])
+def test_a_one_channel_map_multiplies_every_channel_of_its_site(kind, mask):
+    """FocalNet's gates ``ctx * gates[:, l:l + 1]``: NCHW broadcasting over channels, either way round."""
+    _, b = _maps(kind, mask)
+    gate = b[:, 2:3]
+    for product in (b * gate, gate * b):
+        assert isinstance(product, kind) and product.channels == b.channels
+        torch.testing.assert_close(product.to_dense(), b.to_dense() * gate.to_dense(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kind", [MaskedDense, SparseRows])

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from timm.layers import (BatchNormAct2d, Conv2dSame, EcaModule, GlobalContext, GroupNormAct, LayerScale2d,
                          MixedConv2d, ScaledStdConv2d, SEModule, StdConv2d)
 from timm.layers.grn import GlobalResponseNorm
+from timm.models.focalnet import FocalModulation
 from timm.models.metaformer import GroupNorm1NoBias, LayerNorm2dNoBias, Pooling, StarReLU
 from timm.models.nfnet import GammaAct
 from timm.models._efficientnet_blocks import SqueezeExcite
@@ -113,6 +114,28 @@ def test_global_context_attends_over_each_images_active_sites_only(fuse_add):
         torch.testing.assert_close(out[image], expected[0])
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_focal_modulation_averages_its_global_context_over_each_images_active_sites(backend):
+    """FocalNet's modulation, written out on the dense masked map: every conv's output times the mask
+    (SparK), the global context the mean over each image's ACTIVE sites, reaching active sites only."""
+    mask = _mask()
+    layer = randomized(FocalModulation(8, focal_window=3, focal_level=2, normalize_modulator=True)).double()
+    x, site = _input(mask), mask.dense_at(4).double()
+    f = layer.f(x) * site
+    q, ctx, gates = torch.split(f, layer.input_split, 1)
+    ctx_all = 0
+    for level, focal_layer in enumerate(layer.focal_layers):
+        ctx = focal_layer(ctx) * site
+        ctx_all = ctx_all + ctx * gates[:, level:level + 1]
+    active_mean = ctx.sum((2, 3), keepdim=True) / site.sum((2, 3), keepdim=True)
+    ctx_all = (ctx_all + layer.act(active_mean) * gates[:, 2:]) / 3
+    expected = layer.proj(q * (layer.h(ctx_all) * site)) * site
+    converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(layer)))
+    fmap = MaskedDense(x, mask, 4) if backend == "masked" else ss.SparseRows(
+        x.permute(0, 2, 3, 1)[mask.dense_at(4)[:, 0]], mask, 4)
+    torch.testing.assert_close(converted(fmap).to_dense(), expected)
+
+
 @pytest.mark.parametrize("layer", [nn.GroupNorm(2, 8), GroupNormAct(8, num_groups=4, act_layer=nn.SiLU)],
                          ids=["GroupNorm", "GroupNormAct"])
 def test_group_norm_takes_statistics_per_image_and_group_over_active_sites(layer):
@@ -175,11 +198,12 @@ def test_global_response_norm_gradient_is_finite_when_a_channel_is_zero_in_an_im
     lambda: LayerNorm2dNoBias(8),
     lambda: Pooling(3),
     lambda: GroupNorm1NoBias(8),
+    lambda: FocalModulation(8, focal_window=3, focal_level=2, use_post_norm=True, normalize_modulator=True),
 ], ids=["BatchNormAct2d", "GroupNormAct", "GroupNorm", "SEModule", "SqueezeExcite", "EcaModule",
         "GlobalResponseNorm", "StdConv2d", "ScaledStdConv2d", "AvgPool2d_resnet_d", "LayerScale2d",
         "Conv2dSame_3x3_s2", "Conv2dSame_depthwise_5x5_s2", "MixedConv2d_same_s2", "Upsample_nearest_x2", "GammaAct_silu",
         "GlobalContext", "StarReLU", "LayerNorm2dNoBias", "Pooling",
-        "GroupNorm1NoBias"])
+        "GroupNorm1NoBias", "FocalModulation"])
 def test_with_every_site_visible_the_layer_is_timms_dense_layer(backend, make):
     layer = randomized(make()).double()
     mask = ActiveMask.full(2, (2, 2))

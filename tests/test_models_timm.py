@@ -39,7 +39,7 @@ DEFAULTS = {"resnet50d": (0.05, "bn"), "seresnet50": (0.05, "bn"), "resnext50_32
             "repvit_m0_9": (0.0, "bn"), "lcnetv2_small": (0.0, "bn"), "starnet_s1": (0.0, "bn"),
             "gcresnet33ts": (0.05, "bn"), "convformer_s18": (0.1, "ln"),
             "poolformerv2_s12": (0.1, "ln"), "fastvit_t8": (0.0, "bn"),
-            "mambaout_tiny": (0.1, "ln")}
+            "mambaout_tiny": (0.1, "ln"), "focalnet_tiny_srf": (0.1, "ln")}
 FAMILY_MODELS = list(DEFAULTS)
 
 
