@@ -14,12 +14,18 @@ def _errors(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
     return abs_err, abs_err / max(float(want.abs().max()), 1e-30)
 
 
+def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in fp32 if autocast made it bf16/fp16; fp32 and fp64 as they are (an fp64 comparison
+    rounded to fp32 would hide every difference below fp32's resolution and show rounding flips)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def _outputs(spark, images: torch.Tensor, mask, device: str, dtype: str) -> dict:
     """Feature maps, loss, input gradient and parameter gradients of one forward+backward."""
     images = images.clone().requires_grad_(True)
     with autocast(device, dtype):
-        feats = [f.to_dense().float() for f in spark.encode(images, mask)]
-        loss = spark.loss(images, spark.decoder(spark.densify(spark.encode(images, mask))).float(), mask)
+        feats = [_at_least_fp32(f.to_dense()) for f in spark.encode(images, mask)]
+        loss = spark.loss(images, _at_least_fp32(spark.decoder(spark.densify(spark.encode(images, mask)))), mask)
     spark.zero_grad(set_to_none=True)
     loss.backward()
     out = dict(feats=[f.detach() for f in feats], loss=loss.detach(), grad_in=images.grad,

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import spark_sparse as ss
 
@@ -71,6 +72,14 @@ def test_an_fp64_equivalence_run_compares_in_double_and_has_no_fp32_floor(tmp_pa
     assert 0 < sparse["max_abs_err"] < 1e-12         # fp32 would give 1e-6: the comparison ran in double
     with pytest.raises(SystemExit):
         parse_args(["--fp64"])                         # timing in fp64 is not offered
+
+
+def test_an_fp64_comparison_keeps_features_and_predictions_in_double():
+    from _equivalence import _outputs
+    spark = ss.create_spark("resnet18", backend="sparse", input_size=64, decoder_width=64).double()
+    images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    out = _outputs(spark, images, spark.mask(2), "cpu", "fp32")
+    assert {f.dtype for f in out["feats"]} == {torch.float64} and out["loss"].dtype == torch.float64
 
 
 def test_errors_can_be_measured_against_another_backend_with_masked_still_the_speed_baseline(tmp_path):
