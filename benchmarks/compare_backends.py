@@ -159,7 +159,7 @@ def select_variants(args) -> tuple[list[Variant], dict[str, str]]:
         raise SystemExit(f"unknown --reference {args.reference!r}; registered: {', '.join(infos)}")
     if not infos[args.reference].available:
         raise SystemExit(f"--reference {args.reference} cannot run here: {infos[args.reference].reason}")
-    wanted += [args.reference] if args.reference not in wanted else []
+    wanted = wanted + ([args.reference] if args.reference not in wanted else [])
     names = ["masked"] + [n for n in wanted if n != "masked" and n not in skipped]
     return [Variant(n) for n in names] + [Variant(f"recipe:{r}") for r in args.recipes], skipped
 
