@@ -67,6 +67,9 @@ ENCODERS = {
     # depthwise focal levels, a global context averaged over each image's active sites (timm's
     # constructor takes no depths for its named sizes: the full tiny net)
     "focalnet_tiny_srf": (64, 2, {}),
+    # EfficientViT (MIT): ReLU linear attention over each image's active sites with multi-scale q, k, v in
+    # stages 3-4, MobileNet-style convs before
+    "efficientvit_b0": (64, 2, {}),
     # split into square and band (1 x k, k x 1) depthwise convs; per-channel layer scale, drawn at 1 (timm:
     # 1e-6, which would leave the residual branches out of the comparison)
     "inception_next_tiny": (64, 2, dict(depths=(1, 1, 1, 1), ls_init_value=1.0)),
@@ -82,7 +85,8 @@ ENCODERS = {
 #: except for the nets that have none
 DROP_PATH = 0.1
 WITHOUT_DROP_PATH = {"densenet121", "ghostnet_100", "selecsls42b", "dla34", "hrnet_w18_small", "dpn68",
-                     "repghostnet_100", "vgg11_bn", "legacy_seresnet18", "repvit_m0_9", "lcnetv2_small"}
+                     "repghostnet_100", "vgg11_bn", "legacy_seresnet18", "repvit_m0_9", "lcnetv2_small",
+                     "efficientvit_b0"}
 #: nets whose learnable affine blocks start as the identity (drawn at random: draw_learnable_affines)
 IDENTITY_INIT_AFFINES = {"hgnetv2_b0"}
 DECODER_WIDTH = 64

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from timm.layers import (BatchNormAct2d, Conv2dSame, EcaModule, GlobalContext, GroupNormAct, LayerScale2d,
                          MixedConv2d, ScaledStdConv2d, SEModule, StdConv2d)
 from timm.layers.grn import GlobalResponseNorm
+from timm.models.efficientvit_mit import LiteMLA
 from timm.models.focalnet import FocalModulation
 from timm.models.metaformer import GroupNorm1NoBias, LayerNorm2dNoBias, Pooling, StarReLU
 from timm.models.nfnet import GammaAct
@@ -136,6 +137,25 @@ def test_focal_modulation_averages_its_global_context_over_each_images_active_si
     torch.testing.assert_close(converted(fmap).to_dense(), expected)
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_linear_attention_attends_over_each_images_active_sites(backend):
+    """EfficientViT's LiteMLA, as timm computes it on the dense masked map with every conv's output times
+    the mask (SparK): keys are ReLU of convs, 0 at masked sites, so each image attends over its active ones."""
+    mask = _mask()
+    layer = randomized(LiteMLA(8, 8, dim=4, norm_layer=(None, None), scales=(3,))).double()
+    x, site = _input(mask), mask.dense_at(4).double()
+    qkv = layer.qkv(x) * site
+    multi_scale = torch.cat([qkv] + [op[1](op[0](qkv) * site) * site for op in layer.aggreg], dim=1)
+    b, _, h, w = x.shape
+    q, k, v = multi_scale.reshape(b, -1, 12, h * w).transpose(-1, -2).chunk(3, dim=-1)
+    out = layer._attn(F.relu(q), F.relu(k), F.pad(v, (0, 1), value=1.0)).transpose(-1, -2).reshape(b, -1, h, w)
+    expected = layer.proj(out) * site
+    converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(layer)))
+    fmap = MaskedDense(x, mask, 4) if backend == "masked" else ss.SparseRows(
+        x.permute(0, 2, 3, 1)[mask.dense_at(4)[:, 0]], mask, 4)
+    torch.testing.assert_close(converted(fmap).to_dense(), expected)
+
+
 @pytest.mark.parametrize("layer", [nn.GroupNorm(2, 8), GroupNormAct(8, num_groups=4, act_layer=nn.SiLU)],
                          ids=["GroupNorm", "GroupNormAct"])
 def test_group_norm_takes_statistics_per_image_and_group_over_active_sites(layer):
@@ -199,11 +219,12 @@ def test_global_response_norm_gradient_is_finite_when_a_channel_is_zero_in_an_im
     lambda: Pooling(3),
     lambda: GroupNorm1NoBias(8),
     lambda: FocalModulation(8, focal_window=3, focal_level=2, use_post_norm=True, normalize_modulator=True),
+    lambda: LiteMLA(8, 8, dim=4, scales=(3, 5)),
 ], ids=["BatchNormAct2d", "GroupNormAct", "GroupNorm", "SEModule", "SqueezeExcite", "EcaModule",
         "GlobalResponseNorm", "StdConv2d", "ScaledStdConv2d", "AvgPool2d_resnet_d", "LayerScale2d",
         "Conv2dSame_3x3_s2", "Conv2dSame_depthwise_5x5_s2", "MixedConv2d_same_s2", "Upsample_nearest_x2", "GammaAct_silu",
         "GlobalContext", "StarReLU", "LayerNorm2dNoBias", "Pooling",
-        "GroupNorm1NoBias", "FocalModulation"])
+        "GroupNorm1NoBias", "FocalModulation", "LiteMLA"])
 def test_with_every_site_visible_the_layer_is_timms_dense_layer(backend, make):
     layer = randomized(make()).double()
     mask = ActiveMask.full(2, (2, 2))

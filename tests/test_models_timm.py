@@ -39,8 +39,13 @@ DEFAULTS = {"resnet50d": (0.05, "bn"), "seresnet50": (0.05, "bn"), "resnext50_32
             "repvit_m0_9": (0.0, "bn"), "lcnetv2_small": (0.0, "bn"), "starnet_s1": (0.0, "bn"),
             "gcresnet33ts": (0.05, "bn"), "convformer_s18": (0.1, "ln"),
             "poolformerv2_s12": (0.1, "ln"), "fastvit_t8": (0.0, "bn"),
-            "mambaout_tiny": (0.1, "ln"), "focalnet_tiny_srf": (0.1, "ln")}
+            "mambaout_tiny": (0.1, "ln"), "focalnet_tiny_srf": (0.1, "ln"),
+            "efficientvit_b0": (0.0, "bn")}
 FAMILY_MODELS = list(DEFAULTS)
+#: timm nets that compute part of their forward in fp32 whatever the model's dtype: EfficientViT's LiteMLA
+#: casts q, k, v with ``.float()`` (ours keeps at least their dtype), so in fp64 timm's own features carry
+#: fp32 rounding of its attention (8e-8 relative here); compared at fp32's precision instead of 1e-9
+FP32_INSIDE_TIMM = {"efficientvit_b0": 1e-6}
 
 
 def assert_exports_to_timm(spark: ss.SparK, name: str) -> None:
@@ -59,7 +64,8 @@ def assert_exports_to_timm(spark: ss.SparK, name: str) -> None:
                                              intermediates_only=True)
     assert [tuple(f.shape[1:]) for f in ours] == [tuple(f.shape[1:]) for f in theirs]
     for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, atol=1e-9 * max(1.0, float(b.abs().max())), rtol=1e-9)
+        tolerance = FP32_INSIDE_TIMM.get(name, 1e-9)
+        torch.testing.assert_close(a, b, atol=tolerance * max(1.0, float(b.abs().max())), rtol=tolerance)
 
 
 def test_every_family_model_is_listed_as_tested_and_the_old_signature_works():
