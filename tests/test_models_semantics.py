@@ -137,6 +137,26 @@ def test_focal_modulation_averages_its_global_context_over_each_images_active_si
     torch.testing.assert_close(converted(fmap).to_dense(), expected)
 
 
+def _linear_attention_fp64(layer: LiteMLA, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """timm's ``LiteMLA._attn`` without its cast to fp32 (timm runs this part in fp32 even in an fp64 model)."""
+    out = q @ (k.transpose(-1, -2) @ v)
+    return out[..., :-1] / (out[..., -1:] + layer.eps)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_linear_attention_with_every_site_visible_is_timms_layer(backend, monkeypatch):
+    """Against timm's own forward: to fp32's precision as timm computes its attention (``.float()``), and to
+    fp64's once timm's attention runs in double too."""
+    layer = randomized(LiteMLA(8, 8, dim=4, scales=(3, 5))).double()
+    mask, x = ActiveMask.full(2, (2, 2)), torch.randn(2, 8, 16, 16, dtype=torch.float64)
+    converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(layer)))
+    fmap = MaskedDense(x, mask, 4) if backend == "masked" else ss.SparseRows(x.permute(0, 2, 3, 1).reshape(-1, 8), mask, 4)
+    ours = converted(fmap).to_dense()
+    torch.testing.assert_close(ours, layer(x), rtol=1e-5, atol=1e-5 * float(ours.detach().abs().max()))
+    monkeypatch.setattr(LiteMLA, "_attn", _linear_attention_fp64)
+    torch.testing.assert_close(ours, layer(x), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_linear_attention_attends_over_each_images_active_sites(backend):
     """EfficientViT's LiteMLA, as timm computes it on the dense masked map with every conv's output times
@@ -148,8 +168,8 @@ def test_linear_attention_attends_over_each_images_active_sites(backend):
     multi_scale = torch.cat([qkv] + [op[1](op[0](qkv) * site) * site for op in layer.aggreg], dim=1)
     b, _, h, w = x.shape
     q, k, v = multi_scale.reshape(b, -1, 12, h * w).transpose(-1, -2).chunk(3, dim=-1)
-    out = layer._attn(F.relu(q), F.relu(k), F.pad(v, (0, 1), value=1.0)).transpose(-1, -2).reshape(b, -1, h, w)
-    expected = layer.proj(out) * site
+    out = _linear_attention_fp64(layer, F.relu(q), F.relu(k), F.pad(v, (0, 1), value=1.0))
+    expected = layer.proj(out.transpose(-1, -2).reshape(b, -1, h, w)) * site
     converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(layer)))
     fmap = MaskedDense(x, mask, 4) if backend == "masked" else ss.SparseRows(
         x.permute(0, 2, 3, 1)[mask.dense_at(4)[:, 0]], mask, 4)
@@ -219,12 +239,11 @@ def test_global_response_norm_gradient_is_finite_when_a_channel_is_zero_in_an_im
     lambda: Pooling(3),
     lambda: GroupNorm1NoBias(8),
     lambda: FocalModulation(8, focal_window=3, focal_level=2, use_post_norm=True, normalize_modulator=True),
-    lambda: LiteMLA(8, 8, dim=4, scales=(3, 5)),
 ], ids=["BatchNormAct2d", "GroupNormAct", "GroupNorm", "SEModule", "SqueezeExcite", "EcaModule",
         "GlobalResponseNorm", "StdConv2d", "ScaledStdConv2d", "AvgPool2d_resnet_d", "LayerScale2d",
         "Conv2dSame_3x3_s2", "Conv2dSame_depthwise_5x5_s2", "MixedConv2d_same_s2", "Upsample_nearest_x2", "GammaAct_silu",
         "GlobalContext", "StarReLU", "LayerNorm2dNoBias", "Pooling",
-        "GroupNorm1NoBias", "FocalModulation", "LiteMLA"])
+        "GroupNorm1NoBias", "FocalModulation"])
 def test_with_every_site_visible_the_layer_is_timms_dense_layer(backend, make):
     layer = randomized(make()).double()
     mask = ActiveMask.full(2, (2, 2))
