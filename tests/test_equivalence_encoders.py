@@ -70,6 +70,9 @@ ENCODERS = {
     # EfficientViT (MIT): ReLU linear attention over each image's active sites with multi-scale q, k, v in
     # stages 3-4, MobileNet-style convs before
     "efficientvit_b0": (64, 2, {}),
+    # EdgeNeXt: ConvNeXt-like blocks between permutes, split-transpose blocks (channel groups, positional
+    # encoding at active sites, cross-covariance attention over each image's active tokens)
+    "edgenext_small": (64, 2, {}),
     # split into square and band (1 x k, k x 1) depthwise convs; per-channel layer scale, drawn at 1 (timm:
     # 1e-6, which would leave the residual branches out of the comparison)
     "inception_next_tiny": (64, 2, dict(depths=(1, 1, 1, 1), ls_init_value=1.0)),

@@ -7,6 +7,7 @@ from timm.layers import (BatchNormAct2d, Conv2dSame, EcaModule, EffectiveSEModul
                          StdConv2d, StdConv2dSame)
 from timm.layers.grn import GlobalResponseNorm
 from timm.models._efficientnet_blocks import SqueezeExcite
+from timm.models.edgenext import SplitTransposeBlock
 from timm.models.efficientvit_mit import LiteMLA
 from timm.models.focalnet import FocalModulation
 from timm.models.hgnet import LearnableAffineBlock
@@ -110,6 +111,9 @@ LAYERS = {
                                                                    normalize_modulator=True)), 0.3), 4, 8),
     # EfficientViT's ReLU linear attention over each image's active sites, multi-scale (5x5 depthwise) q, k, v
     "lite_mla": (lambda: scaled(randomized(LiteMLA(8, 8, dim=4)), 0.5), 4, 8),
+    # EdgeNeXt's split-transpose block: channel groups through depthwise convs, a positional encoding at
+    # active sites, cross-covariance attention over each image's active tokens, NHWC LayerNorm and MLP
+    "split_transpose_xca": (lambda: randomized(SplitTransposeBlock(8, num_scales=2, num_heads=2)), 4, 8),
 }
 
 #: fp32 tolerances of layers whose input gradient is a long sum: each site's gradient through linear attention

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from timm.layers import (BatchNormAct2d, Conv2dSame, EcaModule, GlobalContext, GroupNormAct, LayerScale2d,
                          MixedConv2d, ScaledStdConv2d, SEModule, StdConv2d)
 from timm.layers.grn import GlobalResponseNorm
+from timm.models.edgenext import SplitTransposeBlock
 from timm.models.efficientvit_mit import LiteMLA
 from timm.models.focalnet import FocalModulation
 from timm.models.metaformer import GroupNorm1NoBias, LayerNorm2dNoBias, Pooling, StarReLU
@@ -176,6 +177,32 @@ def test_linear_attention_attends_over_each_images_active_sites(backend):
     torch.testing.assert_close(converted(fmap).to_dense(), expected)
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_edgenext_block_encodes_positions_and_attends_across_channels_over_active_tokens(backend):
+    """EdgeNeXt's split-transpose block written out on the dense masked map: every conv and Linear output
+    times the mask (SparK), the positional encoding added at active sites only, XCA's L2 norms and
+    channel-by-channel sums over each image's active tokens."""
+    mask = _mask()
+    layer = randomized(SplitTransposeBlock(8, num_scales=2, num_heads=2)).double()
+    x, site = _input(mask), mask.dense_at(4).double()
+    b, c, h, w = x.shape
+    first, rest = x.chunk(2, dim=1)
+    y = torch.cat([layer.convs[0](first) * site, rest], dim=1) + layer.pos_embd((b, h, w)) * site
+    tokens, token_site = y.flatten(2).transpose(1, 2), site.flatten(2).transpose(1, 2)        # (B, L, C), (B, L, 1)
+    xca = layer.xca
+    qkv = (xca.qkv(layer.norm_xca(tokens)) * token_site).reshape(b, h * w, 3, 2, 4).permute(2, 0, 3, 4, 1)
+    q, k, v = qkv.unbind(0)                                                                    # (B, heads, c, L)
+    attn = ((F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * xca.temperature).softmax(-1)
+    attended = xca.proj((attn @ v).permute(0, 3, 1, 2).reshape(b, h * w, c)) * token_site
+    tokens = tokens + layer.gamma_xca * attended
+    branch = layer.gamma * (layer.mlp(layer.norm(tokens)) * token_site)
+    expected = x + branch.transpose(1, 2).reshape(b, c, h, w)
+    converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(layer)))
+    fmap = MaskedDense(x, mask, 4) if backend == "masked" else ss.SparseRows(
+        x.permute(0, 2, 3, 1)[mask.dense_at(4)[:, 0]], mask, 4)
+    torch.testing.assert_close(converted(fmap).to_dense(), expected)
+
+
 @pytest.mark.parametrize("layer", [nn.GroupNorm(2, 8), GroupNormAct(8, num_groups=4, act_layer=nn.SiLU)],
                          ids=["GroupNorm", "GroupNormAct"])
 def test_group_norm_takes_statistics_per_image_and_group_over_active_sites(layer):
@@ -239,11 +266,12 @@ def test_global_response_norm_gradient_is_finite_when_a_channel_is_zero_in_an_im
     lambda: Pooling(3),
     lambda: GroupNorm1NoBias(8),
     lambda: FocalModulation(8, focal_window=3, focal_level=2, use_post_norm=True, normalize_modulator=True),
+    lambda: SplitTransposeBlock(8, num_scales=2, num_heads=2),
 ], ids=["BatchNormAct2d", "GroupNormAct", "GroupNorm", "SEModule", "SqueezeExcite", "EcaModule",
         "GlobalResponseNorm", "StdConv2d", "ScaledStdConv2d", "AvgPool2d_resnet_d", "LayerScale2d",
         "Conv2dSame_3x3_s2", "Conv2dSame_depthwise_5x5_s2", "MixedConv2d_same_s2", "Upsample_nearest_x2", "GammaAct_silu",
         "GlobalContext", "StarReLU", "LayerNorm2dNoBias", "Pooling",
-        "GroupNorm1NoBias", "FocalModulation"])
+        "GroupNorm1NoBias", "FocalModulation", "SplitTransposeBlock"])
 def test_with_every_site_visible_the_layer_is_timms_dense_layer(backend, make):
     layer = randomized(make()).double()
     mask = ActiveMask.full(2, (2, 2))
