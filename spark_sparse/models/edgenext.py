@@ -62,8 +62,11 @@ class FeatureSplitTransposeBlock(nn.Module):
         coords = x.mask.coords_at(x.stride)
         if self.pos_embd is not None:
             height, width = x.mask.dense_at(x.stride).shape[-2:]
-            grid = self.pos_embd((1, height, width))[0]                        # (C, H, W)
-            x = x + x.with_active_rows(grid[:, coords[:, 1], coords[:, 2]].t().to(x.data.dtype))
+            grid = self.pos_embd((1, height, width))[0].flatten(1)             # (C, H * W)
+            # index_select, whose backward is an index-add: deterministic on the CPU, unlike the
+            # accumulating index_put that advanced indexing's backward is
+            at_sites = grid.index_select(1, coords[:, 1] * width + coords[:, 2]).t()
+            x = x + x.with_active_rows(at_sites.to(x.data.dtype))
         attended = x.with_active_rows(self._cross_covariance(self.norm_xca(x).active_rows(), coords[:, 0],
                                                              x.mask.batch_size))
         if self.gamma_xca is not None:
