@@ -203,6 +203,33 @@ def test_edgenext_block_encodes_positions_and_attends_across_channels_over_activ
     torch.testing.assert_close(converted(fmap).to_dense(), expected)
 
 
+def test_per_image_values_reach_their_rows_with_the_same_gradient_every_time():
+    """Exact resume needs bit-identical gradients. On the CPU, with two threads, the backward of
+    ``values[image_of_row]`` (an accumulating index_put) differed from run to run when the threads' halves
+    of the rows share an image (here 389 and 400 rows: 20 different gradients in 20 runs);
+    per_image gathers with index_select, whose backward does not."""
+    from spark_sparse.backends.per_image import image_softmax, per_site_values
+    active = torch.ones(2, 1, 20, 20, dtype=torch.bool)
+    active[0, 0, 0, :11] = False
+    mask = ActiveMask(active)
+    rows = int(active.sum())
+    x = ss.SparseRows(torch.zeros(rows, 64), mask, 32)
+    values = torch.randn(2, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    upstream = torch.randn(rows, 64, generator=torch.Generator().manual_seed(1))
+    logits = torch.randn(rows, 1, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gradients = set()
+        for _ in range(10):
+            values.grad = logits.grad = None
+            ((per_site_values(x, values) * upstream).sum() + (image_softmax(x, logits) * upstream[:, :1]).sum()).backward()
+            gradients.add(values.grad.numpy().tobytes() + logits.grad.numpy().tobytes())
+    finally:
+        torch.set_num_threads(threads)
+    assert len(gradients) == 1
+
+
 @pytest.mark.parametrize("layer", [nn.GroupNorm(2, 8), GroupNormAct(8, num_groups=4, act_layer=nn.SiLU)],
                          ids=["GroupNorm", "GroupNormAct"])
 def test_group_norm_takes_statistics_per_image_and_group_over_active_sites(layer):

@@ -85,13 +85,13 @@ class FeatureSplitTransposeBlock(nn.Module):
 
         def normalized(t: torch.Tensor) -> torch.Tensor:          # F.normalize over each image's tokens
             squares = t.new_zeros(batch, *t.shape[1:]).index_add_(0, image_of_row, t * t)
-            return t / squares.sqrt().clamp_min(1e-12)[image_of_row]
+            return t / squares.sqrt().clamp_min(1e-12).index_select(0, image_of_row)
 
         q, k = normalized(q), normalized(k)
         attn = q.new_zeros(batch, heads, q.shape[-1], k.shape[-1]).index_add_(
             0, image_of_row, q.unsqueeze(-1) * k.unsqueeze(-2))                # [B, heads, c, c]
         attn = xca.attn_drop((attn * xca.temperature).softmax(dim=-1))
-        out = torch.einsum("nhij,nhj->nhi", attn[image_of_row], v).reshape(rows.shape[0], -1)
+        out = torch.einsum("nhij,nhj->nhi", attn.index_select(0, image_of_row), v).reshape(rows.shape[0], -1)
         return xca.proj_drop(xca.proj(out))
 
 

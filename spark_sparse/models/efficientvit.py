@@ -58,7 +58,7 @@ class FeatureLiteMLA(nn.Module):
             image_of_row = x.mask.coords_at(x.stride)[:, 0]
             kv = k.new_zeros(x.mask.batch_size, groups, self.dim, self.dim + 1).index_add_(
                 0, image_of_row, k.unsqueeze(-1) * v.unsqueeze(-2))         # [B, groups, dim, dim + 1]
-            out = torch.einsum("ngd,ngde->nge", q, kv[image_of_row])
+            out = torch.einsum("ngd,ngde->nge", q, kv.index_select(0, image_of_row))
             out = out[..., :-1] / (out[..., -1:] + self.eps)
         return self.proj(x.with_active_rows(out.reshape(rows.shape[0], groups * self.dim).to(rows.dtype)))
 
