@@ -22,7 +22,7 @@ from timm.layers import EcaModule, EffectiveSEModule, GlobalContext, SEModule
 
 from ..features import FeatureMap
 from .base import UnsupportedModuleError, register_converter
-from .common import adopt_state
+from .common import adopt_module, adopt_state
 from .per_image import image_means, image_softmax, image_sums, per_site_values, scale_per_image
 
 __all__ = ["ImageGate", "FeatureSEModule", "FeatureEffectiveSEModule", "FeatureEcaModule", "FeatureGlobalContext"]
@@ -51,9 +51,7 @@ class ImageGate(nn.Module):
             raise UnsupportedModuleError(
                 f"backend {backend.name!r} cannot convert {name!r} ({type(module).__name__} with add_maxpool=True): "
                 f"timm's experimental max-pool squeeze is not supported; build the model with add_maxpool=False")
-        new = cls()
-        new._modules.update(module._modules)
-        return adopt_state(new, module)
+        return adopt_module(cls(), module)
 
 
 class FeatureSEModule(ImageGate):

@@ -20,7 +20,7 @@ from timm.layers.fast_norm import rms_norm, simple_norm
 from ..features import ChannelsLastView, FeatureMap, UnsupportedFeatureOperation
 from ..kernels.base import int_pair
 
-__all__ = ["adopt_state", "FeatureBatchNorm", "FeatureSyncBatchNorm", "FeatureLayerNorm", "FeatureChannelNorm",
+__all__ = ["adopt_state", "adopt_module", "FeatureBatchNorm", "FeatureSyncBatchNorm", "FeatureLayerNorm", "FeatureChannelNorm",
            "FeatureLinear", "Elementwise",
            "FeatureDropPath", "COMMON_CONVERTERS", "ZERO_PRESERVING_ACTIVATIONS", "check_output_grid"]
 
@@ -33,6 +33,13 @@ def adopt_state(new: nn.Module, old: nn.Module) -> nn.Module:
         new._buffers[name] = buf
     new.train(old.training)
     return new
+
+
+def adopt_module(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Give ``new`` the very children of ``old`` too, as :func:`adopt_state` its parameters and buffers: a
+    converter that rewrites a module's forward keeps its children, names and state dict."""
+    new._modules.update(old._modules)
+    return adopt_state(new, old)
 
 
 class FeatureBatchNorm(nn.BatchNorm2d):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from timm.models.edgenext import ConvBlock, EdgeNeXt, EdgeNeXtStage, SplitTransposeBlock
 
 from ..backends import register_container, register_converter
-from ..backends.common import adopt_state
+from ..backends.common import adopt_module
 from ..features import FeatureMap
 from .timm_encoders import register_timm_encoder
 
@@ -44,8 +44,7 @@ class FeatureSplitTransposeBlock(nn.Module):
 
     def __init__(self, backend, block: SplitTransposeBlock, name: str = ""):
         super().__init__()
-        self._modules.update(block._modules)
-        adopt_state(self, block)
+        adopt_module(self, block)
         for optional in ("pos_embd", "gamma_xca", "gamma"):       # None (a plain attribute) where switched off
             if getattr(block, optional) is None:
                 setattr(self, optional, None)

@@ -22,7 +22,7 @@ from timm.models.efficientvit_mit import (ConvBlock, ConvNormAct, DSConv, Effici
                                           LiteMLA, MBConv, ResidualBlock, Stem)
 
 from ..backends import register_container, register_converter
-from ..backends.common import adopt_state
+from ..backends.common import adopt_module
 from ..features import FeatureMap
 from .timm_encoders import register_timm_encoder
 
@@ -40,8 +40,7 @@ class FeatureLiteMLA(nn.Module):
 
     def __init__(self, backend, attention: LiteMLA, name: str = ""):
         super().__init__()
-        self._modules.update(attention._modules)
-        adopt_state(self, attention)
+        adopt_module(self, attention)
         backend.convert_children(self, prefix=f"{name}.", skip=frozenset({f"{name}.kernel_func"}))
         self.dim, self.eps = attention.dim, attention.eps
 

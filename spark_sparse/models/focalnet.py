@@ -24,8 +24,8 @@ import torch.nn as nn
 from timm.models.focalnet import Downsample, FocalModulation, FocalNet, FocalNetBlock, FocalNetStage
 
 from ..backends import register_container, register_converter
-from ..backends.common import adopt_state
-from ..backends.per_image import image_means, per_site_values
+from ..backends.common import adopt_module
+from ..backends.per_image import image_means, scale_per_image
 from ..features import FeatureMap
 from .timm_encoders import register_timm_encoder
 
@@ -44,8 +44,7 @@ class FeatureFocalModulation(nn.Module):
 
     def __init__(self, backend, modulation: FocalModulation, name: str = ""):
         super().__init__()
-        self._modules.update(modulation._modules)
-        adopt_state(self, modulation)
+        adopt_module(self, modulation)
         backend.convert_children(self, prefix=f"{name}.", skip=frozenset({f"{name}.act"}))
         self.input_split = list(modulation.input_split)
         self.focal_level = modulation.focal_level
@@ -57,9 +56,9 @@ class FeatureFocalModulation(nn.Module):
         for level, focal_layer in enumerate(self.focal_layers):
             ctx = focal_layer(ctx)
             ctx_all = ctx_all + ctx * gates[:, level:level + 1]
-        ctx_global = self.act(image_means(ctx)).to(ctx.data.dtype)            # [B, C], per image
-        global_gate = gates[:, self.focal_level:]
-        ctx_all = ctx_all + ctx.with_data(per_site_values(global_gate, ctx_global) * global_gate.data)
+        ctx_global = self.act(image_means(ctx))                                # [B, C], per image
+        # the one-channel last gate times each image's context: C channels at its active sites
+        ctx_all = ctx_all + scale_per_image(gates[:, self.focal_level:], ctx_global)
         if self.normalize_modulator:
             ctx_all = ctx_all.with_data(ctx_all.data / (self.focal_level + 1))
         out = self.norm(q * self.h(ctx_all))
