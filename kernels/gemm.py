@@ -25,6 +25,7 @@ import torch
 
 from ._rowmatmul import rows_times_weight, rows_times_weight_backward
 from .base import ConvCall, SparseConvKernel
+from .gather import rows_at
 from .registry import register_kernel
 
 __all__ = ["GemmKernel", "transposed_table", "gather_gemm_conv", "gather_grouped_conv", "gather_depthwise_conv"]
@@ -60,7 +61,7 @@ def transposed_table(call: ConvCall) -> torch.Tensor:
 @torch.library.custom_op("spark_sparse::gather_gemm_conv", mutates_args=())
 def gather_gemm_conv(features: torch.Tensor, weight: torch.Tensor, table: torch.Tensor,
                      table_t: torch.Tensor) -> torch.Tensor:
-    taps = _pad_rows(features)[table].reshape(table.shape[0], -1)          # [N_out, K*C]
+    taps = rows_at(_pad_rows(features), table).reshape(table.shape[0], -1)    # [N_out, K*C]
     return rows_times_weight(taps, _taps_major(weight))
 
 
@@ -76,7 +77,7 @@ def gather_gemm_conv_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, ta
     n_in, n_out = table_t.shape[0], table.shape[0]
     if n_in == n_out:
         # stride 1: every (input row, tap) has its output row, so the transposed conv is a gather-GEMM
-        grad_taps = _pad_rows(grad_out)[table_t].reshape(n_in, -1)               # [N_in, K*O]
+        grad_taps = rows_at(_pad_rows(grad_out), table_t).reshape(n_in, -1)     # [N_in, K*O]
         return rows_times_weight(grad_taps, weight.permute(1, 2, 3, 0).reshape(in_ch, kh * kw * out_ch))
     # strided: most (input row, tap) pairs feed no output; a GEMM over the outputs and one
     # scatter-add costs a fraction of the transposed gather's mostly-zero GEMM
@@ -95,7 +96,7 @@ def _(grad_out, weight, table, table_t):
 def gather_gemm_conv_grad_weight(grad_out: torch.Tensor, features: torch.Tensor, weight: torch.Tensor,
                                  table: torch.Tensor) -> torch.Tensor:
     out_ch, in_ch, kh, kw = weight.shape
-    taps = _pad_rows(features)[table].reshape(table.shape[0], -1)             # gathered again, not kept
+    taps = rows_at(_pad_rows(features), table).reshape(table.shape[0], -1)    # gathered again, not kept
     _, grad_w = rows_times_weight_backward(grad_out, taps, _taps_major(weight), False, True)
     return grad_w.view(out_ch, kh, kw, in_ch).permute(0, 3, 1, 2).contiguous()
 
@@ -132,7 +133,7 @@ def _grouped_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
 def _grouped_taps(rows: torch.Tensor, table: torch.Tensor, groups: int) -> torch.Tensor:
     """``[G, N_out, K*C/G]``: each group's channels of the rows under every tap (zero rows included)."""
     n, k = table.shape
-    taps = _pad_rows(rows)[table].view(n, k, groups, rows.shape[1] // groups)
+    taps = rows_at(_pad_rows(rows), table).view(n, k, groups, rows.shape[1] // groups)
     return taps.permute(2, 0, 1, 3).reshape(groups, n, -1)
 
 
@@ -213,9 +214,9 @@ def gather_depthwise_conv(features: torch.Tensor, weight: torch.Tensor, table: t
                           table_t: torch.Tensor) -> torch.Tensor:
     padded = _pad_rows(features)
     w = weight.reshape(weight.shape[0], -1)                                  # [C, K]
-    out = padded[table[:, 0]] * w[:, 0]
+    out = padded.index_select(0, table[:, 0]) * w[:, 0]
     for tap in range(1, table.shape[1]):
-        out.addcmul_(padded[table[:, tap]], w[:, tap])
+        out.addcmul_(padded.index_select(0, table[:, tap]), w[:, tap])
     return out
 
 
@@ -228,9 +229,9 @@ def _(features, weight, table, table_t):
 def gather_depthwise_conv_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, table_t: torch.Tensor) -> torch.Tensor:
     padded_grad = _pad_rows(grad_out)
     w = weight.reshape(weight.shape[0], -1)
-    grad_in = padded_grad[table_t[:, 0]] * w[:, 0]
+    grad_in = padded_grad.index_select(0, table_t[:, 0]) * w[:, 0]
     for tap in range(1, table_t.shape[1]):
-        grad_in.addcmul_(padded_grad[table_t[:, tap]], w[:, tap])
+        grad_in.addcmul_(padded_grad.index_select(0, table_t[:, tap]), w[:, tap])
     return grad_in
 
 
@@ -243,7 +244,8 @@ def _(grad_out, weight, table_t):
 def gather_depthwise_conv_grad_weight(grad_out: torch.Tensor, features: torch.Tensor, weight: torch.Tensor,
                                       table: torch.Tensor) -> torch.Tensor:
     padded = _pad_rows(features)
-    grad_w = torch.stack([(grad_out * padded[table[:, tap]]).sum(0) for tap in range(table.shape[1])], dim=1)
+    grad_w = torch.stack([(grad_out * padded.index_select(0, table[:, tap])).sum(0)
+                          for tap in range(table.shape[1])], dim=1)
     return grad_w.view_as(weight).contiguous()
 
 

@@ -29,10 +29,10 @@ def gather_max_pool(features: torch.Tensor, table: torch.Tensor) -> tuple[torch.
     if table.shape[1] > 255:
         raise ValueError(f"max-pool window of {table.shape[1]} taps does not fit the uint8 argmax (at most 255)")
     padded = _with_fill_rows(features)
-    best = padded[table[:, 0]]
+    best = padded.index_select(0, table[:, 0])
     winner = torch.zeros(best.shape, dtype=torch.uint8, device=best.device)
     for tap in range(1, table.shape[1]):
-        value = padded[table[:, tap]]
+        value = padded.index_select(0, table[:, tap])
         better = (value > best) | (value.isnan() & ~best.isnan())
         best = torch.where(better, value, best)
         winner.masked_fill_(better, tap)

@@ -205,3 +205,26 @@ def test_kernels_that_claim_cpu_reproducibility_give_equal_bits_for_a_rebuilt_ma
         rebuilt = ActiveMask(call.mask.active.clone(), call.mask.downsample_ratio)
         again = _run(kernel, x, w, b, dataclasses.replace(call, mask=rebuilt))
         assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_rows_at_gives_the_same_gradient_every_run_where_threads_share_rows():
+    """Exact resume needs bit-identical gradients. ``source[table]``'s backward (an accumulating
+    index_put) adds a row that both CPU threads address in a different order from run to run (20
+    different gradients in 20 runs for this random table); the kernels gather with ``rows_at``."""
+    from spark_sparse.kernels.gather import rows_at
+
+    gen = torch.Generator().manual_seed(0)
+    source = torch.randn(789, 64, generator=gen, requires_grad=True)
+    table = torch.randint(0, 789, (789, 9), generator=gen)
+    upstream = torch.randn(789, 9, 64, generator=gen)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gradients = set()
+        for _ in range(10):
+            (grad,) = torch.autograd.grad((rows_at(source, table) * upstream).sum(), source)
+            gradients.add(grad.numpy().tobytes())
+    finally:
+        torch.set_num_threads(threads)
+    assert len(gradients) == 1
+    assert torch.equal(rows_at(source, table), source[table])

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ..kernels import ConvCall, ConvSpec, list_kernels, select_kernel
 from ..kernels.base import int_pair
+from ..kernels.gather import rows_at
 
 from ..features import SparseRows
 from .base import Backend
@@ -198,7 +199,7 @@ class SparseAvgPool2d(_SparsePool, nn.AvgPool2d):
     def forward(self, x: SparseRows) -> SparseRows:
         call, table = self._call(x)
         n_in = x.data.shape[0]
-        taps = torch.cat([x.data, x.data.new_zeros(2, x.channels)])[table]
+        taps = rows_at(torch.cat([x.data, x.data.new_zeros(2, x.channels)]), table)    # [N_out, K, C]
         if self.divisor_override:
             divisor = torch.full((table.shape[0], 1), float(self.divisor_override), dtype=x.data.dtype, device=x.data.device)
         elif self.count_include_pad:
