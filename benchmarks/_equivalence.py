@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 
@@ -50,34 +51,36 @@ def _compare_outputs(got: dict, ref: dict) -> dict:
             "masked_sites_nonzero": nonzero, "grad_params_mismatched_names": missing}
 
 
-def compare(work, reference, fp64: bool = False) -> dict:
-    """Max abs / relative error of every feature map, the loss, the input and every parameter gradient.
+def outputs_of(work, fp64: bool = False) -> dict:
+    """One forward+backward of ``work`` on its images and a freshly built mask (see :func:`_outputs`).
 
-    ``masked_sites_nonzero`` counts feature values at masked sites that are not exactly zero (must be 0).
-    ``fp64``: both run in float64 (copies of their models; weights, images and every kernel in double),
-    where rounding no longer hides a difference of maths: what remains is how much the net amplifies
-    the last bits of another summation order.
+    ``fp64``: on a float64 copy of its model (weights, images and every kernel in double), where
+    rounding no longer hides a difference of maths: what remains is how much the net amplifies the last
+    bits of another summation order.
     """
     if fp64:
-        ref = _outputs(copy.deepcopy(reference.spark).double(), reference.images.double(), reference.fresh_mask(),
-                       reference.device, "fp32")
-        got = _outputs(copy.deepcopy(work.spark).double(), work.images.double(), work.fresh_mask(), work.device, "fp32")
-        return _compare_outputs(got, ref)
-    ref = _outputs(reference.spark, reference.images, reference.fresh_mask(), reference.device, reference.dtype)
-    got = _outputs(work.spark, work.images, work.fresh_mask(), work.device, work.dtype)
-    return _compare_outputs(got, ref)
+        return _outputs(copy.deepcopy(work.spark).double(), work.images.double(), work.fresh_mask(), work.device,
+                        "fp32")
+    return _outputs(work.spark, work.images, work.fresh_mask(), work.device, work.dtype)
 
 
-def fp32_noise_floor(reference) -> dict:
+def compare(work, reference_outputs: dict, fp64: bool = False) -> dict:
+    """Max abs / relative error of every feature map, the loss, the input and every parameter gradient
+    of ``work`` against the reference's :func:`outputs_of` (taken once per configuration).
+
+    ``masked_sites_nonzero`` counts feature values at masked sites that are not exactly zero (must be 0).
+    """
+    return _compare_outputs(outputs_of(work, fp64), reference_outputs)
+
+
+def fp32_noise_floor(masked, fp32_outputs: Optional[dict] = None) -> dict:
     """The same errors between ``masked`` in fp32 and ``masked`` in fp64: what fp32 rounding alone gives.
 
     Parameter gradients of a whole SparK model (BatchNorm in the decoder, per-patch normalised
     targets) are ill-conditioned: SparK's own fp32 code differs from its fp64 maths by up to a few
     percent on some gradient tensors. A variant's error vs ``masked`` is only meaningful next to this.
+    ``fp32_outputs``: masked's fp32 :func:`outputs_of` where the caller has them already.
     """
-    exact = copy.deepcopy(reference.spark).double()
-    mask = reference.fresh_mask()
-    ref = _outputs(exact, reference.images.double(), mask, reference.device, "fp32")
-    got = _outputs(reference.spark, reference.images, reference.fresh_mask(), reference.device, "fp32")
-    del exact
-    return _compare_outputs(got, ref)
+    exact = outputs_of(masked, fp64=True)
+    got = fp32_outputs or _outputs(masked.spark, masked.images, masked.fresh_mask(), masked.device, "fp32")
+    return _compare_outputs(got, exact)

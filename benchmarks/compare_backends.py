@@ -47,7 +47,7 @@ import timm  # noqa: E402
 import spark_sparse as ss  # noqa: E402
 from spark_sparse.autotune import MODES  # noqa: E402
 from spark_sparse.testing import switch_branches_on  # noqa: E402
-from _equivalence import compare, fp32_noise_floor  # noqa: E402
+from _equivalence import compare, fp32_noise_floor, outputs_of  # noqa: E402
 from _capacity import fit_largest_batch, markdown_section, memory_budget_mb  # noqa: E402
 from _measure import (Workload, peak_memory as peak_memory_in_process, peak_rss_growth_mb, persistent_mb,  # noqa: E402
                       summarize, time_and_cuda_peak, time_once)
@@ -416,14 +416,16 @@ def measure_unit(args, works: list[Workload], unit: tuple, failures: Failures, n
     if args.reference not in checked:
         raise RuntimeError(f"the reference ({args.reference}) did not build: {failures.entries[-1]['error']}")
     reference = checked[args.reference]
-    # equivalence first: the timed steps below update each variant's weights; the reference's own row (all
-    # zeros) still counts its non-zero masked sites, and a failing reference fails the configuration
-    equivalence = {args.reference: compare(reference, reference, args.fp64)}
+    # equivalence first: the timed steps below update each variant's weights. The reference runs once for
+    # every variant's comparison; its own row is a second run against the first (all zeros unless it is
+    # not reproducible) and still counts its non-zero masked sites; a failing reference fails the configuration
+    reference_outputs = outputs_of(reference, args.fp64)
+    equivalence = {args.reference: compare(reference, reference_outputs, args.fp64)}
     for work in works:
         if work.variant.name == args.reference:
             continue
         result = failures.guard(work, unit, "equivalence",
-                                lambda: compare(checked[work.variant.name], reference, args.fp64))
+                                lambda: compare(checked[work.variant.name], reference_outputs, args.fp64))
         if result is not None:
             equivalence[work.variant.name] = result
     if "masked" not in equivalence:
@@ -433,7 +435,9 @@ def measure_unit(args, works: list[Workload], unit: tuple, failures: Failures, n
         for work in works:
             work.dtype = "fp64"
     else:
-        noise = noise or fp32_noise_floor(checked["masked"])
+        masked_fp32 = reference_outputs if args.reference == "masked" and reference.dtype == "fp32" else None
+        noise = noise or fp32_noise_floor(checked["masked"], masked_fp32)
+    del reference_outputs
     live = [w for w in works if w.variant.name in equivalence]
     if args.what == "equivalence":
         stats, memory = {w.variant.name: {} for w in live}, {}
