@@ -73,6 +73,9 @@ ENCODERS = {
     # EdgeNeXt: ConvNeXt-like blocks between permutes, split-transpose blocks (channel groups, positional
     # encoding at active sites, cross-covariance attention over each image's active tokens)
     "edgenext_small": (64, 2, {}),
+    # SwiftFormer: conv encoders, and per stage one block with additive attention (a global query vector per
+    # image over its active tokens)
+    "swiftformer_xs": (64, 2, {}),
     # split into square and band (1 x k, k x 1) depthwise convs; per-channel layer scale, drawn at 1 (timm:
     # 1e-6, which would leave the residual branches out of the comparison)
     "inception_next_tiny": (64, 2, dict(depths=(1, 1, 1, 1), ls_init_value=1.0)),

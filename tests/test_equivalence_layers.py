@@ -9,6 +9,8 @@ from timm.layers.grn import GlobalResponseNorm
 from timm.models._efficientnet_blocks import SqueezeExcite
 from timm.models.edgenext import SplitTransposeBlock
 from timm.models.efficientvit_mit import LiteMLA
+from timm.models.swiftformer import Block as SwiftFormerBlock
+from timm.models.swiftformer import EfficientAdditiveAttention
 from timm.models.focalnet import FocalModulation
 from timm.models.hgnet import LearnableAffineBlock
 from timm.models.metaformer import GroupNorm1NoBias, LayerNorm2dNoBias, Pooling, StarReLU
@@ -114,6 +116,11 @@ LAYERS = {
     # EdgeNeXt's split-transpose block: channel groups through depthwise convs, a positional encoding at
     # active sites, cross-covariance attention over each image's active tokens, NHWC LayerNorm and MLP
     "split_transpose_xca": (lambda: randomized(SplitTransposeBlock(8, num_scales=2, num_heads=2)), 4, 8),
+    # SwiftFormer's additive attention (one global query vector per image over its active tokens), alone and
+    # in its block (local representation, layer scales, BatchNorm MLP; weights times 0.5: at N(0, 1) the
+    # block's outputs and input gradients reach ~50, where fp32 rounding alone passes 1e-4 absolute)
+    "efficient_additive_attention": (lambda: randomized(EfficientAdditiveAttention(8, 8)), 4, 8),
+    "swiftformer_block": (lambda: scaled(randomized(SwiftFormerBlock(8, mlp_ratio=2.0)), 0.5), 4, 8),
 }
 
 #: fp32 tolerances of layers whose input gradient is a long sum: each site's gradient through linear attention

@@ -16,6 +16,7 @@ from timm.layers.grn import GlobalResponseNorm
 from timm.models.edgenext import SplitTransposeBlock
 from timm.models.efficientvit_mit import LiteMLA
 from timm.models.focalnet import FocalModulation
+from timm.models.swiftformer import EfficientAdditiveAttention
 from timm.models.metaformer import GroupNorm1NoBias, LayerNorm2dNoBias, Pooling, StarReLU
 from timm.models.nfnet import GammaAct
 from timm.models._efficientnet_blocks import SqueezeExcite
@@ -175,6 +176,43 @@ def test_linear_attention_attends_over_each_images_active_sites(backend):
     fmap = MaskedDense(x, mask, 4) if backend == "masked" else ss.SparseRows(
         x.permute(0, 2, 3, 1)[mask.dense_at(4)[:, 0]], mask, 4)
     torch.testing.assert_close(converted(fmap).to_dense(), expected)
+
+
+def _dense_masked_additive_attention(layer: EfficientAdditiveAttention, x: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
+    """SwiftFormer's attention as timm computes it, with every Linear's output times the mask (SparK)."""
+    b, c, h, w = x.shape
+    tokens, token_site = x.flatten(2).transpose(1, 2), site.flatten(2).transpose(1, 2)           # (B, L, C), (B, L, 1)
+    query = F.normalize(layer.to_query(tokens) * token_site, dim=-1)
+    key = F.normalize(layer.to_key(tokens) * token_site, dim=-1)
+    attn = F.normalize(query @ layer.w_g * layer.scale_factor, dim=1)                           # over the tokens
+    context = (attn * query).sum(dim=1, keepdim=True)
+    out = (layer.proj(context * key) * token_site + query)
+    return (layer.final(out) * token_site).transpose(1, 2).reshape(b, -1, h, w)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_additive_attention_takes_one_query_vector_per_image_over_its_active_tokens(backend):
+    """SwiftFormer's additive attention written out on the dense masked map: masked tokens' queries and keys
+    are 0, so the norm over tokens and the global query vector come from each image's active tokens."""
+    mask = _mask()
+    layer = randomized(EfficientAdditiveAttention(8, 8)).double()
+    x, site = _input(mask), mask.dense_at(4).double()
+    expected = _dense_masked_additive_attention(layer, x, site)
+    converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(layer)))
+    fmap = MaskedDense(x, mask, 4) if backend == "masked" else ss.SparseRows(
+        x.permute(0, 2, 3, 1)[mask.dense_at(4)[:, 0]], mask, 4)
+    torch.testing.assert_close(converted(fmap).to_dense(), expected)
+    with_masked_tokens = layer(x)                     # timm's own layer lets masked tokens into the norm and sum
+    assert not torch.allclose(with_masked_tokens * site, expected)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_additive_attention_with_every_site_visible_is_timms_layer(backend):
+    layer = randomized(EfficientAdditiveAttention(8, 8)).double()
+    mask, x = ActiveMask.full(2, (2, 2)), torch.randn(2, 8, 16, 16, dtype=torch.float64)
+    converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(layer)))
+    fmap = MaskedDense(x, mask, 4) if backend == "masked" else ss.SparseRows(x.permute(0, 2, 3, 1).reshape(-1, 8), mask, 4)
+    torch.testing.assert_close(converted(fmap).to_dense(), layer(x), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

@@ -40,7 +40,8 @@ DEFAULTS = {"resnet50d": (0.05, "bn"), "seresnet50": (0.05, "bn"), "resnext50_32
             "gcresnet33ts": (0.05, "bn"), "convformer_s18": (0.1, "ln"),
             "poolformerv2_s12": (0.1, "ln"), "fastvit_t8": (0.0, "bn"),
             "mambaout_tiny": (0.1, "ln"), "focalnet_tiny_srf": (0.1, "ln"),
-            "efficientvit_b0": (0.0, "bn"), "edgenext_small": (0.1, "ln")}
+            "efficientvit_b0": (0.0, "bn"), "edgenext_small": (0.1, "ln"),
+            "swiftformer_xs": (0.0, "bn")}
 FAMILY_MODELS = list(DEFAULTS)
 #: timm nets that compute part of their forward in fp32 whatever the model's dtype: EfficientViT's LiteMLA
 #: casts q, k, v with ``.float()`` (ours keeps at least their dtype), so in fp64 timm's own features carry
