@@ -7,7 +7,9 @@
 The benchmark tables compare every parameter gradient of SparK's whole loss with ``masked``. At
 small sizes a backend can differ there by far more than fp32 rounding although each of its layers
 is exact to rounding (test suite). This script tells the two causes apart. For each model, seed and
-backend, on the same weights, images and mask as ``masked``:
+backend, on the same weights, images and mask as ``masked`` (by default timm's initialisation with its
+switched-off residual branches drawn, as ``compare_backends.py`` starts from; ``--weights init`` keeps
+timm's as they are):
 
 1. forward+backward of SparK's loss on both; the worst relative error over parameter gradients,
    defined as in the tables (a tensor's max abs error over its max |reference|);
@@ -42,6 +44,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import spark_sparse as ss  # noqa: E402
+from spark_sparse.testing import switch_branches_on  # noqa: E402
 from _equivalence import _errors, _outputs  # noqa: E402
 from _measure import Workload  # noqa: E402
 from _report import write_reference  # noqa: E402
@@ -133,6 +136,8 @@ def compare_one(label: str, spark, images, mask_for, ref: dict, ref_inputs: dict
 
 def measure(model: str, seed: int, backends: list[str], args) -> list[list]:
     ref = Workload(Variant("masked"), model, args.input_size, args.mask, args.batch_size, "fp32", "cpu", seed=seed)
+    if args.weights == "branches-on":
+        switch_branches_on(ref.spark.encoder)
     state = ref.spark.state_dict()
     exact = copy.deepcopy(ref.spark).double()
     ref_out, ref_inputs = run(ref.spark, ref.images, ref.fresh_mask())
@@ -158,6 +163,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--mask", type=float, default=0.6)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--weights", choices=["branches-on", "init"], default="branches-on",
+                   help="timm's initialisation with its switched-off residual branches drawn (as compare_backends.py), "
+                        "or as it is")
     p.add_argument("--quick", action="store_true", help="one model, one seed, the sparse backend")
     p.add_argument("--out", type=Path, default=Path("bench_out/kink_flips"))
     args = p.parse_args(argv)
@@ -175,8 +183,10 @@ def main(argv=None) -> Path:
     rows = [row for model in args.models for seed in args.seeds for row in measure(model, seed, args.backends, args)]
     columns = ["model", "seed", "run", "decoder kink flips", "worst param-grad rel err", "in",
                "with the flips aligned", "in"]
+    weights = "switched-off branches drawn" if args.weights == "branches-on" else "timm's initialisation"
     section = {"title": f"Whole-model parameter gradients vs masked ({args.input_size} px, batch {args.batch_size}, "
-                        f"mask {args.mask}; row '{FP32_FLOOR}': masked fp32 vs fp64)", "columns": columns, "rows": rows}
+                        f"mask {args.mask}, {weights}; row '{FP32_FLOOR}': masked fp32 vs fp64)", "columns": columns,
+               "rows": rows}
     values = {"rows_with_flips": sum(1 for row in rows if row[3])}
     for model in args.models:
         ours = [row for row in rows if row[0] == model]
