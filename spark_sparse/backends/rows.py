@@ -160,7 +160,7 @@ class SparseMaxPool2d(_SparsePool, nn.MaxPool2d):
     def forward(self, x: SparseRows) -> SparseRows:
         call, table = self._call(x)
         fill = x.data.new_tensor([0.0, float("-inf")]).unsqueeze(1).expand(2, x.channels)
-        taps = torch.cat([x.data, fill])[table]                       # [N_out, K, C]
+        taps = rows_at(torch.cat([x.data, fill]), table)              # [N_out, K, C]
         return SparseRows(taps.amax(dim=1), x.mask, call.out_stride)
 
     @classmethod
