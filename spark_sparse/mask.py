@@ -164,15 +164,21 @@ class ActiveMask:
         return self.cached(("grid", stride), build)
 
     def neighbour_table(self, in_stride: int, out_stride: int, kernel_size: tuple[int, int],
-                        padding: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
+                        padding: tuple[int, int], dilation: tuple[int, int],
+                        padding_mode: str = "zeros") -> torch.Tensor:
         """``[N_out, kh * kw]`` long: for each active output site, the input row under each kernel tap.
 
         Taps over masked sites point at the zero row ``N_in``; taps over the zero padding of the
         dense convolution point at ``N_in + 1`` (a second extra row, so pooling can tell padding
         (never selected by max-pool) from masked sites (zeros in SparK's dense tensor)).
+        With ``padding_mode="reflect"`` (``F.pad``'s, padding smaller than the map) a tap outside the
+        map reads the site mirrored at the border instead: its row, or ``N_in`` if that site is masked.
         Taps are in row-major ``(ky, kx)`` order, matching a dense weight ``[O, C, kh, kw]``.
         """
-        key = ("nbr", in_stride, out_stride, tuple(kernel_size), tuple(padding), tuple(dilation))
+        if padding_mode not in ("zeros", "reflect"):
+            raise ValueError(f"padding_mode {padding_mode!r}: the neighbour tables know 'zeros' and 'reflect'")
+        key = ("nbr", in_stride, out_stride, tuple(kernel_size), tuple(padding), tuple(dilation),
+               padding_mode)
 
         def build():
             grid = self.index_grid(in_stride)
@@ -188,6 +194,9 @@ class ActiveMask:
             ys = coords[:, 1:2] * step - ph + ky.repeat_interleave(kw)[None]   # [N_out, K]
             xs = coords[:, 2:3] * step - pw + kx.repeat(kh)[None]
             H, W = grid.shape[-2:]
+            if padding_mode == "reflect":
+                ys = torch.where(ys < 0, -ys, torch.where(ys >= H, 2 * (H - 1) - ys, ys))
+                xs = torch.where(xs < 0, -xs, torch.where(xs >= W, 2 * (W - 1) - xs, xs))
             inside = (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
             b = coords[:, 0:1].expand_as(ys)
             table = grid[b, ys.clamp(0, H - 1), xs.clamp(0, W - 1)]

@@ -19,6 +19,8 @@ ENCODERS = {
     "convnext_tiny": (96, 2, {}),
     "resnet50d": (64, 2, dict(layers=(1, 1, 1, 1))),
     "seresnet50": (64, 2, dict(layers=(1, 1, 1, 1))),
+    # anti-aliased: blur pools (reflect padding) after the stem's stride-1 max-pool and in strided blocks
+    "resnetblur50": (64, 2, dict(layers=(1, 1, 1, 1))),
     "resnext50_32x4d": (64, 2, dict(layers=(1, 1, 1, 1))),
     "regnety_016": (64, 2, {}),
     "efficientnet_b0": (64, 2, {}),

@@ -5,6 +5,7 @@ import torch.nn as nn
 from timm.layers import (BatchNormAct2d, Conv2dSame, EcaModule, EffectiveSEModule, GlobalContext, GroupNormAct,
                          LayerNorm2d, MixedConv2d, RmsNorm2d, ScaledStdConv2d, ScaledStdConv2dSame, SEModule, SimpleNorm2d,
                          StdConv2d, StdConv2dSame)
+from timm.layers.blur_pool import BlurPool2d
 from timm.layers.grn import GlobalResponseNorm
 from timm.models._efficientnet_blocks import SqueezeExcite
 from timm.models.edgenext import SplitTransposeBlock
@@ -69,6 +70,10 @@ LAYERS = {
     "avgpool_exclude_pad": (lambda: nn.AvgPool2d(3, 2, 1, count_include_pad=False), 4, 8),
     # timm's CNN families (issue 14); semantics in docs/sparse_semantics.md
     "avgpool_resnet_d": (lambda: nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False), 4, 8),
+    # anti-aliased ResNets' blur pool: a fixed binomial depthwise filter, reflect padding at the map's border
+    # (the stem's at stride 2); timm's "blurpc" variant pads with zeros (a 5x5 filter shared by every channel)
+    "blur_pool_reflect": (lambda: BlurPool2d(8, filt_size=3, stride=2), 2, 8),
+    "blur_pool_constant_5x5": (lambda: BlurPool2d(None, filt_size=5, stride=2, pad_mode="constant"), 4, 8),
     "zero_padded_maxpool": (lambda: ConstantPadMaxPool2d(3, 2, 1), 2, 8),
     # HGNet-V2's stem: F.pad(x, (0, 1, 0, 1)) then a 2x2 stride-1 max-pool; its learnable scalar affine
     "zero_padded_maxpool_trailing_2x2": (lambda: ConstantPadMaxPool2d(2, 1, (0, 1, 0, 1)), 2, 8),

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import (BatchNormAct2d, Conv2dSame, EcaModule, GlobalContext, GroupNormAct, LayerScale2d,
                          MixedConv2d, ScaledStdConv2d, SEModule, StdConv2d)
+from timm.layers.blur_pool import BlurPool2d
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.edgenext import SplitTransposeBlock
 from timm.models.efficientvit_mit import LiteMLA
@@ -354,6 +355,26 @@ def test_with_every_site_visible_the_layer_is_timms_dense_layer(backend, make):
 def test_an_upsample_other_than_nearest_by_one_integer_factor_is_refused(backend, upsample):
     with pytest.raises(NotImplementedError, match=r"^1: nn\.Upsample.* only nearest upsampling by one integer factor"):
         ss.create_backend(backend).convert(nn.Sequential(nn.Conv2d(8, 8, 1), upsample))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("pool,match", [
+    (BlurPool2d(8, filt_size=3, stride=2, pad_mode="replicate"), r"pad_mode='replicate'; backends reproduce"),
+    (BlurPool2d(8, filt_size=2, stride=2), r"maps 14 sites to 8, not 7"),
+], ids=["replicate", "even_filter"])
+def test_a_blur_pool_backends_cannot_reproduce_is_refused(backend, pool, match):
+    with pytest.raises(NotImplementedError, match=r"^1: .*" + match):
+        ss.create_backend(backend).convert(nn.Sequential(nn.Conv2d(8, 8, 1), pool))
+
+
+def test_reflect_neighbour_tables_read_the_mirrored_site_and_unknown_modes_are_refused():
+    mask = ActiveMask.full(1, (1, 1))                           # one 32 px patch: an 8x8 map at stride 4
+    table = mask.neighbour_table(4, 8, (3, 3), (1, 1), (1, 1), padding_mode="reflect")
+    grid = mask.index_grid(4)[0]
+    assert table[0].tolist() == [grid[1, 1], grid[1, 0], grid[1, 1], grid[0, 1], grid[0, 0], grid[0, 1],
+                                 grid[1, 1], grid[1, 0], grid[1, 1]]      # output (0, 0): rows -1, 0, 1 -> 1, 0, 1
+    with pytest.raises(ValueError, match="padding_mode 'circular'"):
+        mask.neighbour_table(4, 8, (3, 3), (1, 1), (1, 1), padding_mode="circular")
 
 
 def test_zero_padded_max_pool_counts_padding_as_zero_unlike_max_pool_padding():

@@ -19,6 +19,7 @@ from equivalence import draw_learnable_affines, sparse_backend_params
 
 #: SparK-style defaults per family member: (drop path, densify norm)
 DEFAULTS = {"resnet50d": (0.05, "bn"), "seresnet50": (0.05, "bn"), "resnext50_32x4d": (0.05, "bn"),
+            "resnetblur50": (0.05, "bn"),
             "regnety_016": (0.0, "bn"), "efficientnet_b0": (0.0, "bn"), "mobilenetv3_large_100": (0.0, "bn"),
             "convnextv2_tiny": (0.1, "ln"), "resnetv2_50x1_bit": (0.05, "bn"),
             # channel split / concatenation (CSPNet, DenseNet, VoVNet, Res2Net) and ByobNet's blocks

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm, LayerNorm2d, RmsNorm, RmsNorm2d, SimpleNorm, SimpleNorm2d
 from timm.layers import activations as timm_act
+from timm.layers.blur_pool import BlurPool2d
 from timm.layers.fast_norm import rms_norm, simple_norm
 
 from ..features import ChannelsLastView, FeatureMap, UnsupportedFeatureOperation
@@ -196,16 +197,18 @@ def _output_size(size: int, kernel: int, stride: int, before: int, after: int, d
     return out
 
 
-def check_output_grid(module: nn.Module, name: str, padding=None) -> None:
+def check_output_grid(module: nn.Module, name: str, padding=None, kernel_size=None) -> None:
     """Refuse a conv or pool whose output is not its input grid downsampled by its stride.
 
     SparK's mask at the output stride (and every sparse kernel's output rows) is the input's mask
     downsampled by the stride, so a map of ``m * stride`` sites must give ``m`` outputs for every
     ``m`` (``ceil_mode`` is accepted where it changes nothing, e.g. ResNet-D's 2x2/2 average pool).
     ``padding`` overrides the module's own (for layers that pad explicitly): an int or a pair pads both
-    sides of an axis alike, four values are ``F.pad``'s ``(left, right, top, bottom)``.
+    sides of an axis alike, four values are ``F.pad``'s ``(left, right, top, bottom)``; ``kernel_size``
+    likewise, for modules that name theirs otherwise (BlurPool's ``filt_size``).
     """
-    kernel, stride = int_pair(module.kernel_size), int_pair(module.stride)
+    kernel = int_pair(module.kernel_size if kernel_size is None else kernel_size)
+    stride = int_pair(module.stride)
     pad = module.padding if padding is None else padding
     if isinstance(pad, (tuple, list)) and len(pad) == 4:
         sides = ((pad[2], pad[3]), (pad[0], pad[1]))        # (before, after) along height, then width
@@ -222,6 +225,24 @@ def check_output_grid(module: nn.Module, name: str, padding=None) -> None:
                 f"ceil_mode={ceil_mode}) maps {stride[axis] * 7} sites to {sizes[7]}, not {7}: its output is not the "
                 f"input grid downsampled by the stride, which SparK's masks (and sparse backends) need; use "
                 f"padding=(kernel-1)//2*dilation for odd kernels, kernel == stride with padding 0 for even ones")
+
+
+#: timm ``BlurPool2d``'s ``pad_mode`` -> the neighbour table's padding mode for the same taps
+BLUR_PAD_MODES = {"reflect": "reflect", "constant": "zeros"}
+
+
+def check_blur_pool(pool: BlurPool2d, name: str) -> str:
+    """Refuse a BlurPool that backends cannot reproduce; the neighbour-table padding mode of one they can.
+
+    The binomial filter is a fixed depthwise conv; SparK's rule makes it one more conv on the masked
+    map (masked sites read 0, the output is masked), and its padding (reflected at the image border,
+    or zeros for timm's ``blurpc``) is a map border, which a table reproduces.
+    """
+    if pool.pad_mode not in BLUR_PAD_MODES:
+        raise NotImplementedError(f"{name}: BlurPool2d pad_mode={pool.pad_mode!r}; backends reproduce "
+                                  f"{' and '.join(map(repr, BLUR_PAD_MODES))}")
+    check_output_grid(pool, name, padding=pool.padding, kernel_size=pool.filt_size)
+    return BLUR_PAD_MODES[pool.pad_mode]
 
 
 COMMON_CONVERTERS: dict = {

@@ -8,19 +8,21 @@ save, but it is exactly what SparK computes.
 from __future__ import annotations
 
 import torch.nn as nn
+from timm.layers.blur_pool import BlurPool2d
 from timm.layers.padding import pad_same
 
 from ..features import MaskedDense
 from ..kernels._dense_conv import dense_conv2d
 from .base import Backend
-from .common import COMMON_CONVERTERS, adopt_state, check_output_grid
+from .common import COMMON_CONVERTERS, adopt_state, check_blur_pool, check_output_grid
 from .conv_weights import WEIGHT_TRANSFORMS, copy_transform_attributes, weight_for_forward
 from .pools import ConstantPadMaxPool2d
 from .registry import register_backend
 from .same_padding import pads_same
 from .upsample import MaskedNearestUpsample
 
-__all__ = ["MaskedBackend", "MaskedConv2d", "MaskedMaxPool2d", "MaskedConstantPadMaxPool2d", "MaskedAvgPool2d"]
+__all__ = ["MaskedBackend", "MaskedConv2d", "MaskedMaxPool2d", "MaskedConstantPadMaxPool2d", "MaskedAvgPool2d",
+           "MaskedBlurPool2d"]
 
 
 def _output_stride(module: nn.Module, x: MaskedDense) -> int:
@@ -122,6 +124,22 @@ class MaskedAvgPool2d(nn.AvgPool2d):
                    count_include_pad=pool.count_include_pad, divisor_override=pool.divisor_override)
 
 
+class MaskedBlurPool2d(BlurPool2d):
+    """timm's blur pool (padding, fixed binomial depthwise filter, stride) of the masked input, output masked."""
+
+    def forward(self, x: MaskedDense) -> MaskedDense:
+        stride = _output_stride(self, x)
+        return MaskedDense(super().forward(x.data) * x.mask.dense_at(stride), x.mask, stride)
+
+    def describe_execution(self, device, dtype) -> str:
+        return f"dense blur-pool ({self.pad_mode} padding) x mask (torch)"
+
+    @classmethod
+    def from_dense(cls, backend, pool: BlurPool2d, name: str = "") -> "MaskedBlurPool2d":
+        check_blur_pool(pool, name)
+        return adopt_state(cls(pool.channels, pool.filt_size, pool.stride, pool.pad_mode), pool)
+
+
 @register_backend
 class MaskedBackend(Backend):
     name = "masked"
@@ -133,5 +151,6 @@ class MaskedBackend(Backend):
         nn.MaxPool2d: MaskedMaxPool2d.from_dense,
         ConstantPadMaxPool2d: MaskedConstantPadMaxPool2d.from_dense,
         nn.AvgPool2d: MaskedAvgPool2d.from_dense,
+        BlurPool2d: MaskedBlurPool2d.from_dense,
         nn.Upsample: MaskedNearestUpsample.from_dense,
     }

@@ -12,6 +12,7 @@ from typing import Callable, ClassVar, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from timm.layers.blur_pool import BlurPool2d
 
 from ..kernels import ConvCall, ConvSpec, list_kernels, select_kernel
 from ..kernels.base import int_pair
@@ -19,14 +20,15 @@ from ..kernels.gather import rows_at
 
 from ..features import SparseRows
 from .base import Backend
-from .common import COMMON_CONVERTERS, adopt_state, check_output_grid
+from .common import COMMON_CONVERTERS, adopt_state, check_blur_pool, check_output_grid
 from .conv_weights import WEIGHT_TRANSFORMS, copy_transform_attributes, weight_for_forward
 from .fused import saved_as_recipe
 from .pools import ConstantPadMaxPool2d
 from .same_padding import grid_padding, pads_same
 from .upsample import SparseNearestUpsample
 
-__all__ = ["RowBackend", "SparseConv2d", "SparseMaxPool2d", "SparseConstantPadMaxPool2d", "SparseAvgPool2d"]
+__all__ = ["RowBackend", "SparseConv2d", "SparseMaxPool2d", "SparseConstantPadMaxPool2d", "SparseAvgPool2d",
+           "SparseBlurPool2d"]
 
 
 def _square(value, what: str, name: str) -> int:
@@ -215,6 +217,29 @@ class SparseAvgPool2d(_SparsePool, nn.AvgPool2d):
                    divisor_override=pool.divisor_override)
 
 
+class SparseBlurPool2d(BlurPool2d):
+    """timm's blur pool on rows: each active output site's window through a neighbour table (masked sites
+    read 0; taps beyond the map read the mirrored site for reflect padding, 0 for constant padding),
+    weighted by the fixed binomial filter. No state but the filter (a non-persistent buffer)."""
+
+    def forward(self, x: SparseRows) -> SparseRows:
+        k, out_stride = self.filt_size, x.stride * self.stride
+        pad = self.padding[0]
+        table = x.mask.neighbour_table(x.stride, out_stride, (k, k), (pad, pad), (1, 1), self.table_padding_mode)
+        taps = rows_at(torch.cat([x.data, x.data.new_zeros(2, x.channels)]), table)    # [N_out, K, C]
+        weight = self.filt.reshape(-1, k * k).expand(x.channels, k * k).to(x.data.dtype)
+        return SparseRows(torch.einsum("nkc,ck->nc", taps, weight), x.mask, out_stride)
+
+    def describe_execution(self, device, dtype) -> str:
+        return f"gather     {type(self).__name__} (neighbour-table blur, {self.pad_mode} padding)"
+
+    @classmethod
+    def from_dense(cls, backend, pool: BlurPool2d, name: str) -> "SparseBlurPool2d":
+        new = adopt_state(cls(pool.channels, pool.filt_size, pool.stride, pool.pad_mode), pool)
+        new.table_padding_mode = check_blur_pool(pool, name)
+        return new
+
+
 class RowBackend(Backend):
     """Base of the true sparse backends. Subclasses set ``name``, ``description`` and ``kernels``."""
 
@@ -227,6 +252,7 @@ class RowBackend(Backend):
         nn.MaxPool2d: SparseMaxPool2d.from_dense,
         ConstantPadMaxPool2d: SparseConstantPadMaxPool2d.from_dense,
         nn.AvgPool2d: SparseAvgPool2d.from_dense,
+        BlurPool2d: SparseBlurPool2d.from_dense,
         nn.Upsample: SparseNearestUpsample.from_dense,
     }
 
