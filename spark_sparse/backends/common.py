@@ -231,8 +231,8 @@ def check_output_grid(module: nn.Module, name: str, padding=None, kernel_size=No
 BLUR_PAD_MODES = {"reflect": "reflect", "constant": "zeros"}
 
 
-def check_blur_pool(pool: BlurPool2d, name: str) -> str:
-    """Refuse a BlurPool that backends cannot reproduce; the neighbour-table padding mode of one they can.
+def check_blur_pool(pool: BlurPool2d, name: str) -> None:
+    """Refuse a BlurPool that backends cannot reproduce.
 
     The binomial filter is a fixed depthwise conv; SparK's rule makes it one more conv on the masked
     map (masked sites read 0, the output is masked), and its padding (reflected at the image border,
@@ -242,7 +242,6 @@ def check_blur_pool(pool: BlurPool2d, name: str) -> str:
         raise NotImplementedError(f"{name}: BlurPool2d pad_mode={pool.pad_mode!r}; backends reproduce "
                                   f"{' and '.join(map(repr, BLUR_PAD_MODES))}")
     check_output_grid(pool, name, padding=pool.padding, kernel_size=pool.filt_size)
-    return BLUR_PAD_MODES[pool.pad_mode]
 
 
 COMMON_CONVERTERS: dict = {

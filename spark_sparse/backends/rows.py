@@ -20,7 +20,7 @@ from ..kernels.gather import rows_at
 
 from ..features import SparseRows
 from .base import Backend
-from .common import COMMON_CONVERTERS, adopt_state, check_blur_pool, check_output_grid
+from .common import BLUR_PAD_MODES, COMMON_CONVERTERS, adopt_state, check_blur_pool, check_output_grid
 from .conv_weights import WEIGHT_TRANSFORMS, copy_transform_attributes, weight_for_forward
 from .fused import saved_as_recipe
 from .pools import ConstantPadMaxPool2d
@@ -224,8 +224,8 @@ class SparseBlurPool2d(BlurPool2d):
 
     def forward(self, x: SparseRows) -> SparseRows:
         k, out_stride = self.filt_size, x.stride * self.stride
-        pad = self.padding[0]
-        table = x.mask.neighbour_table(x.stride, out_stride, (k, k), (pad, pad), (1, 1), self.table_padding_mode)
+        pad, mode = self.padding[0], BLUR_PAD_MODES[self.pad_mode]
+        table = x.mask.neighbour_table(x.stride, out_stride, (k, k), (pad, pad), (1, 1), padding_mode=mode)
         taps = rows_at(torch.cat([x.data, x.data.new_zeros(2, x.channels)]), table)    # [N_out, K, C]
         weight = self.filt.reshape(-1, k * k).expand(x.channels, k * k).to(x.data.dtype)
         return SparseRows(torch.einsum("nkc,ck->nc", taps, weight), x.mask, out_stride)
@@ -235,9 +235,8 @@ class SparseBlurPool2d(BlurPool2d):
 
     @classmethod
     def from_dense(cls, backend, pool: BlurPool2d, name: str) -> "SparseBlurPool2d":
-        new = adopt_state(cls(pool.channels, pool.filt_size, pool.stride, pool.pad_mode), pool)
-        new.table_padding_mode = check_blur_pool(pool, name)
-        return new
+        check_blur_pool(pool, name)
+        return adopt_state(cls(pool.channels, pool.filt_size, pool.stride, pool.pad_mode), pool)
 
 
 class RowBackend(Backend):
