@@ -15,7 +15,7 @@ import torch
 from .base import ConvCall, SparseConvKernel
 from .registry import register_kernel
 
-__all__ = ["GatherKernel", "gather_taps", "rows_at"]
+__all__ = ["GatherKernel", "gather_taps", "rows_at", "table_taps", "with_zero_rows"]
 
 
 def rows_at(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -30,10 +30,19 @@ def rows_at(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return source.index_select(0, index.reshape(-1)).view(*index.shape, *source.shape[1:])
 
 
+def with_zero_rows(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` and the two zero rows a neighbour table addresses: ``N`` for masked taps, ``N + 1`` for padding."""
+    return torch.cat([rows, rows.new_zeros(2, rows.shape[1])])
+
+
+def table_taps(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``[*table.shape, C]``: the row under each entry of a neighbour table, zero for masked and padding taps."""
+    return rows_at(with_zero_rows(rows), table)
+
+
 def gather_taps(features: torch.Tensor, call: ConvCall) -> torch.Tensor:
     """``[N_out, K, C]``: the input row under each tap, zero over masked sites and padding."""
-    padded = torch.cat([features, features.new_zeros(2, features.shape[1])])
-    return rows_at(padded, call.neighbours())
+    return table_taps(features, call.neighbours())
 
 
 @register_kernel

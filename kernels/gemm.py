@@ -25,7 +25,7 @@ import torch
 
 from ._rowmatmul import rows_times_weight, rows_times_weight_backward
 from .base import ConvCall, SparseConvKernel
-from .gather import rows_at
+from .gather import table_taps, with_zero_rows
 from .registry import register_kernel
 
 __all__ = ["GemmKernel", "transposed_table", "gather_gemm_conv", "gather_grouped_conv", "gather_depthwise_conv"]
@@ -34,11 +34,6 @@ __all__ = ["GemmKernel", "transposed_table", "gather_gemm_conv", "gather_grouped
 def _taps_major(weight: torch.Tensor) -> torch.Tensor:
     """``[O, C, kh, kw]`` -> ``[O, kh*kw*C]``, matching the gathered taps' layout."""
     return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
-
-
-def _pad_rows(x: torch.Tensor) -> torch.Tensor:
-    """Append the two zero rows the tables address for masked and padding taps."""
-    return torch.cat([x, x.new_zeros(2, x.shape[1])])
 
 
 def transposed_table(call: ConvCall) -> torch.Tensor:
@@ -61,7 +56,7 @@ def transposed_table(call: ConvCall) -> torch.Tensor:
 @torch.library.custom_op("spark_sparse::gather_gemm_conv", mutates_args=())
 def gather_gemm_conv(features: torch.Tensor, weight: torch.Tensor, table: torch.Tensor,
                      table_t: torch.Tensor) -> torch.Tensor:
-    taps = rows_at(_pad_rows(features), table).reshape(table.shape[0], -1)    # [N_out, K*C]
+    taps = table_taps(features, table).reshape(table.shape[0], -1)    # [N_out, K*C]
     return rows_times_weight(taps, _taps_major(weight))
 
 
@@ -77,7 +72,7 @@ def gather_gemm_conv_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, ta
     n_in, n_out = table_t.shape[0], table.shape[0]
     if n_in == n_out:
         # stride 1: every (input row, tap) has its output row, so the transposed conv is a gather-GEMM
-        grad_taps = rows_at(_pad_rows(grad_out), table_t).reshape(n_in, -1)     # [N_in, K*O]
+        grad_taps = table_taps(grad_out, table_t).reshape(n_in, -1)     # [N_in, K*O]
         return rows_times_weight(grad_taps, weight.permute(1, 2, 3, 0).reshape(in_ch, kh * kw * out_ch))
     # strided: most (input row, tap) pairs feed no output; a GEMM over the outputs and one
     # scatter-add costs a fraction of the transposed gather's mostly-zero GEMM
@@ -96,7 +91,7 @@ def _(grad_out, weight, table, table_t):
 def gather_gemm_conv_grad_weight(grad_out: torch.Tensor, features: torch.Tensor, weight: torch.Tensor,
                                  table: torch.Tensor) -> torch.Tensor:
     out_ch, in_ch, kh, kw = weight.shape
-    taps = rows_at(_pad_rows(features), table).reshape(table.shape[0], -1)    # gathered again, not kept
+    taps = table_taps(features, table).reshape(table.shape[0], -1)    # gathered again, not kept
     _, grad_w = rows_times_weight_backward(grad_out, taps, _taps_major(weight), False, True)
     return grad_w.view(out_ch, kh, kw, in_ch).permute(0, 3, 1, 2).contiguous()
 
@@ -133,7 +128,7 @@ def _grouped_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
 def _grouped_taps(rows: torch.Tensor, table: torch.Tensor, groups: int) -> torch.Tensor:
     """``[G, N_out, K*C/G]``: each group's channels of the rows under every tap (zero rows included)."""
     n, k = table.shape
-    taps = rows_at(_pad_rows(rows), table).view(n, k, groups, rows.shape[1] // groups)
+    taps = table_taps(rows, table).view(n, k, groups, rows.shape[1] // groups)
     return taps.permute(2, 0, 1, 3).reshape(groups, n, -1)
 
 
@@ -212,7 +207,7 @@ gather_grouped_conv.register_autograd(_grouped_backward, setup_context=_grouped_
 @torch.library.custom_op("spark_sparse::gather_depthwise_conv", mutates_args=())
 def gather_depthwise_conv(features: torch.Tensor, weight: torch.Tensor, table: torch.Tensor,
                           table_t: torch.Tensor) -> torch.Tensor:
-    padded = _pad_rows(features)
+    padded = with_zero_rows(features)
     w = weight.reshape(weight.shape[0], -1)                                  # [C, K]
     out = padded.index_select(0, table[:, 0]) * w[:, 0]
     for tap in range(1, table.shape[1]):
@@ -227,7 +222,7 @@ def _(features, weight, table, table_t):
 
 @torch.library.custom_op("spark_sparse::gather_depthwise_conv_grad_input", mutates_args=())
 def gather_depthwise_conv_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, table_t: torch.Tensor) -> torch.Tensor:
-    padded_grad = _pad_rows(grad_out)
+    padded_grad = with_zero_rows(grad_out)
     w = weight.reshape(weight.shape[0], -1)
     grad_in = padded_grad.index_select(0, table_t[:, 0]) * w[:, 0]
     for tap in range(1, table_t.shape[1]):
@@ -243,7 +238,7 @@ def _(grad_out, weight, table_t):
 @torch.library.custom_op("spark_sparse::gather_depthwise_conv_grad_weight", mutates_args=())
 def gather_depthwise_conv_grad_weight(grad_out: torch.Tensor, features: torch.Tensor, weight: torch.Tensor,
                                       table: torch.Tensor) -> torch.Tensor:
-    padded = _pad_rows(features)
+    padded = with_zero_rows(features)
     grad_w = torch.stack([(grad_out * padded.index_select(0, table[:, tap])).sum(0)
                           for tap in range(table.shape[1])], dim=1)
     return grad_w.view_as(weight).contiguous()

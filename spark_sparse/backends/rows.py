@@ -16,7 +16,7 @@ from timm.layers.blur_pool import BlurPool2d
 
 from ..kernels import ConvCall, ConvSpec, list_kernels, select_kernel
 from ..kernels.base import int_pair
-from ..kernels.gather import rows_at
+from ..kernels.gather import rows_at, table_taps
 
 from ..features import SparseRows
 from .base import Backend
@@ -201,7 +201,7 @@ class SparseAvgPool2d(_SparsePool, nn.AvgPool2d):
     def forward(self, x: SparseRows) -> SparseRows:
         call, table = self._call(x)
         n_in = x.data.shape[0]
-        taps = rows_at(torch.cat([x.data, x.data.new_zeros(2, x.channels)]), table)    # [N_out, K, C]
+        taps = table_taps(x.data, table)    # [N_out, K, C]
         if self.divisor_override:
             divisor = torch.full((table.shape[0], 1), float(self.divisor_override), dtype=x.data.dtype, device=x.data.device)
         elif self.count_include_pad:
@@ -226,7 +226,7 @@ class SparseBlurPool2d(BlurPool2d):
         k, out_stride = self.filt_size, x.stride * self.stride
         pad, mode = self.padding[0], BLUR_PAD_MODES[self.pad_mode]
         table = x.mask.neighbour_table(x.stride, out_stride, (k, k), (pad, pad), (1, 1), padding_mode=mode)
-        taps = rows_at(torch.cat([x.data, x.data.new_zeros(2, x.channels)]), table)    # [N_out, K, C]
+        taps = table_taps(x.data, table)    # [N_out, K, C]
         weight = self.filt.reshape(-1, k * k).expand(x.channels, k * k).to(x.data.dtype)
         return SparseRows(torch.einsum("nkc,ck->nc", taps, weight), x.mask, out_stride)
 
