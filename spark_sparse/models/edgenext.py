@@ -27,6 +27,7 @@ from timm.models.edgenext import ConvBlock, EdgeNeXt, EdgeNeXtStage, SplitTransp
 
 from ..backends import register_container, register_converter
 from ..backends.common import adopt_module
+from ..backends.per_image import normalize_per_image, sum_per_image
 from ..features import FeatureMap
 from .timm_encoders import register_timm_encoder
 
@@ -81,14 +82,8 @@ class FeatureSplitTransposeBlock(nn.Module):
         xca = self.xca
         heads = xca.num_heads
         q, k, v = xca.qkv(rows).reshape(rows.shape[0], 3, heads, -1).unbind(1)    # [N, heads, c] each
-
-        def normalized(t: torch.Tensor) -> torch.Tensor:          # F.normalize over each image's tokens
-            squares = t.new_zeros(batch, *t.shape[1:]).index_add_(0, image_of_row, t * t)
-            return t / squares.sqrt().clamp_min(1e-12).index_select(0, image_of_row)
-
-        q, k = normalized(q), normalized(k)
-        attn = q.new_zeros(batch, heads, q.shape[-1], k.shape[-1]).index_add_(
-            0, image_of_row, q.unsqueeze(-1) * k.unsqueeze(-2))                # [B, heads, c, c]
+        q, k = normalize_per_image(q, image_of_row, batch), normalize_per_image(k, image_of_row, batch)
+        attn = sum_per_image(q.unsqueeze(-1) * k.unsqueeze(-2), image_of_row, batch)   # [B, heads, c, c]
         attn = xca.attn_drop((attn * xca.temperature).softmax(dim=-1))
         out = torch.einsum("nhij,nhj->nhi", attn.index_select(0, image_of_row), v).reshape(rows.shape[0], -1)
         return xca.proj_drop(xca.proj(out))

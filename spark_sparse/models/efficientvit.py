@@ -23,6 +23,7 @@ from timm.models.efficientvit_mit import (ConvBlock, ConvNormAct, DSConv, Effici
 
 from ..backends import register_container, register_converter
 from ..backends.common import adopt_module
+from ..backends.per_image import sum_per_image
 from ..features import FeatureMap
 from .timm_encoders import register_timm_encoder
 
@@ -55,8 +56,8 @@ class FeatureLiteMLA(nn.Module):
         with torch.autocast(device_type=rows.device.type, enabled=False):
             q, k, v = q.to(dtype), k.to(dtype), F.pad(v.to(dtype), (0, 1), mode="constant", value=1.0)
             image_of_row = x.mask.coords_at(x.stride)[:, 0]
-            kv = k.new_zeros(x.mask.batch_size, groups, self.dim, self.dim + 1).index_add_(
-                0, image_of_row, k.unsqueeze(-1) * v.unsqueeze(-2))         # [B, groups, dim, dim + 1]
+            kv = sum_per_image(k.unsqueeze(-1) * v.unsqueeze(-2), image_of_row,
+                               x.mask.batch_size)                   # [B, groups, dim, dim + 1]
             out = torch.einsum("ngd,ngde->nge", q, kv.index_select(0, image_of_row))
             out = out[..., :-1] / (out[..., -1:] + self.eps)
         return self.proj(x.with_active_rows(out.reshape(rows.shape[0], groups * self.dim).to(rows.dtype)))

@@ -29,6 +29,7 @@ from timm.models.swiftformer import (Block, ConvEncoder, EfficientAdditiveAttent
 
 from ..backends import register_container, register_converter
 from ..backends.common import adopt_module
+from ..backends.per_image import normalize_per_image, sum_per_image
 from ..features import FeatureMap
 from .timm_encoders import register_timm_encoder
 
@@ -54,10 +55,8 @@ class FeatureEfficientAdditiveAttention(nn.Module):
         batch = x.mask.batch_size
         query = F.normalize(self.to_query(rows), dim=-1)
         key = F.normalize(self.to_key(rows), dim=-1)
-        score = query @ self.w_g * self.scale_factor                          # [N, 1]
-        norms = score.new_zeros(batch, 1).index_add_(0, image_of_row, score * score)
-        score = score / norms.sqrt().clamp_min(1e-12).index_select(0, image_of_row)   # F.normalize over tokens
-        context = query.new_zeros(batch, query.shape[1]).index_add_(0, image_of_row, score * query)   # [B, D]
+        score = normalize_per_image(query @ self.w_g * self.scale_factor, image_of_row, batch)   # [N, 1]
+        context = sum_per_image(score * query, image_of_row, batch)                             # [B, D]
         out = self.proj(context.index_select(0, image_of_row) * key) + query
         return x.with_active_rows(self.final(out))
 
