@@ -78,6 +78,8 @@ ENCODERS = {
     # SwiftFormer: conv encoders, and per stage one block with additive attention (a global query vector per
     # image over its active tokens)
     "swiftformer_xs": (64, 2, {}),
+    # TResNet: a space-to-depth stem, leaky-ReLU blocks with SE and blur-pool downsampling, one block per stage
+    "tresnet_m": (64, 2, dict(layers=(1, 1, 1, 1))),
     # split into square and band (1 x k, k x 1) depthwise convs; per-channel layer scale, drawn at 1 (timm:
     # 1e-6, which would leave the residual branches out of the comparison)
     "inception_next_tiny": (64, 2, dict(depths=(1, 1, 1, 1), ls_init_value=1.0)),

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn as nn
 from timm.layers import (BatchNormAct2d, Conv2dSame, EcaModule, EffectiveSEModule, GlobalContext, GroupNormAct,
-                         LayerNorm2d, MixedConv2d, RmsNorm2d, ScaledStdConv2d, ScaledStdConv2dSame, SEModule, SimpleNorm2d,
-                         StdConv2d, StdConv2dSame)
+                         LayerNorm2d, MixedConv2d, RmsNorm2d, ScaledStdConv2d, ScaledStdConv2dSame, SeparableConvNormAct,
+                         SEModule, SimpleNorm2d, SpaceToDepth, StdConv2d, StdConv2dSame)
 from timm.layers.blur_pool import BlurPool2d
 from timm.layers.grn import GlobalResponseNorm
 from timm.models._efficientnet_blocks import SqueezeExcite
@@ -74,6 +74,10 @@ LAYERS = {
     # (the stem's at stride 2); timm's "blurpc" variant pads with zeros (a 5x5 filter shared by every channel)
     "blur_pool_reflect": (lambda: BlurPool2d(8, filt_size=3, stride=2), 2, 8),
     "blur_pool_constant_5x5": (lambda: BlurPool2d(None, filt_size=5, stride=2, pad_mode="constant"), 4, 8),
+    # TResNet's stem: space-to-depth (each 4x4 block of the image one stride-4 site of 48 channels), then a conv
+    "space_to_depth_stem": (lambda: nn.Sequential(SpaceToDepth(), nn.Conv2d(48, 8, 3, padding=1)), 1, 3),
+    # VoVNet's separable stem conv (depthwise 3x3, 1x1, BatchNorm + ReLU), strided
+    "separable_conv_norm_act_stride2": (lambda: randomized(SeparableConvNormAct(8, 12, 3, stride=2)), 4, 8),
     "zero_padded_maxpool": (lambda: ConstantPadMaxPool2d(3, 2, 1), 2, 8),
     # HGNet-V2's stem: F.pad(x, (0, 1, 0, 1)) then a 2x2 stride-1 max-pool; its learnable scalar affine
     "zero_padded_maxpool_trailing_2x2": (lambda: ConstantPadMaxPool2d(2, 1, (0, 1, 0, 1)), 2, 8),

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import (BatchNormAct2d, Conv2dSame, EcaModule, GlobalContext, GroupNormAct, LayerScale2d,
-                         MixedConv2d, ScaledStdConv2d, SEModule, StdConv2d)
+                         MixedConv2d, ScaledStdConv2d, SEModule, SpaceToDepth, StdConv2d)
 from timm.layers.blur_pool import BlurPool2d
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.edgenext import SplitTransposeBlock
@@ -333,11 +333,12 @@ def test_global_response_norm_gradient_is_finite_when_a_channel_is_zero_in_an_im
     lambda: GroupNorm1NoBias(8),
     lambda: FocalModulation(8, focal_window=3, focal_level=2, use_post_norm=True, normalize_modulator=True),
     lambda: SplitTransposeBlock(8, num_scales=2, num_heads=2),
+    lambda: SpaceToDepth(),
 ], ids=["BatchNormAct2d", "GroupNormAct", "GroupNorm", "SEModule", "SqueezeExcite", "EcaModule",
         "GlobalResponseNorm", "StdConv2d", "ScaledStdConv2d", "AvgPool2d_resnet_d", "LayerScale2d",
         "Conv2dSame_3x3_s2", "Conv2dSame_depthwise_5x5_s2", "MixedConv2d_same_s2", "Upsample_nearest_x2", "GammaAct_silu",
         "GlobalContext", "StarReLU", "LayerNorm2dNoBias", "Pooling",
-        "GroupNorm1NoBias", "FocalModulation", "SplitTransposeBlock"])
+        "GroupNorm1NoBias", "FocalModulation", "SplitTransposeBlock", "SpaceToDepth"])
 def test_with_every_site_visible_the_layer_is_timms_dense_layer(backend, make):
     layer = randomized(make()).double()
     mask = ActiveMask.full(2, (2, 2))
@@ -365,6 +366,18 @@ def test_an_upsample_other_than_nearest_by_one_integer_factor_is_refused(backend
 def test_a_blur_pool_backends_cannot_reproduce_is_refused(backend, pool, match):
     with pytest.raises(NotImplementedError, match=r"^1: .*" + match):
         ss.create_backend(backend).convert(nn.Sequential(nn.Conv2d(8, 8, 1), pool))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_space_to_depth_past_the_patch_size_is_refused(backend):
+    """A stride-16 map rearranged by 4 would be a stride-64 map, each site mixing visible and masked patches."""
+    mask = ActiveMask.random(2, (4, 4), 0.5, generator=torch.Generator().manual_seed(0))
+    layer = ss.create_backend(backend).convert(nn.Sequential(SpaceToDepth()))
+    x = torch.randn(2, 8, 8, 8) * mask.dense_at(16)
+    rows = x.permute(0, 2, 3, 1)[mask.dense_at(16)[:, 0]]
+    fmap = MaskedDense(x, mask, 16) if backend == "masked" else ss.SparseRows(rows, mask, 16)
+    with pytest.raises(ValueError, match=r"space-to-depth to stride 64 would put visible and masked pixels in one site"):
+        layer(fmap)
 
 
 def test_reflect_neighbour_tables_read_the_mirrored_site_and_unknown_modes_are_refused():

@@ -8,6 +8,7 @@ save, but it is exactly what SparK computes.
 from __future__ import annotations
 
 import torch.nn as nn
+from timm.layers import SpaceToDepth
 from timm.layers.blur_pool import BlurPool2d
 from timm.layers.padding import pad_same
 
@@ -19,6 +20,7 @@ from .conv_weights import WEIGHT_TRANSFORMS, copy_transform_attributes, weight_f
 from .pools import ConstantPadMaxPool2d
 from .registry import register_backend
 from .same_padding import pads_same
+from .space_to_depth import MaskedSpaceToDepth
 from .upsample import MaskedNearestUpsample
 
 __all__ = ["MaskedBackend", "MaskedConv2d", "MaskedMaxPool2d", "MaskedConstantPadMaxPool2d", "MaskedAvgPool2d",
@@ -153,4 +155,5 @@ class MaskedBackend(Backend):
         nn.AvgPool2d: MaskedAvgPool2d.from_dense,
         BlurPool2d: MaskedBlurPool2d.from_dense,
         nn.Upsample: MaskedNearestUpsample.from_dense,
+        SpaceToDepth: MaskedSpaceToDepth.from_dense,
     }

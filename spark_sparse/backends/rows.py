@@ -12,6 +12,7 @@ from typing import Callable, ClassVar, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from timm.layers import SpaceToDepth
 from timm.layers.blur_pool import BlurPool2d
 
 from ..kernels import ConvCall, ConvSpec, list_kernels, select_kernel
@@ -25,6 +26,7 @@ from .conv_weights import WEIGHT_TRANSFORMS, copy_transform_attributes, weight_f
 from .fused import saved_as_recipe
 from .pools import ConstantPadMaxPool2d
 from .same_padding import grid_padding, pads_same
+from .space_to_depth import SparseSpaceToDepth
 from .upsample import SparseNearestUpsample
 
 __all__ = ["RowBackend", "SparseConv2d", "SparseMaxPool2d", "SparseConstantPadMaxPool2d", "SparseAvgPool2d",
@@ -253,6 +255,7 @@ class RowBackend(Backend):
         nn.AvgPool2d: SparseAvgPool2d.from_dense,
         BlurPool2d: SparseBlurPool2d.from_dense,
         nn.Upsample: SparseNearestUpsample.from_dense,
+        SpaceToDepth: SparseSpaceToDepth.from_dense,
     }
 
     def __init__(self, strict: bool = False, kernels: Optional[Sequence[str]] = None):

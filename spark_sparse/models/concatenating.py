@@ -22,9 +22,9 @@ eSE, a per-channel ``gamma``) are layers the backends convert.
 Options without an exact meaning on active sites are refused: DenseNet's and RDNet's
 ``proj_drop_rate`` (``F.dropout`` inside their layers), FasterNet's inference-only
 ``pconv_fw_type='slicing'`` (assigns into a slice) and memory-efficient checkpointing fail on the first training
-forward naming the torch function (:class:`~spark_sparse.features.UnsupportedFeatureOperation`); an
-anti-aliasing layer fails at conversion; a drop path for a net that has none (DenseNet, GhostNet,
-SelecSLS, DPN, RepGhost) fails at creation.
+forward naming the torch function (:class:`~spark_sparse.features.UnsupportedFeatureOperation`); a
+drop path for a net that has none (DenseNet, GhostNet, SelecSLS, DPN, RepGhost) fails at creation.
+DenseNet's anti-aliased transition (``densenetblur121d``) is timm's blur pool, which the backends convert.
 
 GhostNet-V2 and V3 are not registered (their DFC attention resizes features with
 ``F.interpolate``): they fail at conversion, naming the module.

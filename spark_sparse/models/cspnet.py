@@ -3,9 +3,9 @@
 A cross-stage block splits its expanded features into two channel groups, runs blocks on one and
 concatenates them back (``x.split(..., dim=1)``, ``torch.cat(..., dim=1)``): both parts hold the same
 active sites, so the split and the concatenation are exact on every backend
-(:class:`~spark_sparse.features.FeatureMap`). The rest is ``ConvNormAct`` layers (an anti-aliasing
-slot that is not ``Identity`` fails at conversion, naming it), optional SE / ECA attention, residual
-adds and the stem's max-pool: containers all.
+(:class:`~spark_sparse.features.FeatureMap`). The rest is ``ConvNormAct`` layers (their anti-aliasing
+slot ``Identity``, or timm's blur pool, which the backends convert), optional SE / ECA attention,
+residual adds and the stem's max-pool: containers all.
 
 CSPNeXt (RTMDet's backbone) concatenates its main and short branches (``torch.cat(..., dim=1)``),
 gates them with timm's ``EffectiveSEModule`` (squeeze over each image's active sites), and ends

@@ -1,7 +1,7 @@
 """timm's RegNets (X and Y): their blocks on every backend.
 
 timm's RegNet ``Bottleneck`` calls ``conv1`` / ``conv2`` (grouped) / ``se`` / ``conv3`` (each a
-``ConvNormAct``: conv, ``BatchNormAct2d``, an anti-aliasing slot that must be ``Identity``), adds the
+``ConvNormAct``: conv, ``BatchNormAct2d``, an anti-aliasing slot: ``Identity`` or a blur pool), adds the
 shortcut and applies ``act3``: containers all. RegNet-Y's SE is timm's ``SEModule`` (squeeze over
 active sites, :mod:`~spark_sparse.backends.attention`).
 

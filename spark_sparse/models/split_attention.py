@@ -22,8 +22,8 @@ site visible this is timm's forward.
 
 Refused: a DropBlock in ``SplitAttn.drop`` (timm's ``drop_block_rate``; it zeroes blocks of positions,
 which mixes masked and active sites), at conversion, naming the module; SKNet's DropBlock sits in its
-paths' ``BatchNormAct2d.drop`` and is refused there, an anti-aliasing layer in a path's ``aa`` slot
-too.
+paths' ``BatchNormAct2d.drop`` and is refused there. An anti-aliasing blur pool in a path's ``aa`` slot
+(``aa_layer=BlurPool2d``) is a layer the backends convert.
 
 ResNeSt and SKNet are timm ``ResNet`` models (a container, :mod:`.resnet`) with their own blocks,
 which only compose children and add: containers. ResNeSt's other layers are the ResNet-D deep stem,

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import timm
 import torch
 import torch.nn as nn
-from timm.layers import ConvNormAct, RmsNorm, RmsNorm2d, SimpleNorm, SimpleNorm2d
+from timm.layers import ConvNormAct, RmsNorm, RmsNorm2d, SeparableConv2d, SeparableConvNormAct, SimpleNorm, SimpleNorm2d
 
 from ..backends import register_container
 from ..backends.pools import fold_zero_pad_into_max_pool
@@ -37,8 +37,10 @@ __all__ = ["TimmEncoder", "register_timm_encoder", "register_timm_rewrite", "hie
 #: reductions of SparK's hierarchical features, finest first (the coarsest is the patch size)
 REDUCTIONS = (4, 8, 16, 32)
 
-# timm's conv -> norm+act (-> anti-aliasing slot, which must be Identity) block, in many families
-register_container(ConvNormAct)
+# timm's conv -> norm+act (-> anti-aliasing slot: Identity or a blur pool) block, in many families, and its
+# separable versions (depthwise conv -> 1x1 conv (-> norm+act): VoVNet's ``*_dw`` stems)
+for _composite in (ConvNormAct, SeparableConv2d, SeparableConvNormAct):
+    register_container(_composite)
 
 #: in-place rewrites of a freshly created timm model into modules the backends convert, each with
 #: the same maths and the same state dict (BiT's padded stem pool; families add theirs)
