@@ -25,6 +25,7 @@ from .speed import RECIPES
 from .train.config import DEMO_DEFAULTS, PretrainConfig
 from .train.distributed import under_torchrun
 from .train.outputs import without_flags
+from .user_modules import UserModuleError, import_user_module
 
 __all__ = ["main", "pretrain_command"]
 
@@ -74,13 +75,24 @@ def _validate_backend(ctx, param, value: Optional[str]) -> Optional[str]:
     return value
 
 
+def _import_user_modules(ctx, param, value: tuple[str, ...]) -> tuple[str, ...]:
+    """Import the user's modules first (an eager option), so that ``--model`` can name what they register."""
+    for spec in value:
+        try:
+            import_user_module(spec)
+        except UserModuleError as err:
+            raise click.BadParameter(str(err)) from None
+    return value
+
+
 def _validate_model(ctx, param, value: Optional[str]) -> Optional[str]:
     if value is None:
         return None
     try:
         return resolve_model_name(value)
     except UnknownModelError as err:
-        raise click.BadParameter(str(err)) from None
+        raise click.BadParameter(f"{err}. A model of your own: register it with @spark_sparse.register_model in a "
+                                 f"module and pass --import_module MODULE_OR_FILE.py") from None
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110})
@@ -89,6 +101,10 @@ def _validate_model(ctx, param, value: Optional[str]) -> Optional[str]:
               help="the run's name (SparK's flag; or the EXP_NAME argument); default: the model's name (demo: demo)")
 @_opt("exp_dir", help="output folder (default: output_<exp_name>)")
 @_opt("data_path", help="image folder (uses <data_path>/train if present); omitted: embedded demo photos")
+@_opt("import_module", multiple=True, is_eager=True, callback=_import_user_modules, show_default=False,
+      help="import this Python module first (a dotted name found in the current folder or the environment, or a "
+           "path to a .py file): your encoders registered with @spark_sparse.register_model, their blocks and layers; "
+           "repeatable")
 @_opt("model", callback=_validate_model, help=f"encoder ({', '.join(list_models())}); default resnet50, "
                                              f"or {DEMO_DEFAULTS['model']} for the demo")
 @_opt("input_size", type=int, help="image size (multiple of 32); default 224 (demo: 96)")

@@ -1,10 +1,17 @@
 """``spark-pretrain`` parses SparK's arguments (underscored, dashed, old aliases) and fails clearly."""
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 from click.testing import CliRunner
 
 import spark_sparse.cli as cli
 from spark_sparse.train.config import PretrainConfig
+from spark_sparse.user_modules import UserModuleError, import_user_module
+
+from apptools import make_image_folder
 
 
 @pytest.fixture
@@ -170,3 +177,62 @@ def test_values_no_run_can_use_are_one_line_errors(args, message, tmp_path, monk
     result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={tmp_path}", *args])
     assert result.exit_code == 1 and result.output.startswith("Error: ") and message in result.output, result.output
     assert "Traceback" not in result.output
+
+
+USER_MODELS = '''
+import spark_sparse as ss
+from spark_sparse.models.example import TinyCNN
+
+
+@ss.register_model("user_tiny_cnn")
+def user_tiny_cnn(drop_path_rate=0.0, **kwargs):
+    return TinyCNN(widths=(8, 8, 16, 16), drop_path_rate=drop_path_rate, **kwargs)
+'''
+
+
+def test_a_users_module_registers_the_model_the_console_script_pre_trains(tmp_path):
+    """``--import_module`` by dotted name from the current folder: the console script has no current folder on
+    ``sys.path`` (``python -P`` reproduces that), so the option must add it. The run writes SparK's files
+    under the user's model name and logs the module."""
+    work = make_image_folder(tmp_path / "work")
+    (work / "my_models.py").write_text(USER_MODELS)
+    command = [sys.executable, "-P", "-c", "import sys; from spark_sparse.cli import main; sys.argv[0] = "
+               "'spark-pretrain'; main()", "--import_module", "my_models", "--model", "user_tiny_cnn",
+               "--data_path", ".", "--input_size", "64", "--bs", "4", "--ep", "1", "--wp_ep", "0",
+               "--dataloader_workers", "0", "--device", "cpu", "--backend", "sparse", "--exp_dir", "out"]
+    result = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = work / "out"
+    assert (out / "user_tiny_cnn_1kpretrained.pth").is_file() and (out / "user_tiny_cnn_still_pretraining.pth").is_file()
+    header = json.loads((out / "pretrain_log.txt").read_text().splitlines()[0])
+    assert header["model"] == "user_tiny_cnn" and header["args"]["import_module"] == ["my_models"]
+
+
+def test_a_module_file_is_imported_once_under_its_stem(tmp_path):
+    path = tmp_path / "registers_nothing_here.py"
+    path.write_text("LOADS = []\nLOADS.append(1)\n")
+    first = import_user_module(str(path))
+    assert import_user_module(str(path)) is first and first.LOADS == [1]
+    other = tmp_path / "sub" / "registers_nothing_here.py"
+    other.parent.mkdir()
+    other.write_text("")
+    with pytest.raises(UserModuleError, match="a module named 'registers_nothing_here' is already loaded from"):
+        import_user_module(str(other))
+
+
+def test_a_module_that_cannot_be_found_is_a_usage_error_and_its_own_import_errors_keep_their_traceback(tmp_path,
+                                                                                                     monkeypatch):
+    result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={tmp_path}", "--import_module=no_such_mod"])
+    assert result.exit_code == 2 and "no module named 'no_such_mod' in the current folder" in result.output
+    result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={tmp_path}",
+                                                       f"--import_module={tmp_path / 'missing.py'}"])
+    assert result.exit_code == 2 and "no such file" in result.output
+    (tmp_path / "broken_user_models.py").write_text("import a_package_nobody_installed\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModuleNotFoundError, match="a_package_nobody_installed"):
+        import_user_module("broken_user_models")
+
+
+def test_an_unknown_model_points_at_import_module(tmp_path):
+    result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={tmp_path}", "--model=my_cnn"])
+    assert result.exit_code == 2 and "pass --import_module MODULE_OR_FILE.py" in result.output

@@ -11,7 +11,9 @@ Copy this file to pre-train your own backbone with SparK on any backend:
 3. layers are those the backends know: Conv2d, BatchNorm2d, LayerNorm, Linear, MaxPool2d,
    AvgPool2d, zero-preserving activations (ReLU, GELU, SiLU, ...), Dropout, timm's DropPath.
 
-Then ``spark_sparse.create_spark("tiny_cnn")`` works, and ``spark-pretrain --model=tiny_cnn``.
+Then ``spark_sparse.create_spark("tiny_cnn")`` works, and ``spark-pretrain --model=tiny_cnn``; from a copy
+in your own project (registered as, say, ``my_cnn``), ``spark-pretrain --import_module=my_models.py
+--model=my_cnn`` (the module is imported first, so its registrations exist).
 """
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ class PretrainConfig:
     exp_dir: Optional[str] = None
     data_path: Optional[str] = None
     model: str = "resnet50"
+    import_module: tuple[str, ...] = ()   # the user's modules that register models (dotted names or .py paths)
     input_size: int = 224
     mask: float = 0.6
     bs: int = 4096

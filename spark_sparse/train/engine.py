@@ -39,6 +39,7 @@ from ..autotune import AutotuneOptions, AutotuneResult, autotune
 from ..errors import ConfigError, SparkSparseError
 from ..checkpoint import CheckpointError, atomic_save, load_pretrained, load_spark_state, read_checkpoint
 from ..models import resolve_model_name
+from ..user_modules import import_user_module
 from ..spark import SparK, create_spark
 from ..speed import apply_speed_plan, estimate_max_batch, plan_speed
 from .config import PretrainConfig
@@ -202,6 +203,8 @@ class Trainer:
         self.cfg, self.cmd, self.capture_console = cfg, cmd, capture_console
         self.warnings: list[str] = []
         self.ctx: DistContext = init_distributed(cfg.device)
+        for module in cfg.import_module:                      # the user's models, before the name is looked up
+            import_user_module(module)
         self.model_name = resolve_model_name(cfg.model)
         self.dataset = _build_dataset(cfg)                    # fails before any file is written
         self.normalize = ImageNormalizer()                    # the loader's uint8 batches -> SparK's inputs
