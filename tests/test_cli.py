@@ -203,7 +203,8 @@ def test_a_users_module_registers_the_model_the_console_script_pre_trains(tmp_pa
     result = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     out = work / "out"
-    assert (out / "user_tiny_cnn_1kpretrained.pth").is_file() and (out / "user_tiny_cnn_still_pretraining.pth").is_file()
+    assert (out / "user_tiny_cnn_1kpretrained.pth").is_file()
+    assert (out / "user_tiny_cnn_still_pretraining.pth").is_file()
     header = json.loads((out / "pretrain_log.txt").read_text().splitlines()[0])
     assert header["model"] == "user_tiny_cnn" and header["args"]["import_module"] == ["my_models"]
 

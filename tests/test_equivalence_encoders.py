@@ -80,6 +80,10 @@ ENCODERS = {
     "swiftformer_xs": (64, 2, {}),
     # TResNet: a space-to-depth stem, leaky-ReLU blocks with SE and blur-pool downsampling, one block per stage
     "tresnet_m": (64, 2, dict(layers=(1, 1, 1, 1))),
+    # softmax self-attention among each image's active tokens: CAFormer's last two stages (tokens channels last,
+    # LayerNorm, Linear MLP), FastViT-SA's last stage (BatchNorm, conditional positional encoding, ConvMlp)
+    "caformer_s18": (64, 2, {}),
+    "fastvit_sa12": (64, 2, {}),
     # split into square and band (1 x k, k x 1) depthwise convs; per-channel layer scale, drawn at 1 (timm:
     # 1e-6, which would leave the residual branches out of the comparison)
     "inception_next_tiny": (64, 2, dict(depths=(1, 1, 1, 1), ls_init_value=1.0)),

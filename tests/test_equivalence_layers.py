@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn as nn
 from timm.layers import (BatchNormAct2d, Conv2dSame, EcaModule, EffectiveSEModule, GlobalContext, GroupNormAct,
-                         LayerNorm2d, MixedConv2d, RmsNorm2d, ScaledStdConv2d, ScaledStdConv2dSame, SeparableConvNormAct,
-                         SEModule, SimpleNorm2d, SpaceToDepth, StdConv2d, StdConv2dSame)
+                         LayerNorm2d, MixedConv2d, RmsNorm2d, ScaledStdConv2d, ScaledStdConv2dSame,
+                         SeparableConvNormAct, SEModule, SimpleNorm2d, SpaceToDepth, StdConv2d, StdConv2dSame)
 from timm.layers.blur_pool import BlurPool2d
 from timm.layers.grn import GlobalResponseNorm
 from timm.models._efficientnet_blocks import SqueezeExcite
@@ -12,9 +12,13 @@ from timm.models.edgenext import SplitTransposeBlock
 from timm.models.efficientvit_mit import LiteMLA
 from timm.models.swiftformer import Block as SwiftFormerBlock
 from timm.models.swiftformer import EfficientAdditiveAttention
+from timm.models.fastvit import Attention as FastVitAttention
+from timm.models.fastvit import AttentionBlock as FastVitAttentionBlock
 from timm.models.focalnet import FocalModulation
 from timm.models.hgnet import LearnableAffineBlock
-from timm.models.metaformer import GroupNorm1NoBias, LayerNorm2dNoBias, Pooling, StarReLU
+from timm.models.metaformer import Attention as MetaFormerAttention
+from timm.models.metaformer import (GroupNorm1NoBias, LayerNorm2dNoBias, LayerNormNoBias, MetaFormerStage, Pooling,
+                                    StarReLU)
 
 from spark_sparse import ActiveMask
 from spark_sparse.backends.pools import ConstantPadMaxPool2d
@@ -41,6 +45,14 @@ def scaled(module: nn.Module, factor: float) -> nn.Module:
         for param in module.parameters():
             param.mul_(factor)
     return module
+
+
+def fastvit_attention_block(dim: int, head_dim: int) -> FastVitAttentionBlock:
+    """FastViT's attention block with heads of ``head_dim`` channels (timm's block fixes 32, and so a width of 32
+    or more)."""
+    block = FastVitAttentionBlock(dim, mlp_ratio=2.0)
+    block.token_mixer = FastVitAttention(dim, head_dim=head_dim)
+    return block
 
 
 # name -> (layer factory, input stride, input channels)
@@ -130,6 +142,15 @@ LAYERS = {
     # block's outputs and input gradients reach ~50, where fp32 rounding alone passes 1e-4 absolute)
     "efficient_additive_attention": (lambda: randomized(EfficientAdditiveAttention(8, 8)), 4, 8),
     "swiftformer_block": (lambda: scaled(randomized(SwiftFormerBlock(8, mlp_ratio=2.0)), 0.5), 4, 8),
+    # CAFormer's attention stage (at stride 16, as CAFormer's third): tokens channels last, bias-free LayerNorm,
+    # 2-head softmax attention among each image's active tokens, residual scales, a Linear StarReLU MLP
+    "caformer_attention_stage": (lambda: scaled(randomized(
+        MetaFormerStage(8, 8, depth=1, token_mixer=MetaFormerAttention, norm_layer=LayerNormNoBias, dp_rates=[0.0],
+                        res_scale_init_value=1.0, head_dim=4)), 0.5), 16, 8),
+    # FastViT-SA's attention block: BatchNorm, attention among each image's active tokens of the map (2 heads),
+    # layer scales, ConvMlp (depthwise 7x7, 1x1 convs, GELU); weights x 0.25: at 0.5, 32 channels give input
+    # gradients of ~90, where fp32 rounding alone (2e-6 relative) passes 1e-4 absolute; here they are ~4
+    "fastvit_attention_block": (lambda: scaled(randomized(fastvit_attention_block(32, head_dim=16)), 0.25), 16, 32),
 }
 
 #: fp32 tolerances of layers whose input gradient is a long sum: each site's gradient through linear attention

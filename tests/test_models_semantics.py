@@ -18,12 +18,14 @@ from timm.models.edgenext import SplitTransposeBlock
 from timm.models.efficientvit_mit import LiteMLA
 from timm.models.focalnet import FocalModulation
 from timm.models.swiftformer import EfficientAdditiveAttention
+from timm.models.metaformer import Attention as MetaFormerAttention
 from timm.models.metaformer import GroupNorm1NoBias, LayerNorm2dNoBias, Pooling, StarReLU
 from timm.models.nfnet import GammaAct
 from timm.models._efficientnet_blocks import SqueezeExcite
 
 import spark_sparse as ss
 from spark_sparse import ActiveMask, MaskedDense
+from spark_sparse.features import ChannelsLastView
 from spark_sparse.backends.pools import ConstantPadMaxPool2d, fold_zero_pad_into_max_pool
 
 from test_equivalence_layers import randomized
@@ -214,6 +216,33 @@ def test_additive_attention_with_every_site_visible_is_timms_layer(backend):
     converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(layer)))
     fmap = MaskedDense(x, mask, 4) if backend == "masked" else ss.SparseRows(x.permute(0, 2, 3, 1).reshape(-1, 8), mask, 4)
     torch.testing.assert_close(converted(fmap).to_dense(), layer(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["masked", "torch", "sparse"])
+def test_caformer_attention_is_timms_attention_over_each_images_active_tokens_alone(backend):
+    """Images with 1, 3 and 4 (all) of their 4 patches visible: at each image's active tokens (row-major), the
+    output is timm's Attention run on the sequence of those tokens alone (as if the masked patches did not
+    exist; the packed rows of the sparse backends pad the shorter images), and 0 at masked sites. timm's layer
+    on the whole masked map differs: its masked tokens enter every softmax as keys."""
+    active = torch.zeros(3, 1, 2, 2, dtype=torch.bool)
+    active[0, 0, 1, 0] = True
+    active[1, 0, 0, :] = active[1, 0, 1, 1] = True
+    active[2] = True
+    mask = ActiveMask(active)
+    attention = randomized(MetaFormerAttention(dim=8, head_dim=4)).double()
+    x = _input(mask, stride=16)                                                 # 4x4 tokens per image
+    converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(attention)))
+    rows = x.permute(0, 2, 3, 1)[mask.dense_at(16)[:, 0]]
+    fmap = MaskedDense(x, mask, 16) if backend == "masked" else ss.SparseRows(rows, mask, 16)
+    out = converted(ChannelsLastView(fmap)).channels_first.to_dense()
+    site = mask.dense_at(16)
+    assert torch.all(out * ~site == 0)
+    for image in range(3):
+        tokens = _active_values(x, mask, image, stride=16)                       # [n, C], row-major
+        expected = attention(tokens.unsqueeze(0))[0]
+        torch.testing.assert_close(_active_values(out, mask, image, stride=16), expected, rtol=1e-12, atol=1e-12)
+    whole_map = attention(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(x.shape)
+    assert not torch.allclose(whole_map[0] * site[0], out[0])
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

@@ -9,10 +9,11 @@ subtracts maps of the same sites and scales channels, so all of them are contain
 from the number 0 (a MobileOne block without an identity branch) are exact
 (:meth:`~spark_sparse.features.FeatureMap.__add__`).
 
-The ``sa``/``ma`` variants' last stage is self-attention over every position of the map, masked ones
-included: refused, naming the attention (their conditional positional encoding, ``x + dwconv(x)``,
-would run). The
-inference-mode (re-parameterised) model is not a training model and is not converted either.
+The ``sa``/``ma`` variants' last stage adds a conditional positional encoding (``x + dwconv(x)``) and
+attention blocks: BatchNorm, multi-head softmax self-attention among each image's ACTIVE tokens
+(:class:`~spark_sparse.backends.token_attention.FeatureTokenAttention`: masked positions are neither
+keys nor values), layer scales and a ConvMlp. The inference-mode (re-parameterised) model is not a
+training model and is not converted.
 Default drop path 0 (a 3.6M net; ``fastvit_s12`` and larger run by their timm names), densify norm
 BatchNorm.
 """
@@ -22,22 +23,18 @@ from timm.models.fastvit import (Attention, AttentionBlock, ConvMlp, FastVit, Fa
                                  MobileOneBlock, PatchEmbed, RepConditionalPosEnc, ReparamLargeKernelConv, RepMixer,
                                  RepMixerBlock)
 
-from ..backends import UnsupportedModuleError, register_container, register_converter
+from ..backends import register_container, register_converter
+from ..backends.token_attention import FeatureTokenAttention
 from .timm_encoders import register_timm_encoder
 
 __all__ = []
 
 for _composite in (FastVit, FastVitStage, PatchEmbed, ReparamLargeKernelConv, MobileOneBlock, RepMixer, RepMixerBlock,
                    ConvMlp, LayerScale2d, RepConditionalPosEnc, AttentionBlock):
-    register_container(_composite)     # AttentionBlock: so that its Attention is refused by name, below
+    register_container(_composite)
 
-
-@register_converter(Attention)
-def _refuse_global_attention(backend, attention: Attention, name: str):
-    raise UnsupportedModuleError(
-        f"{name}: FastViT's attention flattens the feature map into one token sequence and attends over all of "
-        f"it, masked positions included, which has no sparse equivalent (the sa/ma variants' last stage); "
-        f"pre-train a RepMixer FastViT (fastvit_t8, fastvit_t12, fastvit_s12) instead")
+register_converter(Attention)(FeatureTokenAttention.of_map)
 
 
 register_timm_encoder("fastvit_t8", 0.0, densify_norm="bn", tested=True)
+register_timm_encoder("fastvit_sa12", 0.0, densify_norm="bn", tested=True)

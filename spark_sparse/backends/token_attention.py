@@ -1,0 +1,120 @@
+"""Softmax attention among each image's ACTIVE tokens (CAFormer's and FastViT-SA's attention), for both
+representations.
+
+SparK's encoder must behave as if the masked patches did not exist. For a softmax attention layer
+that means: each active token attends to the active tokens of its own image, and masked positions
+are neither keys nor values (the squeeze of SE averages over active sites for the same reason,
+SparK issue 54). Run unchanged on SparK's masked map, timm's layer would instead see every masked
+position as a key with ``k = 0`` (its Linear output, masked), logit ``q . 0 = 0``: each one adds
+``exp(0)`` to the softmax's denominator and nothing to its numerator, shrinking every output by an
+amount that depends on how much of the image is hidden. That is not computed here.
+
+Both representations run it as one ``F.scaled_dot_product_attention`` over a padded batch
+``[B, heads, L, d]`` with a key mask, from the active rows' queries, keys and values:
+
+- :class:`~spark_sparse.features.MaskedDense`: the dense model's own token grid, ``L = H * W``, each
+  active site at its position ``y * W + x`` and masked positions as padding: SparK's masked map, with
+  its masked tokens taken out of the softmax;
+- :class:`~spark_sparse.features.SparseRows`: each image's active rows packed first, ``L`` = the most
+  active sites of any image (SparK keeps the same number of patches visible in every image, so
+  nothing is padded during training).
+
+Rows reach their slots through ``index_copy`` and come back through ``index_select`` (deterministic
+backward: see :mod:`.per_image`).
+"""
+from __future__ import annotations
+
+from functools import singledispatch
+from typing import Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..features import ChannelsLastView, FeatureMap, MaskedDense, SparseRows, UnsupportedFeatureOperation
+from .common import adopt_module
+
+__all__ = ["FeatureTokenAttention", "attend_among_active_tokens", "token_slots"]
+
+
+@singledispatch
+def token_slots(x: FeatureMap) -> tuple[torch.Tensor, int]:
+    """``(slots [N], L)``: where each active row of ``x`` sits in a ``[B * L]`` padded token batch."""
+    raise NotImplementedError(f"no token layout for {type(x).__name__}")
+
+
+@token_slots.register
+def _(x: MaskedDense) -> tuple[torch.Tensor, int]:
+    height, width = x.data.shape[-2:]
+
+    def build() -> torch.Tensor:
+        b, y, w = x.mask.coords_at(x.stride).unbind(1)
+        return (b * height + y) * width + w
+    return x.mask.cached(("token-slots-dense", x.stride), build), height * width
+
+
+@token_slots.register
+def _(x: SparseRows) -> tuple[torch.Tensor, int]:
+    def build() -> tuple[torch.Tensor, int]:
+        image_of_row = x.mask.coords_at(x.stride)[:, 0]
+        counts = torch.bincount(image_of_row, minlength=x.mask.batch_size)
+        first_row = counts.cumsum(0) - counts
+        length = int(counts.max())
+        rank = torch.arange(image_of_row.shape[0], device=image_of_row.device) - first_row.index_select(0, image_of_row)
+        return image_of_row * length + rank, length
+    return x.mask.cached(("token-slots-packed", x.stride), build)
+
+
+def attend_among_active_tokens(x: FeatureMap, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """``[N, heads * d]``: softmax attention of ``query``, ``key``, ``value`` (``[N, heads, d]``, rows of ``x``'s
+    active sites) among the active tokens of each image, heads concatenated as timm's layers do."""
+    slots, length = token_slots(x)
+    batch = x.mask.batch_size
+
+    def padded(rows: torch.Tensor) -> torch.Tensor:     # [N, heads, d] -> [B, heads, L, d]
+        grid = rows.new_zeros(batch * length, *rows.shape[1:]).index_copy(0, slots, rows)
+        return grid.view(batch, length, *rows.shape[1:]).transpose(1, 2)
+
+    is_key = torch.zeros(batch * length, dtype=torch.bool, device=slots.device).index_fill_(0, slots, True)
+    out = F.scaled_dot_product_attention(padded(query), padded(key), padded(value),
+                                         attn_mask=is_key.view(batch, 1, 1, length), dropout_p=dropout_p, scale=scale)
+    return out.transpose(1, 2).reshape(batch * length, -1).index_select(0, slots)
+
+
+class FeatureTokenAttention(nn.Module):
+    """timm's multi-head softmax self-attention over a map's tokens (``qkv`` Linear, scaled dot-product
+    attention, ``proj`` Linear: CAFormer's and FastViT's ``Attention``) among each image's active tokens.
+
+    The same children (``qkv``, ``attn_drop``, ``proj``, ``proj_drop``), names and parameters; the Linear layers
+    act on rows as on timm's tokens, so none is converted. ``tokens_channels_last``: the layer is given the
+    token sequence ``[B, H * W, C]`` (a map's :class:`~spark_sparse.features.ChannelsLastView` here: CAFormer's
+    token stages), else the map itself, which timm's layer flattens (FastViT).
+    """
+
+    def __init__(self, attention: nn.Module, name: str, tokens_channels_last: bool):
+        super().__init__()
+        adopt_module(self, attention)
+        self.num_heads, self.head_dim, self.scale = attention.num_heads, attention.head_dim, attention.scale
+        self.tokens_channels_last, self.layer_name = tokens_channels_last, name
+
+    @classmethod
+    def of_token_sequence(cls, backend, attention: nn.Module, name: str = "") -> "FeatureTokenAttention":
+        return cls(attention, name, tokens_channels_last=True)
+
+    @classmethod
+    def of_map(cls, backend, attention: nn.Module, name: str = "") -> "FeatureTokenAttention":
+        return cls(attention, name, tokens_channels_last=False)
+
+    def forward(self, x: Union[FeatureMap, ChannelsLastView]) -> Union[FeatureMap, ChannelsLastView]:
+        if isinstance(x, ChannelsLastView) != self.tokens_channels_last:
+            wanted = "a token sequence (a channels-last view)" if self.tokens_channels_last else "a feature map"
+            raise UnsupportedFeatureOperation(f"{self.layer_name}: {type(self).__name__} takes {wanted} here, as "
+                                              f"timm's layer does, got a {type(x).__name__}")
+        tokens = x.channels_first if self.tokens_channels_last else x
+        rows = tokens.active_rows()
+        query, key, value = self.qkv(rows).view(rows.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
+        out = attend_among_active_tokens(tokens, query, key, value, self.scale,
+                                         self.attn_drop.p if self.training else 0.0)
+        out = tokens.with_active_rows(self.proj_drop(self.proj(out)))
+        return ChannelsLastView(out) if self.tokens_channels_last else out
