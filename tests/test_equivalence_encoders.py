@@ -84,6 +84,8 @@ ENCODERS = {
     # LayerNorm, Linear MLP), FastViT-SA's last stage (BatchNorm, conditional positional encoding, ConvMlp)
     "caformer_s18": (64, 2, {}),
     "fastvit_sa12": (64, 2, {}),
+    # MobileNet-V4-Hybrid: multi-query attention blocks, keys and values from a stride-2 depthwise conv at stride 16
+    "mobilenetv4_hybrid_medium": (64, 2, {}),
     # split into square and band (1 x k, k x 1) depthwise convs; per-channel layer scale, drawn at 1 (timm:
     # 1e-6, which would leave the residual branches out of the comparison)
     "inception_next_tiny": (64, 2, dict(depths=(1, 1, 1, 1), ls_init_value=1.0)),

@@ -7,7 +7,7 @@ from timm.layers import (BatchNormAct2d, Conv2dSame, EcaModule, EffectiveSEModul
                          SeparableConvNormAct, SEModule, SimpleNorm2d, SpaceToDepth, StdConv2d, StdConv2dSame)
 from timm.layers.blur_pool import BlurPool2d
 from timm.layers.grn import GlobalResponseNorm
-from timm.models._efficientnet_blocks import SqueezeExcite
+from timm.models._efficientnet_blocks import MobileAttention, SqueezeExcite
 from timm.models.edgenext import SplitTransposeBlock
 from timm.models.efficientvit_mit import LiteMLA
 from timm.models.swiftformer import Block as SwiftFormerBlock
@@ -151,6 +151,13 @@ LAYERS = {
     # layer scales, ConvMlp (depthwise 7x7, 1x1 convs, GELU); weights x 0.25: at 0.5, 32 channels give input
     # gradients of ~90, where fp32 rounding alone (2e-6 relative) passes 1e-4 absolute; here they are ~4
     "fastvit_attention_block": (lambda: scaled(randomized(fastvit_attention_block(32, head_dim=16)), 0.25), 16, 32),
+    # MobileNet-V4-Hybrid's attention block: a depthwise positional conv, BatchNorm, multi-query attention (2 query
+    # heads, one key and value per site of a depthwise stride-2 conv's map) among each image's active tokens, layer
+    # scale. At stride 8 (the nets' is 16): keys at stride 16, where one visible patch still has 4 sites for the
+    # key path's BatchNorm (at stride 32 it would have 1, which BatchNorm refuses in training)
+    "mobile_attention_kv_stride2": (lambda: scaled(randomized(
+        MobileAttention(8, 8, num_heads=2, key_dim=4, value_dim=4, use_multi_query=True, kv_stride=2,
+                        use_cpe=True)), 0.5), 8, 8),
 }
 
 #: fp32 tolerances of layers whose input gradient is a long sum: each site's gradient through linear attention

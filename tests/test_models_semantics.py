@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import (BatchNormAct2d, Conv2dSame, EcaModule, GlobalContext, GroupNormAct, LayerScale2d,
                          MixedConv2d, ScaledStdConv2d, SEModule, SpaceToDepth, StdConv2d)
+from timm.layers.attention2d import MultiQueryAttention2d
 from timm.layers.blur_pool import BlurPool2d
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.edgenext import SplitTransposeBlock
@@ -243,6 +244,34 @@ def test_caformer_attention_is_timms_attention_over_each_images_active_tokens_al
         torch.testing.assert_close(_active_values(out, mask, image, stride=16), expected, rtol=1e-12, atol=1e-12)
     whole_map = attention(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(x.shape)
     assert not torch.allclose(whole_map[0] * site[0], out[0])
+
+
+def _pointwise(conv: nn.Conv2d) -> torch.Tensor:
+    """``[C_in, C_out]``: a bias-free 1x1 conv as the matrix that right-multiplies ``[n, C_in]`` tokens."""
+    return conv.weight[:, :, 0, 0].T
+
+
+@pytest.mark.parametrize("backend", ["masked", "torch", "sparse"])
+def test_multi_query_attention_shares_one_key_and_value_per_active_token_among_the_heads(backend):
+    """MobileNet-V4's multi-query attention written out per image on its active tokens: per-head queries
+    (channel ``head * key_dim + d``), one key and one value per active token shared by the heads, softmax
+    among the image's active tokens, heads concatenated, the output 1x1 conv; 0 at masked sites."""
+    mask = _mask()                                                  # 4 and 2 visible patches: padded rows
+    layer = randomized(MultiQueryAttention2d(8, num_heads=2, key_dim=4, value_dim=4)).double()
+    x = _input(mask)
+    converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(layer)))
+    fmap = MaskedDense(x, mask, 4) if backend == "masked" else ss.SparseRows(
+        x.permute(0, 2, 3, 1)[mask.dense_at(4)[:, 0]], mask, 4)
+    out = converted(fmap).to_dense()
+    assert torch.all(out * ~mask.dense_at(4) == 0)
+    for image in range(2):
+        tokens = _active_values(x, mask, image)                                     # [n, 8]
+        query = (tokens @ _pointwise(layer.query.proj)).view(-1, 2, 4).transpose(0, 1)   # [heads, n, 4]
+        key, value = tokens @ _pointwise(layer.key.proj), tokens @ _pointwise(layer.value.proj)
+        attended = torch.softmax(query @ key.T * layer.scale, dim=-1) @ value             # [heads, n, 4]
+        expected = attended.transpose(0, 1).reshape(-1, 8) @ _pointwise(layer.output.proj)
+        torch.testing.assert_close(_active_values(out, mask, image), expected, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(layer(x) * mask.dense_at(4), out)        # timm's: masked tokens are keys too
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

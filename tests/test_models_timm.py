@@ -44,7 +44,7 @@ DEFAULTS = {"resnet50d": (0.05, "bn"), "seresnet50": (0.05, "bn"), "resnext50_32
             "efficientvit_b0": (0.0, "bn"), "edgenext_small": (0.1, "ln"),
             "swiftformer_xs": (0.0, "bn"), "tresnet_m": (0.05, "bn"),
             # softmax self-attention among each image's active tokens: CAFormer, FastViT's sa variants
-            "caformer_s18": (0.1, "ln"), "fastvit_sa12": (0.0, "bn")}
+            "caformer_s18": (0.1, "ln"), "fastvit_sa12": (0.0, "bn"), "mobilenetv4_hybrid_medium": (0.0, "bn")}
 FAMILY_MODELS = list(DEFAULTS)
 #: timm nets that compute part of their forward in fp32 whatever the model's dtype: EfficientViT's LiteMLA
 #: casts q, k, v with ``.float()`` (ours keeps at least their dtype), so in fp64 timm's own features carry

@@ -1,5 +1,5 @@
-"""Softmax attention among each image's ACTIVE tokens (CAFormer's and FastViT-SA's attention), for both
-representations.
+"""Softmax attention among each image's ACTIVE tokens (CAFormer's, FastViT-SA's and MobileNet-V4-Hybrid's
+attention), for both representations.
 
 SparK's encoder must behave as if the masked patches did not exist. For a softmax attention layer
 that means: each active token attends to the active tokens of its own image, and masked positions
@@ -65,21 +65,27 @@ def _(x: SparseRows) -> tuple[torch.Tensor, int]:
     return x.mask.cached(("token-slots-packed", x.stride), build)
 
 
-def attend_among_active_tokens(x: FeatureMap, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                               scale: float, dropout_p: float = 0.0) -> torch.Tensor:
-    """``[N, heads * d]``: softmax attention of ``query``, ``key``, ``value`` (``[N, heads, d]``, rows of ``x``'s
-    active sites) among the active tokens of each image, heads concatenated as timm's layers do."""
-    slots, length = token_slots(x)
-    batch = x.mask.batch_size
+def _padded(rows: torch.Tensor, slots: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """``[N, heads, d]`` rows -> ``[B, heads, L, d]``, zero in the slots no row fills."""
+    grid = rows.new_zeros(batch * length, *rows.shape[1:]).index_copy(0, slots, rows)
+    return grid.view(batch, length, *rows.shape[1:]).transpose(1, 2)
 
-    def padded(rows: torch.Tensor) -> torch.Tensor:     # [N, heads, d] -> [B, heads, L, d]
-        grid = rows.new_zeros(batch * length, *rows.shape[1:]).index_copy(0, slots, rows)
-        return grid.view(batch, length, *rows.shape[1:]).transpose(1, 2)
 
-    is_key = torch.zeros(batch * length, dtype=torch.bool, device=slots.device).index_fill_(0, slots, True)
-    out = F.scaled_dot_product_attention(padded(query), padded(key), padded(value),
-                                         attn_mask=is_key.view(batch, 1, 1, length), dropout_p=dropout_p, scale=scale)
-    return out.transpose(1, 2).reshape(batch * length, -1).index_select(0, slots)
+def attend_among_active_tokens(queries: FeatureMap, query: torch.Tensor, keys: FeatureMap, key: torch.Tensor,
+                               value: torch.Tensor, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """``[N_q, heads * d_v]``: softmax attention of ``query`` (``[N_q, heads, d]``, rows of the active sites of
+    ``queries``) over ``key`` and ``value`` (``[N_k, heads, d]``, rows of the active sites of ``keys``: the same
+    map, or one at a coarser stride as MobileNet-V4's downsampled keys) among the active tokens of each image,
+    heads concatenated as timm's layers do."""
+    batch = queries.mask.batch_size
+    query_slots, query_length = token_slots(queries)
+    key_slots, key_length = token_slots(keys)
+    is_key = torch.zeros(batch * key_length, dtype=torch.bool, device=key_slots.device).index_fill_(0, key_slots, True)
+    out = F.scaled_dot_product_attention(
+        _padded(query, query_slots, batch, query_length), _padded(key, key_slots, batch, key_length),
+        _padded(value, key_slots, batch, key_length), attn_mask=is_key.view(batch, 1, 1, key_length),
+        dropout_p=dropout_p, scale=scale)
+    return out.transpose(1, 2).reshape(batch * query_length, -1).index_select(0, query_slots)
 
 
 class FeatureTokenAttention(nn.Module):
@@ -114,7 +120,7 @@ class FeatureTokenAttention(nn.Module):
         tokens = x.channels_first if self.tokens_channels_last else x
         rows = tokens.active_rows()
         query, key, value = self.qkv(rows).view(rows.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
-        out = attend_among_active_tokens(tokens, query, key, value, self.scale,
+        out = attend_among_active_tokens(tokens, query, tokens, key, value, self.scale,
                                          self.attn_drop.p if self.training else 0.0)
         out = tokens.with_active_rows(self.proj_drop(self.proj(out)))
         return ChannelsLastView(out) if self.tokens_channels_last else out

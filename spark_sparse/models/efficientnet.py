@@ -10,8 +10,14 @@ included), ``BatchNormAct2d`` with SiLU / ReLU / hard-swish, MobileNet-V4's ``La
 per-channel factor at each site), and the family's own ``SqueezeExcite``, converted here as an
 :class:`~spark_sparse.backends.attention.ImageGate`: squeeze over each image's active sites, the
 block's own ``conv_reduce -> act1 -> conv_expand -> gate`` on the squeezed vector, gate on features.
-MobileNet-V4's hybrid models add attention blocks (``MobileAttention``), which are not registered
-and fail at conversion, naming the module.
+MobileNet-V4's hybrid models add attention blocks (``MobileAttention``: an optional depthwise
+positional conv, BatchNorm, attention, layer scale, residual add: a container) whose
+``MultiQueryAttention2d`` is converted here (:class:`FeatureMultiQueryAttention2d`): queries per head
+from a 1x1 conv, one key and one value per site shared by every head, from a depthwise conv at
+``kv_stride`` (stride 16 -> 32 in the medium and large nets), BatchNorm and a 1x1 conv; softmax
+attention among each image's ACTIVE tokens (:mod:`~spark_sparse.backends.token_attention`: masked
+positions are neither keys nor values). Query strides (an average pool before, bilinear upsampling
+after) are refused at conversion, by the upsampling layer.
 
 Features at strides 4..32 are timm's ``feature_info`` entries at those reductions (the stride-2
 block and the ``conv_head`` are not part of the hierarchy). Default drop path 0: SparK pre-trained
@@ -23,20 +29,22 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from timm.layers import LayerScale2d, MixedConv2d
+from timm.layers.attention2d import MultiQueryAttention2d
 from timm.models._efficientnet_blocks import (ConvBnAct, DepthwiseSeparableConv, EdgeResidual, InvertedResidual,
-                                              SqueezeExcite, UniversalInvertedResidual)
+                                              MobileAttention, SqueezeExcite, UniversalInvertedResidual)
 from timm.models.efficientnet import EfficientNet
 from timm.models.mobilenetv3 import MobileNetV3
 
 from ..backends import register_container, register_converter
 from ..backends.attention import ImageGate
+from ..backends.token_attention import attend_among_active_tokens
 from ..features import FeatureMap
 from .timm_encoders import register_timm_encoder
 
-__all__ = ["FeatureLayerScale2d", "FeatureSqueezeExcite"]
+__all__ = ["FeatureLayerScale2d", "FeatureMultiQueryAttention2d", "FeatureSqueezeExcite"]
 
 for _composite in (EfficientNet, MobileNetV3, DepthwiseSeparableConv, InvertedResidual, ConvBnAct, EdgeResidual,
-                   UniversalInvertedResidual, MixedConv2d):
+                   UniversalInvertedResidual, MixedConv2d, MobileAttention):
     register_container(_composite)
 
 
@@ -61,6 +69,31 @@ class FeatureSqueezeExcite(ImageGate):
 
 register_converter(SqueezeExcite)(FeatureSqueezeExcite.from_dense)
 
+
+@register_converter(MultiQueryAttention2d)
+class FeatureMultiQueryAttention2d(nn.Module):
+    """MobileNet-V4's multi-query attention among each image's active tokens. The same children (``query``,
+    ``key``, ``value`` and ``output``, converted: convs, BatchNorm, pools; ``attn_drop``), names and parameters."""
+
+    def __init__(self, backend, attention: MultiQueryAttention2d, name: str = ""):
+        super().__init__()
+        self.num_heads, self.key_dim, self.value_dim = attention.num_heads, attention.key_dim, attention.value_dim
+        self.scale = attention.scale
+        for child in ("query", "key", "value", "output"):
+            setattr(self, child, backend.convert_module(getattr(attention, child), f"{name}.{child}"))
+        self.attn_drop = attention.attn_drop
+        self.train(attention.training)
+
+    def forward(self, x: FeatureMap) -> FeatureMap:
+        queries, keys, values = self.query(x), self.key(x), self.value(x)
+        query = queries.active_rows().view(-1, self.num_heads, self.key_dim)     # channel = head * key_dim + d
+        key = keys.active_rows().unsqueeze(1).expand(-1, self.num_heads, -1)       # one key per site, every head
+        value = values.active_rows().unsqueeze(1).expand(-1, self.num_heads, -1)
+        out = attend_among_active_tokens(queries, query, keys, key, value, self.scale,
+                                         self.attn_drop.p if self.training else 0.0)
+        return self.output(queries.with_active_rows(out))
+
 for _name in ("efficientnet_b0", "mobilenetv3_large_100", "mobilenetv4_conv_small", "mixnet_s", "tf_efficientnet_b0"):
     register_timm_encoder(_name, 0.0, densify_norm="bn", tested=True)
 register_timm_encoder("tf_efficientnetv2_s", 0.05, densify_norm="bn", tested=True)
+register_timm_encoder("mobilenetv4_hybrid_medium", 0.0, densify_norm="bn", tested=True)
