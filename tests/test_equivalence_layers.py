@@ -15,6 +15,7 @@ from timm.models.swiftformer import EfficientAdditiveAttention
 from timm.models.fastvit import Attention as FastVitAttention
 from timm.models.fastvit import AttentionBlock as FastVitAttentionBlock
 from timm.models.focalnet import FocalModulation
+from timm.models.mobilevit import MobileVitBlock
 from timm.models.hgnet import LearnableAffineBlock
 from timm.models.metaformer import Attention as MetaFormerAttention
 from timm.models.metaformer import (GroupNorm1NoBias, LayerNorm2dNoBias, LayerNormNoBias, MetaFormerStage, Pooling,
@@ -158,6 +159,11 @@ LAYERS = {
     "mobile_attention_kv_stride2": (lambda: scaled(randomized(
         MobileAttention(8, 8, num_heads=2, key_dim=4, value_dim=4, use_multi_query=True, kv_stride=2,
                         use_cpe=True)), 0.5), 8, 8),
+    # MobileViT's block: convs, the map unfolded into its 2x2 patch positions (one token sequence per image and
+    # position), a ViT transformer (LayerNorm, 2-head attention among each sequence's active tokens, Linear MLP),
+    # folded back, projected and fused with the input
+    "mobilevit_block": (lambda: scaled(randomized(
+        MobileVitBlock(8, 8, transformer_dim=8, transformer_depth=1, patch_size=2, num_heads=2)), 0.5), 16, 8),
 }
 
 #: fp32 tolerances of layers whose input gradient is a long sum: each site's gradient through linear attention

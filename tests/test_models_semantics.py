@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import (BatchNormAct2d, Conv2dSame, EcaModule, GlobalContext, GroupNormAct, LayerScale2d,
+from timm.layers import (Attention, BatchNormAct2d, Conv2dSame, EcaModule, GlobalContext, GroupNormAct, LayerScale2d,
                          MixedConv2d, ScaledStdConv2d, SEModule, SpaceToDepth, StdConv2d)
 from timm.layers.attention2d import MultiQueryAttention2d
 from timm.layers.blur_pool import BlurPool2d
@@ -18,6 +18,7 @@ from timm.layers.grn import GlobalResponseNorm
 from timm.models.edgenext import SplitTransposeBlock
 from timm.models.efficientvit_mit import LiteMLA
 from timm.models.focalnet import FocalModulation
+from timm.models.mobilevit import MobileVitBlock
 from timm.models.swiftformer import EfficientAdditiveAttention
 from timm.models.metaformer import Attention as MetaFormerAttention
 from timm.models.metaformer import GroupNorm1NoBias, LayerNorm2dNoBias, Pooling, StarReLU
@@ -26,10 +27,10 @@ from timm.models._efficientnet_blocks import SqueezeExcite
 
 import spark_sparse as ss
 from spark_sparse import ActiveMask, MaskedDense
-from spark_sparse.features import ChannelsLastView
+from spark_sparse.features import ChannelsLastView, UnsupportedFeatureOperation
 from spark_sparse.backends.pools import ConstantPadMaxPool2d, fold_zero_pad_into_max_pool
 
-from test_equivalence_layers import randomized
+from test_equivalence_layers import randomized, scaled
 
 ALL_BACKENDS = ["masked", "torch"]   # the reference and one true-sparse backend (the others are compared to masked)
 
@@ -220,17 +221,23 @@ def test_additive_attention_with_every_site_visible_is_timms_layer(backend):
 
 
 @pytest.mark.parametrize("backend", ["masked", "torch", "sparse"])
-def test_caformer_attention_is_timms_attention_over_each_images_active_tokens_alone(backend):
+@pytest.mark.parametrize("make", [
+    lambda: MetaFormerAttention(dim=8, head_dim=4),
+    lambda: Attention(8, num_heads=2, qkv_bias=True, qk_norm=True, scale_norm=True, gated=True,
+                      norm_layer=nn.LayerNorm),
+], ids=["caformer", "timm_qk_norm_scale_norm_gated"])
+def test_token_attention_is_timms_attention_over_each_images_active_tokens_alone(backend, make):
     """Images with 1, 3 and 4 (all) of their 4 patches visible: at each image's active tokens (row-major), the
     output is timm's Attention run on the sequence of those tokens alone (as if the masked patches did not
     exist; the packed rows of the sparse backends pad the shorter images), and 0 at masked sites. timm's layer
-    on the whole masked map differs: its masked tokens enter every softmax as keys."""
+    on the whole masked map differs: its masked tokens enter every softmax as keys. CAFormer's layer, and
+    ``timm.layers.Attention`` (MobileViT's) with its per-head qk-norm, scale norm and output gate."""
     active = torch.zeros(3, 1, 2, 2, dtype=torch.bool)
     active[0, 0, 1, 0] = True
     active[1, 0, 0, :] = active[1, 0, 1, 1] = True
     active[2] = True
     mask = ActiveMask(active)
-    attention = randomized(MetaFormerAttention(dim=8, head_dim=4)).double()
+    attention = randomized(make()).double()
     x = _input(mask, stride=16)                                                 # 4x4 tokens per image
     converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(attention)))
     rows = x.permute(0, 2, 3, 1)[mask.dense_at(16)[:, 0]]
@@ -272,6 +279,27 @@ def test_multi_query_attention_shares_one_key_and_value_per_active_token_among_t
         expected = attended.transpose(0, 1).reshape(-1, 8) @ _pointwise(layer.output.proj)
         torch.testing.assert_close(_active_values(out, mask, image), expected, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(layer(x) * mask.dense_at(4), out)        # timm's: masked tokens are keys too
+
+
+@pytest.mark.parametrize("backend", ["masked", "torch", "sparse"])
+def test_mobilevit_block_with_every_site_visible_is_timms_block(backend):
+    """Unfolding into patch positions (one sequence per image and position, timm's order), the transformer on
+    them and the fold back give timm's block where nothing is masked."""
+    block = scaled(randomized(MobileVitBlock(8, 8, transformer_dim=8, transformer_depth=1, patch_size=2,
+                                             num_heads=2)), 0.5).double()
+    mask, x = ActiveMask.full(2, (1, 2)), torch.randn(2, 8, 4, 8, dtype=torch.float64)       # stride 8
+    converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(block)))
+    rows = x.permute(0, 2, 3, 1).reshape(-1, 8)
+    fmap = MaskedDense(x, mask, 8) if backend == "masked" else ss.SparseRows(rows, mask, 8)
+    torch.testing.assert_close(converted(fmap).to_dense(), block(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_mobilevit_map_that_does_not_tile_by_its_patches_is_refused(backend):
+    spark = ss.create_spark("mobilevit_xxs", backend=backend, input_size=96)                # 3x3 at stride 32
+    with pytest.raises(UnsupportedFeatureOperation, match=r"3x3 map at stride 32 does not tile by the 2x2 patches.*"
+                                                          r"multiples of 64"):
+        spark(torch.randn(2, 3, 96, 96))
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

@@ -25,7 +25,7 @@ backward: see :mod:`.per_image`).
 from __future__ import annotations
 
 from functools import singledispatch
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -81,6 +81,10 @@ def attend_among_active_tokens(queries: FeatureMap, query: torch.Tensor, keys: F
     query_slots, query_length = token_slots(queries)
     key_slots, key_length = token_slots(keys)
     is_key = torch.zeros(batch * key_length, dtype=torch.bool, device=key_slots.device).index_fill_(0, key_slots, True)
+    is_key = is_key.view(batch, key_length)
+    # a group of tokens without any active one (MobileViT's patch positions, :mod:`..models.mobilevit`) would
+    # softmax over no key at all (NaN): give it its first (zero) padding slot; none of its rows is read back
+    is_key[:, 0] |= ~is_key.any(1)
     out = F.scaled_dot_product_attention(
         _padded(query, query_slots, batch, query_length), _padded(key, key_slots, batch, key_length),
         _padded(value, key_slots, batch, key_length), attn_mask=is_key.view(batch, 1, 1, key_length),
@@ -90,12 +94,14 @@ def attend_among_active_tokens(queries: FeatureMap, query: torch.Tensor, keys: F
 
 class FeatureTokenAttention(nn.Module):
     """timm's multi-head softmax self-attention over a map's tokens (``qkv`` Linear, scaled dot-product
-    attention, ``proj`` Linear: CAFormer's and FastViT's ``Attention``) among each image's active tokens.
+    attention, ``proj`` Linear: CAFormer's and FastViT's ``Attention``, ``timm.layers.Attention`` in MobileViT)
+    among each image's active tokens.
 
-    The same children (``qkv``, ``attn_drop``, ``proj``, ``proj_drop``), names and parameters; the Linear layers
-    act on rows as on timm's tokens, so none is converted. ``tokens_channels_last``: the layer is given the
-    token sequence ``[B, H * W, C]`` (a map's :class:`~spark_sparse.features.ChannelsLastView` here: CAFormer's
-    token stages), else the map itself, which timm's layer flattens (FastViT).
+    The same children (``qkv``, ``attn_drop``, ``proj``, ``proj_drop``; ``timm.layers.Attention``'s ``q_norm``,
+    ``k_norm``, ``norm`` and ``gate`` too, per token or per head), names and parameters; they act on rows as on
+    timm's tokens, so none is converted. ``tokens_channels_last``: the layer is given the token sequence
+    ``[B, H * W, C]`` (a map's :class:`~spark_sparse.features.ChannelsLastView` here: CAFormer's token stages),
+    else the map itself, which timm's layer flattens (FastViT).
     """
 
     def __init__(self, attention: nn.Module, name: str, tokens_channels_last: bool):
@@ -112,15 +118,25 @@ class FeatureTokenAttention(nn.Module):
     def of_map(cls, backend, attention: nn.Module, name: str = "") -> "FeatureTokenAttention":
         return cls(attention, name, tokens_channels_last=False)
 
-    def forward(self, x: Union[FeatureMap, ChannelsLastView]) -> Union[FeatureMap, ChannelsLastView]:
+    def forward(self, x: Union[FeatureMap, ChannelsLastView], attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> Union[FeatureMap, ChannelsLastView]:
         if isinstance(x, ChannelsLastView) != self.tokens_channels_last:
             wanted = "a token sequence (a channels-last view)" if self.tokens_channels_last else "a feature map"
             raise UnsupportedFeatureOperation(f"{self.layer_name}: {type(self).__name__} takes {wanted} here, as "
                                               f"timm's layer does, got a {type(x).__name__}")
+        if attn_mask is not None or is_causal:
+            raise UnsupportedFeatureOperation(f"{self.layer_name}: an attention mask of the caller's (or a causal one) "
+                                              f"is not supported: the mask here is SparK's")
         tokens = x.channels_first if self.tokens_channels_last else x
         rows = tokens.active_rows()
         query, key, value = self.qkv(rows).view(rows.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
+        if getattr(self, "q_norm", None) is not None:                 # timm.layers.Attention's qk-norm (per head)
+            query, key = self.q_norm(query), self.k_norm(key)
         out = attend_among_active_tokens(tokens, query, tokens, key, value, self.scale,
                                          self.attn_drop.p if self.training else 0.0)
+        if getattr(self, "norm", None) is not None:                   # its scale norm, then its output gate
+            out = self.norm(out)
+        if getattr(self, "gate", None) is not None:
+            out = out * self.gate(rows).sigmoid()
         out = tokens.with_active_rows(self.proj_drop(self.proj(out)))
         return ChannelsLastView(out) if self.tokens_channels_last else out
