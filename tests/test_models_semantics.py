@@ -298,7 +298,7 @@ def test_mobilevit_block_with_every_site_visible_is_timms_block(backend):
 def test_a_mobilevit_map_that_does_not_tile_by_its_patches_is_refused(backend):
     spark = ss.create_spark("mobilevit_xxs", backend=backend, input_size=96)                # 3x3 at stride 32
     with pytest.raises(UnsupportedFeatureOperation, match=r"3x3 map at stride 32 does not tile by the 2x2 patches.*"
-                                                          r"multiples of 64"):
+                                                          r"a multiple of 64"):
         spark(torch.randn(2, 3, 96, 96))
 
 

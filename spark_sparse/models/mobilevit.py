@@ -71,8 +71,7 @@ class PatchPositions:
             raise UnsupportedFeatureOperation(
                 f"{name}: its {height}x{width} map at stride {x.stride} does not tile by the {patch[0]}x{patch[1]} "
                 f"patches, which timm handles by bilinear interpolation (mixing masked zeros into visible sites); "
-                f"use an input size whose sides are multiples of {tile} at every MobileViT block (multiples of 64, "
-                f"e.g. 256, MobileViT's own)")
+                f"use an input size that is a multiple of {tile} (MobileViT's own, 256, tiles every block)")
         key = ("mobilevit-patch-positions", x.stride, tuple(patch))
         return x.mask.cached(key, lambda: cls(x.mask, x.stride, patch))
 
