@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ..features import ChannelsLastView, FeatureMap, MaskedDense, SparseRows, UnsupportedFeatureOperation
 from .common import adopt_module
 
-__all__ = ["FeatureTokenAttention", "attend_among_active_tokens", "token_slots"]
+__all__ = ["FeatureTokenAttention", "attend_among_active_tokens", "describe_token_attention", "token_slots"]
 
 
 @singledispatch
@@ -63,6 +63,13 @@ def _(x: SparseRows) -> tuple[torch.Tensor, int]:
         rank = torch.arange(image_of_row.shape[0], device=image_of_row.device) - first_row.index_select(0, image_of_row)
         return image_of_row * length + rank, length
     return x.mask.cached(("token-slots-packed", x.stride), build)
+
+
+def describe_token_attention(feature_type: type) -> str:
+    """What runs an attention layer on ``feature_type`` maps, for the backend's printed plan."""
+    if issubclass(feature_type, MaskedDense):
+        return "dense softmax attention over the token grid, masked keys left out (torch SDPA)"
+    return "sdpa       softmax attention among each image's packed active rows (torch SDPA)"
 
 
 def _padded(rows: torch.Tensor, slots: torch.Tensor, batch: int, length: int) -> torch.Tensor:
@@ -104,19 +111,22 @@ class FeatureTokenAttention(nn.Module):
     else the map itself, which timm's layer flattens (FastViT).
     """
 
-    def __init__(self, attention: nn.Module, name: str, tokens_channels_last: bool):
+    def __init__(self, attention: nn.Module, name: str, tokens_channels_last: bool, feature_type: type):
         super().__init__()
         adopt_module(self, attention)
         self.num_heads, self.head_dim, self.scale = attention.num_heads, attention.head_dim, attention.scale
-        self.tokens_channels_last, self.layer_name = tokens_channels_last, name
+        self.tokens_channels_last, self.layer_name, self.feature_type = tokens_channels_last, name, feature_type
 
     @classmethod
     def of_token_sequence(cls, backend, attention: nn.Module, name: str = "") -> "FeatureTokenAttention":
-        return cls(attention, name, tokens_channels_last=True)
+        return cls(attention, name, tokens_channels_last=True, feature_type=backend.feature_type)
 
     @classmethod
     def of_map(cls, backend, attention: nn.Module, name: str = "") -> "FeatureTokenAttention":
-        return cls(attention, name, tokens_channels_last=False)
+        return cls(attention, name, tokens_channels_last=False, feature_type=backend.feature_type)
+
+    def describe_execution(self, device, dtype) -> str:
+        return describe_token_attention(self.feature_type)
 
     def forward(self, x: Union[FeatureMap, ChannelsLastView], attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> Union[FeatureMap, ChannelsLastView]:

@@ -37,7 +37,7 @@ from timm.models.mobilenetv3 import MobileNetV3
 
 from ..backends import register_container, register_converter
 from ..backends.attention import ImageGate
-from ..backends.token_attention import attend_among_active_tokens
+from ..backends.token_attention import attend_among_active_tokens, describe_token_attention
 from ..features import FeatureMap
 from .timm_encoders import register_timm_encoder
 
@@ -82,7 +82,11 @@ class FeatureMultiQueryAttention2d(nn.Module):
         for child in ("query", "key", "value", "output"):
             setattr(self, child, backend.convert_module(getattr(attention, child), f"{name}.{child}"))
         self.attn_drop = attention.attn_drop
+        self.feature_type = backend.feature_type
         self.train(attention.training)
+
+    def describe_execution(self, device, dtype) -> str:
+        return describe_token_attention(self.feature_type)
 
     def forward(self, x: FeatureMap) -> FeatureMap:
         queries, keys, values = self.query(x), self.key(x), self.value(x)
