@@ -88,6 +88,8 @@ ENCODERS = {
     "mobilenetv4_hybrid_medium": (64, 2, {}),
     # MobileViT: maps unfolded into 2x2 patch positions, a transformer per position among its active tokens
     "mobilevit_xs": (64, 2, {}),
+    # CondConv EfficientNet: per-image routing over active sites, expert-mixed convs on the dense masked map
+    "efficientnet_cc_b0_4e": (64, 2, {}),
     # split into square and band (1 x k, k x 1) depthwise convs; per-channel layer scale, drawn at 1 (timm:
     # 1e-6, which would leave the residual branches out of the comparison)
     "inception_next_tiny": (64, 2, dict(depths=(1, 1, 1, 1), ls_init_value=1.0)),

@@ -7,7 +7,7 @@ from timm.layers import (BatchNormAct2d, Conv2dSame, EcaModule, EffectiveSEModul
                          SeparableConvNormAct, SEModule, SimpleNorm2d, SpaceToDepth, StdConv2d, StdConv2dSame)
 from timm.layers.blur_pool import BlurPool2d
 from timm.layers.grn import GlobalResponseNorm
-from timm.models._efficientnet_blocks import MobileAttention, SqueezeExcite
+from timm.models._efficientnet_blocks import CondConvResidual, MobileAttention, SqueezeExcite
 from timm.models.edgenext import SplitTransposeBlock
 from timm.models.efficientvit_mit import LiteMLA
 from timm.models.swiftformer import Block as SwiftFormerBlock
@@ -162,6 +162,11 @@ LAYERS = {
     # MobileViT's block: convs, the map unfolded into its 2x2 patch positions (one token sequence per image and
     # position), a ViT transformer (LayerNorm, 2-head attention among each sequence's active tokens, Linear MLP),
     # folded back, projected and fused with the input
+    # CondConv EfficientNet's block: routing weights from each image's mean over its active sites, expert-mixed
+    # 1x1, depthwise 3x3 (strided) and 1x1 convs per image (timm's grouped conv on the dense masked map)
+    "condconv_residual": (lambda: scaled(randomized(CondConvResidual(8, 8, exp_ratio=2.0, num_experts=3)), 0.5), 4, 8),
+    "condconv_residual_stride2": (lambda: scaled(randomized(
+        CondConvResidual(8, 12, stride=2, exp_ratio=2.0, num_experts=3)), 0.5), 4, 8),
     "mobilevit_block": (lambda: scaled(randomized(
         MobileVitBlock(8, 8, transformer_dim=8, transformer_depth=1, patch_size=2, num_heads=2)), 0.5), 16, 8),
 }

@@ -23,7 +23,7 @@ from timm.models.swiftformer import EfficientAdditiveAttention
 from timm.models.metaformer import Attention as MetaFormerAttention
 from timm.models.metaformer import GroupNorm1NoBias, LayerNorm2dNoBias, Pooling, StarReLU
 from timm.models.nfnet import GammaAct
-from timm.models._efficientnet_blocks import SqueezeExcite
+from timm.models._efficientnet_blocks import CondConvResidual, SqueezeExcite
 
 import spark_sparse as ss
 from spark_sparse import ActiveMask, MaskedDense
@@ -300,6 +300,26 @@ def test_a_mobilevit_map_that_does_not_tile_by_its_patches_is_refused(backend):
     with pytest.raises(UnsupportedFeatureOperation, match=r"3x3 map at stride 32 does not tile by the 2x2 patches.*"
                                                           r"a multiple of 64"):
         spark(torch.randn(2, 3, 96, 96))
+
+
+@pytest.mark.parametrize("backend", ["masked", "torch", "sparse"])
+def test_condconv_block_routes_each_image_by_the_mean_of_its_active_sites(backend):
+    """CondConv's block in eval mode written out with timm's own layers: routing weights from each image's mean
+    over its ACTIVE sites (timm's adaptive average pool would count the masked zeros), each routed conv and
+    BatchNorm masked after it (SparK's rule), the shortcut added."""
+    mask = _mask()
+    block = randomized(CondConvResidual(8, 8, exp_ratio=2.0, num_experts=3)).double().eval()
+    x, site = _input(mask), mask.dense_at(4)
+    means = x.sum((2, 3)) / site.sum((2, 3))
+    routing = torch.sigmoid(block.routing_fn(means))
+    y = block.bn1(block.conv_pw(x, routing)) * site
+    y = block.bn2(block.conv_dw(y, routing)) * site
+    expected = block.bn3(block.conv_pwl(y, routing)) * site + x
+    converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(block))).eval()
+    fmap = MaskedDense(x, mask, 4) if backend == "masked" else ss.SparseRows(
+        x.permute(0, 2, 3, 1)[mask.dense_at(4)[:, 0]], mask, 4)
+    torch.testing.assert_close(converted(fmap).to_dense(), expected, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(block(x) * site, expected)             # timm's pool counts masked zeros
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

@@ -3,7 +3,7 @@ from .registry import (MODEL_ALIASES, HierarchicalEncoder, UnknownModelError, cr
                        model_default_drop_path, register_model, resolve_model_name)
 from . import resnet  # noqa: F401  (registers resnet*, resnet50d, seresnet50, resnext50_32x4d)
 from . import convnext  # noqa: F401  (registers convnext_*, convnextv2_tiny)
-from . import efficientnet  # noqa: F401  (registers efficientnet_b0, mixnet_s, tf_efficientnet*, mobilenetv3/4, mobilenetv4_hybrid_medium)
+from . import efficientnet  # noqa: F401  (efficientnet_b0, mixnet_s, tf_efficientnet*, mobilenetv3/4, CondConv)
 from . import regnet  # noqa: F401  (registers regnety_016)
 from . import resnetv2  # noqa: F401  (registers resnetv2_50x1_bit)
 from . import cspnet  # noqa: F401  (registers cspresnet50, cspdarknet53, cspnext_tiny)

@@ -19,6 +19,13 @@ attention among each image's ACTIVE tokens (:mod:`~spark_sparse.backends.token_a
 positions are neither keys nor values). Query strides (an average pool before, bilinear upsampling
 after) are refused at conversion, by the upsampling layer.
 
+CondConv EfficientNets (``efficientnet_cc_*``) route each image to a mixture of expert kernels:
+``CondConvResidual`` averages the block input over each image's ACTIVE sites (as SE's squeeze), a Linear
+and a sigmoid give per-image routing weights, and each ``CondConv2d`` convolves image ``b`` with
+``sum_e r[b, e] W_e`` (and bias). :class:`FeatureCondConv2d` runs timm's own per-image convolution on the
+map scattered to dense (masked sites 0, as SparK's dense conv reads them) and keeps the output's active
+sites: the dense path, at the cost of masked sites, for these layers only.
+
 Features at strides 4..32 are timm's ``feature_info`` entries at those reductions (the stride-2
 block and the ``conv_head`` are not part of the hierarchy). Default drop path 0: SparK pre-trained
 no model this small (SparK's ``--dp`` default; ResNet-18/34 use 0 too), 0.05 for EfficientNet-V2-S
@@ -28,20 +35,24 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from timm.layers import LayerScale2d, MixedConv2d
+from timm.layers import CondConv2d, LayerScale2d, MixedConv2d
 from timm.layers.attention2d import MultiQueryAttention2d
-from timm.models._efficientnet_blocks import (ConvBnAct, DepthwiseSeparableConv, EdgeResidual, InvertedResidual,
-                                              MobileAttention, SqueezeExcite, UniversalInvertedResidual)
+from timm.models._efficientnet_blocks import (CondConvResidual, ConvBnAct, DepthwiseSeparableConv, EdgeResidual,
+                                              InvertedResidual, MobileAttention, SqueezeExcite,
+                                              UniversalInvertedResidual)
 from timm.models.efficientnet import EfficientNet
 from timm.models.mobilenetv3 import MobileNetV3
 
 from ..backends import register_container, register_converter
+from ..backends.common import adopt_state
 from ..backends.attention import ImageGate
+from ..backends.per_image import image_means
 from ..backends.token_attention import attend_among_active_tokens, describe_token_attention
-from ..features import FeatureMap
+from ..features import FeatureMap, MaskedDense, SparseRows, UnsupportedFeatureOperation
 from .timm_encoders import register_timm_encoder
 
-__all__ = ["FeatureLayerScale2d", "FeatureMultiQueryAttention2d", "FeatureSqueezeExcite"]
+__all__ = ["FeatureCondConv2d", "FeatureCondConvResidual", "FeatureLayerScale2d", "FeatureMultiQueryAttention2d",
+           "FeatureSqueezeExcite"]
 
 for _composite in (EfficientNet, MobileNetV3, DepthwiseSeparableConv, InvertedResidual, ConvBnAct, EdgeResidual,
                    UniversalInvertedResidual, MixedConv2d, MobileAttention):
@@ -99,5 +110,62 @@ class FeatureMultiQueryAttention2d(nn.Module):
 
 for _name in ("efficientnet_b0", "mobilenetv3_large_100", "mobilenetv4_conv_small", "mixnet_s", "tf_efficientnet_b0"):
     register_timm_encoder(_name, 0.0, densify_norm="bn", tested=True)
+class FeatureCondConv2d(CondConv2d):
+    """timm's ``CondConv2d`` (per-image mixtures of expert kernels) on the dense masked map, output at the active
+    sites of its stride. The same parameters (``weight``: ``[experts, O * I / groups * kh * kw]``, ``bias``)."""
+
+    layer_name: str = ""
+
+    def forward(self, x: FeatureMap, routing_weights: torch.Tensor) -> FeatureMap:
+        stride = x.stride * self.stride[0]
+        site = x.mask.dense_at(stride)
+        out = super().forward(x.to_dense(), routing_weights)
+        if self.stride[0] != self.stride[1] or out.shape[-2:] != site.shape[-2:]:
+            raise UnsupportedFeatureOperation(
+                f"{self.layer_name}: CondConv2d maps a {tuple(x.to_dense().shape[-2:])} grid to "
+                f"{tuple(out.shape[-2:])}, not the grid of stride {stride} ({tuple(site.shape[-2:])})")
+        if isinstance(x, MaskedDense):
+            return MaskedDense(out * site, x.mask, stride)
+        return SparseRows(out.permute(0, 2, 3, 1)[site[:, 0]], x.mask, stride)
+
+    def describe_execution(self, device, dtype) -> str:
+        return "dense      CondConv2d: per-image expert mixture, timm's grouped conv of the masked map"
+
+    @classmethod
+    def from_dense(cls, backend, conv: CondConv2d, name: str = "") -> "FeatureCondConv2d":
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding=0, dilation=conv.dilation,
+                  groups=conv.groups, bias=conv.bias is not None, num_experts=conv.num_experts)
+        new.padding, new.dynamic_padding, new.layer_name = conv.padding, conv.dynamic_padding, name   # as built by timm
+        return adopt_state(new, conv)
+
+
+register_converter(CondConv2d)(FeatureCondConv2d.from_dense)
+
+
+@register_converter(CondConvResidual)
+class FeatureCondConvResidual(nn.Module):
+    """timm's ``CondConvResidual``: routing weights from the block input's mean over each image's active sites,
+    then timm's inverted residual with the routed convs. The same children (converted) and names."""
+
+    def __init__(self, backend, block: CondConvResidual, name: str = ""):
+        super().__init__()
+        for child, module in block.named_children():
+            setattr(self, child, module if child == "routing_fn" else backend.convert_module(module, f"{name}.{child}"))
+        self.has_skip = block.has_skip
+        self.train(block.training)
+
+    def forward(self, x: FeatureMap) -> FeatureMap:
+        shortcut = x
+        pooled = image_means(x).to(self.routing_fn.weight.dtype)
+        routing_weights = torch.sigmoid(self.routing_fn(pooled))
+        x = self.bn1(self.conv_pw(x, routing_weights))
+        x = self.bn2(self.conv_dw(x, routing_weights))
+        x = self.bn3(self.conv_pwl(self.se(x), routing_weights))
+        if self.has_skip:
+            x = self.drop_path(x) + shortcut
+        return x
+
+
 register_timm_encoder("tf_efficientnetv2_s", 0.05, densify_norm="bn", tested=True)
 register_timm_encoder("mobilenetv4_hybrid_medium", 0.0, densify_norm="bn", tested=True)
+register_timm_encoder("efficientnet_cc_b0_4e", 0.0, densify_norm="bn", tested=True)
