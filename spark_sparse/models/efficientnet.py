@@ -108,8 +108,7 @@ class FeatureMultiQueryAttention2d(nn.Module):
                                          self.attn_drop.p if self.training else 0.0)
         return self.output(queries.with_active_rows(out))
 
-for _name in ("efficientnet_b0", "mobilenetv3_large_100", "mobilenetv4_conv_small", "mixnet_s", "tf_efficientnet_b0"):
-    register_timm_encoder(_name, 0.0, densify_norm="bn", tested=True)
+
 class FeatureCondConv2d(CondConv2d):
     """timm's ``CondConv2d`` (per-image mixtures of expert kernels) on the dense masked map, output at the active
     sites of its stride. The same parameters (``weight``: ``[experts, O * I / groups * kh * kw]``, ``bias``)."""
@@ -166,6 +165,8 @@ class FeatureCondConvResidual(nn.Module):
         return x
 
 
+for _name in ("efficientnet_b0", "mobilenetv3_large_100", "mobilenetv4_conv_small", "mixnet_s", "tf_efficientnet_b0"):
+    register_timm_encoder(_name, 0.0, densify_norm="bn", tested=True)
 register_timm_encoder("tf_efficientnetv2_s", 0.05, densify_norm="bn", tested=True)
 register_timm_encoder("mobilenetv4_hybrid_medium", 0.0, densify_norm="bn", tested=True)
 register_timm_encoder("efficientnet_cc_b0_4e", 0.0, densify_norm="bn", tested=True)

@@ -1,4 +1,4 @@
-"""timm's FastViT (Apple, ICCV 2023) with RepMixer token mixers on every backend.
+"""timm's FastViT (Apple, ICCV 2023) on every backend: RepMixer stages, and the sa/ma variants' attention stage.
 
 FastViT trains re-parameterisable branches summed (MobileOne blocks: a BatchNorm identity, a 1x1
 "scale" conv and k x k convs, each with its BatchNorm; large-kernel convs with a small-kernel
