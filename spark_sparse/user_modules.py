@@ -3,8 +3,8 @@ with ``@register_container``, layers with ``@register_converter``) exists before
 
 ``spark-pretrain --import_module my_models --model my_cnn`` needs this: a console script does not
 have the current folder on ``sys.path`` (``python -m`` does), and a user's model file is not part
-of this package. A module is named by its dotted name (looked up in the current folder, then the
-environment) or by a path to a ``.py`` file (imported under the file's stem). Importing is
+of this package. A module is named by its dotted name (looked up in the environment, then the
+current folder) or by a path to a ``.py`` file (imported under the file's stem). Importing is
 idempotent: a run imports the modules of its configuration again (spawned processes, the Python
 API) and gets the module already loaded.
 """

@@ -58,6 +58,13 @@ def _active_values(x: torch.Tensor, mask: ActiveMask, image: int, stride: int = 
     return x[image].permute(1, 2, 0)[mask.dense_at(stride)[image, 0]]
 
 
+def _feature_map(backend: str, x: torch.Tensor, mask: ActiveMask, stride: int = 4):
+    """``x`` (zero at masked sites) as the map ``backend`` consumes: dense for ``masked``, its active rows else."""
+    if backend == "masked":
+        return MaskedDense(x, mask, stride)
+    return ss.SparseRows(x.permute(0, 2, 3, 1)[mask.dense_at(stride)[:, 0]], mask, stride)
+
+
 def test_squeeze_excitation_squeezes_over_each_images_active_sites_only():
     mask, se = _mask(), randomized(SEModule(8, rd_channels=4)).double()
     x = _input(mask)
@@ -84,8 +91,7 @@ def test_star_relu_runs_on_active_sites_and_its_bias_never_reaches_masked_ones(b
     x = _input(mask)
     converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(layer)))
     site = mask.dense_at(4)
-    fmap = MaskedDense(x, mask, 4) if backend == "masked" else ss.SparseRows(
-        x.permute(0, 2, 3, 1)[site[:, 0]], mask, 4)
+    fmap = _feature_map(backend, x, mask)
     out = converted(fmap).to_dense()
     expected = layer[1]((act.scale * torch.relu(x) ** 2 + act.bias) * site) * site
     assert float(act.bias.detach().abs()) > 0.1
@@ -139,8 +145,7 @@ def test_focal_modulation_averages_its_global_context_over_each_images_active_si
     ctx_all = (ctx_all + layer.act(active_mean) * gates[:, 2:]) / 3
     expected = layer.proj(q * (layer.h(ctx_all) * site)) * site
     converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(layer)))
-    fmap = MaskedDense(x, mask, 4) if backend == "masked" else ss.SparseRows(
-        x.permute(0, 2, 3, 1)[mask.dense_at(4)[:, 0]], mask, 4)
+    fmap = _feature_map(backend, x, mask)
     torch.testing.assert_close(converted(fmap).to_dense(), expected)
 
 
@@ -157,7 +162,7 @@ def test_linear_attention_with_every_site_visible_is_timms_layer(backend, monkey
     layer = randomized(LiteMLA(8, 8, dim=4, scales=(3, 5))).double()
     mask, x = ActiveMask.full(2, (2, 2)), torch.randn(2, 8, 16, 16, dtype=torch.float64)
     converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(layer)))
-    fmap = MaskedDense(x, mask, 4) if backend == "masked" else ss.SparseRows(x.permute(0, 2, 3, 1).reshape(-1, 8), mask, 4)
+    fmap = _feature_map(backend, x, mask)
     ours = converted(fmap).to_dense()
     torch.testing.assert_close(ours, layer(x), rtol=1e-5, atol=1e-5 * float(ours.detach().abs().max()))
     monkeypatch.setattr(LiteMLA, "_attn", _linear_attention_fp64)
@@ -178,8 +183,7 @@ def test_linear_attention_attends_over_each_images_active_sites(backend):
     out = _linear_attention_fp64(layer, F.relu(q), F.relu(k), F.pad(v, (0, 1), value=1.0))
     expected = layer.proj(out.transpose(-1, -2).reshape(b, -1, h, w)) * site
     converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(layer)))
-    fmap = MaskedDense(x, mask, 4) if backend == "masked" else ss.SparseRows(
-        x.permute(0, 2, 3, 1)[mask.dense_at(4)[:, 0]], mask, 4)
+    fmap = _feature_map(backend, x, mask)
     torch.testing.assert_close(converted(fmap).to_dense(), expected)
 
 
@@ -204,8 +208,7 @@ def test_additive_attention_takes_one_query_vector_per_image_over_its_active_tok
     x, site = _input(mask), mask.dense_at(4).double()
     expected = _dense_masked_additive_attention(layer, x, site)
     converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(layer)))
-    fmap = MaskedDense(x, mask, 4) if backend == "masked" else ss.SparseRows(
-        x.permute(0, 2, 3, 1)[mask.dense_at(4)[:, 0]], mask, 4)
+    fmap = _feature_map(backend, x, mask)
     torch.testing.assert_close(converted(fmap).to_dense(), expected)
     with_masked_tokens = layer(x)                     # timm's own layer lets masked tokens into the norm and sum
     assert not torch.allclose(with_masked_tokens * site, expected)
@@ -216,7 +219,7 @@ def test_additive_attention_with_every_site_visible_is_timms_layer(backend):
     layer = randomized(EfficientAdditiveAttention(8, 8)).double()
     mask, x = ActiveMask.full(2, (2, 2)), torch.randn(2, 8, 16, 16, dtype=torch.float64)
     converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(layer)))
-    fmap = MaskedDense(x, mask, 4) if backend == "masked" else ss.SparseRows(x.permute(0, 2, 3, 1).reshape(-1, 8), mask, 4)
+    fmap = _feature_map(backend, x, mask)
     torch.testing.assert_close(converted(fmap).to_dense(), layer(x), rtol=1e-12, atol=1e-12)
 
 
@@ -240,8 +243,7 @@ def test_token_attention_is_timms_attention_over_each_images_active_tokens_alone
     attention = randomized(make()).double()
     x = _input(mask, stride=16)                                                 # 4x4 tokens per image
     converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(attention)))
-    rows = x.permute(0, 2, 3, 1)[mask.dense_at(16)[:, 0]]
-    fmap = MaskedDense(x, mask, 16) if backend == "masked" else ss.SparseRows(rows, mask, 16)
+    fmap = _feature_map(backend, x, mask, 16)
     out = converted(ChannelsLastView(fmap)).channels_first.to_dense()
     site = mask.dense_at(16)
     assert torch.all(out * ~site == 0)
@@ -267,8 +269,7 @@ def test_multi_query_attention_shares_one_key_and_value_per_active_token_among_t
     layer = randomized(MultiQueryAttention2d(8, num_heads=2, key_dim=4, value_dim=4)).double()
     x = _input(mask)
     converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(layer)))
-    fmap = MaskedDense(x, mask, 4) if backend == "masked" else ss.SparseRows(
-        x.permute(0, 2, 3, 1)[mask.dense_at(4)[:, 0]], mask, 4)
+    fmap = _feature_map(backend, x, mask)
     out = converted(fmap).to_dense()
     assert torch.all(out * ~mask.dense_at(4) == 0)
     for image in range(2):
@@ -289,8 +290,7 @@ def test_mobilevit_block_with_every_site_visible_is_timms_block(backend):
                                              num_heads=2)), 0.5).double()
     mask, x = ActiveMask.full(2, (1, 2)), torch.randn(2, 8, 4, 8, dtype=torch.float64)       # stride 8
     converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(block)))
-    rows = x.permute(0, 2, 3, 1).reshape(-1, 8)
-    fmap = MaskedDense(x, mask, 8) if backend == "masked" else ss.SparseRows(rows, mask, 8)
+    fmap = _feature_map(backend, x, mask, 8)
     torch.testing.assert_close(converted(fmap).to_dense(), block(x), rtol=1e-12, atol=1e-12)
 
 
@@ -316,8 +316,7 @@ def test_condconv_block_routes_each_image_by_the_mean_of_its_active_sites(backen
     y = block.bn2(block.conv_dw(y, routing)) * site
     expected = block.bn3(block.conv_pwl(y, routing)) * site + x
     converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(block))).eval()
-    fmap = MaskedDense(x, mask, 4) if backend == "masked" else ss.SparseRows(
-        x.permute(0, 2, 3, 1)[mask.dense_at(4)[:, 0]], mask, 4)
+    fmap = _feature_map(backend, x, mask)
     torch.testing.assert_close(converted(fmap).to_dense(), expected, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(block(x) * site, expected)             # timm's pool counts masked zeros
 
@@ -343,8 +342,7 @@ def test_edgenext_block_encodes_positions_and_attends_across_channels_over_activ
     branch = layer.gamma * (layer.mlp(layer.norm(tokens)) * token_site)
     expected = x + branch.transpose(1, 2).reshape(b, c, h, w)
     converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(layer)))
-    fmap = MaskedDense(x, mask, 4) if backend == "masked" else ss.SparseRows(
-        x.permute(0, 2, 3, 1)[mask.dense_at(4)[:, 0]], mask, 4)
+    fmap = _feature_map(backend, x, mask)
     torch.testing.assert_close(converted(fmap).to_dense(), expected)
 
 
@@ -451,7 +449,7 @@ def test_with_every_site_visible_the_layer_is_timms_dense_layer(backend, make):
     x = torch.randn(2, 8, 16, 16, dtype=torch.float64)
     backend_obj = ss.create_backend(backend)
     converted = backend_obj.convert(nn.Sequential(copy.deepcopy(layer)))
-    fmap = MaskedDense(x, mask, 4) if backend == "masked" else ss.SparseRows(x.permute(0, 2, 3, 1).reshape(-1, 8), mask, 4)
+    fmap = _feature_map(backend, x, mask)
     torch.testing.assert_close(converted(fmap).to_dense(), layer(x))
 
 
@@ -480,8 +478,7 @@ def test_space_to_depth_past_the_patch_size_is_refused(backend):
     mask = ActiveMask.random(2, (4, 4), 0.5, generator=torch.Generator().manual_seed(0))
     layer = ss.create_backend(backend).convert(nn.Sequential(SpaceToDepth()))
     x = torch.randn(2, 8, 8, 8) * mask.dense_at(16)
-    rows = x.permute(0, 2, 3, 1)[mask.dense_at(16)[:, 0]]
-    fmap = MaskedDense(x, mask, 16) if backend == "masked" else ss.SparseRows(rows, mask, 16)
+    fmap = _feature_map(backend, x, mask, 16)
     with pytest.raises(ValueError, match=r"space-to-depth to stride 64 would put visible and masked pixels in one site"):
         layer(fmap)
 

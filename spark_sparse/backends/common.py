@@ -244,6 +244,16 @@ def check_blur_pool(pool: BlurPool2d, name: str) -> None:
     check_output_grid(pool, name, padding=pool.padding, kernel_size=pool.filt_size)
 
 
+class ConvertedBlurPool2d(BlurPool2d):
+    """Base of the backends' blur pools: built from timm's (refusing what :func:`check_blur_pool` refuses), with
+    its filter as the same non-persistent buffer."""
+
+    @classmethod
+    def from_dense(cls, backend, pool: BlurPool2d, name: str = "") -> "ConvertedBlurPool2d":
+        check_blur_pool(pool, name)
+        return adopt_state(cls(pool.channels, pool.filt_size, pool.stride, pool.pad_mode), pool)
+
+
 COMMON_CONVERTERS: dict = {
     nn.BatchNorm2d: FeatureBatchNorm.from_dense,
     nn.SyncBatchNorm: FeatureSyncBatchNorm.from_dense,

@@ -15,7 +15,7 @@ from timm.layers.padding import pad_same
 from ..features import MaskedDense
 from ..kernels._dense_conv import dense_conv2d
 from .base import Backend
-from .common import COMMON_CONVERTERS, adopt_state, check_blur_pool, check_output_grid
+from .common import COMMON_CONVERTERS, ConvertedBlurPool2d, adopt_state, check_output_grid
 from .conv_weights import WEIGHT_TRANSFORMS, copy_transform_attributes, weight_for_forward
 from .pools import ConstantPadMaxPool2d
 from .registry import register_backend
@@ -126,7 +126,7 @@ class MaskedAvgPool2d(nn.AvgPool2d):
                    count_include_pad=pool.count_include_pad, divisor_override=pool.divisor_override)
 
 
-class MaskedBlurPool2d(BlurPool2d):
+class MaskedBlurPool2d(ConvertedBlurPool2d):
     """timm's blur pool (padding, fixed binomial depthwise filter, stride) of the masked input, output masked."""
 
     def forward(self, x: MaskedDense) -> MaskedDense:
@@ -135,11 +135,6 @@ class MaskedBlurPool2d(BlurPool2d):
 
     def describe_execution(self, device, dtype) -> str:
         return f"dense blur-pool ({self.pad_mode} padding) x mask (torch)"
-
-    @classmethod
-    def from_dense(cls, backend, pool: BlurPool2d, name: str = "") -> "MaskedBlurPool2d":
-        check_blur_pool(pool, name)
-        return adopt_state(cls(pool.channels, pool.filt_size, pool.stride, pool.pad_mode), pool)
 
 
 @register_backend

@@ -21,7 +21,7 @@ from ..kernels.gather import rows_at, table_taps
 
 from ..features import SparseRows
 from .base import Backend
-from .common import BLUR_PAD_MODES, COMMON_CONVERTERS, adopt_state, check_blur_pool, check_output_grid
+from .common import BLUR_PAD_MODES, COMMON_CONVERTERS, ConvertedBlurPool2d, adopt_state, check_output_grid
 from .conv_weights import WEIGHT_TRANSFORMS, copy_transform_attributes, weight_for_forward
 from .fused import saved_as_recipe
 from .pools import ConstantPadMaxPool2d
@@ -219,7 +219,7 @@ class SparseAvgPool2d(_SparsePool, nn.AvgPool2d):
                    divisor_override=pool.divisor_override)
 
 
-class SparseBlurPool2d(BlurPool2d):
+class SparseBlurPool2d(ConvertedBlurPool2d):
     """timm's blur pool on rows: each active output site's window through a neighbour table (masked sites
     read 0; taps beyond the map read the mirrored site for reflect padding, 0 for constant padding),
     weighted by the fixed binomial filter. No state but the filter (a non-persistent buffer)."""
@@ -234,11 +234,6 @@ class SparseBlurPool2d(BlurPool2d):
 
     def describe_execution(self, device, dtype) -> str:
         return f"gather     {type(self).__name__} (neighbour-table blur, {self.pad_mode} padding)"
-
-    @classmethod
-    def from_dense(cls, backend, pool: BlurPool2d, name: str) -> "SparseBlurPool2d":
-        check_blur_pool(pool, name)
-        return adopt_state(cls(pool.channels, pool.filt_size, pool.stride, pool.pad_mode), pool)
 
 
 class RowBackend(Backend):

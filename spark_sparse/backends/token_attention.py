@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ..features import ChannelsLastView, FeatureMap, MaskedDense, SparseRows, UnsupportedFeatureOperation
 from .common import adopt_module
+from .per_image import active_counts
 
 __all__ = ["FeatureTokenAttention", "attend_among_active_tokens", "describe_token_attention", "token_slots"]
 
@@ -57,7 +58,7 @@ def _(x: MaskedDense) -> tuple[torch.Tensor, int]:
 def _(x: SparseRows) -> tuple[torch.Tensor, int]:
     def build() -> tuple[torch.Tensor, int]:
         image_of_row = x.mask.coords_at(x.stride)[:, 0]
-        counts = torch.bincount(image_of_row, minlength=x.mask.batch_size)
+        counts = active_counts(x, torch.long)
         first_row = counts.cumsum(0) - counts
         length = int(counts.max())
         rank = torch.arange(image_of_row.shape[0], device=image_of_row.device) - first_row.index_select(0, image_of_row)
