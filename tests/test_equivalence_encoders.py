@@ -88,6 +88,9 @@ ENCODERS = {
     "mobilenetv4_hybrid_medium": (64, 2, {}),
     # MobileViT: maps unfolded into 2x2 patch positions, a transformer per position among its active tokens
     "mobilevit_xs": (64, 2, {}),
+    # MobileViT-V2: separable self-attention per patch position (softmax context over its active tokens; at 64 px
+    # most positions of the stride-32 map have none), GroupNorm1 over each image's active sites
+    "mobilevitv2_050": (64, 2, {}),
     # CondConv EfficientNet: per-image routing over active sites, expert-mixed convs on the dense masked map
     "efficientnet_cc_b0_4e": (64, 2, {}),
     # split into square and band (1 x k, k x 1) depthwise convs; per-channel layer scale, drawn at 1 (timm:

@@ -15,7 +15,7 @@ from timm.models.swiftformer import EfficientAdditiveAttention
 from timm.models.fastvit import Attention as FastVitAttention
 from timm.models.fastvit import AttentionBlock as FastVitAttentionBlock
 from timm.models.focalnet import FocalModulation
-from timm.models.mobilevit import MobileVitBlock
+from timm.models.mobilevit import MobileVitBlock, MobileVitV2Block
 from timm.models.hgnet import LearnableAffineBlock
 from timm.models.metaformer import Attention as MetaFormerAttention
 from timm.models.metaformer import (GroupNorm1NoBias, LayerNorm2dNoBias, LayerNormNoBias, MetaFormerStage, Pooling,
@@ -162,13 +162,17 @@ LAYERS = {
     # MobileViT's block: convs, the map unfolded into its 2x2 patch positions (one token sequence per image and
     # position), a ViT transformer (LayerNorm, 2-head attention among each sequence's active tokens, Linear MLP),
     # folded back, projected and fused with the input
+    "mobilevit_block": (lambda: scaled(randomized(
+        MobileVitBlock(8, 8, transformer_dim=8, transformer_depth=1, patch_size=2, num_heads=2)), 0.5), 16, 8),
+    # MobileViT-V2's block: depthwise and 1x1 convs, a transformer of GroupNorm1 (per image over its active sites),
+    # separable self-attention (each 2x2 patch position's softmax context over its active tokens) and a 1x1 MLP
+    "mobilevit_v2_block": (lambda: scaled(randomized(
+        MobileVitV2Block(8, 8, transformer_dim=8, transformer_depth=1, patch_size=2)), 0.5), 16, 8),
     # CondConv EfficientNet's block: routing weights from each image's mean over its active sites, expert-mixed
     # 1x1, depthwise 3x3 (strided) and 1x1 convs per image (timm's grouped conv on the dense masked map)
     "condconv_residual": (lambda: scaled(randomized(CondConvResidual(8, 8, exp_ratio=2.0, num_experts=3)), 0.5), 4, 8),
     "condconv_residual_stride2": (lambda: scaled(randomized(
         CondConvResidual(8, 12, stride=2, exp_ratio=2.0, num_experts=3)), 0.5), 4, 8),
-    "mobilevit_block": (lambda: scaled(randomized(
-        MobileVitBlock(8, 8, transformer_dim=8, transformer_depth=1, patch_size=2, num_heads=2)), 0.5), 16, 8),
 }
 
 #: fp32 tolerances of layers whose input gradient is a long sum: each site's gradient through linear attention

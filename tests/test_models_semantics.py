@@ -18,7 +18,7 @@ from timm.layers.grn import GlobalResponseNorm
 from timm.models.edgenext import SplitTransposeBlock
 from timm.models.efficientvit_mit import LiteMLA
 from timm.models.focalnet import FocalModulation
-from timm.models.mobilevit import MobileVitBlock
+from timm.models.mobilevit import LinearSelfAttention, MobileVitBlock, MobileVitV2Block
 from timm.models.swiftformer import EfficientAdditiveAttention
 from timm.models.metaformer import Attention as MetaFormerAttention
 from timm.models.metaformer import GroupNorm1NoBias, LayerNorm2dNoBias, Pooling, StarReLU
@@ -282,21 +282,66 @@ def test_multi_query_attention_shares_one_key_and_value_per_active_token_among_t
     assert not torch.allclose(layer(x) * mask.dense_at(4), out)        # timm's: masked tokens are keys too
 
 
+MOBILEVIT_BLOCKS = {
+    "v1": lambda: MobileVitBlock(8, 8, transformer_dim=8, transformer_depth=1, patch_size=2, num_heads=2),
+    "v2": lambda: MobileVitV2Block(8, 8, transformer_dim=8, transformer_depth=2, patch_size=2),
+}
+
+
 @pytest.mark.parametrize("backend", ["masked", "torch", "sparse"])
-def test_mobilevit_block_with_every_site_visible_is_timms_block(backend):
+@pytest.mark.parametrize("version", list(MOBILEVIT_BLOCKS))
+def test_mobilevit_block_with_every_site_visible_is_timms_block(backend, version):
     """Unfolding into patch positions (one sequence per image and position, timm's order), the transformer on
-    them and the fold back give timm's block where nothing is masked."""
-    block = scaled(randomized(MobileVitBlock(8, 8, transformer_dim=8, transformer_depth=1, patch_size=2,
-                                             num_heads=2)), 0.5).double()
+    them and the fold back give timm's block where nothing is masked (V2: the transformer on the map, only its
+    attention on the patch positions)."""
+    block = scaled(randomized(MOBILEVIT_BLOCKS[version]()), 0.5).double()
     mask, x = ActiveMask.full(2, (1, 2)), torch.randn(2, 8, 4, 8, dtype=torch.float64)       # stride 8
     converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(block)))
     fmap = _feature_map(backend, x, mask, 8)
     torch.testing.assert_close(converted(fmap).to_dense(), block(x), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["masked", "torch", "sparse"])
+def test_mobilevit_v2_attention_takes_each_patch_positions_context_over_its_active_tokens(backend):
+    """Separable self-attention written out per image and 2x2 patch position (dy, dx): the context scores are a
+    softmax over that sequence's ACTIVE tokens; timm's layer on the masked map would count masked tokens too."""
+    mask = _mask()
+    attention = randomized(LinearSelfAttention(8)).double()
+    x = _input(mask)
+    converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(attention)))
+    converted[0].patch_size = (2, 2)                          # as the enclosing MobileVitV2Block sets it
+    out = converted(_feature_map(backend, x, mask)).to_dense()
+    site = mask.dense_at(4)[:, 0]
+    assert torch.all(out * ~site[:, None] == 0)
+    qkv = attention.qkv_proj(x)
+    query, key, value = qkv[:, :1], qkv[:, 1:9], qkv[:, 9:]
+    expected = torch.zeros_like(x)
+    for image in range(2):
+        for dy in range(2):
+            for dx in range(2):
+                tokens = torch.zeros_like(site[image])
+                tokens[dy::2, dx::2] = site[image, dy::2, dx::2]
+                scores = torch.softmax(query[image, 0][tokens], dim=0)                        # [n]
+                context = (key[image][:, tokens] * scores).sum(1, keepdim=True)               # [C, 1]
+                expected[image][:, tokens] = F.relu(value[image][:, tokens]) * context
+    expected = attention.out_proj(expected) * site[:, None]
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    unfolded = x.view(2, 8, 12, 2, 12, 2).permute(0, 1, 3, 5, 2, 4).reshape(2, 8, 4, 144)        # timm's unfold
+    timms = attention(unfolded).view(2, 8, 2, 2, 12, 12).permute(0, 1, 4, 2, 5, 3).reshape(2, 8, 24, 24)
+    assert not torch.allclose(timms * site[:, None], out)       # timm's: masked tokens share the softmax
+
+
+def test_mobilevit_v2_attention_outside_its_block_is_refused():
+    converted = ss.create_backend("masked").convert(nn.Sequential(LinearSelfAttention(8).double()))
+    mask = _mask()
+    with pytest.raises(UnsupportedFeatureOperation, match=r"only inside a MobileVitV2Block"):
+        converted(_feature_map("masked", _input(mask), mask))
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_a_mobilevit_map_that_does_not_tile_by_its_patches_is_refused(backend):
-    spark = ss.create_spark("mobilevit_xxs", backend=backend, input_size=96)                # 3x3 at stride 32
+@pytest.mark.parametrize("name", ["mobilevit_xxs", "mobilevitv2_050"])
+def test_a_mobilevit_map_that_does_not_tile_by_its_patches_is_refused(backend, name):
+    spark = ss.create_spark(name, backend=backend, input_size=96)                           # 3x3 at stride 32
     with pytest.raises(UnsupportedFeatureOperation, match=r"3x3 map at stride 32 does not tile by the 2x2 patches.*"
                                                           r"a multiple of 64"):
         spark(torch.randn(2, 3, 96, 96))

@@ -45,7 +45,7 @@ DEFAULTS = {"resnet50d": (0.05, "bn"), "seresnet50": (0.05, "bn"), "resnext50_32
             "swiftformer_xs": (0.0, "bn"), "tresnet_m": (0.05, "bn"),
             # softmax self-attention among each image's active tokens: CAFormer, FastViT's sa variants
             "caformer_s18": (0.1, "ln"), "fastvit_sa12": (0.0, "bn"), "mobilenetv4_hybrid_medium": (0.0, "bn"),
-            "mobilevit_xs": (0.0, "bn"), "efficientnet_cc_b0_4e": (0.0, "bn")}
+            "mobilevit_xs": (0.0, "bn"), "mobilevitv2_050": (0.0, "bn"), "efficientnet_cc_b0_4e": (0.0, "bn")}
 FAMILY_MODELS = list(DEFAULTS)
 #: timm nets that compute part of their forward in fp32 whatever the model's dtype: EfficientViT's LiteMLA
 #: casts q, k, v with ``.float()`` (ours keeps at least their dtype), so in fp64 timm's own features carry
@@ -142,7 +142,7 @@ def test_an_rms_norm_convnext_runs_by_its_timm_name_with_sparks_layernorm_densif
 
 
 @pytest.mark.parametrize("name,error,match", [
-    ("mobilevitv2_050", ss.UnsupportedModuleError, r"'model\.stages\.2\.1' of type .*MobileVitV2Block"),
+    ("lambda_resnet26t", ss.UnsupportedModuleError, r"'model\.stages\.2\.1' of type .*SelfAttnBlock"),
     ("ghostnetv2_100", ss.UnsupportedModuleError, r"'model\.blocks\.2\.0\.ghost1' of type .*GhostModuleV2"),
     ("vit_tiny_patch16_224", UnsuitableModelError, r"no feature map at stride\(s\) \[4, 8, 32\]"),
     # timm's own forward refuses other sizes: a bare assert (BoTNet), a shape error (LambdaNet)

@@ -97,16 +97,19 @@ def _(x: SparseRows, values: torch.Tensor) -> torch.Tensor:
 @singledispatch
 def image_softmax(x: FeatureMap, logits: torch.Tensor) -> torch.Tensor:
     """Softmax of one logit per site (``logits`` laid out like ``x.data`` with one channel) over each
-    image's ACTIVE sites, in at least fp32; zero at masked sites. Each image's own maximum is
-    subtracted first, so one image's scale cannot underflow another's."""
+    image's ACTIVE sites, in at least fp32; zero at masked sites (and in an image without active sites).
+    Each image's own maximum is subtracted first, so one image's scale cannot underflow another's."""
     raise TypeError(f"no per-image softmax registered for {type(x).__name__}")
 
 
 @image_softmax.register
 def _(x: MaskedDense, logits: torch.Tensor) -> torch.Tensor:
     site = x.mask.dense_at(x.stride)
-    flat = logits.to(statistics_dtype(logits.dtype)).masked_fill(~site, float("-inf")).flatten(1)
-    return flat.softmax(dim=1).view_as(logits)
+    # an "image" without active sites (a patch position of MobileViT-V2's, :mod:`..models.mobilevit`) would
+    # softmax over nothing (NaN, in the backward too): its logits stay finite and its scores are zeroed
+    hidden = ~site & site.flatten(1).any(1).view(-1, 1, 1, 1)
+    flat = logits.to(statistics_dtype(logits.dtype)).masked_fill(hidden, float("-inf")).flatten(1)
+    return flat.softmax(dim=1).view_as(logits) * site
 
 
 @image_softmax.register

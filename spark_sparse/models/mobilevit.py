@@ -17,28 +17,39 @@ permutation apart (``index_select`` both ways).
 
 timm interpolates a map whose sides are not multiples of the patch (bilinearly, which mixes masked zeros
 into visible sites): refused at the first forward, naming the input sizes that tile (multiples of 64 for
-MobileViT's 2x2 patches at stride 32; MobileViT's own size is 256). MobileViT-V2's separable attention
-(``MobileVitV2Block``) is not converted.
+MobileViT's 2x2 patches at stride 32; MobileViT's own size is 256).
 
-Default drop path 0 (a 2.3M net), densify norm BatchNorm.
+MobileViT-V2's ``MobileVitV2Block`` unfolds the same way, but its transformer is pointwise (1x1 convs) except
+for two reductions: ``GroupNorm1`` over all of an image's sites (patch positions included) and the separable
+self-attention's softmax over each sequence's tokens. Neither needs the unfolding: the block runs its
+transformer on the map itself (GroupNorm over each image's active sites, :mod:`~spark_sparse.backends.norms`)
+and only the attention (:class:`FeatureLinearSelfAttention`) works on the patch positions, where each
+sequence's context scores are a softmax over its ACTIVE tokens (masked positions are not tokens).
+
+Default drop path 0 (2.3M and 1.4M nets), densify norm BatchNorm.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import Attention
-from timm.models.mobilevit import MobileVitBlock
+from timm.models.mobilevit import LinearSelfAttention, LinearTransformerBlock, MobileVitBlock, MobileVitV2Block
 from timm.models.vision_transformer import Block as TransformerBlock
 
 from ..backends import register_container, register_converter
+from ..backends.per_image import image_softmax, image_sums, per_site_values
 from ..backends.token_attention import FeatureTokenAttention
 from ..features import ChannelsLastView, FeatureMap, MaskedDense, SparseRows, UnsupportedFeatureOperation
 from ..mask import ActiveMask
 from .timm_encoders import register_timm_encoder
 
-__all__ = ["FeatureMobileVitBlock", "PatchPositions"]
+__all__ = ["FeatureLinearSelfAttention", "FeatureMobileVitBlock", "FeatureMobileVitV2Block", "PatchPositions"]
 
 register_container(TransformerBlock)
+register_container(LinearTransformerBlock)
 register_converter(Attention)(FeatureTokenAttention.of_token_sequence)
 
 
@@ -92,6 +103,11 @@ class PatchPositions:
         return SparseRows(positions.data.index_select(0, self.from_positions), like.mask, like.stride)
 
 
+def _convert_children(backend, new: nn.Module, old: nn.Module, name: str) -> None:
+    for child, module in old.named_children():
+        setattr(new, child, backend.convert_module(module, f"{name}.{child}"))
+
+
 @register_converter(MobileVitBlock)
 class FeatureMobileVitBlock(nn.Module):
     """timm's ``MobileVitBlock``: convs on the map, the transformer on its patch positions (a map of their own,
@@ -99,8 +115,7 @@ class FeatureMobileVitBlock(nn.Module):
 
     def __init__(self, backend, block: MobileVitBlock, name: str = ""):
         super().__init__()
-        for child, module in block.named_children():
-            setattr(self, child, backend.convert_module(module, f"{name}.{child}"))
+        _convert_children(backend, self, block, name)
         if block.conv_fusion is None:                                   # timm's no_fusion option
             self.conv_fusion = None
         self.patch_size, self.layer_name = tuple(block.patch_size), name
@@ -117,4 +132,62 @@ class FeatureMobileVitBlock(nn.Module):
         return x
 
 
+@register_converter(LinearSelfAttention)
+class FeatureLinearSelfAttention(nn.Module):
+    """MobileViT-V2's separable self-attention, per patch-position sequence, among its ACTIVE tokens.
+
+    timm's: ``qkv_proj`` (1x1 conv) gives each token one logit ``q``, a key ``k`` and a value ``v``; the
+    sequence's context vector is ``sum_t softmax(q)_t k_t`` (softmax over the sequence's tokens), and each token's
+    output is ``out_proj(relu(v) * context)``. Here the softmax and the sum run over the sequence's active tokens
+    only. On SparK's masked map timm's layer would give every masked token the logit ``q = 0`` (its conv output,
+    masked) and so a share of ``exp(0)`` of the softmax, diluting the context by an amount that depends on how much
+    is hidden. The same children, names and state; ``patch_size`` is set by the enclosing
+    :class:`FeatureMobileVitV2Block` (the layer alone does not know its patches).
+    """
+
+    def __init__(self, backend, attention: LinearSelfAttention, name: str = ""):
+        super().__init__()
+        _convert_children(backend, self, attention, name)
+        self.embed_dim, self.layer_name = attention.embed_dim, name
+        self.patch_size: Optional[tuple[int, int]] = None
+        self.train(attention.training)
+
+    def forward(self, x: FeatureMap, x_prev: Optional[FeatureMap] = None) -> FeatureMap:
+        if x_prev is not None:
+            raise UnsupportedFeatureOperation(f"{self.layer_name}: cross-attention (x_prev) is not supported")
+        if self.patch_size is None:
+            raise UnsupportedFeatureOperation(f"{self.layer_name}: a LinearSelfAttention runs here only inside a "
+                                              f"MobileVitV2Block, which tells it its patch size")
+        positions = PatchPositions.of(x, self.patch_size, self.layer_name)
+        qkv = positions.unfold(self.qkv_proj(x))
+        query, key, value = qkv.split([1, self.embed_dim, self.embed_dim], dim=1)
+        scores = self.attn_drop(query.with_data(image_softmax(qkv, query.data))).data   # >= fp32, 0 if masked
+        context = image_sums(qkv, key.data * scores)                      # [sequences, C]
+        out = value.with_data(F.relu(value.data) * per_site_values(qkv, context))
+        return self.out_drop(self.out_proj(positions.fold(out, like=x)))
+
+
+@register_converter(MobileVitV2Block)
+class FeatureMobileVitV2Block(nn.Module):
+    """timm's ``MobileVitV2Block`` on the map itself: the unfold and fold around its transformer are one
+    permutation and its inverse, and every layer of the transformer but the attention is pointwise or reduces
+    over a whole image (``GroupNorm1``), so only the attention unfolds (:class:`FeatureLinearSelfAttention`).
+    Maps that do not tile by the patches are refused (timm interpolates them). The same children and state."""
+
+    def __init__(self, backend, block: MobileVitV2Block, name: str = ""):
+        super().__init__()
+        _convert_children(backend, self, block, name)
+        self.patch_size, self.layer_name = tuple(block.patch_size), name
+        for module in self.transformer.modules():
+            if isinstance(module, FeatureLinearSelfAttention):
+                module.patch_size = self.patch_size
+        self.train(block.training)
+
+    def forward(self, x: FeatureMap) -> FeatureMap:
+        PatchPositions.of(x, self.patch_size, self.layer_name)          # refuses maps timm would interpolate
+        x = self.conv_1x1(self.conv_kxk(x))
+        return self.conv_proj(self.norm(self.transformer(x)))
+
+
 register_timm_encoder("mobilevit_xs", 0.0, densify_norm="bn", tested=True)
+register_timm_encoder("mobilevitv2_050", 0.0, densify_norm="bn", tested=True)
