@@ -91,6 +91,9 @@ ENCODERS = {
     # MobileViT-V2: separable self-attention per patch position (softmax context over its active tokens; at 64 px
     # most positions of the stride-32 map have none), GroupNorm1 over each image's active sites
     "mobilevitv2_050": (64, 2, {}),
+    # DaViT: window attention among each 7x7 window's active tokens, channel attention over each image's active
+    # tokens; at 224 px (the windows tile only multiples of 224), one block per stage, narrow
+    "davit_tiny": (224, 2, dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8))),
     # CondConv EfficientNet: per-image routing over active sites, expert-mixed convs on the dense masked map
     "efficientnet_cc_b0_4e": (64, 2, {}),
     # split into square and band (1 x k, k x 1) depthwise convs; per-channel layer scale, drawn at 1 (timm:

@@ -15,6 +15,8 @@ from timm.layers import (Attention, BatchNormAct2d, Conv2dSame, EcaModule, Globa
 from timm.layers.attention2d import MultiQueryAttention2d
 from timm.layers.blur_pool import BlurPool2d
 from timm.layers.grn import GlobalResponseNorm
+from timm.models.davit import ChannelBlock as DavitChannelBlock
+from timm.models.davit import SpatialBlock as DavitSpatialBlock
 from timm.models.edgenext import SplitTransposeBlock
 from timm.models.efficientvit_mit import LiteMLA
 from timm.models.focalnet import FocalModulation
@@ -345,6 +347,83 @@ def test_a_mobilevit_map_that_does_not_tile_by_its_patches_is_refused(backend, n
     with pytest.raises(UnsupportedFeatureOperation, match=r"3x3 map at stride 32 does not tile by the 2x2 patches.*"
                                                           r"a multiple of 64"):
         spark(torch.randn(2, 3, 96, 96))
+
+
+def _davit_block_by_hand(block: nn.Module, x: torch.Tensor, site: torch.Tensor, attend) -> torch.Tensor:
+    """A DaViT block written out on the masked map (eval mode): positional convs masked after them (SparK's rule),
+    LayerNorm and MLP per active site, ``attend(tokens [B, H, W, C])`` for the attention, residual adds."""
+    shortcut = block.cpe1(x) * site
+    y = shortcut + attend(block.norm1(shortcut.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+    y = block.cpe2(y) * site
+    return y + block.mlp(block.norm2(y.permute(0, 2, 3, 1))).permute(0, 3, 1, 2) * site
+
+
+@pytest.mark.parametrize("backend", ["masked", "torch", "sparse"])
+def test_davit_window_attention_attends_among_each_windows_active_tokens(backend):
+    """3x3 windows at stride 16 (each straddles patches): timm's own attention run on each window's ACTIVE tokens
+    alone; a window without any stays 0. timm's block on the masked map would let masked tokens attend too."""
+    mask = _mask()
+    block = scaled(randomized(DavitSpatialBlock(8, num_heads=2, window_size=3)), 0.5).double().eval()
+    x, site = _input(mask, stride=16), mask.dense_at(16)
+
+    def attend(tokens: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(tokens)
+        for image in range(2):
+            for wy in range(2):
+                for wx in range(2):
+                    window = (image, slice(3 * wy, 3 * wy + 3), slice(3 * wx, 3 * wx + 3))
+                    active = site[image, 0][window[1:]]
+                    if active.any():
+                        out[window][active] = block.attn(tokens[window][active][None])[0]
+        return out
+
+    converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(block))).eval()
+    out = converted(_feature_map(backend, x, mask, 16)).to_dense()
+    torch.testing.assert_close(out, _davit_block_by_hand(block, x, site, attend), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(block(x) * site, out)
+
+
+@pytest.mark.parametrize("backend", ["masked", "torch", "sparse"])
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_davit_channel_attention_sums_over_each_images_active_tokens(backend, v2):
+    """timm's channel attention run on each image's ACTIVE tokens alone (V2: scaled by their number)."""
+    mask = _mask()
+    block = scaled(randomized(DavitChannelBlock(8, num_heads=2, qkv_bias=True, v2=v2)), 0.5).double().eval()
+    x, site = _input(mask), mask.dense_at(4)
+
+    def attend(tokens: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(tokens)
+        for image in range(2):
+            active = site[image, 0]
+            out[image][active] = block.attn(tokens[image][active][None])[0]
+        return out
+
+    converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(block))).eval()
+    out = converted(_feature_map(backend, x, mask)).to_dense()
+    torch.testing.assert_close(out, _davit_block_by_hand(block, x, site, attend), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(block(x) * site, out)
+
+
+@pytest.mark.parametrize("backend", ["masked", "torch", "sparse"])
+@pytest.mark.parametrize("kind", ["spatial", "channel", "channel_v2"])
+def test_davit_blocks_with_every_site_visible_are_timms(backend, kind):
+    block = {"spatial": lambda: DavitSpatialBlock(8, num_heads=2, window_size=7),
+             "channel": lambda: DavitChannelBlock(8, num_heads=2, qkv_bias=True),
+             "channel_v2": lambda: DavitChannelBlock(8, num_heads=2, qkv_bias=True, v2=True)}[kind]()
+    block = scaled(randomized(block), 0.5).double()
+    mask, x = ActiveMask.full(2, (7, 14)), torch.randn(2, 8, 14, 28, dtype=torch.float64)    # stride 16: 2x4 windows
+    converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(block)))
+    torch.testing.assert_close(converted(_feature_map(backend, x, mask, 16)).to_dense(), block(x),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_davit_map_that_its_windows_do_not_tile_is_refused(backend):
+    spark = ss.create_spark("davit_tiny", backend=backend, input_size=64, depths=(1, 1, 1, 1),
+                            embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8))
+    with pytest.raises(UnsupportedFeatureOperation, match=r"16x16 map at stride 4 does not tile by the 7x7 windows.*"
+                                                          r"a multiple of 224"):
+        spark(torch.randn(2, 3, 64, 64))
 
 
 @pytest.mark.parametrize("backend", ["masked", "torch", "sparse"])

@@ -45,8 +45,13 @@ DEFAULTS = {"resnet50d": (0.05, "bn"), "seresnet50": (0.05, "bn"), "resnext50_32
             "swiftformer_xs": (0.0, "bn"), "tresnet_m": (0.05, "bn"),
             # softmax self-attention among each image's active tokens: CAFormer, FastViT's sa variants
             "caformer_s18": (0.1, "ln"), "fastvit_sa12": (0.0, "bn"), "mobilenetv4_hybrid_medium": (0.0, "bn"),
-            "mobilevit_xs": (0.0, "bn"), "mobilevitv2_050": (0.0, "bn"), "efficientnet_cc_b0_4e": (0.0, "bn")}
+            "mobilevit_xs": (0.0, "bn"), "mobilevitv2_050": (0.0, "bn"), "efficientnet_cc_b0_4e": (0.0, "bn"),
+            # window attention (7x7 windows) and channel attention among each image's active tokens
+            "davit_tiny": (0.1, "ln")}
 FAMILY_MODELS = list(DEFAULTS)
+#: nets whose blocks tile their maps by windows: only input sizes that every window covers (DaViT's 7x7 windows at
+#: stride 32: multiples of 224) run, smaller ones are refused (timm would pad with tokens that attend)
+INPUT_SIZE = {"davit_tiny": 224}
 #: timm nets that compute part of their forward in fp32 whatever the model's dtype: EfficientViT's LiteMLA
 #: casts q, k, v with ``.float()`` (ours keeps at least their dtype), so in fp64 timm's own features carry
 #: fp32 rounding of its attention (8e-8 relative here); compared at fp32's precision instead of 1e-9
@@ -62,9 +67,10 @@ def assert_exports_to_timm(spark: ss.SparK, name: str) -> None:
     dense = timm.create_model(name, pretrained=False, num_classes=0)
     dense.load_state_dict(spark.encoder_state_dict(), strict=True)
     spark.eval().double(), dense.eval().double()
-    images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    size = INPUT_SIZE.get(name, 64)
+    images = torch.randn(2, 3, size, size, dtype=torch.float64)
     with torch.no_grad():
-        ours = [f.to_dense() for f in spark.encode(images, ActiveMask.full(2, (2, 2)))]
+        ours = [f.to_dense() for f in spark.encode(images, ActiveMask.full(2, (size // 32, size // 32)))]
         theirs = dense.forward_intermediates(images, indices=spark.encoder.feature_indices, norm=True,
                                              intermediates_only=True)
     assert [tuple(f.shape[1:]) for f in ours] == [tuple(f.shape[1:]) for f in theirs]
@@ -82,11 +88,12 @@ def test_every_family_model_is_listed_as_tested_and_the_old_signature_works():
 @pytest.mark.parametrize("name", FAMILY_MODELS)
 def test_model_has_sparks_defaults_trains_on_the_sparse_backend_and_exports_strictly_to_timm(name):
     torch.manual_seed(0)
-    spark = ss.create_spark(name, backend="sparse", input_size=64)
+    size = INPUT_SIZE.get(name, 64)
+    spark = ss.create_spark(name, backend="sparse", input_size=size)
     drop_path, densify_norm = DEFAULTS[name]
     assert ss.models.model_default_drop_path(name) == drop_path
     assert spark.densify_norm_kind == densify_norm
-    images = torch.randn(2, 3, 64, 64)
+    images = torch.randn(2, 3, size, size)
     features = spark.encode(images, spark.mask(2))
     assert [f.stride for f in features] == [4, 8, 16, 32]
     assert [f.channels for f in features] == spark.encoder.get_feature_map_channels()
@@ -143,6 +150,7 @@ def test_an_rms_norm_convnext_runs_by_its_timm_name_with_sparks_layernorm_densif
 
 @pytest.mark.parametrize("name,error,match", [
     ("lambda_resnet26t", ss.UnsupportedModuleError, r"'model\.stages\.2\.1' of type .*SelfAttnBlock"),
+    ("nextvit_small", ss.UnsupportedModuleError, r"'model' of type .*NextViT"),
     ("ghostnetv2_100", ss.UnsupportedModuleError, r"'model\.blocks\.2\.0\.ghost1' of type .*GhostModuleV2"),
     ("vit_tiny_patch16_224", UnsuitableModelError, r"no feature map at stride\(s\) \[4, 8, 32\]"),
     # timm's own forward refuses other sizes: a bare assert (BoTNet), a shape error (LambdaNet)

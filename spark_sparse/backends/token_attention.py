@@ -35,7 +35,8 @@ from ..features import ChannelsLastView, FeatureMap, MaskedDense, SparseRows, Un
 from .common import adopt_module
 from .per_image import active_counts
 
-__all__ = ["FeatureTokenAttention", "attend_among_active_tokens", "describe_token_attention", "token_slots"]
+__all__ = ["FeatureTokenAttention", "attend_among_active_tokens", "describe_token_attention", "token_batch",
+           "token_rows", "token_slots"]
 
 
 @singledispatch
@@ -73,6 +74,20 @@ def describe_token_attention(feature_type: type) -> str:
     return "sdpa       softmax attention among each image's packed active rows (torch SDPA)"
 
 
+def token_batch(x: FeatureMap, rows: torch.Tensor) -> torch.Tensor:
+    """``[N, heads, d]`` rows of ``x``'s active sites -> the padded token batch ``[B, heads, L, d]`` of
+    :func:`token_slots`, zero where no row is (sums over its tokens are sums over the image's active sites)."""
+    slots, length = token_slots(x)
+    return _padded(rows, slots, x.mask.batch_size, length)
+
+
+def token_rows(x: FeatureMap, tokens: torch.Tensor) -> torch.Tensor:
+    """A token batch ``[B, heads, L, d]`` laid out as :func:`token_batch` makes it -> ``[N, heads * d]``, the
+    rows of ``x``'s active sites, heads concatenated as timm's layers do."""
+    slots, length = token_slots(x)
+    return tokens.transpose(1, 2).reshape(x.mask.batch_size * length, -1).index_select(0, slots)
+
+
 def _padded(rows: torch.Tensor, slots: torch.Tensor, batch: int, length: int) -> torch.Tensor:
     """``[N, heads, d]`` rows -> ``[B, heads, L, d]``, zero in the slots no row fills."""
     grid = rows.new_zeros(batch * length, *rows.shape[1:]).index_copy(0, slots, rows)
@@ -86,24 +101,22 @@ def attend_among_active_tokens(queries: FeatureMap, query: torch.Tensor, keys: F
     map, or one at a coarser stride as MobileNet-V4's downsampled keys) among the active tokens of each image,
     heads concatenated as timm's layers do."""
     batch = queries.mask.batch_size
-    query_slots, query_length = token_slots(queries)
     key_slots, key_length = token_slots(keys)
     is_key = torch.zeros(batch * key_length, dtype=torch.bool, device=key_slots.device).index_fill_(0, key_slots, True)
     is_key = is_key.view(batch, key_length)
-    # a group of tokens without any active one (MobileViT's patch positions, :mod:`..models.mobilevit`) would
+    # a group of tokens without any active one (MobileViT's patch positions, DaViT's windows) would
     # softmax over no key at all (NaN): give it its first (zero) padding slot; none of its rows is read back
     is_key[:, 0] |= ~is_key.any(1)
     out = F.scaled_dot_product_attention(
-        _padded(query, query_slots, batch, query_length), _padded(key, key_slots, batch, key_length),
-        _padded(value, key_slots, batch, key_length), attn_mask=is_key.view(batch, 1, 1, key_length),
-        dropout_p=dropout_p, scale=scale)
-    return out.transpose(1, 2).reshape(batch * query_length, -1).index_select(0, query_slots)
+        token_batch(queries, query), token_batch(keys, key), token_batch(keys, value),
+        attn_mask=is_key.view(batch, 1, 1, key_length), dropout_p=dropout_p, scale=scale)
+    return token_rows(queries, out)
 
 
 class FeatureTokenAttention(nn.Module):
     """timm's multi-head softmax self-attention over a map's tokens (``qkv`` Linear, scaled dot-product
-    attention, ``proj`` Linear: CAFormer's and FastViT's ``Attention``, ``timm.layers.Attention`` in MobileViT)
-    among each image's active tokens.
+    attention, ``proj`` Linear: CAFormer's and FastViT's ``Attention``, ``timm.layers.Attention`` in MobileViT,
+    DaViT's ``WindowAttention`` per window) among each image's active tokens.
 
     The same children (``qkv``, ``attn_drop``, ``proj``, ``proj_drop``; ``timm.layers.Attention``'s ``q_norm``,
     ``k_norm``, ``norm`` and ``gate`` too, per token or per head), names and parameters; they act on rows as on
@@ -115,7 +128,8 @@ class FeatureTokenAttention(nn.Module):
     def __init__(self, attention: nn.Module, name: str, tokens_channels_last: bool, feature_type: type):
         super().__init__()
         adopt_module(self, attention)
-        self.num_heads, self.head_dim, self.scale = attention.num_heads, attention.head_dim, attention.scale
+        self.num_heads, self.scale = attention.num_heads, attention.scale
+        self.head_dim = attention.qkv.out_features // (3 * attention.num_heads)   # DaViT's layer keeps no head_dim
         self.tokens_channels_last, self.layer_name, self.feature_type = tokens_channels_last, name, feature_type
 
     @classmethod
@@ -143,11 +157,15 @@ class FeatureTokenAttention(nn.Module):
         query, key, value = self.qkv(rows).view(rows.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
         if getattr(self, "q_norm", None) is not None:                 # timm.layers.Attention's qk-norm (per head)
             query, key = self.q_norm(query), self.k_norm(key)
+        attn_drop = getattr(self, "attn_drop", None)                    # DaViT's window attention has none
         out = attend_among_active_tokens(tokens, query, tokens, key, value, self.scale,
-                                         self.attn_drop.p if self.training else 0.0)
+                                         attn_drop.p if self.training and attn_drop is not None else 0.0)
         if getattr(self, "norm", None) is not None:                   # its scale norm, then its output gate
             out = self.norm(out)
         if getattr(self, "gate", None) is not None:
             out = out * self.gate(rows).sigmoid()
-        out = tokens.with_active_rows(self.proj_drop(self.proj(out)))
+        out = self.proj(out)
+        if getattr(self, "proj_drop", None) is not None:
+            out = self.proj_drop(out)
+        out = tokens.with_active_rows(out)
         return ChannelsLastView(out) if self.tokens_channels_last else out

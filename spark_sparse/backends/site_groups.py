@@ -1,0 +1,92 @@
+"""A map's sites regrouped into tiles, as a feature map of its own: MobileViT's patch positions, DaViT's windows.
+
+Some blocks cut a ``H x W`` map into ``th x tw`` tiles and run a layer per group of sites: MobileViT
+per position ``(dy, dx)`` inside the tiles (every tile's site at that position: one token sequence
+over the ``H / th x W / tw`` tile grid), DaViT's window attention per tile (its ``th x tw`` sites).
+Either way the groups are "images" of a mask of their own (:class:`~spark_sparse.mask.ActiveMask`),
+active where the original site is, so every per-image layer of this package (attention among each
+image's active tokens, per-image softmax and sums) runs per group unchanged:
+
+- ``masked``: the dense map reshaped and permuted as timm does it;
+- sparse rows: one ``index_select`` permutation each way (built once per mask and cached).
+
+A map that the tiles do not cover exactly is refused: timm pads or interpolates it, which puts tokens
+that are not the image's sites into the groups.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..features import FeatureMap, MaskedDense, SparseRows, UnsupportedFeatureOperation
+from ..mask import ActiveMask
+
+__all__ = ["SiteGroups"]
+
+#: the dims of a site grid viewed as ``[B, nh, th, nw, tw]`` (tile row, row in tile, tile column, column in tile)
+_BATCH, _TILE_ROW, _IN_ROW, _TILE_COL, _IN_COL = range(5)
+
+
+class SiteGroups:
+    """The sites of a map at ``stride`` cut into ``tile`` tiles and regrouped: ``by_position`` one group per
+    (image, position in the tile) over the tile grid, else one group per (image, tile) over the tile's sites.
+
+    ``mask``: one "image" per group (stride 1 of its own mask, groups in timm's order); ``to_groups`` /
+    ``from_groups``: the row orders of the two maps (sparse rows).
+    """
+
+    def __init__(self, mask: ActiveMask, stride: int, tile: tuple[int, int], by_position: bool):
+        site = mask.dense_at(stride)[:, 0]
+        batch, height, width = site.shape
+        th, tw = tile
+        nh, nw = height // th, width // tw
+        if by_position:                                      # groups (b, dy, dx) over the (nh, nw) tile grid
+            self._order = (_BATCH, _IN_ROW, _IN_COL, _TILE_ROW, _TILE_COL)
+            self._group_shape, self.grid = (th, tw), (nh, nw)
+        else:                                                # groups (b, i, j) over the (th, tw) sites of a tile
+            self._order = (_BATCH, _TILE_ROW, _TILE_COL, _IN_ROW, _IN_COL)
+            self._group_shape, self.grid = (nh, nw), (th, tw)
+        self._tiled = (nh, th, nw, tw)
+        # the same order on dense data [B, C, nh, th, nw, tw]: groups first, then channels, then the grid
+        self._data_order = (0, self._order[1] + 1, self._order[2] + 1, 1, self._order[3] + 1, self._order[4] + 1)
+        grouped = self._regroup(site.view(batch, *self._tiled))
+        self.mask = ActiveMask(grouped.unsqueeze(1), downsample_ratio=1)
+        rows = self._regroup(mask.index_grid(stride).view(batch, *self._tiled))
+        self.to_groups = rows[grouped]                       # row-major over (group, y, x): the new map's rows
+        self.from_groups = torch.empty_like(self.to_groups).scatter_(
+            0, self.to_groups, torch.arange(self.to_groups.shape[0], device=self.to_groups.device))
+
+    def _regroup(self, tiled: torch.Tensor) -> torch.Tensor:
+        """``[B, nh, th, nw, tw]`` -> ``[groups, *grid]``."""
+        return tiled.permute(self._order).reshape(-1, *self.grid)
+
+    @classmethod
+    def of(cls, x: FeatureMap, tile: tuple[int, int], by_position: bool, refusal: Callable[[str], str]) -> "SiteGroups":
+        """The grouping of ``x``'s sites (cached on its mask). A map the tiles do not cover is refused with
+        ``refusal(what)``, ``what`` saying which map and tiles."""
+        height, width = x.mask.dense_at(x.stride).shape[-2:]
+        if height % tile[0] or width % tile[1]:
+            raise UnsupportedFeatureOperation(refusal(
+                f"its {height}x{width} map at stride {x.stride} does not tile by the {tile[0]}x{tile[1]} "
+                f"{'patches' if by_position else 'windows'}"))
+        key = ("site-groups", x.stride, tuple(tile), by_position)
+        return x.mask.cached(key, lambda: cls(x.mask, x.stride, tile, by_position))
+
+    def unfold(self, x: FeatureMap) -> FeatureMap:
+        """``x`` as a map of the groups."""
+        if isinstance(x, MaskedDense):
+            batch, channels = x.data.shape[:2]
+            data = x.data.view(batch, channels, *self._tiled).permute(self._data_order)
+            return MaskedDense(data.reshape(-1, channels, *self.grid), self.mask, 1)
+        return SparseRows(x.data.index_select(0, self.to_groups), self.mask, 1)
+
+    def fold(self, groups: FeatureMap, like: FeatureMap) -> FeatureMap:
+        """A map of the groups back on the sites of ``like`` (its inverse of :meth:`unfold`)."""
+        if isinstance(groups, MaskedDense):
+            channels = groups.data.shape[1]
+            nh, th, nw, tw = self._tiled
+            data = groups.data.view(-1, *self._group_shape, channels, *self.grid)    # [B, g1, g2, C, k1, k2]
+            inverse = tuple(self._data_order.index(d) for d in range(6))
+            return MaskedDense(data.permute(inverse).reshape(-1, channels, nh * th, nw * tw), like.mask, like.stride)
+        return SparseRows(groups.data.index_select(0, self.from_groups), like.mask, like.stride)
