@@ -11,8 +11,10 @@ is a bug or an environment failure and keeps its traceback.
 """
 from __future__ import annotations
 
+import os
 import shlex
 import sys
+from pathlib import Path
 from typing import Optional
 
 import click
@@ -27,7 +29,7 @@ from .train.distributed import under_torchrun
 from .train.outputs import without_flags
 from .user_modules import UserModuleError, import_user_module
 
-__all__ = ["main", "pretrain_command"]
+__all__ = ["launch_command", "main", "pretrain_command"]
 
 _SPARK_DEFAULTS = PretrainConfig()
 
@@ -182,12 +184,47 @@ def pretrain_command(exp_name: Optional[str], exp_name_opt: Optional[str], num_n
     from .train.engine import StopRequested, pretrain
     try:
         cfg = PretrainConfig(exp_name=exp_name, demo=demo, **options)
-        pretrain(cfg, cmd=shlex.join(sys.argv), capture_console=True)
+        pretrain(cfg, cmd=launch_command(sys.argv), capture_console=True)
     except StopRequested as stop:
         click.echo(f"[spark-pretrain] {stop}", err=True)
-        sys.exit(130)
+        sys.exit(128 + stop.signum)         # 130 after Ctrl-C, 143 after SIGTERM, as a killed process reports
     except SparkSparseError as err:      # the user's to fix, and the message says how: no traceback
+        _leave_process_group()
         raise click.ClickException(str(err)) from None
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, leave the process group before exiting on an error: gloo aborts a process that exits
+    holding one ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launch_command(argv: list[str]) -> str:
+    """The command that started this process, as it can be typed again (the log's ``cmd``, the folder guard's
+    "continue it" line): ``python -m spark_sparse.cli`` for the module run, whose ``argv[0]`` is this file (not
+    executable), and under torchrun its launch flags in front, so that a resume runs as many processes."""
+    words = list(argv[1:])
+    program = Path(argv[0]) if argv else Path("spark-pretrain")
+    if program.resolve() == Path(__file__).resolve():
+        prefix = ["-m", "spark_sparse.cli"]
+        if not under_torchrun():
+            prefix = ["python"] + prefix
+    else:
+        prefix = [str(program)]
+    if under_torchrun():
+        local, world = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), int(os.environ["WORLD_SIZE"])
+        launcher = ["torchrun", f"--nnodes={max(world // max(local, 1), 1)}", f"--nproc_per_node={local}"]
+        if world > local:
+            launcher += [f"--node_rank={os.environ.get('GROUP_RANK', 0)}",
+                         f"--master_addr={os.environ.get('MASTER_ADDR', '127.0.0.1')}",
+                         f"--master_port={os.environ.get('MASTER_PORT', 29500)}"]
+        if prefix[0] != "-m":                              # a console script under torchrun: run its module
+            prefix = ["-m", "spark_sparse.cli"]
+        prefix = launcher + prefix
+    return shlex.join(prefix + words)
 
 
 def _relaunch(num_nodes: int, nproc: int, node_rank: int, address: str, port: int) -> None:

@@ -178,7 +178,13 @@ class SparK(nn.Module):
         float rounding. Sparse backends keep their ``[N, C]`` rows, which are NHWC already.
         """
         self.channels_last = True
-        return self.to(memory_format=torch.channels_last)
+        self.to(memory_format=torch.channels_last)
+        # one value per channel ([1, C, 1, 1]: the mask tokens) is the same memory in either layout, but the
+        # channels-last strides differ from those of its gradient, which DDP then copies at every step
+        for param in self.parameters():
+            if param.dim() == 4 and param.numel() == param.shape[1]:
+                param.data = param.data.clone(memory_format=torch.contiguous_format)
+        return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> "SparK":
         """Recompute each decoder block in backward instead of keeping its activations.

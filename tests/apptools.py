@@ -41,6 +41,24 @@ def distributed_worker(rank: int, world: int, port: int, cfg: PretrainConfig, du
     torch.distributed.destroy_process_group()
 
 
+def refused_folder_worker(rank: int, world: int, port: int, cfg: PretrainConfig, dump_dir: str) -> None:
+    """One process of a gloo run into a folder the main process refuses: every rank must end with its error."""
+    import os
+
+    from spark_sparse.errors import ConfigError
+    from spark_sparse.train.engine import Trainer
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    try:
+        Trainer(cfg, "spark-pretrain t")
+        outcome = "built"
+    except ConfigError as err:
+        outcome = str(err)
+    with open(os.path.join(dump_dir, f"rank{rank}.txt"), "w") as fh:
+        fh.write(outcome)
+
+
 def nan_on_rank1_worker(rank: int, world: int, port: int, cfg: PretrainConfig, dump_dir: str) -> None:
     """One process of a gloo run in which only rank 1's second loss is NaN: every rank must stop cleanly."""
     import os

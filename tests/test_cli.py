@@ -85,6 +85,31 @@ def test_unknown_backend_lists_available_ones(tmp_path):
     assert result.exit_code == 2 and "unknown backend 'warp'" in result.output and "masked" in result.output
 
 
+def test_an_unknown_backend_close_to_a_known_one_is_suggested(tmp_path):
+    result = CliRunner().invoke(cli.pretrain_command, ["t", f"--data_path={tmp_path}", "--backend=sprase"])
+    assert result.exit_code == 2 and "did you mean 'sparse'?" in result.output
+
+
+def test_the_logged_command_is_one_that_runs_again(monkeypatch):
+    """``python -m spark_sparse.cli`` has the package's file as argv[0] (not executable): it is written as the
+    module run; under torchrun the launch flags come first, so that a resume runs as many processes."""
+    module_file = cli.__file__
+    for name in ("LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli.launch_command([module_file, "t", "--bs=8"]) == "python -m spark_sparse.cli t --bs=8"
+    assert cli.launch_command(["/venv/bin/spark-pretrain", "t"]) == "/venv/bin/spark-pretrain t"
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.launch_command([module_file, "t"]) == "torchrun --nnodes=1 --nproc_per_node=2 -m spark_sparse.cli t"
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("GROUP_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "node0")
+    monkeypatch.setenv("MASTER_PORT", "1234")
+    assert cli.launch_command([module_file, "t"]) == ("torchrun --nnodes=2 --nproc_per_node=2 --node_rank=1 "
+                                                      "--master_addr=node0 --master_port=1234 -m spark_sparse.cli t")
+
+
 def test_unknown_model_lists_known_ones(tmp_path):
     result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={tmp_path}", "--model=no_such_net"])
     assert result.exit_code == 2 and "unknown model 'no_such_net'" in result.output and "resnet50" in result.output

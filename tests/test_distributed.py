@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from spark_sparse.checkpoint import read_checkpoint
 
-from apptools import distributed_worker, make_image_folder, nan_on_rank1_worker, tiny_config
+from apptools import distributed_worker, make_image_folder, nan_on_rank1_worker, refused_folder_worker, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,6 +22,17 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _run_without_hanging(worker, args: tuple, seconds: float, hung: str) -> None:
+    """Two processes of ``worker``; fail with ``hung`` (killing them) if they have not ended within ``seconds``."""
+    context = mp.spawn(worker, args=args, nprocs=2, join=False)
+    deadline = time.time() + seconds
+    while not context.join(timeout=5):
+        if time.time() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(hung)
 
 
 def test_two_gloo_processes_hold_identical_weights(tmp_path):
@@ -39,19 +50,28 @@ def test_two_gloo_processes_hold_identical_weights(tmp_path):
 def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     data = make_image_folder(tmp_path / "data", count=16)
     cfg = tiny_config(data, tmp_path / "out", ep=1, bs=4, backend="torch")   # 4 iterations, 2 images per rank
-    context = mp.spawn(nan_on_rank1_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.time() + 240
-    while not context.join(timeout=5):
-        if time.time() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("a rank hung after another saw a non-finite loss")
+    _run_without_hanging(nan_on_rank1_worker, (2, _free_port(), cfg, str(tmp_path)), 240,
+                         "a rank hung after another saw a non-finite loss")
     outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert outcomes[1].startswith("loss is nan at epoch 0 iteration 1"), outcomes[1]
     assert outcomes[0].startswith("loss is not finite on another rank at epoch 0 iteration 1"), outcomes[0]
     assert "last good state" in outcomes[0]
     ckpt = read_checkpoint(tmp_path / "out" / "tiny_cnn_still_pretraining.pth")
     assert (ckpt["epoch"], ckpt["iteration"]) == (0, 1)
+
+
+def test_a_folder_the_main_process_refuses_ends_every_rank_with_an_error(tmp_path):
+    """Only rank 0 checks the output folder; the other ranks must learn it before the first collective
+    (they used to go on into the kernel tuning's broadcast and die there with gloo's traceback)."""
+    data = make_image_folder(tmp_path / "data", count=8)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "pretrain_log.txt").write_text('{"name": "t", "args": {}}\n{"epoch": 1}\n')
+    cfg = tiny_config(data, tmp_path / "out", ep=1, bs=8, backend="torch")
+    _run_without_hanging(refused_folder_worker, (2, _free_port(), cfg, str(tmp_path)), 120,
+                         "a rank hung after the main process refused the folder")
+    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert "already holds a run" in outcomes[0], outcomes[0]
+    assert outcomes[1] == "rank 1: stopped, the main process refused the output folder (its error above says why)"
 
 
 def test_sparks_launch_flags_start_processes_through_torchrun(tmp_path):

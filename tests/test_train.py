@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -56,7 +57,9 @@ def test_one_epoch_writes_every_output_file(folder, tmp_path):
     assert {"remaining", "finish_time", "lr"} <= epoch.keys()
     assert "finished" in (out / "stdout_backup.txt").read_text()
     ckpt = read_checkpoint(out / "tiny_cnn_still_pretraining.pth")
-    assert {"model", "optimizer", "scaler", "epoch", "iteration", "rng", "args", "epoch_progress"} <= ckpt.keys()
+    assert {"model", "optimizer", "scaler", "epoch", "iteration", "args", "epoch_progress"} <= ckpt.keys()
+    # plain tensors and Python values: torch's default (weights_only) loader reads it as SparK users would
+    assert torch.load(out / "tiny_cnn_still_pretraining.pth", weights_only=True).keys() == ckpt.keys()
 
 
 def test_a_library_call_leaves_the_callers_console_streams_alone(folder, tmp_path, monkeypatch):
@@ -122,8 +125,9 @@ def test_a_run_stopped_mid_epoch_and_resumed_equals_the_uninterrupted_run(folder
     interrupted = Trainer(config("b", **({"autotune": "cached"} if backend == "auto" else {})), "")
     assert _kernel_plan(interrupted) == _kernel_plan(straight)
     _stop_with_sigterm_during(interrupted, global_it=3, whole_group=whole_group)   # epoch 1, iteration 0 of 3
-    with pytest.raises(engine.StopRequested, match="--resume_from="):
+    with pytest.raises(engine.StopRequested, match="--resume_from=") as stopped:
         interrupted.run()
+    assert stopped.value.signum == signal.SIGTERM                                  # the CLI exits 128 + 15
     ckpt = read_checkpoint(tmp_path / "b" / "tiny_cnn_still_pretraining.pth")
     assert (ckpt["epoch"], ckpt["iteration"]) == (1, 2)        # stopped after the step that followed SIGTERM
     resumed = Trainer(config("b", resume_from="auto"), "")     # the folder's own checkpoint
@@ -355,6 +359,28 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_the_run(folder, 
         Trainer(tiny_config(folder, tmp_path / "a_file" / "out"), "")
 
 
+def test_an_output_folder_the_system_will_not_create_is_refused_before_the_run(folder, tmp_path):
+    """Permissions allow it (root), the file system does not: found by making the folder, which is taken away."""
+    with pytest.raises(ConfigError, match=r"cannot create the output folder /proc/spark_sparse_nope/"):
+        Trainer(tiny_config(folder, Path("/proc/spark_sparse_nope")), "")
+    nested = tmp_path / "new" / "deeper"
+    Trainer(tiny_config(folder, nested), "")
+    assert not (tmp_path / "new").exists()                      # the probe leaves nothing behind
+
+
+def test_an_init_weight_that_does_not_fit_is_named_before_kernel_tuning(folder, tmp_path, monkeypatch):
+    torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    monkeypatch.setattr(Trainer, "_autotune", lambda self: pytest.fail("tuned before checking --init_weight"))
+    with pytest.raises(CheckpointError):
+        Trainer(tiny_config(folder, tmp_path / "out", init_weight=str(tmp_path / "other.pth")), "")
+
+
+def test_overwrite_with_a_resume_of_the_folders_own_run_is_said_to_be_ignored(folder, tmp_path):
+    pretrain(tiny_config(folder, tmp_path / "out", ep=1))
+    resumed = Trainer(tiny_config(folder, tmp_path / "out", ep=2, overwrite=True, resume_from="auto"), "")
+    assert any("--overwrite is ignored" in warning for warning in resumed.warnings)
+
+
 def test_resume_auto_restarts_a_run_that_died_before_its_first_checkpoint(folder, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -377,6 +403,11 @@ def test_the_folder_guard_suggests_commands_that_fit_what_it_found(folder, tmp_p
     message = str(err.value)
     assert "spark-pretrain t --ep=2 --resume_from=" in message and "--resume_from=auto" not in message
     assert "--ep <more than 3>" in message
+    logs_only = tmp_path / "logs_only"
+    logs_only.mkdir()
+    (logs_only / "pretrain_log.txt").write_text('{"name": "t", "args": {}}\n')
+    with pytest.raises(ConfigError, match=r"has no tiny_cnn_still_pretraining.pth .*spark-pretrain t --resume_from=auto"):
+        Trainer(tiny_config(folder, logs_only), "spark-pretrain t")
     other = tmp_path / "other"
     other.mkdir()
     atomic_save({"format": "spark-sparse/1"}, other / "resnet18_still_pretraining.pth")

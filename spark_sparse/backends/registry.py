@@ -6,6 +6,7 @@ backend reports it with a reason instead of failing at import time.
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Type
 
@@ -60,7 +61,9 @@ def _describe_all() -> str:
 
 def get_backend_class(name: str) -> Type[Backend]:
     if name not in _BACKENDS:
-        raise UnknownBackendError(f"unknown backend {name!r}; registered backends:\n{_describe_all()}")
+        close = difflib.get_close_matches(name, list(_BACKENDS), n=3)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        raise UnknownBackendError(f"unknown backend {name!r}{hint}; registered backends:\n{_describe_all()}")
     return _BACKENDS[name]
 
 

@@ -14,9 +14,9 @@ warnings before the first step and recorded in the log header.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
 import os
-import random
 import signal
 import sys
 import threading
@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
@@ -64,7 +63,11 @@ class TrainingError(SparkSparseError, RuntimeError):
 
 
 class StopRequested(Exception):
-    """Raised after a resumable checkpoint was written because SIGTERM / Ctrl-C arrived."""
+    """Raised after a resumable checkpoint was written because SIGTERM / Ctrl-C arrived (``signum``: which)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = int(signum)
 
 
 @dataclass
@@ -85,6 +88,7 @@ class _StopFlag:
 
     def __init__(self):
         self.requested = False
+        self.signum = signal.SIGINT
         self._previous = {}
 
     def __enter__(self):
@@ -96,7 +100,7 @@ class _StopFlag:
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
         print(f"\n[spark-pretrain] {signal.Signals(signum).name} received: saving a resumable checkpoint after "
               f"this step (Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
 
@@ -164,6 +168,13 @@ def _batches(batches):
         yield batch
 
 
+#: DDP without its per-forward buffer broadcast (BatchNorm statistics stay per process, as SparK's), under the
+#: keyword this torch has (``broadcast_buffers`` is deprecated where ``forward_sync_buffers`` exists)
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+                   else {"broadcast_buffers": False})
+
+
 def _seed_for(seed: int, global_it: int, rank: int) -> int:
     return (seed * 1_000_003 + global_it * 1_009 + rank) % (2**63 - 1)
 
@@ -187,11 +198,6 @@ def _resumable_checkpoint(path: str, model_name: str) -> dict:
     return ckpt
 
 
-def _rng_states() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
 class Trainer:
     """One pre-training run: everything is built (and every setting checked) in the constructor.
 
@@ -210,10 +216,10 @@ class Trainer:
         self.normalize = ImageNormalizer()                    # the loader's uint8 batches -> SparK's inputs
         self.outputs = RunOutputs(cfg.output_dir, self.model_name, self.ctx.is_main)
         self.resume_path = self._resume_path()
-        if self.ctx.is_main:
-            self.outputs.check_writable()
-            self.outputs.check_reusable(self.resume_path, cfg.overwrite, cmd, cfg.ep,
-                                        resume_auto=cfg.resume_from == RESUME_AUTO)
+        self._check_output_folder()
+        if cfg.overwrite and self.outputs.continues_this_folder(self.resume_path):
+            self._warn("--overwrite is ignored: the run resumes from this folder's own checkpoint, so its files are "
+                       "kept and its log is appended to")
         # read and checked now: a wrong file is named before minutes of kernel tuning, not after
         self.resume_checkpoint = _resumable_checkpoint(self.resume_path, self.model_name) if self.resume_path else None
         self.local_batch, self.global_batch, batch_warnings = split_global_batch(cfg.bs, self.ctx.world_size,
@@ -241,6 +247,8 @@ class Trainer:
                                 grad_ckpt=cfg.grad_ckpt)
         self.sync_bn = cfg.sbn and self.ctx.initialized and self.ctx.device.type == "cuda"
         self.spark: SparK = self._create_spark(self.speed.backend)
+        # loaded now, not at the first step: a file that does not fit is named before minutes of kernel tuning
+        self.init_note = load_pretrained(self.spark, cfg.init_weight) if cfg.init_weight else None
         self.autotune = self._autotune()          # backend 'auto': kernels measured (or the resumed run's plan)
         self.spark, self.speed = self.autotune.spark, self.speed.with_autotune(self.autotune)
         self.plan = self.spark.backend.plan(self.spark.encoder, self.ctx.device, self.amp_dtype or torch.float32)
@@ -251,7 +259,7 @@ class Trainer:
         if self.ctx.initialized:
             self.model = DistributedDataParallel(
                 self.spark, device_ids=[self.ctx.local_rank] if self.ctx.device.type == "cuda" else None,
-                broadcast_buffers=False)
+                **_NO_BUFFER_SYNC)
 
         self.peak_lr = cfg.lr(self.global_batch)
         self.beta2 = cfg.ada or default_beta2(self.spark.densify_norm_kind)
@@ -288,6 +296,21 @@ class Trainer:
                         build_masked=lambda: self._create_spark("masked"), plan_state=saved)
 
     # ------------------------------------------------------------------ settings checked before the first step
+    def _check_output_folder(self) -> None:
+        """The main process checks the folder; every process learns the outcome before the first collective
+        (the kernel tuning), so a refused run ends on every rank with one line, not a hung peer's traceback."""
+        refusal = None
+        if self.ctx.is_main:
+            try:
+                self.outputs.check_writable()
+                self.outputs.check_reusable(self.resume_path, self.cfg.overwrite, self.cmd, self.cfg.ep,
+                                            resume_auto=self.cfg.resume_from == RESUME_AUTO)
+            except ConfigError as err:
+                refusal = err
+        if self.ctx.any_rank(refusal is not None)[0]:
+            raise refusal or ConfigError(f"rank {self.ctx.rank}: stopped, the main process refused the output "
+                                         f"folder (its error above says why)")
+
     def _resume_path(self) -> Optional[str]:
         """``--resume_from``, with ``auto`` resolved to this folder's checkpoint (``None``: a new run)."""
         if self.cfg.resume_from != RESUME_AUTO:
@@ -320,7 +343,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.state.epoch, "iteration": self.state.iteration, "min_loss": self.state.min_loss,
                 "epoch_progress": progress if progress is not None else self.state.progress(),
-                "rng": _rng_states(), "args": self.cfg.as_dict(), "model_name": self.model_name,
+                "args": self.cfg.as_dict(), "model_name": self.model_name,
                 "autotune": self.autotune.plan_state()}
 
     def save(self, final: bool = False) -> None:
@@ -353,7 +376,9 @@ class Trainer:
         if self.state.iteration and "epoch_progress" not in ckpt:
             self._warn(f"{path} predates epoch_progress: epoch {self.state.epoch + 1}'s logged loss will cover only "
                        f"the iterations after the resume")
-        print(f"[spark-pretrain] resumed from {path}: epoch {self.state.epoch}, iteration {self.state.iteration}")
+        within = (f", then {self.state.iteration}/{self.iters_per_epoch} iterations of epoch {self.state.epoch + 1}"
+                  if self.state.iteration else "")
+        print(f"[spark-pretrain] resumed from {path}: {self.state.epoch} of {self.cfg.ep} epochs done{within}")
 
     # ------------------------------------------------------------------ one step
     def step(self, images: torch.Tensor, global_it: int, stop_requested: bool = False) -> tuple[float, bool]:
@@ -440,8 +465,8 @@ class Trainer:
     def run(self, max_epochs: Optional[int] = None) -> RunState:
         """Train to ``--ep`` (or for at most ``max_epochs`` more epochs, e.g. within a job's time slot)."""
         cfg = self.cfg
-        if cfg.init_weight:
-            print(f"[spark-pretrain] initialised from {cfg.init_weight} ({load_pretrained(self.spark, cfg.init_weight)})")
+        if self.init_note is not None:
+            print(f"[spark-pretrain] initialised from {cfg.init_weight} ({self.init_note})")
         if self.resume_path:
             self.resume(self.resume_path)
         fresh = cfg.overwrite and not self.outputs.continues_this_folder(self.resume_path)
@@ -494,11 +519,12 @@ class Trainer:
                 self.tb.add_scalar("train/loss", loss, global_it)
                 self.tb.add_scalar("train/lr", self.last_lr, global_it)
             if stop_now:
+                bar.n = state.iteration                      # the bar counts a step when the next one starts
                 bar.close()
                 self.save()
                 raise StopRequested(f"stopped after iteration {state.iteration}/{self.iters_per_epoch} of epoch "
-                                    f"{state.epoch + 1}/{cfg.ep} (counted as the progress bar does); resume with "
-                                    f"--resume_from={self.outputs.still_pretraining_path}")
+                                    f"{state.epoch + 1}/{cfg.ep}; resume with "
+                                    f"--resume_from={self.outputs.still_pretraining_path}", stop.signum)
         bar.close()
         unreadable = sorted(state.unreadable)
         for index in unreadable:
@@ -506,9 +532,11 @@ class Trainer:
                   f"({self.dataset.why_unreadable(index)}); replaced by the next image", file=sys.stderr)
         epoch_loss = self.ctx.all_mean(state.loss_sum / max(state.iteration, 1))   # the whole epoch, resumed or not
         elapsed = time.time() - start_time
+        # a resumed epoch ran only part of its iterations here: the estimate is per whole epoch
+        seconds_per_epoch = elapsed * self.iters_per_epoch / max(state.iteration - resumed_at, 1)
         state.min_loss = min(state.min_loss, epoch_loss)
         state.epoch, state.iteration, state.loss_sum, state.unreadable = state.epoch + 1, 0, 0.0, set()
-        remaining, finish = RunOutputs.eta(elapsed, cfg.ep - state.epoch)
+        remaining, finish = RunOutputs.eta(seconds_per_epoch, cfg.ep - state.epoch)
         self.save(final=state.epoch == cfg.ep)
         self.outputs.log_epoch({"epoch": state.epoch, "loss": epoch_loss, "min_loss": state.min_loss,
                                 "lr": self.last_lr, "images_per_s": round(seen / max(elapsed, 1e-9), 2),

@@ -159,7 +159,8 @@ class RunOutputs:
             resume = (f"continue it:  it is a run of {', '.join(others)}, not of {self.model}: add --model "
                       f"{others[0]} --resume_from=auto")
         else:
-            resume = f"continue it:  not possible, it has no {self.still_pretraining_path.name}"
+            resume = (f"continue it:  it has no {self.still_pretraining_path.name} (it stopped before its first "
+                      f"epoch ended); start it again, keeping its log: {base} --resume_from=auto")
         raise ConfigError(f"{self.dir}/ already holds a run ({', '.join(p.name for p in existing)}{progress}); "
                           f"nothing was written. To\n"
                           f"  {resume}\n"
@@ -177,6 +178,16 @@ class RunOutputs:
         if not os.access(existing, os.W_OK | os.X_OK):
             raise ConfigError(f"cannot write the output folder {self.dir}/: no write permission in {existing}; choose "
                               f"another --exp_dir or fix its permissions")
+        # what permissions do not tell (a read-only mount, /proc, root squash): make the missing folders and take
+        # them away again, so that nothing is left and the error comes before the run is built
+        missing = [self.dir, *self.dir.parents][:len(self.dir.relative_to(existing).parts)]
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"cannot create the output folder {self.dir}/ ({err.strerror}); choose another "
+                              f"--exp_dir") from None
+        for folder in missing:
+            folder.rmdir()
 
     def open(self, fresh: bool, capture_console: bool = False) -> "RunOutputs":
         """Create the folder; with ``fresh`` (``--overwrite``) delete a previous run's files first.
