@@ -137,7 +137,8 @@ def _validate_model(ctx, param, value: Optional[str]) -> Optional[str]:
       help="backend auto: on = time every kernel per layer before the first step (results cached in the user cache "
            "folder, SPARK_SPARSE_CACHE_DIR), cached = the cache only, off = the static rule")
 @_opt("autotune_budget", type=float, default=_SPARK_DEFAULTS.autotune_budget,
-      help="seconds of per-layer measurement at most; layers left keep the static rule")
+      help="seconds of per-layer measurement at most; layers left keep the static rule (the whole-encoder guard "
+           "then times the tuned, static and masked encoders, a few steps each, outside this budget)")
 @_opt("autotune_memory", type=click.FloatRange(min=0), default=_SPARK_DEFAULTS.autotune_memory,
       help="most the tuned step's estimated peak memory may be, as a multiple of masked's (from what one forward "
            "holds for backward, measured; layers move to kernels that hold less until it fits); 0 = no limit")

@@ -152,9 +152,12 @@ class RunOutputs:
                 or "spark-pretrain <same arguments>")
         others = sorted(models - {self.model})
         if self.still_pretraining_path.exists():
-            resume = f"continue it:  {base} --resume_from={self.still_pretraining_path}"
-            if epoch is not None and epoch >= epochs:
-                resume += f" --ep <more than {epoch}>   (it finished its {epoch} epochs)"
+            if epoch is not None and epoch >= epochs:       # the command's own --ep gives way to a larger one
+                longer = shlex.join(without_flags(shlex.split(base), valued=("ep",)))
+                resume = (f"continue it:  {longer} --resume_from={self.still_pretraining_path} --ep <more than "
+                          f"{epoch}>   (it finished its {epoch} epochs)")
+            else:
+                resume = f"continue it:  {base} --resume_from={self.still_pretraining_path}"
         elif others:
             resume = (f"continue it:  it is a run of {', '.join(others)}, not of {self.model}: add --model "
                       f"{others[0]} --resume_from=auto")
