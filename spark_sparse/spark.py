@@ -17,7 +17,7 @@ from .backends import Backend, create_backend
 from .backends.common import FeatureBatchNorm, FeatureLayerNorm, FeatureSyncBatchNorm
 from .decoder import LightDecoder
 from .errors import ConfigError
-from .features import FeatureMap
+from .features import FeatureMap, UnsupportedFeatureOperation
 from .mask import ActiveMask, kept_patches_per_image
 from .models import create_encoder, resolve_model_name
 
@@ -51,6 +51,25 @@ def normalize_patches(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     mean = patches.mean(dim=-1, keepdim=True)
     std = (patches.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
     return (patches - mean) / std, mean, std
+
+
+def _naming_the_module(error: UnsupportedFeatureOperation, encoder: nn.Module) -> UnsupportedFeatureOperation:
+    """``error`` (a block's forward asked a feature map for something it cannot do) with the innermost module of
+    ``encoder`` whose forward was running when it was raised, found in its traceback: a user's block is named
+    without any cost to forwards that succeed. Messages that name their layer already are kept as they are."""
+    names = {id(module): name for name, module in encoder.named_modules()}
+    culprit, frame = None, error.__traceback__
+    while frame is not None:
+        candidate = frame.tb_frame.f_locals.get("self")
+        if isinstance(candidate, nn.Module) and id(candidate) in names:
+            culprit = candidate
+        frame = frame.tb_next
+    if culprit is None or not names[id(culprit)] or names[id(culprit)] in str(error):
+        return error
+    kind = f"{type(culprit).__module__}.{type(culprit).__qualname__}"
+    named = type(error)(f"in module {names[id(culprit)]!r} ({kind}): {error}")
+    named.__traceback__ = error.__traceback__
+    return named
 
 
 class SparK(nn.Module):
@@ -152,7 +171,10 @@ class SparK(nn.Module):
         """Hierarchical features of the masked images, finest first, in the backend's representation."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.encoder(self.backend.features_from_image(images, mask), hierarchical=True)
+        try:
+            return self.encoder(self.backend.features_from_image(images, mask), hierarchical=True)
+        except UnsupportedFeatureOperation as err:
+            raise _naming_the_module(err, self.encoder) from None
 
     def densify(self, features: list[FeatureMap]) -> list[torch.Tensor]:
         """Coarsest first: norm over active sites, mask tokens at masked sites, projection."""

@@ -1,4 +1,6 @@
 """The SparK module: densify, decoder, loss, reconstruction and the public API's errors."""
+import types
+
 import pytest
 import torch
 import torch.nn as nn
@@ -162,3 +164,19 @@ def test_wrong_shaped_mask_is_refused():
 def test_mask_ratio_that_leaves_nothing_visible_is_refused():
     with pytest.raises(ValueError, match="keeps round"):
         ss.create_spark("tiny_cnn", input_size=64, mask_ratio=0.9)
+
+
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+def test_an_operation_a_feature_map_refuses_names_the_block_that_asked_for_it(backend):
+    """A block's forward doing what a feature map cannot (here a transpose of H and W) fails naming that block,
+    found in the traceback (the map's own message cannot know which module called it)."""
+    spark = ss.create_spark("resnet18", backend=backend, input_size=64)
+    block = spark.encoder.model.layer2[0]
+
+    def transposing_forward(self, x):
+        return x.permute(0, 1, 3, 2)
+
+    block.forward = types.MethodType(transposing_forward, block)
+    with pytest.raises(ss.UnsupportedFeatureOperation,
+                       match=r"^in module 'model\.layer2\.0' \(timm\.models\.resnet\.BasicBlock\): .*permute"):
+        spark(torch.randn(2, 3, 64, 64))
