@@ -209,22 +209,18 @@ def launch_command(argv: list[str]) -> str:
     executable), and under torchrun its launch flags in front, so that a resume runs as many processes."""
     words = list(argv[1:])
     program = Path(argv[0]) if argv else Path("spark-pretrain")
-    if program.resolve() == Path(__file__).resolve():
-        prefix = ["-m", "spark_sparse.cli"]
-        if not under_torchrun():
-            prefix = ["python"] + prefix
+    if under_torchrun():                                   # a console script too: torchrun runs the module
+        local, world = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), int(os.environ["WORLD_SIZE"])
+        prefix = ["torchrun", f"--nnodes={max(world // max(local, 1), 1)}", f"--nproc_per_node={local}"]
+        if world > local:
+            prefix += [f"--node_rank={os.environ.get('GROUP_RANK', 0)}",
+                       f"--master_addr={os.environ.get('MASTER_ADDR', '127.0.0.1')}",
+                       f"--master_port={os.environ.get('MASTER_PORT', 29500)}"]
+        prefix += ["-m", "spark_sparse.cli"]
+    elif program.resolve() == Path(__file__).resolve():
+        prefix = ["python", "-m", "spark_sparse.cli"]
     else:
         prefix = [str(program)]
-    if under_torchrun():
-        local, world = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), int(os.environ["WORLD_SIZE"])
-        launcher = ["torchrun", f"--nnodes={max(world // max(local, 1), 1)}", f"--nproc_per_node={local}"]
-        if world > local:
-            launcher += [f"--node_rank={os.environ.get('GROUP_RANK', 0)}",
-                         f"--master_addr={os.environ.get('MASTER_ADDR', '127.0.0.1')}",
-                         f"--master_port={os.environ.get('MASTER_PORT', 29500)}"]
-        if prefix[0] != "-m":                              # a console script under torchrun: run its module
-            prefix = ["-m", "spark_sparse.cli"]
-        prefix = launcher + prefix
     return shlex.join(prefix + words)
 
 

@@ -404,6 +404,8 @@ def test_the_folder_guard_suggests_commands_that_fit_what_it_found(folder, tmp_p
     message = str(err.value)
     assert "spark-pretrain t --resume_from=" in message and "--resume_from=auto" not in message
     assert "--ep <more than 3>" in message and "--ep=2" not in message.split("start over")[0]
+    with pytest.raises(ConfigError, match=r"continue it:  spark-pretrain <same arguments> --resume_from="):
+        Trainer(tiny_config(folder, tmp_path / "out"), "")                # a library call: no command to quote
     logs_only = tmp_path / "logs_only"
     logs_only.mkdir()
     (logs_only / "pretrain_log.txt").write_text('{"name": "t", "args": {}}\n')

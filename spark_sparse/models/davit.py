@@ -42,11 +42,6 @@ for _composite in (DaVit, DaVitStage, ConvPosEnc):
 register_converter(WindowAttention)(FeatureTokenAttention.of_token_sequence)
 
 
-def _convert_children(backend, new: nn.Module, old: nn.Module, name: str) -> None:
-    for child, module in old.named_children():
-        setattr(new, child, backend.convert_module(module, f"{name}.{child}"))
-
-
 def _refuse_padding(x: FeatureMap, kernel: tuple[int, int], name: str) -> None:
     """timm's DaViT pads a map to a multiple of ``kernel`` with zeros: none on SparK's maps, else refused."""
     height, width = x.mask.dense_at(x.stride).shape[-2:]
@@ -62,7 +57,8 @@ class FeatureDavitStem(nn.Module):
 
     def __init__(self, backend, stem: Stem, name: str = ""):
         super().__init__()
-        _convert_children(backend, self, stem, name)
+        adopt_module(self, stem)
+        backend.convert_children(self, prefix=f"{name}.")
         self.stride, self.layer_name = tuple(stem.stride), name
 
     def forward(self, x: FeatureMap) -> FeatureMap:
@@ -76,7 +72,8 @@ class FeatureDavitDownsample(nn.Module):
 
     def __init__(self, backend, downsample: Downsample, name: str = ""):
         super().__init__()
-        _convert_children(backend, self, downsample, name)
+        adopt_module(self, downsample)
+        backend.convert_children(self, prefix=f"{name}.")
         self.even_k, self.kernel_size, self.layer_name = downsample.even_k, downsample.conv.kernel_size, name
 
     def forward(self, x: FeatureMap) -> FeatureMap:
@@ -121,27 +118,35 @@ class FeatureChannelAttention(nn.Module):
         return ChannelsLastView(tokens.with_active_rows(self.proj(token_rows(tokens, out))))
 
 
-def _mlp_half(block: nn.Module, x: FeatureMap) -> FeatureMap:
-    """The blocks' second half: ``x + drop_path2(mlp(norm2(x)))`` on the tokens, when the block has an MLP."""
-    if block.mlp is None:
-        return x
-    tokens = ChannelsLastView(x)
-    return (tokens + block.drop_path2(block.mlp(block.norm2(tokens)))).channels_first
+class _FeatureDavitBlock(nn.Module):
+    """What DaViT's two blocks share: their children converted (``norm2``, ``mlp``, ``drop_path2`` are plain
+    ``None`` attributes without an MLP, ``ffn=False``) and the MLP half on the tokens."""
+
+    def __init__(self, backend, block: nn.Module, name: str = ""):
+        super().__init__()
+        adopt_module(self, block)
+        backend.convert_children(self, prefix=f"{name}.")
+        for optional in ("norm2", "mlp", "drop_path2"):
+            if getattr(block, optional, None) is None:
+                setattr(self, optional, None)
+        self.layer_name = name
+
+    def _mlp_half(self, x: FeatureMap) -> FeatureMap:
+        """``x + drop_path2(mlp(norm2(x)))`` on the tokens, when the block has an MLP."""
+        if self.mlp is None:
+            return x
+        tokens = ChannelsLastView(x)
+        return (tokens + self.drop_path2(self.mlp(self.norm2(tokens)))).channels_first
 
 
 @register_converter(SpatialBlock)
-class FeatureSpatialBlock(nn.Module):
+class FeatureSpatialBlock(_FeatureDavitBlock):
     """DaViT's window-attention block: attention among the active tokens of each 7x7 window (groups of
     sites, :class:`~spark_sparse.backends.site_groups.SiteGroups`), drop path per image as timm draws it."""
 
     def __init__(self, backend, block: SpatialBlock, name: str = ""):
-        super().__init__()
-        _convert_children(backend, self, block, name)
-        for optional in ("norm2", "mlp", "drop_path2"):                # None without an MLP (ffn=False)
-            if getattr(block, optional, None) is None:
-                setattr(self, optional, None)
-        self.window_size, self.layer_name = tuple(block.window_size), name
-        self.train(block.training)
+        super().__init__(backend, block, name)
+        self.window_size = tuple(block.window_size)
 
     def _windows(self, x: FeatureMap) -> SiteGroups:
         def refusal(what: str) -> str:
@@ -156,25 +161,17 @@ class FeatureSpatialBlock(nn.Module):
         normed = self.norm1(ChannelsLastView(shortcut)).channels_first
         attended = self.attn(ChannelsLastView(windows.unfold(normed))).channels_first
         x = shortcut + self.drop_path1(windows.fold(attended, like=shortcut))
-        return _mlp_half(self, self.cpe2(x))
+        return self._mlp_half(self.cpe2(x))
 
 
 @register_converter(ChannelBlock)
-class FeatureChannelBlock(nn.Module):
+class FeatureChannelBlock(_FeatureDavitBlock):
     """DaViT's channel-attention block on the map's tokens (its channel attention: :class:`FeatureChannelAttention`)."""
-
-    def __init__(self, backend, block: ChannelBlock, name: str = ""):
-        super().__init__()
-        _convert_children(backend, self, block, name)
-        for optional in ("norm2", "mlp", "drop_path2"):
-            if getattr(block, optional, None) is None:
-                setattr(self, optional, None)
-        self.train(block.training)
 
     def forward(self, x: FeatureMap) -> FeatureMap:
         tokens = ChannelsLastView(self.cpe1(x))
         x = (tokens + self.drop_path1(self.attn(self.norm1(tokens)))).channels_first
-        return _mlp_half(self, self.cpe2(x))
+        return self._mlp_half(self.cpe2(x))
 
 
 register_timm_encoder("davit_tiny", 0.1, densify_norm="ln", tested=True)

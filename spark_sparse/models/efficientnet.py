@@ -44,7 +44,7 @@ from timm.models.efficientnet import EfficientNet
 from timm.models.mobilenetv3 import MobileNetV3
 
 from ..backends import register_container, register_converter
-from ..backends.common import adopt_state
+from ..backends.common import adopt_module, adopt_state
 from ..backends.attention import ImageGate
 from ..backends.per_image import image_means
 from ..backends.token_attention import attend_among_active_tokens, describe_token_attention
@@ -148,10 +148,9 @@ class FeatureCondConvResidual(nn.Module):
 
     def __init__(self, backend, block: CondConvResidual, name: str = ""):
         super().__init__()
-        for child, module in block.named_children():
-            setattr(self, child, module if child == "routing_fn" else backend.convert_module(module, f"{name}.{child}"))
+        adopt_module(self, block)
+        backend.convert_children(self, prefix=f"{name}.", skip=frozenset({f"{name}.routing_fn"}))
         self.has_skip = block.has_skip
-        self.train(block.training)
 
     def forward(self, x: FeatureMap) -> FeatureMap:
         shortcut = x

@@ -40,6 +40,7 @@ from timm.models.mobilevit import LinearSelfAttention, LinearTransformerBlock, M
 from timm.models.vision_transformer import Block as TransformerBlock
 
 from ..backends import register_container, register_converter
+from ..backends.common import adopt_module
 from ..backends.per_image import image_softmax, image_sums, per_site_values
 from ..backends.site_groups import SiteGroups
 from ..backends.token_attention import FeatureTokenAttention
@@ -62,11 +63,6 @@ def patch_positions(x: FeatureMap, patch: tuple[int, int], name: str) -> SiteGro
     return SiteGroups.of(x, patch, by_position=True, refusal=refusal)
 
 
-def _convert_children(backend, new: nn.Module, old: nn.Module, name: str) -> None:
-    for child, module in old.named_children():
-        setattr(new, child, backend.convert_module(module, f"{name}.{child}"))
-
-
 @register_converter(MobileVitBlock)
 class FeatureMobileVitBlock(nn.Module):
     """timm's ``MobileVitBlock``: convs on the map, the transformer on its patch positions (a map of their own,
@@ -74,11 +70,11 @@ class FeatureMobileVitBlock(nn.Module):
 
     def __init__(self, backend, block: MobileVitBlock, name: str = ""):
         super().__init__()
-        _convert_children(backend, self, block, name)
+        adopt_module(self, block)
+        backend.convert_children(self, prefix=f"{name}.")
         if block.conv_fusion is None:                                   # timm's no_fusion option
             self.conv_fusion = None
         self.patch_size, self.layer_name = tuple(block.patch_size), name
-        self.train(block.training)
 
     def forward(self, x: FeatureMap) -> FeatureMap:
         shortcut = x
@@ -106,10 +102,10 @@ class FeatureLinearSelfAttention(nn.Module):
 
     def __init__(self, backend, attention: LinearSelfAttention, name: str = ""):
         super().__init__()
-        _convert_children(backend, self, attention, name)
+        adopt_module(self, attention)
+        backend.convert_children(self, prefix=f"{name}.")
         self.embed_dim, self.layer_name = attention.embed_dim, name
         self.patch_size: Optional[tuple[int, int]] = None
-        self.train(attention.training)
 
     def forward(self, x: FeatureMap, x_prev: Optional[FeatureMap] = None) -> FeatureMap:
         if x_prev is not None:
@@ -135,12 +131,12 @@ class FeatureMobileVitV2Block(nn.Module):
 
     def __init__(self, backend, block: MobileVitV2Block, name: str = ""):
         super().__init__()
-        _convert_children(backend, self, block, name)
+        adopt_module(self, block)
+        backend.convert_children(self, prefix=f"{name}.")
         self.patch_size, self.layer_name = tuple(block.patch_size), name
         for module in self.transformer.modules():
             if isinstance(module, FeatureLinearSelfAttention):
                 module.patch_size = self.patch_size
-        self.train(block.training)
 
     def forward(self, x: FeatureMap) -> FeatureMap:
         patch_positions(x, self.patch_size, self.layer_name)            # refuses maps timm would interpolate

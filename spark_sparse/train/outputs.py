@@ -148,12 +148,13 @@ class RunOutputs:
             return
         epoch = self.last_logged_epoch()
         progress = f"; last logged epoch {epoch}/{epochs}" if epoch is not None else ""
-        base = (shlex.join(without_flags(shlex.split(cmd), valued=("resume_from", "resume"), bare=("overwrite",)))
-                or "spark-pretrain <same arguments>")
+        words = without_flags(shlex.split(cmd), valued=("resume_from", "resume"), bare=("overwrite",))
+        unknown = "spark-pretrain <same arguments>"                 # a library call passes no command
+        base = shlex.join(words) or unknown
         others = sorted(models - {self.model})
         if self.still_pretraining_path.exists():
             if epoch is not None and epoch >= epochs:       # the command's own --ep gives way to a larger one
-                longer = shlex.join(without_flags(shlex.split(base), valued=("ep",)))
+                longer = shlex.join(without_flags(words, valued=("ep",))) or unknown
                 resume = (f"continue it:  {longer} --resume_from={self.still_pretraining_path} --ep <more than "
                           f"{epoch}>   (it finished its {epoch} epochs)")
             else:
@@ -184,13 +185,16 @@ class RunOutputs:
         # what permissions do not tell (a read-only mount, /proc, root squash): make the missing folders and take
         # them away again, so that nothing is left and the error comes before the run is built
         missing = [self.dir, *self.dir.parents][:len(self.dir.relative_to(existing).parts)]
+        self._make_folder()
+        for folder in missing:
+            folder.rmdir()
+
+    def _make_folder(self) -> None:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise ConfigError(f"cannot create the output folder {self.dir}/ ({err.strerror}); choose another "
                               f"--exp_dir") from None
-        for folder in missing:
-            folder.rmdir()
 
     def open(self, fresh: bool, capture_console: bool = False) -> "RunOutputs":
         """Create the folder; with ``fresh`` (``--overwrite``) delete a previous run's files first.
@@ -200,11 +204,7 @@ class RunOutputs:
         a library call of :func:`~spark_sparse.train.engine.pretrain` leaves the caller's streams alone.
         """
         if self.is_main:
-            try:
-                self.dir.mkdir(parents=True, exist_ok=True)
-            except OSError as err:   # what check_writable cannot see (a read-only mount, a full disk, root squash)
-                raise ConfigError(f"cannot create the output folder {self.dir}/ ({err.strerror}); choose another "
-                                  f"--exp_dir") from None
+            self._make_folder()      # checked before the run was built; a disk may have filled since
             if fresh:
                 for path in self.existing_run_files():
                     path.unlink()
