@@ -94,6 +94,9 @@ ENCODERS = {
     # DaViT: window attention among each 7x7 window's active tokens, channel attention over each image's active
     # tokens; at 224 px (the windows tile only multiples of 224), one block per stage, narrow
     "davit_tiny": (224, 2, dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8))),
+    # EfficientFormer: PoolFormer-like blocks, then (at stride 32, 224 px only) attention among each image's active
+    # tokens with the learnt bias of each pair's grid positions; narrow, one block per stage and one attention block
+    "efficientformer_l1": (224, 2, dict(depths=(1, 1, 1, 2), embed_dims=(16, 32, 64, 128))),
     # CondConv EfficientNet: per-image routing over active sites, expert-mixed convs on the dense masked map
     "efficientnet_cc_b0_4e": (64, 2, {}),
     # split into square and band (1 x k, k x 1) depthwise convs; per-channel layer scale, drawn at 1 (timm:

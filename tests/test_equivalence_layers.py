@@ -11,6 +11,8 @@ from timm.models._efficientnet_blocks import CondConvResidual, MobileAttention, 
 from timm.models.davit import ChannelBlock as DavitChannelBlock
 from timm.models.davit import SpatialBlock as DavitSpatialBlock
 from timm.models.edgenext import SplitTransposeBlock
+from timm.models.efficientformer import Flat as EfficientFormerFlat
+from timm.models.efficientformer import MetaBlock1d as EfficientFormerMetaBlock1d
 from timm.models.efficientvit_mit import LiteMLA
 from timm.models.swiftformer import Block as SwiftFormerBlock
 from timm.models.swiftformer import EfficientAdditiveAttention
@@ -23,7 +25,7 @@ from timm.models.metaformer import Attention as MetaFormerAttention
 from timm.models.metaformer import (GroupNorm1NoBias, LayerNorm2dNoBias, LayerNormNoBias, MetaFormerStage, Pooling,
                                     StarReLU)
 
-from spark_sparse import ActiveMask
+from spark_sparse import ActiveMask, register_container
 from spark_sparse.backends.pools import ConstantPadMaxPool2d
 
 from equivalence import assert_layer_pair_matches, run_layer_pair, sparse_backend_params
@@ -56,6 +58,22 @@ def fastvit_attention_block(dim: int, head_dim: int) -> FastVitAttentionBlock:
     block = FastVitAttentionBlock(dim, mlp_ratio=2.0)
     block.token_mixer = FastVitAttention(dim, head_dim=head_dim)
     return block
+
+
+@register_container
+class TokensAsMap(nn.Module):
+    """``x.permute(0, 3, 1, 2)``: a token stage's output (a channels-last view) back to the map the table compares."""
+
+    def forward(self, x):
+        return x.permute(0, 3, 1, 2)
+
+
+def efficientformer_token_block(dim: int) -> nn.Module:
+    """EfficientFormer's last-stage tail: the map flattened to tokens, one attention block (2 heads of 4-channel
+    queries and keys, 8-channel values, biases for the 7x7 grid), the tokens as a map again."""
+    block = EfficientFormerMetaBlock1d(dim, mlp_ratio=2.0)
+    block.token_mixer = type(block.token_mixer)(dim, key_dim=4, num_heads=2, attn_ratio=2, resolution=7)
+    return nn.Sequential(EfficientFormerFlat(), block, TokensAsMap())
 
 
 # name -> (layer factory, input stride, input channels)
@@ -177,6 +195,9 @@ LAYERS = {
     "davit_channel_block": (lambda: scaled(randomized(DavitChannelBlock(8, num_heads=2, qkv_bias=True)), 0.5), 4, 8),
     "davit_channel_block_v2": (lambda: scaled(randomized(
         DavitChannelBlock(8, num_heads=2, qkv_bias=True, v2=True)), 0.5), 8, 8),
+    # EfficientFormer's attention block at stride 32 (the 7x7 map of a 224 px image): LayerNorm, softmax attention
+    # among each image's active tokens plus a learnt bias per head and relative position, layer scales, Linear MLP
+    "efficientformer_token_block": (lambda: scaled(randomized(efficientformer_token_block(8)), 0.5), 32, 8),
     # CondConv EfficientNet's block: routing weights from each image's mean over its active sites, expert-mixed
     # 1x1, depthwise 3x3 (strided) and 1x1 convs per image (timm's grouped conv on the dense masked map)
     "condconv_residual": (lambda: scaled(randomized(CondConvResidual(8, 8, exp_ratio=2.0, num_experts=3)), 0.5), 4, 8),
@@ -199,15 +220,16 @@ MASKS = {   # name -> (batch, patch grid); images are grid * 32 px, so stride-4 
 }
 
 
-#: layers whose maps must tile by windows of their own: DaViT's 7x7 windows tile the square grids' 14x14 map at
-#: stride 16, not the non-square one's 14x18 (no window size both tile and straddle its patches), so that
-#: mask is not paired with them (the layer refuses such maps: tests/test_models_semantics.py)
-WINDOWED_LAYERS = {"davit_spatial_block"}
+#: layers whose maps must have a shape of their own: DaViT's 7x7 windows tile the square grids' 14x14 map at
+#: stride 16, not the non-square one's 14x18 (no window size both tile and straddle its patches); EfficientFormer's
+#: attention biases exist for a 7x7 grid alone. That mask is not paired with them (the layers refuse such maps:
+#: tests/test_models_semantics.py)
+SQUARE_GRID_LAYERS = {"davit_spatial_block", "efficientformer_token_block"}
 
 
 def masks_for(layer_name: str) -> list[str]:
     """The masks a layer of the table is checked on."""
-    return [name for name in MASKS if not (layer_name in WINDOWED_LAYERS and name == "random_b1_nonsquare")]
+    return [name for name in MASKS if not (layer_name in SQUARE_GRID_LAYERS and name == "random_b1_nonsquare")]
 
 
 @pytest.mark.parametrize("backend", sparse_backend_params())

@@ -18,6 +18,7 @@ from timm.layers.grn import GlobalResponseNorm
 from timm.models.davit import ChannelBlock as DavitChannelBlock
 from timm.models.davit import SpatialBlock as DavitSpatialBlock
 from timm.models.edgenext import SplitTransposeBlock
+from timm.models.efficientformer import Attention as EfficientFormerAttention
 from timm.models.efficientvit_mit import LiteMLA
 from timm.models.focalnet import FocalModulation
 from timm.models.mobilevit import LinearSelfAttention, MobileVitBlock, MobileVitV2Block
@@ -424,6 +425,67 @@ def test_a_davit_map_that_its_windows_do_not_tile_is_refused(backend):
     with pytest.raises(UnsupportedFeatureOperation, match=r"16x16 map at stride 4 does not tile by the 7x7 windows.*"
                                                           r"a multiple of 224"):
         spark(torch.randn(2, 3, 64, 64))
+
+
+def _efficientformer_attention_by_hand(layer: EfficientFormerAttention, tokens: torch.Tensor,
+                                       positions: torch.Tensor) -> torch.Tensor:
+    """EfficientFormer's attention written out for one image's tokens ``[n, C]`` at grid ``positions`` ``[n]``:
+    per head ``softmax(q k^T * scale + bias of each pair's positions) v``, heads concatenated, projected."""
+    heads, key_dim, val_dim = layer.num_heads, layer.key_dim, layer.val_dim
+    q, k, v = layer.qkv(tokens).view(len(tokens), heads, -1).split([key_dim, key_dim, val_dim], dim=-1)
+    biases = layer.attention_biases[:, layer.attention_bias_idxs[positions][:, positions]]      # [heads, n, n]
+    outs = [((q[:, h] @ k[:, h].T) * layer.scale + biases[h]).softmax(-1) @ v[:, h] for h in range(heads)]
+    return layer.proj(torch.cat(outs, dim=-1))
+
+
+@pytest.mark.parametrize("backend", ["masked", "torch", "sparse"])
+def test_efficientformer_attention_attends_among_active_tokens_with_the_bias_of_their_grid_positions(backend):
+    """Images of 3x3 patches, 4 and 2 visible, at stride 32 (a 3x3 token grid, biases built for it): at each
+    image's active tokens the output is the attention among those tokens alone, each pair keeping the learnt
+    bias of its positions on the grid (not of its order among the active tokens); 0 at masked sites. timm's
+    layer on the whole masked map differs (its masked tokens are keys)."""
+    mask = _mask()
+    layer = randomized(EfficientFormerAttention(8, key_dim=4, num_heads=2, attn_ratio=2, resolution=3)).double()
+    x = _input(mask, stride=32)
+    converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(layer)))
+    out = converted(ChannelsLastView(_feature_map(backend, x, mask, 32))).channels_first.to_dense()
+    site = mask.dense_at(32)
+    assert torch.all(out * ~site == 0)
+    for image in range(2):
+        positions = site[image, 0].flatten().nonzero()[:, 0]                     # row-major, as the rows
+        expected = _efficientformer_attention_by_hand(layer, _active_values(x, mask, image, stride=32), positions)
+        torch.testing.assert_close(_active_values(out, mask, image, stride=32), expected, rtol=1e-12, atol=1e-12)
+        by_rank = _efficientformer_attention_by_hand(layer, _active_values(x, mask, image, stride=32),
+                                                     torch.arange(len(positions)))
+        assert not torch.allclose(by_rank, expected)
+    whole_map = layer(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(x.shape)
+    assert not torch.allclose(whole_map[0] * site[0], out[0])
+
+
+@pytest.mark.parametrize("backend", ["masked", "torch", "sparse"])
+def test_efficientformer_attention_with_every_site_visible_is_timms_layer(backend):
+    layer = randomized(EfficientFormerAttention(8, key_dim=4, num_heads=2, attn_ratio=2, resolution=3)).double()
+    mask, x = ActiveMask.full(2, (3, 3)), torch.randn(2, 8, 3, 3, dtype=torch.float64)
+    converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(layer)))
+    out = converted(ChannelsLastView(_feature_map(backend, x, mask, 32))).channels_first.to_dense()
+    expected = layer(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(x.shape)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_an_efficientformer_at_another_input_size_than_its_attention_biases_is_refused(backend):
+    """The biases exist for the 7x7 grid of a 224 px image: a 256 px encoder is refused at its first forward,
+    naming the size that works; on a map (not the token sequence) the attention is refused too."""
+    spark = ss.create_spark("efficientformer_l1", backend=backend, input_size=256, depths=(1, 1, 1, 2),
+                            embed_dims=(16, 32, 64, 128))
+    with pytest.raises(UnsupportedFeatureOperation, match=r"learnt for a 7x7 token grid, got a 8x8 map at stride 32; "
+                                                          r"use input size 224"):
+        spark(torch.randn(2, 3, 256, 256))
+    layer = EfficientFormerAttention(8, key_dim=4, num_heads=2, attn_ratio=2, resolution=3).double()
+    converted = ss.create_backend(backend).convert(nn.Sequential(layer))
+    mask = _mask()
+    with pytest.raises(UnsupportedFeatureOperation, match=r"takes the token sequence \(a channels-last view\)"):
+        converted(_feature_map(backend, _input(mask, stride=32), mask, 32))
 
 
 @pytest.mark.parametrize("backend", ["masked", "torch", "sparse"])

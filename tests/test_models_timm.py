@@ -47,11 +47,13 @@ DEFAULTS = {"resnet50d": (0.05, "bn"), "seresnet50": (0.05, "bn"), "resnext50_32
             "caformer_s18": (0.1, "ln"), "fastvit_sa12": (0.0, "bn"), "mobilenetv4_hybrid_medium": (0.0, "bn"),
             "mobilevit_xs": (0.0, "bn"), "mobilevitv2_050": (0.0, "bn"), "efficientnet_cc_b0_4e": (0.0, "bn"),
             # window attention (7x7 windows) and channel attention among each image's active tokens
-            "davit_tiny": (0.1, "ln")}
+            "davit_tiny": (0.1, "ln"),
+            # attention with relative-position biases among each image's active tokens (7x7 grid: 224 px only)
+            "efficientformer_l1": (0.0, "bn")}
 FAMILY_MODELS = list(DEFAULTS)
-#: nets whose blocks tile their maps by windows: only input sizes that every window covers (DaViT's 7x7 windows at
-#: stride 32: multiples of 224) run, smaller ones are refused (timm would pad with tokens that attend)
-INPUT_SIZE = {"davit_tiny": 224}
+#: nets whose blocks need maps of their own sizes: DaViT's 7x7 windows tile multiples of 224 only (smaller inputs
+#: are refused: timm would pad with tokens that attend), EfficientFormer's attention biases exist for 224 px alone
+INPUT_SIZE = {"davit_tiny": 224, "efficientformer_l1": 224}
 #: timm nets that compute part of their forward in fp32 whatever the model's dtype: EfficientViT's LiteMLA
 #: casts q, k, v with ``.float()`` (ours keeps at least their dtype), so in fp64 timm's own features carry
 #: fp32 rounding of its attention (8e-8 relative here); compared at fp32's precision instead of 1e-9
@@ -152,6 +154,7 @@ def test_an_rms_norm_convnext_runs_by_its_timm_name_with_sparks_layernorm_densif
     ("lambda_resnet26t", ss.UnsupportedModuleError, r"'model\.stages\.2\.1' of type .*SelfAttnBlock"),
     ("nextvit_small", ss.UnsupportedModuleError, r"'model' of type .*NextViT"),
     ("ghostnetv2_100", ss.UnsupportedModuleError, r"'model\.blocks\.2\.0\.ghost1' of type .*GhostModuleV2"),
+    ("efficientformerv2_s0", UnsuitableModelError, r"fails on a 64px image \(RuntimeError: shape '\[1, 8, -1, 49\]'"),
     ("vit_tiny_patch16_224", UnsuitableModelError, r"no feature map at stride\(s\) \[4, 8, 32\]"),
     # timm's own forward refuses other sizes: a bare assert (BoTNet), a shape error (LambdaNet)
     ("botnet26t_256", UnsuitableModelError, r"'botnet26t_256' .* fails on a 64px image \(AssertionError: no message\)"),

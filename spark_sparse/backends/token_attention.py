@@ -36,7 +36,7 @@ from .common import adopt_module
 from .per_image import active_counts
 
 __all__ = ["FeatureTokenAttention", "attend_among_active_tokens", "describe_token_attention", "token_batch",
-           "token_rows", "token_slots"]
+           "token_positions", "token_rows", "token_slots"]
 
 
 @singledispatch
@@ -67,6 +67,18 @@ def _(x: SparseRows) -> tuple[torch.Tensor, int]:
     return x.mask.cached(("token-slots-packed", x.stride), build)
 
 
+def token_positions(x: FeatureMap) -> torch.Tensor:
+    """``[B, L]``: the map position ``y * W + x`` of the token in each slot of :func:`token_slots` (0 where no
+    active row is), for attention biases indexed by position (EfficientFormer's)."""
+    def build() -> torch.Tensor:
+        slots, length = token_slots(x)
+        _, y, w = x.mask.coords_at(x.stride).unbind(1)
+        width = x.mask.dense_at(x.stride).shape[-1]
+        positions = torch.zeros(x.mask.batch_size * length, dtype=torch.long, device=slots.device)
+        return positions.index_copy_(0, slots, y * width + w).view(x.mask.batch_size, length)
+    return x.mask.cached(("token-positions", type(x).__name__, x.stride), build)
+
+
 def describe_token_attention(feature_type: type) -> str:
     """What runs an attention layer on ``feature_type`` maps, for the backend's printed plan."""
     if issubclass(feature_type, MaskedDense):
@@ -95,11 +107,15 @@ def _padded(rows: torch.Tensor, slots: torch.Tensor, batch: int, length: int) ->
 
 
 def attend_among_active_tokens(queries: FeatureMap, query: torch.Tensor, keys: FeatureMap, key: torch.Tensor,
-                               value: torch.Tensor, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+                               value: torch.Tensor, scale: float, dropout_p: float = 0.0,
+                               position_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``[N_q, heads * d_v]``: softmax attention of ``query`` (``[N_q, heads, d]``, rows of the active sites of
-    ``queries``) over ``key`` and ``value`` (``[N_k, heads, d]``, rows of the active sites of ``keys``: the same
+    ``queries``) over ``key`` and ``value`` (``[N_k, heads, d_v]``, rows of the active sites of ``keys``: the same
     map, or one at a coarser stride as MobileNet-V4's downsampled keys) among the active tokens of each image,
-    heads concatenated as timm's layers do."""
+    heads concatenated as timm's layers do.
+
+    ``position_bias`` (self-attention only, ``keys is queries``): ``[heads, P, P]`` added to the logit of a query
+    at map position ``i`` and a key at ``j`` (positions ``y * W + x``, :func:`token_positions`)."""
     batch = queries.mask.batch_size
     key_slots, key_length = token_slots(keys)
     is_key = torch.zeros(batch * key_length, dtype=torch.bool, device=key_slots.device).index_fill_(0, key_slots, True)
@@ -107,9 +123,16 @@ def attend_among_active_tokens(queries: FeatureMap, query: torch.Tensor, keys: F
     # a group of tokens without any active one (MobileViT's patch positions, DaViT's windows) would
     # softmax over no key at all (NaN): give it its first (zero) padding slot; none of its rows is read back
     is_key[:, 0] |= ~is_key.any(1)
+    attn_mask = is_key.view(batch, 1, 1, key_length)
+    if position_bias is not None:
+        if keys is not queries:
+            raise ValueError("a position bias is defined for self-attention only (keys is queries)")
+        positions = token_positions(keys)                                          # [B, L]
+        bias = position_bias[:, positions.unsqueeze(2), positions.unsqueeze(1)]    # [heads, B, L, L]
+        attn_mask = bias.transpose(0, 1).to(query.dtype).masked_fill(~attn_mask, float("-inf"))
     out = F.scaled_dot_product_attention(
         token_batch(queries, query), token_batch(keys, key), token_batch(keys, value),
-        attn_mask=is_key.view(batch, 1, 1, key_length), dropout_p=dropout_p, scale=scale)
+        attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
     return token_rows(queries, out)
 
 

@@ -12,6 +12,10 @@ in their ``forward_features``) and ``stop_early=True``. Top-level children that 
 calls (classifier heads, EfficientNet's ``conv_head``) are found once, by a dense probe at
 construction, and left out of conversion.
 
+A family whose ``forward_intermediates`` cannot run on feature maps (it reads ``x.shape`` to unflatten a
+token sequence, as EfficientFormer's) registers its own hierarchical forward, and the input size its
+attention is built for (:func:`register_feature_forward`).
+
 Families register their names with SparK-style defaults (:func:`register_timm_encoder`); any other
 timm name works through a fallback when its layers are supported and its features come at strides
 4..32 (a layer that is not fails at conversion, naming it). Model families also declare their
@@ -19,7 +23,8 @@ blocks (containers, converters) in their modules beside this one.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import timm
 import torch
@@ -31,8 +36,8 @@ from ..backends.pools import fold_zero_pad_into_max_pool
 from ..errors import SparkSparseError
 from .registry import register_model, register_model_fallback
 
-__all__ = ["TimmEncoder", "register_timm_encoder", "register_timm_rewrite", "hierarchical_feature_indices",
-           "UnsuitableModelError"]
+__all__ = ["TimmEncoder", "register_timm_encoder", "register_timm_rewrite", "register_feature_forward",
+           "hierarchical_feature_indices", "UnsuitableModelError"]
 
 #: reductions of SparK's hierarchical features, finest first (the coarsest is the patch size)
 REDUCTIONS = (4, 8, 16, 32)
@@ -53,6 +58,29 @@ def register_timm_rewrite(rewrite: Callable[[nn.Module], object]) -> Callable[[n
     refuse (raise) where it cannot."""
     _MODEL_REWRITES.append(rewrite)
     return rewrite
+
+
+@dataclass(frozen=True)
+class FeatureForward:
+    """A timm family's own hierarchical forward ``forward(model, x, feature_indices) -> maps``, used instead of
+    its ``forward_intermediates``; ``probe_size``: the one input size its forward runs at (attention biases
+    built for it), used by the construction probe instead of 64 px."""
+    forward: Callable[[nn.Module, Any, list[int]], list]
+    probe_size: Optional[int] = None
+
+
+#: timm model class -> its own hierarchical forward (families whose forward_intermediates reads dense shapes)
+_FEATURE_FORWARDS: dict[type, FeatureForward] = {}
+
+
+def register_feature_forward(model_class: type, probe_size: Optional[int] = None):
+    """Decorator: ``forward(model, x, feature_indices)`` computes the features of every timm model of
+    ``model_class`` (registered names and the timm-name fallback alike). It must only call the model's
+    child modules, like ``forward_intermediates``."""
+    def wrap(forward):
+        _FEATURE_FORWARDS[model_class] = FeatureForward(forward, probe_size)
+        return forward
+    return wrap
 
 
 class UnsuitableModelError(SparkSparseError, ValueError):
@@ -87,6 +115,7 @@ class TimmEncoder(nn.Module):
         for rewrite in _MODEL_REWRITES:
             rewrite(self.model)
         self.feature_indices = hierarchical_feature_indices(self.model, timm_name)
+        self._feature_forward = _FEATURE_FORWARDS.get(type(self.model))
         self.densify_norm = densify_norm or _guess_densify_norm(self.model)
         self._outside = self._probe_unused_children(kwargs.get("in_chans", 3))
 
@@ -109,13 +138,14 @@ class TimmEncoder(nn.Module):
 
     def _probe_unused_children(self, in_chans: int) -> list[str]:
         """Top-level children of the timm model none of whose modules the hierarchical forward calls
-        (dense probe at 64 px in eval mode, so no statistics change). Descendants count: timm may call
+        (dense probe at 64 px, or the family's own size, in eval mode, so no statistics change). Descendants count: timm may call
         a slice of a child (``self.blocks[:n]``), which is a new container around the same blocks."""
         called: set[int] = set()
         hooks = [module.register_forward_pre_hook(lambda module, args: called.add(id(module)))
                  for module in self.model.modules() if module is not self.model]
         was_training = self.model.training
-        side = 2 * self.get_downsample_ratio()
+        own_size = self._feature_forward.probe_size if self._feature_forward is not None else None
+        side = own_size or 2 * self.get_downsample_ratio()
         param = next(self.model.parameters())
         try:
             self.model.eval()
@@ -154,8 +184,11 @@ class TimmEncoder(nn.Module):
         return [f"model.{name}" for name in self._outside]
 
     def forward(self, x, hierarchical: bool = True) -> list:
-        features = self.model.forward_intermediates(x, indices=list(self.feature_indices), norm=True,
-                                                    stop_early=True, intermediates_only=True)
+        if self._feature_forward is not None:
+            features = self._feature_forward.forward(self.model, x, list(self.feature_indices))
+        else:
+            features = self.model.forward_intermediates(x, indices=list(self.feature_indices), norm=True,
+                                                        stop_early=True, intermediates_only=True)
         return features if hierarchical else features[-1]
 
     def timm_state_dict(self) -> dict:
