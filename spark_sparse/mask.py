@@ -126,6 +126,11 @@ class ActiveMask:
             return self.active.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3)
         return self.cached(("dense", stride), build)
 
+    def map_hw(self, stride: int) -> tuple[int, int]:
+        """``(H / stride, W / stride)``: the height and width of a feature map at that stride."""
+        factor = self._factor(stride)
+        return self.grid_hw[0] * factor, self.grid_hw[1] * factor
+
     def dense_like(self, x: torch.Tensor) -> torch.Tensor:
         """The mask at the resolution of ``x`` ``(B, C, H', W')`` (stride inferred from its height)."""
         return self.dense_at(self.stride_of(x.shape[-2]))

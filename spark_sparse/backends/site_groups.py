@@ -65,7 +65,7 @@ class SiteGroups:
     def of(cls, x: FeatureMap, tile: tuple[int, int], by_position: bool, refusal: Callable[[str], str]) -> "SiteGroups":
         """The grouping of ``x``'s sites (cached on its mask). A map the tiles do not cover is refused with
         ``refusal(what)``, ``what`` saying which map and tiles."""
-        height, width = x.mask.dense_at(x.stride).shape[-2:]
+        height, width = x.mask.map_hw(x.stride)
         if height % tile[0] or width % tile[1]:
             raise UnsupportedFeatureOperation(refusal(
                 f"its {height}x{width} map at stride {x.stride} does not tile by the {tile[0]}x{tile[1]} "

@@ -26,7 +26,7 @@ __all__ = ["MaskedSpaceToDepth", "SparseSpaceToDepth"]
 def _output_stride(x: FeatureMap, block_size: int, name: str) -> int:
     """The stride of the rearranged map, refusing grids the rearrangement does not tile or that pass the patch."""
     stride = x.stride * block_size
-    height, width = x.mask.dense_at(x.stride).shape[-2:]
+    height, width = x.mask.map_hw(x.stride)
     if height % block_size or width % block_size:
         raise ValueError(f"{name}: space-to-depth by {block_size} needs map sides that are multiples of "
                          f"{block_size}, got {height}x{width} at stride {x.stride}")

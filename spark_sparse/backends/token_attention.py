@@ -73,7 +73,7 @@ def token_positions(x: FeatureMap) -> torch.Tensor:
     def build() -> torch.Tensor:
         slots, length = token_slots(x)
         _, y, w = x.mask.coords_at(x.stride).unbind(1)
-        width = x.mask.dense_at(x.stride).shape[-1]
+        width = x.mask.map_hw(x.stride)[1]
         positions = torch.zeros(x.mask.batch_size * length, dtype=torch.long, device=slots.device)
         return positions.index_copy_(0, slots, y * width + w).view(x.mask.batch_size, length)
     return x.mask.cached(("token-positions", type(x).__name__, x.stride), build)

@@ -44,7 +44,7 @@ register_converter(WindowAttention)(FeatureTokenAttention.of_token_sequence)
 
 def _refuse_padding(x: FeatureMap, kernel: tuple[int, int], name: str) -> None:
     """timm's DaViT pads a map to a multiple of ``kernel`` with zeros: none on SparK's maps, else refused."""
-    height, width = x.mask.dense_at(x.stride).shape[-2:]
+    height, width = x.mask.map_hw(x.stride)
     if height % kernel[0] or width % kernel[1]:
         raise UnsupportedFeatureOperation(
             f"{name}: its {height}x{width} map at stride {x.stride} would be zero-padded to a multiple of "

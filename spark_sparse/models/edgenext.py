@@ -61,7 +61,7 @@ class FeatureSplitTransposeBlock(nn.Module):
         x = FeatureMap.concat_channels(outputs + [groups[-1]])
         coords = x.mask.coords_at(x.stride)
         if self.pos_embd is not None:
-            height, width = x.mask.dense_at(x.stride).shape[-2:]
+            height, width = x.mask.map_hw(x.stride)
             grid = self.pos_embd((1, height, width))[0].flatten(1)             # (C, H * W)
             # index_select, whose backward is an index-add: deterministic on the CPU, unlike the
             # accumulating index_put that advanced indexing's backward is

@@ -73,7 +73,7 @@ class FeatureEfficientFormerAttention(nn.Module):
         self.layer_name = name
 
     def _check_grid(self, tokens: FeatureMap) -> None:
-        height, width = tokens.mask.dense_at(tokens.stride).shape[-2:]
+        height, width = tokens.mask.map_hw(tokens.stride)
         if (height, width) != (self.resolution, self.resolution):
             raise UnsupportedFeatureOperation(
                 f"{self.layer_name}: EfficientFormer's attention biases are learnt for a {self.resolution}x"
