@@ -97,6 +97,9 @@ ENCODERS = {
     # EfficientFormer: PoolFormer-like blocks, then (at stride 32, 224 px only) attention among each image's active
     # tokens with the learnt bias of each pair's grid positions; narrow, one block per stage and one attention block
     "efficientformer_l1": (224, 2, dict(depths=(1, 1, 1, 2), embed_dims=(16, 32, 64, 128))),
+    # PVT-v2: overlapping patch embeddings, attention of each active token over the keys of its image's active
+    # patches (a conv of kernel = stride = 8, 4, 2 onto the patch grid), MLPs with a depthwise 3x3 conv
+    "pvt_v2_b0": (64, 2, {}),
     # CondConv EfficientNet: per-image routing over active sites, expert-mixed convs on the dense masked map
     "efficientnet_cc_b0_4e": (64, 2, {}),
     # split into square and band (1 x k, k x 1) depthwise convs; per-channel layer scale, drawn at 1 (timm:

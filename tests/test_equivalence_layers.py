@@ -11,6 +11,7 @@ from timm.models._efficientnet_blocks import CondConvResidual, MobileAttention, 
 from timm.models.davit import ChannelBlock as DavitChannelBlock
 from timm.models.davit import SpatialBlock as DavitSpatialBlock
 from timm.models.edgenext import SplitTransposeBlock
+from timm.models.pvt_v2 import PyramidVisionTransformerStage
 from timm.models.efficientformer import Flat as EfficientFormerFlat
 from timm.models.efficientformer import MetaBlock1d as EfficientFormerMetaBlock1d
 from timm.models.efficientvit_mit import LiteMLA
@@ -198,6 +199,14 @@ LAYERS = {
     # EfficientFormer's attention block at stride 32 (the 7x7 map of a 224 px image): LayerNorm, softmax attention
     # among each image's active tokens plus a learnt bias per head and relative position, layer scales, Linear MLP
     "efficientformer_token_block": (lambda: scaled(randomized(efficientformer_token_block(8)), 0.5), 32, 8),
+    # PVT-v2's stage: a 3x3 stride-2 patch embedding (conv, LayerNorm on the tokens), a block of spatial-reduction
+    # attention (2 heads; keys and values from a conv of kernel = stride = 2, i.e. on the stride-32 patch grid,
+    # among each image's active patches) and an MLP with a depthwise 3x3 conv, the final LayerNorm; and the last
+    # stage's kind, whose keys are the active tokens themselves
+    "pvt_v2_stage": (lambda: scaled(randomized(PyramidVisionTransformerStage(
+        8, 8, depth=1, num_heads=2, sr_ratio=2, mlp_ratio=2.0)), 0.5), 8, 8),
+    "pvt_v2_stage_self_attention": (lambda: scaled(randomized(PyramidVisionTransformerStage(
+        8, 8, depth=1, num_heads=2, sr_ratio=1, mlp_ratio=2.0)), 0.5), 16, 8),
     # CondConv EfficientNet's block: routing weights from each image's mean over its active sites, expert-mixed
     # 1x1, depthwise 3x3 (strided) and 1x1 convs per image (timm's grouped conv on the dense masked map)
     "condconv_residual": (lambda: scaled(randomized(CondConvResidual(8, 8, exp_ratio=2.0, num_experts=3)), 0.5), 4, 8),

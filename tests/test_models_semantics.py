@@ -19,6 +19,8 @@ from timm.models.davit import ChannelBlock as DavitChannelBlock
 from timm.models.davit import SpatialBlock as DavitSpatialBlock
 from timm.models.edgenext import SplitTransposeBlock
 from timm.models.efficientformer import Attention as EfficientFormerAttention
+from timm.models.pvt_v2 import Attention as PvtAttention
+from timm.models.pvt_v2 import PyramidVisionTransformerStage
 from timm.models.efficientvit_mit import LiteMLA
 from timm.models.focalnet import FocalModulation
 from timm.models.mobilevit import LinearSelfAttention, MobileVitBlock, MobileVitV2Block
@@ -486,6 +488,51 @@ def test_an_efficientformer_at_another_input_size_than_its_attention_biases_is_r
     mask = _mask()
     with pytest.raises(UnsupportedFeatureOperation, match=r"takes the token sequence \(a channels-last view\)"):
         converted(_feature_map(backend, _input(mask, stride=32), mask, 32))
+
+
+@pytest.mark.parametrize("backend", ["masked", "torch", "sparse"])
+def test_pvt_v2_attention_attends_among_the_keys_of_each_images_active_patches(backend):
+    """Images of 3x3 patches (4 and 2 visible), tokens at stride 16: keys and values come from the stride-2
+    conv's map, the patch grid, at each image's active patches alone (conv, LayerNorm, ``kv``); each active
+    token's output is the attention over them, 0 at masked sites. timm's layer on the whole masked map differs:
+    its masked patches are keys too (the conv's and LayerNorm's biases)."""
+    mask = _mask()
+    layer = randomized(PvtAttention(8, num_heads=2, sr_ratio=2)).double()
+    x = _input(mask, stride=16)                                                 # 6x6 tokens per image
+    converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(layer)))
+    out = converted(ChannelsLastView(_feature_map(backend, x, mask, 16))).channels_first.to_dense()
+    assert torch.all(out * ~mask.dense_at(16) == 0)
+    reduced = layer.sr(x)                                                       # [B, C, 3, 3]: one site per patch
+    heads, head_dim = layer.num_heads, layer.head_dim
+    for image in range(2):
+        tokens = _active_values(x, mask, image, stride=16)
+        keys = layer.norm(_active_values(reduced, mask, image, stride=32))      # the image's active patches alone
+        q = layer.q(tokens).view(-1, heads, head_dim).transpose(0, 1)
+        k, v = layer.kv(keys).view(-1, 2, heads, head_dim).permute(1, 2, 0, 3)
+        attended = ((q @ k.transpose(-1, -2)) * layer.scale).softmax(-1) @ v  # [heads, n, d]
+        expected = layer.proj(attended.transpose(0, 1).reshape(len(tokens), -1))
+        torch.testing.assert_close(_active_values(out, mask, image, stride=16), expected, rtol=1e-12, atol=1e-12)
+    whole_map = layer(x.flatten(2).transpose(1, 2), (6, 6)).transpose(1, 2).reshape(x.shape)
+    assert not torch.allclose(whole_map[0] * mask.dense_at(16)[0], out[0])
+
+
+@pytest.mark.parametrize("backend", ["masked", "torch", "sparse"])
+@pytest.mark.parametrize("sr_ratio", [2, 1])
+def test_pvt_v2_stage_with_every_site_visible_is_timms(backend, sr_ratio):
+    stage = scaled(randomized(PyramidVisionTransformerStage(8, 8, depth=2, num_heads=2, sr_ratio=sr_ratio,
+                                                            mlp_ratio=2.0)), 0.5).double()
+    mask, x = ActiveMask.full(2, (2, 3)), torch.randn(2, 8, 8, 12, dtype=torch.float64)       # stride 8 -> 16
+    converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(stage)))
+    torch.testing.assert_close(converted(_feature_map(backend, x, mask, 8)).to_dense(), stage(x),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_pvt_v2_layers_given_a_map_instead_of_tokens_are_refused(backend):
+    converted = ss.create_backend(backend).convert(nn.Sequential(PvtAttention(8, num_heads=2, sr_ratio=2).double()))
+    mask = _mask()
+    with pytest.raises(UnsupportedFeatureOperation, match=r"take the token sequence \(a channels-last view\)"):
+        converted(_feature_map(backend, _input(mask, stride=16), mask, 16))
 
 
 @pytest.mark.parametrize("backend", ["masked", "torch", "sparse"])

@@ -49,7 +49,9 @@ DEFAULTS = {"resnet50d": (0.05, "bn"), "seresnet50": (0.05, "bn"), "resnext50_32
             # window attention (7x7 windows) and channel attention among each image's active tokens
             "davit_tiny": (0.1, "ln"),
             # attention with relative-position biases among each image's active tokens (7x7 grid: 224 px only)
-            "efficientformer_l1": (0.0, "bn")}
+            "efficientformer_l1": (0.0, "bn"),
+            # spatial-reduction attention: each active token over the keys of its image's active patches
+            "pvt_v2_b0": (0.1, "ln")}
 FAMILY_MODELS = list(DEFAULTS)
 #: nets whose blocks need maps of their own sizes: DaViT's 7x7 windows tile multiples of 224 only (smaller inputs
 #: are refused: timm would pad with tokens that attend), EfficientFormer's attention biases exist for 224 px alone
@@ -154,6 +156,7 @@ def test_an_rms_norm_convnext_runs_by_its_timm_name_with_sparks_layernorm_densif
     ("lambda_resnet26t", ss.UnsupportedModuleError, r"'model\.stages\.2\.1' of type .*SelfAttnBlock"),
     ("nextvit_small", ss.UnsupportedModuleError, r"'model' of type .*NextViT"),
     ("ghostnetv2_100", ss.UnsupportedModuleError, r"'model\.blocks\.2\.0\.ghost1' of type .*GhostModuleV2"),
+    ("pvt_v2_b2_li", ss.UnsupportedModuleError, r"'model\.stages\.0\.blocks\.0\.attn'.*linear attention"),
     ("efficientformerv2_s0", UnsuitableModelError, r"fails on a 64px image \(RuntimeError: shape '\[1, 8, -1, 49\]'"),
     ("vit_tiny_patch16_224", UnsuitableModelError, r"no feature map at stride\(s\) \[4, 8, 32\]"),
     # timm's own forward refuses other sizes: a bare assert (BoTNet), a shape error (LambdaNet)
