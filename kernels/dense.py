@@ -27,16 +27,20 @@ class DenseScatterKernel(SparseConvKernel):
 
     def conv(self, features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
              call: ConvCall) -> torch.Tensor:
-        site_in = call.mask.dense_at(call.in_stride)[:, 0]
-        batch, height, width = site_in.shape
-        dense = features.new_zeros(batch, height, width, features.shape[1])
-        dense = dense.index_put((site_in,), features)                          # NHWC, zero at masked sites
-        site_out = call.mask.dense_at(call.out_stride)[:, 0]
+        batch, channels = call.mask.batch_size, features.shape[1]
+        height, width = call.mask.map_hw(call.in_stride)
+        # rows in and out through flat site indices: index_copy / index_select, whose backwards are a gather
+        # and a scatter-add, cheaper than boolean indexing's (an accumulating index_put)
+        dense = features.new_zeros(batch * height * width, channels).index_copy(0, call.mask.flat_index(call.in_stride),
+                                                                                 features)
+        dense = dense.view(batch, height, width, channels)                     # NHWC, zero at masked sites
+        out_hw = call.mask.map_hw(call.out_stride)
         stride = call.out_stride // call.in_stride
-        dense, padding = _pad_for_grid(dense.permute(0, 3, 1, 2), site_out.shape[1:], stride, call)
+        dense, padding = _pad_for_grid(dense.permute(0, 3, 1, 2), out_hw, stride, call)
         out = dense_conv2d(dense, weight, bias, stride=stride, padding=padding, dilation=call.dilation,
                            groups=call.groups)
-        return out.permute(0, 2, 3, 1)[site_out]
+        out = out.permute(0, 2, 3, 1).reshape(batch * out_hw[0] * out_hw[1], -1)
+        return out.index_select(0, call.mask.flat_index(call.out_stride))
 
 
 def _pad_for_grid(dense: torch.Tensor, out_hw: tuple[int, int], stride: int,

@@ -373,11 +373,10 @@ class SparseRows(FeatureMap):
         return self.with_data(self.data * keep[rows_batch].unsqueeze(1))
 
     def to_dense(self):
-        b, y, x = self.mask.coords_at(self.stride).unbind(1)
-        grid = self.mask.dense_at(self.stride)
-        out = self.data.new_zeros(grid.shape[0], grid.shape[2], grid.shape[3], self.channels)
-        out[b, y, x] = self.data
-        return out.permute(0, 3, 1, 2)
+        batch, (height, width) = self.mask.batch_size, self.mask.map_hw(self.stride)
+        out = self.data.new_zeros(batch * height * width, self.channels)
+        out = out.index_copy(0, self.mask.flat_index(self.stride), self.data)
+        return out.view(batch, height, width, self.channels).permute(0, 3, 1, 2)
 
 
 class ChannelsLastView:

@@ -151,6 +151,17 @@ class ActiveMask:
         """
         return self.cached(("coords", stride), lambda: self.dense_at(stride)[:, 0].nonzero().contiguous())
 
+    def flat_index(self, stride: int) -> torch.Tensor:
+        """``[N]`` long: each active site's index ``(b * H + y) * W + x`` in a map at ``stride`` flattened to
+        ``[B * H * W]`` rows, in the row order of :meth:`coords_at` (for ``index_copy`` / ``index_select``
+        between rows and a dense map: unlike boolean indexing, their backwards are a plain gather and a
+        scatter-add)."""
+        def build():
+            height, width = self.map_hw(stride)
+            b, y, x = self.coords_at(stride).unbind(1)
+            return (b * height + y) * width + x
+        return self.cached(("flat-index", stride), build)
+
     def num_active(self, stride: int) -> int:
         return self.coords_at(stride).shape[0]
 

@@ -48,11 +48,7 @@ def token_slots(x: FeatureMap) -> tuple[torch.Tensor, int]:
 @token_slots.register
 def _(x: MaskedDense) -> tuple[torch.Tensor, int]:
     height, width = x.data.shape[-2:]
-
-    def build() -> torch.Tensor:
-        b, y, w = x.mask.coords_at(x.stride).unbind(1)
-        return (b * height + y) * width + w
-    return x.mask.cached(("token-slots-dense", x.stride), build), height * width
+    return x.mask.flat_index(x.stride), height * width
 
 
 @token_slots.register
