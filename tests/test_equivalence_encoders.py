@@ -100,6 +100,11 @@ ENCODERS = {
     # PVT-v2: overlapping patch embeddings, attention of each active token over the keys of its image's active
     # patches (a conv of kernel = stride = 8, 4, 2 onto the patch grid), MLPs with a depthwise 3x3 conv
     "pvt_v2_b0": (64, 2, {}),
+    # Twins: non-overlapping patch embeddings, PVT's attention over the keys of each image's active patches, a
+    # depthwise positional conv after each stage's first block; SVT alternates it with attention among each 7x7
+    # window's active tokens (224 px: the windows tile multiples of 224 only); narrow, SVT two blocks per stage
+    "twins_pcpvt_small": (64, 2, dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8))),
+    "twins_svt_small": (224, 2, dict(depths=(2, 2, 2, 2), embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8))),
     # CondConv EfficientNet: per-image routing over active sites, expert-mixed convs on the dense masked map
     "efficientnet_cc_b0_4e": (64, 2, {}),
     # split into square and band (1 x k, k x 1) depthwise convs; per-channel layer scale, drawn at 1 (timm:

@@ -12,6 +12,8 @@ from timm.models.davit import ChannelBlock as DavitChannelBlock
 from timm.models.davit import SpatialBlock as DavitSpatialBlock
 from timm.models.edgenext import SplitTransposeBlock
 from timm.models.pvt_v2 import PyramidVisionTransformerStage
+from timm.models.twins import Block as TwinsBlock
+from timm.models.twins import PosConv as TwinsPosConv
 from timm.models.efficientformer import Flat as EfficientFormerFlat
 from timm.models.efficientformer import MetaBlock1d as EfficientFormerMetaBlock1d
 from timm.models.efficientvit_mit import LiteMLA
@@ -67,6 +69,32 @@ class TokensAsMap(nn.Module):
 
     def forward(self, x):
         return x.permute(0, 3, 1, 2)
+
+
+@register_container
+class TwinsBlocksOnMap(nn.Module):
+    """Twins blocks between a map and its tokens (``x.permute(0, 2, 3, 1)`` and back), the positional conv after
+    the first, as a Twins stage runs them (its blocks ignore the map size here; converted modules only)."""
+
+    def __init__(self, blocks: list[nn.Module], pos_block: nn.Module):
+        super().__init__()
+        self.blocks, self.pos_block = nn.ModuleList(blocks), pos_block
+
+    def forward(self, x):
+        tokens = x.permute(0, 2, 3, 1)
+        for index, block in enumerate(self.blocks):
+            tokens = block(tokens, None)
+            if index == 0:
+                tokens = self.pos_block(tokens, None)
+        return tokens.permute(0, 3, 1, 2)
+
+
+def twins_blocks(dim: int, windowed: bool) -> nn.Module:
+    """Twins-SVT's pair of blocks (7x7 window attention, then global sub-sampled attention with keys from a
+    stride-2 conv), or PCPVT's global one alone, 2 heads, a positional conv after the first."""
+    window_sizes = (7, 1) if windowed else (1,)
+    blocks = [TwinsBlock(dim, num_heads=2, mlp_ratio=2.0, sr_ratio=2, ws=ws) for ws in window_sizes]
+    return TwinsBlocksOnMap(blocks, TwinsPosConv(dim, dim))
 
 
 def efficientformer_token_block(dim: int) -> nn.Module:
@@ -207,6 +235,11 @@ LAYERS = {
         8, 8, depth=1, num_heads=2, sr_ratio=2, mlp_ratio=2.0)), 0.5), 8, 8),
     "pvt_v2_stage_self_attention": (lambda: scaled(randomized(PyramidVisionTransformerStage(
         8, 8, depth=1, num_heads=2, sr_ratio=1, mlp_ratio=2.0)), 0.5), 16, 8),
+    # Twins' blocks at stride 16 (keys of the global attention at 32): PCPVT's global sub-sampled attention; SVT's
+    # window attention among each 7x7 window's active tokens (the 14x14 map has 4) then the global one; a
+    # depthwise positional conv plus the tokens after the first block
+    "twins_pcpvt_blocks": (lambda: scaled(randomized(twins_blocks(8, windowed=False)), 0.5), 16, 8),
+    "twins_svt_blocks": (lambda: scaled(randomized(twins_blocks(8, windowed=True)), 0.5), 16, 8),
     # CondConv EfficientNet's block: routing weights from each image's mean over its active sites, expert-mixed
     # 1x1, depthwise 3x3 (strided) and 1x1 convs per image (timm's grouped conv on the dense masked map)
     "condconv_residual": (lambda: scaled(randomized(CondConvResidual(8, 8, exp_ratio=2.0, num_experts=3)), 0.5), 4, 8),
@@ -229,11 +262,11 @@ MASKS = {   # name -> (batch, patch grid); images are grid * 32 px, so stride-4 
 }
 
 
-#: layers whose maps must have a shape of their own: DaViT's 7x7 windows tile the square grids' 14x14 map at
-#: stride 16, not the non-square one's 14x18 (no window size both tile and straddle its patches); EfficientFormer's
-#: attention biases exist for a 7x7 grid alone. That mask is not paired with them (the layers refuse such maps:
+#: layers whose maps must have a shape of their own: DaViT's and Twins-SVT's 7x7 windows tile the square grids'
+#: 14x14 map at stride 16, not the non-square one's 14x18 (no window size both tile and straddle its patches);
+#: EfficientFormer's attention biases exist for a 7x7 grid alone. That mask is not paired with them (the layers refuse such maps:
 #: tests/test_models_semantics.py)
-SQUARE_GRID_LAYERS = {"davit_spatial_block", "efficientformer_token_block"}
+SQUARE_GRID_LAYERS = {"davit_spatial_block", "efficientformer_token_block", "twins_svt_blocks"}
 
 
 def masks_for(layer_name: str) -> list[str]:

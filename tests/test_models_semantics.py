@@ -21,6 +21,9 @@ from timm.models.edgenext import SplitTransposeBlock
 from timm.models.efficientformer import Attention as EfficientFormerAttention
 from timm.models.pvt_v2 import Attention as PvtAttention
 from timm.models.pvt_v2 import PyramidVisionTransformerStage
+from timm.models.twins import Block as TwinsBlock
+from timm.models.twins import LocallyGroupedAttn
+from timm.models.twins import PosConv as TwinsPosConv
 from timm.models.efficientvit_mit import LiteMLA
 from timm.models.focalnet import FocalModulation
 from timm.models.mobilevit import LinearSelfAttention, MobileVitBlock, MobileVitV2Block
@@ -531,8 +534,61 @@ def test_pvt_v2_stage_with_every_site_visible_is_timms(backend, sr_ratio):
 def test_pvt_v2_layers_given_a_map_instead_of_tokens_are_refused(backend):
     converted = ss.create_backend(backend).convert(nn.Sequential(PvtAttention(8, num_heads=2, sr_ratio=2).double()))
     mask = _mask()
-    with pytest.raises(UnsupportedFeatureOperation, match=r"take the token sequence \(a channels-last view\)"):
+    with pytest.raises(UnsupportedFeatureOperation, match=r"takes the token sequence \(a channels-last view\)"):
         converted(_feature_map(backend, _input(mask, stride=16), mask, 16))
+
+
+@pytest.mark.parametrize("backend", ["masked", "torch", "sparse"])
+def test_twins_window_attention_attends_among_each_windows_active_tokens(backend):
+    """Twins-SVT's locally grouped attention with 3x3 windows on a 6x6 map (4 windows per image; images of 3x3
+    patches at stride 16): each active token's output is softmax attention among the active tokens of its own
+    window alone (a window without any has none), 0 at masked sites."""
+    mask = _mask()
+    layer = randomized(LocallyGroupedAttn(8, num_heads=2, ws=3)).double()
+    x = _input(mask, stride=16)
+    converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(layer)))
+    out = converted(ChannelsLastView(_feature_map(backend, x, mask, 16))).channels_first.to_dense()
+    site = mask.dense_at(16)[:, 0]
+    assert torch.all(out * ~site.unsqueeze(1) == 0)
+    heads, head_dim = layer.num_heads, layer.dim // layer.num_heads
+    for image in range(2):
+        for wy in range(2):
+            for wx in range(2):
+                window = (slice(3 * wy, 3 * wy + 3), slice(3 * wx, 3 * wx + 3))
+                active = site[image][window]
+                if not active.any():
+                    continue
+                tokens = x[image][(slice(None), *window)].permute(1, 2, 0)[active]          # [n, C], row-major
+                q, k, v = layer.qkv(tokens).view(-1, 3, heads, head_dim).permute(1, 2, 0, 3)
+                attended = ((q @ k.transpose(-1, -2)) * layer.scale).softmax(-1) @ v
+                expected = layer.proj(attended.transpose(0, 1).reshape(len(tokens), -1))
+                got = out[image][(slice(None), *window)].permute(1, 2, 0)[active]
+                torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["masked", "torch", "sparse"])
+@pytest.mark.parametrize("ws", [7, 1], ids=["window", "global"])
+def test_twins_block_and_positional_conv_with_every_site_visible_are_timms(backend, ws):
+    block = scaled(randomized(TwinsBlock(8, num_heads=2, mlp_ratio=2.0, sr_ratio=2, ws=ws)), 0.5).double()
+    pos_conv = randomized(TwinsPosConv(8, 8)).double()
+    mask, x = ActiveMask.full(2, (7, 14)), torch.randn(2, 8, 14, 28, dtype=torch.float64)    # stride 16: 2x4 windows
+    size = (14, 28)
+    expected = pos_conv(block(x.flatten(2).transpose(1, 2), size), size).transpose(1, 2).reshape(x.shape)
+    backend_obj = ss.create_backend(backend)
+    block_c = backend_obj.convert(nn.Sequential(copy.deepcopy(block)))[0]
+    pos_c = backend_obj.convert(nn.Sequential(copy.deepcopy(pos_conv)))[0]
+    tokens = ChannelsLastView(_feature_map(backend, x, mask, 16))
+    out = pos_c(block_c(tokens, size), size).channels_first.to_dense()
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_twins_svt_map_that_its_windows_do_not_tile_is_refused(backend):
+    spark = ss.create_spark("twins_svt_small", backend=backend, input_size=64, depths=(2, 2, 2, 2),
+                            embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8))
+    with pytest.raises(UnsupportedFeatureOperation, match=r"16x16 map at stride 4 does not tile by the 7x7 windows.*"
+                                                          r"a multiple of 224"):
+        spark(torch.randn(2, 3, 64, 64))
 
 
 @pytest.mark.parametrize("backend", ["masked", "torch", "sparse"])

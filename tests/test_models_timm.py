@@ -51,11 +51,13 @@ DEFAULTS = {"resnet50d": (0.05, "bn"), "seresnet50": (0.05, "bn"), "resnext50_32
             # attention with relative-position biases among each image's active tokens (7x7 grid: 224 px only)
             "efficientformer_l1": (0.0, "bn"),
             # spatial-reduction attention: each active token over the keys of its image's active patches
-            "pvt_v2_b0": (0.1, "ln")}
+            "pvt_v2_b0": (0.1, "ln"),
+            # the same attention (Twins-PCPVT), and alternating with 7x7 window attention (Twins-SVT)
+            "twins_pcpvt_small": (0.1, "ln"), "twins_svt_small": (0.1, "ln")}
 FAMILY_MODELS = list(DEFAULTS)
-#: nets whose blocks need maps of their own sizes: DaViT's 7x7 windows tile multiples of 224 only (smaller inputs
-#: are refused: timm would pad with tokens that attend), EfficientFormer's attention biases exist for 224 px alone
-INPUT_SIZE = {"davit_tiny": 224, "efficientformer_l1": 224}
+#: nets whose blocks need maps of their own sizes: DaViT's and Twins-SVT's 7x7 windows tile multiples of 224 only
+#: (smaller inputs are refused: timm would pad with tokens that attend), EfficientFormer's attention biases exist for 224 px alone
+INPUT_SIZE = {"davit_tiny": 224, "efficientformer_l1": 224, "twins_svt_small": 224}
 #: timm nets that compute part of their forward in fp32 whatever the model's dtype: EfficientViT's LiteMLA
 #: casts q, k, v with ``.float()`` (ours keeps at least their dtype), so in fp64 timm's own features carry
 #: fp32 rounding of its attention (8e-8 relative here); compared at fp32's precision instead of 1e-9

@@ -35,8 +35,17 @@ from ..features import ChannelsLastView, FeatureMap, MaskedDense, SparseRows, Un
 from .common import adopt_module
 from .per_image import active_counts
 
-__all__ = ["FeatureTokenAttention", "attend_among_active_tokens", "describe_token_attention", "token_batch",
-           "token_positions", "token_rows", "token_slots"]
+__all__ = ["FeatureTokenAttention", "attend_among_active_tokens", "describe_token_attention", "map_of_tokens",
+           "token_batch", "token_positions", "token_rows", "token_slots"]
+
+
+def map_of_tokens(x: ChannelsLastView, layer_name: str) -> FeatureMap:
+    """The map of the token sequence ``x`` given to a layer that, as its timm original, takes a token sequence
+    ``[B, N, C]`` (here a map's channels-last view); a map itself is refused, naming the layer."""
+    if not isinstance(x, ChannelsLastView):
+        raise UnsupportedFeatureOperation(f"{layer_name}: this layer takes the token sequence (a channels-last view), "
+                                          f"as timm's does, got a {type(x).__name__}")
+    return x.channels_first
 
 
 @singledispatch

@@ -34,7 +34,7 @@ from timm.models.efficientformer import (Attention, ConvMlpWithNorm, Downsample,
 
 from ..backends import register_container, register_converter
 from ..backends.common import adopt_module
-from ..backends.token_attention import attend_among_active_tokens
+from ..backends.token_attention import attend_among_active_tokens, map_of_tokens
 from ..features import ChannelsLastView, FeatureMap, UnsupportedFeatureOperation
 from .timm_encoders import register_feature_forward, register_timm_encoder
 
@@ -81,11 +81,7 @@ class FeatureEfficientFormerAttention(nn.Module):
                 f"size {self.resolution * tokens.stride} (timm's model runs at that size only)")
 
     def forward(self, x: ChannelsLastView) -> ChannelsLastView:
-        if not isinstance(x, ChannelsLastView):
-            raise UnsupportedFeatureOperation(f"{self.layer_name}: EfficientFormer's attention takes the token "
-                                              f"sequence (a channels-last view), as timm's layer does, got a "
-                                              f"{type(x).__name__}")
-        tokens = x.channels_first
+        tokens = map_of_tokens(x, self.layer_name)
         self._check_grid(tokens)
         rows = tokens.active_rows()
         # timm's layout: per head, key_dim query, key_dim key and val_dim value channels

@@ -14,7 +14,7 @@ channels-last view: the same sites) and a last LayerNorm:
   (masked sites are the zeros they are in SparK).
 
 timm's stage and layers reshape the token sequence with the dense map's sizes, which a feature map
-does not have: :class:`FeaturePvtStage`, :class:`FeaturePvtAttention` and :class:`FeaturePvtMlp` run
+does not have: :class:`FeaturePvtStage`, :class:`FeatureSpatialReductionAttention` and :class:`FeaturePvtMlp` run
 the same children on the map and its channels-last view. The linear-attention variant (``pvt_v2_b2_li``:
 keys from an adaptive 7x7 average pool of the whole map) is refused. With every site visible this is
 timm's PVT-v2. Default drop path 0.1 (the PVT-v2 paper's rate for B0 to B2), densify norm LayerNorm
@@ -30,23 +30,16 @@ from timm.models.pvt_v2 import (Attention, Block, MlpWithDepthwiseConv, OverlapP
 
 from ..backends import UnsupportedModuleError, register_container, register_converter
 from ..backends.common import adopt_module
-from ..backends.token_attention import attend_among_active_tokens
-from ..features import ChannelsLastView, FeatureMap, UnsupportedFeatureOperation
+from ..backends.token_attention import attend_among_active_tokens, map_of_tokens
+from ..features import ChannelsLastView, FeatureMap
 from .timm_encoders import register_timm_encoder
 
-__all__ = ["FeaturePvtAttention", "FeaturePvtMlp", "FeaturePvtStage"]
+__all__ = ["FeaturePvtMlp", "FeaturePvtStage", "FeatureSpatialReductionAttention"]
 
 # the net, the patch embedding (conv, permute to channels last, LayerNorm) and the block (norms, drop paths and
 # residual adds around its attention and MLP, given the map size they ignore here) only call their children
 for _composite in (PyramidVisionTransformerV2, OverlapPatchEmbed, Block):
     register_container(_composite)
-
-
-def _token_view(x: ChannelsLastView, name: str) -> FeatureMap:
-    if not isinstance(x, ChannelsLastView):
-        raise UnsupportedFeatureOperation(f"{name}: PVT-v2's layers take the token sequence (a channels-last "
-                                          f"view), as timm's do, got a {type(x).__name__}")
-    return x.channels_first
 
 
 @register_converter(PyramidVisionTransformerStage)
@@ -71,14 +64,15 @@ class FeaturePvtStage(nn.Module):
 
 
 @register_converter(Attention)
-class FeaturePvtAttention(nn.Module):
-    """PVT-v2's spatial-reduction attention among each image's ACTIVE tokens: keys and values from the
-    ``sr`` conv's map (its active sites), LayerNorm and ``kv``; without ``sr`` from the tokens. Same
-    children and parameters; ``q``, ``kv``, ``proj`` and the dropouts act on rows as on timm's tokens."""
+class FeatureSpatialReductionAttention(nn.Module):
+    """Spatial-reduction attention (PVT-v2's, and Twins' global sub-sampled attention) among each image's
+    ACTIVE tokens: keys and values from the ``sr`` conv's map (its active sites), LayerNorm and ``kv``;
+    without ``sr`` from the tokens. Same children and parameters; ``q``, ``kv``, ``proj`` and the dropouts
+    act on rows as on timm's tokens."""
 
-    def __init__(self, backend, attention: Attention, name: str = ""):
+    def __init__(self, backend, attention: nn.Module, name: str = ""):
         super().__init__()
-        if attention.pool is not None:
+        if getattr(attention, "pool", None) is not None:
             raise UnsupportedModuleError(
                 f"module {name!r} is PVT-v2's linear attention (the *_li models), whose keys come from an adaptive "
                 f"7x7 average pool of the whole map: windows the patches do not tile. Use a PVT-v2 without it "
@@ -90,11 +84,12 @@ class FeaturePvtAttention(nn.Module):
         else:
             self.sr = backend.convert_module(attention.sr, f"{name}.sr")
             self.norm = backend.convert_module(attention.norm, f"{name}.norm")
-        self.num_heads, self.head_dim, self.scale = attention.num_heads, attention.head_dim, attention.scale
+        self.num_heads, self.scale = attention.num_heads, attention.scale
+        self.head_dim = attention.q.out_features // attention.num_heads       # Twins' layer keeps no head_dim
         self.layer_name = name
 
     def forward(self, x: ChannelsLastView, feat_size: Optional[tuple[int, int]] = None) -> ChannelsLastView:
-        tokens = _token_view(x, self.layer_name)
+        tokens = map_of_tokens(x, self.layer_name)
         rows = tokens.active_rows()
         query = self.q(rows).view(rows.shape[0], self.num_heads, self.head_dim)
         keys = tokens
@@ -118,7 +113,7 @@ class FeaturePvtMlp(nn.Module):
         self.layer_name = name
 
     def forward(self, x: ChannelsLastView, feat_size: Optional[tuple[int, int]] = None) -> ChannelsLastView:
-        hidden = _token_view(self.fc1(x), self.layer_name)
+        hidden = map_of_tokens(self.fc1(x), self.layer_name)
         x = ChannelsLastView(self.dwconv(self.relu(hidden)))
         return self.drop(self.fc2(self.drop(self.act(x))))
 
