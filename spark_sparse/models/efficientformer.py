@@ -52,7 +52,7 @@ for _composite in (EfficientFormer, Stem4, EfficientFormerStage, Downsample, Poo
 class FeatureFlat(nn.Module):
     """``x.flatten(2).transpose(1, 2)``: a map's token sequence ``[B, H * W, C]`` is its channels-last view."""
 
-    def __init__(self, backend=None, flat: Flat = None, name: str = ""):
+    def __init__(self, backend, flat: Flat, name: str = ""):
         super().__init__()
 
     def forward(self, x: FeatureMap) -> ChannelsLastView:
