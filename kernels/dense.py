@@ -29,10 +29,10 @@ class DenseScatterKernel(SparseConvKernel):
              call: ConvCall) -> torch.Tensor:
         batch, channels = call.mask.batch_size, features.shape[1]
         height, width = call.mask.map_hw(call.in_stride)
-        # rows in and out through flat site indices: index_copy / index_select, whose backwards are a gather
-        # and a scatter-add, cheaper than boolean indexing's (an accumulating index_put)
-        dense = features.new_zeros(batch * height * width, channels).index_copy(0, call.mask.flat_index(call.in_stride),
-                                                                                 features)
+        # rows in and out through flat site indices (an index_put, an index_select: their backwards are a gather
+        # and a scatter-add), cheaper than boolean indexing's; not index_copy, whose backward keeps its source
+        flat_in = call.mask.flat_index(call.in_stride)
+        dense = features.new_zeros(batch * height * width, channels).index_put((flat_in,), features)
         dense = dense.view(batch, height, width, channels)                     # NHWC, zero at masked sites
         out_hw = call.mask.map_hw(call.out_stride)
         stride = call.out_stride // call.in_stride

@@ -375,7 +375,7 @@ class SparseRows(FeatureMap):
     def to_dense(self):
         batch, (height, width) = self.mask.batch_size, self.mask.map_hw(self.stride)
         out = self.data.new_zeros(batch * height * width, self.channels)
-        out = out.index_copy(0, self.mask.flat_index(self.stride), self.data)
+        out = out.index_put((self.mask.flat_index(self.stride),), self.data)
         return out.view(batch, height, width, self.channels).permute(0, 3, 1, 2)
 
 

@@ -153,8 +153,8 @@ class ActiveMask:
 
     def flat_index(self, stride: int) -> torch.Tensor:
         """``[N]`` long: each active site's index ``(b * H + y) * W + x`` in a map at ``stride`` flattened to
-        ``[B * H * W]`` rows, in the row order of :meth:`coords_at` (for ``index_copy`` / ``index_select``
-        between rows and a dense map: unlike boolean indexing, their backwards are a plain gather and a
+        ``[B * H * W]`` rows, in the row order of :meth:`coords_at` (for ``index_put`` / ``index_select``
+        between rows and a dense map: unlike boolean indexing's, their backwards are a plain gather and a
         scatter-add)."""
         def build():
             height, width = self.map_hw(stride)
