@@ -22,7 +22,7 @@ sizes are refused at the first forward.
 timm's ``forward_intermediates`` unflattens the last stage's tokens with the dense map's shape, which a
 feature map does not have: :func:`efficientformer_features` runs the same children and returns the
 channels-last view as the map it is. With every site visible this is timm's EfficientFormer. Default drop
-path 0 (an 12M net, as SparK's small nets), densify norm BatchNorm (the net's own).
+path 0 (a 12M net, as SparK's small nets), densify norm BatchNorm (the net's own).
 """
 from __future__ import annotations
 

@@ -17,8 +17,8 @@ timm's stage and layers reshape the token sequence with the dense map's sizes, w
 does not have: :class:`FeaturePvtStage`, :class:`FeatureSpatialReductionAttention` and :class:`FeaturePvtMlp` run
 the same children on the map and its channels-last view. The linear-attention variant (``pvt_v2_b2_li``:
 keys from an adaptive 7x7 average pool of the whole map) is refused. With every site visible this is
-timm's PVT-v2. Default drop path 0.1 (the PVT-v2 paper's rate for B0 to B2), densify norm LayerNorm
-(the net's own).
+timm's PVT-v2. Default drop path 0.1 (as the other attention nets here, CAFormer-S18 and DaViT-T; pass another
+with ``--dp``), densify norm LayerNorm (the net's own).
 """
 from __future__ import annotations
 
