@@ -3,7 +3,7 @@
 
     python benchmarks/compare_backends.py                           # CPU defaults, ~10-15 min on 2 cores
     python benchmarks/compare_backends.py --quick                   # tiny, for CI (< 1 min)
-    python benchmarks/compare_backends.py --families                # timm's CNN families (issue 14's models)
+    python benchmarks/compare_backends.py --families                # one model of each of the first timm families
     python benchmarks/compare_backends.py --what step --recipes spark fast --models resnet50
     python benchmarks/compare_backends.py --device cuda --batch-size 128 --dtype fp32 bf16 --check-batch 16
     python benchmarks/compare_backends.py --what equivalence --models resnet50 regnety_016  # errors only

@@ -66,6 +66,9 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
 def read_checkpoint(path: PathLike) -> dict:
     """Load a checkpoint file on the CPU, with a clear error when it is missing or not a checkpoint."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a folder, not a checkpoint file (a run's folder holds "
+                              f"<model>_still_pretraining.pth and <model>_1kpretrained.pth)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:

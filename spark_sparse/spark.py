@@ -143,8 +143,8 @@ class SparK(nn.Module):
 
     def _check_image_hw(self, hw: tuple[int, int]) -> None:
         if hw[0] % self.downsample_ratio or hw[1] % self.downsample_ratio or min(hw) <= 0:
-            raise ConfigError(f"input size {hw[0]}x{hw[1]} must be positive multiples of the downsample ratio "
-                              f"{self.downsample_ratio} (e.g. 224 or 192x256)")
+            raise ConfigError(f"input size {hw[0]}x{hw[1]}: each side must be a positive multiple of the downsample "
+                              f"ratio {self.downsample_ratio} (e.g. 224)")
 
     def mask(self, batch_size: int, generator: Optional[torch.Generator] = None,
              device: Optional[torch.device] = None, image_hw: Optional[tuple[int, int]] = None) -> ActiveMask:

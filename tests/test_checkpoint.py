@@ -88,6 +88,8 @@ def test_corrupt_file_is_a_clear_error(content, tmp_path):
 def test_missing_and_foreign_files_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         read_checkpoint(tmp_path / "nope.pth")
+    with pytest.raises(CheckpointError, match="is a folder, not a checkpoint file"):
+        read_checkpoint(tmp_path)
     torch.save([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(CheckpointError, match="holds a list"):
         read_checkpoint(tmp_path / "list.pth")

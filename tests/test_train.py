@@ -18,6 +18,7 @@ from spark_sparse.speed import BatchEstimate, plan_speed
 from spark_sparse.train import engine
 from spark_sparse.train.data import DataError, ImageFolderDataset, find_images
 from spark_sparse.train.distributed import split_global_batch
+from spark_sparse.train.config import PretrainConfig
 from spark_sparse.train.engine import Trainer, TrainingError, pretrain
 
 from apptools import make_image_folder, tiny_config
@@ -344,7 +345,7 @@ def test_resuming_a_file_that_is_not_a_run_checkpoint_is_a_clear_error_before_tu
 
 
 @pytest.mark.parametrize("input_size, mask, message", [
-    (50, 0.6, "must be positive multiples of the downsample ratio 32"),
+    (50, 0.6, "each side must be a positive multiple of the downsample ratio 32"),
     (32, 0.6, "keeps round(1 * 0.4) = 0 of 1 patches visible"),
 ])
 def test_an_input_size_the_model_cannot_mask_is_refused_before_anything_is_written(folder, tmp_path, input_size,
@@ -395,6 +396,17 @@ def test_a_missing_resume_checkpoint_is_named_before_the_folder_guard(folder, tm
     _previous_run(tmp_path / "out")
     with pytest.raises(ConfigError, match="--resume_from .*typo.pth: no such file"):
         Trainer(tiny_config(folder, tmp_path / "out", resume_from=str(tmp_path / "typo.pth")), "")
+    with pytest.raises(ConfigError, match=r"--resume_from .*out: a folder, not a checkpoint; pass the "
+                                          r"<model>_still_pretraining.pth inside it, or --resume_from=auto"):
+        Trainer(tiny_config(folder, tmp_path / "other", resume_from=str(tmp_path / "out")), "")
+
+
+def test_a_config_from_python_is_named_after_its_model_and_takes_one_module_as_a_string():
+    """As on the command line: no name -> the model's (output_<model>/), and ``import_module="my_models.py"``
+    is one module, not one per character."""
+    cfg = PretrainConfig(model="resnet18", import_module="my_models.py")
+    assert cfg.exp_name == "resnet18" and cfg.output_dir.name == "output_resnet18"
+    assert cfg.import_module == ("my_models.py",)
 
 
 def test_the_folder_guard_suggests_commands_that_fit_what_it_found(folder, tmp_path):

@@ -138,11 +138,12 @@ class Backend:
                 f"register it with @spark_sparse.register_converter({type(module).__qualname__}); otherwise "
                 f"write a converter for it.")
         raise UnsupportedModuleError(
-            f"backend {self.name!r} cannot make module {qualified!r} of type {kind} sparse: it is neither a "
-            f"layer the backend knows nor a registered container. If its forward only calls its children, "
-            f"adds their outputs and concatenates, splits or slices channels (dim=1), decorate its class with "
-            f"@spark_sparse.register_container; otherwise replace it by supported layers or register a "
-            f"converter (@spark_sparse.register_converter)."
+            f"backend {self.name!r} cannot convert module {qualified!r} of type {kind}: it is neither a "
+            f"layer the backend knows nor a registered container. For a timm model this family is not "
+            f"supported (README lists those that are). For your own module: if its forward only calls its "
+            f"children, adds their outputs and concatenates, splits or slices channels (dim=1), decorate its "
+            f"class with @spark_sparse.register_container; otherwise replace it by supported layers or register "
+            f"a converter (@spark_sparse.register_converter)."
         )
 
     def adapt_per_site_module(self, module: nn.Module) -> nn.Module:

@@ -17,7 +17,7 @@ DEMO_DEFAULTS = dict(model="resnet18", input_size=96, bs=32, ep=10, wp_ep=1, bas
 
 @dataclass
 class PretrainConfig:
-    exp_name: str = "your_exp_name"
+    exp_name: Optional[str] = None        # default: the model's name (the output folder is output_<exp_name>)
     exp_dir: Optional[str] = None
     data_path: Optional[str] = None
     model: str = "resnet50"
@@ -58,7 +58,12 @@ class PretrainConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        """Refuse values no run can use, before anything is built or written (the CLI prints one line)."""
+        """Refuse values no run can use, before anything is built or written (the CLI prints one line); a run
+        named nothing is named after its model, as on the command line; one module to import may be a string."""
+        if self.exp_name is None:
+            self.exp_name = self.model
+        if isinstance(self.import_module, str):
+            self.import_module = (self.import_module,)
         problems = [f"--{name} {value}: {rule}" for name, value, ok, rule in (
             ("input_size", self.input_size, self.input_size > 0, "must be a positive multiple of 32, e.g. 224"),
             ("mask", self.mask, 0 < self.mask < 1, "the ratio of patches hidden must be above 0 (something to "

@@ -314,6 +314,10 @@ class Trainer:
     def _resume_path(self) -> Optional[str]:
         """``--resume_from``, with ``auto`` resolved to this folder's checkpoint (``None``: a new run)."""
         if self.cfg.resume_from != RESUME_AUTO:
+            if self.cfg.resume_from is not None and Path(self.cfg.resume_from).is_dir():
+                raise ConfigError(f"--resume_from {self.cfg.resume_from}: a folder, not a checkpoint; pass the "
+                                  f"<model>_still_pretraining.pth inside it, or --resume_from=auto with that folder "
+                                  f"as --exp_dir")
             if self.cfg.resume_from is not None and not Path(self.cfg.resume_from).is_file():
                 raise ConfigError(f"--resume_from {self.cfg.resume_from}: no such file (a run's "
                                   f"<model>_still_pretraining.pth, or 'auto' for the output folder's own)")
