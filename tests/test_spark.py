@@ -143,13 +143,13 @@ def test_unknown_backend_lists_registered_ones():
 
 @pytest.mark.parametrize("size", [100, (64, 80), 0])
 def test_input_size_must_be_a_multiple_of_32(size):
-    with pytest.raises(ValueError, match="multiples of the downsample ratio 32"):
+    with pytest.raises(ValueError, match="each side must be a positive multiple of the downsample ratio 32"):
         ss.create_spark("tiny_cnn", input_size=size)
 
 
 def test_images_of_a_wrong_size_are_refused():
     spark = ss.create_spark("tiny_cnn", input_size=64)
-    with pytest.raises(ValueError, match="multiples"):
+    with pytest.raises(ValueError, match="positive multiple of the downsample ratio"):
         spark(torch.randn(1, 3, 70, 64))
 
 
