@@ -120,7 +120,9 @@ def _validate_model(ctx, param, value: Optional[str]) -> Optional[str]:
 @_opt("clip", type=float, default=_SPARK_DEFAULTS.clip, help="gradient norm clip (<= 0: off)")
 @_opt("opt", type=click.Choice(["lamb", "adamw", "sgd"], case_sensitive=False), default="lamb",
       help="optimizer (SparK: lamb)")
-@_opt("ada", type=float, default=0.0, help="Adam beta2; 0 = SparK's (0.95 ResNet, 0.999 ConvNeXt)")
+@_opt("ada", type=float, default=0.0,
+      help="Adam beta2; 0 = SparK's by the densify norm: 0.95 for BatchNorm nets (ResNet), 0.999 for LayerNorm "
+           "ones (ConvNeXt, attention nets)")
 @_opt("dp", type=float, default=None, help="drop-path rate; default: SparK's for the model")
 @_opt("sbn", type=bool, default=True, help="SyncBatchNorm when several CUDA processes run")
 @_opt("dataloader_workers", type=int, help="loader processes per training process; default 8 (demo: 2)")

@@ -110,6 +110,11 @@ def _permutation(dims: tuple) -> tuple:
 
 
 #: torch functions that feature maps (and their channels-last views) answer with their own method
+#: zero-preserving functions a block may call on a map as a child module instead (the backends convert modules)
+_AS_MODULES = {"relu": "nn.ReLU", "relu_": "nn.ReLU", "relu6": "nn.ReLU6", "gelu": "nn.GELU", "silu": "nn.SiLU",
+               "leaky_relu": "nn.LeakyReLU", "hardswish": "nn.Hardswish", "mish": "nn.Mish", "tanh": "nn.Tanh",
+               "elu": "nn.ELU", "celu": "nn.CELU", "selu": "nn.SELU", "dropout": "nn.Dropout"}
+
 _FUNCTIONS_AS_METHODS = {torch.split: "split", torch.Tensor.split: "split", torch.chunk: "chunk",
                          torch.Tensor.chunk: "chunk", torch.permute: "permute", torch.Tensor.permute: "permute"}
 
@@ -125,7 +130,9 @@ def _dispatch_torch_function(func, args: tuple, kwargs: Optional[dict], concat: 
     if func in _FUNCTIONS_AS_METHODS:
         return getattr(args[0], _FUNCTIONS_AS_METHODS[func])(*args[1:], **kwargs)
     name = getattr(func, "__name__", repr(func))
-    raise UnsupportedFeatureOperation(f"torch.{name} is not defined on {what}: {_ALLOWED_IN_A_BLOCK}")
+    as_module = (f"; in a block of your own, call it as a child module ({_AS_MODULES[name]}() in __init__, then "
+                 f"self.act(x)), which every backend converts" if name in _AS_MODULES else "")
+    raise UnsupportedFeatureOperation(f"torch.{name} is not defined on {what}{as_module}: {_ALLOWED_IN_A_BLOCK}")
 
 
 class FeatureMap:

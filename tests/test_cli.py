@@ -177,6 +177,17 @@ def test_asking_for_cuda_without_a_gpu_is_one_clear_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_cuda_asked_of_a_cuda_build_without_a_gpu_points_at_the_driver_not_at_another_build(tmp_path, monkeypatch):
+    from apptools import make_image_folder
+    data = make_image_folder(tmp_path / "data", count=2)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={data}", "--device=cuda",
+                                                       f"--exp_dir={tmp_path / 'out'}"])
+    assert result.exit_code == 1 and "(CUDA 13.0) finds no usable GPU: check the driver (nvidia-smi)" in result.output
+    assert "install a CUDA build" not in result.output and "or use --device cpu" in result.output
+
+
 def test_sparks_exp_name_flag_names_the_run(captured, tmp_path):
     assert _run([f"--exp_name=debug", f"--data_path={tmp_path}"]).exit_code == 0
     assert captured["cfg"].output_dir.name == "output_debug"

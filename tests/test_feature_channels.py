@@ -81,6 +81,10 @@ def test_cat_refuses_tensors_other_strides_and_other_torch_functions(kind, mask)
         torch.mean(a)
     with pytest.raises(ss.UnsupportedFeatureOperation, match=r"torch\.dropout is not defined"):
         torch.nn.functional.dropout(a, 0.5)
+    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"torch\.relu is not defined on SparK feature maps; in a "
+                                                             r"block of your own, call it as a child module "
+                                                             r"\(nn\.ReLU\(\) in __init__"):
+        torch.nn.functional.relu(a)
 
 
 @pytest.mark.parametrize("kind", [MaskedDense, SparseRows])

@@ -151,7 +151,7 @@ def test_resume_auto_without_a_checkpoint_starts_a_new_run(folder, tmp_path):
 
 def _previous_run(folder_path):
     folder_path.mkdir(parents=True)
-    (folder_path / "pretrain_log.txt").write_text('{"name": "old", "args": {}}\n{"epoch": 3, "loss": 0.9}\n')
+    (folder_path / "pretrain_log.txt").write_text('{"name": "old", "args": {"ep": 3}}\n{"epoch": 3, "loss": 0.9}\n')
     atomic_save({"format": "spark-sparse/1"}, folder_path / "tiny_cnn_still_pretraining.pth")
     return (folder_path / "pretrain_log.txt").read_bytes()
 
@@ -161,7 +161,7 @@ def test_a_folder_holding_a_run_is_refused_with_the_commands_to_continue_or_star
     with pytest.raises(ConfigError) as err:
         Trainer(tiny_config(folder, tmp_path / "out"), "spark-pretrain t --ep=2")
     message = str(err.value)
-    assert "already holds a run" in message and "last logged epoch 3/2" in message
+    assert "already holds a run" in message and "last logged epoch 3 of 3" in message
     assert (f"spark-pretrain t --resume_from={tmp_path / 'out' / 'tiny_cnn_still_pretraining.pth'} "   # finished:
             f"--ep <more than 3>") in message                                                      # --ep replaced
     assert "spark-pretrain t --ep=2 --overwrite" in message
@@ -278,11 +278,29 @@ def test_unreadable_images_are_skipped_and_named(folder, tmp_path, capsys):
     assert epoch["unreadable_images"] == 1
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_folder_of_unreadable_images_is_one_message_naming_a_file_and_why(tmp_path, workers):
+def test_a_folder_of_unreadable_images_is_refused_before_anything_is_built_or_written(tmp_path, monkeypatch):
     broken = make_image_folder(tmp_path / "data", count=4)
     for path in (broken / "train").rglob("*.png"):
         path.write_bytes(b"this is not a png")
+    def never(*args, **kwargs):
+        raise AssertionError("the model must not be built")
+
+    monkeypatch.setattr(engine, "create_spark", never)
+    with pytest.raises(DataError) as err:
+        pretrain(tiny_config(broken, tmp_path / "out", ep=1))
+    message = str(err.value)
+    assert message.startswith("none of 4 images sampled across the 4 files could be read, e.g. ") and \
+        "UnidentifiedImageError" in message and "check that --data_path holds images" in message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_images_that_become_unreadable_during_a_run_are_one_message_naming_a_file_and_why(tmp_path, workers,
+                                                                                           monkeypatch):
+    broken = make_image_folder(tmp_path / "data", count=4)
+    for path in (broken / "train").rglob("*.png"):
+        path.write_bytes(b"this is not a png")
+    monkeypatch.setattr(ImageFolderDataset, "check_readable", lambda self: None)   # readable when the run began
     with pytest.raises(DataError) as err:
         pretrain(tiny_config(broken, tmp_path / "out", ep=1, dataloader_workers=workers))
     message = str(err.value)        # from a loader worker too: without torch's worker traceback
@@ -342,6 +360,27 @@ def test_resuming_a_file_that_is_not_a_run_checkpoint_is_a_clear_error_before_tu
     monkeypatch.setattr(engine, "autotune", lambda *args, **kwargs: pytest.fail("tuned before checking the file"))
     with pytest.raises(CheckpointError, match="not a spark-pretrain checkpoint.*--init_weight"):
         pretrain(tiny_config(folder, tmp_path / "out", resume_from=str(tmp_path / "weights.pth")))
+
+
+def test_resuming_another_models_run_names_the_model_to_pass(folder, tmp_path):
+    pretrain(tiny_config(folder, tmp_path / "tiny", ep=1))
+    with pytest.raises(CheckpointError, match=r"was pre-training 'tiny_cnn', this run is 'resnet18': to continue that "
+                                              r"run add --model=tiny_cnn"):
+        Trainer(tiny_config(folder, tmp_path / "out", model="resnet18",
+                            resume_from=str(tmp_path / "tiny" / "tiny_cnn_still_pretraining.pth")), "")
+
+
+def test_a_damaged_own_checkpoint_says_how_to_restore_or_start_over_and_that_way_works(folder, tmp_path):
+    pretrain(tiny_config(folder, tmp_path, ep=1))
+    own = tmp_path / "tiny_cnn_still_pretraining.pth"
+    own.write_bytes(own.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"not a readable PyTorch checkpoint.*It is this run's own checkpoint, so "
+                                              r"it was cut short or damaged after it was written.*restore it from a "
+                                              r"copy, or start the run over without --resume_from and with "
+                                              r"--overwrite"):
+        Trainer(tiny_config(folder, tmp_path, ep=2, resume_from="auto"), "")
+    assert pretrain(tiny_config(folder, tmp_path, ep=1, overwrite=True)).epoch == 1
+    assert read_checkpoint(own)["epoch"] == 1
 
 
 @pytest.mark.parametrize("input_size, mask, message", [

@@ -1,6 +1,6 @@
 """Encoders SparK can pre-train: timm CNN families, any suitable timm CNN, custom models (see :mod:`.registry`)."""
-from .registry import (MODEL_ALIASES, HierarchicalEncoder, UnknownModelError, create_encoder, list_models,
-                       model_default_drop_path, register_model, resolve_model_name)
+from .registry import (MODEL_ALIASES, EncoderContractError, HierarchicalEncoder, UnknownModelError, create_encoder,
+                       list_models, model_default_drop_path, register_model, resolve_model_name)
 from . import resnet  # noqa: F401  (registers resnet*, resnet50d, seresnet50, resnext50_32x4d)
 from . import convnext  # noqa: F401  (registers convnext_*, convnextv2_tiny)
 from . import efficientnet  # noqa: F401  (efficientnet_b0, mixnet_s, tf_efficientnet*, mobilenetv3/4, CondConv)
@@ -35,5 +35,5 @@ from . import pvt_v2  # noqa: F401  (registers pvt_v2_b0)
 from . import twins  # noqa: F401  (registers twins_pcpvt_small, twins_svt_small)
 from . import example  # noqa: F401  (registers tiny_cnn)
 
-__all__ = ["MODEL_ALIASES", "HierarchicalEncoder", "UnknownModelError", "create_encoder", "list_models",
+__all__ = ["MODEL_ALIASES", "EncoderContractError", "HierarchicalEncoder", "UnknownModelError", "create_encoder", "list_models",
            "model_default_drop_path", "register_model", "resolve_model_name"]

@@ -24,9 +24,11 @@ from typing import Callable, Optional, Protocol, runtime_checkable
 import torch.nn as nn
 
 from ..errors import SparkSparseError
+from .contract import EncoderContractError, check_encoder, check_factory
 
 __all__ = ["HierarchicalEncoder", "register_model", "register_model_fallback", "create_encoder", "list_models",
-           "model_default_drop_path", "UnknownModelError", "MODEL_ALIASES", "resolve_model_name"]
+           "model_default_drop_path", "UnknownModelError", "EncoderContractError", "MODEL_ALIASES",
+           "resolve_model_name"]
 
 
 @runtime_checkable
@@ -40,6 +42,9 @@ class HierarchicalEncoder(Protocol):
 
 class UnknownModelError(SparkSparseError, ValueError):
     pass
+
+
+_PACKAGE = __name__.split(".")[0]
 
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -112,8 +117,11 @@ def create_encoder(name: str, drop_path_rate: Optional[float] = None, **kwargs) 
     key = resolve_model_name(name)
     rate = model_default_drop_path(key) if drop_path_rate is None else drop_path_rate
     factory = _MODELS.get(key) or _fallback_factory(key)
+    check_factory(factory, key)
     encoder = factory(drop_path_rate=rate, **kwargs)
     if not isinstance(encoder, HierarchicalEncoder):
-        raise TypeError(f"model {key!r} does not follow the encoder contract (get_downsample_ratio, "
-                        f"get_feature_map_channels, forward(x, hierarchical=True))")
+        raise EncoderContractError(f"model {key!r} does not follow the encoder contract (get_downsample_ratio, "
+                                   f"get_feature_map_channels, forward(x, hierarchical=True))")
+    # a user's encoder is probed once (this package's families are checked by its tests)
+    check_encoder(encoder, key, probe=not getattr(factory, "__module__", "").startswith(f"{_PACKAGE}."))
     return encoder

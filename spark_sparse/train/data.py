@@ -182,6 +182,28 @@ class _SeededDataset(Dataset):
             return f"{type(err).__name__}: {err}"
         return "readable now"
 
+    def check_readable(self, samples: int = 16) -> None:
+        """Decode up to ``samples`` images spread evenly over the dataset; raise :class:`DataError` if none reads.
+
+        Unreadable files are otherwise replaced one by one during the epochs, which is right for a few bad
+        files but, for a folder of nothing readable (files of another format under image names, an
+        unmounted network share of empty stubs), would fail only after the model is built and the run's
+        first files are written. A folder where some sampled images read is left to that per-file path.
+        """
+        count = min(samples, len(self))
+        indices = sorted({round(i * (len(self) - 1) / max(count - 1, 1)) for i in range(count)})
+        first_error = None
+        for index in indices:
+            try:
+                self.load(index)
+                return
+            except Exception as err:   # any decoding failure: what matters is whether some image reads
+                first_error = first_error or (index, err)
+        index, err = first_error
+        raise DataError(f"none of {len(indices)} images sampled across the {len(self)} files could be read, e.g. "
+                        f"{self.describe(index)} ({type(err).__name__}: {err}); check that --data_path holds "
+                        f"images that PIL can open")
+
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item
         bad, first_error = -1, None

@@ -67,11 +67,11 @@ class DistContext:
 def _check_cuda(device: str) -> None:
     """A clear :class:`ConfigError` when ``--device`` asks for a GPU that torch cannot use."""
     if not torch.cuda.is_available():
-        why = ("this torch is a CPU-only build" if torch.version.cuda is None else
+        why = ("this torch is a CPU-only build; use --device cpu (or auto), or install a CUDA build of torch"
+               if torch.version.cuda is None else
                f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU: check the driver "
-               f"(nvidia-smi) and CUDA_VISIBLE_DEVICES")
-        raise ConfigError(f"--device {device} asks for CUDA, but {why}; use --device cpu (or auto), or install a "
-                          f"CUDA build of torch")
+               f"(nvidia-smi) and CUDA_VISIBLE_DEVICES, or use --device cpu (or auto)")
+        raise ConfigError(f"--device {device} asks for CUDA, but {why}")
     index = device.split(":", 1)[1] if ":" in device else None
     if index is not None and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
         raise ConfigError(f"--device {device}: no such GPU; this machine has {torch.cuda.device_count()} "

@@ -183,18 +183,30 @@ def _build_dataset(cfg: PretrainConfig):
     transform = pretrain_augmentation(cfg.input_size)
     if cfg.data_path is None:
         return DemoPhotosDataset(transform)
-    return ImageFolderDataset(cfg.data_path, transform)
+    dataset = ImageFolderDataset(cfg.data_path, transform)
+    dataset.check_readable()
+    return dataset
 
 
-def _resumable_checkpoint(path: str, model_name: str) -> dict:
-    """Checkpoint ``path``, checked to be a run of ``model_name`` that can be resumed (before any tuning)."""
-    ckpt = read_checkpoint(path)
+def _resumable_checkpoint(path: str, model_name: str, own: bool) -> dict:
+    """Checkpoint ``path``, checked to be a run of ``model_name`` that can be resumed (before any tuning);
+    ``own``: the output folder's own checkpoint (``--resume_from=auto``), whose refusal says how to get past it."""
+    try:
+        ckpt = read_checkpoint(path)
+    except CheckpointError as err:
+        if not own:
+            raise
+        raise CheckpointError(f"{err}. It is this run's own checkpoint, so it was cut short or damaged after it was "
+                              f"written (it is saved atomically): restore it from a copy, or start the run over "
+                              f"without --resume_from and with --overwrite (which deletes it)") from err.__cause__
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a spark-pretrain checkpoint (expected '{CHECKPOINT_FORMAT}' "
                               f"with model/optimizer/epoch keys; found keys {', '.join(list(ckpt)[:6])}); "
                               f"use --init_weight to start from a pre-trained file instead")
     if ckpt.get("model_name") != model_name:
-        raise CheckpointError(f"{path} was pre-training {ckpt.get('model_name')!r}, this run is {model_name!r}")
+        raise CheckpointError(f"{path} was pre-training {ckpt.get('model_name')!r}, this run is {model_name!r}: to "
+                              f"continue that run add --model={ckpt.get('model_name')} (the model is part of the "
+                              f"run, as in the command logged in its pretrain_log.txt)")
     return ckpt
 
 
@@ -221,7 +233,9 @@ class Trainer:
             self._warn("--overwrite is ignored: the run resumes from this folder's own checkpoint, so its files are "
                        "kept and its log is appended to")
         # read and checked now: a wrong file is named before minutes of kernel tuning, not after
-        self.resume_checkpoint = _resumable_checkpoint(self.resume_path, self.model_name) if self.resume_path else None
+        self.resume_checkpoint = (_resumable_checkpoint(self.resume_path, self.model_name,
+                                                        own=self.outputs.continues_this_folder(self.resume_path))
+                                  if self.resume_path else None)
         self.local_batch, self.global_batch, batch_warnings = split_global_batch(cfg.bs, self.ctx.world_size,
                                                                                  len(self.dataset))
         self.warnings += batch_warnings

@@ -110,19 +110,24 @@ class RunOutputs:
                              for p in self.dir.glob(pattern))
         return plain + checkpoints
 
-    def last_logged_epoch(self) -> Optional[int]:
-        """The epoch of the log's last epoch line, ``None`` without one (what a refusal reports)."""
+    def logged_progress(self) -> tuple[Optional[int], Optional[int]]:
+        """The log's last epoch line's epoch and the run's ``--ep`` (its last header's: a resumed run may have
+        raised it), each ``None`` when not logged: what a refusal reports as the run's progress."""
+        epoch = total = None
         if not self.log_path.is_file():
-            return None
-        epoch = None
+            return epoch, total
         for line in self.log_path.read_text(errors="replace").splitlines():
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(record, dict) and "epoch" in record and "args" not in record:
+            if not isinstance(record, dict):
+                continue
+            if isinstance(record.get("args"), dict):
+                total = record["args"].get("ep")
+            elif "epoch" in record:
                 epoch = record["epoch"]
-        return epoch
+        return epoch, total
 
     def continues_this_folder(self, resume_from: Optional[str]) -> bool:
         """True when ``resume_from`` is this folder's own ``<model>_still_pretraining.pth``."""
@@ -146,8 +151,8 @@ class RunOutputs:
                   for suffix in (STILL_PRETRAINING, PRETRAINED) if path.name.endswith(suffix)}
         if resume_auto and resume_from is None and not models:     # logs only: died before its first checkpoint
             return
-        epoch = self.last_logged_epoch()
-        progress = f"; last logged epoch {epoch}/{epochs}" if epoch is not None else ""
+        epoch, total = self.logged_progress()
+        progress = "" if epoch is None else f"; last logged epoch {epoch}" + ("" if total is None else f" of {total}")
         words = without_flags(shlex.split(cmd), valued=("resume_from", "resume"), bare=("overwrite",))
         unknown = "spark-pretrain <same arguments>"                 # a library call passes no command
         base = shlex.join(words) or unknown

@@ -1,0 +1,169 @@
+"""A user's encoder that breaks SparK's contract is named at creation, with the promise it breaks."""
+import pytest
+import torch
+import torch.nn as nn
+
+import spark_sparse as ss
+from spark_sparse.models import registry
+from spark_sparse.models.contract import check_encoder
+from spark_sparse.models.example import TinyCNN
+
+
+class DeclaresOtherChannels(TinyCNN):
+    def get_feature_map_channels(self):
+        return [c * 2 for c in self.widths]
+
+
+class CoarsestFirst(TinyCNN):
+    def forward(self, x, hierarchical=True):
+        return super().forward(x)[::-1]
+
+
+class ClaimsStride16(TinyCNN):
+    def get_downsample_ratio(self):
+        return 16
+
+
+class RatioNotAPowerOfTwo(TinyCNN):
+    def get_downsample_ratio(self):
+        return 24
+
+
+class ReturnsOneTensor(TinyCNN):
+    def forward(self, x, hierarchical=True):
+        return super().forward(x)[-1]
+
+
+class NeedsLargeImages(TinyCNN):
+    """A net whose forward fails below 224 px: the probe cannot judge it and must not refuse it."""
+
+    def forward(self, x, hierarchical=True):
+        if x.shape[-1] < 224:
+            raise RuntimeError("this net needs 224 px")
+        return super().forward(x, hierarchical)
+
+
+@pytest.fixture
+def user_model():
+    """Register a factory as a user's model (outside this package) for one test."""
+    names = []
+
+    def register(encoder_class, takes_drop_path=True):
+        name = f"contract_test_{encoder_class.__name__.lower()}_{len(names)}"
+        if takes_drop_path:
+            def factory(drop_path_rate=0.0, **kwargs):
+                return encoder_class(widths=(8, 8, 16, 16), drop_path_rate=drop_path_rate)
+        else:
+            def factory(widths=(8, 8, 16, 16)):
+                return encoder_class(widths=widths)
+        factory.__module__ = "my_models"
+        ss.register_model(name)(factory)
+        names.append(name)
+        return name
+
+    yield register
+    for name in names:
+        registry._MODELS.pop(name, None)
+        registry._DEFAULT_DROP_PATH.pop(name, None)
+
+
+@pytest.mark.parametrize("encoder_class, message", [
+    (DeclaresOtherChannels, "forward returned maps (C x H x W) 8x16x16, 8x8x8, 16x4x4, 16x2x2, but its "
+                            "get_feature_map_channels() [16, 16, 32, 32] and get_downsample_ratio() 32 promise "
+                            "16x16x16, 16x8x8, 32x4x4, 32x2x2"),
+    (CoarsestFirst, "returned maps (C x H x W) 16x2x2, 16x4x4, 8x8x8, 8x16x16"),
+    (ClaimsStride16, "get_downsample_ratio() 16 promise 8x16x16, 8x8x8, 16x4x4, 16x2x2"),
+    (RatioNotAPowerOfTwo, "get_downsample_ratio() must return the stride of its coarsest map, a power of two"),
+    (ReturnsOneTensor, "must return a list of [B, C, H, W] feature maps, finest first; got Tensor"),
+])
+def test_a_broken_promise_is_named_at_creation(encoder_class, message, user_model):
+    with pytest.raises(ss.EncoderContractError) as error:
+        ss.create_spark(user_model(encoder_class), input_size=64)
+    assert message in str(error.value)
+
+
+def test_a_factory_without_drop_path_rate_is_named(user_model):
+    with pytest.raises(ss.EncoderContractError, match=r"\(widths=\(8, 8, 16, 16\)\) does not accept drop_path_rate; "
+                                                      r"give it a drop_path_rate=0.0 parameter \(or \*\*kwargs\)"):
+        ss.create_encoder(user_model(TinyCNN, takes_drop_path=False))
+
+
+def test_a_sound_encoder_is_probed_without_a_trace(user_model):
+    encoder = ss.create_encoder(user_model(TinyCNN))
+    assert encoder.training
+    statistics = [buffer.clone() for buffer in encoder.buffers()]
+    check_encoder(encoder, "again")
+    assert encoder.training and all(torch.equal(a, b) for a, b in zip(statistics, encoder.buffers()))
+    assert all(p.grad is None for p in encoder.parameters())
+
+
+def test_a_forward_the_probe_cannot_run_is_left_to_the_run(user_model):
+    assert isinstance(ss.create_encoder(user_model(NeedsLargeImages)), NeedsLargeImages)
+
+
+def test_too_many_maps_for_the_ratio_are_named():
+    encoder = TinyCNN(widths=(8, 8, 16, 16, 16, 16))
+    with pytest.raises(ss.EncoderContractError, match="6 feature maps, but a downsample ratio of 32 leaves room "
+                                                      "for 5 .strides 2, 4, 8, 16, 32"):
+        check_encoder(encoder, "too_deep")
+
+
+def test_the_packages_own_families_are_not_probed(monkeypatch):
+    probed = []
+    monkeypatch.setattr("spark_sparse.models.contract._probe", lambda encoder, ratio: probed.append(ratio))
+    ss.create_encoder("resnet18")
+    ss.create_encoder("tiny_cnn")
+    assert probed == []
+
+
+def test_a_broken_user_model_is_one_line_from_the_cli(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import spark_sparse.cli as cli
+    from apptools import make_image_folder
+
+    (tmp_path / "my_broken_models.py").write_text(
+        "import spark_sparse as ss\n"
+        "from spark_sparse.models.example import TinyCNN\n\n"
+        "class Wrong(TinyCNN):\n"
+        "    def get_feature_map_channels(self):\n"
+        "        return [1, 2, 3, 4]\n\n"
+        "@ss.register_model('contract_test_cli_wrong')\n"
+        "def wrong(drop_path_rate=0.0):\n"
+        "    return Wrong(drop_path_rate=drop_path_rate)\n")
+    data = make_image_folder(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    try:
+        result = CliRunner().invoke(cli.pretrain_command, [
+            "x", f"--data_path={data}", "--import_module=my_broken_models.py", "--model=contract_test_cli_wrong",
+            "--input_size=64", "--bs=4", "--device=cpu", f"--exp_dir={tmp_path / 'out'}"])
+    finally:
+        registry._MODELS.pop("contract_test_cli_wrong", None)
+    assert result.exit_code == 1 and result.output.startswith("Error: model 'contract_test_cli_wrong': for a 64x64 "
+                                                              "image its forward returned maps"), result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_the_readme_model_runs_as_pasted(tmp_path):
+    """README's "Your own model" block is a complete file: imported as a user's module, it builds, passes the
+    contract probe and gives masked's loss on sparse."""
+    from pathlib import Path
+
+    from spark_sparse.user_modules import import_user_module
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Your own model"):]
+    block = section[section.index("```python\n") + len("```python\n"):]
+    (tmp_path / "readme_models.py").write_text(block[:block.index("```")])
+    try:
+        import_user_module(str(tmp_path / "readme_models.py"))
+        images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(0)
+        masked = ss.create_spark("my_cnn", "masked", input_size=64)
+        sparse = ss.create_spark("my_cnn", "sparse", input_size=64)
+        sparse.load_state_dict(masked.state_dict())
+        mask = masked.mask(2, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(sparse(images, mask), masked(images, mask), rtol=1e-5, atol=1e-6)
+    finally:
+        registry._MODELS.pop("my_cnn", None)
+        registry._DEFAULT_DROP_PATH.pop("my_cnn", None)
