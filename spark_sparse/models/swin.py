@@ -85,13 +85,15 @@ class FeaturePatchEmbed(nn.Module):
     def _check_size(self, x: FeatureMap) -> None:
         height, width = x.mask.map_hw(x.stride)
         if self.img_size is not None and self.strict_img_size and (height, width) != tuple(self.img_size):
+            size = height if height == width else (height, width)
             raise UnsupportedFeatureOperation(
                 f"{self.layer_name}: the model is built for {self.img_size[0]}x{self.img_size[1]} images (timm's "
-                f"strict_img_size), got {height}x{width}; create it with img_size={height if height == width else (height, width)} "
-                f"(e.g. ss.create_spark(name, input_size=..., img_size=...)) or strict_img_size=False")
+                f"strict_img_size), got {height}x{width}; create it with img_size={size} (e.g. "
+                f"ss.create_spark(name, input_size={size}, img_size={size})) or strict_img_size=False")
         if height % self.patch_size[0] or width % self.patch_size[1]:
-            raise UnsupportedFeatureOperation(f"{self.layer_name}: a {height}x{width} image is not a multiple of the "
-                                              f"{self.patch_size[0]}x{self.patch_size[1]} patches (timm pads or refuses)")
+            raise UnsupportedFeatureOperation(
+                f"{self.layer_name}: a {height}x{width} image is not a multiple of the {self.patch_size[0]}x"
+                f"{self.patch_size[1]} patches (timm pads it or refuses)")
 
     def forward(self, x: FeatureMap):
         self._check_size(x)
@@ -212,7 +214,8 @@ class FeatureSwinBlock(nn.Module):
     def forward(self, x: ChannelsLastView) -> ChannelsLastView:
         tokens = map_of_tokens(x, self.layer_name)
         windows = attention_windows(tokens, self.window_size, self.layer_name,
-                                    "Swin's own input size tiles every block", shift=self.shift_size)
+                                    "and the model created for it: img_size=, or strict_img_size=False",
+                                    shift=self.shift_size)
         normed = self.norm1(x).channels_first
         attended = self.attn(ChannelsLastView(windows.unfold(normed)), self._region_bias(tokens, normed.data.dtype))
         x = x + self.drop_path1(ChannelsLastView(windows.fold(attended.channels_first, like=tokens)))
