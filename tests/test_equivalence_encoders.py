@@ -105,6 +105,10 @@ ENCODERS = {
     # window's active tokens (224 px: the windows tile multiples of 224 only); narrow, SVT two blocks per stage
     "twins_pcpvt_small": (64, 2, dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8))),
     "twins_svt_small": (224, 2, dict(depths=(2, 2, 2, 2), embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8))),
+    # Swin: patch merging of 2x2 neighbourhoods, attention among each 7x7 window's active tokens with relative
+    # position biases, every other block in windows of the map rolled by -3 with timm's -100 between regions (224 px:
+    # the windows tile multiples of 224 only, and timm's model is built for one size); narrow, two blocks per stage
+    "swin_tiny_patch4_window7_224": (224, 2, dict(depths=(2, 2, 2, 2), embed_dim=16, num_heads=(1, 2, 4, 8))),
     # CondConv EfficientNet: per-image routing over active sites, expert-mixed convs on the dense masked map
     "efficientnet_cc_b0_4e": (64, 2, {}),
     # split into square and band (1 x k, k x 1) depthwise convs; per-channel layer scale, drawn at 1 (timm:

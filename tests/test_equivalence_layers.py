@@ -13,6 +13,7 @@ from timm.models.davit import SpatialBlock as DavitSpatialBlock
 from timm.models.edgenext import SplitTransposeBlock
 from timm.models.pvt_v2 import PyramidVisionTransformerStage
 from timm.models.twins import Block as TwinsBlock
+from timm.models.swin_transformer import SwinTransformerStage
 from timm.models.twins import PosConv as TwinsPosConv
 from timm.models.efficientformer import Flat as EfficientFormerFlat
 from timm.models.efficientformer import MetaBlock1d as EfficientFormerMetaBlock1d
@@ -95,6 +96,19 @@ def twins_blocks(dim: int, windowed: bool) -> nn.Module:
     window_sizes = (7, 1) if windowed else (1,)
     blocks = [TwinsBlock(dim, num_heads=2, mlp_ratio=2.0, sr_ratio=2, ws=ws) for ws in window_sizes]
     return TwinsBlocksOnMap(blocks, TwinsPosConv(dim, dim))
+
+
+@register_container
+class ChannelsLastStage(nn.Module):
+    """A channels-last stage (Swin's: ``[B, H, W, C]`` in and out) between a map and its tokens, as the table
+    gives and compares maps: ``stage(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)``."""
+
+    def __init__(self, stage: nn.Module):
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, x):
+        return self.stage(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 def efficientformer_token_block(dim: int) -> nn.Module:
@@ -240,6 +254,12 @@ LAYERS = {
     # depthwise positional conv plus the tokens after the first block
     "twins_pcpvt_blocks": (lambda: scaled(randomized(twins_blocks(8, windowed=False)), 0.5), 16, 8),
     "twins_svt_blocks": (lambda: scaled(randomized(twins_blocks(8, windowed=True)), 0.5), 16, 8),
+    # Swin's stage at stride 8 (its second's kind): patch merging (2x2 neighbourhoods side by side, LayerNorm,
+    # Linear) to the 14x14 map at stride 16, then a block of attention among the active tokens of each 7x7 window
+    # with the relative position bias of each pair, and a block of shifted windows (the map rolled by -3, timm's
+    # -100 between regions); LayerNorm, Linear MLPs
+    "swin_stage": (lambda: scaled(randomized(ChannelsLastStage(SwinTransformerStage(
+        8, 16, input_resolution=(28, 28), depth=2, num_heads=2, window_size=7, mlp_ratio=2.0))), 0.5), 8, 8),
     # CondConv EfficientNet's block: routing weights from each image's mean over its active sites, expert-mixed
     # 1x1, depthwise 3x3 (strided) and 1x1 convs per image (timm's grouped conv on the dense masked map)
     "condconv_residual": (lambda: scaled(randomized(CondConvResidual(8, 8, exp_ratio=2.0, num_experts=3)), 0.5), 4, 8),
@@ -262,11 +282,11 @@ MASKS = {   # name -> (batch, patch grid); images are grid * 32 px, so stride-4 
 }
 
 
-#: layers whose maps must have a shape of their own: DaViT's and Twins-SVT's 7x7 windows tile the square grids'
-#: 14x14 map at stride 16, not the non-square one's 14x18 (no window size both tile and straddle its patches);
-#: EfficientFormer's attention biases exist for a 7x7 grid alone. That mask is not paired with them (the layers refuse such maps:
-#: tests/test_models_semantics.py)
-SQUARE_GRID_LAYERS = {"davit_spatial_block", "efficientformer_token_block", "twins_svt_blocks"}
+#: layers whose maps must have a shape of their own: DaViT's, Twins-SVT's and Swin's 7x7 windows tile the square
+#: grids' 14x14 map at stride 16, not the non-square one's 14x18 (no window size both tile and straddle its patches;
+#: Swin's stage is also built for its map size, as timm's); EfficientFormer's attention biases exist for a 7x7 grid
+#: alone. That mask is not paired with them (the layers refuse such maps: tests/test_models_semantics.py)
+SQUARE_GRID_LAYERS = {"davit_spatial_block", "efficientformer_token_block", "twins_svt_blocks", "swin_stage"}
 
 
 def masks_for(layer_name: str) -> list[str]:

@@ -21,6 +21,7 @@ from timm.models.edgenext import SplitTransposeBlock
 from timm.models.efficientformer import Attention as EfficientFormerAttention
 from timm.models.pvt_v2 import Attention as PvtAttention
 from timm.models.pvt_v2 import PyramidVisionTransformerStage
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, SwinTransformerStage
 from timm.models.twins import Block as TwinsBlock
 from timm.models.twins import LocallyGroupedAttn
 from timm.models.twins import PosConv as TwinsPosConv
@@ -589,6 +590,115 @@ def test_a_twins_svt_map_that_its_windows_do_not_tile_is_refused(backend):
     with pytest.raises(UnsupportedFeatureOperation, match=r"16x16 map at stride 4 does not tile by the 7x7 windows.*"
                                                           r"a multiple of 224"):
         spark(torch.randn(2, 3, 64, 64))
+
+
+def _swin_window_attention_by_hand(attn: nn.Module, tokens: torch.Tensor, site: torch.Tensor, window: int,
+                                   shift: int) -> torch.Tensor:
+    """Swin's (shifted) window attention written out on the masked tokens ``[B, H, W, C]`` (``site`` ``[B, H, W]``):
+    the map rolled by ``-shift``, then per window and head, among the window's ACTIVE tokens alone, ``softmax(q k^T
+    * scale + table[(dy + ws - 1) * (2 ws - 1) + dx + ws - 1] - 100 [the pair's regions differ]) v``, ``(dy, dx)``
+    the pair's offset in the window and a site's region its band of rows and of columns of the rolled map (before
+    the last ``ws``, the ``ws - shift`` after, the last ``shift``), heads concatenated and projected; rolled back."""
+    batch, height, width, _ = tokens.shape
+    rolled, rolled_site = tokens.roll((-shift, -shift), (1, 2)), site.roll((-shift, -shift), (1, 2))
+    heads = attn.num_heads
+    head_dim = attn.qkv.out_features // (3 * heads)
+
+    def band(position: int, size: int) -> int:
+        return 0 if position < size - window else 1 if position < size - shift else 2
+
+    out = torch.zeros_like(rolled)
+    for image in range(batch):
+        for top in range(0, height, window):
+            for left in range(0, width, window):
+                cells = [(y, x) for y in range(top, top + window) for x in range(left, left + window)
+                         if rolled_site[image, y, x]]
+                if not cells:
+                    continue
+                q, k, v = attn.qkv(torch.stack([rolled[image, y, x] for y, x in cells])).view(
+                    len(cells), 3, heads, head_dim).permute(1, 2, 0, 3)                       # [heads, n, d] each
+                bias = torch.stack([torch.stack([
+                    attn.relative_position_bias_table[(yi - yj + window - 1) * (2 * window - 1) + xi - xj + window - 1]
+                    - 100.0 * ((band(yi, height), band(xi, width)) != (band(yj, height), band(xj, width)) and shift > 0)
+                    for yj, xj in cells]) for yi, xi in cells]).permute(2, 0, 1)             # [heads, n, n]
+                attended = ((q @ k.transpose(-1, -2)) * attn.scale + bias).softmax(-1) @ v
+                projected = attn.proj(attended.transpose(0, 1).reshape(len(cells), -1))
+                for (y, x), value in zip(cells, projected):
+                    out[image, y, x] = value
+    return out.roll((shift, shift), (1, 2))
+
+
+@pytest.mark.parametrize("backend", ["masked", "torch", "sparse"])
+@pytest.mark.parametrize("shift", [0, 1], ids=["windows", "shifted_windows"])
+def test_swin_block_attends_among_each_windows_active_tokens_with_its_position_and_region_biases(backend, shift):
+    """Swin's block with 3x3 windows on a 6x6 map (stride 16, images of 3x3 patches: each window straddles
+    patches), unshifted and shifted by 1 (a window of the rolled map then holds active tokens of two regions):
+    LayerNorm and MLP per active site, the attention of :func:`_swin_window_attention_by_hand`, residual adds;
+    masked sites stay 0. timm's block on the masked map would let masked tokens attend too."""
+    mask = _mask()
+    block = scaled(randomized(SwinTransformerBlock(8, input_resolution=(6, 6), num_heads=2, window_size=3,
+                                                   shift_size=shift, mlp_ratio=2.0)), 0.5).double().eval()
+    x, site = _input(mask, stride=16).permute(0, 2, 3, 1), mask.dense_at(16)[:, 0]
+    y = x + _swin_window_attention_by_hand(block.attn, block.norm1(x), site, window=3, shift=shift)
+    expected = y + block.mlp(block.norm2(y)) * site.unsqueeze(-1)
+    converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(block))).eval()
+    out = converted(ChannelsLastView(_feature_map(backend, x.permute(0, 3, 1, 2), mask, 16))).permute(0, 3, 1, 2)
+    torch.testing.assert_close(out.to_dense().permute(0, 2, 3, 1), expected, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(block(x) * site.unsqueeze(-1), expected)
+
+
+@pytest.mark.parametrize("backend", ["masked", "torch", "sparse"])
+@pytest.mark.parametrize("options,shift", [({}, (0, 3)), (dict(dynamic_mask=True), (0, 3)),
+                                           (dict(always_partition=True), (3, 3))],
+                         ids=["strict", "dynamic_mask", "always_partition"])
+def test_swin_stage_with_every_site_visible_is_timms(backend, options, shift):
+    """Swin's stage at stride 16 of a 224x448 image: patch merging to the 7x14 map at stride 32, a block of 7x7
+    windows and one of shifted windows. timm shifts only along the width (the height is one window), unless
+    ``always_partition``; with ``dynamic_mask`` its region mask is built at each forward instead of once."""
+    stage = scaled(randomized(SwinTransformerStage(8, 16, input_resolution=(14, 28), depth=2, num_heads=2,
+                                                   window_size=7, mlp_ratio=2.0, **options)), 0.5).double()
+    assert stage.blocks[1].shift_size == shift
+    mask, x = ActiveMask.full(2, (7, 14)), torch.randn(2, 8, 14, 28, dtype=torch.float64)
+    expected = stage(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(stage)))[0]
+    out = converted(ChannelsLastView(_feature_map(backend, x, mask, 16))).permute(0, 3, 1, 2).to_dense()
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+#: a narrow Swin-T for the whole-model tests below (one shifted block in stages 1-3, the last one is one window)
+SWIN_NARROW = dict(depths=(2, 2, 2, 2), embed_dim=16, num_heads=(1, 2, 4, 8))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_swin_map_that_its_windows_do_not_tile_is_refused(backend):
+    spark = ss.create_spark("swin_tiny_patch4_window7_224", backend=backend, input_size=64, img_size=64, **SWIN_NARROW)
+    with pytest.raises(UnsupportedFeatureOperation, match=r"16x16 map at stride 4 does not tile by the 7x7 windows.*"
+                                                          r"a multiple of 224"):
+        spark(torch.randn(2, 3, 64, 64))
+
+
+def test_a_strict_swin_at_another_size_than_its_img_size_is_refused_naming_the_fix():
+    spark = ss.create_spark("swin_tiny_patch4_window7_224", backend="sparse", input_size=448, **SWIN_NARROW)
+    with pytest.raises(UnsupportedFeatureOperation, match=r"built for 224x224 images \(timm's strict_img_size\), got "
+                                                          r"448x448; create it with img_size=448"):
+        spark(torch.randn(1, 3, 448, 448))
+
+
+def test_a_dynamic_size_swin_at_twice_its_size_with_every_site_visible_is_timms():
+    """``strict_img_size=False`` at 448 px: every block keeps the window and shift timm chose at 224 (the last
+    stage's 14x14 map unshifted) and its region masks are built for the maps at hand, as timm's."""
+    torch.manual_seed(0)
+    spark = ss.create_spark("swin_tiny_patch4_window7_224", backend="sparse", input_size=448, strict_img_size=False,
+                            **SWIN_NARROW).double().eval()
+    dense = SwinTransformer(num_classes=0, strict_img_size=False, **SWIN_NARROW).double().eval()
+    dense.load_state_dict(spark.encoder_state_dict())
+    images = torch.randn(1, 3, 448, 448, dtype=torch.float64)
+    with torch.no_grad():
+        ours = [f.to_dense() for f in spark.encode(images, ActiveMask.full(1, (14, 14)))]
+        theirs = dense.forward_intermediates(images, indices=spark.encoder.feature_indices, norm=True,
+                                             intermediates_only=True)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("backend", ["masked", "torch", "sparse"])

@@ -27,11 +27,13 @@ __all__ = ["adopt_state", "adopt_module", "FeatureBatchNorm", "FeatureSyncBatchN
 
 
 def adopt_state(new: nn.Module, old: nn.Module) -> nn.Module:
-    """Give ``new`` the very parameter and buffer objects of ``old`` (no copy), and its train flag."""
+    """Give ``new`` the very parameter and buffer objects of ``old`` (no copy), and its train flag. Buffers
+    ``old`` keeps out of its state dict (``persistent=False``: Swin's relative position index) stay out."""
     for name, param in old._parameters.items():
         new._parameters[name] = param
     for name, buf in old._buffers.items():
         new._buffers[name] = buf
+    new._non_persistent_buffers_set.update(old._non_persistent_buffers_set)
     new.train(old.training)
     return new
 

@@ -113,14 +113,19 @@ def _padded(rows: torch.Tensor, slots: torch.Tensor, batch: int, length: int) ->
 
 def attend_among_active_tokens(queries: FeatureMap, query: torch.Tensor, keys: FeatureMap, key: torch.Tensor,
                                value: torch.Tensor, scale: float, dropout_p: float = 0.0,
-                               position_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                               position_bias: Optional[torch.Tensor] = None,
+                               image_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``[N_q, heads * d_v]``: softmax attention of ``query`` (``[N_q, heads, d]``, rows of the active sites of
     ``queries``) over ``key`` and ``value`` (``[N_k, heads, d_v]``, rows of the active sites of ``keys``: the same
     map, or one at a coarser stride as MobileNet-V4's downsampled keys) among the active tokens of each image,
     heads concatenated as timm's layers do.
 
-    ``position_bias`` (self-attention only, ``keys is queries``): ``[heads, P, P]`` added to the logit of a query
-    at map position ``i`` and a key at ``j`` (positions ``y * W + x``, :func:`token_positions`)."""
+    Additive logit biases by the map positions ``i`` of a query and ``j`` of a key (``y * W + x``,
+    :func:`token_positions`; self-attention only, ``keys is queries``):
+
+    - ``position_bias`` ``[heads, P, P]``: the same for every image (relative position biases);
+    - ``image_bias`` ``[G, P, P]``: per image, every head alike; image ``b`` takes ``image_bias[b % G]`` (Swin's
+      shifted-window region mask: a map of windows, ``G`` windows per image, image-major as timm's)."""
     batch = queries.mask.batch_size
     key_slots, key_length = token_slots(keys)
     is_key = torch.zeros(batch * key_length, dtype=torch.bool, device=key_slots.device).index_fill_(0, key_slots, True)
@@ -129,12 +134,18 @@ def attend_among_active_tokens(queries: FeatureMap, query: torch.Tensor, keys: F
     # softmax over no key at all (NaN): give it its first (zero) padding slot; none of its rows is read back
     is_key[:, 0] |= ~is_key.any(1)
     attn_mask = is_key.view(batch, 1, 1, key_length)
-    if position_bias is not None:
+    if position_bias is not None or image_bias is not None:
         if keys is not queries:
-            raise ValueError("a position bias is defined for self-attention only (keys is queries)")
+            raise ValueError("a position or image bias is defined for self-attention only (keys is queries)")
         positions = token_positions(keys)                                          # [B, L]
-        bias = position_bias[:, positions.unsqueeze(2), positions.unsqueeze(1)]    # [heads, B, L, L]
-        attn_mask = bias.transpose(0, 1).to(query.dtype).masked_fill(~attn_mask, float("-inf"))
+        rows, columns = positions.unsqueeze(2), positions.unsqueeze(1)
+        bias = torch.zeros((), dtype=query.dtype, device=query.device)
+        if position_bias is not None:
+            bias = bias + position_bias[:, rows, columns].transpose(0, 1)          # [B, heads, L, L]
+        if image_bias is not None:
+            bias_of_image = torch.arange(batch, device=positions.device) % image_bias.shape[0]
+            bias = bias + image_bias[bias_of_image.view(-1, 1, 1), rows, columns].unsqueeze(1)   # [B, 1, L, L]
+        attn_mask = bias.to(query.dtype).masked_fill(~attn_mask, float("-inf"))
     out = F.scaled_dot_product_attention(
         token_batch(queries, query), token_batch(keys, key), token_batch(keys, value),
         attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
@@ -181,13 +192,21 @@ class FeatureTokenAttention(nn.Module):
             raise UnsupportedFeatureOperation(f"{self.layer_name}: an attention mask of the caller's (or a causal one) "
                                               f"is not supported: the mask here is SparK's")
         tokens = x.channels_first if self.tokens_channels_last else x
+        out = self.attend(tokens)
+        return ChannelsLastView(out) if self.tokens_channels_last else out
+
+    def attend(self, tokens: FeatureMap, position_bias: Optional[torch.Tensor] = None,
+               image_bias: Optional[torch.Tensor] = None) -> FeatureMap:
+        """The layer on the map ``tokens``: each active token among its image's active tokens, with the logit
+        biases of :func:`attend_among_active_tokens` (Swin's window attention passes its own)."""
         rows = tokens.active_rows()
         query, key, value = self.qkv(rows).view(rows.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
         if getattr(self, "q_norm", None) is not None:                 # timm.layers.Attention's qk-norm (per head)
             query, key = self.q_norm(query), self.k_norm(key)
         attn_drop = getattr(self, "attn_drop", None)                    # DaViT's window attention has none
         out = attend_among_active_tokens(tokens, query, tokens, key, value, self.scale,
-                                         attn_drop.p if self.training and attn_drop is not None else 0.0)
+                                         attn_drop.p if self.training and attn_drop is not None else 0.0,
+                                         position_bias=position_bias, image_bias=image_bias)
         if getattr(self, "norm", None) is not None:                   # its scale norm, then its output gate
             out = self.norm(out)
         if getattr(self, "gate", None) is not None:
@@ -195,5 +214,4 @@ class FeatureTokenAttention(nn.Module):
         out = self.proj(out)
         if getattr(self, "proj_drop", None) is not None:
             out = self.proj_drop(out)
-        out = tokens.with_active_rows(out)
-        return ChannelsLastView(out) if self.tokens_channels_last else out
+        return tokens.with_active_rows(out)

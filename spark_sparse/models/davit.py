@@ -29,7 +29,7 @@ from timm.models.davit import (ChannelAttention, ChannelAttentionV2, ChannelBloc
 from ..backends import register_container, register_converter
 from ..backends.common import adopt_module
 from ..backends.per_image import active_counts
-from ..backends.site_groups import SiteGroups
+from ..backends.site_groups import attention_windows
 from ..backends.token_attention import FeatureTokenAttention, token_batch, token_rows
 from ..features import ChannelsLastView, FeatureMap, UnsupportedFeatureOperation
 from .timm_encoders import register_timm_encoder
@@ -148,16 +148,9 @@ class FeatureSpatialBlock(_FeatureDavitBlock):
         super().__init__(backend, block, name)
         self.window_size = tuple(block.window_size)
 
-    def _windows(self, x: FeatureMap) -> SiteGroups:
-        def refusal(what: str) -> str:
-            return (f"{self.layer_name}: {what}, which timm pads with zero tokens that take part in the attention; "
-                    f"use an input size that is a multiple of {x.mask.downsample_ratio * self.window_size[0]} (DaViT's "
-                    f"own, 224, tiles every block)")
-        return SiteGroups.of(x, self.window_size, by_position=False, refusal=refusal)
-
     def forward(self, x: FeatureMap) -> FeatureMap:
         shortcut = self.cpe1(x)
-        windows = self._windows(shortcut)
+        windows = attention_windows(shortcut, self.window_size, self.layer_name, "DaViT's own, 224, tiles every block")
         normed = self.norm1(ChannelsLastView(shortcut)).channels_first
         attended = self.attn(ChannelsLastView(windows.unfold(normed))).channels_first
         x = shortcut + self.drop_path1(windows.fold(attended, like=shortcut))

@@ -136,27 +136,38 @@ class TimmEncoder(nn.Module):
                                            f"drop_path_rate): pre-train it with --dp 0") from error
         return timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)
 
+    def _probe_size(self) -> tuple[int, int]:
+        """``(H, W)`` of the construction probe: the family's own input size (attention sized for it), the
+        ``img_size`` of a strict patch embedding (timm's ``strict_img_size``: Swin's, whose forward asserts it),
+        else 64 px (twice the patch size)."""
+        if self._feature_forward is not None and self._feature_forward.probe_size is not None:
+            return (self._feature_forward.probe_size,) * 2
+        embed = getattr(self.model, "patch_embed", None)
+        if getattr(embed, "strict_img_size", False) and getattr(embed, "img_size", None) is not None:
+            return tuple(embed.img_size)
+        return (2 * self.get_downsample_ratio(),) * 2
+
     def _probe_unused_children(self, in_chans: int) -> list[str]:
         """Top-level children of the timm model none of whose modules the hierarchical forward calls
-        (dense probe at 64 px, or the family's own size, in eval mode, so no statistics change). Descendants count: timm may call
-        a slice of a child (``self.blocks[:n]``), which is a new container around the same blocks."""
+        (dense probe at :meth:`_probe_size`, in eval mode, so no statistics change). Descendants count: timm may
+        call a slice of a child (``self.blocks[:n]``), which is a new container around the same blocks."""
         called: set[int] = set()
         hooks = [module.register_forward_pre_hook(lambda module, args: called.add(id(module)))
                  for module in self.model.modules() if module is not self.model]
         was_training = self.model.training
-        own_size = self._feature_forward.probe_size if self._feature_forward is not None else None
-        side = own_size or 2 * self.get_downsample_ratio()
+        height, width = self._probe_size()
+        side = f"{height}px" if height == width else f"{height}x{width}px"
         param = next(self.model.parameters())
         try:
             self.model.eval()
             with torch.no_grad():
-                features = self.forward(torch.zeros(1, in_chans, side, side, dtype=param.dtype, device=param.device))
+                features = self.forward(torch.zeros(1, in_chans, height, width, dtype=param.dtype, device=param.device))
         except (RuntimeError, AssertionError, ValueError) as error:
             # timm's own checks, e.g. BoTNet/HaloNet position embeddings sized for one input (a bare
             # AssertionError), LambdaNet's relative positions or Inception-V4's unpadded convs (shape
             # errors): such a model cannot give SparK's features at every image size
             raise UnsuitableModelError(
-                f"timm model {self.timm_name!r} cannot be a SparK encoder: its own forward fails on a {side}px "
+                f"timm model {self.timm_name!r} cannot be a SparK encoder: its own forward fails on a {side} "
                 f"image ({type(error).__name__}: {str(error) or 'no message'}); SparK needs a CNN that runs on "
                 f"any multiple of {self.get_downsample_ratio()}px with features at exactly 1/4 to 1/32 of it "
                 f"(attention sized for one input, as in BoTNet or HaloNet, or unpadded convs, as in "
@@ -165,11 +176,11 @@ class TimmEncoder(nn.Module):
             self.model.train(was_training)
             for hook in hooks:
                 hook.remove()
-        sizes = [f.shape[-1] for f in features]
-        if sizes != [side // r for r in REDUCTIONS]:
+        sizes = [tuple(f.shape[-2:]) for f in features]
+        wanted = [(height // r, width // r) for r in REDUCTIONS]
+        if sizes != wanted:
             raise UnsuitableModelError(f"timm model {self.timm_name!r}: its features at feature_info reductions "
-                                       f"{list(REDUCTIONS)} have widths {sizes} for a {side}px input, not "
-                                       f"{[side // r for r in REDUCTIONS]}")
+                                       f"{list(REDUCTIONS)} have sizes {sizes} for a {side} input, not {wanted}")
         return [name for name, child in self.model.named_children()
                 if not any(id(module) in called for module in child.modules())]
 

@@ -30,7 +30,7 @@ from timm.models.twins import Block, GlobalSubSampleAttn, LocallyGroupedAttn, Pa
 
 from ..backends import register_container, register_converter
 from ..backends.common import adopt_module
-from ..backends.site_groups import SiteGroups
+from ..backends.site_groups import attention_windows
 from ..backends.token_attention import FeatureTokenAttention, map_of_tokens
 from ..features import ChannelsLastView, FeatureMap
 from .pvt_v2 import FeatureSpatialReductionAttention
@@ -85,16 +85,9 @@ class FeatureLocallyGroupedAttention(FeatureTokenAttention):
         super().__init__(attention, name, tokens_channels_last=True, feature_type=backend.feature_type)
         self.window = (attention.ws, attention.ws)
 
-    def _windows(self, tokens: FeatureMap) -> SiteGroups:
-        def refusal(what: str) -> str:
-            return (f"{self.layer_name}: {what}, which timm pads with zero tokens that take part in the attention; "
-                    f"use an input size that is a multiple of {tokens.mask.downsample_ratio * self.window[0]} "
-                    f"(Twins' own, 224, tiles every stage)")
-        return SiteGroups.of(tokens, self.window, by_position=False, refusal=refusal)
-
     def forward(self, x: ChannelsLastView, size: Optional[tuple[int, int]] = None) -> ChannelsLastView:
         tokens = map_of_tokens(x, self.layer_name)
-        windows = self._windows(tokens)
+        windows = attention_windows(tokens, self.window, self.layer_name, "Twins' own, 224, tiles every stage")
         attended = super().forward(ChannelsLastView(windows.unfold(tokens))).channels_first
         return ChannelsLastView(windows.fold(attended, like=tokens))
 
