@@ -111,6 +111,40 @@ def _padded(rows: torch.Tensor, slots: torch.Tensor, batch: int, length: int) ->
     return grid.view(batch, length, *rows.shape[1:]).transpose(1, 2)
 
 
+def _pair_bias(keys: FeatureMap, position_bias: Optional[torch.Tensor], image_bias: Optional[torch.Tensor]
+               ) -> torch.Tensor:
+    """``[B or 1, heads or 1, L, L]``: the logit biases of :func:`attend_among_active_tokens` for each pair of
+    token slots of ``keys``.
+
+    A dense map's slots are its positions (:func:`token_slots`), so the tables apply as they are, broadcast
+    over the images as in timm's layer. Packed rows look each pair's bias up by its positions: one
+    ``index_select`` / ``gather`` on the flattened table, whose backward is a plain scatter-add (advanced
+    indexing ``table[:, i, j]`` backpropagates through an accumulating ``index_put``, 3x slower on Swin's
+    first-stage windows)."""
+    batch = keys.mask.batch_size
+    per_image = None
+    if image_bias is not None:
+        image_of = torch.arange(batch, device=image_bias.device) % image_bias.shape[0]
+        per_image = image_bias.index_select(0, image_of)                                    # [B, P, P]
+    table = position_bias if position_bias is not None else per_image
+    side = table.shape[-1]
+    _, length = token_slots(keys)
+    if isinstance(keys, MaskedDense) and length == side:
+        bias = position_bias.unsqueeze(0) if position_bias is not None else 0
+        return bias + per_image.unsqueeze(1) if per_image is not None else bias
+    positions = token_positions(keys)                                                       # [B, L]
+    pairs = keys.mask.cached(("token-position-pairs", type(keys).__name__, keys.stride, side),
+                             lambda: (positions.unsqueeze(2) * side + positions.unsqueeze(1)).view(batch, -1))
+    bias = 0
+    if position_bias is not None:
+        heads = position_bias.shape[0]
+        bias = position_bias.reshape(heads, side * side).index_select(1, pairs.view(-1))
+        bias = bias.view(heads, batch, length, length).transpose(0, 1)                      # [B, heads, L, L]
+    if per_image is not None:
+        bias = bias + per_image.view(batch, side * side).gather(1, pairs).view(batch, 1, length, length)
+    return bias
+
+
 def attend_among_active_tokens(queries: FeatureMap, query: torch.Tensor, keys: FeatureMap, key: torch.Tensor,
                                value: torch.Tensor, scale: float, dropout_p: float = 0.0,
                                position_bias: Optional[torch.Tensor] = None,
@@ -137,14 +171,7 @@ def attend_among_active_tokens(queries: FeatureMap, query: torch.Tensor, keys: F
     if position_bias is not None or image_bias is not None:
         if keys is not queries:
             raise ValueError("a position or image bias is defined for self-attention only (keys is queries)")
-        positions = token_positions(keys)                                          # [B, L]
-        rows, columns = positions.unsqueeze(2), positions.unsqueeze(1)
-        bias = torch.zeros((), dtype=query.dtype, device=query.device)
-        if position_bias is not None:
-            bias = bias + position_bias[:, rows, columns].transpose(0, 1)          # [B, heads, L, L]
-        if image_bias is not None:
-            bias_of_image = torch.arange(batch, device=positions.device) % image_bias.shape[0]
-            bias = bias + image_bias[bias_of_image.view(-1, 1, 1), rows, columns].unsqueeze(1)   # [B, 1, L, L]
+        bias = _pair_bias(keys, position_bias, image_bias)
         attn_mask = bias.to(query.dtype).masked_fill(~attn_mask, float("-inf"))
     out = F.scaled_dot_product_attention(
         token_batch(queries, query), token_batch(keys, key), token_batch(keys, value),
