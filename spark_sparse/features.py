@@ -356,8 +356,8 @@ class SparseRows(FeatureMap):
 
     @classmethod
     def from_image(cls, images: torch.Tensor, mask: ActiveMask) -> "SparseRows":
-        b, y, x = mask.coords_at(1).unbind(1)
-        return cls(images.permute(0, 2, 3, 1)[b, y, x], mask, 1)
+        pixels = images.permute(0, 2, 3, 1).reshape(-1, images.shape[1])    # a view for channels-last images
+        return cls(pixels.index_select(0, mask.flat_index(1)), mask, 1)
 
     @property
     def channels(self) -> int:
