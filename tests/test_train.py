@@ -262,6 +262,12 @@ def test_a_batch_above_the_memory_estimate_is_warned_before_the_first_step(folde
     assert "warning: the batch per process (4)" in capsys.readouterr().err
 
 
+def test_a_single_process_run_says_nothing_about_sync_batchnorm(folder, tmp_path, capsys):
+    """SparK's --sbn is on by default; with one process there is nothing to synchronise, nothing to say."""
+    Trainer(tiny_config(folder, tmp_path, backend="masked"), "")._print_start()
+    assert "--sbn" not in capsys.readouterr().out
+
+
 def test_fp16_autocast_on_a_cpu_warns_to_use_bf16(folder, tmp_path):
     trainer = Trainer(tiny_config(folder, tmp_path, amp="fp16", backend="masked"), "")
     assert any("--amp fp16 on a CPU" in w and "--amp bf16" in w for w in trainer.warnings)

@@ -466,8 +466,9 @@ class Trainer:
               f"device {self.ctx.device}, amp {cfg.amp}")
         print(f"[spark-pretrain] data: {len(self.dataset)} images from {source}; global batch {self.global_batch}, "
               f"{self.iters_per_epoch} iterations/epoch, {cfg.ep} epochs, peak lr {self.peak_lr:.3g}")
-        if cfg.sbn and not self.sync_bn:
-            print("[spark-pretrain] --sbn: SyncBatchNorm needs several CUDA processes; using plain BatchNorm here")
+        if cfg.sbn and not self.sync_bn and self.ctx.initialized:    # one process has nothing to synchronise
+            print(f"[spark-pretrain] --sbn: SyncBatchNorm needs CUDA processes; the {self.ctx.world_size} "
+                  f"{self.ctx.device.type} processes use plain BatchNorm")
         print(self.speed.describe())
         if self.autotune.applies:       # per-layer ms follow in the plan, or here when the guard chose masked;
             # the summary is the recipe's backend reason, printed just above
