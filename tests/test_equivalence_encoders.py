@@ -109,6 +109,9 @@ ENCODERS = {
     # position biases, every other block in windows of the map rolled by -3 with timm's -100 between regions (224 px:
     # the windows tile multiples of 224 only, and timm's model is built for one size); narrow, two blocks per stage
     "swin_tiny_patch4_window7_224": (224, 2, dict(depths=(2, 2, 2, 2), embed_dim=16, num_heads=(1, 2, 4, 8))),
+    # Swin-V2: the same windows (8x8, 256 px: maps 64, 32, 16, 8) with cosine attention, continuous position biases,
+    # residual post-norms and patch merging Linear then LayerNorm; narrow, two blocks per stage
+    "swinv2_tiny_window8_256": (256, 2, dict(depths=(2, 2, 2, 2), embed_dim=16, num_heads=(1, 2, 4, 8))),
     # CondConv EfficientNet: per-image routing over active sites, expert-mixed convs on the dense masked map
     "efficientnet_cc_b0_4e": (64, 2, {}),
     # split into square and band (1 x k, k x 1) depthwise convs; per-channel layer scale, drawn at 1 (timm:

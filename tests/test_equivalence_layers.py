@@ -14,6 +14,7 @@ from timm.models.edgenext import SplitTransposeBlock
 from timm.models.pvt_v2 import PyramidVisionTransformerStage
 from timm.models.twins import Block as TwinsBlock
 from timm.models.swin_transformer import SwinTransformerStage
+from timm.models.swin_transformer_v2 import SwinTransformerV2Stage
 from timm.models.twins import PosConv as TwinsPosConv
 from timm.models.efficientformer import Flat as EfficientFormerFlat
 from timm.models.efficientformer import MetaBlock1d as EfficientFormerMetaBlock1d
@@ -260,6 +261,12 @@ LAYERS = {
     # -100 between regions); LayerNorm, Linear MLPs
     "swin_stage": (lambda: scaled(randomized(ChannelsLastStage(SwinTransformerStage(
         8, 16, input_resolution=(28, 28), depth=2, num_heads=2, window_size=7, mlp_ratio=2.0))), 0.5), 8, 8),
+    # Swin-V2's stage, the same shape: patch merging (2x2 neighbourhoods, Linear, then LayerNorm), blocks of cosine
+    # attention (a learnt logit scale per head) with continuous position biases (an MLP of the pair's log-spaced
+    # offset), unshifted then shifted, LayerNorm after the attention and after the MLP (residual post-norm)
+    "swinv2_stage": (lambda: scaled(randomized(ChannelsLastStage(SwinTransformerV2Stage(
+        8, 16, input_resolution=(28, 28), depth=2, num_heads=2, window_size=7, mlp_ratio=2.0, downsample=True))),
+        0.5), 8, 8),
     # CondConv EfficientNet's block: routing weights from each image's mean over its active sites, expert-mixed
     # 1x1, depthwise 3x3 (strided) and 1x1 convs per image (timm's grouped conv on the dense masked map)
     "condconv_residual": (lambda: scaled(randomized(CondConvResidual(8, 8, exp_ratio=2.0, num_experts=3)), 0.5), 4, 8),
@@ -284,9 +291,11 @@ MASKS = {   # name -> (batch, patch grid); images are grid * 32 px, so stride-4 
 
 #: layers whose maps must have a shape of their own: DaViT's, Twins-SVT's and Swin's 7x7 windows tile the square
 #: grids' 14x14 map at stride 16, not the non-square one's 14x18 (no window size both tile and straddle its patches;
-#: Swin's stage is also built for its map size, as timm's); EfficientFormer's attention biases exist for a 7x7 grid
-#: alone. That mask is not paired with them (the layers refuse such maps: tests/test_models_semantics.py)
-SQUARE_GRID_LAYERS = {"davit_spatial_block", "efficientformer_token_block", "twins_svt_blocks", "swin_stage"}
+#: Swin's and Swin-V2's stages are also built for their map size, as timm's); EfficientFormer's attention biases
+#: exist for a 7x7 grid alone. That mask is not paired with them (the layers refuse such maps:
+#: tests/test_models_semantics.py)
+SQUARE_GRID_LAYERS = {"davit_spatial_block", "efficientformer_token_block", "twins_svt_blocks", "swin_stage",
+                      "swinv2_stage"}
 
 
 def masks_for(layer_name: str) -> list[str]:

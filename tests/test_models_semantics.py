@@ -5,6 +5,8 @@ reference itself is checked against the written formulas (statistics over each i
 masked sites exactly zero) and, with every site visible, against timm's own dense layers.
 """
 import copy
+import math
+from typing import Callable
 
 import pytest
 import torch
@@ -22,6 +24,8 @@ from timm.models.efficientformer import Attention as EfficientFormerAttention
 from timm.models.pvt_v2 import Attention as PvtAttention
 from timm.models.pvt_v2 import PyramidVisionTransformerStage
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, SwinTransformerStage
+from timm.models.swin_transformer_v2 import SwinTransformerV2Block, SwinTransformerV2Stage
+from timm.models.swin_transformer_v2 import WindowAttention as SwinV2WindowAttention
 from timm.models.twins import Block as TwinsBlock
 from timm.models.twins import LocallyGroupedAttn
 from timm.models.twins import PosConv as TwinsPosConv
@@ -595,8 +599,32 @@ def test_a_twins_svt_map_that_its_windows_do_not_tile_is_refused(backend):
 def _swin_window_attention_by_hand(attn: nn.Module, tokens: torch.Tensor, site: torch.Tensor, window: int,
                                    shift: int) -> torch.Tensor:
     """Swin's (shifted) window attention written out on the masked tokens ``[B, H, W, C]`` (``site`` ``[B, H, W]``):
-    the map rolled by ``-shift``, then per window and head, among the window's ACTIVE tokens alone, ``softmax(q k^T
-    * scale + table[(dy + ws - 1) * (2 ws - 1) + dx + ws - 1] - 100 [the pair's regions differ]) v``, ``(dy, dx)``
+    :func:`_window_attention_by_hand` with logits ``q k^T * scale`` and the learnt table of relative position biases."""
+    return _window_attention_by_hand(attn, tokens, site, window, shift, qkv=attn.qkv,
+                                     logits=lambda q, k: q @ k.transpose(-1, -2) * attn.scale,
+                                     position_table=attn.relative_position_bias_table)
+
+
+def _swinv2_window_attention_by_hand(attn: nn.Module, tokens: torch.Tensor, site: torch.Tensor, window: int,
+                                     shift: int) -> torch.Tensor:
+    """Swin-V2's: :func:`_window_attention_by_hand` with cosine logits ``normalize(q) normalize(k)^T * exp(min(
+    logit_scale, log 100))`` per head, queries and values biased (``cat(q_bias, 0, v_bias)``, keys not) and the
+    continuous position biases ``16 * sigmoid(cpb_mlp(relative_coords_table))``."""
+    def cosine_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        scale = attn.logit_scale.clamp(max=math.log(100.0)).exp()                           # [heads, 1, 1]
+        return F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2) * scale
+
+    bias = torch.cat([attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias])
+    table = 16 * torch.sigmoid(attn.cpb_mlp(attn.relative_coords_table).view(-1, attn.num_heads))
+    return _window_attention_by_hand(attn, tokens, site, window, shift, qkv=lambda x: F.linear(x, attn.qkv.weight, bias),
+                                     logits=cosine_logits, position_table=table)
+
+
+def _window_attention_by_hand(attn: nn.Module, tokens: torch.Tensor, site: torch.Tensor, window: int, shift: int,
+                              qkv: Callable, logits: Callable, position_table: torch.Tensor) -> torch.Tensor:
+    """(Shifted) window attention on the masked tokens ``[B, H, W, C]`` (``site`` ``[B, H, W]``): the map rolled by
+    ``-shift``, then per window and head, among the window's ACTIVE tokens alone, ``softmax(logits(q, k) +
+    position_table[(dy + ws - 1) * (2 ws - 1) + dx + ws - 1] - 100 [the pair's regions differ]) v``, ``(dy, dx)``
     the pair's offset in the window and a site's region its band of rows and of columns of the rolled map (before
     the last ``ws``, the ``ws - shift`` after, the last ``shift``), heads concatenated and projected; rolled back."""
     batch, height, width, _ = tokens.shape
@@ -615,13 +643,13 @@ def _swin_window_attention_by_hand(attn: nn.Module, tokens: torch.Tensor, site: 
                          if rolled_site[image, y, x]]
                 if not cells:
                     continue
-                q, k, v = attn.qkv(torch.stack([rolled[image, y, x] for y, x in cells])).view(
+                q, k, v = qkv(torch.stack([rolled[image, y, x] for y, x in cells])).view(
                     len(cells), 3, heads, head_dim).permute(1, 2, 0, 3)                       # [heads, n, d] each
                 bias = torch.stack([torch.stack([
-                    attn.relative_position_bias_table[(yi - yj + window - 1) * (2 * window - 1) + xi - xj + window - 1]
+                    position_table[(yi - yj + window - 1) * (2 * window - 1) + xi - xj + window - 1]
                     - 100.0 * ((band(yi, height), band(xi, width)) != (band(yj, height), band(xj, width)) and shift > 0)
                     for yj, xj in cells]) for yi, xi in cells]).permute(2, 0, 1)             # [heads, n, n]
-                attended = ((q @ k.transpose(-1, -2)) * attn.scale + bias).softmax(-1) @ v
+                attended = (logits(q, k) + bias).softmax(-1) @ v
                 projected = attn.proj(attended.transpose(0, 1).reshape(len(cells), -1))
                 for (y, x), value in zip(cells, projected):
                     out[image, y, x] = value
@@ -647,16 +675,48 @@ def test_swin_block_attends_among_each_windows_active_tokens_with_its_position_a
     assert not torch.allclose(block(x) * site.unsqueeze(-1), expected)
 
 
+def with_a_logit_scale_above_its_clamp(module: nn.Module) -> nn.Module:
+    """``module`` with the first head of each Swin-V2 window attention at logit scale 5 (timm clamps it at
+    ``log 100``, 4.6, so the clamp counts); no change to other modules."""
+    with torch.no_grad():
+        for attention in module.modules():
+            if isinstance(attention, SwinV2WindowAttention):
+                attention.logit_scale[0] = 5.0
+    return module
+
+
+@pytest.mark.parametrize("backend", ["masked", "torch", "sparse"])
+@pytest.mark.parametrize("shift", [0, 1], ids=["windows", "shifted_windows"])
+def test_swinv2_block_attends_among_each_windows_active_tokens_with_cosine_logits_and_continuous_position_biases(
+        backend, shift):
+    """Swin-V2's block as V1's test above (3x3 windows on a 6x6 map, unshifted and shifted by 1), its maths V2's:
+    the attention of :func:`_swinv2_window_attention_by_hand` (one head's logit scale above timm's clamp), and
+    residual post-norms ``x + norm1(attention(x))``, ``y + norm2(mlp(y))`` per active site; masked sites stay 0."""
+    mask = _mask()
+    block = SwinTransformerV2Block(8, input_resolution=(6, 6), num_heads=2, window_size=3, shift_size=shift,
+                                   mlp_ratio=2.0)
+    block = with_a_logit_scale_above_its_clamp(scaled(randomized(block), 0.5)).double().eval()
+    x, site = _input(mask, stride=16).permute(0, 2, 3, 1), mask.dense_at(16)[:, 0]
+    y = x + block.norm1(_swinv2_window_attention_by_hand(block.attn, x, site, window=3, shift=shift)) * site.unsqueeze(-1)
+    expected = y + block.norm2(block.mlp(y)) * site.unsqueeze(-1)
+    converted = ss.create_backend(backend).convert(nn.Sequential(copy.deepcopy(block))).eval()
+    out = converted(ChannelsLastView(_feature_map(backend, x.permute(0, 3, 1, 2), mask, 16))).permute(0, 3, 1, 2)
+    torch.testing.assert_close(out.to_dense().permute(0, 2, 3, 1), expected, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(block(x) * site.unsqueeze(-1), expected)
+
+
 @pytest.mark.parametrize("backend", ["masked", "torch", "sparse"])
 @pytest.mark.parametrize("options,shift", [({}, (0, 3)), (dict(dynamic_mask=True), (0, 3)),
                                            (dict(always_partition=True), (3, 3))],
                          ids=["strict", "dynamic_mask", "always_partition"])
-def test_swin_stage_with_every_site_visible_is_timms(backend, options, shift):
-    """Swin's stage at stride 16 of a 224x448 image: patch merging to the 7x14 map at stride 32, a block of 7x7
-    windows and one of shifted windows. timm shifts only along the width (the height is one window), unless
-    ``always_partition``; with ``dynamic_mask`` its region mask is built at each forward instead of once."""
-    stage = scaled(randomized(SwinTransformerStage(8, 16, input_resolution=(14, 28), depth=2, num_heads=2,
-                                                   window_size=7, mlp_ratio=2.0, **options)), 0.5).double()
+@pytest.mark.parametrize("stage_class", [SwinTransformerStage, SwinTransformerV2Stage], ids=["swin", "swinv2"])
+def test_swin_stage_with_every_site_visible_is_timms(backend, options, shift, stage_class):
+    """Swin's (and Swin-V2's) stage at stride 16 of a 224x448 image: patch merging to the 7x14 map at stride 32, a
+    block of 7x7 windows and one of shifted windows. timm shifts only along the width (the height is one window),
+    unless ``always_partition``; with ``dynamic_mask`` its region mask is built at each forward instead of once."""
+    stage = stage_class(8, 16, input_resolution=(14, 28), depth=2, num_heads=2, window_size=7, mlp_ratio=2.0,
+                        downsample=True, **options)
+    stage = with_a_logit_scale_above_its_clamp(scaled(randomized(stage), 0.5)).double()
     assert stage.blocks[1].shift_size == shift
     mask, x = ActiveMask.full(2, (7, 14)), torch.randn(2, 8, 14, 28, dtype=torch.float64)
     expected = stage(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -665,16 +725,21 @@ def test_swin_stage_with_every_site_visible_is_timms(backend, options, shift):
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
-#: a narrow Swin-T for the whole-model tests below (one shifted block in stages 1-3, the last one is one window)
+#: a narrow Swin-T (and Swin-V2-T) for the whole-model tests below (one shifted block in stages 1-3, the last one is
+#: one window)
 SWIN_NARROW = dict(depths=(2, 2, 2, 2), embed_dim=16, num_heads=(1, 2, 4, 8))
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_a_swin_map_that_its_windows_do_not_tile_is_refused(backend):
-    spark = ss.create_spark("swin_tiny_patch4_window7_224", backend=backend, input_size=64, img_size=64, **SWIN_NARROW)
-    with pytest.raises(UnsupportedFeatureOperation, match=r"16x16 map at stride 4 does not tile by the 7x7 windows.*"
-                                                          r"a multiple of 224"):
-        spark(torch.randn(2, 3, 64, 64))
+@pytest.mark.parametrize("name,size,refusal", [
+    ("swin_tiny_patch4_window7_224", 64, r"16x16 map at stride 4 does not tile by the 7x7 windows.*a multiple of 224"),
+    # 8x8 windows: the 24x24 map at stride 4 tiles, the 12x12 one at stride 8 does not (timm would pad it)
+    ("swinv2_tiny_window8_256", 96, r"12x12 map at stride 8 does not tile by the 8x8 windows.*a multiple of 64")],
+    ids=["swin", "swinv2"])
+def test_a_swin_map_that_its_windows_do_not_tile_is_refused(backend, name, size, refusal):
+    spark = ss.create_spark(name, backend=backend, input_size=size, img_size=size, **SWIN_NARROW)
+    with pytest.raises(UnsupportedFeatureOperation, match=refusal):
+        spark(torch.randn(2, 3, size, size))
 
 
 def test_a_strict_swin_at_another_size_than_its_img_size_is_refused_naming_the_fix():

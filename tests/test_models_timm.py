@@ -54,13 +54,15 @@ DEFAULTS = {"resnet50d": (0.05, "bn"), "seresnet50": (0.05, "bn"), "resnext50_32
             "pvt_v2_b0": (0.1, "ln"),
             # the same attention (Twins-PCPVT), and alternating with 7x7 window attention (Twins-SVT)
             "twins_pcpvt_small": (0.1, "ln"), "twins_svt_small": (0.1, "ln"),
-            # 7x7 window attention with relative position biases, every other block in shifted windows
-            "swin_tiny_patch4_window7_224": (0.1, "ln")}
+            # 7x7 window attention with relative position biases, every other block in shifted windows; Swin-V2's
+            # 8x8 cosine window attention with continuous position biases
+            "swin_tiny_patch4_window7_224": (0.1, "ln"), "swinv2_tiny_window8_256": (0.1, "ln")}
 FAMILY_MODELS = list(DEFAULTS)
 #: nets whose blocks need maps of their own sizes: DaViT's, Twins-SVT's and Swin's 7x7 windows tile multiples of 224
-#: only (smaller inputs are refused: timm would pad with tokens that attend; timm's Swin takes its img_size alone),
-#: EfficientFormer's attention biases exist for 224 px alone
-INPUT_SIZE = {"davit_tiny": 224, "efficientformer_l1": 224, "twins_svt_small": 224, "swin_tiny_patch4_window7_224": 224}
+#: only (smaller inputs are refused: timm would pad with tokens that attend; timm's Swin takes its img_size alone,
+#: Swin-V2's 256 for 8x8 windows), EfficientFormer's attention biases exist for 224 px alone
+INPUT_SIZE = {"davit_tiny": 224, "efficientformer_l1": 224, "twins_svt_small": 224, "swin_tiny_patch4_window7_224": 224,
+              "swinv2_tiny_window8_256": 256}
 #: timm nets that compute part of their forward in fp32 whatever the model's dtype: EfficientViT's LiteMLA
 #: casts q, k, v with ``.float()`` (ours keeps at least their dtype), so in fp64 timm's own features carry
 #: fp32 rounding of its attention (8e-8 relative here); compared at fp32's precision instead of 1e-9
@@ -164,8 +166,7 @@ def test_an_rms_norm_convnext_runs_by_its_timm_name_with_sparks_layernorm_densif
     ("pvt_v2_b2_li", ss.UnsupportedModuleError, r"'model\.stages\.0\.blocks\.0\.attn'.*linear attention"),
     ("efficientformerv2_s0", UnsuitableModelError, r"fails on a 64px image \(RuntimeError: shape '\[1, 8, -1, 49\]'"),
     ("vit_tiny_patch16_224", UnsuitableModelError, r"no feature map at stride\(s\) \[4, 8, 32\]"),
-    # Swin-V2 (cosine attention, continuous position biases) and SwinV2-CR: other classes than Swin's
-    ("swinv2_tiny_window8_256", ss.UnsupportedModuleError, r"'model' of type .*SwinTransformerV2:"),
+    # SwinV2-CR (scaled cosine attention with a meta network for its position biases): another class than Swin-V2's
     ("swinv2_cr_tiny_ns_224", ss.UnsupportedModuleError, r"'model' of type .*SwinTransformerV2Cr:"),
     # timm's own forward refuses other sizes: a bare assert (BoTNet), a shape error (LambdaNet)
     ("botnet26t_256", UnsuitableModelError, r"'botnet26t_256' .* fails on a 64px image \(AssertionError: no message\)"),

@@ -191,10 +191,12 @@ class FeatureTokenAttention(nn.Module):
     else the map itself, which timm's layer flattens (FastViT).
     """
 
-    def __init__(self, attention: nn.Module, name: str, tokens_channels_last: bool, feature_type: type):
+    def __init__(self, attention: nn.Module, name: str, tokens_channels_last: bool, feature_type: type,
+                 scale: Optional[float] = None):
         super().__init__()
         adopt_module(self, attention)
-        self.num_heads, self.scale = attention.num_heads, attention.scale
+        self.num_heads = attention.num_heads
+        self.scale = attention.scale if scale is None else scale      # Swin-V2 scales its queries instead
         self.head_dim = attention.qkv.out_features // (3 * attention.num_heads)   # DaViT's layer keeps no head_dim
         self.tokens_channels_last, self.layer_name, self.feature_type = tokens_channels_last, name, feature_type
 
@@ -222,14 +224,20 @@ class FeatureTokenAttention(nn.Module):
         out = self.attend(tokens)
         return ChannelsLastView(out) if self.tokens_channels_last else out
 
+    def queries_keys_values(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[N, C]`` rows -> their queries, keys and values ``[N, heads, d]`` each, as the logits
+        ``q k^T * scale`` take them (Swin-V2's cosine attention overrides it)."""
+        query, key, value = self.qkv(rows).view(rows.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
+        if getattr(self, "q_norm", None) is not None:                 # timm.layers.Attention's qk-norm (per head)
+            query, key = self.q_norm(query), self.k_norm(key)
+        return query, key, value
+
     def attend(self, tokens: FeatureMap, position_bias: Optional[torch.Tensor] = None,
                image_bias: Optional[torch.Tensor] = None) -> FeatureMap:
         """The layer on the map ``tokens``: each active token among its image's active tokens, with the logit
         biases of :func:`attend_among_active_tokens` (Swin's window attention passes its own)."""
         rows = tokens.active_rows()
-        query, key, value = self.qkv(rows).view(rows.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
-        if getattr(self, "q_norm", None) is not None:                 # timm.layers.Attention's qk-norm (per head)
-            query, key = self.q_norm(query), self.k_norm(key)
+        query, key, value = self.queries_keys_values(rows)
         attn_drop = getattr(self, "attn_drop", None)                    # DaViT's window attention has none
         out = attend_among_active_tokens(tokens, query, tokens, key, value, self.scale,
                                          attn_drop.p if self.training and attn_drop is not None else 0.0,

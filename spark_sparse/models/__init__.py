@@ -34,6 +34,7 @@ from . import efficientformer  # noqa: F401  (registers efficientformer_l1; l3, 
 from . import pvt_v2  # noqa: F401  (registers pvt_v2_b0)
 from . import twins  # noqa: F401  (registers twins_pcpvt_small, twins_svt_small)
 from . import swin  # noqa: F401  (registers swin_tiny_patch4_window7_224; other Swin V1 by their timm names)
+from . import swin_v2  # noqa: F401  (registers swinv2_tiny_window8_256; other Swin-V2 by their timm names)
 from . import example  # noqa: F401  (registers tiny_cnn)
 
 __all__ = ["MODEL_ALIASES", "EncoderContractError", "HierarchicalEncoder", "UnknownModelError", "create_encoder", "list_models",

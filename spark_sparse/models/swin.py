@@ -28,8 +28,8 @@ tile (multiples of 224 for 7x7 windows, of 384 for 12x12).
 
 With every site visible this is timm's Swin. Default drop path 0.1 (a 28M net, as ConvNeXt-T's SparK rate;
 the paper's 0.2 is for supervised training), densify norm LayerNorm (the net's own).
-Swin-V2 (``swinv2_*``: cosine attention, continuous position biases) and SwinV2-CR are other classes
-and are refused at conversion.
+Swin-V2 (``swinv2_*``: cosine attention, continuous position biases) subclasses these converters
+(:mod:`.swin_v2`); SwinV2-CR is another class and is refused at conversion.
 """
 from __future__ import annotations
 
@@ -133,9 +133,12 @@ class FeatureSwinPatchMerging(nn.Module):
         backend.convert_children(self, prefix=f"{name}.")
         self.layer_name = name
 
+    def neighbourhoods(self, x: ChannelsLastView) -> ChannelsLastView:
+        """The tokens of each 2x2 neighbourhood side by side, one token at twice the stride."""
+        return ChannelsLastView(merge_2x2_neighbourhoods(map_of_tokens(x, self.layer_name), self.layer_name))
+
     def forward(self, x: ChannelsLastView) -> ChannelsLastView:
-        merged = merge_2x2_neighbourhoods(map_of_tokens(x, self.layer_name), self.layer_name)
-        return self.reduction(self.norm(ChannelsLastView(merged)))
+        return self.reduction(self.norm(self.neighbourhoods(x)))
 
 
 @register_converter(WindowAttention)
@@ -145,15 +148,19 @@ class FeatureSwinWindowAttention(FeatureTokenAttention):
     tokens, logits plus the learnt bias of the pair's relative position in the window and ``mask``, the region
     mask of shifted windows ``[windows per image, P, P]`` as timm's. Same children, parameters and buffers."""
 
-    def __init__(self, backend, attention: WindowAttention, name: str = ""):
-        super().__init__(attention, name, tokens_channels_last=True, feature_type=backend.feature_type)
+    def __init__(self, backend, attention: nn.Module, name: str = "", scale: Optional[float] = None):
+        super().__init__(attention, name, tokens_channels_last=True, feature_type=backend.feature_type, scale=scale)
         self.window_size = tuple(attention.window_size)
 
-    def relative_position_bias(self) -> torch.Tensor:
-        """``[heads, P, P]``: the bias of each pair of positions in the window (timm's ``_get_rel_pos_bias``)."""
+    def by_pair_of_positions(self, table: torch.Tensor) -> torch.Tensor:
+        """``[(2 wh - 1) * (2 ww - 1), heads]`` values by relative position -> ``[heads, P, P]`` by pair of
+        positions in the window (timm's ``relative_position_index``)."""
         area = self.window_size[0] * self.window_size[1]
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(area, area, -1)
-        return bias.permute(2, 0, 1)
+        return table[self.relative_position_index.view(-1)].view(area, area, -1).permute(2, 0, 1)
+
+    def relative_position_bias(self) -> torch.Tensor:
+        """``[heads, P, P]``: the learnt bias of each pair of positions in the window (timm's ``_get_rel_pos_bias``)."""
+        return self.by_pair_of_positions(self.relative_position_bias_table)
 
     def forward(self, x: ChannelsLastView, mask: Optional[torch.Tensor] = None) -> ChannelsLastView:
         windows = map_of_tokens(x, self.layer_name)
@@ -211,14 +218,17 @@ class FeatureSwinBlock(nn.Module):
                                                                        tokens.mask.device))
         return torch.zeros(other.shape, dtype=dtype, device=other.device).masked_fill_(other, OTHER_REGION_LOGIT)
 
-    def forward(self, x: ChannelsLastView) -> ChannelsLastView:
+    def window_attention(self, x: ChannelsLastView) -> ChannelsLastView:
+        """The attention in the block's (shifted) windows of the tokens ``x`` (timm's ``_attn``)."""
         tokens = map_of_tokens(x, self.layer_name)
         windows = attention_windows(tokens, self.window_size, self.layer_name,
                                     "and the model created for it: img_size=, or strict_img_size=False",
                                     shift=self.shift_size)
-        normed = self.norm1(x).channels_first
-        attended = self.attn(ChannelsLastView(windows.unfold(normed)), self._region_bias(tokens, normed.data.dtype))
-        x = x + self.drop_path1(ChannelsLastView(windows.fold(attended.channels_first, like=tokens)))
+        attended = self.attn(ChannelsLastView(windows.unfold(tokens)), self._region_bias(tokens, tokens.data.dtype))
+        return ChannelsLastView(windows.fold(attended.channels_first, like=tokens))
+
+    def forward(self, x: ChannelsLastView) -> ChannelsLastView:
+        x = x + self.drop_path1(self.window_attention(self.norm1(x)))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
