@@ -19,7 +19,6 @@ that are not the image's sites into the groups.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -113,11 +112,12 @@ def attention_windows(x: FeatureMap, window: tuple[int, int], layer_name: str, o
                       shift: tuple[int, int] = (0, 0)) -> SiteGroups:
     """The ``window`` windows of window attention over ``x``'s sites (DaViT, Twins-SVT, Swin; ``shift``: Swin's
     shifted windows). timm pads a map that its windows do not tile with zero tokens that take part in the
-    attention (their keys are the qkv bias): refused, naming the input sides that tile this map (multiples of
-    the least common multiple of the patch size and the window's extent in pixels) and ``own_sizes`` (the
-    family's own input size, e.g. "DaViT's own, 224, tiles every block")."""
+    attention (their keys are the qkv bias): refused, naming the input sides that tile every block's windows
+    (multiples of the patch size times the window: every map is at a stride up to the patch size) and
+    ``own_sizes`` (the family's own input size, e.g. "DaViT's own, 224, tiles every block"). Sides that tile
+    only the failing block would fail again at the next stride."""
     def refusal(what: str) -> str:
-        sides = [math.lcm(x.mask.downsample_ratio, x.stride * extent) for extent in window]
+        sides = [x.mask.downsample_ratio * extent for extent in window]
         multiple = f"{sides[0]}" if sides[0] == sides[1] else f"{sides[0]} (height) and {sides[1]} (width)"
         return (f"{layer_name}: {what}, which timm pads with zero tokens that take part in the attention; use an "
                 f"input size that is a multiple of {multiple} ({own_sizes})")
