@@ -10,8 +10,8 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
-	# torch and torchvision must be this matching pair here (the CPU torch 2.13 wheel does not work
-	# with PyPI's torchvision; see README)
+	# torch and torchvision as one matching pair (an older CPU-only torch found on some machines does not
+	# import PyPI's torchvision); on Linux x86_64 this torch is a CUDA build, which runs on CPUs too
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e ".[dev]"
 

@@ -209,11 +209,14 @@ def write_plots(out: Path, records: list[dict]) -> list[Path]:
     paths.append(out / "speedup_vs_mask_ratio.png")
     fig.savefig(paths[-1], dpi=100)
 
+    measured = [r for r in records if r["peak_mem_mb"] is not None]
+    if not measured:                                     # --memory off: no chart of zeros
+        return paths
     fig = _figure((7, 4))
     ax = fig.subplots()
-    labels = [f"{r['model']}\n{r['backend']}\nmask {r['mask_ratio']}" for r in records]
-    ax.bar(range(len(records)), [r["peak_mem_mb"] or 0 for r in records])
-    ax.set_xticks(range(len(records)), labels, fontsize=6, rotation=90)
+    labels = [f"{r['model']}\n{r['backend']}\nmask {r['mask_ratio']}" for r in measured]
+    ax.bar(range(len(measured)), [r["peak_mem_mb"] for r in measured])
+    ax.set_xticks(range(len(measured)), labels, fontsize=6, rotation=90)
     ax.set_ylabel("peak memory growth (MB)")
     fig.tight_layout()
     paths.append(out / "peak_memory.png")

@@ -18,8 +18,8 @@ drift cancels in the speed-up; on the CPU memory is measured for each configurat
 subprocess, on CUDA during the last timed call (``max_memory_allocated``). Configurations run in
 priority order (every model at the first mask ratio first) and results.json/results.md are
 rewritten after each, so a ``--budget-s`` that runs out (or a kill) leaves every finished row.
-Outputs in --out: results.json, results.md, speedup_vs_mask_ratio.png, peak_memory.png (no plots with
---what equivalence).
+Outputs in --out: results.json, results.md, speedup_vs_mask_ratio.png, peak_memory.png (not with
+--memory off; no plots with --what equivalence).
 """
 from __future__ import annotations
 
@@ -115,7 +115,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                        for key, v in QUICK_PRESET.items()) + " (options given explicitly win)")
     p.add_argument("--memory", choices=["subprocess", "inprocess", "off"], default=None,
                    help="peak memory: one fresh subprocess per (model, mask) with glibc returning freed blocks "
-                        "(default on CPU), in this process (default on CUDA: during the last timed call), or off")
+                        "(default on CPU), in this process (default on CUDA: during the last timed call; on the CPU "
+                        "mostly 0, as glibc keeps what the warm-up freed), or off ('-')")
     p.add_argument("--check-batch", type=int, default=None,
                    help="equivalence on the first N images only (default: the whole batch)")
     p.add_argument("--budget-s", type=float, default=None,
@@ -469,7 +470,8 @@ def measure_unit(args, works: list[Workload], unit: tuple, failures: Failures, n
                   "plan": work.spark.backend.plan(work.spark.encoder, args.device)}
         records.append(record)
         timing = (f"{main_phase} {median:8.1f} ms  {record['speedup_vs_masked']:.2f}x  "
-                  f"peak {record['peak_mem_mb'] or 0:.0f} MB  " if median else "")
+                  f"peak {'-' if record['peak_mem_mb'] is None else round(record['peak_mem_mb'])} MB  "
+                  if median else "")
         print(f"[bench]   {name:<14} {timing}max abs err {record['max_abs_err']:.1e}  "
               f"x floor {_fmt(error_vs_floor(record), 2)}", flush=True)
     return records

@@ -18,8 +18,9 @@ like ``benchmarks/results/<name>/``::
     step/                 results.json, peak_memory.png             (compare_backends --what step)
     data/                 reference.json                            (data_loading.py --sections loader)
 
-The benchmarks' results.md files stay in the stage folder (their tables are printed at the end and
-rendered again from results.json by ``render_benchmarks.py``).
+The benchmarks' results.md files stay in the stage folder, a new temporary folder per check unless
+``--stage`` names one (their tables are printed at the end and rendered again from results.json by
+``render_benchmarks.py``). SIGTERM (``timeout``, a job's end) kills the running phase with the check.
 
 ``GPU_CHECK_SMOKE=1`` runs the same phases on the CPU at tiny sizes (the test
 ``tests/test_gpu_check_smoke.py`` does, so CI catches a broken driver before a GPU session does).
@@ -36,6 +37,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -136,6 +138,20 @@ class Clock:
         return self.deadline(phase) - time.time()
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill a phase and every process it started (compile workers); it runs in a session of its own."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:                   # it ended just now
+        pass
+    proc.wait()
+
+
+def _exit_on_sigterm(signum: int, frame) -> None:
+    """SIGTERM (``timeout``, a job's end) as an exception, so that the running phase's group is killed too."""
+    raise SystemExit(128 + signum)
+
+
 def run_phase(name: str, cmd: list[str], timeout: float, budget: float, log: Optional[Path] = None,
               env: Optional[dict] = None, echo=lambda line: True) -> tuple[PhaseResult, str]:
     """Run ``cmd`` with its output kept (and in ``log``) and the lines ``echo`` picks streamed with a prefix;
@@ -165,12 +181,11 @@ def run_phase(name: str, cmd: list[str], timeout: float, budget: float, log: Opt
         rc = proc.wait(timeout=timeout)
         status = "ok" if rc == 0 else f"failed (exit {rc})"
     except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the phase and every process it started (compile workers)
-        except ProcessLookupError:               # it ended just now
-            pass
-        proc.wait()
+        _kill_group(proc)
         status = "timed out"
+    except BaseException:                        # SIGTERM (see main) or Ctrl-C: leave no phase running behind us
+        _kill_group(proc)
+        raise
     reader.join(timeout=10)
     if sink:
         sink.close()
@@ -334,8 +349,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or REPO / "gpu_check_out"))
     p.add_argument("--smoke", action="store_true", default=os.environ.get("GPU_CHECK_SMOKE") == "1",
                    help="CPU, tiny sizes (default from GPU_CHECK_SMOKE=1)")
-    p.add_argument("--stage", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "gpu_check_stage",
-                   help="where the benchmarks write everything before the chosen files are copied to --out")
+    p.add_argument("--stage", type=Path, default=None,
+                   help="where the benchmarks write everything before the chosen files are copied to --out (emptied "
+                        "first; default: a new temporary folder, so that two checks never share one)")
     p.add_argument("--phases", nargs="+", default=["environment", "pytest", "encoder", "step", "data"])
     args = p.parse_args(argv)
     start = float(os.environ.get("GPU_CHECK_T0") or time.time())     # the shell's start: its install counts
@@ -343,8 +359,13 @@ def main(argv=None) -> int:
     python = sys.executable
     clock = Clock(start, sizes.budgets)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    shutil.rmtree(args.stage, ignore_errors=True)
-    args.stage.mkdir(parents=True)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    if args.stage is None:
+        args.stage = Path(tempfile.mkdtemp(prefix="gpu_check_stage_"))
+    else:
+        shutil.rmtree(args.stage, ignore_errors=True)
+        args.stage.mkdir(parents=True)
+    print(f"[gpu_check] stage folder (every benchmark file): {args.stage}", flush=True)
     phases: list[PhaseResult] = []
     if os.environ.get("GPU_CHECK_INSTALL_STATUS"):           # the shell's install, before this process
         phases.append(PhaseResult("install", os.environ["GPU_CHECK_INSTALL_STATUS"], time.time() - start,

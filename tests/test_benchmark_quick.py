@@ -105,3 +105,13 @@ def test_quick_presets_yield_to_options_given_explicitly():
     mine = parse_args(["--quick", "--repeats", "15", "--models", "resnet50"])
     assert (mine.repeats, mine.models, mine.batch_size) == (15, ["resnet50"], QUICK_PRESET["batch_size"])
     assert parse_args([]).repeats == 3 and parse_args([]).models == ["resnet50", "convnext_tiny"]
+
+
+def test_unmeasured_memory_is_no_chart_of_zeros(tmp_path):
+    from _report import write_plots
+
+    records = [{"model": "resnet18", "backend": b, "mask_ratio": 0.6, "speedup_vs_masked": s, "peak_mem_mb": None}
+               for b, s in (("masked", 1.0), ("sparse", 1.5))]
+    assert [p.name for p in write_plots(tmp_path, records)] == ["speedup_vs_mask_ratio.png"]
+    records[1]["peak_mem_mb"] = 100.0
+    assert [p.name for p in write_plots(tmp_path, records)] == ["speedup_vs_mask_ratio.png", "peak_memory.png"]

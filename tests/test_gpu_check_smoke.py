@@ -94,6 +94,29 @@ def test_a_phase_past_its_deadline_is_killed_with_what_it_started(tmp_path):
     assert not marker.exists(), "the phase's child process outlived the deadline"
 
 
+def test_a_check_ended_by_sigterm_kills_the_running_phase_with_what_it_started(tmp_path):
+    """``timeout`` or a job's end sends SIGTERM to the check (gpu_check.sh execs it): its phase, in a session of
+    its own, must not go on running without it."""
+    import signal
+    import threading
+
+    marker = tmp_path / "child_alive"
+    script = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+              f"'import time, pathlib; time.sleep(8); pathlib.Path(r\"{marker}\").touch()']); time.sleep(60)")
+    previous = signal.signal(signal.SIGTERM, gpu_check._exit_on_sigterm)
+    timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM))
+    try:
+        timer.start()
+        with pytest.raises(SystemExit) as ended:
+            gpu_check.run_phase("sleepy", [sys.executable, "-c", script], timeout=60, budget=60)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+    assert ended.value.code == 128 + signal.SIGTERM
+    time.sleep(8)
+    assert not marker.exists(), "the phase's child process outlived the check"
+
+
 def test_a_phase_with_no_time_left_is_skipped():
     result, _ = gpu_check.run_phase("late", [sys.executable, "-c", "pass"], timeout=1, budget=30)
     assert result.status == "skipped" and "no time left" in result.note

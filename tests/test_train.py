@@ -85,14 +85,15 @@ def test_exported_resnet_loads_into_timm(folder, tmp_path):
 
 
 def _stop_with_sigterm_during(trainer: Trainer, global_it: int, whole_group: bool = False) -> None:
-    """SIGTERM arrives while step ``global_it`` runs: the run stops (with a checkpoint) after the next step.
+    """SIGTERM arrives while step ``global_it`` runs (before its forward ends): the run stops (with a checkpoint)
+    after that step.
 
     ``whole_group``: the loader's workers get it too, from another process, as from ``kill -TERM -<pgid>``,
     ``timeout`` or SLURM (torch's workers exit quietly on a SIGTERM from their parent, not from others;
     the test cannot signal its real process group: pytest is in it)."""
     real_step = trainer.step
 
-    def step(images, it, stop_requested=False):
+    def step(images, it, stop=None):
         if it == global_it:
             if whole_group:
                 workers = [str(worker.pid) for worker in multiprocessing.active_children()]
@@ -100,7 +101,7 @@ def _stop_with_sigterm_during(trainer: Trainer, global_it: int, whole_group: boo
                 subprocess.run(["kill", "-s", "TERM", str(os.getpid()), *workers], check=True)
             else:
                 os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(images, it, stop_requested)
+        return real_step(images, it, stop)
 
     trainer.step = step
 
@@ -130,7 +131,7 @@ def test_a_run_stopped_mid_epoch_and_resumed_equals_the_uninterrupted_run(folder
         interrupted.run()
     assert stopped.value.signum == signal.SIGTERM                                  # the CLI exits 128 + 15
     ckpt = read_checkpoint(tmp_path / "b" / "tiny_cnn_still_pretraining.pth")
-    assert (ckpt["epoch"], ckpt["iteration"]) == (1, 2)        # stopped after the step that followed SIGTERM
+    assert (ckpt["epoch"], ckpt["iteration"]) == (1, 1)        # stopped after the step SIGTERM arrived in
     resumed = Trainer(config("b", resume_from="auto"), "")     # the folder's own checkpoint
     assert resumed.state.epoch == 0                           # not loaded until run()
     resumed.run()
@@ -140,7 +141,49 @@ def test_a_run_stopped_mid_epoch_and_resumed_equals_the_uninterrupted_run(folder
     want = [{k: r[k] for k in logged} for r in _epoch_records(tmp_path / "a" / "pretrain_log.txt")]
     got = [{k: r[k] for k in logged} for r in _epoch_records(tmp_path / "b" / "pretrain_log.txt")]
     assert got == want                                        # the resumed epoch's loss covers all its iterations
-    assert _epoch_records(tmp_path / "b" / "pretrain_log.txt")[-1]["resumed_at_iteration"] == 2
+    assert _epoch_records(tmp_path / "b" / "pretrain_log.txt")[-1]["resumed_at_iteration"] == 1
+
+
+def test_a_stop_in_an_epochs_last_step_closes_the_epoch_first_and_resumes_into_the_next(folder12, tmp_path):
+    straight = Trainer(tiny_config(folder12, tmp_path / "a", backend="masked"), "")
+    straight.run()
+    interrupted = Trainer(tiny_config(folder12, tmp_path / "b", backend="masked"), "")
+    _stop_with_sigterm_during(interrupted, global_it=2)                       # epoch 0's last of 3 iterations
+    with pytest.raises(engine.StopRequested, match=r"stopped after epoch 1/2; resume with --resume_from="):
+        interrupted.run()
+    ckpt = read_checkpoint(tmp_path / "b" / "tiny_cnn_still_pretraining.pth")
+    assert (ckpt["epoch"], ckpt["iteration"]) == (1, 0)
+    assert [r["epoch"] for r in _epoch_records(tmp_path / "b" / "pretrain_log.txt")] == [1]
+    resumed = Trainer(tiny_config(folder12, tmp_path / "b", backend="masked", resume_from="auto"), "")
+    resumed.run()
+    a, b = straight.spark.state_dict(), resumed.spark.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logged = ("epoch", "loss", "min_loss", "lr")
+    assert [{k: r[k] for k in logged} for r in _epoch_records(tmp_path / "b" / "pretrain_log.txt")] == \
+        [{k: r[k] for k in logged} for r in _epoch_records(tmp_path / "a" / "pretrain_log.txt")]
+
+
+def test_a_checkpoint_saved_after_an_epochs_last_step_but_before_its_end_resumes(folder12, tmp_path):
+    """Earlier versions saved a stop in an epoch's last step as (epoch, iteration = iterations per epoch): resuming
+    it runs no step of that epoch, closes it (log line, lr from the schedule) and goes on."""
+    straight = Trainer(tiny_config(folder12, tmp_path / "a", backend="masked"), "")
+    straight.run()
+    interrupted = Trainer(tiny_config(folder12, tmp_path / "b", backend="masked"), "")
+    _stop_with_sigterm_during(interrupted, global_it=2)                       # saved as (1, 0): made (0, 3) below
+    with pytest.raises(engine.StopRequested):
+        interrupted.run()
+    path = tmp_path / "b" / "tiny_cnn_still_pretraining.pth"
+    ckpt = read_checkpoint(path)
+    first = _epoch_records(tmp_path / "b" / "pretrain_log.txt")[0]
+    ckpt.update(epoch=0, iteration=3, min_loss=float("inf"), epoch_progress={"loss_sum": 3 * first["loss"],
+                                                                             "unreadable": []})
+    atomic_save(ckpt, path)
+    log = tmp_path / "b" / "pretrain_log.txt"
+    log.write_text(log.read_text().splitlines()[0] + "\n")                    # the header only, as such a run left
+    pretrain(tiny_config(folder12, tmp_path / "b", backend="masked", resume_from="auto"))
+    got, want = _epoch_records(log), _epoch_records(tmp_path / "a" / "pretrain_log.txt")
+    assert [r["epoch"] for r in got] == [1, 2] and got[0]["lr"] == want[0]["lr"]
+    assert got[0]["loss"] == pytest.approx(want[0]["loss"], rel=1e-12) and got[1]["loss"] == want[1]["loss"]
 
 
 def test_resume_auto_without_a_checkpoint_starts_a_new_run(folder, tmp_path):
@@ -472,6 +515,12 @@ def test_the_folder_guard_suggests_commands_that_fit_what_it_found(folder, tmp_p
     other.mkdir()
     atomic_save({"format": "spark-sparse/1"}, other / "resnet18_still_pretraining.pth")
     with pytest.raises(ConfigError, match="it is a run of resnet18, not of tiny_cnn: add --model resnet18"):
+        Trainer(tiny_config(folder, other), "spark-pretrain t")
+    (other / "pretrain_log.txt").write_text('{"name": "t", "cmd": "spark-pretrain t --model=resnet18 --bs=2 '
+                                            '--overwrite", "args": {"ep": 1}}\n')
+    with pytest.raises(ConfigError, match=r"continue it:  spark-pretrain t --model=resnet18 --bs=2 --resume_from=auto"
+                                          r"   \(its own command, from its log: it is a run of resnet18, not of "
+                                          r"tiny_cnn\)"):
         Trainer(tiny_config(folder, other), "spark-pretrain t")
 
 

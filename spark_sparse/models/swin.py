@@ -88,8 +88,9 @@ class FeaturePatchEmbed(nn.Module):
             size = height if height == width else (height, width)
             raise UnsupportedFeatureOperation(
                 f"{self.layer_name}: the model is built for {self.img_size[0]}x{self.img_size[1]} images (timm's "
-                f"strict_img_size), got {height}x{width}; create it with img_size={size} (e.g. "
-                f"ss.create_spark(name, input_size={size}, img_size={size})) or strict_img_size=False")
+                f"strict_img_size), got {height}x{width}; use that input size (--input_size {self.img_size[0]}), or "
+                f"build the model for yours from Python: ss.create_spark(name, input_size={size}, img_size={size}), "
+                f"for a size whose maps the model's windows tile at every stage")
         if height % self.patch_size[0] or width % self.patch_size[1]:
             raise UnsupportedFeatureOperation(
                 f"{self.layer_name}: a {height}x{width} image is not a multiple of the {self.patch_size[0]}x"

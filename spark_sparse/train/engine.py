@@ -101,8 +101,9 @@ class _StopFlag:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested, self.signum = True, signum
+        again = " (Ctrl-C again to abort without saving)" if signum == signal.SIGINT else ""
         print(f"\n[spark-pretrain] {signal.Signals(signum).name} received: saving a resumable checkpoint after "
-              f"this step (Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+              f"the step that is running{again}", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -399,16 +400,21 @@ class Trainer:
         print(f"[spark-pretrain] resumed from {path}: {self.state.epoch} of {self.cfg.ep} epochs done{within}")
 
     # ------------------------------------------------------------------ one step
-    def step(self, images: torch.Tensor, global_it: int, stop_requested: bool = False) -> tuple[float, bool]:
+    def lr_wd_at(self, global_it: int) -> tuple[float, float]:
+        """The schedule's learning rate and weight decay at ``global_it`` (SparK's warm-up, then cosine)."""
+        cfg = self.cfg
+        return lr_wd_at(global_it, self.peak_lr, cfg.wd, cfg.wde or cfg.wd, cfg.wp_ep * self.iters_per_epoch,
+                        self.total_iters)
+
+    def step(self, images: torch.Tensor, global_it: int, stop: Optional[_StopFlag] = None) -> tuple[float, bool]:
         """One optimisation step; ``(loss, stop)`` where ``stop`` says some rank asked to stop after it.
 
-        Every rank learns before backward whether any rank saw a non-finite loss or a stop request,
+        Every rank learns before backward whether any rank saw a non-finite loss or a stop request
+        (``stop``'s flag, read after the forward: a signal that arrives during it stops this step's run),
         so all of them skip (or finish) the same step and stop at the same iteration.
         """
         cfg = self.cfg
-        lr, wd = lr_wd_at(global_it, self.peak_lr, cfg.wd, cfg.wde or cfg.wd, cfg.wp_ep * self.iters_per_epoch,
-                          self.total_iters)
-        apply_lr_wd(self.optimizer, lr, wd)
+        apply_lr_wd(self.optimizer, *self.lr_wd_at(global_it))
         seed = _seed_for(cfg.seed, global_it, self.ctx.rank)
         torch.manual_seed(seed)
         mask = self.spark.mask(images.shape[0], generator=torch.Generator().manual_seed(seed), device=images.device)
@@ -417,7 +423,7 @@ class Trainer:
             loss = self.model(images, mask)
         loss_value = float(loss.detach())
         finite_here = math.isfinite(loss_value)
-        non_finite, stop = self.ctx.any_rank(not finite_here, stop_requested)
+        non_finite, stop_after = self.ctx.any_rank(not finite_here, stop is not None and stop.requested)
         if non_finite:
             what = f"loss is {loss_value}" if not finite_here else "loss is not finite on another rank"
             raise TrainingError(f"{what} at epoch {self.state.epoch} iteration {self.state.iteration}")
@@ -428,8 +434,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_([p for g in self.groups for p in g["params"]], cfg.clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.last_lr = lr
-        return loss_value, stop
+        return loss_value, stop_after
 
     # ------------------------------------------------------------------ the run
     def _epoch_batches(self, epoch: int, skip: int):
@@ -515,6 +520,7 @@ class Trainer:
         cfg, state = self.cfg, self.state
         self.spark.train()
         start_time, seen, resumed_at = time.time(), 0, state.iteration
+        stopped_at_epoch_end = False
         batches = _batches(self._epoch_batches(state.epoch, state.iteration))
         bar = tqdm(batches, total=self.iters_per_epoch, initial=state.iteration, disable=not self.ctx.is_main,
                    desc=f"epoch {state.epoch + 1}/{cfg.ep}", dynamic_ncols=True, file=sys.stderr,
@@ -523,7 +529,7 @@ class Trainer:
             global_it = state.epoch * self.iters_per_epoch + state.iteration
             images = self.normalize(images.to(self.ctx.device, non_blocking=True))
             try:
-                loss, stop_now = self.step(images, global_it, stop.requested)
+                loss, stop_now = self.step(images, global_it, stop)
             except TrainingError as err:
                 self.save()   # the weights are still those of the last good step
                 raise TrainingError(f"{err}; stopped. The last good state is saved in "
@@ -533,10 +539,14 @@ class Trainer:
             state.loss_sum += loss
             state.unreadable.update(int(i) for i in bad_indices if i >= 0)
             rate = seen / max(time.time() - start_time, 1e-9)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.last_lr:.2e}", img_s=f"{rate:.1f}", refresh=False)
+            lr = self.lr_wd_at(global_it)[0]
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}", refresh=False)
             if self.tb is not None:
                 self.tb.add_scalar("train/loss", loss, global_it)
-                self.tb.add_scalar("train/lr", self.last_lr, global_it)
+                self.tb.add_scalar("train/lr", lr, global_it)
+            if stop_now and state.iteration == self.iters_per_epoch:
+                stopped_at_epoch_end = True                  # close the epoch as usual (log line, checkpoint) first
+                break
             if stop_now:
                 bar.n = state.iteration                      # the bar counts a step when the next one starts
                 bar.close()
@@ -558,7 +568,7 @@ class Trainer:
         remaining, finish = RunOutputs.eta(seconds_per_epoch, cfg.ep - state.epoch)
         self.save(final=state.epoch == cfg.ep)
         self.outputs.log_epoch({"epoch": state.epoch, "loss": epoch_loss, "min_loss": state.min_loss,
-                                "lr": self.last_lr, "images_per_s": round(seen / max(elapsed, 1e-9), 2),
+                                "lr": self.lr_wd_at(state.epoch * self.iters_per_epoch - 1)[0], "images_per_s": round(seen / max(elapsed, 1e-9), 2),
                                 "epoch_seconds": round(elapsed, 2), "remaining": remaining, "finish_time": finish,
                                 "unreadable_images": len(unreadable),
                                 **({"resumed_at_iteration": resumed_at} if resumed_at else {})})
@@ -566,6 +576,9 @@ class Trainer:
             print(f"[spark-pretrain] epoch {state.epoch}/{cfg.ep}: loss {epoch_loss:.4f} (min {state.min_loss:.4f}), "
                   f"{seen / max(elapsed, 1e-9):.1f} images/s, remaining {remaining}, finish @ {finish}")
         self.ctx.barrier()
+        if stopped_at_epoch_end and state.epoch < cfg.ep:
+            raise StopRequested(f"stopped after epoch {state.epoch}/{cfg.ep}; resume with "
+                                f"--resume_from={self.outputs.still_pretraining_path}", stop.signum)
 
     def _visualise(self) -> None:
         n = min(self.cfg.vis_images, len(self.dataset))

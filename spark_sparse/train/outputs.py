@@ -110,12 +110,14 @@ class RunOutputs:
                              for p in self.dir.glob(pattern))
         return plain + checkpoints
 
-    def logged_progress(self) -> tuple[Optional[int], Optional[int]]:
-        """The log's last epoch line's epoch and the run's ``--ep`` (its last header's: a resumed run may have
-        raised it), each ``None`` when not logged: what a refusal reports as the run's progress."""
+    def logged_run(self) -> tuple[Optional[int], Optional[int], str]:
+        """What the log says of its run: its last epoch line's epoch, the run's ``--ep`` and its command (both
+        from its last header: a resumed run may have raised ``--ep``); ``None`` / ``""`` when not logged. What a
+        refusal reports, and the command it offers to continue another model's run."""
         epoch = total = None
+        command = ""
         if not self.log_path.is_file():
-            return epoch, total
+            return epoch, total, command
         for line in self.log_path.read_text(errors="replace").splitlines():
             try:
                 record = json.loads(line)
@@ -124,10 +126,10 @@ class RunOutputs:
             if not isinstance(record, dict):
                 continue
             if isinstance(record.get("args"), dict):
-                total = record["args"].get("ep")
+                total, command = record["args"].get("ep"), str(record.get("cmd") or "")
             elif "epoch" in record:
                 epoch = record["epoch"]
-        return epoch, total
+        return epoch, total, command
 
     def continues_this_folder(self, resume_from: Optional[str]) -> bool:
         """True when ``resume_from`` is this folder's own ``<model>_still_pretraining.pth``."""
@@ -151,7 +153,7 @@ class RunOutputs:
                   for suffix in (STILL_PRETRAINING, PRETRAINED) if path.name.endswith(suffix)}
         if resume_auto and resume_from is None and not models:     # logs only: died before its first checkpoint
             return
-        epoch, total = self.logged_progress()
+        epoch, total, logged_command = self.logged_run()
         progress = "" if epoch is None else f"; last logged epoch {epoch}" + ("" if total is None else f" of {total}")
         words = without_flags(shlex.split(cmd), valued=("resume_from", "resume"), bare=("overwrite",))
         unknown = "spark-pretrain <same arguments>"                 # a library call passes no command
@@ -164,6 +166,11 @@ class RunOutputs:
                           f"{epoch}>   (it finished its {epoch} epochs)")
             else:
                 resume = f"continue it:  {base} --resume_from={self.still_pretraining_path}"
+        elif others and logged_command:
+            own = shlex.join(without_flags(shlex.split(logged_command), valued=("resume_from", "resume"),
+                                           bare=("overwrite",)))
+            resume = (f"continue it:  {own} --resume_from=auto   (its own command, from its log: it is a run of "
+                      f"{', '.join(others)}, not of {self.model})")
         elif others:
             resume = (f"continue it:  it is a run of {', '.join(others)}, not of {self.model}: add --model "
                       f"{others[0]} --resume_from=auto")
