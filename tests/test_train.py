@@ -186,6 +186,13 @@ def test_a_checkpoint_saved_after_an_epochs_last_step_but_before_its_end_resumes
     assert got[0]["loss"] == pytest.approx(want[0]["loss"], rel=1e-12) and got[1]["loss"] == want[1]["loss"]
 
 
+def test_a_resumed_trainer_run_again_continues_from_its_latest_checkpoint(folder, tmp_path):
+    pretrain(tiny_config(folder, tmp_path, ep=1))
+    trainer = Trainer(tiny_config(folder, tmp_path, ep=3, resume_from="auto"), "")
+    assert trainer.run(max_epochs=1).epoch == 2
+    assert trainer.run().epoch == 3                 # reads the folder's checkpoint again, as a new resume would
+
+
 def test_resume_auto_without_a_checkpoint_starts_a_new_run(folder, tmp_path):
     trainer = Trainer(tiny_config(folder, tmp_path, ep=1, resume_from="auto"), "")
     assert trainer.resume_path is None

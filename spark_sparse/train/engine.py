@@ -379,7 +379,7 @@ class Trainer:
 
     def resume(self, path: str) -> None:
         ckpt = self.resume_checkpoint if self.resume_checkpoint is not None else \
-            _resumable_checkpoint(path, self.model_name)
+            _resumable_checkpoint(path, self.model_name, own=self.outputs.continues_this_folder(path))
         self.resume_checkpoint = None          # read once: do not hold a second copy of the weights while training
         load_spark_state(self.spark, ckpt["model"], f"{path}")
         self.optimizer.load_state_dict(ckpt["optimizer"])
