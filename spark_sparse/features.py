@@ -109,12 +109,12 @@ def _permutation(dims: tuple) -> tuple:
     return tuple(d % 4 if isinstance(d, int) and -4 <= d < 4 else d for d in order)
 
 
-#: torch functions that feature maps (and their channels-last views) answer with their own method
 #: zero-preserving functions a block may call on a map as a child module instead (the backends convert modules)
 _AS_MODULES = {"relu": "nn.ReLU", "relu_": "nn.ReLU", "relu6": "nn.ReLU6", "gelu": "nn.GELU", "silu": "nn.SiLU",
                "leaky_relu": "nn.LeakyReLU", "hardswish": "nn.Hardswish", "mish": "nn.Mish", "tanh": "nn.Tanh",
                "elu": "nn.ELU", "celu": "nn.CELU", "selu": "nn.SELU", "dropout": "nn.Dropout"}
 
+#: torch functions that feature maps (and their channels-last views) answer with their own method
 _FUNCTIONS_AS_METHODS = {torch.split: "split", torch.Tensor.split: "split", torch.chunk: "chunk",
                          torch.Tensor.chunk: "chunk", torch.permute: "permute", torch.Tensor.permute: "permute"}
 

@@ -214,10 +214,11 @@ class FeatureSwinBlock(nn.Module):
                 f"{self.layer_name}: this block's shifted-window mask is built for a {self.input_resolution[0]}x"
                 f"{self.input_resolution[1]} map (timm's strict_img_size), got {map_hw[0]}x{map_hw[1]} at stride "
                 f"{tokens.stride}; create the model with the input size as img_size, or strict_img_size=False")
-        key = ("swin-regions", map_hw, self.window_size, self.shift_size)
-        other = tokens.mask.cached(key, lambda: shifted_window_regions(map_hw, self.window_size, self.shift_size,
-                                                                       tokens.mask.device))
-        return torch.zeros(other.shape, dtype=dtype, device=other.device).masked_fill_(other, OTHER_REGION_LOGIT)
+        def build() -> torch.Tensor:
+            other = shifted_window_regions(map_hw, self.window_size, self.shift_size, tokens.mask.device)
+            return torch.zeros(other.shape, dtype=dtype, device=other.device).masked_fill_(other, OTHER_REGION_LOGIT)
+        # built once per mask for all the blocks of a stage (and V2's), not at every block's forward
+        return tokens.mask.cached(("swin-region-bias", map_hw, self.window_size, self.shift_size, dtype), build)
 
     def window_attention(self, x: ChannelsLastView) -> ChannelsLastView:
         """The attention in the block's (shifted) windows of the tokens ``x`` (timm's ``_attn``)."""

@@ -234,9 +234,7 @@ class Trainer:
             self._warn("--overwrite is ignored: the run resumes from this folder's own checkpoint, so its files are "
                        "kept and its log is appended to")
         # read and checked now: a wrong file is named before minutes of kernel tuning, not after
-        self.resume_checkpoint = (_resumable_checkpoint(self.resume_path, self.model_name,
-                                                        own=self.outputs.continues_this_folder(self.resume_path))
-                                  if self.resume_path else None)
+        self.resume_checkpoint = self._read_resume_checkpoint(self.resume_path) if self.resume_path else None
         self.local_batch, self.global_batch, batch_warnings = split_global_batch(cfg.bs, self.ctx.world_size,
                                                                                  len(self.dataset))
         self.warnings += batch_warnings
@@ -340,6 +338,11 @@ class Trainer:
         found = self.outputs.still_pretraining_path
         return str(found) if found.is_file() else None
 
+    def _read_resume_checkpoint(self, path: str) -> dict:
+        """Checkpoint ``path`` read and checked for this run (:func:`_resumable_checkpoint`), told whether it is
+        this output folder's own."""
+        return _resumable_checkpoint(path, self.model_name, own=self.outputs.continues_this_folder(path))
+
     def _check_precision_and_memory(self) -> None:
         device = self.ctx.device
         if self.cfg.amp == "fp16" and device.type == "cpu":
@@ -378,8 +381,7 @@ class Trainer:
             print(f"[spark-pretrain] saved {self.outputs.pretrained_path} (timm-style encoder)")
 
     def resume(self, path: str) -> None:
-        ckpt = self.resume_checkpoint if self.resume_checkpoint is not None else \
-            _resumable_checkpoint(path, self.model_name, own=self.outputs.continues_this_folder(path))
+        ckpt = self.resume_checkpoint if self.resume_checkpoint is not None else self._read_resume_checkpoint(path)
         self.resume_checkpoint = None          # read once: do not hold a second copy of the weights while training
         load_spark_state(self.spark, ckpt["model"], f"{path}")
         self.optimizer.load_state_dict(ckpt["optimizer"])

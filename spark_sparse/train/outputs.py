@@ -50,6 +50,12 @@ def without_flags(words: list[str], valued: Collection[str], bare: Collection[st
     return kept
 
 
+def _without_restart_flags(command: str) -> list[str]:
+    """A run's command without the options that say how it starts (resume, overwrite): what the folder guard
+    builds its suggested commands from."""
+    return without_flags(shlex.split(command), valued=("resume_from", "resume"), bare=("overwrite",))
+
+
 class Tee:
     """A text stream that writes to the console and to a backup file (SparK's stdout/stderr_backup)."""
 
@@ -155,7 +161,7 @@ class RunOutputs:
             return
         epoch, total, logged_command = self.logged_run()
         progress = "" if epoch is None else f"; last logged epoch {epoch}" + ("" if total is None else f" of {total}")
-        words = without_flags(shlex.split(cmd), valued=("resume_from", "resume"), bare=("overwrite",))
+        words = _without_restart_flags(cmd)
         unknown = "spark-pretrain <same arguments>"                 # a library call passes no command
         base = shlex.join(words) or unknown
         others = sorted(models - {self.model})
@@ -167,8 +173,7 @@ class RunOutputs:
             else:
                 resume = f"continue it:  {base} --resume_from={self.still_pretraining_path}"
         elif others and logged_command:
-            own = shlex.join(without_flags(shlex.split(logged_command), valued=("resume_from", "resume"),
-                                           bare=("overwrite",)))
+            own = shlex.join(_without_restart_flags(logged_command))
             resume = (f"continue it:  {own} --resume_from=auto   (its own command, from its log: it is a run of "
                       f"{', '.join(others)}, not of {self.model})")
         elif others:
