@@ -109,6 +109,11 @@ def _validate_model(ctx, param, value: Optional[str]) -> Optional[str]:
            "repeatable")
 @_opt("model", callback=_validate_model, help=f"encoder ({', '.join(list_models())}); default resnet50, "
                                              f"or {DEMO_DEFAULTS['model']} for the demo")
+@_opt("model_kwargs", multiple=True, show_default=False, metavar="KEY=VALUE",
+      help="an argument of the model's constructor, as timm's --model-kwargs (the value read as a Python literal, "
+           "else as a string), e.g. --model_kwargs img_size=192 --model_kwargs window_size=6 (or both in one quoted "
+           "value); repeatable. Part of the run: a resume repeats them, and the exported encoder loads into "
+           "timm.create_model(model, num_classes=0, **these)")
 @_opt("input_size", type=int, help="image size (multiple of 32); default 224 (demo: 96)")
 @_opt("mask", type=float, help="mask ratio; default 0.6")
 @_opt("bs", type=int, help="global batch size over all processes; default 4096 (demo: 32)")
@@ -165,6 +170,10 @@ def pretrain_command(exp_name: Optional[str], exp_name_opt: Optional[str], num_n
     """Pre-train a CNN with SparK. EXP_NAME names the output folder output_<EXP_NAME>/."""
     if exp_name and exp_name_opt and exp_name != exp_name_opt:
         raise click.UsageError(f"two names for the run: EXP_NAME {exp_name!r} and --exp_name {exp_name_opt!r}")
+    if exp_name and _looks_like_a_model_kwarg(exp_name):
+        raise click.UsageError(f"EXP_NAME {exp_name!r} looks like a constructor argument that followed "
+                               f"--model_kwargs: give each its own --model_kwargs, or several in one quoted value "
+                               f"(--model_kwargs \"img_size=192 window_size=6\")")
     exp_name = exp_name or exp_name_opt
     if (num_nodes > 1 or ngpu_per_node > 1) and not under_torchrun():
         _relaunch(num_nodes, ngpu_per_node, node_rank, master_address, master_port)
@@ -194,6 +203,12 @@ def pretrain_command(exp_name: Optional[str], exp_name_opt: Optional[str], num_n
     except SparkSparseError as err:      # the user's to fix, and the message says how: no traceback
         _leave_process_group()
         raise click.ClickException(str(err)) from None
+
+
+def _looks_like_a_model_kwarg(word: str) -> bool:
+    """timm's ``--model-kwargs a=1 b=2`` takes several words; click gives ``b=2`` to EXP_NAME instead."""
+    key, sep, _ = word.partition("=")
+    return bool(sep) and key.isidentifier()
 
 
 def _leave_process_group() -> None:

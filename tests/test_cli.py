@@ -1,5 +1,6 @@
 """``spark-pretrain`` parses SparK's arguments (underscored, dashed, old aliases) and fails clearly."""
 import json
+import shlex
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import torch
 from click.testing import CliRunner
 
 import spark_sparse.cli as cli
+from spark_sparse.models.model_kwargs import format_model_kwargs, parse_model_kwargs
 from spark_sparse.train.config import PretrainConfig
 from spark_sparse.user_modules import UserModuleError, import_user_module
 
@@ -273,3 +275,38 @@ def test_a_module_that_cannot_be_found_is_a_usage_error_and_its_own_import_error
 def test_an_unknown_model_points_at_import_module(tmp_path):
     result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={tmp_path}", "--model=my_cnn"])
     assert result.exit_code == 2 and "pass --import_module MODULE_OR_FILE.py" in result.output
+
+
+def test_model_kwargs_words_reach_the_config_as_python_values(captured, tmp_path):
+    result = _run(["x", f"--data_path={tmp_path}", "--model_kwargs", "img_size=192",
+                   "--model-kwargs", "window_size=6 stem_type=deep", "--model_kwargs", "channels=(8, 16)"])
+    assert result.exit_code == 0, result.output
+    assert captured["cfg"].model_kwargs == {"img_size": 192, "window_size": 6, "stem_type": "deep",
+                                            "channels": (8, 16)}
+
+
+def test_model_kwargs_written_back_as_options_parse_into_the_same_values():
+    kwargs = {"img_size": 192, "stem_type": "deep", "channels": (8, 16), "name": "a b", "digits": "1", "off": None}
+    words = shlex.split(format_model_kwargs(kwargs, as_options=True))
+    assert words[::2] == ["--model_kwargs"] * len(kwargs)
+    assert parse_model_kwargs(words[1::2]) == kwargs
+
+
+def test_timms_several_words_after_one_model_kwargs_are_refused_not_taken_as_the_runs_name(captured, tmp_path):
+    result = CliRunner().invoke(cli.pretrain_command, [f"--data_path={tmp_path}", "--model_kwargs", "img_size=192",
+                                                       "window_size=6"])
+    assert result.exit_code == 2 and "EXP_NAME 'window_size=6' looks like a constructor argument" in result.output
+    assert "cfg" not in captured
+
+
+@pytest.mark.parametrize("words, message", [
+    (["img_size"], "--model_kwargs 'img_size': expected KEY=VALUE"),
+    (["a=1", "a=2"], "--model_kwargs: a is given twice"),
+    (["drop_path_rate=0.1"], "--model_kwargs: drop_path_rate is --dp"),
+    (["input_size=192"], "--model_kwargs: input_size is --input_size"),
+])
+def test_model_kwargs_that_cannot_reach_the_constructor_are_one_line_errors(words, message, tmp_path, monkeypatch):
+    monkeypatch.setattr("spark_sparse.train.engine.pretrain", _raising(AssertionError("must not start")))
+    args = [arg for word in words for arg in ("--model_kwargs", word)]
+    result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={tmp_path}", *args])
+    assert result.exit_code == 1 and result.output.startswith("Error: ") and message in result.output, result.output

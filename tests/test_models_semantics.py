@@ -746,8 +746,9 @@ def test_a_strict_swin_at_another_size_than_its_img_size_is_refused_naming_the_f
     spark = ss.create_spark("swin_tiny_patch4_window7_224", backend="sparse", input_size=448, **SWIN_NARROW)
     with pytest.raises(UnsupportedFeatureOperation, match=r"built for 224x224 images \(timm's strict_img_size\), got "
                                                           r"448x448; use that input size \(--input_size 224\), or "
-                                                          r"build the model for yours from Python: ss.create_spark\("
-                                                          r"name, input_size=448, img_size=448\)"):
+                                                          r"build the model for yours \(--model_kwargs img_size=448; "
+                                                          r"Python: ss.create_spark\(name, input_size=448, "
+                                                          r"img_size=448\)\)"):
         spark(torch.randn(1, 3, 448, 448))
 
 

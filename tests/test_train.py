@@ -2,6 +2,7 @@
 import json
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -82,6 +83,37 @@ def test_exported_resnet_loads_into_timm(folder, tmp_path):
     pretrain(tiny_config(folder, tmp_path, ep=1, model="resnet18"))
     model = timm.create_model("resnet18", pretrained=False, num_classes=0)
     model.load_state_dict(torch.load(tmp_path / "resnet18_1kpretrained.pth"), strict=True)
+
+
+NARROW_RESNET = {"channels": (8, 16, 32, 64)}
+
+
+def test_a_model_built_with_constructor_arguments_exports_into_timm_built_with_them(folder, tmp_path, capsys):
+    pretrain(tiny_config(folder, tmp_path, ep=1, model="resnet18", model_kwargs=NARROW_RESNET))
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0, **NARROW_RESNET)
+    model.load_state_dict(torch.load(tmp_path / "resnet18_1kpretrained.pth"), strict=True)
+    header = json.loads((tmp_path / "pretrain_log.txt").read_text().splitlines()[0])
+    assert header["args"]["model_kwargs"] == {"channels": [8, 16, 32, 64]}
+    assert "(timm-style encoder, built with channels=(8, 16, 32, 64))" in capsys.readouterr().out
+
+
+def test_resuming_with_other_constructor_arguments_names_the_runs_own(folder, tmp_path):
+    pretrain(tiny_config(folder, tmp_path / "run", ep=1, model="resnet18", model_kwargs=NARROW_RESNET))
+    checkpoint = str(tmp_path / "run" / "resnet18_still_pretraining.pth")
+    with pytest.raises(CheckpointError, match=re.escape(
+            "was pre-training resnet18 built with channels=(8, 16, 32, 64), this run builds it with its defaults: "
+            "to continue that run, give --model_kwargs 'channels=(8, 16, 32, 64)'")):
+        Trainer(tiny_config(folder, tmp_path / "out", model="resnet18", resume_from=checkpoint), "")
+    trainer = Trainer(tiny_config(folder, tmp_path / "out", model="resnet18", resume_from=checkpoint,
+                                  model_kwargs=["channels=(8,16,32,64)"]), "")
+    assert trainer.spark.encoder.get_feature_map_channels() == [8, 16, 32, 64]
+
+
+def test_constructor_arguments_the_model_does_not_take_are_named_with_its_complaint(folder, tmp_path):
+    with pytest.raises(ConfigError, match=r"model 'resnet18' could not be built with no_such_width=8 \(TypeError: "
+                                          r".*no_such_width.*check their names and values"):
+        Trainer(tiny_config(folder, tmp_path, model="resnet18", model_kwargs={"no_such_width": 8}), "")
+    assert not tmp_path.joinpath("pretrain_log.txt").exists()
 
 
 def _stop_with_sigterm_during(trainer: Trainer, global_it: int, whole_group: bool = False) -> None:

@@ -23,8 +23,9 @@ from typing import Callable, Optional, Protocol, runtime_checkable
 
 import torch.nn as nn
 
-from ..errors import SparkSparseError
+from ..errors import ConfigError, SparkSparseError
 from .contract import EncoderContractError, check_encoder, check_factory
+from .model_kwargs import format_model_kwargs
 
 __all__ = ["HierarchicalEncoder", "register_model", "register_model_fallback", "create_encoder", "list_models",
            "model_default_drop_path", "UnknownModelError", "EncoderContractError", "MODEL_ALIASES",
@@ -118,7 +119,15 @@ def create_encoder(name: str, drop_path_rate: Optional[float] = None, **kwargs) 
     rate = model_default_drop_path(key) if drop_path_rate is None else drop_path_rate
     factory = _MODELS.get(key) or _fallback_factory(key)
     check_factory(factory, key)
-    encoder = factory(drop_path_rate=rate, **kwargs)
+    try:
+        encoder = factory(drop_path_rate=rate, **kwargs)
+    except (TypeError, ValueError, AssertionError) as err:
+        if not kwargs or isinstance(err, SparkSparseError):
+            raise
+        # with constructor arguments given, a constructor's own complaint is most likely about them
+        raise ConfigError(f"model {key!r} could not be built with {format_model_kwargs(kwargs)} "
+                          f"({type(err).__name__}: {err}); check their names and values against the model's "
+                          f"constructor") from err
     if not isinstance(encoder, HierarchicalEncoder):
         raise EncoderContractError(f"model {key!r} does not follow the encoder contract (get_downsample_ratio, "
                                    f"get_feature_map_channels, forward(x, hierarchical=True))")

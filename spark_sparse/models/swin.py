@@ -89,8 +89,9 @@ class FeaturePatchEmbed(nn.Module):
             raise UnsupportedFeatureOperation(
                 f"{self.layer_name}: the model is built for {self.img_size[0]}x{self.img_size[1]} images (timm's "
                 f"strict_img_size), got {height}x{width}; use that input size (--input_size {self.img_size[0]}), or "
-                f"build the model for yours from Python: ss.create_spark(name, input_size={size}, img_size={size}), "
-                f"for a size whose maps the model's windows tile at every stage")
+                f"build the model for yours (--model_kwargs img_size={size}; Python: ss.create_spark(name, "
+                f"input_size={size}, img_size={size})), for a size whose maps the model's windows tile at every "
+                f"stage (or change window_size too)")
         if height % self.patch_size[0] or width % self.patch_size[1]:
             raise UnsupportedFeatureOperation(
                 f"{self.layer_name}: a {height}x{width} image is not a multiple of the {self.patch_size[0]}x"
@@ -213,7 +214,8 @@ class FeatureSwinBlock(nn.Module):
             raise UnsupportedFeatureOperation(
                 f"{self.layer_name}: this block's shifted-window mask is built for a {self.input_resolution[0]}x"
                 f"{self.input_resolution[1]} map (timm's strict_img_size), got {map_hw[0]}x{map_hw[1]} at stride "
-                f"{tokens.stride}; create the model with the input size as img_size, or strict_img_size=False")
+                f"{tokens.stride}; create the model with the input size as img_size (--model_kwargs img_size=...), or "
+                f"strict_img_size=False")
         def build() -> torch.Tensor:
             other = shifted_window_regions(map_hw, self.window_size, self.shift_size, tokens.mask.device)
             return torch.zeros(other.shape, dtype=dtype, device=other.device).masked_fill_(other, OTHER_REGION_LOGIT)

@@ -7,12 +7,18 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ConfigError
+from ..models.model_kwargs import parse_model_kwargs
 
 __all__ = ["PretrainConfig", "DEMO_DEFAULTS"]
 
 #: what replaces SparK's ImageNet defaults when no --data_path is given (explicit flags still win)
 DEMO_DEFAULTS = dict(model="resnet18", input_size=96, bs=32, ep=10, wp_ep=1, base_lr=1e-2, mask=0.6,
                      dataloader_workers=2)
+
+#: create_spark's own arguments, which --model_kwargs cannot pass to the model's constructor
+_SPARK_OWN_ARGUMENTS = dict(drop_path_rate="--dp", input_size="--input_size", mask_ratio="--mask",
+                            backend="--backend", sync_bn="--sbn", strict_backend="--strict_backend",
+                            decoder_width="fixed at SparK's 768", model="--model")
 
 
 @dataclass
@@ -21,6 +27,7 @@ class PretrainConfig:
     exp_dir: Optional[str] = None
     data_path: Optional[str] = None
     model: str = "resnet50"
+    model_kwargs: dict = field(default_factory=dict)   # the model constructor's arguments (img_size=192, ...)
     import_module: tuple[str, ...] = ()   # the user's modules that register models (dotted names or .py paths)
     input_size: int = 224
     mask: float = 0.6
@@ -59,11 +66,17 @@ class PretrainConfig:
 
     def __post_init__(self):
         """Refuse values no run can use, before anything is built or written (the CLI prints one line); a run
-        named nothing is named after its model, as on the command line; one module to import may be a string."""
+        named nothing is named after its model, as on the command line; one module to import may be a string, and the
+        model's constructor arguments may be ``KEY=VALUE`` words (as ``--model_kwargs`` takes them)."""
         if self.exp_name is None:
             self.exp_name = self.model
         if isinstance(self.import_module, str):
             self.import_module = (self.import_module,)
+        if not isinstance(self.model_kwargs, dict):           # words, as the command line gives them
+            self.model_kwargs = parse_model_kwargs(self.model_kwargs)
+        taken = [f"{key} is {flag}" for key, flag in _SPARK_OWN_ARGUMENTS.items() if key in self.model_kwargs]
+        if taken:
+            raise ConfigError(f"--model_kwargs: {'; '.join(taken)} (SparK's own settings, not the model constructor's)")
         problems = [f"--{name} {value}: {rule}" for name, value, ok, rule in (
             ("input_size", self.input_size, self.input_size > 0, "must be a positive multiple of 32, e.g. 224"),
             ("mask", self.mask, 0 < self.mask < 1, "the ratio of patches hidden must be above 0 (something to "

@@ -38,6 +38,7 @@ from ..autotune import AutotuneOptions, AutotuneResult, autotune
 from ..errors import ConfigError, SparkSparseError
 from ..checkpoint import CheckpointError, atomic_save, load_pretrained, load_spark_state, read_checkpoint
 from ..models import resolve_model_name
+from ..models.model_kwargs import format_model_kwargs
 from ..user_modules import import_user_module
 from ..spark import SparK, create_spark
 from ..speed import apply_speed_plan, estimate_max_batch, plan_speed
@@ -189,9 +190,10 @@ def _build_dataset(cfg: PretrainConfig):
     return dataset
 
 
-def _resumable_checkpoint(path: str, model_name: str, own: bool) -> dict:
-    """Checkpoint ``path``, checked to be a run of ``model_name`` that can be resumed (before any tuning);
-    ``own``: the output folder's own checkpoint (``--resume_from=auto``), whose refusal says how to get past it."""
+def _resumable_checkpoint(path: str, model_name: str, model_kwargs: dict, own: bool) -> dict:
+    """Checkpoint ``path``, checked to be a run of ``model_name`` built with ``model_kwargs`` that can be resumed
+    (before any tuning); ``own``: the output folder's own checkpoint (``--resume_from=auto``), whose refusal says
+    how to get past it."""
     try:
         ckpt = read_checkpoint(path)
     except CheckpointError as err:
@@ -208,6 +210,13 @@ def _resumable_checkpoint(path: str, model_name: str, own: bool) -> dict:
         raise CheckpointError(f"{path} was pre-training {ckpt.get('model_name')!r}, this run is {model_name!r}: to "
                               f"continue that run add --model={ckpt.get('model_name')} (the model is part of the "
                               f"run, as in the command logged in its pretrain_log.txt)")
+    saved_kwargs = ckpt.get("args", {}).get("model_kwargs") or {}       # older checkpoints: built without any
+    if saved_kwargs != model_kwargs:
+        raise CheckpointError(f"{path} was pre-training {model_name} built with "
+                              f"{format_model_kwargs(saved_kwargs) or 'its defaults'}, this run builds it with "
+                              f"{format_model_kwargs(model_kwargs) or 'its defaults'}: to continue that run, give "
+                              f"{format_model_kwargs(saved_kwargs, as_options=True) or 'no --model_kwargs'} (as in "
+                              f"the command logged in its pretrain_log.txt)")
     return ckpt
 
 
@@ -291,7 +300,7 @@ class Trainer:
         cfg = self.cfg
         return create_spark(self.model_name, backend=backend, input_size=cfg.input_size, mask_ratio=cfg.mask,
                             drop_path_rate=cfg.dp, sync_bn=self.sync_bn,
-                            strict_backend=cfg.strict_backend).to(self.ctx.device)
+                            strict_backend=cfg.strict_backend, **cfg.model_kwargs).to(self.ctx.device)
 
     def _autotune(self) -> AutotuneResult:
         """Pin the ``auto`` backend's kernels before the first step (other backends: nothing to do).
@@ -341,7 +350,8 @@ class Trainer:
     def _read_resume_checkpoint(self, path: str) -> dict:
         """Checkpoint ``path`` read and checked for this run (:func:`_resumable_checkpoint`), told whether it is
         this output folder's own."""
-        return _resumable_checkpoint(path, self.model_name, own=self.outputs.continues_this_folder(path))
+        return _resumable_checkpoint(path, self.model_name, self.cfg.model_kwargs,
+                                     own=self.outputs.continues_this_folder(path))
 
     def _check_precision_and_memory(self) -> None:
         device = self.ctx.device
@@ -378,7 +388,8 @@ class Trainer:
         atomic_save(self.checkpoint(progress), self.outputs.still_pretraining_path)
         atomic_save(self.spark.encoder_state_dict(), self.outputs.pretrained_path)
         if final:
-            print(f"[spark-pretrain] saved {self.outputs.pretrained_path} (timm-style encoder)")
+            built = f", built with {format_model_kwargs(self.cfg.model_kwargs)}" if self.cfg.model_kwargs else ""
+            print(f"[spark-pretrain] saved {self.outputs.pretrained_path} (timm-style encoder{built})")
 
     def resume(self, path: str) -> None:
         ckpt = self.resume_checkpoint if self.resume_checkpoint is not None else self._read_resume_checkpoint(path)
