@@ -24,7 +24,7 @@ from timm.models.efficientformer import Attention as EfficientFormerAttention
 from timm.models.pvt_v2 import Attention as PvtAttention
 from timm.models.pvt_v2 import PyramidVisionTransformerStage
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, SwinTransformerStage
-from timm.models.swin_transformer_v2 import SwinTransformerV2Block, SwinTransformerV2Stage
+from timm.models.swin_transformer_v2 import SwinTransformerV2, SwinTransformerV2Block, SwinTransformerV2Stage
 from timm.models.swin_transformer_v2 import WindowAttention as SwinV2WindowAttention
 from timm.models.twins import Block as TwinsBlock
 from timm.models.twins import LocallyGroupedAttn
@@ -752,17 +752,23 @@ def test_a_strict_swin_at_another_size_than_its_img_size_is_refused_naming_the_f
         spark(torch.randn(1, 3, 448, 448))
 
 
-def test_a_dynamic_size_swin_at_twice_its_size_with_every_site_visible_is_timms():
-    """``strict_img_size=False`` at 448 px: every block keeps the window and shift timm chose at 224 (the last
-    stage's 14x14 map unshifted) and its region masks are built for the maps at hand, as timm's."""
+@pytest.mark.parametrize("name, timm_class, own_size", [
+    ("swin_tiny_patch4_window7_224", SwinTransformer, 224),
+    ("swinv2_tiny_window8_256", SwinTransformerV2, 256)], ids=["swin", "swinv2"])
+def test_a_dynamic_size_swin_at_twice_its_size_with_every_site_visible_is_timms(name, timm_class, own_size):
+    """``strict_img_size=False`` at twice the model's size: every block keeps the window and shift timm chose at
+    its own size (the last stage's map, then the size of a window, unshifted) and its region masks are built for
+    the maps at hand, as timm's (V2's blocks: ``dynamic_mask``)."""
     torch.manual_seed(0)
-    spark = ss.create_spark("swin_tiny_patch4_window7_224", backend="sparse", input_size=448, strict_img_size=False,
+    size, window = 2 * own_size, {224: 7, 256: 8}[own_size]
+    spark = ss.create_spark(name, backend="sparse", input_size=size, strict_img_size=False,
                             **SWIN_NARROW).double().eval()
-    dense = SwinTransformer(num_classes=0, strict_img_size=False, **SWIN_NARROW).double().eval()
+    dense = timm_class(num_classes=0, img_size=own_size, window_size=window, strict_img_size=False,
+                       **SWIN_NARROW).double().eval()
     dense.load_state_dict(spark.encoder_state_dict())
-    images = torch.randn(1, 3, 448, 448, dtype=torch.float64)
+    images = torch.randn(1, 3, size, size, dtype=torch.float64)
     with torch.no_grad():
-        ours = [f.to_dense() for f in spark.encode(images, ActiveMask.full(1, (14, 14)))]
+        ours = [f.to_dense() for f in spark.encode(images, ActiveMask.full(1, (size // 32, size // 32)))]
         theirs = dense.forward_intermediates(images, indices=spark.encoder.feature_indices, norm=True,
                                              intermediates_only=True)
     for a, b in zip(ours, theirs):
