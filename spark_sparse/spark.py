@@ -257,6 +257,25 @@ class SparK(nn.Module):
                 f"patch={self.downsample_ratio}, densify_norm={self.densify_norm_kind}")
 
 
+#: constructor arguments that have no meaning for a SparK encoder, and what to do instead
+_NOT_FOR_AN_ENCODER = {
+    "num_classes": "the encoder is built without a classifier (its export loads into timm.create_model(name, "
+                   "num_classes=0) strictly, or with any num_classes and strict=False)",
+    "pretrained": "weights are never downloaded: start from a file (--init_weight; Python: "
+                  "spark_sparse.checkpoint.load_pretrained)",
+}
+
+
+def _check_model_kwargs(model_kwargs: dict) -> None:
+    """Refuse constructor arguments a SparK encoder cannot take, before the model is built."""
+    problems = [f"{key}: {why}" for key, why in _NOT_FOR_AN_ENCODER.items() if key in model_kwargs]
+    if model_kwargs.get("in_chans", 3) != 3:
+        problems.append(f"in_chans={model_kwargs['in_chans']}: SparK reconstructs the 3 channels of RGB images (the "
+                        f"decoder's output, the loss's patches and the loader's crops are RGB)")
+    if problems:
+        raise ConfigError(f"model arguments SparK cannot use: {'; '.join(problems)}")
+
+
 def create_spark(model: str, backend: Union[str, Backend] = "masked", input_size: SizeLike = 224,
                  mask_ratio: float = 0.6, drop_path_rate: Optional[float] = None, *, sync_bn: bool = False,
                  decoder_width: int = 768, strict_backend: bool = False, **model_kwargs) -> SparK:
@@ -267,6 +286,7 @@ def create_spark(model: str, backend: Union[str, Backend] = "masked", input_size
     arguments go to the encoder's factory (for timm models: ``timm.create_model``).
     """
     name = resolve_model_name(model)
+    _check_model_kwargs(model_kwargs)
     backend_obj = create_backend(backend, strict=strict_backend) if isinstance(backend, str) else backend
     encoder = create_encoder(name, drop_path_rate=drop_path_rate, **model_kwargs)
     return SparK(encoder, backend_obj, input_size=input_size, mask_ratio=mask_ratio, sync_bn=sync_bn,

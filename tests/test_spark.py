@@ -1,4 +1,5 @@
 """The SparK module: densify, decoder, loss, reconstruction and the public API's errors."""
+import re
 import types
 
 import pytest
@@ -8,6 +9,7 @@ import torch.nn as nn
 import spark_sparse as ss
 from spark_sparse import ActiveMask
 from spark_sparse.decoder import LightDecoder
+from spark_sparse.errors import ConfigError
 
 
 def test_loss_matches_a_hand_computed_tiny_case():
@@ -180,3 +182,19 @@ def test_an_operation_a_feature_map_refuses_names_the_block_that_asked_for_it(ba
     with pytest.raises(ss.UnsupportedFeatureOperation,
                        match=r"^in module 'model\.layer2\.0' \(timm\.models\.resnet\.BasicBlock\): .*permute"):
         spark(torch.randn(2, 3, 64, 64))
+
+
+@pytest.mark.parametrize("kwargs, refusal", [
+    ({"num_classes": 10}, "num_classes: the encoder is built without a classifier"),
+    ({"pretrained": True}, "pretrained: weights are never downloaded: start from a file (--init_weight"),
+    ({"in_chans": 1}, "in_chans=1: SparK reconstructs the 3 channels of RGB images"),
+])
+def test_model_arguments_no_spark_encoder_can_use_are_refused_before_building(kwargs, refusal, monkeypatch):
+    monkeypatch.setattr("spark_sparse.spark.create_encoder", lambda *a, **k: pytest.fail("built the model"))
+    with pytest.raises(ConfigError, match=re.escape(refusal)):
+        ss.create_spark("resnet18", input_size=64, **kwargs)
+
+
+def test_model_arguments_reach_the_encoders_constructor():
+    spark = ss.create_spark("resnet18", backend="sparse", input_size=64, in_chans=3, channels=(8, 16, 32, 64))
+    assert spark.encoder.get_feature_map_channels() == [8, 16, 32, 64]
