@@ -30,6 +30,7 @@ phase, never the driver.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import re
@@ -362,6 +363,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if args.stage is None:
         args.stage = Path(tempfile.mkdtemp(prefix="gpu_check_stage_"))
+        atexit.register(shutil.rmtree, args.stage, True)     # what is kept was copied into --out by then
     else:
         shutil.rmtree(args.stage, ignore_errors=True)
         args.stage.mkdir(parents=True)

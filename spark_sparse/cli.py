@@ -170,7 +170,7 @@ def pretrain_command(exp_name: Optional[str], exp_name_opt: Optional[str], num_n
     """Pre-train a CNN with SparK. EXP_NAME names the output folder output_<EXP_NAME>/."""
     if exp_name and exp_name_opt and exp_name != exp_name_opt:
         raise click.UsageError(f"two names for the run: EXP_NAME {exp_name!r} and --exp_name {exp_name_opt!r}")
-    if exp_name and _looks_like_a_model_kwarg(exp_name):
+    if exp_name and options["model_kwargs"] and _looks_like_a_model_kwarg(exp_name):
         raise click.UsageError(f"EXP_NAME {exp_name!r} looks like a constructor argument that followed "
                                f"--model_kwargs: give each its own --model_kwargs, or several in one quoted value "
                                f"(--model_kwargs \"img_size=192 window_size=6\")")

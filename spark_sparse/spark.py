@@ -276,7 +276,7 @@ def _check_model_kwargs(model_kwargs: dict) -> None:
         raise ConfigError(f"model arguments SparK cannot use: {'; '.join(problems)}")
 
 
-def create_spark(model: str, backend: Union[str, Backend] = "masked", input_size: SizeLike = 224,
+def create_spark(model: str, /, backend: Union[str, Backend] = "masked", input_size: SizeLike = 224,
                  mask_ratio: float = 0.6, drop_path_rate: Optional[float] = None, *, sync_bn: bool = False,
                  decoder_width: int = 768, strict_backend: bool = False, **model_kwargs) -> SparK:
     """Build a SparK model: registered encoder ``model`` running on ``backend``.

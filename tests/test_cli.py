@@ -304,9 +304,21 @@ def test_timms_several_words_after_one_model_kwargs_are_refused_not_taken_as_the
     (["a=1", "a=2"], "--model_kwargs: a is given twice"),
     (["drop_path_rate=0.1"], "--model_kwargs: drop_path_rate is --dp"),
     (["input_size=192"], "--model_kwargs: input_size is --input_size"),
+    (["a=(1 b=2"], "--model_kwargs 'a=(1 b=2': unbalanced brackets"),
+    (["name=it's a=1"], "unbalanced quotes"),
 ])
 def test_model_kwargs_that_cannot_reach_the_constructor_are_one_line_errors(words, message, tmp_path, monkeypatch):
     monkeypatch.setattr("spark_sparse.train.engine.pretrain", _raising(AssertionError("must not start")))
     args = [arg for word in words for arg in ("--model_kwargs", word)]
     result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={tmp_path}", *args])
     assert result.exit_code == 1 and result.output.startswith("Error: ") and message in result.output, result.output
+
+
+def test_a_run_name_with_an_equals_sign_is_a_name_without_model_kwargs(captured, tmp_path):
+    assert _run(["mask=0.75", f"--data_path={tmp_path}"]).exit_code == 0
+    assert captured["cfg"].exp_name == "mask=0.75" and captured["cfg"].model_kwargs == {}
+
+
+def test_a_value_that_is_no_literal_python_can_build_stays_a_string(captured, tmp_path):
+    assert _run(["x", f"--data_path={tmp_path}", "--model_kwargs", "a={[1]: 2}"]).exit_code == 0
+    assert captured["cfg"].model_kwargs == {"a": "{[1]: 2}"}

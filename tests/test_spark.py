@@ -198,3 +198,8 @@ def test_model_arguments_no_spark_encoder_can_use_are_refused_before_building(kw
 def test_model_arguments_reach_the_encoders_constructor():
     spark = ss.create_spark("resnet18", backend="sparse", input_size=64, in_chans=3, channels=(8, 16, 32, 64))
     assert spark.encoder.get_feature_map_channels() == [8, 16, 32, 64]
+
+
+def test_a_constructor_argument_called_name_reaches_the_constructor():
+    with pytest.raises(ConfigError, match=r"model 'tiny_cnn' could not be built with name='x' \(TypeError"):
+        ss.create_spark("tiny_cnn", input_size=64, name="x")

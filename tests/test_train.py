@@ -1,4 +1,5 @@
 """The training run: output files, export to timm, exact resume, guards, bad data, non-finite loss."""
+import functools
 import json
 import multiprocessing
 import os
@@ -107,6 +108,27 @@ def test_resuming_with_other_constructor_arguments_names_the_runs_own(folder, tm
     trainer = Trainer(tiny_config(folder, tmp_path / "out", model="resnet18", resume_from=checkpoint,
                                   model_kwargs=["channels=(8,16,32,64)"]), "")
     assert trainer.spark.encoder.get_feature_map_channels() == [8, 16, 32, 64]
+
+
+def test_the_folder_guard_offers_a_run_built_with_other_constructor_arguments_its_own_command(folder, tmp_path):
+    logged = "spark-pretrain x --model resnet18 --model_kwargs 'channels=(8,16,32,64)'"
+    pretrain(tiny_config(folder, tmp_path, ep=1, model="resnet18", model_kwargs=NARROW_RESNET), cmd=logged)
+    checkpoint = tmp_path / "resnet18_still_pretraining.pth"
+    with pytest.raises(ConfigError, match=re.escape(
+            f"continue it:  {logged} --resume_from={checkpoint}   (its own command, from its log: it was built with "
+            f"other --model_kwargs)")):
+        Trainer(tiny_config(folder, tmp_path, ep=2, model="resnet18"), "spark-pretrain x --model resnet18 --ep 2")
+    with pytest.raises(ConfigError, match=re.escape(f"continue it:  {logged} --ep 2 --resume_from={checkpoint}\n")):
+        Trainer(tiny_config(folder, tmp_path, ep=2, model="resnet18", model_kwargs=NARROW_RESNET), f"{logged} --ep 2")
+
+
+def test_constructor_arguments_that_are_not_literals_are_refused_before_the_run(folder, tmp_path):
+    """A partial compares by identity (its resume would be refused), a lambda cannot be pickled into the checkpoint:
+    neither reaches a run."""
+    for value in (functools.partial(torch.nn.BatchNorm2d, eps=1e-3), lambda: 1):
+        with pytest.raises(ConfigError, match=r"norm_layer=.*must be Python literals.*spark_sparse.create_spark\("
+                                              r"name, norm_layer=\.\.\.\)"):
+            tiny_config(folder, tmp_path, model="resnet18", model_kwargs={"norm_layer": value})
 
 
 def test_constructor_arguments_the_model_does_not_take_are_named_with_its_complaint(folder, tmp_path):

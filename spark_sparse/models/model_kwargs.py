@@ -16,13 +16,13 @@ from typing import Any, Iterable
 
 from ..errors import ConfigError
 
-__all__ = ["format_model_kwargs", "parse_model_kwargs"]
+__all__ = ["check_literal_model_kwargs", "format_model_kwargs", "parse_model_kwargs"]
 
 
 def _literal_or_string(text: str) -> Any:
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):   # TypeError: {[1]: 2}
         return text
 
 
@@ -44,6 +44,25 @@ def parse_model_kwargs(words: Iterable[str]) -> dict[str, Any]:
     return kwargs
 
 
+def check_literal_model_kwargs(kwargs: dict[str, Any]) -> None:
+    """Refuse names that are not Python names and values that are not Python literals.
+
+    A run's constructor arguments are written into its command, log and checkpoint and compared on
+    resume: only literals read back as themselves (a ``functools.partial`` compares by identity, so
+    its resume would be refused; a lambda cannot be pickled into the checkpoint)."""
+    for key, value in kwargs.items():
+        if not (isinstance(key, str) and key.isidentifier()):
+            raise ConfigError(f"model_kwargs: {key!r} is not a Python name")
+        if isinstance(value, str):
+            continue
+        read_back = _literal_or_string(repr(value))
+        if type(read_back) is not type(value) or read_back != value:
+            raise ConfigError(f"model_kwargs {key}={value!r}: a run's constructor arguments must be Python literals "
+                              f"(numbers, strings, tuples, lists, dicts, True/False/None), which its command, log "
+                              f"and checkpoint hold and a resume compares; build a model taking other objects from "
+                              f"Python: spark_sparse.create_spark(name, {key}=...)")
+
+
 def _pairs(word: str) -> list[str]:
     """Split on spaces outside brackets and quotes, so ``"channels=(8, 16) b=1"`` is two pairs."""
     pairs, current, depth, quote = [], [], 0, ""
@@ -62,6 +81,9 @@ def _pairs(word: str) -> list[str]:
                 current = []
             continue
         current.append(char)
+    if quote or depth:
+        raise ConfigError(f"--model_kwargs {word!r}: unbalanced {'quotes' if quote else 'brackets'}, so its pairs "
+                          f"cannot be told apart")
     if current:
         pairs.append("".join(current))
     return pairs

@@ -113,8 +113,9 @@ def model_default_drop_path(name: str) -> float:
     return _DEFAULT_DROP_PATH.get(resolve_model_name(name), 0.0)
 
 
-def create_encoder(name: str, drop_path_rate: Optional[float] = None, **kwargs) -> nn.Module:
-    """Build an encoder with its default drop-path rate (SparK's for registered models) unless one is given."""
+def create_encoder(name: str, /, drop_path_rate: Optional[float] = None, **kwargs) -> nn.Module:
+    """Build an encoder with its default drop-path rate (SparK's for registered models) unless one is given;
+    ``kwargs`` go to its factory (``name`` is positional-only, so a constructor may take a ``name`` of its own)."""
     key = resolve_model_name(name)
     rate = model_default_drop_path(key) if drop_path_rate is None else drop_path_rate
     factory = _MODELS.get(key) or _fallback_factory(key)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ConfigError
-from ..models.model_kwargs import parse_model_kwargs
+from ..models.model_kwargs import check_literal_model_kwargs, parse_model_kwargs
 
 __all__ = ["PretrainConfig", "DEMO_DEFAULTS"]
 
@@ -74,6 +74,7 @@ class PretrainConfig:
             self.import_module = (self.import_module,)
         if not isinstance(self.model_kwargs, dict):           # words, as the command line gives them
             self.model_kwargs = parse_model_kwargs(self.model_kwargs)
+        check_literal_model_kwargs(self.model_kwargs)
         taken = [f"{key} is {flag}" for key, flag in _SPARK_OWN_ARGUMENTS.items() if key in self.model_kwargs]
         if taken:
             raise ConfigError(f"--model_kwargs: {'; '.join(taken)} (SparK's own settings, not the model constructor's)")

@@ -326,7 +326,8 @@ class Trainer:
             try:
                 self.outputs.check_writable()
                 self.outputs.check_reusable(self.resume_path, self.cfg.overwrite, self.cmd, self.cfg.ep,
-                                            resume_auto=self.cfg.resume_from == RESUME_AUTO)
+                                            resume_auto=self.cfg.resume_from == RESUME_AUTO,
+                                            model_kwargs=self.cfg.model_kwargs)
             except ConfigError as err:
                 refusal = err
         if self.ctx.any_rank(refusal is not None)[0]:

@@ -15,11 +15,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Collection, Optional, TextIO
+from typing import Any, Collection, NamedTuple, Optional, TextIO
 
 from ..errors import ConfigError
 
-__all__ = ["RunOutputs", "git_commit", "Tee", "without_flags"]
+__all__ = ["LoggedRun", "RunOutputs", "git_commit", "Tee", "without_flags"]
+
+
+class LoggedRun(NamedTuple):
+    """A run as its ``pretrain_log.txt`` tells it: the last epoch line's epoch; from the last header (a resumed
+    run may have raised ``--ep``) the run's ``--ep``, its command and its model arguments as JSON reads them
+    (tuples as lists). ``None`` / ``""`` / ``{}`` where not logged."""
+
+    epoch: Optional[int] = None
+    total: Optional[int] = None
+    command: str = ""
+    model_kwargs: dict = {}
 
 #: what follows ``<model>`` in a run's two checkpoint names (resumable state, timm-style encoder)
 STILL_PRETRAINING, PRETRAINED = "_still_pretraining.pth", "_1kpretrained.pth"
@@ -116,14 +127,12 @@ class RunOutputs:
                              for p in self.dir.glob(pattern))
         return plain + checkpoints
 
-    def logged_run(self) -> tuple[Optional[int], Optional[int], str]:
-        """What the log says of its run: its last epoch line's epoch, the run's ``--ep`` and its command (both
-        from its last header: a resumed run may have raised ``--ep``); ``None`` / ``""`` when not logged. What a
-        refusal reports, and the command it offers to continue another model's run."""
-        epoch = total = None
-        command = ""
+    def logged_run(self) -> LoggedRun:
+        """What the log says of its run (:class:`LoggedRun`): what a refusal reports, and the command it offers
+        to continue a run the new command does not build the same way."""
+        logged = LoggedRun()
         if not self.log_path.is_file():
-            return epoch, total, command
+            return logged
         for line in self.log_path.read_text(errors="replace").splitlines():
             try:
                 record = json.loads(line)
@@ -132,17 +141,19 @@ class RunOutputs:
             if not isinstance(record, dict):
                 continue
             if isinstance(record.get("args"), dict):
-                total, command = record["args"].get("ep"), str(record.get("cmd") or "")
+                args = record["args"]
+                logged = logged._replace(total=args.get("ep"), command=str(record.get("cmd") or ""),
+                                         model_kwargs=args.get("model_kwargs") or {})
             elif "epoch" in record:
-                epoch = record["epoch"]
-        return epoch, total, command
+                logged = logged._replace(epoch=record["epoch"])
+        return logged
 
     def continues_this_folder(self, resume_from: Optional[str]) -> bool:
         """True when ``resume_from`` is this folder's own ``<model>_still_pretraining.pth``."""
         return resume_from is not None and Path(resume_from).resolve() == self.still_pretraining_path.resolve()
 
     def check_reusable(self, resume_from: Optional[str], overwrite: bool, cmd: str, epochs: int,
-                       resume_auto: bool = False) -> None:
+                       resume_auto: bool = False, model_kwargs: Optional[dict] = None) -> None:
         """Refuse to write into a folder holding another run unless continuing it or told to start over.
 
         Continuing means resuming from this folder's own checkpoint: the log is appended to. A
@@ -150,7 +161,8 @@ class RunOutputs:
         counts as starting over and needs ``--overwrite`` too. With ``--resume_from=auto`` a folder
         whose run died before its first checkpoint (logs only) is started again, the log appended to:
         the same command serves a job's first start and every restart. Raises :class:`ConfigError`
-        naming the files found, the last logged epoch and the commands that fit what was found.
+        naming the files found, the last logged epoch and the commands that fit what was found: a run of
+        another model, or of this one built with other ``model_kwargs``, is offered its own logged command.
         """
         existing = self.existing_run_files()
         if not existing or overwrite or self.continues_this_folder(resume_from):
@@ -159,21 +171,28 @@ class RunOutputs:
                   for suffix in (STILL_PRETRAINING, PRETRAINED) if path.name.endswith(suffix)}
         if resume_auto and resume_from is None and not models:     # logs only: died before its first checkpoint
             return
-        epoch, total, logged_command = self.logged_run()
+        logged = self.logged_run()
+        epoch, total = logged.epoch, logged.total
         progress = "" if epoch is None else f"; last logged epoch {epoch}" + ("" if total is None else f" of {total}")
         words = _without_restart_flags(cmd)
         unknown = "spark-pretrain <same arguments>"                 # a library call passes no command
         base = shlex.join(words) or unknown
         others = sorted(models - {self.model})
-        if self.still_pretraining_path.exists():
+        built_otherwise = (model_kwargs is not None and logged.command
+                           and json.loads(json.dumps(model_kwargs, default=str)) != logged.model_kwargs)
+        if self.still_pretraining_path.exists() and built_otherwise:
+            own = shlex.join(_without_restart_flags(logged.command))
+            resume = (f"continue it:  {own} --resume_from={self.still_pretraining_path}   (its own command, from "
+                      f"its log: it was built with other --model_kwargs)")
+        elif self.still_pretraining_path.exists():
             if epoch is not None and epoch >= epochs:       # the command's own --ep gives way to a larger one
                 longer = shlex.join(without_flags(words, valued=("ep",))) or unknown
                 resume = (f"continue it:  {longer} --resume_from={self.still_pretraining_path} --ep <more than "
                           f"{epoch}>   (it finished its {epoch} epochs)")
             else:
                 resume = f"continue it:  {base} --resume_from={self.still_pretraining_path}"
-        elif others and logged_command:
-            own = shlex.join(_without_restart_flags(logged_command))
+        elif others and logged.command:
+            own = shlex.join(_without_restart_flags(logged.command))
             resume = (f"continue it:  {own} --resume_from=auto   (its own command, from its log: it is a run of "
                       f"{', '.join(others)}, not of {self.model})")
         elif others:
