@@ -13,6 +13,7 @@ of another model.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import tempfile
 from pathlib import Path
@@ -63,6 +64,14 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
     return path
 
 
+def _unreadable(path: Path, exc: Exception) -> str:
+    # the first line; the rest is torch's advice. Its weights-only unpickler's own words follow "error:"
+    unpickler = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(exc))
+    reason = unpickler.group(1) if unpickler else (str(exc).strip().splitlines() or [""])[0]
+    return (f"{str(path)!r} is not a readable PyTorch checkpoint (expected a file written by torch.save, e.g. a "
+            f"run's <model>_still_pretraining.pth or <model>_1kpretrained.pth): {type(exc).__name__}: {reason}")
+
+
 def read_checkpoint(path: PathLike) -> dict:
     """Load a checkpoint file on the CPU, with a clear error when it is missing or not a checkpoint."""
     path = Path(path)
@@ -72,12 +81,20 @@ def read_checkpoint(path: PathLike) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        # weights only: unpickling arbitrary objects can run code hidden in the file (released checkpoints come
+        # from third parties); this package's files, SparK's, timm's and torchvision's hold tensors and plain values
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if found is None:                                        # a damaged file, not a foreign object
+            raise CheckpointError(_unreadable(path, exc)) from exc
+        what = f" (e.g. {found.group(1)})"
+        raise CheckpointError(f"{str(path)!r} holds Python objects besides tensors and plain values{what}, which are "
+                              f"not unpickled: unpickling can run code hidden in the file. If you trust it, save "
+                              f"its weights alone and pass that file: torch.save(torch.load(path, "
+                              f"weights_only=False)['model'], 'weights.pth') (or the key that holds them)") from exc
     except Exception as exc:  # torch raises several types for corrupt or foreign files
-        reason = (str(exc).strip().splitlines() or [""])[0]     # the first line; the rest is torch's advice
-        raise CheckpointError(f"{str(path)!r} is not a readable PyTorch checkpoint (expected a file written by "
-                              f"torch.save, e.g. a run's <model>_still_pretraining.pth or <model>_1kpretrained.pth): "
-                              f"{type(exc).__name__}: {reason}") from exc
+        raise CheckpointError(_unreadable(path, exc)) from exc
     if not isinstance(obj, dict):
         raise CheckpointError(f"{str(path)!r} holds a {type(obj).__name__}, expected a dict (a state dict or a "
                               f"checkpoint with 'model' / 'module' keys)")
@@ -161,13 +178,26 @@ def _load_checked(module: nn.Module, state: dict, what: str, optional_missing: t
     module.load_state_dict(state, strict=False)
 
 
-def load_encoder_state(spark: nn.Module, state: dict, what: str = "encoder weights") -> None:
-    """Load a timm-style (or FB ConvNeXt) encoder state dict into ``spark.encoder``."""
+def load_encoder_state(spark: nn.Module, state: dict, what: str = "encoder weights") -> list[str]:
+    """Load a timm-style (or FB ConvNeXt) encoder state dict into ``spark.encoder``; returns the keys of a
+    classification checkpoint's classifier, which are left out (the encoder has none)."""
     if is_fb_convnext(state):
         state = convnext_fb_to_timm(state)
     target = getattr(spark.encoder, "model", spark.encoder)   # timm encoders keep the timm model in .model
+    classifier = _classifier_keys(target, state)
+    state = {k: v for k, v in state.items() if k not in classifier}
     # SparK's ConvNeXt has no classifier norm when num_classes=0: keep ours then.
     _load_checked(target, state, what, optional_missing=("head.norm.",))
+    return classifier
+
+
+def _classifier_keys(model: nn.Module, state: dict) -> list[str]:
+    """Keys of ``state`` under the classifier timm names for ``model`` (``fc``, ``head.fc``, ...) that the model,
+    built without one, lacks; none for a model timm did not build."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    names = (names,) if isinstance(names, str) else tuple(names)
+    own = model.state_dict()
+    return [k for k in state if k not in own and any(k.startswith(f"{name}.") for name in names)]
 
 
 def spark_state_from_official(module_state: dict) -> dict:
@@ -188,18 +218,29 @@ def load_spark_state(spark: nn.Module, state: dict, what: str = "SparK weights")
     _load_checked(spark, state, what, optional_missing=("encoder.model.head.norm.",))
 
 
+#: the first parts of a whole SparK model's keys (an encoder's alone never start with these)
+_SPARK_PREFIXES = ("encoder.", "decoder.", "densify_norms.", "densify_projs.", "mask_tokens.")
+
+
 def load_pretrained(spark: nn.Module, path: PathLike) -> str:
     """Initialise ``spark`` from any supported file (``--init_weight``); returns the format found."""
     ckpt = read_checkpoint(path)
-    if "model" in ckpt and isinstance(ckpt["model"], dict):
-        load_spark_state(spark, ckpt["model"], f"{path} (spark-sparse checkpoint)")
+    model = ckpt.get("model")
+    if isinstance(model, dict) and any(k.startswith(_SPARK_PREFIXES) for k in model):
+        load_spark_state(spark, model, f"{path} (spark-sparse checkpoint)")
         return "spark-sparse"
-    if "module" in ckpt and isinstance(ckpt["module"], dict):
+    if isinstance(ckpt.get("module"), dict):
         load_spark_state(spark, spark_state_from_official(ckpt["module"]), f"{path} (SparK spark-style checkpoint)")
         return "spark-style"
-    tensors = {k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
+    # an encoder's weights: bare (timm, ours), under 'model' (the official ConvNeXt releases) or under
+    # 'state_dict' (timm's train.py; 'module.' prefixed when saved from DistributedDataParallel)
+    held, where = next(((ckpt[key], f"'{key}' ") for key in ("model", "state_dict") if isinstance(ckpt.get(key), dict)),
+                       (ckpt, ""))
+    tensors = {k: v for k, v in held.items() if isinstance(v, torch.Tensor)}
+    if tensors and all(k.startswith("module.") for k in tensors):
+        tensors = _strip_prefix(tensors, "module.")
     if not tensors:
-        raise CheckpointError(f"{path} has neither 'model' nor 'module' keys nor tensors; keys found: "
+        raise CheckpointError(f"{path} has neither 'model', 'module' nor 'state_dict' keys nor tensors; keys found: "
                               f"{', '.join(list(ckpt)[:8])}")
-    load_encoder_state(spark, tensors, f"{path} (timm-style encoder)")
-    return "timm-style encoder"
+    left_out = load_encoder_state(spark, tensors, f"{path} ({where}timm-style encoder)")
+    return f"{where}timm-style encoder" + (f", its classifier left out ({', '.join(left_out)})" if left_out else "")

@@ -18,7 +18,8 @@ __all__ = ["ActiveMask", "kept_patches_per_image"]
 
 
 def kept_patches_per_image(num_patches: int, mask_ratio: float) -> int:
-    """SparK's ``len_keep = round(h * w * (1 - mask_ratio))``, refusing ratios that hide everything."""
+    """SparK's ``len_keep = round(h * w * (1 - mask_ratio))``, refusing ratios that hide everything, or that
+    hide something but round to keeping every patch (nothing to reconstruct: a loss of 0 and no gradient)."""
     if not 0.0 <= mask_ratio < 1.0:
         raise ConfigError(f"mask ratio must be in [0, 1), got {mask_ratio}")
     keep = round(num_patches * (1.0 - mask_ratio))
@@ -26,6 +27,11 @@ def kept_patches_per_image(num_patches: int, mask_ratio: float) -> int:
         raise ConfigError(
             f"mask ratio {mask_ratio} keeps round({num_patches} * {1 - mask_ratio:.4g}) = 0 of "
             f"{num_patches} patches visible; lower the ratio or use a larger input"
+        )
+    if mask_ratio > 0 and keep == num_patches:
+        raise ConfigError(
+            f"mask ratio {mask_ratio} keeps round({num_patches} * {1 - mask_ratio:.4g}) = all {num_patches} patches "
+            f"visible, so nothing is left to reconstruct; raise the ratio (SparK: 0.6) or use a larger input"
         )
     return keep
 

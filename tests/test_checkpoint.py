@@ -94,7 +94,7 @@ def test_missing_and_foreign_files_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="holds a list"):
         read_checkpoint(tmp_path / "list.pth")
     torch.save({"epoch": 3}, tmp_path / "meta.pth")
-    with pytest.raises(CheckpointError, match="neither 'model' nor 'module'"):
+    with pytest.raises(CheckpointError, match="neither 'model', 'module' nor 'state_dict'"):
         load_pretrained(ss.create_spark("tiny_cnn", input_size=64), tmp_path / "meta.pth")
 
 
@@ -122,3 +122,43 @@ def test_checkpoints_get_the_mode_of_the_runs_other_files(tmp_path):
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "ckpt.pth").stat().st_mode) == stat.S_IMODE((tmp_path / "log.txt").stat().st_mode) \
         == 0o644
+
+
+def test_classification_checkpoints_load_into_the_encoder_leaving_their_classifier_out(tmp_path):
+    """timm's weights with the classifier (resnet: fc), the official ConvNeXt release ({'model': FB layout with its
+    head}) and timm's train.py checkpoint ({'state_dict': 'module.'-prefixed}) all initialise the encoder."""
+    resnet = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    torch.save(resnet.state_dict(), tmp_path / "resnet.pth")
+    spark = ss.create_spark("resnet18", input_size=64)
+    assert load_pretrained(spark, tmp_path / "resnet.pth") == \
+        "timm-style encoder, its classifier left out (fc.weight, fc.bias)"
+    torch.testing.assert_close(spark.encoder.model.conv1.weight, resnet.conv1.weight)
+
+    convnext = timm.create_model("convnext_tiny", pretrained=False, num_classes=10)
+    torch.save({"model": convnext_timm_to_fb(convnext.state_dict())}, tmp_path / "convnext_fb.pth")
+    spark = ss.create_spark("convnext_tiny", input_size=64)
+    assert load_pretrained(spark, tmp_path / "convnext_fb.pth") == \
+        "'model' timm-style encoder, its classifier left out (head.fc.weight, head.fc.bias)"
+    torch.testing.assert_close(spark.encoder.model.stem[0].weight, convnext.stem[0].weight)
+
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in resnet.state_dict().items()}},
+               tmp_path / "train_py.pth")
+    assert load_pretrained(ss.create_spark("resnet18", input_size=64), tmp_path / "train_py.pth").startswith(
+        "'state_dict' timm-style encoder")
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_holding_python_objects_is_refused_without_running_them(tmp_path):
+    marker = tmp_path / "ran.txt"
+    torch.save({"model": {}, "payload": _RunsCodeWhenUnpickled(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match=r"holds Python objects besides tensors and plain values \(e.g. "
+                                              r"[\w.]*open\), which are not unpickled.*weights_only=False"):
+        load_pretrained(ss.create_spark("tiny_cnn", input_size=64), tmp_path / "evil.pth")
+    assert not marker.exists()

@@ -26,6 +26,12 @@ def test_ratio_that_hides_everything_is_refused(ratio):
         ActiveMask.random(1, (2, 2), ratio)
 
 
+@pytest.mark.parametrize("grid_hw, ratio", [((2, 3), 0.01), ((7, 7), 0.01), ((3, 3), 0.05)])
+def test_ratio_that_hides_something_but_rounds_to_keeping_every_patch_is_refused(grid_hw, ratio):
+    with pytest.raises(ValueError, match="nothing is left to reconstruct"):
+        ActiveMask.random(1, grid_hw, ratio)
+
+
 def test_dense_at_upsamples_by_whole_patches():
     active = torch.tensor([[[[True, False], [False, True]]]])
     mask = ActiveMask(active, downsample_ratio=32)

@@ -496,6 +496,7 @@ def test_a_damaged_own_checkpoint_says_how_to_restore_or_start_over_and_that_way
 @pytest.mark.parametrize("input_size, mask, message", [
     (50, 0.6, "each side must be a positive multiple of the downsample ratio 32"),
     (32, 0.6, "keeps round(1 * 0.4) = 0 of 1 patches visible"),
+    (64, 0.1, "keeps round(4 * 0.9) = all 4 patches visible, so nothing is left to reconstruct"),
 ])
 def test_an_input_size_the_model_cannot_mask_is_refused_before_anything_is_written(folder, tmp_path, input_size,
                                                                                    mask, message):
