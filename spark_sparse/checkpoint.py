@@ -34,7 +34,7 @@ class CheckpointError(SparkSparseError, ValueError):
     pass
 
 
-def _new_file_mode() -> int:
+def new_file_mode() -> int:
     """What ``open`` gives a new file (0o666 less the umask); mkstemp's 0o600 would hide checkpoints from the
     rest of a shared cluster's group, unlike the run's other files."""
     umask = os.umask(0)
@@ -51,7 +51,7 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, _new_file_mode())
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()

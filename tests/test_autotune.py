@@ -5,6 +5,8 @@ the fake timer never calls the timed function and warm-up is 0, so nothing but s
 """
 import gc
 import json
+import os
+import stat
 import sys
 import weakref
 import zlib
@@ -187,15 +189,41 @@ def test_a_different_key_is_measured_again(tmp_path, change, monkeypatch):
     assert timer.layer_calls() and timer.encoder_calls()
 
 
-def test_a_corrupt_cache_file_is_reported_ignored_and_rewritten(tmp_path):
+@pytest.mark.parametrize("content", [b"{not json", b"\x00\x00\xff\xfe\x80 binary", b"[1, 2]"])
+def test_a_corrupt_cache_file_is_reported_ignored_and_rewritten(tmp_path, content):
     path = tmp_path / "cache" / CACHE_FILE
     path.parent.mkdir()
-    path.write_text("{not json")
+    path.write_bytes(content)
     timer = FakeTimer()
     with pytest.warns(RuntimeWarning, match="corrupt"):
         result = tune(build(), tmp_path, timer)
     assert timer.layer_calls() and result.backend == "auto"
     assert json.loads(path.read_text())["environments"]
+
+
+@pytest.mark.parametrize("entry", [[], {"layers": []}, {"layers": {"k": "fast"}}, {"encoders": {"k": 3}}])
+def test_cache_entries_of_another_shape_are_reported_and_left_out(tmp_path, entry):
+    environment = {"device": "this one"}
+    (tmp_path / CACHE_FILE).write_text(json.dumps({"format": cache.FORMAT,
+                                                   "environments": {cache.canonical(environment): entry}}))
+    with pytest.warns(RuntimeWarning, match="entries of another shape"):
+        mine = cache.TuneCache(environment, tmp_path)
+    assert mine.layer("k") == {} and mine.encoder("k") is None
+    mine.put_layer("k", {"gemm": 2.0})
+    mine.save()
+    assert cache.TuneCache(environment, tmp_path).layer("k") == {"gemm": 2.0}
+
+
+def test_the_cache_file_gets_the_mode_of_the_users_other_files(tmp_path):
+    """mkstemp creates 0o600 files: a cache folder shared by a group must stay readable to it (umask applies)."""
+    previous = os.umask(0o002)
+    try:
+        mine = cache.TuneCache({"device": "this one"}, tmp_path)
+        mine.put_layer("k", {"gemm": 2.0})
+        mine.save()
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / CACHE_FILE).stat().st_mode) == 0o664
 
 
 def test_an_unwritable_cache_folder_is_not_fatal(tmp_path):
@@ -633,3 +661,44 @@ def test_the_guard_noise_control_times_the_same_plan_twice_under_two_names(tmp_p
     assert set(samples) == {"tuned", "static", "static again", "masked"}
     assert all(len(v) == 4 and all(ms > 0 for ms in v) for v in samples.values())
     assert "same plan twice: 2-round medians up to" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------- failures
+def _gemm_fails(layer, kernel):
+    if kernel == "gemm":
+        raise RuntimeError("out of memory (simulated)")
+    return 1.0 + KERNEL_ORDER.index(kernel)
+
+
+def test_a_kernel_that_fails_is_not_chosen_and_its_failure_is_cached_not_retried(tmp_path):
+    with pytest.warns(RuntimeWarning, match="kernel 'gemm' failed on layer .* the cache records the failure"):
+        first = tune(build(), tmp_path, FakeTimer(_gemm_fails))
+    assert first.decisions and all(d.kernel != "gemm" for d in first.decisions.values())
+    tried = [d for d in first.decisions.values() if "gemm" in d.ms]
+    assert tried and all(d.describe().endswith("failed: gemm") for d in tried)
+    again = FakeTimer(_gemm_fails)
+    second = tune(build(), tmp_path, again)
+    assert not again.layer_calls() and {n: d.kernel for n, d in second.decisions.items()} == {n: d.kernel for n, d in first.decisions.items()}
+
+
+def test_a_guard_variant_that_fails_does_not_compete_and_the_run_goes_on(tmp_path):
+    class TunedOutOfMemory(FakeTimer):
+        def __call__(self, fn, what):
+            if what.kind == "encoder" and what.candidate == "tuned":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return super().__call__(fn, what)
+
+    with pytest.warns(RuntimeWarning, match="autotune guard: the tuned encoder failed .*OutOfMemoryError"):
+        result = tune(build(), tmp_path, TunedOutOfMemory())
+    assert "tuned" not in result.guard.ms and result.guard.choice in {"static", "masked"}
+
+
+def test_masked_failing_in_the_guard_is_the_runs_error(tmp_path):
+    class MaskedFails(FakeTimer):
+        def __call__(self, fn, what):
+            if what.kind == "encoder" and what.candidate == "masked":
+                raise RuntimeError("masked broke")
+            return super().__call__(fn, what)
+
+    with pytest.raises(RuntimeError, match="masked broke"):
+        tune(build(), tmp_path, MaskedFails())

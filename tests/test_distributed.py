@@ -47,6 +47,20 @@ def test_two_gloo_processes_hold_identical_weights(tmp_path):
     assert (tmp_path / "out" / "stdout_backup.txt").read_text().count("finished: min loss") == 1
 
 
+def test_unreadable_images_met_by_any_rank_are_counted_and_named_once(tmp_path):
+    """Each rank reads its own share of an epoch's images: the log counts, and rank 0 names, those of every rank."""
+    data = make_image_folder(tmp_path / "data", count=8)
+    broken = sorted((data / "train").rglob("img[0145].png"))
+    for path in broken:
+        path.write_bytes(b"not an image")
+    cfg = tiny_config(data, tmp_path / "out", ep=1, bs=8, backend="torch")   # 4 images per rank, each image once
+    mp.spawn(distributed_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
+    epoch = json.loads((tmp_path / "out" / "pretrain_log.txt").read_text().splitlines()[1])
+    assert epoch["unreadable_images"] == len(broken) == 4
+    warnings = (tmp_path / "out" / "stderr_backup.txt").read_text()
+    assert all(warnings.count(f"could not read {path}") == 1 for path in broken), warnings
+
+
 def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     data = make_image_folder(tmp_path / "data", count=16)
     cfg = tiny_config(data, tmp_path / "out", ep=1, bs=4, backend="torch")   # 4 iterations, 2 images per rank

@@ -33,6 +33,8 @@ from typing import Optional
 
 import torch
 
+from ..checkpoint import new_file_mode
+
 __all__ = ["CACHE_DIR_ENV", "CACHE_FILE", "TuneCache", "cache_dir", "environment_key", "kernels_digest", "canonical",
            "bucket"]
 
@@ -116,6 +118,18 @@ def _written(entry: dict) -> float:
     return float(written) if isinstance(written, (int, float)) else 0.0
 
 
+def _well_formed(entry) -> bool:
+    """An environment's entry as :meth:`TuneCache.save` writes it: layer keys -> {kernel: ms}, encoder keys ->
+    a guard result."""
+    if not isinstance(entry, dict):
+        return False
+    layers, encoders = entry.get("layers", {}), entry.get("encoders", {})
+    return (isinstance(layers, dict) and isinstance(encoders, dict)
+            and all(isinstance(timings, dict) and all(isinstance(ms, (int, float)) for ms in timings.values())
+                    for timings in layers.values())
+            and all(isinstance(result, dict) for result in encoders.values()))
+
+
 class TuneCache:
     """Layer timings and encoder-guard results of one environment, backed by one JSON file."""
 
@@ -133,22 +147,27 @@ class TuneCache:
 
     # ------------------------------------------------------------------ file
     def _read(self) -> dict:
-        """The environments stored in the file (``{}`` when absent or unreadable, which is reported)."""
+        """The environments stored in the file (``{}`` when absent or unreadable, which is reported); entries
+        of another shape are left out, so that what is read is what the tuner and :meth:`save` expect."""
         try:
-            text = self.path.read_text()
+            raw = self.path.read_bytes()
         except FileNotFoundError:
             return {}
         except OSError as err:
             self._report(f"cannot be read ({err})")
             return {}
         try:
-            data = json.loads(text)
-            if data.get("format") != FORMAT or not isinstance(data.get("environments"), dict):
+            data = json.loads(raw.decode("utf-8"))     # UnicodeDecodeError is a ValueError
+            if not isinstance(data, dict) or data.get("format") != FORMAT or \
+                    not isinstance(data.get("environments"), dict):
                 raise ValueError(f"not a {FORMAT} file")
-            return data["environments"]
-        except (ValueError, AttributeError) as err:
+        except ValueError as err:
             self._report(f"is corrupt ({err}); the next write replaces it")
             return {}
+        environments = {env: entry for env, entry in data["environments"].items() if _well_formed(entry)}
+        if len(environments) < len(data["environments"]):
+            self._report("holds entries of another shape (left out; the next write drops them)")
+        return environments
 
     def _report(self, problem: str) -> None:
         if not self._reported:
@@ -172,6 +191,7 @@ class TuneCache:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".autotune-", suffix=".json", dir=self.path.parent)
+            os.fchmod(fd, new_file_mode())      # mkstemp's 0o600 would hide a shared cache from the group
             with os.fdopen(fd, "w") as fh:
                 json.dump({"format": FORMAT, "environments": environments}, fh, indent=1, sort_keys=True)
             os.replace(tmp, self.path)

@@ -70,7 +70,8 @@ class EncoderVariant:
 
 
 def time_encoders(variants: list[EncoderVariant], images: torch.Tensor, active: torch.Tensor,
-                  amp_dtype: Optional[torch.dtype], timer: Timer, warmup: int, repeats: int) -> dict[str, float]:
+                  amp_dtype: Optional[torch.dtype], timer: Timer, warmup: int, repeats: int,
+                  on_failure: Optional[Callable[[str, Exception], None]] = None) -> dict[str, float]:
     """Median ms of each variant's encoder forward+backward, interleaved so drift cancels.
 
     Round ``r`` starts at variant ``r mod n`` (A B C, B C A, C A B, ...): no variant is always
@@ -80,6 +81,10 @@ def time_encoders(variants: list[EncoderVariant], images: torch.Tensor, active: 
     The loss is a scalar of the active rows of every level (what densify reads). ``images``:
     ``(B, 3, H, W)``; ``active``: ``(B, 1, h, w)`` bool; a fresh mask per call builds its index
     tables inside the timed region, as every training step does.
+
+    With ``on_failure``, a variant other than ``masked`` that raises (e.g. out of memory at the run's
+    batch) is told to it and left out of the result, so that the others still compete; without it, or
+    for ``masked`` (what the run falls back to), the error propagates.
     """
     def autocast():
         return torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
@@ -93,6 +98,8 @@ def time_encoders(variants: list[EncoderVariant], images: torch.Tensor, active: 
         for rep in range(warmup + max(1, repeats)):
             start = rep % len(variants)
             for variant in variants[start:] + variants[:start]:
+                if variant.name not in samples:                   # failed in an earlier round
+                    continue
                 variant.select()
                 variant.spark.zero_grad(set_to_none=True)
                 mask = ActiveMask(active, variant.spark.downsample_ratio)
@@ -103,10 +110,19 @@ def time_encoders(variants: list[EncoderVariant], images: torch.Tensor, active: 
                         loss = sum(f.active_rows().float().square().mean() for f in features)
                     loss.backward()
 
-                if rep < warmup:
-                    run()
-                else:
-                    samples[variant.name].append(timer(run, Measurement("encoder", "", variant.name)))
+                try:
+                    if rep < warmup:
+                        run()
+                    else:
+                        samples[variant.name].append(timer(run, Measurement("encoder", "", variant.name)))
+                except Exception as err:   # any kernel error; masked's, or without a handler, is the run's
+                    if on_failure is None or variant.name == "masked":
+                        raise
+                    del samples[variant.name]
+                    variant.spark.zero_grad(set_to_none=True)
+                    if images.device.type == "cuda":
+                        torch.cuda.empty_cache()                  # an out-of-memory variant's blocks
+                    on_failure(variant.name, err)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 

@@ -33,6 +33,7 @@ interrupted one did. In a distributed run rank 0 measures and every rank applies
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 import warnings
@@ -49,7 +50,7 @@ from ..backends.auto import AutoBackend, LayerDecision, sparse_convs
 from ..errors import ConfigError
 from ..kernels import NoKernelError
 from ..mask import ActiveMask
-from .cache import TuneCache, canonical, environment_key
+from .cache import CACHE_FILE, TuneCache, canonical, environment_key
 from .guard import PREFERENCE, EncoderVariant, choose_encoder, time_encoders
 from .layers import LayerShape, discover_layers, layer_held_bytes, model_signature, time_kernel
 from .memory import MB, MemoryCheck, lighter_plan, parameters_bytes, step_held_bytes
@@ -398,10 +399,13 @@ class _Tuner:
                         timings.update(measured)
                         status = "measured"
                         bar.update()
+                ran = {name: ms for name, ms in timings.items() if math.isfinite(ms)}   # inf: failed
                 if len(names) == 1:
                     kernel, status = names[0], "only candidate"
+                elif ran:
+                    kernel = min(ran, key=ran.get)
                 elif timings:
-                    kernel = min(timings, key=timings.get)
+                    kernel, status = static[first.name], f"static rule, every candidate failed ({status})"
                 else:
                     kernel, status = static[first.name], f"static rule, {status.strip('()')}"
                 for layer in group:
@@ -420,9 +424,11 @@ class _Tuner:
                                  self.options.warmup, self.options.repeats, give_up)
             except Exception as err:       # a candidate that fails (out of memory, a library bug) is not chosen
                 warnings.warn(f"autotune: kernel {name!r} failed on layer {layer.name} ({type(err).__name__}: {err}); "
-                              f"it is not used for this layer", RuntimeWarning, stacklevel=2)
+                              f"it is not used for this layer, and the cache records the failure (delete "
+                              f"{CACHE_FILE} in the cache folder to try it again)", RuntimeWarning, stacklevel=2)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
+                measured[name] = math.inf        # cached: later runs neither retry it nor warn again
                 continue
             measured[name] = ms
             best = ms if best is None else min(best, ms)
@@ -529,8 +535,12 @@ class _Tuner:
         if self.options.progress and self.ranks.is_main:
             print(f"[autotune] guard: timing the encoder ({', '.join(v.name for v in variants)}) at {self.shapes}",
                   file=sys.stderr, flush=True)
+        def failed(name: str, err: Exception) -> None:
+            warnings.warn(f"autotune guard: the {name} encoder failed ({type(err).__name__}: {err}); it does not "
+                          f"compete", RuntimeWarning, stacklevel=2)
+
         ms = time_encoders(variants, images, active, self.amp_dtype, self.timer, self.options.warmup,
-                           self.options.guard_repeats)
+                           self.options.guard_repeats, on_failure=failed)
         pin(decisions)
         allowed = [name for name in ms if memory.fits(name)] or [min(ms, key=lambda name: memory.held_mb[name])]
         choice = choose_encoder(ms, self.options.guard_margin, allowed)

@@ -15,6 +15,7 @@ candidate's measured ms) so that :meth:`plan` prints it next to the kernel that 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -45,8 +46,12 @@ class LayerDecision:
     def describe(self) -> str:
         if not self.ms:
             return self.status
-        timings = ", ".join(f"{name} {ms:.3g}" for name, ms in sorted(self.ms.items(), key=lambda item: item[1]))
-        return f"{self.status}: {timings} ms"
+        ran = sorted(((name, ms) for name, ms in self.ms.items() if math.isfinite(ms)), key=lambda item: item[1])
+        failed = sorted(name for name, ms in self.ms.items() if not math.isfinite(ms))     # cached as inf
+        parts = [f"{', '.join(f'{name} {ms:.3g}' for name, ms in ran)} ms"] if ran else []
+        if failed:
+            parts.append(f"failed: {', '.join(failed)}")
+        return f"{self.status}: {'; '.join(parts)}"
 
 
 def sparse_convs(encoder: nn.Module) -> list[tuple[str, SparseConv2d]]:

@@ -51,6 +51,14 @@ class DistContext:
         dist.all_reduce(t)
         return float(t) / self.world_size
 
+    def all_union(self, values: set) -> set:
+        """The union of every process's ``values`` (small sets of picklable items, e.g. image indices)."""
+        if not self.initialized:
+            return set(values)
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, sorted(values))
+        return set().union(*gathered)
+
     def any_rank(self, *flags: bool) -> list[bool]:
         """Each flag, true if any process raised it.
 

@@ -384,6 +384,7 @@ class Trainer:
         progress = self.state.progress()
         # each rank summed its own losses: keep their mean, which every rank resumes from (equal counts)
         progress["loss_sum"] = self.ctx.all_mean(progress["loss_sum"])
+        progress["unreadable"] = sorted(self.ctx.all_union(set(progress["unreadable"])))
         if not self.ctx.is_main:
             return
         atomic_save(self.checkpoint(progress), self.outputs.still_pretraining_path)
@@ -569,8 +570,8 @@ class Trainer:
                                     f"{state.epoch + 1}/{cfg.ep}; resume with "
                                     f"--resume_from={self.outputs.still_pretraining_path}", stop.signum)
         bar.close()
-        unreadable = sorted(state.unreadable)
-        for index in unreadable:
+        unreadable = sorted(self.ctx.all_union(state.unreadable))     # each rank read its own share of the data
+        for index in unreadable if self.ctx.is_main else ():
             print(f"[spark-pretrain] warning: could not read {self.dataset.describe(index)} "
                   f"({self.dataset.why_unreadable(index)}); replaced by the next image", file=sys.stderr)
         epoch_loss = self.ctx.all_mean(state.loss_sum / max(state.iteration, 1))   # the whole epoch, resumed or not
