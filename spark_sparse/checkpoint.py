@@ -12,9 +12,12 @@ of another model.
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import pickle
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Union
@@ -45,10 +48,16 @@ def new_file_mode() -> int:
 def atomic_save(obj: Any, path: PathLike) -> Path:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 
-    A crash or Ctrl-C during the write leaves the previous file intact, never a truncated one.
+    A crash or Ctrl-C during the write leaves the previous file intact, never a truncated one. A
+    process killed outright (SIGKILL, a pre-empted node) cannot remove its temporary file: the next
+    save of ``path`` does, so checkpoint-sized leftovers do not pile up over restarts. A write that
+    fails for lack of space says so (torch's own message names a file position).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):     # one writer per file: ours
+        with contextlib.suppress(OSError):
+            stale.unlink()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, new_file_mode())
@@ -57,11 +66,23 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        full = isinstance(err, (OSError, RuntimeError)) and _disk_full(path.parent)   # before our file goes
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if full:
+            raise CheckpointError(f"could not write {path}: its disk is full ({type(err).__name__}: "
+                                  f"{(str(err).strip().splitlines() or [''])[0]}); free some space (the previous "
+                                  f"file, if any, is intact)") from err
         raise
     return path
+
+
+def _disk_full(folder: Path, below: int = 64 * 2**20) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < below
+    except OSError:
+        return False
 
 
 def _unreadable(path: Path, exc: Exception) -> str:

@@ -1,6 +1,7 @@
 """Export to timm, SparK's released formats, ConvNeXt key layouts, atomic writes, bad files."""
 import os
 import stat
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -109,6 +110,31 @@ def test_atomic_save_never_leaves_a_broken_file(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         atomic_save({"step": 2, "bad": Unpicklable()}, path)
     assert read_checkpoint(path) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
+
+
+def test_a_killed_saves_temporary_file_is_removed_by_the_next_save_of_that_file(tmp_path):
+    (tmp_path / ".ckpt.pth.k1ll3d.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / ".other.pth.k1ll3d.tmp").write_bytes(b"another file's")
+    atomic_save({"step": 1}, tmp_path / "ckpt.pth")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pth.k1ll3d.tmp", "ckpt.pth"]
+
+
+def test_a_save_on_a_full_disk_says_so_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    atomic_save({"step": 1}, tmp_path / "ckpt.pth")
+    import spark_sparse.checkpoint as checkpoint
+
+    def full_disk_save(obj, fh):
+        fh.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk_save)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda folder: SimpleNamespace(free=0))
+    with pytest.raises(CheckpointError, match=r"could not write .*ckpt.pth: its disk is full \(RuntimeError: "
+                                              r"\[enforce fail.*free some space"):
+        atomic_save({"step": 2}, tmp_path / "ckpt.pth")
+    monkeypatch.undo()
+    assert read_checkpoint(tmp_path / "ckpt.pth") == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
 
 
