@@ -12,6 +12,8 @@ import torch
 import torch.multiprocessing as mp
 
 from spark_sparse.checkpoint import read_checkpoint
+from spark_sparse.errors import ConfigError
+from spark_sparse.train.distributed import local_gpu
 
 from apptools import distributed_worker, make_image_folder, nan_on_rank1_worker, refused_folder_worker, tiny_config
 
@@ -99,3 +101,14 @@ def test_sparks_launch_flags_start_processes_through_torchrun(tmp_path):
     assert "launching 1x2 processes" in result.stderr
     lines = (tmp_path / "out" / "pretrain_log.txt").read_text().splitlines()
     assert len(lines) == 2 and json.loads(lines[0])["world_size"] == 2
+
+
+@pytest.mark.parametrize("local_rank, visible, gpu", [(0, 8, 0), (3, 8, 3), (3, 1, 0), (0, 1, 0)])
+def test_each_process_takes_its_local_ranks_gpu_or_the_one_its_launcher_shows_it(local_rank, visible, gpu):
+    assert local_gpu(local_rank, visible) == gpu
+
+
+def test_more_processes_than_gpus_on_a_node_is_refused_naming_the_count():
+    with pytest.raises(ConfigError, match=r"local rank 2 finds 2 GPUs on its node: launch at most 2 processes per "
+                                          r"node \(--nproc_per_node / --ngpu_per_node 2\)"):
+        local_gpu(2, 2)

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from ..errors import ConfigError
 
-__all__ = ["DistContext", "init_distributed", "epoch_batches", "EpochBatchSampler", "split_global_batch",
+__all__ = ["DistContext", "init_distributed", "local_gpu", "epoch_batches", "EpochBatchSampler", "split_global_batch",
            "under_torchrun"]
 
 
@@ -86,6 +86,20 @@ def _check_cuda(device: str) -> None:
                           f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
 
 
+def local_gpu(local_rank: int, visible: int) -> int:
+    """The GPU index of the process of ``local_rank`` on its node, among the ``visible`` GPUs.
+
+    torchrun's processes each see the node's GPUs and take the one of their local rank; launchers that
+    give each process its own GPU (SLURM's ``--gpus-per-task``) show it one GPU, index 0, whatever its
+    local rank. More processes than GPUs on a node is refused (two would share a GPU)."""
+    if local_rank < visible:
+        return local_rank
+    if visible == 1:
+        return 0
+    raise ConfigError(f"process of local rank {local_rank} finds {visible} GPUs on its node: launch at most {visible} "
+                      f"processes per node (--nproc_per_node / --ngpu_per_node {visible}), one per GPU")
+
+
 def init_distributed(device: str) -> DistContext:
     """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU).
 
@@ -102,8 +116,9 @@ def init_distributed(device: str) -> DistContext:
         return DistContext(device=dev)
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if want_cuda:
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
+        index = local_gpu(local, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        dev = torch.device("cuda", index)
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
