@@ -112,3 +112,19 @@ def test_more_processes_than_gpus_on_a_node_is_refused_naming_the_count():
     with pytest.raises(ConfigError, match=r"local rank 2 finds 2 GPUs on its node: launch at most 2 processes per "
                                           r"node \(--nproc_per_node / --ngpu_per_node 2\)"):
         local_gpu(2, 2)
+
+
+def test_the_process_group_waits_longer_than_the_kernel_tuning(monkeypatch):
+    """Ranks wait in a collective while rank 0 tunes: NCCL's 10-minute default must not end a longer tuning."""
+    from spark_sparse.train import distributed
+
+    seen = {}
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(distributed, "under_torchrun", lambda: True)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kwargs: seen.update(kwargs))
+    distributed.init_distributed("cpu", tuning_s=1200)
+    assert seen["backend"] == "gloo" and seen["timeout"].total_seconds() == 600 + 3 * 1200
+    distributed.init_distributed("cpu", tuning_s=0)
+    assert seen["timeout"].total_seconds() == 30 * 60                      # gloo's own default, kept

@@ -1,6 +1,7 @@
 """torch.distributed glue: env:// initialisation, ranks, and SparK's seeded batch sampling."""
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import re
@@ -100,11 +101,13 @@ def local_gpu(local_rank: int, visible: int) -> int:
                       f"processes per node (--nproc_per_node / --ngpu_per_node {visible}), one per GPU")
 
 
-def init_distributed(device: str) -> DistContext:
+def init_distributed(device: str, tuning_s: float = 0.0) -> DistContext:
     """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU).
 
     ``device`` is ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; under torchrun CUDA uses the
-    local rank's GPU.
+    local rank's GPU. ``tuning_s``: the kernel tuning's budget, during which the other ranks wait
+    in a collective for rank 0's plan; NCCL's 10-minute default timeout is lengthened to cover it
+    (three times the budget: the guard and memory checks come on top of it).
     """
     if device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", device):
         raise ConfigError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N")
@@ -122,7 +125,9 @@ def init_distributed(device: str) -> DistContext:
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if want_cuda else "gloo", init_method="env://")
+        timeout = datetime.timedelta(minutes=10) + datetime.timedelta(seconds=3 * tuning_s)   # gloo's: 30 min
+        dist.init_process_group(backend="nccl" if want_cuda else "gloo", init_method="env://",
+                                timeout=timeout if want_cuda else max(timeout, datetime.timedelta(minutes=30)))
     return DistContext(rank, world, local, dev, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 

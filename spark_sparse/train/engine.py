@@ -230,7 +230,7 @@ class Trainer:
     def __init__(self, cfg: PretrainConfig, cmd: str, capture_console: bool = False):
         self.cfg, self.cmd, self.capture_console = cfg, cmd, capture_console
         self.warnings: list[str] = []
-        self.ctx: DistContext = init_distributed(cfg.device)
+        self.ctx: DistContext = init_distributed(cfg.device, tuning_s=cfg.autotune_budget)
         for module in cfg.import_module:                      # the user's models, before the name is looked up
             import_user_module(module)
         self.model_name = resolve_model_name(cfg.model)
