@@ -702,3 +702,23 @@ def test_masked_failing_in_the_guard_is_the_runs_error(tmp_path):
 
     with pytest.raises(RuntimeError, match="masked broke"):
         tune(build(), tmp_path, MaskedFails())
+
+
+def test_a_tuned_plan_that_fails_in_the_memory_check_gives_way_to_the_static_rule(tmp_path, monkeypatch):
+    from spark_sparse.autotune import tuner
+
+    calls = []
+    real = tuner.step_held_bytes
+
+    def second_call_fails(model, *args):       # masked's check first, then the tuned plan's
+        calls.append(model)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return real(model, *args)
+
+    monkeypatch.setattr(tuner, "step_held_bytes", second_call_fails)
+    spark = build(decoder_width=32)
+    with pytest.warns(RuntimeWarning, match="the tuned plan failed in its memory check .*static rule runs instead"):
+        result = tune(spark, tmp_path, FakeTimer(), memory_limit=1.0, **SMALL_STATE)
+    assert all(d.status.startswith("static rule (the tuned plan failed") for d in result.decisions.values())
+    assert set(pinned(spark).values()) != {"gather"} and "tuned" in result.memory.held_mb

@@ -451,8 +451,19 @@ class _Tuner:
         def held_mb(model: nn.Module) -> float:
             return self.ranks.from_main(step_held_bytes(model, images, active, self.amp_dtype) / MB)
 
-        check = MemoryCheck(limit, {"masked": held_mb(twin), "tuned": held_mb(self.spark)},
-                            parameters_bytes(self.spark) / MB)
+        check = MemoryCheck(limit, {"masked": held_mb(twin)}, parameters_bytes(self.spark) / MB)
+        try:
+            check.held_mb["tuned"] = held_mb(self.spark)
+        except Exception as err:      # e.g. out of memory at the run's batch: the static rule is the fallback
+            if kernels_of(decisions) == static:
+                raise
+            warnings.warn(f"autotune: the tuned plan failed in its memory check ({type(err).__name__}: {err}); the "
+                          f"static rule runs instead", RuntimeWarning, stacklevel=2)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            decisions = static_plan(static, "static rule (the tuned plan failed in the memory check)")
+            self.pin(decisions)
+            check.held_mb["tuned"] = held_mb(self.spark)
         if kernels_of(decisions) != static:
             self.pin(static_plan(static))
             check.held_mb["static"] = held_mb(self.spark)
