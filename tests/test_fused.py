@@ -58,6 +58,20 @@ def test_fused_bn_relu_equals_bn_then_relu_bit_for_bit(momentum):
         assert torch.equal(got, want)
 
 
+def test_a_second_backward_through_a_retained_graph_equals_the_unfused_pairs():
+    mask = _mask()
+    unfused, bn, fused, fused_state = _unfused_and_fused()
+    grads = []
+    for layer, state in ((unfused, bn), (fused, fused_state)):
+        x = _rows(mask)
+        out = layer(SparseRows(x, mask, STRIDE)).data.square().sum()
+        out.backward(retain_graph=True)
+        out.backward()                                        # the fused pair's remade output was taken once
+        grads.append((x.grad, state.weight.grad, state.bias.grad))
+    for want, got in zip(*grads):
+        assert torch.equal(got, want)
+
+
 def test_fused_bn_relu_outside_training_is_plain_bn_then_relu():
     mask = _mask()
     unfused, bn, fused, _ = _unfused_and_fused()

@@ -200,6 +200,18 @@ def test_dropout_inside_densenet_layers_is_refused_on_the_first_training_forward
         spark(torch.randn(2, 3, 64, 64))
 
 
+@pytest.mark.parametrize("backend", ["sparse", "torch", "auto"])
+def test_dropout_modules_are_refused_on_row_backends_and_run_on_masked(backend):
+    """Dropout draws one random value per element: over the dense map on masked, over the active rows on the others,
+    so the same seed would drop other values. Refused at creation; masked (SparK's own computation) runs it; a
+    classifier's dropout, outside the hierarchy, is no concern."""
+    with pytest.raises(ss.UnsupportedModuleError, match=r"cannot run 'model.stages.0.blocks.0.mlp.drop1' \(Dropout, "
+                                                        r"p=0.1\): dropout draws its random values over the dense map"):
+        ss.create_spark("convformer_s18", backend=backend, input_size=64, proj_drop_rate=0.1)
+    ss.create_spark("convformer_s18", backend="masked", input_size=64, proj_drop_rate=0.1)
+    ss.create_spark("convnext_tiny", backend=backend, input_size=64, drop_rate=0.5)
+
+
 def test_an_unknown_name_mentions_timm_names():
     with pytest.raises(ss.UnknownModelError, match="any timm CNN"):
         ss.create_spark("no_such_net")

@@ -210,3 +210,18 @@ def test_the_batch_estimate_keeps_no_tensor_of_its_probe_forward():
     before = live()
     estimate_max_batch(spark, (64, 64), "cpu")
     assert live() - before == set()
+
+
+def test_the_sparse_linear_keeps_the_autocast_dtype_as_nn_linear_does():
+    """Under bf16 autocast nn.Linear returns bf16; the sparse backend's row Linear added its fp32 bias after the
+    product and returned fp32 (ConvNeXt's MLP then ran and kept its widest activation in fp32)."""
+    from spark_sparse.backends.sparse import RowLinear
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(96, 384)
+    rows = RowLinear.from_linear(dense)
+    x = torch.randn(256, 96)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = dense(x), rows(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import SparkSparseError
-from ..features import FeatureMap
+from ..features import FeatureMap, MaskedDense
 from ..mask import ActiveMask
 
 __all__ = ["Backend", "UnsupportedModuleError", "register_container", "register_converter", "is_container",
@@ -111,8 +111,22 @@ class Backend:
         they are: the hierarchical forward never calls them.
         """
         outside = frozenset(getattr(encoder, "modules_outside_hierarchy", lambda: [])())
+        if not issubclass(self.feature_type, MaskedDense):
+            self._refuse_dropout(encoder, outside)
         self.convert_children(encoder, prefix="", skip=outside)
         return encoder
+
+    def _refuse_dropout(self, encoder: nn.Module, outside: frozenset) -> None:
+        """Dropout draws one random number per value: over the dense map on ``masked``, over the active rows
+        here, so the same seed would drop other values and the two would differ. Refused, not approximated."""
+        for name, module in encoder.named_modules():
+            if (isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
+                    and not any(name == skip or name.startswith(f"{skip}.") for skip in outside)):
+                raise UnsupportedModuleError(
+                    f"backend {self.name!r} cannot run {name!r} ({type(module).__name__}, p={module.p:g}): dropout "
+                    f"draws its random values over the dense map on 'masked' and over the active rows here, so "
+                    f"their results would differ. Build the model without dropout (SparK pre-trains without it; "
+                    f"e.g. leave timm's proj_drop_rate at 0), or use --backend masked")
 
     def convert_children(self, parent: nn.Module, prefix: str, skip: frozenset = frozenset()) -> None:
         for child_name, child in list(parent.named_children()):

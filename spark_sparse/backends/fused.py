@@ -83,8 +83,7 @@ class _BatchNormReLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, bias, mean, invstd = ctx.saved_tensors
-        output = ctx.remake.take()
-        ctx.remake = None
+        output = ctx.remake.take()          # a second backward (retain_graph) remakes it again
         grad_pre = torch.ops.aten.threshold_backward(grad_y, output, 0)      # ReLU's own backward
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(

@@ -33,7 +33,8 @@ class RowLinear(nn.Linear):
         if x.dim() != 2:
             return F.linear(x, self.weight, self.bias)
         out = rows_times_weight(x, self.weight)
-        return out if self.bias is None else out + self.bias
+        # under autocast the product is in the autocast dtype, as nn.Linear's output: the bias joins it there
+        return out if self.bias is None else out + self.bias.to(out.dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "RowLinear":
