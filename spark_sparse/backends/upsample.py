@@ -71,7 +71,9 @@ class SparseNearestUpsample(_NearestUpsample):
 
     def forward(self, x: SparseRows) -> SparseRows:
         stride = _finer_stride(x.stride, self.factor, self.layer_name)
-        return SparseRows(x.data[self._parents(x, stride)], x.mask, stride)
+        # index_select: its backward is an index_add (advanced indexing's accumulating index_put is not
+        # guaranteed deterministic), so a resumed run sums the children's gradients in the same order
+        return SparseRows(x.data.index_select(0, self._parents(x, stride)), x.mask, stride)
 
     def _parents(self, x: SparseRows, stride: int) -> torch.Tensor:
         def build():
