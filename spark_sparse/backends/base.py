@@ -42,6 +42,15 @@ class UnsupportedModuleError(SparkSparseError, TypeError):
     pass
 
 
+def _active_dropout(encoder: nn.Module, outside: frozenset) -> Optional[tuple[str, nn.Module]]:
+    """The first dropout layer with ``p > 0`` in the hierarchy (outside it: a classifier's, never run)."""
+    for name, module in encoder.named_modules():
+        if (isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
+                and not any(name == skip or name.startswith(f"{skip}.") for skip in outside)):
+            return name, module
+    return None
+
+
 def register_converter(*module_types: type) -> Callable[[Converter], Converter]:
     """Decorator: ``converter(backend, module, name)`` converts modules of exactly ``module_types``.
 
@@ -111,22 +120,18 @@ class Backend:
         they are: the hierarchical forward never calls them.
         """
         outside = frozenset(getattr(encoder, "modules_outside_hierarchy", lambda: [])())
-        if not issubclass(self.feature_type, MaskedDense):
-            self._refuse_dropout(encoder, outside)
-        self.convert_children(encoder, prefix="", skip=outside)
+        dropout = None if issubclass(self.feature_type, MaskedDense) else _active_dropout(encoder, outside)
+        self.convert_children(encoder, prefix="", skip=outside)      # a layer it cannot convert is said first
+        if dropout is not None:
+            # one random value per element: over the dense map on masked, over the active rows here, so the
+            # same seed would drop other values; refused, not approximated
+            name, module = dropout
+            raise UnsupportedModuleError(
+                f"backend {self.name!r} cannot run {name!r} ({type(module).__name__}, p={module.p:g}): dropout draws "
+                f"its random values over the dense map on 'masked' and over the active rows here, so their results "
+                f"would differ. Build the model without dropout (SparK pre-trains without it; e.g. leave timm's "
+                f"proj_drop_rate at 0), or use --backend masked")
         return encoder
-
-    def _refuse_dropout(self, encoder: nn.Module, outside: frozenset) -> None:
-        """Dropout draws one random number per value: over the dense map on ``masked``, over the active rows
-        here, so the same seed would drop other values and the two would differ. Refused, not approximated."""
-        for name, module in encoder.named_modules():
-            if (isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
-                    and not any(name == skip or name.startswith(f"{skip}.") for skip in outside)):
-                raise UnsupportedModuleError(
-                    f"backend {self.name!r} cannot run {name!r} ({type(module).__name__}, p={module.p:g}): dropout "
-                    f"draws its random values over the dense map on 'masked' and over the active rows here, so "
-                    f"their results would differ. Build the model without dropout (SparK pre-trains without it; "
-                    f"e.g. leave timm's proj_drop_rate at 0), or use --backend masked")
 
     def convert_children(self, parent: nn.Module, prefix: str, skip: frozenset = frozenset()) -> None:
         for child_name, child in list(parent.named_children()):
