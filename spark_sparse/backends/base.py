@@ -160,10 +160,10 @@ class Backend:
             f"backend {self.name!r} cannot convert module {qualified!r} of type {kind}: it is neither a "
             f"layer the backend knows nor a registered container. For a timm model: its family is not "
             f"supported (README lists those that are), or the model's arguments added this layer to a family "
-            f"that is (e.g. drop_block_rate: build it without them). For your own module: if its forward only calls its "
-            f"children, adds their outputs and concatenates, splits or slices channels (dim=1), decorate its "
-            f"class with @spark_sparse.register_container; otherwise replace it by supported layers or register "
-            f"a converter (@spark_sparse.register_converter)."
+            f"that is (e.g. drop_block_rate: build it without them). For your own module: if its forward only "
+            f"calls its children, adds their outputs and concatenates, splits or slices channels (dim=1), "
+            f"decorate its class with @spark_sparse.register_container; otherwise replace it by supported layers "
+            f"or register a converter (@spark_sparse.register_converter)."
         )
 
     def adapt_per_site_module(self, module: nn.Module) -> nn.Module:

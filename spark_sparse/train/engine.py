@@ -583,7 +583,8 @@ class Trainer:
         remaining, finish = RunOutputs.eta(seconds_per_epoch, cfg.ep - state.epoch)
         self.save(final=state.epoch == cfg.ep)
         self.outputs.log_epoch({"epoch": state.epoch, "loss": epoch_loss, "min_loss": state.min_loss,
-                                "lr": self.lr_wd_at(state.epoch * self.iters_per_epoch - 1)[0], "images_per_s": round(seen / max(elapsed, 1e-9), 2),
+                                "lr": self.lr_wd_at(state.epoch * self.iters_per_epoch - 1)[0],
+                                "images_per_s": round(seen / max(elapsed, 1e-9), 2),
                                 "epoch_seconds": round(elapsed, 2), "remaining": remaining, "finish_time": finish,
                                 "unreadable_images": len(unreadable),
                                 **({"resumed_at_iteration": resumed_at} if resumed_at else {})})

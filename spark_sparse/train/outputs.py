@@ -32,6 +32,7 @@ class LoggedRun(NamedTuple):
     command: str = ""
     model_kwargs: dict = {}
 
+
 #: what follows ``<model>`` in a run's two checkpoint names (resumable state, timm-style encoder)
 STILL_PRETRAINING, PRETRAINED = "_still_pretraining.pth", "_1kpretrained.pth"
 
@@ -178,10 +179,10 @@ class RunOutputs:
         unknown = "spark-pretrain <same arguments>"                 # a library call passes no command
         base = shlex.join(words) or unknown
         others = sorted(models - {self.model})
-        built_otherwise = (model_kwargs is not None and logged.command
+        own = shlex.join(_without_restart_flags(logged.command))  # the logged run's command, '' if none logged
+        built_otherwise = (model_kwargs is not None and own
                            and json.loads(json.dumps(model_kwargs, default=str)) != logged.model_kwargs)
         if self.still_pretraining_path.exists() and built_otherwise:
-            own = shlex.join(_without_restart_flags(logged.command))
             resume = (f"continue it:  {own} --resume_from={self.still_pretraining_path}   (its own command, from "
                       f"its log: it was built with other --model_kwargs)")
         elif self.still_pretraining_path.exists():
@@ -191,8 +192,7 @@ class RunOutputs:
                           f"{epoch}>   (it finished its {epoch} epochs)")
             else:
                 resume = f"continue it:  {base} --resume_from={self.still_pretraining_path}"
-        elif others and logged.command:
-            own = shlex.join(_without_restart_flags(logged.command))
+        elif others and own:
             resume = (f"continue it:  {own} --resume_from=auto   (its own command, from its log: it is a run of "
                       f"{', '.join(others)}, not of {self.model})")
         elif others:
