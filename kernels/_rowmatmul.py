@@ -16,7 +16,8 @@ __all__ = ["rows_times_weight", "rows_times_weight_backward", "uses_onednn"]
 
 
 def uses_onednn(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    """oneDNN for CPU fp32/bf16 rows; not for no rows (every patch masked), which its conv refuses."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.shape[0] > 0
 
 
 def _as_image(rows: torch.Tensor) -> torch.Tensor:

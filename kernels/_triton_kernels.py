@@ -254,9 +254,12 @@ def _row_splits(n_rows: int, tiles: int, device: torch.device) -> tuple[int, int
     """``(splits, rows_per_split)`` of a row reduction: about four waves of programs over the SMs.
 
     Splits are whole multiples of 128 rows (the largest row tile), so no tile straddles two splits.
+    No rows (every patch masked) is one empty split.
     """
-    programs = 4 * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2)
     quantum = 16 if INTERPRETED else 128
+    if n_rows == 0:
+        return 1, quantum
+    programs = 4 * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2)
     splits = max(1, min(triton.cdiv(n_rows, quantum), triton.cdiv(programs, max(tiles, 1))))
     rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), quantum) * quantum
     return triton.cdiv(n_rows, rows_per_split), rows_per_split

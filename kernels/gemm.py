@@ -56,7 +56,7 @@ def transposed_table(call: ConvCall) -> torch.Tensor:
 @torch.library.custom_op("spark_sparse::gather_gemm_conv", mutates_args=())
 def gather_gemm_conv(features: torch.Tensor, weight: torch.Tensor, table: torch.Tensor,
                      table_t: torch.Tensor) -> torch.Tensor:
-    taps = table_taps(features, table).reshape(table.shape[0], -1)    # [N_out, K*C]
+    taps = table_taps(features, table).flatten(1)    # [N_out, K*C]
     return rows_times_weight(taps, _taps_major(weight))
 
 
@@ -72,7 +72,7 @@ def gather_gemm_conv_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, ta
     n_in, n_out = table_t.shape[0], table.shape[0]
     if n_in == n_out:
         # stride 1: every (input row, tap) has its output row, so the transposed conv is a gather-GEMM
-        grad_taps = table_taps(grad_out, table_t).reshape(n_in, -1)     # [N_in, K*O]
+        grad_taps = table_taps(grad_out, table_t).flatten(1)     # [N_in, K*O]
         return rows_times_weight(grad_taps, weight.permute(1, 2, 3, 0).reshape(in_ch, kh * kw * out_ch))
     # strided: most (input row, tap) pairs feed no output; a GEMM over the outputs and one
     # scatter-add costs a fraction of the transposed gather's mostly-zero GEMM
@@ -91,7 +91,7 @@ def _(grad_out, weight, table, table_t):
 def gather_gemm_conv_grad_weight(grad_out: torch.Tensor, features: torch.Tensor, weight: torch.Tensor,
                                  table: torch.Tensor) -> torch.Tensor:
     out_ch, in_ch, kh, kw = weight.shape
-    taps = table_taps(features, table).reshape(table.shape[0], -1)    # gathered again, not kept
+    taps = table_taps(features, table).flatten(1)    # gathered again, not kept
     _, grad_w = rows_times_weight_backward(grad_out, taps, _taps_major(weight), False, True)
     return grad_w.view(out_ch, kh, kw, in_ch).permute(0, 3, 1, 2).contiguous()
 
@@ -129,7 +129,7 @@ def _grouped_taps(rows: torch.Tensor, table: torch.Tensor, groups: int) -> torch
     """``[G, N_out, K*C/G]``: each group's channels of the rows under every tap (zero rows included)."""
     n, k = table.shape
     taps = table_taps(rows, table).view(n, k, groups, rows.shape[1] // groups)
-    return taps.permute(2, 0, 1, 3).reshape(groups, n, -1)
+    return taps.permute(2, 0, 1, 3).flatten(2)
 
 
 @torch.library.custom_op("spark_sparse::gather_grouped_conv", mutates_args=())

@@ -24,6 +24,7 @@ import torch
 
 from ._optional import OptionalLibrary
 from .base import ConvCall, ConvSpec, SparseConvKernel
+from .gather import GatherKernel
 from .registry import register_kernel
 
 __all__ = ["MINKOWSKI", "MinkowskiKernel", "to_native", "from_native"]
@@ -131,6 +132,10 @@ class MinkowskiKernel(SparseConvKernel):
 
     def conv(self, features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
              call: ConvCall) -> torch.Tensor:
+        if features.shape[0] == 0:
+            # every patch masked: ME 0.5.4 crashes the process (segfault) on a map without coordinates;
+            # there is nothing to compute, and the gather kernel returns the empty rows and zero gradients
+            return GatherKernel().conv(features, weight, bias, call)
         coords: _Coordinates = call.mask.cached("minkowski-coordinates", lambda: _Coordinates(call.mask))
         in_key, in_unique, _ = coords.at(call.in_stride)
         out_key, _, out_inverse = coords.at(call.out_stride)

@@ -74,6 +74,22 @@ def test_kernel_matches_the_reference_forward_and_backward(kernel, shape, dtype)
         assert float(excess.max()) <= 0, f"{what}: max error {float((g.double() - r).abs().max()):.3g}"
 
 
+@pytest.mark.parametrize("kernel", list(list_kernels()))
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3], SHAPES[9], ("grouped3x3", 16, 24, 3, 1, 1, 1, 4, 4)],
+                         ids=["1x1", "3x3_s2", "depthwise7x7", "grouped3x3"])
+def test_kernel_runs_a_batch_with_every_patch_masked(kernel, shape):
+    """No active rows (a user's all-masked mask): empty outputs and input gradient, zero weight and bias
+    gradients, as SparK's masked conv gives (ME 0.5.4 itself crashes the process on an empty map)."""
+    _skip_unless_supported(kernel, shape, torch.float32)
+    _, cin, cout, k, s, p, d, g, in_stride = shape
+    call = ConvCall(ActiveMask(torch.zeros(2, 1, 3, 4, dtype=torch.bool)), in_stride, in_stride * s, (k, k), (p, p),
+                    (d, d), g)
+    x, w, b = torch.randn(0, cin), torch.randn(cout, cin // g, k, k), torch.randn(cout)
+    out, grad_x, grad_w, grad_b = _run(kernel, x, w, b, call)
+    assert out.shape == (0, cout) and grad_x.shape == (0, cin)
+    assert not grad_w.any() and not grad_b.any()
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
 def test_transposed_table_is_the_full_inverse_of_the_neighbour_table(shape):
     """Every (output row, tap) -> input row entry appears reversed, no (input row, tap) is claimed twice,

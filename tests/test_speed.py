@@ -225,3 +225,21 @@ def test_the_sparse_linear_keeps_the_autocast_dtype_as_nn_linear_does():
         want, got = dense(x), rows(x)
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype,autocast_gives", [(torch.float32, torch.bfloat16), (torch.float64, torch.float64)],
+                         ids=["fp32", "fp64"])
+def test_the_sparse_conv_casts_under_autocast_as_nn_conv2d_does(dtype, autocast_gives):
+    """bf16 autocast runs an fp32 conv in bf16 and leaves an fp64 one in fp64 (it casts only lower-precision
+    eligible floats); the sparse conv ran fp64 rows in bf16."""
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1).to(dtype)
+    mask = ss.ActiveMask.random(2, (2, 2), 0.5, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 8, 8, 8, dtype=dtype) * mask.dense_at(8)
+    rows = ss.SparseRows(x.permute(0, 2, 3, 1)[mask.dense_at(8)[:, 0]], mask, 8)
+    sparse = ss.create_backend("sparse").convert(torch.nn.Sequential(conv))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = conv(x), sparse(rows).data
+    assert got.dtype == want.dtype == autocast_gives
+    want_rows = want.permute(0, 2, 3, 1)[mask.dense_at(8)[:, 0]]
+    tolerance = 2e-2 if autocast_gives == torch.bfloat16 else 1e-12
+    torch.testing.assert_close(got.double(), want_rows.double(), rtol=tolerance, atol=tolerance)

@@ -260,6 +260,16 @@ def test_interpreted_op_passes_opcheck(interpreter, shape):
     assert failure == "", failure
 
 
+@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[6]], ids=["3x3_s2", "depthwise7x7"])
+def test_interpreted_op_runs_on_a_batch_without_active_rows(interpreter, shape):
+    """Every patch masked: empty outputs and input gradients, a zero weight gradient (no crash)."""
+    mask = ActiveMask(torch.zeros(2, 1, 2, 3, dtype=torch.bool))
+    got = interpreter.run("op", make_case(shape, torch.float32, mask), shape, mask)
+    assert got["out"].shape == (0, shape[2]) and got["grad_x"].shape == (0, shape[1])
+    assert got["grad_w"].shape == (shape[2], shape[1] // shape[7], shape[3], shape[3])
+    assert not got["grad_w"].any()
+
+
 # ------------------------------------------------------------------------------ compiled for the GPU
 #: (program, tensor dtype, constexprs beyond the tile): each program once, every dtype at least once,
 #: both loop structures of the gather-GEMM, and TF32

@@ -41,8 +41,11 @@ def _square(value, what: str, name: str) -> int:
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a conv should run in: autocast's when it is on for this device, else the input's."""
-    if torch.is_autocast_enabled(x.device.type):
+    """The dtype a conv should run in: autocast's when it is on for this device, else the input's.
+
+    As for ``F.conv2d``, autocast leaves float64 inputs in float64 (it casts lower-precision-eligible
+    floats only)."""
+    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
