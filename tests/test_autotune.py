@@ -8,6 +8,7 @@ import json
 import os
 import stat
 import sys
+import threading
 import weakref
 import zlib
 from pathlib import Path
@@ -257,7 +258,34 @@ def test_a_failed_cache_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     monkeypatch.setattr(cache.json, "dump", disk_full)
     with pytest.warns(RuntimeWarning, match="could not write .*No space left"):
         mine.save()
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(path.name for path in tmp_path.iterdir()) == [CACHE_FILE + ".lock"]     # no temporary file
+
+
+def test_runs_writing_the_cache_at_once_keep_each_others_entries(tmp_path):
+    """The first writer has read the file and not yet replaced it when the second writes: without the lock
+    the first one's replacement drops the second one's entry."""
+    first, second = cache.TuneCache({"device": "this one"}, tmp_path), cache.TuneCache({"device": "this one"}, tmp_path)
+    first.put_layer("first", {"gemm": 1.0})
+    second.put_layer("second", {"gemm": 2.0})
+    has_read, go_on = threading.Event(), threading.Event()
+    read = first._read
+
+    def read_then_wait():
+        on_disk = read()
+        has_read.set()
+        go_on.wait(10)
+        return on_disk
+    first._read = read_then_wait
+    writers = [threading.Thread(target=first.save), threading.Thread(target=second.save)]
+    writers[0].start()
+    assert has_read.wait(10)
+    writers[1].start()
+    writers[1].join(1.0)             # without the lock it has written by now
+    go_on.set()
+    for writer in writers:
+        writer.join(10)
+    again = cache.TuneCache({"device": "this one"}, tmp_path)
+    assert again.layer("first") == {"gemm": 1.0} and again.layer("second") == {"gemm": 2.0}
 
 
 # ---------------------------------------------------------------------- modes and budget

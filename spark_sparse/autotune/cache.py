@@ -8,8 +8,9 @@ whole encoder's shapes and plan).
 
 The file lives in the user cache folder (``$SPARK_SPARSE_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/spark-sparse``, else ``~/.cache/spark-sparse``). Writes merge with what is on
-disk and replace the file atomically (temp file + rename), so concurrent runs lose nothing worse
-than each other's newest entries. A file that cannot be read or parsed is reported and ignored:
+disk and replace the file atomically (temp file + rename), under an exclusive lock on a sibling
+``.lock`` file where the OS has ``flock`` (POSIX), so runs that write at the same time keep each
+other's entries. A file that cannot be read or parsed is reported and ignored:
 tuning then measures again, and the next write replaces it.
 
 An environment whose versions or kernel source changed is never matched again, so the file keeps
@@ -34,6 +35,11 @@ from typing import Optional
 import torch
 
 from ..checkpoint import new_file_mode
+
+try:
+    import fcntl
+except ImportError:      # Windows: writes stay atomic, concurrent writers may drop each other's newest entries
+    fcntl = None
 
 __all__ = ["CACHE_DIR_ENV", "CACHE_FILE", "TuneCache", "cache_dir", "environment_key", "kernels_digest", "canonical",
            "bucket"]
@@ -130,6 +136,21 @@ def _well_formed(entry) -> bool:
             and all(isinstance(result, dict) for result in encoders.values()))
 
 
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Hold an exclusive ``flock`` on ``lock_path`` (created if needed; left in place, as pip's and
+    filelock's are: removing it would race a waiting writer). Without ``fcntl`` (Windows), no lock."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT, 0o666)    # flock needs no write access (shared folders)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)                         # closing releases the lock
+
+
 class TuneCache:
     """Layer timings and encoder-guard results of one environment, backed by one JSON file."""
 
@@ -179,6 +200,17 @@ class TuneCache:
         """Merge this run's entries into the file and replace it atomically (never fatal)."""
         if not self._dirty:
             return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with _exclusive(self.path.with_name(self.path.name + ".lock")):
+                self._merge_and_replace()
+            self._dirty = False
+        except OSError as err:
+            warnings.warn(f"could not write the autotune cache file {self.path} ({err}); this run's measurements "
+                          f"are not kept (set {CACHE_DIR_ENV} to a writable folder)", RuntimeWarning, stacklevel=2)
+
+    def _merge_and_replace(self) -> None:
+        """Read what is on disk, add this run's entries and replace the file (raises ``OSError``)."""
         environments = self._read()
         mine = environments.setdefault(self.environment, {})
         mine["environment"] = self._environment_value
@@ -187,21 +219,16 @@ class TuneCache:
         mine.setdefault("encoders", {}).update(self._encoders)
         newest = sorted(environments, key=lambda env: _written(environments[env]), reverse=True)[:MAX_ENVIRONMENTS]
         environments = {env: environments[env] for env in newest}
-        tmp = None
+        fd, tmp = tempfile.mkstemp(prefix=".autotune-", suffix=".json", dir=self.path.parent)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".autotune-", suffix=".json", dir=self.path.parent)
             os.fchmod(fd, new_file_mode())      # mkstemp's 0o600 would hide a shared cache from the group
             with os.fdopen(fd, "w") as fh:
                 json.dump({"format": FORMAT, "environments": environments}, fh, indent=1, sort_keys=True)
             os.replace(tmp, self.path)
-            self._dirty = False
-        except OSError as err:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.remove(tmp)           # a half-written file (disk full) is not left behind
-            warnings.warn(f"could not write the autotune cache file {self.path} ({err}); this run's measurements "
-                          f"are not kept (set {CACHE_DIR_ENV} to a writable folder)", RuntimeWarning, stacklevel=2)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)               # a half-written file (disk full) is not left behind
+            raise
 
     # ------------------------------------------------------------------ entries
     def layer(self, key: str) -> dict[str, float]:
