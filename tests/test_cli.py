@@ -215,6 +215,8 @@ def test_a_run_on_user_data_without_a_name_is_named_after_its_model(captured, tm
     (["--model_kwargs", "input_size=192"], "--model_kwargs: input_size is --input_size"),
     (["--model_kwargs", "a=(1 b=2"], "--model_kwargs 'a=(1 b=2': unbalanced brackets"),
     (["--model_kwargs", "name=it's a=1"], "unbalanced quotes"),
+    (["--model_kwargs", "a={(1, 2): 3}"], "model_kwargs a={(1, 2): 3}: dicts in a run's constructor arguments need "
+                                          "string keys"),
 ])
 def test_values_no_run_can_use_are_one_line_errors(args, message, tmp_path, monkeypatch):
     monkeypatch.setattr("spark_sparse.train.engine.pretrain", _raising(AssertionError("must not start")))

@@ -61,6 +61,18 @@ def check_literal_model_kwargs(kwargs: dict[str, Any]) -> None:
                               f"(numbers, strings, tuples, lists, dicts, True/False/None), which its command, log "
                               f"and checkpoint hold and a resume compares; build a model taking other objects from "
                               f"Python: spark_sparse.create_spark(name, {key}=...)")
+        if not _string_keyed(value):
+            raise ConfigError(f"model_kwargs {key}={value!r}: dicts in a run's constructor arguments need string keys "
+                              f"(the run's log is JSON, and a resume compares what it logged)")
+
+
+def _string_keyed(value: Any) -> bool:
+    """Whether every dict within ``value`` has string keys only (JSON's, so the log reads back as given)."""
+    if isinstance(value, dict):
+        return all(isinstance(key, str) and _string_keyed(item) for key, item in value.items())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return all(_string_keyed(item) for item in value)
+    return True
 
 
 def _pairs(word: str) -> list[str]:
