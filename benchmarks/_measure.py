@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 import spark_sparse as ss
+from spark_sparse.models.model_kwargs import parse_model_kwargs
 from _variants import Variant, autocast, tune_workload
 
 
@@ -23,10 +24,11 @@ class Workload:
     """One model under one variant, with the phases a benchmark times."""
 
     def __init__(self, variant: Variant, model: str, input_size: int, mask_ratio: float, batch: int, dtype: str,
-                 device: str, state: dict | None = None, seed: int = 0):
+                 device: str, state: dict | None = None, seed: int = 0, model_kwargs: dict | None = None):
         self.variant, self.model, self.dtype, self.device = variant, model, variant.dtype or dtype, device
+        self.model_kwargs = model_kwargs or {}
         torch.manual_seed(seed)
-        self.spark = variant.build(model, input_size, mask_ratio, device)
+        self.spark = variant.build(model, input_size, mask_ratio, device, model_kwargs=self.model_kwargs)
         if state is not None:
             self.spark.load_state_dict(state)
         self.images = torch.randn(batch, 3, input_size, input_size, generator=torch.Generator().manual_seed(seed)
@@ -156,7 +158,7 @@ def peak_memory_child(spec: dict) -> dict:
     results = {}
     for name in spec["variants"]:
         work = Workload(Variant(name), spec["model"], spec["input_size"], spec["mask_ratio"], spec["batch"],
-                        spec["dtype"], spec["device"])
+                        spec["dtype"], spec["device"], model_kwargs=parse_model_kwargs(spec["model_kwargs"]))
         tune_workload(work, work.dtype, spec.get("autotune", "cached"))     # backend auto: the parent's tuned plan
         results[name] = peak_memory(work, spec["what"])["peak_mem_mb"]
         del work

@@ -155,6 +155,8 @@ def write_markdown(path: Path, meta: dict, records: list[dict]) -> None:
              f"Command: `{meta['command']}`  ",
              f"Machine: {meta['machine']['cpu']} ({meta['machine']['cores']} cores), torch {meta['versions']['torch']}, "
              f"timm {meta['versions']['timm']}  "]
+    if meta.get("model_kwargs"):
+        lines.append(f"Models built with: {meta['model_kwargs']}  ")
     errors = (f"errors vs `{meta.get('reference', 'masked')}` on the same weights, images and mask ({weights_note(meta)}; relative = max abs "
               f"error / max |reference|, worst tensor); fp32 floor = the same errors between `masked` in fp32 and in "
               f"fp64, i.e. what fp32 rounding alone gives; x floor = the worst group's max abs error over the floor's "

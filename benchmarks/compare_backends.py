@@ -46,6 +46,8 @@ import timm  # noqa: E402
 
 import spark_sparse as ss  # noqa: E402
 from spark_sparse.autotune import MODES  # noqa: E402
+from spark_sparse.errors import ConfigError  # noqa: E402
+from spark_sparse.models.model_kwargs import format_model_kwargs, parse_model_kwargs  # noqa: E402
 from spark_sparse.testing import switch_branches_on  # noqa: E402
 from _equivalence import compare, fp32_noise_floor, outputs_of  # noqa: E402
 from _capacity import fit_largest_batch, markdown_section, memory_budget_mb  # noqa: E402
@@ -82,6 +84,9 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     p.add_argument("--models", nargs="+", default=["resnet50", "convnext_tiny"], help="spark-sparse model names")
+    p.add_argument("--model-kwargs", "--model_kwargs", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="the constructor arguments of every model, as spark-pretrain's --model_kwargs (e.g. "
+                        "img_size=192 window_size=6)")
     p.add_argument("--families", action="store_true",
                    help=f"measure timm's CNN families instead of --models: {', '.join(FAMILY_MODELS)}")
     p.add_argument("--backends", nargs="+", default=None, help="default: every available backend")
@@ -135,6 +140,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if p.parse_known_args(argv)[0].quick:
         p.set_defaults(**QUICK_PRESET)      # as defaults, so that e.g. --quick --repeats 15 keeps 15
     args = p.parse_args(argv)
+    try:
+        args.model_kwargs_values = parse_model_kwargs(args.model_kwargs)
+    except ConfigError as err:
+        p.error(str(err))
     if args.families:
         args.models = list(FAMILY_MODELS)
     args.memory = args.memory or ("inprocess" if args.device == "cuda" else "subprocess")
@@ -197,7 +206,8 @@ def peak_memory(args, works: list[Workload], model: str, mask_ratio: float, dtyp
         return {w.variant.name: peak_memory_in_process(w, args.what)["peak_mem_mb"] for w in works}
     spec = dict(variants=[w.variant.name for w in works], model=model, input_size=args.input_size,
                 mask_ratio=mask_ratio, batch=args.batch_size, dtype=dtype, device=args.device, what=args.what,
-                threads=args.threads, autotune="off" if args.autotune == "off" else "cached")   # the parent's plan
+                threads=args.threads, autotune="off" if args.autotune == "off" else "cached",   # the parent's plan
+                model_kwargs=args.model_kwargs)
     env = dict(os.environ, PYTHONPATH=str(HERE.parent), MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     result = subprocess.run([sys.executable, str(HERE / "_measure.py"), json.dumps(spec)], capture_output=True,
                             text=True, cwd=HERE, env=env)
@@ -254,6 +264,7 @@ def make_meta(args, skipped: dict, not_run: list[dict], failed: list[dict], star
             "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup, "machine": machine_info(),
             "versions": versions(), "skipped": skipped, "seconds": round(time.time() - started, 1),
             "dtypes": ["fp64"] if args.fp64 else args.dtype, "weights": args.weights, "reference": args.reference,
+            "model_kwargs": format_model_kwargs(args.model_kwargs_values),
             "check_batch": args.check_batch, "budget_s": args.budget_s, "not_run": not_run,
             "failed": failed,
             "cuda": cuda_info() if args.device == "cuda" else None,
@@ -321,7 +332,8 @@ def build_works(args, variants: list[Variant], unit: tuple, failures: Failures) 
     """``masked`` (the baseline) and every variant that builds, all on ``masked``'s initial weights
     (with ``--weights branches-on``, its encoder's switched-off parameters drawn first)."""
     model, mask_ratio, _ = unit
-    baseline = Workload(variants[0], model, args.input_size, mask_ratio, args.batch_size, args.dtype[0], args.device)
+    baseline = Workload(variants[0], model, args.input_size, mask_ratio, args.batch_size, args.dtype[0], args.device,
+                        model_kwargs=args.model_kwargs_values)
     if args.weights == "branches-on":
         baseline.switched_on = switch_branches_on(baseline.spark.encoder)
         print(f"[bench]   {len(baseline.switched_on)} switched-off encoder parameters drawn", flush=True)
@@ -329,7 +341,8 @@ def build_works(args, variants: list[Variant], unit: tuple, failures: Failures) 
     works = [baseline]
     for variant in variants[1:]:
         work = failures.guard(variant.name, unit, "build", lambda: Workload(
-            variant, model, args.input_size, mask_ratio, args.batch_size, args.dtype[0], args.device, state))
+            variant, model, args.input_size, mask_ratio, args.batch_size, args.dtype[0], args.device, state,
+            model_kwargs=args.model_kwargs_values))
         if work is not None:
             work.switched_on = baseline.switched_on
             works.append(work)

@@ -43,6 +43,8 @@ from _measure import peak_rss_growth_mb, time_once  # noqa: E402
 import spark_sparse as ss  # noqa: E402
 from spark_sparse.kernels import ConvSpec, get_kernel, list_kernels  # noqa: E402
 from spark_sparse.backends.rows import SparseConv2d  # noqa: E402
+from spark_sparse.errors import ConfigError  # noqa: E402
+from spark_sparse.models.model_kwargs import format_model_kwargs, parse_model_kwargs  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -63,6 +65,8 @@ OP_CATEGORIES = (
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet50")
+    p.add_argument("--model-kwargs", "--model_kwargs", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="the model constructor's arguments, as spark-pretrain's --model_kwargs")
     p.add_argument("--device", default="cpu", help="cpu or cuda (e.g. cuda:0)")
     p.add_argument("--backends", nargs="+", default=["masked", "sparse"])
     p.add_argument("--mask", type=float, default=0.6)
@@ -80,6 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    try:
+        args.model_kwargs_values = parse_model_kwargs(args.model_kwargs)
+    except ConfigError as err:
+        p.error(str(err))
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device is visible to torch on this machine")
     unknown = sorted(set(args.candidates) - set(list_kernels()))
@@ -96,7 +104,7 @@ class EncoderWork:
         torch.manual_seed(args.seed)
         self.device = torch.device(args.device)
         self.spark = ss.create_spark(args.model, backend=backend, input_size=args.input_size, mask_ratio=args.mask,
-                                     drop_path_rate=0.0)
+                                     drop_path_rate=0.0, **args.model_kwargs_values)
         if state is not None:
             self.spark.load_state_dict(state)
         self.spark.to(self.device)
@@ -241,6 +249,8 @@ def measure_memory(args, backend: str) -> float:
             "--mask", str(args.mask),
             "--batch", str(args.batch), "--input-size", str(args.input_size), "--dtype", args.dtype,
             "--threads", str(args.threads), "--seed", str(args.seed)]
+    if args.model_kwargs:
+        argv += ["--model-kwargs", *args.model_kwargs]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run(argv, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mb"]
@@ -254,7 +264,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {args.threads} threads"
-    print(f"# {args.model}, mask {args.mask}, batch {args.batch}, {args.input_size} px, {args.dtype}, "
+    built = f" ({format_model_kwargs(args.model_kwargs_values)})" if args.model_kwargs_values else ""
+    print(f"# {args.model}{built}, mask {args.mask}, batch {args.batch}, {args.input_size} px, {args.dtype}, "
           f"{where}, torch {torch.__version__}")
     works: dict[str, EncoderWork] = {}
     for name in args.backends:

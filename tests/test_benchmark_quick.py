@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import spark_sparse as ss
+from spark_sparse.testing import switch_branches_on
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -59,6 +60,22 @@ def test_an_equivalence_run_checks_every_variant_on_switched_on_branches_without
     assert sparse["switched_on"] == 28
     assert sparse["equivalence"]["masked_sites_nonzero"] == 0 and sparse["max_rel_err"] < 1e-1
     assert "| masked sites nonzero |" in (tmp_path / "results.md").read_text()
+
+
+def test_models_are_built_with_the_constructor_arguments_given(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compare_backends.py"), "--what", "equivalence",
+                             "--models", "resnet18", "--model-kwargs", "stem_type=deep", "--input-size", "64",
+                             "--batch-size", "2", "--mask", "0.6", "--backends", "masked", "sparse",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["meta"]["model_kwargs"] == "stem_type='deep'"
+    deep, plain = (len(switch_branches_on(ss.create_spark("resnet18", input_size=64, **kwargs).encoder))
+                   for kwargs in ({"stem_type": "deep"}, {}))
+    assert deep != plain and {r["switched_on"] for r in data["records"]} == {deep}      # the deep stem's own BNs
+    assert "Models built with: stem_type='deep'" in (tmp_path / "results.md").read_text()
+    with pytest.raises(SystemExit):
+        parse_args(["--model-kwargs", "stem_type"])            # no value: the same error as spark-pretrain's
 
 
 def test_an_fp64_equivalence_run_compares_in_double_and_has_no_fp32_floor(tmp_path):
