@@ -15,6 +15,7 @@ import torch
 
 from spark_sparse.checkpoint import CheckpointError, atomic_save, read_checkpoint
 from spark_sparse.errors import ConfigError
+from spark_sparse.models import model_default_drop_path
 from spark_sparse.spark import SparK
 from spark_sparse.speed import BatchEstimate, plan_speed
 from spark_sparse.train import engine
@@ -22,6 +23,7 @@ from spark_sparse.train.data import DataError, ImageFolderDataset, find_images
 from spark_sparse.train.distributed import split_global_batch
 from spark_sparse.train.config import PretrainConfig
 from spark_sparse.train.engine import Trainer, TrainingError, pretrain
+from spark_sparse.train.optim import default_beta2
 
 from apptools import make_image_folder, tiny_config
 
@@ -593,6 +595,23 @@ def test_resuming_with_other_settings_warns_in_the_console_and_the_log(folder, t
     header = [json.loads(line) for line in (tmp_path / "pretrain_log.txt").read_text().splitlines()
               if "args" in json.loads(line)][-1]
     assert any("--bs 2 (was 4)" in warning and "no longer the run" in warning for warning in header["warnings"])
+    assert not any("--ep" in warning for warning in header["warnings"])   # a larger --ep continues a finished run
+    # what SparK's per-model defaults gave, beside the arguments as given (dp and ada left to the defaults)
+    assert header["args"]["dp"] is None and header["args"]["ada"] == 0.0
+    assert header["resolved"] == {"dp": model_default_drop_path("tiny_cnn"), "ada": trainer.beta2,
+                                  "densify_norm": trainer.spark.densify_norm_kind}
+    assert trainer.beta2 == default_beta2(trainer.spark.densify_norm_kind)
+
+
+def test_resuming_an_unfinished_run_with_another_length_warns_that_its_schedule_changes(folder, tmp_path):
+    pretrain(tiny_config(folder, tmp_path, ep=1))
+    checkpoint = tmp_path / "tiny_cnn_still_pretraining.pth"
+    state = torch.load(checkpoint, weights_only=True)
+    state["args"]["ep"] = 3                                 # as if a 3-epoch run had stopped after its first epoch
+    torch.save(state, checkpoint)
+    trainer = Trainer(tiny_config(folder, tmp_path, ep=2, resume_from="auto"), "")
+    trainer.run()
+    assert any("--ep 2 (was 3: the lr and weight-decay schedules stretch" in warning for warning in trainer.warnings)
 
 
 def test_a_run_shorter_than_its_warm_up_is_warned_about(folder, tmp_path):

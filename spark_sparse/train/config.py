@@ -86,6 +86,12 @@ class PretrainConfig:
             ("ep", self.ep, self.ep >= 1, "at least one epoch"),
             ("wp_ep", self.wp_ep, self.wp_ep >= 0, "warm-up epochs cannot be negative"),
             ("base_lr", self.base_lr, self.base_lr > 0, "must be positive (SparK: 2e-4)"),
+            ("wd", self.wd, self.wd >= 0, "weight decay cannot be negative"),
+            ("wde", self.wde, self.wde >= 0, "the final weight decay cannot be negative (0: --wd throughout)"),
+            ("ada", self.ada, 0 <= self.ada < 1, "Adam's beta2 is below 1 (0 picks SparK's: 0.95 with a BatchNorm "
+                                                 "densify norm, else 0.999)"),
+            ("dp", self.dp, self.dp is None or 0 <= self.dp < 1, "a drop-path rate is in [0, 1) (not given: "
+                                                                 "SparK's for the model)"),
             ("dataloader_workers", self.dataloader_workers, self.dataloader_workers >= 0,
              "0 (load in the training process) or more"),
             ("autotune_budget", self.autotune_budget, self.autotune_budget >= 0, "seconds, 0 or more"),

@@ -37,7 +37,7 @@ from .. import __version__
 from ..autotune import AutotuneOptions, AutotuneResult, autotune
 from ..errors import ConfigError, SparkSparseError
 from ..checkpoint import CheckpointError, atomic_save, load_pretrained, load_spark_state, read_checkpoint
-from ..models import resolve_model_name
+from ..models import model_default_drop_path, resolve_model_name
 from ..models.model_kwargs import format_model_kwargs
 from ..user_modules import import_user_module
 from ..spark import SparK, create_spark
@@ -402,8 +402,13 @@ class Trainer:
         progress = ckpt.get("epoch_progress", {})
         self.state = RunState(ckpt["epoch"], ckpt["iteration"], ckpt.get("min_loss", math.inf),
                               progress.get("loss_sum", 0.0), set(progress.get("unreadable", ())))
-        changed = [f"--{key} {getattr(self.cfg, key)} (was {ckpt['args'][key]})" for key in RESUME_KEEPS
-                   if key in ckpt.get("args", {}) and ckpt["args"][key] != getattr(self.cfg, key)]
+        args = ckpt.get("args", {})
+        changed = [f"--{key} {getattr(self.cfg, key)} (was {args[key]})" for key in RESUME_KEEPS
+                   if key in args and args[key] != getattr(self.cfg, key)]
+        if args.get("ep", self.cfg.ep) != self.cfg.ep and self.state.epoch < args["ep"]:
+            # an unfinished run's length is its schedule's; a finished one is continued by a larger --ep (as designed)
+            changed.append(f"--ep {self.cfg.ep} (was {args['ep']}: the lr and weight-decay schedules stretch to the new "
+                           f"length)")
         if changed:
             self._warn(f"resuming {path} with settings that differ from its run: {', '.join(changed)}; the run goes "
                        f"on with the new values, so it is no longer the run that was interrupted")
@@ -477,7 +482,13 @@ class Trainer:
                 "global_batch": self.global_batch, "lr": self.peak_lr, "iters_per_epoch": self.iters_per_epoch,
                 "sync_bn": self.sync_bn, "speed_plan": self.speed.as_dict(), "backend_plan": self.plan,
                 "autotune": self.autotune.plan_state(), "autotune_seconds": round(self.autotune.seconds, 2),
-                "resumed_from": self.resume_path, "warnings": self.warnings, "args": self.cfg.as_dict()}
+                "resumed_from": self.resume_path, "warnings": self.warnings, "args": self.cfg.as_dict(),
+                "resolved": self._resolved()}
+
+    def _resolved(self) -> dict:
+        """The values the run took for the settings left to SparK's per-model defaults (``args`` holds what was given)."""
+        dp = self.cfg.dp if self.cfg.dp is not None else model_default_drop_path(self.model_name)
+        return {"dp": dp, "ada": self.beta2, "densify_norm": self.spark.densify_norm_kind}
 
     def _print_start(self) -> None:
         cfg = self.cfg
@@ -486,6 +497,9 @@ class Trainer:
               f"device {self.ctx.device}, amp {cfg.amp}")
         print(f"[spark-pretrain] data: {len(self.dataset)} images from {source}; global batch {self.global_batch}, "
               f"{self.iters_per_epoch} iterations/epoch, {cfg.ep} epochs, peak lr {self.peak_lr:.3g}")
+        resolved = self._resolved()
+        print(f"[spark-pretrain] drop path {resolved['dp']:g} (--dp), Adam beta2 {resolved['ada']:g} (--ada), densify "
+              f"norm {resolved['densify_norm']}")
         if cfg.sbn and not self.sync_bn and self.ctx.initialized:    # one process has nothing to synchronise
             print(f"[spark-pretrain] --sbn: SyncBatchNorm needs CUDA processes; the {self.ctx.world_size} "
                   f"{self.ctx.device.type} processes use plain BatchNorm")
