@@ -160,6 +160,15 @@ def _validate_model(ctx, param, value: Optional[str]) -> Optional[str]:
 @_opt("amp", type=click.Choice(["none", "bf16", "fp16"]), default="none", help="mixed precision (SparK: none)")
 @_opt("seed", type=int, default=0, help="seeds the initial weights, masks, augmentation and data order")
 @_opt("tensorboard", is_flag=True, default=False, help="write TensorBoard logs to <exp_dir>/tensorboard_log")
+@_opt("local_rank", type=int, default=None, hidden=True, expose_value=False,
+      help="what torch.distributed.launch adds to each process's arguments; the rank is read from its environment")
+@_opt("lr", type=float, default=None, hidden=True, expose_value=False,
+      callback=lambda ctx, param, value: _set_at_run_time(value, "--lr", "the peak lr is --base_lr x global batch / 256 "
+                                                                       "(SparK's rule): give --base_lr"))
+@_opt("densify_norm", default=None, hidden=True, expose_value=False,
+      callback=lambda ctx, param, value: _set_at_run_time(value, "--densify_norm", "it follows the model (BatchNorm for "
+                                                                                   "BatchNorm nets, LayerNorm for the "
+                                                                                   "others), as SparK sets it"))
 @_opt("num_nodes", type=int, default=1, help="SparK launch flag: nodes")
 @_opt("ngpu_per_node", type=int, default=1, help="SparK launch flag: processes per node")
 @_opt("node_rank", type=int, default=0, help="SparK launch flag: this node's rank")
@@ -183,15 +192,14 @@ def pretrain_command(exp_name: Optional[str], exp_name_opt: Optional[str], num_n
             raise click.UsageError("--sparse_conv=1 selects a backend: do not combine it with --backend")
         options["backend"] = recommended_sparse_backend()
     demo = options["data_path"] is None
-    for key, value in (DEMO_DEFAULTS if demo else {}).items():
-        if options.get(key) is None:
-            options[key] = value
+    demo_defaults = {key: value for key, value in DEMO_DEFAULTS.items() if demo and options.get(key) is None}
+    options.update(demo_defaults)
     for key in ("model", "input_size", "mask", "bs", "ep", "wp_ep", "base_lr", "dataloader_workers"):
         if options.get(key) is None:
             options[key] = getattr(_SPARK_DEFAULTS, key)
     if demo:
-        click.echo(f"[spark-pretrain] no --data_path: pre-training on the embedded demo photos with demo defaults "
-                   f"{', '.join(f'{k}={options[k]}' for k in DEMO_DEFAULTS)}", err=True)
+        defaults = f" with demo defaults {', '.join(f'{k}={v}' for k, v in demo_defaults.items())}" if demo_defaults else ""
+        click.echo(f"[spark-pretrain] no --data_path: pre-training on the embedded demo photos{defaults}", err=True)
     exp_name = exp_name or ("demo" if demo else options["model"])
     from .train.engine import StopRequested, pretrain
     try:
@@ -203,6 +211,13 @@ def pretrain_command(exp_name: Optional[str], exp_name_opt: Optional[str], num_n
     except SparkSparseError as err:      # the user's to fix, and the message says how: no traceback
         _leave_process_group()
         raise click.ClickException(str(err)) from None
+
+
+def _set_at_run_time(value, flag: str, why: str) -> None:
+    """SparK's ``Args`` lists settings it computes at run time; given here, they are refused with the rule instead
+    of being overwritten in silence (as SparK does) or unknown (as click would say)."""
+    if value is not None:
+        raise click.UsageError(f"{flag} is set at run time: {why}")
 
 
 def _looks_like_a_model_kwarg(word: str) -> bool:

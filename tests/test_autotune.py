@@ -295,6 +295,8 @@ def test_cached_mode_measures_nothing_and_keeps_the_static_rule_for_unknown_laye
     assert pinned(spark) == static_rule(spark)
     assert all(d.status == "static rule, not measured: --autotune cached" for d in result.decisions.values())
     assert result.guard.status.startswith("not measured") and result.backend == "auto"
+    assert "the cache holds no layer of this model for this device" in result.summary()
+    assert "(--autotune cached; plan: made by this run)" in result.headline()
 
 
 def test_cached_mode_uses_what_an_earlier_run_measured(tmp_path):
@@ -302,6 +304,7 @@ def test_cached_mode_uses_what_an_earlier_run_measured(tmp_path):
     spark = build()
     result = tune(spark, tmp_path, NoTimer(), mode="cached")
     assert set(pinned(spark).values()) == {"gather"} and result.guard.status == "cached"
+    assert "the cache holds no layer" not in result.summary()
 
 
 def test_off_mode_is_the_static_rule_and_says_it_was_not_measured(tmp_path):

@@ -70,6 +70,29 @@ def test_no_data_path_selects_the_demo(captured):
     assert cfg.demo and cfg.data_path is None and cfg.model == "resnet18" and cfg.ep == 10
 
 
+def test_the_demo_names_as_its_defaults_only_the_values_not_given(captured):
+    result = CliRunner().invoke(cli.pretrain_command, ["--ep=1", "--input_size=96"])
+    assert result.exit_code == 0, result.output
+    assert "with demo defaults model=resnet18" in result.stderr and " ep=" not in result.stderr
+    assert "input_size=" not in result.stderr
+    assert (captured["cfg"].ep, captured["cfg"].input_size) == (1, 96)
+
+
+def test_the_local_rank_torch_distributed_launch_adds_is_accepted(captured, tmp_path):
+    assert _run(["x", f"--data_path={tmp_path}", "--local_rank=3"]).exit_code == 0
+    assert _run(["x", f"--data_path={tmp_path}", "--local-rank=0"]).exit_code == 0
+
+
+@pytest.mark.parametrize("args, rule", [(["--lr=1e-3"], "--lr is set at run time: the peak lr is --base_lr x global "
+                                                       "batch / 256"),
+                                        (["--densify_norm=bn"], "--densify_norm is set at run time: it follows the "
+                                                                "model")])
+def test_what_sparks_args_set_at_run_time_is_refused_with_the_rule(args, rule, tmp_path, monkeypatch):
+    monkeypatch.setattr("spark_sparse.train.engine.pretrain", _raising(AssertionError("must not start")))
+    result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={tmp_path}", *args])
+    assert result.exit_code == 2 and rule in result.output, result.output
+
+
 def test_old_aliases_keep_working(captured, tmp_path):
     ckpt = tmp_path / "r.pth"
     assert _run(["x", f"--data_path={tmp_path}", "--model=res50", f"--resume={ckpt}"]).exit_code == 0

@@ -184,14 +184,24 @@ class AutotuneResult:
             return (f"encoder fwd+bwd measured on this machine{when} at {self.shapes}: {timings} "
                     f"-> {verdict[self.guard.choice]}; layers: {layers}{self._memory_summary()}")
         guard = self.guard.status if self.guard is not None else "not measured"
-        return f"-> {verdict['tuned']}; layers: {layers}; encoder vs masked {guard}{self._memory_summary()}"
+        return (f"-> {verdict['tuned']}; layers: {layers}; encoder vs masked {guard}{self._memory_summary()}"
+                f"{self._empty_cache_hint()}")
+
+    def _empty_cache_hint(self) -> str:
+        """Why ``--autotune cached`` found nothing: the cache is per machine and software, kernels' source included."""
+        if self.mode != "cached" or self.source != "measured" or any(
+                d.status.startswith(("cached", "only")) for d in self.decisions.values()):
+            return ""
+        return ("; the cache holds no layer of this model for this device, library versions and kernel source "
+                "(never tuned here, or an upgrade or kernel edit since): --autotune on measures them")
 
     def _memory_summary(self) -> str:
         return "" if self.memory is None else f"; {self.memory.describe()}"
 
     def headline(self) -> str:
         """How long tuning took and where the plan came from (the summary left out)."""
-        return f"[autotune] {self.seconds:.1f} s (--autotune {self.mode}, plan {self.source})"
+        made = {"measured": "made by this run", "checkpoint": "the resumed run's", "off": "the static rule"}
+        return f"[autotune] {self.seconds:.1f} s (--autotune {self.mode}; plan: {made.get(self.source, self.source)})"
 
     def describe(self) -> str:
         """Several lines: the summary, then each layer's kernel and every candidate's measured ms."""

@@ -477,7 +477,9 @@ class Trainer:
             return iter(self.loader)
 
     def _header(self) -> dict:
-        return {"name": self.cfg.exp_name, "cmd": self.cmd, "git_commit": git_commit(), "model": self.model_name,
+        commit = git_commit()
+        return {"name": self.cfg.exp_name, "cmd": self.cmd, "git_commit": commit, "git_commit_id": commit,     # SparK's
+                "model": self.model_name,
                 "backend": self.speed.backend, "world_size": self.ctx.world_size, "device": str(self.ctx.device),
                 "global_batch": self.global_batch, "lr": self.peak_lr, "iters_per_epoch": self.iters_per_epoch,
                 "sync_bn": self.sync_bn, "speed_plan": self.speed.as_dict(), "backend_plan": self.plan,
@@ -601,7 +603,10 @@ class Trainer:
                                 "images_per_s": round(seen / max(elapsed, 1e-9), 2),
                                 "epoch_seconds": round(elapsed, 2), "remaining": remaining, "finish_time": finish,
                                 "unreadable_images": len(unreadable),
-                                **({"resumed_at_iteration": resumed_at} if resumed_at else {})})
+                                **({"resumed_at_iteration": resumed_at} if resumed_at else {}),
+                                # SparK's own keys for the same values, so that its users' log readers work as they are
+                                "cur_ep": f"{state.epoch}/{cfg.ep}", "last_L": epoch_loss, "rema": remaining,
+                                "fini": finish})
         if self.ctx.is_main:
             print(f"[spark-pretrain] epoch {state.epoch}/{cfg.ep}: loss {epoch_loss:.4f} (min {state.min_loss:.4f}), "
                   f"{seen / max(elapsed, 1e-9):.1f} images/s, remaining {remaining}, finish @ {finish}")
