@@ -94,6 +94,15 @@ def test_batch_estimate_shrinks_activations_with_grad_checkpointing():
     assert ckpt.max_batch > plain.max_batch > 0
 
 
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+def test_the_batch_estimate_measures_under_the_runs_autocast(backend):
+    """--amp bf16 keeps about half of fp32's activations: the estimate was the fp32 one whatever --amp said."""
+    spark = ss.create_spark("resnet18", backend=backend, input_size=64)
+    fp32 = estimate_max_batch(spark, (64, 64), "cpu")
+    bf16 = estimate_max_batch(spark, (64, 64), "cpu", amp_dtype=torch.bfloat16)
+    assert 0.3 * fp32.activation_mb_per_image < bf16.activation_mb_per_image < 0.8 * fp32.activation_mb_per_image
+
+
 def _train(spark, steps=6, amp=None, foreach=False, seed=0, device="cpu"):
     """A few LAMB steps on fixed data and masks; returns the loss curve."""
     from spark_sparse.train.optim import build_optimizer, param_groups

@@ -60,6 +60,10 @@ def test_one_epoch_writes_every_output_file(folder, tmp_path):
     assert header["backend_plan"] and "cmd" in header and "git_commit" in header and header["warnings"] == []
     assert epoch["epoch"] == 1 and epoch["loss"] > 0 and epoch["images_per_s"] > 0
     assert {"remaining", "finish_time", "lr"} <= epoch.keys()
+    # SparK's own keys, for its users' log readers
+    assert header["git_commit_id"] == header["git_commit"]
+    assert (epoch["cur_ep"], epoch["last_L"], epoch["rema"], epoch["fini"]) == \
+           ("1/1", epoch["loss"], epoch["remaining"], epoch["finish_time"])
     assert "finished" in (out / "stdout_backup.txt").read_text()
     ckpt = read_checkpoint(out / "tiny_cnn_still_pretraining.pth")
     assert {"model", "optimizer", "scaler", "epoch", "iteration", "args", "epoch_progress"} <= ckpt.keys()
@@ -284,11 +288,12 @@ def test_resuming_a_checkpoint_from_elsewhere_into_a_folder_with_a_run_is_refuse
                             resume_from=str(tmp_path / "other" / "tiny_cnn_still_pretraining.pth")), "")
 
 
-def test_overwrite_starts_over_in_a_folder_holding_a_run(folder, tmp_path):
+def test_overwrite_starts_over_in_a_folder_holding_a_run(folder, tmp_path, capsys):
     _previous_run(tmp_path / "out")
     (tmp_path / "out" / "resnet18_still_pretraining.pth").write_bytes(b"another model's run")
     (tmp_path / "out" / "notes.txt").write_text("not a run file")
     pretrain(tiny_config(folder, tmp_path / "out", ep=1, overwrite=True))
+    assert re.search(r"--overwrite: deleted the previous run's .*resnet18_still_pretraining.pth", capsys.readouterr().err)
     records = [json.loads(line) for line in (tmp_path / "out" / "pretrain_log.txt").read_text().splitlines()]
     assert [("args" in r, r.get("epoch")) for r in records] == [(True, None), (False, 1)]
     assert not (tmp_path / "out" / "resnet18_still_pretraining.pth").exists()

@@ -275,7 +275,8 @@ class Trainer:
         self.spark, self.speed = self.autotune.spark, self.speed.with_autotune(self.autotune)
         self.plan = self.spark.backend.plan(self.spark.encoder, self.ctx.device, self.amp_dtype or torch.float32)
         apply_speed_plan(self.spark, self.speed)
-        self.batch_estimate = estimate_max_batch(self.spark, self.spark.input_hw, self.ctx.device)
+        self.batch_estimate = estimate_max_batch(self.spark, self.spark.input_hw, self.ctx.device,
+                                                 amp_dtype=self.amp_dtype)
         self._check_precision_and_memory()
         self.model: nn.Module = self.spark
         if self.ctx.initialized:

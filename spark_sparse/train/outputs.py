@@ -241,14 +241,17 @@ class RunOutputs:
         """
         if self.is_main:
             self._make_folder()      # checked before the run was built; a disk may have filled since
-            if fresh:
-                for path in self.existing_run_files():
-                    path.unlink()
+            deleted = sorted(self.existing_run_files()) if fresh else []
+            for path in deleted:
+                path.unlink()
             if capture_console:
                 for name, stream in (("stdout", sys.stdout), ("stderr", sys.stderr)):
                     tee = Tee(stream, self.dir / f"{name}_backup.txt")
                     setattr(sys, name, tee)
                     self._tees.append((name, tee))
+            if deleted:
+                print(f"[spark-pretrain] --overwrite: deleted the previous run's {', '.join(p.name for p in deleted)} "
+                      f"in {self.dir}/", file=sys.stderr)
         return self
 
     def close(self) -> None:
