@@ -11,9 +11,12 @@ is a bug or an environment failure and keeps its traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -203,14 +206,45 @@ def pretrain_command(exp_name: Optional[str], exp_name_opt: Optional[str], num_n
     exp_name = exp_name or ("demo" if demo else options["model"])
     from .train.engine import StopRequested, pretrain
     try:
-        cfg = PretrainConfig(exp_name=exp_name, demo=demo, **options)
-        pretrain(cfg, cmd=launch_command(sys.argv), capture_console=True)
+        with _sigterm_interrupts():
+            cfg = PretrainConfig(exp_name=exp_name, demo=demo, **options)
+            pretrain(cfg, cmd=launch_command(sys.argv), capture_console=True)
     except StopRequested as stop:
         click.echo(f"[spark-pretrain] {stop}", err=True)
         sys.exit(128 + stop.signum)         # 130 after Ctrl-C, 143 after SIGTERM, as a killed process reports
+    except KeyboardInterrupt as stop:    # outside the training steps (setup, kernel tuning) or a second Ctrl-C
+        _leave_process_group()
+        signum = getattr(stop, "signum", signal.SIGINT)
+        click.echo(f"\n[spark-pretrain] {signal.Signals(signum).name} received outside the training steps (setup, "
+                   f"kernel tuning) or a second Ctrl-C: stopped without saving a checkpoint (any written before is "
+                   f"whole: checkpoints are replaced atomically)", err=True)
+        sys.exit(128 + signum)
     except SparkSparseError as err:      # the user's to fix, and the message says how: no traceback
         _leave_process_group()
         raise click.ClickException(str(err)) from None
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training steps, raised like Ctrl-C's KeyboardInterrupt (``signum`` says which)."""
+
+    signum = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM ends the process with a message, as Ctrl-C does, where the training loop does not catch it (it
+    installs its own handlers, which save a checkpoint, while it runs); Python's default ends it in silence."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise _Terminated()
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _set_at_run_time(value, flag: str, why: str) -> None:

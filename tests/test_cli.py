@@ -1,8 +1,11 @@
 """``spark-pretrain`` parses SparK's arguments (underscored, dashed, old aliases) and fails clearly."""
 import json
+import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -91,6 +94,23 @@ def test_what_sparks_args_set_at_run_time_is_refused_with_the_rule(args, rule, t
     monkeypatch.setattr("spark_sparse.train.engine.pretrain", _raising(AssertionError("must not start")))
     result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={tmp_path}", *args])
     assert result.exit_code == 2 and rule in result.output, result.output
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_before_the_training_steps_stops_with_a_message_not_a_traceback(signum, tmp_path, monkeypatch):
+    """Kernel tuning can take minutes before the loop's own handlers (which save a checkpoint) are installed:
+    Ctrl-C there printed a traceback, SIGTERM ended the process without a word."""
+    def tuning(cfg, cmd, capture_console):
+        os.kill(os.getpid(), signum)
+        time.sleep(5)                      # the handler raises within this sleep
+        raise AssertionError("the signal did not stop the run")
+    monkeypatch.setattr("spark_sparse.train.engine.pretrain", tuning)
+    before = signal.getsignal(signal.SIGTERM)
+    result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={tmp_path}"])
+    assert result.exit_code == 128 + signum, result.output
+    assert f"{signal.Signals(signum).name} received outside the training steps" in result.output
+    assert "Traceback" not in result.output
+    assert signal.getsignal(signal.SIGTERM) is before                # the previous handler is back
 
 
 def test_old_aliases_keep_working(captured, tmp_path):
