@@ -49,7 +49,7 @@ class ActiveMask:
             active = active.unsqueeze(1)
         if active.dim() != 4 or active.shape[1] != 1:
             raise ValueError(f"active mask must have shape (B, 1, h, w), got {tuple(active.shape)}")
-        self.active = active.bool()
+        self.active = active.bool().contiguous()     # views (a transposed mask) reshape as the loss needs
         self.downsample_ratio = int(downsample_ratio)
         self._cache: dict = {}
 

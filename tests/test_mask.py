@@ -83,3 +83,19 @@ def test_check_matches_rejects_wrong_shapes():
     hidden = ActiveMask(torch.zeros(1, 1, 2, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="visible patch"):
         hidden.check_matches(torch.zeros(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+def test_a_mask_given_as_a_transposed_view_trains_as_its_contiguous_copy(backend):
+    """A transposed bool tensor is a valid mask; the loss's ``view`` of it failed on every backend."""
+    import spark_sparse as ss
+
+    torch.manual_seed(0)
+    spark = ss.create_spark("tiny_cnn", backend=backend, input_size=64)
+    images = torch.randn(2, 3, 64, 64)
+    grid = torch.tensor([[[[1, 0], [0, 1]]], [[[1, 1], [0, 0]]]], dtype=torch.bool).transpose(2, 3)
+    torch.manual_seed(1)
+    from_view = spark(images, ActiveMask(grid))
+    torch.manual_seed(1)
+    from_copy = spark(images, ActiveMask(grid.contiguous()))
+    assert torch.equal(from_view, from_copy)

@@ -986,3 +986,25 @@ def test_bit_stem_pad_and_pool_fold_into_one_layer_with_the_same_output():
 def test_an_nfnet_gamma_activation_that_fills_masked_sites_is_refused(backend):
     with pytest.raises(ss.UnsupportedModuleError, match=r"'1' \(GammaAct of .*sigmoid.*\): the activation gives 0\.5 at 0"):
         ss.create_backend(backend).convert(nn.Sequential(nn.Conv2d(8, 8, 1), GammaAct("sigmoid", gamma=2.0)))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS + ["sparse+fused"])
+def test_batch_norm_over_a_single_visible_site_is_refused_naming_why(backend):
+    """One visible patch in a batch of one leaves a single site at stride 32: batch statistics cannot be taken
+    (torch's own error said "Expected more than 1 value per channel"); eval() runs."""
+    from spark_sparse.backends.common import TooFewSitesError
+
+    from spark_sparse.backends.fused import FusedBatchNormReLU
+    from spark_sparse.speed import apply_speed_plan, plan_speed
+
+    spark = ss.create_spark("resnet18", backend=backend.split("+")[0], input_size=64)
+    if backend == "sparse+fused":            # the fast recipe's fused BatchNorm+ReLU takes its own statistics
+        spark = apply_speed_plan(spark, plan_speed("fast", "cpu", backend="sparse"))
+        assert any(isinstance(module, FusedBatchNormReLU) for module in spark.modules())
+    active = torch.zeros(1, 1, 2, 2, dtype=torch.bool)
+    active[0, 0, 0, 0] = True
+    with pytest.raises(TooFewSitesError, match=r"BatchNorm \(512 channels, stride 32\) in training mode got one "
+                                               r"visible site in the whole batch"):
+        spark(torch.randn(1, 3, 64, 64), ActiveMask(active))
+    spark.eval()
+    assert torch.isfinite(spark(torch.randn(1, 3, 64, 64), ActiveMask(active)))

@@ -18,12 +18,13 @@ from timm.layers import activations as timm_act
 from timm.layers.blur_pool import BlurPool2d
 from timm.layers.fast_norm import rms_norm, simple_norm
 
+from ..errors import SparkSparseError
 from ..features import ChannelsLastView, FeatureMap, UnsupportedFeatureOperation
 from ..kernels.base import int_pair
 
 __all__ = ["adopt_state", "adopt_module", "FeatureBatchNorm", "FeatureSyncBatchNorm", "FeatureLayerNorm", "FeatureChannelNorm",
            "FeatureLinear", "Elementwise",
-           "FeatureDropPath", "COMMON_CONVERTERS", "ZERO_PRESERVING_ACTIVATIONS", "check_output_grid"]
+           "FeatureDropPath", "COMMON_CONVERTERS", "ZERO_PRESERVING_ACTIVATIONS", "TooFewSitesError", "check_output_grid"]
 
 
 def adopt_state(new: nn.Module, old: nn.Module) -> nn.Module:
@@ -45,6 +46,10 @@ def adopt_module(new: nn.Module, old: nn.Module) -> nn.Module:
     return adopt_state(new, old)
 
 
+class TooFewSitesError(SparkSparseError, ValueError):
+    """A layer's statistics over the active sites need more of them than the batch and mask leave."""
+
+
 class FeatureBatchNorm(nn.BatchNorm2d):
     """BatchNorm whose batch statistics (and running statistics) come from active sites only.
 
@@ -57,7 +62,17 @@ class FeatureBatchNorm(nn.BatchNorm2d):
             raise ValueError(f"expected active rows [N, C], got shape {tuple(input.shape)}")
 
     def forward(self, x: FeatureMap) -> FeatureMap:
-        return x.with_active_rows(super().forward(x.active_rows()))
+        return x.with_active_rows(super().forward(self.rows_with_statistics(x)))
+
+    def rows_with_statistics(self, x: FeatureMap) -> torch.Tensor:
+        """The active rows, refused where training-mode statistics cannot be taken over them (one site in the
+        whole batch: torch's own error names neither the reason nor a way out)."""
+        rows = x.active_rows()
+        if self.training and rows.shape[0] == 1:
+            raise TooFewSitesError(f"BatchNorm ({self.num_features} channels, stride {x.stride}) in training mode got "
+                                   f"one visible site in the whole batch: batch statistics need two or more (SparK's "
+                                   f"SparseBatchNorm2d fails alike); use a larger batch or a lower mask ratio, or eval()")
+        return rows
 
     @classmethod
     def from_dense(cls, backend, bn: nn.modules.batchnorm._BatchNorm, name: str = "") -> "FeatureBatchNorm":

@@ -114,7 +114,7 @@ class FusedBatchNormReLU(FeatureBatchNorm):
     def forward(self, x):
         if not self._fusable(x):
             return super().forward(x).elementwise(torch.relu)
-        rows = x.active_rows().contiguous()
+        rows = self.rows_with_statistics(x).contiguous()
         momentum = self._exponential_average_factor()
         running = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
         remake = _ReluOfBatchNorm(rows, self.weight, self.bias, self.eps)
