@@ -60,6 +60,8 @@ def test_one_epoch_writes_every_output_file(folder, tmp_path):
     assert header["backend_plan"] and "cmd" in header and "git_commit" in header and header["warnings"] == []
     assert epoch["epoch"] == 1 and epoch["loss"] > 0 and epoch["images_per_s"] > 0
     assert {"remaining", "finish_time", "lr"} <= epoch.keys()
+    # the kernel tuning printed before the folder could be written to is in the backup too, first
+    assert (out / "stderr_backup.txt").read_text().lstrip().startswith("[autotune]")
     # SparK's own keys, for its users' log readers
     assert header["git_commit_id"] == header["git_commit"]
     assert (epoch["cur_ep"], epoch["last_L"], epoch["rema"], epoch["fini"]) == \

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import io
 import math
 import os
 import signal
@@ -22,10 +23,10 @@ import sys
 import threading
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -46,7 +47,7 @@ from .config import PretrainConfig
 from .data import DemoPhotosDataset, ImageFolderDataset, ImageNormalizer, pretrain_augmentation
 from .distributed import DistContext, EpochBatchSampler, init_distributed, split_global_batch
 from .optim import apply_lr_wd, build_optimizer, default_beta2, lr_wd_at, param_groups
-from .outputs import RunOutputs, git_commit
+from .outputs import RunOutputs, Tee, git_commit
 from .visualize import save_reconstruction_grid
 
 __all__ = ["pretrain", "Trainer", "TrainingError", "StopRequested", "RESUME_AUTO"]
@@ -82,6 +83,24 @@ class RunState:
     def progress(self) -> dict:
         """The partial epoch, as a checkpoint keeps it."""
         return {"loss_sum": self.loss_sum, "unreadable": sorted(self.unreadable)}
+
+
+@contextmanager
+def _console_recorded(enabled: bool) -> Iterator[dict[str, str]]:
+    """Record what is printed within (while the output folder is not open yet): the dict gets each stream's text."""
+    printed: dict[str, str] = {}
+    if not enabled:
+        yield printed
+        return
+    tees = {name: Tee(getattr(sys, name), io.StringIO()) for name in ("stdout", "stderr")}
+    for name, tee in tees.items():
+        setattr(sys, name, tee)
+    try:
+        yield printed
+    finally:
+        for name, tee in tees.items():
+            setattr(sys, name, tee.stream)
+            printed[name] = tee.file.getvalue()
 
 
 class _StopFlag:
@@ -271,7 +290,8 @@ class Trainer:
         self.spark: SparK = self._create_spark(self.speed.backend)
         # loaded now, not at the first step: a file that does not fit is named before minutes of kernel tuning
         self.init_note = load_pretrained(self.spark, cfg.init_weight) if cfg.init_weight else None
-        self.autotune = self._autotune()          # backend 'auto': kernels measured (or the resumed run's plan)
+        with _console_recorded(capture_console) as self.printed_before:      # into the backups once they open
+            self.autotune = self._autotune()      # backend 'auto': kernels measured (or the resumed run's plan)
         self.spark, self.speed = self.autotune.spark, self.speed.with_autotune(self.autotune)
         self.plan = self.spark.backend.plan(self.spark.encoder, self.ctx.device, self.amp_dtype or torch.float32)
         apply_speed_plan(self.spark, self.speed)
@@ -526,7 +546,7 @@ class Trainer:
         if self.resume_path:
             self.resume(self.resume_path)
         fresh = cfg.overwrite and not self.outputs.continues_this_folder(self.resume_path)
-        self.outputs.open(fresh=fresh, capture_console=self.capture_console)
+        self.outputs.open(fresh=fresh, capture_console=self.capture_console, printed_before=self.printed_before)
         try:
             if self.ctx.is_main:
                 self._print_start()

@@ -69,10 +69,11 @@ def _without_restart_flags(command: str) -> list[str]:
 
 
 class Tee:
-    """A text stream that writes to the console and to a backup file (SparK's stdout/stderr_backup)."""
+    """A text stream that writes to the console and to ``file``: a backup (SparK's stdout/stderr_backup), or a
+    buffer for what is printed before the output folder may be written to (the kernel tuning)."""
 
-    def __init__(self, stream: TextIO, path: Path):
-        self.stream, self.file = stream, open(path, "a", buffering=1)
+    def __init__(self, stream: TextIO, file: TextIO):
+        self.stream, self.file = stream, file
 
     def write(self, text: str) -> int:
         self.file.write(text)
@@ -232,11 +233,13 @@ class RunOutputs:
             raise ConfigError(f"cannot create the output folder {self.dir}/ ({err.strerror}); choose another "
                               f"--exp_dir") from None
 
-    def open(self, fresh: bool, capture_console: bool = False) -> "RunOutputs":
+    def open(self, fresh: bool, capture_console: bool = False, printed_before: Optional[dict[str, str]] = None
+             ) -> "RunOutputs":
         """Create the folder; with ``fresh`` (``--overwrite``) delete a previous run's files first.
 
         ``capture_console`` tees this process's ``sys.stdout``/``sys.stderr`` into the console
-        backups (SparK's ``stdout_backup.txt``, ``stderr_backup.txt``). Only the CLI asks for it:
+        backups (SparK's ``stdout_backup.txt``, ``stderr_backup.txt``), which begin with
+        ``printed_before`` (stream name -> text printed while the run was built). Only the CLI asks for it:
         a library call of :func:`~spark_sparse.train.engine.pretrain` leaves the caller's streams alone.
         """
         if self.is_main:
@@ -246,7 +249,8 @@ class RunOutputs:
                 path.unlink()
             if capture_console:
                 for name, stream in (("stdout", sys.stdout), ("stderr", sys.stderr)):
-                    tee = Tee(stream, self.dir / f"{name}_backup.txt")
+                    tee = Tee(stream, open(self.dir / f"{name}_backup.txt", "a", buffering=1))
+                    tee.file.write((printed_before or {}).get(name, ""))
                     setattr(sys, name, tee)
                     self._tees.append((name, tee))
             if deleted:
