@@ -106,7 +106,12 @@ def test_a_signal_before_the_training_steps_stops_with_a_message_not_a_traceback
         raise AssertionError("the signal did not stop the run")
     monkeypatch.setattr("spark_sparse.train.engine.pretrain", tuning)
     before = signal.getsignal(signal.SIGTERM)
-    result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={tmp_path}"])
+    # Python's own Ctrl-C handler, as in a terminal: a shell's background job (CI) starts with SIGINT ignored
+    previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={tmp_path}"])
+    finally:
+        signal.signal(signal.SIGINT, previous_sigint)
     assert result.exit_code == 128 + signum, result.output
     assert f"{signal.Signals(signum).name} received outside the training steps" in result.output
     assert "Traceback" not in result.output
