@@ -6,6 +6,7 @@ before its first step; the tuning time is reported beside the timings, never ins
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -13,6 +14,8 @@ import torch
 
 import spark_sparse as ss
 from spark_sparse.autotune import AutotuneOptions, AutotuneResult, autotune
+from spark_sparse.errors import ConfigError
+from spark_sparse.models.model_kwargs import parse_model_kwargs
 from spark_sparse.speed import apply_speed_plan, plan_speed
 from spark_sparse.train.optim import build_optimizer, default_beta2, param_groups
 
@@ -59,6 +62,21 @@ class Variant:
     def optimizer(self, spark: ss.SparK, model: str, device: str) -> torch.optim.Optimizer:
         foreach = plan_speed(self.recipe, device).foreach_optimizer if self.recipe else False
         return build_optimizer("lamb", param_groups(spark), 1e-4, default_beta2(spark.densify_norm_kind), 5.0, foreach=foreach)
+
+
+def add_model_kwargs_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--model-kwargs KEY=VALUE ...``: words as spark-pretrain's ``--model_kwargs`` takes them (kept as words, so
+    that a subprocess is handed the same ones; :func:`parse_model_kwargs_argument` reads them)."""
+    parser.add_argument("--model-kwargs", "--model_kwargs", nargs="+", default=[], metavar="KEY=VALUE", help=help)
+
+
+def parse_model_kwargs_argument(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``args.model_kwargs_values``: the dict the words give, or the parser's usage error with spark-pretrain's
+    message."""
+    try:
+        args.model_kwargs_values = parse_model_kwargs(args.model_kwargs)
+    except ConfigError as err:
+        parser.error(str(err))
 
 
 def autocast(device: str, dtype: str):

@@ -46,15 +46,15 @@ import timm  # noqa: E402
 
 import spark_sparse as ss  # noqa: E402
 from spark_sparse.autotune import MODES  # noqa: E402
-from spark_sparse.errors import ConfigError  # noqa: E402
-from spark_sparse.models.model_kwargs import format_model_kwargs, parse_model_kwargs  # noqa: E402
+from spark_sparse.models.model_kwargs import format_model_kwargs  # noqa: E402
 from spark_sparse.testing import switch_branches_on  # noqa: E402
 from _equivalence import compare, fp32_noise_floor, outputs_of  # noqa: E402
 from _capacity import fit_largest_batch, markdown_section, memory_budget_mb  # noqa: E402
 from _measure import (Workload, peak_memory as peak_memory_in_process, peak_rss_growth_mb, persistent_mb,  # noqa: E402
                       summarize, time_and_cuda_peak, time_once)
 from _report import _fmt, error_vs_floor, provenance, write_json, write_markdown, write_plots  # noqa: E402
-from _variants import Variant, autotune_record, tune_workload  # noqa: E402
+from _variants import (Variant, add_model_kwargs_argument, autotune_record, parse_model_kwargs_argument,  # noqa: E402
+                       tune_workload)
 
 
 #: one model per timm CNN family SparK-sparse supports beyond ResNet/ConvNeXt (all checked on every backend
@@ -84,9 +84,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     p.add_argument("--models", nargs="+", default=["resnet50", "convnext_tiny"], help="spark-sparse model names")
-    p.add_argument("--model-kwargs", "--model_kwargs", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="the constructor arguments of every model, as spark-pretrain's --model_kwargs (e.g. "
-                        "img_size=192 window_size=6)")
+    add_model_kwargs_argument(p, "the constructor arguments of every model, as spark-pretrain's --model_kwargs "
+                                 "(e.g. img_size=192 window_size=6)")
     p.add_argument("--families", action="store_true",
                    help=f"measure timm's CNN families instead of --models: {', '.join(FAMILY_MODELS)}")
     p.add_argument("--backends", nargs="+", default=None, help="default: every available backend")
@@ -140,10 +139,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if p.parse_known_args(argv)[0].quick:
         p.set_defaults(**QUICK_PRESET)      # as defaults, so that e.g. --quick --repeats 15 keeps 15
     args = p.parse_args(argv)
-    try:
-        args.model_kwargs_values = parse_model_kwargs(args.model_kwargs)
-    except ConfigError as err:
-        p.error(str(err))
+    parse_model_kwargs_argument(p, args)
     if args.families:
         args.models = list(FAMILY_MODELS)
     args.memory = args.memory or ("inprocess" if args.device == "cuda" else "subprocess")

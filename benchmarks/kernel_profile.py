@@ -39,12 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from _measure import peak_rss_growth_mb, time_once  # noqa: E402
+from _variants import add_model_kwargs_argument, parse_model_kwargs_argument  # noqa: E402
 
 import spark_sparse as ss  # noqa: E402
 from spark_sparse.kernels import ConvSpec, get_kernel, list_kernels  # noqa: E402
 from spark_sparse.backends.rows import SparseConv2d  # noqa: E402
-from spark_sparse.errors import ConfigError  # noqa: E402
-from spark_sparse.models.model_kwargs import format_model_kwargs, parse_model_kwargs  # noqa: E402
+from spark_sparse.models.model_kwargs import format_model_kwargs  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -65,8 +65,7 @@ OP_CATEGORIES = (
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet50")
-    p.add_argument("--model-kwargs", "--model_kwargs", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="the model constructor's arguments, as spark-pretrain's --model_kwargs")
+    add_model_kwargs_argument(p, "the model constructor's arguments, as spark-pretrain's --model_kwargs")
     p.add_argument("--device", default="cpu", help="cpu or cuda (e.g. cuda:0)")
     p.add_argument("--backends", nargs="+", default=["masked", "sparse"])
     p.add_argument("--mask", type=float, default=0.6)
@@ -84,10 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    try:
-        args.model_kwargs_values = parse_model_kwargs(args.model_kwargs)
-    except ConfigError as err:
-        p.error(str(err))
+    parse_model_kwargs_argument(p, args)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device is visible to torch on this machine")
     unknown = sorted(set(args.candidates) - set(list_kernels()))
