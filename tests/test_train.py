@@ -206,13 +206,16 @@ def test_a_run_stopped_mid_epoch_and_resumed_equals_the_uninterrupted_run(folder
     assert _epoch_records(tmp_path / "b" / "pretrain_log.txt")[-1]["resumed_at_iteration"] == 1
 
 
-def test_a_stop_in_an_epochs_last_step_closes_the_epoch_first_and_resumes_into_the_next(folder12, tmp_path):
+def test_a_stop_in_an_epochs_last_step_closes_the_epoch_first_and_resumes_into_the_next(folder12, tmp_path, capsys):
     straight = Trainer(tiny_config(folder12, tmp_path / "a", backend="masked"), "")
     straight.run()
+    capsys.readouterr()
     interrupted = Trainer(tiny_config(folder12, tmp_path / "b", backend="masked"), "")
     _stop_with_sigterm_during(interrupted, global_it=2)                       # epoch 0's last of 3 iterations
     with pytest.raises(engine.StopRequested, match=r"stopped after epoch 1/2; resume with --resume_from="):
         interrupted.run()
+    bar = capsys.readouterr().err.split("\r")[-1]                             # the progress bar as it was left
+    assert bar.startswith("epoch 1/2: 100%") and " 3/3 " in bar, bar
     ckpt = read_checkpoint(tmp_path / "b" / "tiny_cnn_still_pretraining.pth")
     assert (ckpt["epoch"], ckpt["iteration"]) == (1, 0)
     assert [r["epoch"] for r in _epoch_records(tmp_path / "b" / "pretrain_log.txt")] == [1]

@@ -574,10 +574,12 @@ class Trainer:
         start_time, seen, resumed_at = time.time(), 0, state.iteration
         stopped_at_epoch_end = False
         batches = _batches(self._epoch_batches(state.epoch, state.iteration))
-        bar = tqdm(batches, total=self.iters_per_epoch, initial=state.iteration, disable=not self.ctx.is_main,
+        # counted by hand, not by iterating the bar: a loop left with break closes tqdm's iterator at the count it
+        # had before the step, so a stop in an epoch's last step left the bar at 2/3
+        bar = tqdm(total=self.iters_per_epoch, initial=state.iteration, disable=not self.ctx.is_main,
                    desc=f"epoch {state.epoch + 1}/{cfg.ep}", dynamic_ncols=True, file=sys.stderr,
                    mininterval=0.5 if sys.stderr.isatty() else 10.0)
-        for images, bad_indices in bar:
+        for images, bad_indices in batches:
             global_it = state.epoch * self.iters_per_epoch + state.iteration
             images = self.normalize(images.to(self.ctx.device, non_blocking=True))
             try:
@@ -593,14 +595,14 @@ class Trainer:
             rate = seen / max(time.time() - start_time, 1e-9)
             lr = self.lr_wd_at(global_it)[0]
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}", refresh=False)
+            bar.update()
             if self.tb is not None:
                 self.tb.add_scalar("train/loss", loss, global_it)
                 self.tb.add_scalar("train/lr", lr, global_it)
-            if stop_now and state.iteration == self.iters_per_epoch:
-                stopped_at_epoch_end = True                  # close the epoch as usual (log line, checkpoint) first
-                break
             if stop_now:
-                bar.n = state.iteration                      # the bar counts a step when the next one starts
+                if state.iteration == self.iters_per_epoch:
+                    stopped_at_epoch_end = True              # close the epoch as usual (log line, checkpoint) first
+                    break
                 bar.close()
                 self.save()
                 raise StopRequested(f"stopped after iteration {state.iteration}/{self.iters_per_epoch} of epoch "
