@@ -334,6 +334,9 @@ def test_the_guard_runs_masked_when_the_tuned_plan_is_slower(tmp_path):
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     assert result.plan_state()["backend"] == "masked"
     assert "masked 2 ms" in result.summary() and "tuned 5 ms" in result.summary()
+    lines = result.describe().splitlines()        # the measured per-layer plan follows, marked as not the one used
+    assert lines[1] == "  the per-layer plan below was measured and is not used (the guard chose masked):"
+    assert len(lines) == 2 + len(result.decisions)
 
 
 def test_a_tie_with_masked_goes_to_masked(tmp_path):

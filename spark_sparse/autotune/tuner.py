@@ -206,6 +206,8 @@ class AutotuneResult:
     def describe(self) -> str:
         """Several lines: the summary, then each layer's kernel and every candidate's measured ms."""
         lines = [f"{self.headline()}: {self.summary()}"]
+        if self.decisions and self.guard is not None and self.guard.choice == "masked":
+            lines.append("  the per-layer plan below was measured and is not used (the guard chose masked):")
         for name, decision in self.decisions.items():
             lines.append(f"  {name:<40} {decision.kernel:<10} {decision.describe()}")
         return "\n".join(lines)
