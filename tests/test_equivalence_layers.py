@@ -277,8 +277,11 @@ LAYERS = {
 #: fp32 tolerances of layers whose input gradient is a long sum: each site's gradient through linear attention
 #: (LiteMLA) sums over every site of its image, about 1000 terms reaching 70 here, so two fp32 summation
 #: orders differ by up to 2e-5 of the largest gradient (1.5e-3 absolute; median element 6e-7 relative); in
-#: fp64 the layer agrees to 1e-10 like every other
-FP32_TOLERANCE_OF = {"lite_mla": 5e-3}
+#: fp64 the layer agrees to 1e-10 like every other. SwiftFormer's depthwise conv feeds a training-mode BatchNorm,
+#: which cancels its bias: the bias gradient is 0 (5e-14 in fp64), and in fp32 what is left is the rounding of
+#: sums of terms near 1e2, 5e-5 on two threads and 1e-4 on one (OMP_NUM_THREADS=1), which the default tolerance
+#: met only on two (every other gradient of the block agrees to 2e-6 relative)
+FP32_TOLERANCE_OF = {"lite_mla": 5e-3, "swiftformer_block": 3e-4}
 
 MASKS = {   # name -> (batch, patch grid); images are grid * 32 px, so stride-4 maps are >= 56 px wide
     "random_b4": lambda: ActiveMask.random(4, (7, 7), 0.6, generator=torch.Generator().manual_seed(0)),
