@@ -194,7 +194,10 @@ def _figure(size: tuple[float, float]):
 
 
 def write_plots(out: Path, records: list[dict]) -> list[Path]:
+    """The speed-up and memory charts of ``records``; none when no configuration finished."""
     paths = []
+    if not records:
+        return paths
     models = sorted({r["model"] for r in records})
     fig = _figure((5 * len(models), 4))
     axes = fig.subplots(1, len(models), squeeze=False)

@@ -46,6 +46,7 @@ import timm  # noqa: E402
 
 import spark_sparse as ss  # noqa: E402
 from spark_sparse.autotune import MODES  # noqa: E402
+from spark_sparse.models import UnknownModelError, resolve_model_name  # noqa: E402
 from spark_sparse.models.model_kwargs import format_model_kwargs  # noqa: E402
 from spark_sparse.testing import switch_branches_on  # noqa: E402
 from _equivalence import compare, fp32_noise_floor, outputs_of  # noqa: E402
@@ -147,7 +148,34 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--max-batch measures training steps: use it with --what step")
     if args.fp64 and args.what != "equivalence":
         p.error("--fp64 compares in float64 without timing: use it with --what equivalence")
+    problem = invalid_setting(args)
+    if problem:
+        p.error(problem)
     return args
+
+
+def invalid_setting(args: argparse.Namespace) -> Optional[str]:
+    """What makes the run impossible, checked before anything is built (else every configuration would fail
+    alike, each with a traceback, and the run end with empty tables)."""
+    for model in args.models:
+        try:
+            resolve_model_name(model)
+        except UnknownModelError as err:
+            return f"--models: {err}"
+    rules = [("--input-size", args.input_size, args.input_size > 0 and args.input_size % 32 == 0,
+              "a positive multiple of 32 (SparK's mask patch), e.g. 224"),
+             *[("--mask", r, 0 < r < 1, "a ratio of hidden patches above 0 and below 1, e.g. 0.6") for r in args.mask],
+             ("--batch-size", args.batch_size, args.batch_size >= 1, "at least 1"),
+             ("--repeats", args.repeats, args.repeats >= 1, "at least 1"),
+             ("--warmup", args.warmup, args.warmup >= 0, "0 or more"),
+             ("--threads", args.threads, args.threads >= 1, "at least 1"),
+             ("--check-batch", args.check_batch, args.check_batch is None or args.check_batch >= 1, "at least 1")]
+    for flag, value, ok, rule in rules:
+        if not ok:
+            return f"{flag} {value}: must be {rule}"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return f"--device cuda: torch {torch.__version__} sees no CUDA device here (torch.cuda.is_available() is False)"
+    return None
 
 
 def select_variants(args) -> tuple[list[Variant], dict[str, str]]:
@@ -546,6 +574,8 @@ def main(argv=None) -> None:
     plots = write_plots(args.out, records) if args.what != "equivalence" else []   # no timings to plot
     print(f"[bench] wrote {', '.join(str(p) for p in [args.out / 'results.json', args.out / 'results.md', *plots])} "
           f"in {meta['seconds']} s")
+    if not records:
+        raise SystemExit(f"[bench] no configuration finished: {args.out / 'results.md'} lists why (not run, failed)")
     far = [r for r in records if (error_vs_floor(r) or 0) > FAR_FROM_FLOOR]
     if far:
         print(f"[bench] note: {len(far)} row(s) at more than {FAR_FROM_FLOOR}x the fp32 floor "

@@ -124,6 +124,33 @@ def test_quick_presets_yield_to_options_given_explicitly():
     assert parse_args([]).repeats == 3 and parse_args([]).models == ["resnet50", "convnext_tiny"]
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "resnet5"], "--models: unknown model 'resnet5'; did you mean resnet50"),
+    (["--input-size", "50"], "--input-size 50: must be a positive multiple of 32"),
+    (["--mask", "0.6", "1.5"], "--mask 1.5: must be a ratio of hidden patches above 0 and below 1"),
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--repeats", "0"], "--repeats 0: must be at least 1"),
+    (["--check-batch", "0"], "--check-batch 0: must be at least 1"),
+])
+def test_a_setting_no_configuration_can_run_is_one_usage_error_before_anything_is_built(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--quick", *argv])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
+def test_asking_for_cuda_without_it_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--device", "cuda"])
+    assert "--device cuda: torch" in capsys.readouterr().err
+
+
+def test_a_run_where_no_configuration_finished_draws_no_chart(tmp_path):
+    from _report import write_plots
+
+    assert write_plots(tmp_path, []) == [] and not list(tmp_path.iterdir())
+
+
 def test_unmeasured_memory_is_no_chart_of_zeros(tmp_path):
     from _report import write_plots
 
