@@ -258,6 +258,29 @@ def test_a_resumed_trainer_run_again_continues_from_its_latest_checkpoint(folder
     assert trainer.run().epoch == 3                 # reads the folder's checkpoint again, as a new resume would
 
 
+def test_resuming_a_finished_run_trains_nothing_writes_nothing_and_names_its_encoder(folder, tmp_path, capsys):
+    pretrain(tiny_config(folder, tmp_path, ep=1))
+    log = (tmp_path / "pretrain_log.txt").read_bytes()
+    capsys.readouterr()
+    state = pretrain(tiny_config(folder, tmp_path, ep=1, resume_from="auto"))    # e.g. a requeued job
+    assert state.epoch == 1 and (tmp_path / "pretrain_log.txt").read_bytes() == log
+    printed = capsys.readouterr().out
+    assert "nothing to train" in printed and f"its pre-trained encoder is {tmp_path / 'tiny_cnn_1kpretrained.pth'}" \
+        in printed and "--ep above 1" in printed
+    elsewhere = tmp_path / "elsewhere"          # into a new folder: no folder of empty outputs
+    state = pretrain(tiny_config(folder, elsewhere, ep=1, resume_from=str(tmp_path / "tiny_cnn_still_pretraining.pth")))
+    assert state.epoch == 1 and not elsewhere.exists()
+
+
+def test_resuming_with_fewer_epochs_than_the_run_has_done_is_refused_before_anything_is_written(folder, tmp_path):
+    pretrain(tiny_config(folder, tmp_path, ep=2))
+    log = (tmp_path / "pretrain_log.txt").read_bytes()
+    with pytest.raises(ConfigError, match=r"--ep 1: .* has already done 2 epochs, and a run cannot be shortened. To "
+                                          r"continue it, give --ep above 2"):
+        Trainer(tiny_config(folder, tmp_path, ep=1, resume_from="auto"), "")
+    assert (tmp_path / "pretrain_log.txt").read_bytes() == log
+
+
 def test_resume_auto_without_a_checkpoint_starts_a_new_run(folder, tmp_path):
     trainer = Trainer(tiny_config(folder, tmp_path, ep=1, resume_from="auto"), "")
     assert trainer.resume_path is None

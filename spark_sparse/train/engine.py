@@ -47,10 +47,10 @@ from .config import PretrainConfig
 from .data import DemoPhotosDataset, ImageFolderDataset, ImageNormalizer, pretrain_augmentation
 from .distributed import DistContext, EpochBatchSampler, init_distributed, split_global_batch
 from .optim import apply_lr_wd, build_optimizer, default_beta2, lr_wd_at, param_groups
-from .outputs import RunOutputs, Tee, git_commit
+from .outputs import PRETRAINED, RunOutputs, Tee, git_commit
 from .visualize import save_reconstruction_grid
 
-__all__ = ["pretrain", "Trainer", "TrainingError", "StopRequested", "RESUME_AUTO"]
+__all__ = ["pretrain", "Trainer", "TrainingError", "StopRequested", "NothingToTrain", "RESUME_AUTO"]
 
 CHECKPOINT_FORMAT = "spark-sparse/1"
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -62,6 +62,15 @@ RESUME_KEEPS = ("input_size", "mask", "bs", "wp_ep", "base_lr", "wd", "wde", "cl
 
 class TrainingError(SparkSparseError, RuntimeError):
     """Training cannot go on (a non-finite loss): the message says what was saved and what to try."""
+
+
+class NothingToTrain(Exception):
+    """The checkpoint to resume has already done the epochs asked for: nothing is built or written;
+    :func:`pretrain` prints the message and returns ``state`` (the finished run's)."""
+
+    def __init__(self, message: str, state: "RunState"):
+        super().__init__(message)
+        self.state = state
 
 
 class StopRequested(Exception):
@@ -239,6 +248,22 @@ def _resumable_checkpoint(path: str, model_name: str, model_kwargs: dict, own: b
     return ckpt
 
 
+def _check_epochs_left(path: str, ckpt: dict, epochs: int, model_name: str) -> None:
+    """Refuse a ``--ep`` below what checkpoint ``path`` has done (a run cannot be shortened); raise
+    :class:`NothingToTrain` when it has done exactly ``--ep`` epochs (a finished run resumed, e.g. a requeued job)."""
+    done, within = ckpt["epoch"], ckpt["iteration"]
+    encoder = Path(path).parent / f"{model_name}{PRETRAINED}"
+    its_encoder = f"its pre-trained encoder is {encoder}" if encoder.is_file() else f"{encoder} is missing"
+    if done > epochs or (done == epochs and within):
+        extra = f" and {within} iterations of epoch {done + 1}" if within else ""
+        raise ConfigError(f"--ep {epochs}: {path} has already done {done} epochs{extra}, and a run cannot be "
+                          f"shortened. To continue it, give --ep above {done}; to use it as it is, {its_encoder}")
+    if done == epochs:
+        raise NothingToTrain(f"nothing to train: {path} has done all {epochs} epochs of --ep {epochs} ({its_encoder}); "
+                             f"to train it further, resume with --ep above {epochs} (the schedules stretch to the "
+                             f"new length)", RunState(done, 0, ckpt.get("min_loss", math.inf)))
+
+
 class Trainer:
     """One pre-training run: everything is built (and every setting checked) in the constructor.
 
@@ -263,6 +288,8 @@ class Trainer:
                        "kept and its log is appended to")
         # read and checked now: a wrong file is named before minutes of kernel tuning, not after
         self.resume_checkpoint = self._read_resume_checkpoint(self.resume_path) if self.resume_path else None
+        if self.resume_checkpoint is not None:
+            _check_epochs_left(self.resume_path, self.resume_checkpoint, cfg.ep, self.model_name)
         self.local_batch, self.global_batch, batch_warnings = split_global_batch(cfg.bs, self.ctx.world_size,
                                                                                  len(self.dataset))
         self.warnings += batch_warnings
@@ -657,4 +684,9 @@ def pretrain(cfg: PretrainConfig, cmd: str = "", max_epochs: Optional[int] = Non
     ``stderr_backup.txt`` while it runs (the CLI does; off by default so that a library call
     leaves the caller's ``sys.stdout`` and ``sys.stderr`` alone).
     """
-    return Trainer(cfg, cmd, capture_console).run(max_epochs)
+    try:
+        trainer = Trainer(cfg, cmd, capture_console)
+    except NothingToTrain as done:
+        print(f"[spark-pretrain] {done}")
+        return done.state
+    return trainer.run(max_epochs)
