@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from spark_sparse.train.data import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageNormalizer, PackedPaths,
-                                     find_images, pretrain_augmentation)
+from spark_sparse.train.data import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError, ImageNormalizer,
+                                     PackedPaths, find_images, pretrain_augmentation, to_rgb)
 
 from apptools import make_image_folder
 
@@ -52,6 +52,32 @@ def test_files_keep_paths_order_so_a_run_keeps_its_data_order(tmp_path):
     path_order = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     assert list(listing.files) == path_order and len(path_order) == 10
     assert all(p.is_file() for p in listing.files)
+
+
+def test_hidden_files_and_folders_are_left_out_and_counted(tmp_path):
+    root = tmp_path / "train"
+    for name in ["c/a.jpg", "c/._a.jpg", "c/.b.png", ".ipynb_checkpoints/a-checkpoint.jpg", "c/.notes.txt"]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).touch()
+    listing = find_images(tmp_path)
+    assert list(listing.files) == [root / "c" / "a.jpg"] and listing.hidden == 2
+
+
+def test_sixteen_bit_greyscale_is_scaled_to_eight_bits_not_clipped(tmp_path):
+    ramp = np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as img:
+        assert img.mode.startswith("I")                 # 'I;16' (Pillow 10+) or 'I'
+        rgb = np.asarray(to_rgb(img))
+    assert rgb.shape == (64, 64, 3) and rgb.dtype == np.uint8
+    assert np.abs(rgb[..., 0].astype(int) - np.round(ramp / 257)).max() <= 1        # convert("RGB"): all 255 but 1
+    assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+
+
+def test_floating_point_images_are_refused_with_the_reason(tmp_path):
+    Image.fromarray(np.random.rand(16, 16).astype(np.float32)).save(tmp_path / "float.tif")
+    with Image.open(tmp_path / "float.tif") as img, pytest.raises(DataError, match="no agreed 8-bit range"):
+        to_rgb(img)
 
 
 def test_packed_paths_index_like_a_list_and_pickle_as_two_arrays(tmp_path):

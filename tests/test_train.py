@@ -414,13 +414,26 @@ def test_fp16_autocast_on_a_cpu_warns_to_use_bf16(folder, tmp_path):
     assert not any("fp16" in w for w in bf16.warnings)
 
 
-def test_unreadable_images_are_skipped_and_named(folder, tmp_path, capsys):
-    broken = make_image_folder(tmp_path / "data", count=6)
+def test_unreadable_images_are_replaced_named_once_and_counted_each_epoch(folder, tmp_path, capsys):
+    broken = make_image_folder(tmp_path / "data", count=8)
     (broken / "train" / "class0" / "img0.png").write_bytes(b"this is not a png")
-    pretrain(tiny_config(broken, tmp_path / "out", ep=1))
-    assert "img0.png (UnidentifiedImageError: cannot identify image file" in capsys.readouterr().err
-    epoch = json.loads((tmp_path / "out" / "pretrain_log.txt").read_text().splitlines()[-1])
-    assert epoch["unreadable_images"] == 1
+    pretrain(tiny_config(broken, tmp_path / "out", ep=2))
+    err = capsys.readouterr().err
+    assert err.count("img0.png (UnidentifiedImageError: cannot identify image file") == 1
+    assert "epoch 1: 1 unreadable image(s), 12% of the data, each replaced by the next readable one (1 named " \
+           "above)" in err
+    assert "epoch 2: 1 unreadable image(s), 12% of the data, each replaced by the next readable one (0 named " \
+           "above, 1 named in an earlier epoch)" in err
+    epochs = _epoch_records(tmp_path / "out" / "pretrain_log.txt")
+    assert [epoch["unreadable_images"] for epoch in epochs] == [1, 1]
+
+
+def test_a_hidden_file_is_left_out_and_counted_on_the_data_line(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", count=4)
+    (data / "train" / "class0" / "._img0.png").write_bytes(b"AppleDouble resource fork")
+    trainer = Trainer(tiny_config(data, tmp_path / "out", backend="masked"), "")
+    trainer._print_start()
+    assert len(trainer.dataset) == 4 and "4 images from" in capsys.readouterr().out.split("(1 hidden file(s)")[0]
 
 
 def test_a_folder_of_unreadable_images_is_refused_before_anything_is_built_or_written(tmp_path, monkeypatch):

@@ -21,7 +21,8 @@ from torchvision import transforms
 from ..errors import SparkSparseError
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "DataError", "pretrain_augmentation", "ImageNormalizer",
-           "ImageFolderDataset", "DemoPhotosDataset", "ImageListing", "PackedPaths", "find_images", "denormalize"]
+           "ImageFolderDataset", "DemoPhotosDataset", "ImageListing", "PackedPaths", "find_images", "denormalize",
+           "to_rgb"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -107,12 +108,14 @@ class PackedPaths(Sequence[Path]):
 
 
 class ImageListing(NamedTuple):
-    """What :func:`find_images` found: the folder read, its image files, and the folders below it that
-    could not be listed (``"<folder>: <error>"``), whose images are left out."""
+    """What :func:`find_images` found: the folder read, its image files, the folders below it that
+    could not be listed (``"<folder>: <error>"``), whose images are left out, and how many hidden files
+    with image names were left out."""
 
     root: Path
     files: PackedPaths
     unlisted: list[str]
+    hidden: int = 0
 
 
 def find_images(data_path: str | Path) -> ImageListing:
@@ -124,8 +127,10 @@ def find_images(data_path: str | Path) -> ImageListing:
     so a link cycle ends. File types come from the directory listing (no ``stat`` per file, which
     costs minutes for ImageNet on a network file system); a broken link is kept and then reported
     as unreadable by name, rather than dropped unseen. Folders that cannot be listed (permissions)
-    are returned for the caller to report. The order is ``Path``'s (folder by folder, part by part),
-    so a file keeps its index, and a run its data order, across versions of this function.
+    are returned for the caller to report. Hidden files and folders (names starting with ``.``) are left
+    out and counted: macOS's ``._photo.jpg`` resource forks are not images, and a ``.ipynb_checkpoints``
+    folder holds copies. The order is ``Path``'s (folder by folder, part by part), so a file keeps its
+    index, and a run its data order, across versions of this function.
 
     Raises :class:`DataError` before anything starts when the folder is missing or holds no image.
     """
@@ -138,6 +143,7 @@ def find_images(data_path: str | Path) -> ImageListing:
     names: list[str] = []
     unlisted: list[str] = []
     listed: set[str] = set()
+    hidden = 0
     for folder, subfolders, files in os.walk(root, followlinks=True,
                                              onerror=lambda err: unlisted.append(f"{err.filename}: {err.strerror}")):
         real = os.path.realpath(folder)
@@ -145,15 +151,18 @@ def find_images(data_path: str | Path) -> ImageListing:
             subfolders.clear()
             continue
         listed.add(real)
-        subfolders.sort()               # a folder reached by two names is listed under the first, every run
+        # a folder reached by two names is listed under the first, every run
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
         prefix = os.path.relpath(folder, root)
         prefix = "" if prefix == os.curdir else prefix + os.sep
-        names.extend(prefix + name for name in files if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)
+        images = [name for name in files if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
+        names.extend(prefix + name for name in images if not name.startswith("."))
+        hidden += sum(name.startswith(".") for name in images)
     if not names:
         could_not = f"; could not list {'; '.join(unlisted[:3])}" if unlisted else ""
         raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}{could_not}")
     names.sort(key=lambda name: name.split(os.sep))
-    return ImageListing(root, PackedPaths(root, names), unlisted)
+    return ImageListing(root, PackedPaths(root, names), unlisted, hidden)
 
 
 class _SeededDataset(Dataset):
@@ -164,6 +173,8 @@ class _SeededDataset(Dataset):
 
     #: folders whose images are left out because they could not be listed (``"<folder>: <error>"``)
     unlisted_folders: Sequence[str] = ()
+    #: hidden files with image names left out (``._photo.jpg`` and the like)
+    hidden_files: int = 0
 
     def __init__(self, transform: Callable):
         self.transform = transform
@@ -226,17 +237,35 @@ class _SeededDataset(Dataset):
 class ImageFolderDataset(_SeededDataset):
     def __init__(self, data_path: str | Path, transform: Callable):
         super().__init__(transform)
-        self.root, self.files, self.unlisted_folders = find_images(data_path)
+        self.root, self.files, self.unlisted_folders, self.hidden_files = find_images(data_path)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def load(self, index: int) -> Image.Image:
         with Image.open(self.files[index]) as img:
-            return img.convert("RGB")
+            return to_rgb(img)
 
     def describe(self, index: int) -> str:
         return str(self.files[index])
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB, as torchvision's loader gives it, except for images of more than 8 bits per sample.
+
+    Pillow's ``convert("RGB")`` clips a 16-bit greyscale image at 255 (nearly every pixel white, with no
+    error); here its samples are scaled to 8 bits over the whole 16-bit range, as Pillow itself reads a
+    16-bit colour PNG. 32-bit integer and float images have no agreed range to scale from: refused with
+    the reason (the file is then reported and replaced like any unreadable one).
+    """
+    sixteen_bit = img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG")   # PNG's 'I' is 16-bit
+    if sixteen_bit:
+        samples = np.asarray(img).astype(np.uint32)
+        return Image.fromarray(((samples * 255 + 32767) // 65535).astype(np.uint8), mode="L").convert("RGB")
+    if img.mode in ("I", "F"):
+        raise DataError(f"{img.mode!r} images ({'32-bit integer' if img.mode == 'I' else 'floating-point'} "
+                        f"samples) have no agreed 8-bit range: convert them to 8- or 16-bit images first")
+    return img.convert("RGB")
 
 
 #: colour photos shipped inside scikit-image (no download)

@@ -56,6 +56,8 @@ CHECKPOINT_FORMAT = "spark-sparse/1"
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: ``--resume_from=auto``: this run's folder's ``<model>_still_pretraining.pth`` if there is one, else a new run
 RESUME_AUTO = "auto"
+#: unreadable files named on the console per epoch at most (the rest are counted, and named in later epochs)
+UNREADABLE_NAMED = 20
 #: settings a resumed run should share with its checkpoint's (the maths of the run; --ep may grow)
 RESUME_KEEPS = ("input_size", "mask", "bs", "wp_ep", "base_lr", "wd", "wde", "clip", "opt", "ada", "dp", "seed", "amp")
 
@@ -341,6 +343,7 @@ class Trainer:
                                          self.ctx.world_size)
         self.loader: Optional[DataLoader] = None
         self.state = RunState()
+        self.unreadable_named: set[int] = set()     # unreadable files already named in this process's console
         self.tb = None
 
     # ------------------------------------------------------------------ measured dispatch (backend 'auto')
@@ -545,8 +548,11 @@ class Trainer:
         source = "embedded demo photos (scikit-image)" if cfg.data_path is None else str(self.dataset.root)
         print(f"[spark-pretrain] {self.model_name} on {self.speed.backend!r}, {self.ctx.world_size} process(es), "
               f"device {self.ctx.device}, amp {cfg.amp}")
-        print(f"[spark-pretrain] data: {len(self.dataset)} images from {source}; global batch {self.global_batch}, "
-              f"{self.iters_per_epoch} iterations/epoch, {cfg.ep} epochs, peak lr {self.peak_lr:.3g}")
+        hidden = self.dataset.hidden_files
+        hidden = f" ({hidden} hidden file(s) with image names left out: names starting with '.')" if hidden else ""
+        print(f"[spark-pretrain] data: {len(self.dataset)} images from {source}{hidden}; global batch "
+              f"{self.global_batch}, {self.iters_per_epoch} iterations/epoch, {cfg.ep} epochs, peak lr "
+              f"{self.peak_lr:.3g}")
         resolved = self._resolved()
         print(f"[spark-pretrain] drop path {resolved['dp']:g} (--dp), Adam beta2 {resolved['ada']:g} (--ada), densify "
               f"norm {resolved['densify_norm']}")
@@ -637,9 +643,8 @@ class Trainer:
                                     f"--resume_from={self.outputs.still_pretraining_path}", stop.signum)
         bar.close()
         unreadable = sorted(self.ctx.all_union(state.unreadable))     # each rank read its own share of the data
-        for index in unreadable if self.ctx.is_main else ():
-            print(f"[spark-pretrain] warning: could not read {self.dataset.describe(index)} "
-                  f"({self.dataset.why_unreadable(index)}); replaced by the next image", file=sys.stderr)
+        if self.ctx.is_main:
+            self._report_unreadable(unreadable, state.epoch + 1)
         epoch_loss = self.ctx.all_mean(state.loss_sum / max(state.iteration, 1))   # the whole epoch, resumed or not
         elapsed = time.time() - start_time
         # a resumed epoch ran only part of its iterations here: the estimate is per whole epoch
@@ -664,6 +669,23 @@ class Trainer:
         if stopped_at_epoch_end and state.epoch < cfg.ep:
             raise StopRequested(f"stopped after epoch {state.epoch}/{cfg.ep}; resume with "
                                 f"--resume_from={self.outputs.still_pretraining_path}", stop.signum)
+
+    def _report_unreadable(self, unreadable: list[int], epoch: int) -> None:
+        """Name each unreadable file once per run (at most :data:`UNREADABLE_NAMED` an epoch, so a broken share
+        does not flood the console) and say per epoch how many were replaced and what share of the data that is."""
+        if not unreadable:
+            return
+        new = [index for index in unreadable if index not in self.unreadable_named]
+        for index in new[:UNREADABLE_NAMED]:
+            print(f"[spark-pretrain] warning: could not read {self.dataset.describe(index)} "
+                  f"({self.dataset.why_unreadable(index)})", file=sys.stderr)
+        self.unreadable_named.update(new[:UNREADABLE_NAMED])
+        named = (f"{min(len(new), UNREADABLE_NAMED)} named above" + (f", {len(new) - UNREADABLE_NAMED} more named in "
+                 f"later epochs" if len(new) > UNREADABLE_NAMED else "")
+                 + (f", {len(unreadable) - len(new)} named in an earlier epoch" if len(unreadable) > len(new) else ""))
+        print(f"[spark-pretrain] warning: epoch {epoch}: {len(unreadable)} unreadable image(s), "
+              f"{100 * len(unreadable) / len(self.dataset):.2g}% of the data, each replaced by the next readable one "
+              f"({named})", file=sys.stderr)
 
     def _visualise(self) -> None:
         n = min(self.cfg.vis_images, len(self.dataset))
