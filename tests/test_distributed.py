@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from spark_sparse.checkpoint import read_checkpoint
 from spark_sparse.errors import ConfigError
 from spark_sparse.train.distributed import local_gpu
+from spark_sparse.train.engine import pretrain
 
 from apptools import distributed_worker, make_image_folder, nan_on_rank1_worker, refused_folder_worker, tiny_config
 
@@ -47,6 +48,18 @@ def test_two_gloo_processes_hold_identical_weights(tmp_path):
     header, epoch = [json.loads(line) for line in (tmp_path / "out" / "pretrain_log.txt").read_text().splitlines()]
     assert header["world_size"] == 2 and header["global_batch"] == 8 and epoch["epoch"] == 1
     assert (tmp_path / "out" / "stdout_backup.txt").read_text().count("finished: min loss") == 1
+
+
+def test_resuming_with_another_process_count_is_warned_and_said_once(tmp_path, capfd):
+    data = make_image_folder(tmp_path / "data", count=8)
+    pretrain(tiny_config(data, tmp_path / "out", ep=1, bs=8, backend="torch"))          # one process
+    capfd.readouterr()
+    cfg = tiny_config(data, tmp_path / "out", ep=2, bs=8, backend="torch", resume_from="auto")
+    mp.spawn(distributed_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
+    header = [json.loads(line) for line in (tmp_path / "out" / "pretrain_log.txt").read_text().splitlines()][-2]
+    assert any("a run of 1 process(es), with 2" in warning for warning in header["warnings"]), header["warnings"]
+    assert capfd.readouterr().out.count("resumed from") == 1                 # by the main process only
+    assert (tmp_path / "out" / "stdout_backup.txt").read_text().count("resumed from") == 1
 
 
 def test_unreadable_images_met_by_any_rank_are_counted_and_named_once(tmp_path):

@@ -228,6 +228,20 @@ def test_a_stop_in_an_epochs_last_step_closes_the_epoch_first_and_resumes_into_t
         [{k: r[k] for k in logged} for r in _epoch_records(tmp_path / "a" / "pretrain_log.txt")]
 
 
+def test_the_console_backups_tell_where_a_run_resumed_and_why_it_stopped(folder12, tmp_path):
+    interrupted = Trainer(tiny_config(folder12, tmp_path, backend="masked", ep=1), "", capture_console=True)
+    _stop_with_sigterm_during(interrupted, global_it=1)
+    with pytest.raises(engine.StopRequested):
+        interrupted.run()
+    assert "[spark-pretrain] stopped after iteration 2/3 of epoch 1/1; resume with --resume_from=" in \
+        (tmp_path / "stderr_backup.txt").read_text()
+    Trainer(tiny_config(folder12, tmp_path, backend="masked", ep=1, resume_from="auto"), "",
+            capture_console=True).run()
+    stdout = (tmp_path / "stdout_backup.txt").read_text()
+    assert "resumed from" in stdout and ": 0 of 1 epochs done, then 2/3 iterations of epoch 1" in stdout
+    assert stdout.count("resumed from") == 1
+
+
 def test_a_checkpoint_saved_after_an_epochs_last_step_but_before_its_end_resumes(folder12, tmp_path):
     """Earlier versions saved a stop in an epoch's last step as (epoch, iteration = iterations per epoch): resuming
     it runs no step of that epoch, closes it (log line, lr from the schedule) and goes on."""
@@ -501,10 +515,11 @@ def test_non_finite_loss_stops_and_keeps_a_resumable_last_good_state(folder, tmp
         value = real_loss(self, *args)
         return value * float("nan") if calls["n"] == 3 else value
 
-    trainer = Trainer(tiny_config(folder, tmp_path, ep=2), "")
+    trainer = Trainer(tiny_config(folder, tmp_path, ep=2), "", capture_console=True)
     monkeypatch.setattr(SparK, "loss", flaky_loss)
     with pytest.raises(TrainingError, match="loss is nan.*last good state"):
         trainer.run()
+    assert re.search(r"^Error: .*loss is nan.*last good state", (tmp_path / "stderr_backup.txt").read_text(), re.M)
     ckpt = read_checkpoint(tmp_path / "tiny_cnn_still_pretraining.pth")
     assert (ckpt["epoch"], ckpt["iteration"]) == (1, 0)          # 2 iterations/epoch: the 3rd step failed
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())

@@ -427,7 +427,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.state.epoch, "iteration": self.state.iteration, "min_loss": self.state.min_loss,
                 "epoch_progress": progress if progress is not None else self.state.progress(),
-                "args": self.cfg.as_dict(), "model_name": self.model_name,
+                "args": self.cfg.as_dict(), "model_name": self.model_name, "world_size": self.ctx.world_size,
                 "autotune": self.autotune.plan_state()}
 
     def save(self, final: bool = False) -> None:
@@ -463,12 +463,19 @@ class Trainer:
         if changed:
             self._warn(f"resuming {path} with settings that differ from its run: {', '.join(changed)}; the run goes "
                        f"on with the new values, so it is no longer the run that was interrupted")
+        processes = ckpt.get("world_size")          # older checkpoints did not save it: not checked
+        if processes is not None and processes != self.ctx.world_size:
+            self._warn(f"resuming {path}, a run of {processes} process(es), with {self.ctx.world_size}: each step "
+                       f"still sees the same images, but BatchNorm statistics are per process and each process draws "
+                       f"its own masks and drop-path, so it is no longer the run that was interrupted (its log's "
+                       f"command has its launch flags)")
         if self.state.iteration and "epoch_progress" not in ckpt:
             self._warn(f"{path} predates epoch_progress: epoch {self.state.epoch + 1}'s logged loss will cover only "
                        f"the iterations after the resume")
         within = (f", then {self.state.iteration}/{self.iters_per_epoch} iterations of epoch {self.state.epoch + 1}"
                   if self.state.iteration else "")
-        print(f"[spark-pretrain] resumed from {path}: {self.state.epoch} of {self.cfg.ep} epochs done{within}")
+        if self.ctx.is_main:
+            print(f"[spark-pretrain] resumed from {path}: {self.state.epoch} of {self.cfg.ep} epochs done{within}")
 
     # ------------------------------------------------------------------ one step
     def lr_wd_at(self, global_it: int) -> tuple[float, float]:
@@ -574,12 +581,15 @@ class Trainer:
     def run(self, max_epochs: Optional[int] = None) -> RunState:
         """Train to ``--ep`` (or for at most ``max_epochs`` more epochs, e.g. within a job's time slot)."""
         cfg = self.cfg
-        if self.init_note is not None:
-            print(f"[spark-pretrain] initialised from {cfg.init_weight} ({self.init_note})")
-        if self.resume_path:
-            self.resume(self.resume_path)
+        with _console_recorded(self.capture_console) as printed_now:     # into the backups too
+            if self.init_note is not None:
+                print(f"[spark-pretrain] initialised from {cfg.init_weight} ({self.init_note})")
+            if self.resume_path:
+                self.resume(self.resume_path)
+        printed = {name: self.printed_before.get(name, "") + printed_now.get(name, "") for name in printed_now}
         fresh = cfg.overwrite and not self.outputs.continues_this_folder(self.resume_path)
-        self.outputs.open(fresh=fresh, capture_console=self.capture_console, printed_before=self.printed_before)
+        self.outputs.open(fresh=fresh, capture_console=self.capture_console, printed_before=printed)
+        self.printed_before = {}                 # in the backups now: a second run() must not repeat it
         try:
             if self.ctx.is_main:
                 self._print_start()
@@ -595,6 +605,14 @@ class Trainer:
                 self._visualise()
                 print(f"[spark-pretrain] finished: min loss {self.state.min_loss:.4f}; outputs in {self.outputs.dir}")
             return self.state
+        # what ends the run is printed by its caller once the backups are closed (the CLI: the line below): a
+        # copy goes into stderr_backup.txt, which must tell how its run ended
+        except StopRequested as stop:
+            self.outputs.record_in_backup("stderr", f"[spark-pretrain] {stop}\n")
+            raise
+        except SparkSparseError as err:
+            self.outputs.record_in_backup("stderr", f"Error: {err}\n")
+            raise
         finally:
             self.loader = None   # stops the persistent loader workers now, not whenever the trainer is collected
             if self.tb is not None:
@@ -618,6 +636,7 @@ class Trainer:
             try:
                 loss, stop_now = self.step(images, global_it, stop)
             except TrainingError as err:
+                bar.close()   # ends the bar's line: the error is printed below it
                 self.save()   # the weights are still those of the last good step
                 raise TrainingError(f"{err}; stopped. The last good state is saved in "
                                     f"{self.outputs.still_pretraining_path} (try a lower --base_lr or --clip)") from None

@@ -258,6 +258,13 @@ class RunOutputs:
                       f"in {self.dir}/", file=sys.stderr)
         return self
 
+    def record_in_backup(self, name: str, text: str) -> None:
+        """Append ``text`` to console backup ``name`` (``stdout``/``stderr``) only: a line its caller prints
+        after :meth:`close` (no backups open: nothing)."""
+        for stream_name, tee in self._tees:
+            if stream_name == name:
+                tee.file.write(text)
+
     def close(self) -> None:
         for name, tee in reversed(self._tees):
             tee.flush()
