@@ -200,7 +200,7 @@ def pretrain_command(exp_name: Optional[str], exp_name_opt: Optional[str], num_n
     for key in ("model", "input_size", "mask", "bs", "ep", "wp_ep", "base_lr", "dataloader_workers"):
         if options.get(key) is None:
             options[key] = getattr(_SPARK_DEFAULTS, key)
-    if demo:
+    if demo and int(os.environ.get("RANK", 0)) == 0:        # once, not once per process
         defaults = f" with demo defaults {', '.join(f'{k}={v}' for k, v in demo_defaults.items())}" if demo_defaults else ""
         click.echo(f"[spark-pretrain] no --data_path: pre-training on the embedded demo photos{defaults}", err=True)
     exp_name = exp_name or ("demo" if demo else options["model"])
@@ -297,8 +297,40 @@ def _relaunch(num_nodes: int, nproc: int, node_rank: int, address: str, port: in
                                                       "master_port"))
     args = [f"--nnodes={num_nodes}", f"--nproc_per_node={nproc}", f"--node_rank={node_rank}",
             f"--master_addr={address}", f"--master_port={port}", "-m", "spark_sparse.cli", *passthrough]
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     click.echo(f"[spark-pretrain] launching {num_nodes}x{nproc} processes: torchrun {' '.join(args)}", err=True)
-    torchrun.main(args)
+    try:
+        torchrun.main(args)
+    except ChildFailedError as failed:     # each process printed its own error: one line here, not a traceback
+        click.echo(f"[spark-pretrain] {_describe_failures(failed)}", err=True)
+        sys.exit(_exit_status(failed.get_first_failure()[1].exitcode))
+
+
+def _exit_status(exitcode: int) -> int:
+    """A process's status as a shell reports it: a signal's as 128 + its number, a failure as at least 1."""
+    return 128 - exitcode if exitcode < 0 else max(exitcode, 1)
+
+
+def _describe_failures(failed) -> str:
+    """torchrun's ``ChildFailedError`` in one line: which process failed first, and how the others ended (torchrun
+    stops the rest with SIGTERM once one has failed)."""
+    first_rank, first = failed.get_first_failure()
+    others = [f"rank {rank} ({_status_words(failure.exitcode)})" for rank, failure in sorted(failed.failures.items())
+              if rank != first_rank]
+    also = f"; also ended: {', '.join(others)}" if others else ""
+    return f"rank {first_rank} failed first ({_status_words(first.exitcode)}): its error above says why{also}"
+
+
+def _status_words(exitcode: int) -> str:
+    if exitcode >= 0:
+        return f"exit status {exitcode}"
+    if exitcode == -signal.SIGTERM:
+        return "SIGTERM: stopped by torchrun"
+    try:
+        return signal.Signals(-exitcode).name
+    except ValueError:
+        return f"signal {-exitcode}"
 
 
 def main() -> None:

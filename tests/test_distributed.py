@@ -1,6 +1,7 @@
 """Several processes (gloo on CPU): same weights on every rank, files from rank 0 only."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -114,6 +115,21 @@ def test_sparks_launch_flags_start_processes_through_torchrun(tmp_path):
     assert "launching 1x2 processes" in result.stderr
     lines = (tmp_path / "out" / "pretrain_log.txt").read_text().splitlines()
     assert len(lines) == 2 and json.loads(lines[0])["world_size"] == 2
+
+
+def test_a_launch_that_fails_ends_with_one_line_per_process_and_a_summary_not_a_traceback(tmp_path):
+    data = make_image_folder(tmp_path / "data", count=8)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "pretrain_log.txt").write_text('{"name": "t", "args": {}}\n{"epoch": 1}\n')
+    cmd = [sys.executable, "-m", "spark_sparse.cli", "launched", f"--data_path={data}", "--model=tiny_cnn",
+           "--input_size=64", "--bs=4", "--ep=1", "--device=cpu", f"--exp_dir={tmp_path / 'out'}",
+           "--ngpu_per_node", "2", f"--master_port={_free_port()}"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "already holds a run" in result.stderr
+    assert re.search(r"\[spark-pretrain\] rank [01] failed first \(exit status 1\): its error above says why; also "
+                     r"ended: rank [01] \((exit status 1|SIGTERM: stopped by torchrun)\)", result.stderr)
 
 
 @pytest.mark.parametrize("local_rank, visible, gpu", [(0, 8, 0), (3, 8, 3), (3, 1, 0), (0, 1, 0)])
