@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 import spark_sparse as ss
+from spark_sparse.errors import SparkSparseError
 from spark_sparse.models import registry
 from spark_sparse.models.contract import check_encoder
 from spark_sparse.models.example import TinyCNN
@@ -167,3 +168,33 @@ def test_the_readme_model_runs_as_pasted(tmp_path):
     finally:
         registry._MODELS.pop("my_cnn", None)
         registry._DEFAULT_DROP_PATH.pop("my_cnn", None)
+
+
+def test_the_bare_decorator_registers_as_timms_does():
+    @ss.register_model
+    def contract_test_bare_decorator(drop_path_rate=0.0, **kwargs):
+        return TinyCNN(widths=(8, 8, 16, 16))
+
+    try:
+        assert callable(contract_test_bare_decorator) and contract_test_bare_decorator.__name__ == \
+            "contract_test_bare_decorator"
+        assert "contract_test_bare_decorator" in ss.list_models()
+    finally:
+        registry._MODELS.pop("contract_test_bare_decorator", None)
+        registry._DEFAULT_DROP_PATH.pop("contract_test_bare_decorator", None)
+
+
+class ReflectPadded(TinyCNN):
+    """A user's net with a padding mode the sparse backends cannot reproduce."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.stem[0].padding_mode = "reflect"
+
+
+def test_a_layer_setting_a_backend_cannot_run_is_one_error_naming_the_way_out(user_model):
+    name = user_model(ReflectPadded)
+    with pytest.raises(SparkSparseError, match=r"padding_mode='reflect'.*use --backend masked") as err:
+        ss.create_spark(name, backend="sparse", input_size=64)
+    assert isinstance(err.value, NotImplementedError)
+    ss.create_spark(name, backend="masked", input_size=64)         # masked runs it

@@ -28,7 +28,8 @@ from ..errors import SparkSparseError
 from ..features import FeatureMap, MaskedDense
 from ..mask import ActiveMask
 
-__all__ = ["Backend", "UnsupportedModuleError", "register_container", "register_converter", "is_container",
+__all__ = ["Backend", "UnsupportedModuleError", "UnsupportedLayerSettingError", "register_container",
+           "register_converter", "is_container",
            "Converter"]
 
 #: ``(backend, module, qualified name) -> replacement module``
@@ -40,6 +41,11 @@ _SHARED_CONVERTERS: dict[type, Converter] = {}
 
 class UnsupportedModuleError(SparkSparseError, TypeError):
     pass
+
+
+class UnsupportedLayerSettingError(UnsupportedModuleError, NotImplementedError):
+    """A layer the backend knows, with a setting its converter cannot reproduce (e.g. ``padding_mode='reflect'``):
+    still a ``NotImplementedError`` for callers that catch the converters' own."""
 
 
 def _active_dropout(encoder: nn.Module, outside: frozenset) -> Optional[tuple[str, nn.Module]]:
@@ -143,7 +149,12 @@ class Backend:
         """This backend's replacement for ``module`` (a container is converted below and kept)."""
         converter = self.converter_for(module)
         if converter is not None:
-            return converter(self, module, qualified)
+            try:
+                return converter(self, module, qualified)
+            except NotImplementedError as err:    # the converter's reason, as one line with the way out
+                raise UnsupportedLayerSettingError(
+                    f"{err} (backend {self.name!r}, module of type {type(module).__name__}): build the layer "
+                    f"otherwise, or use --backend masked, which runs every layer as SparK does") from None
         if is_container(module):
             self.convert_children(module, prefix=qualified + ".", skip=skip)
             return module

@@ -59,12 +59,16 @@ MODEL_ALIASES = {"res50": "resnet50", "res101": "resnet101", "res152": "resnet15
                  "cnxS": "convnext_small", "cnxB": "convnext_base", "cnxL": "convnext_large"}
 
 
-def register_model(name: Optional[str] = None, default_drop_path: float = 0.0, tested: bool = False):
+def register_model(name: Optional[str | Callable] = None, default_drop_path: float = 0.0, tested: bool = False):
     """Decorator registering an encoder factory (or class) under ``name`` (default: its ``__name__``).
 
+    Used as ``@register_model("name")``, ``@register_model()`` or bare, ``@register_model``, as timm's
+    is (the bare form used to register nothing and replace the factory by the decorator's inner function).
     ``default_drop_path`` is the drop-path rate used when the caller passes ``drop_path_rate=None``;
     ``tested`` declares that the test suite checks this very name on every backend.
     """
+    if callable(name):                  # bare @register_model: ``name`` is the factory itself
+        return register_model(default_drop_path=default_drop_path, tested=tested)(name)
     def wrap(factory):
         key = name or factory.__name__
         if key in _MODELS and _MODELS[key] is not factory:
