@@ -35,6 +35,11 @@ class ReturnsOneTensor(TinyCNN):
         return super().forward(x)[-1]
 
 
+class ForwardWithoutHierarchical(TinyCNN):
+    def forward(self, x):
+        return super().forward(x)
+
+
 class NeedsLargeImages(TinyCNN):
     """A net whose forward fails below 224 px: the probe cannot judge it and must not refuse it."""
 
@@ -76,6 +81,7 @@ def user_model():
     (ClaimsStride16, "get_downsample_ratio() 16 promise 8x16x16, 8x8x8, 16x4x4, 16x2x2"),
     (RatioNotAPowerOfTwo, "get_downsample_ratio() must return the stride of its coarsest map, a power of two"),
     (ReturnsOneTensor, "must return a list of [B, C, H, W] feature maps, finest first; got Tensor"),
+    (ForwardWithoutHierarchical, "its forward must take a keyword argument 'hierarchical'"),
 ])
 def test_a_broken_promise_is_named_at_creation(encoder_class, message, user_model):
     with pytest.raises(ss.EncoderContractError) as error:
@@ -87,6 +93,24 @@ def test_a_factory_without_drop_path_rate_is_named(user_model):
     with pytest.raises(ss.EncoderContractError, match=r"\(widths=\(8, 8, 16, 16\)\) does not accept drop_path_rate; "
                                                       r"give it a drop_path_rate=0.0 parameter \(or \*\*kwargs\)"):
         ss.create_encoder(user_model(TinyCNN, takes_drop_path=False))
+
+
+def test_a_factory_passing_drop_path_rate_to_a_constructor_without_it_is_named():
+    class NoDropPath(TinyCNN):
+        def __init__(self, widths=(8, 8, 16, 16)):
+            super().__init__(widths=widths)
+
+    @ss.register_model("contract_test_kwargs_factory")
+    def factory(**kwargs):
+        return NoDropPath(**kwargs)
+
+    try:
+        with pytest.raises(ss.EncoderContractError, match=r"building it with drop_path_rate=0.0 failed .*the factory "
+                                                          r"must take drop_path_rate .* and may ignore it"):
+            ss.create_encoder("contract_test_kwargs_factory")
+    finally:
+        registry._MODELS.pop("contract_test_kwargs_factory", None)
+        registry._DEFAULT_DROP_PATH.pop("contract_test_kwargs_factory", None)
 
 
 def test_a_sound_encoder_is_probed_without_a_trace(user_model):

@@ -65,6 +65,19 @@ def _declared(encoder: nn.Module, name: str) -> tuple[int, list[int]]:
     return ratio, channels
 
 
+def _check_takes_hierarchical(encoder: nn.Module, name: str) -> None:
+    """SparK calls ``forward(x, hierarchical=True)``: a forward without that keyword is named now, not met as a
+    TypeError in the middle of the run's setup (the probe below swallows its forward's failures)."""
+    try:
+        parameters = inspect.signature(encoder.forward).parameters.values()
+    except (TypeError, ValueError):          # no signature to read (a builtin): left to the run
+        return
+    if not any(p.name == "hierarchical" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        raise EncoderContractError(f"model {name!r}: its forward must take a keyword argument 'hierarchical' (SparK "
+                                   f"calls forward(x, hierarchical=True) and uses the list of feature maps it returns, "
+                                   f"finest first): def forward(self, x, hierarchical=False)")
+
+
 def _probe(encoder: nn.Module, ratio: int) -> object:
     """The encoder's hierarchical output for one ``2 ratio x 2 ratio`` image, or ``None`` if its forward fails."""
     side = 2 * ratio
@@ -88,6 +101,7 @@ def check_encoder(encoder: nn.Module, name: str, probe: bool = True) -> None:
     ``2 ratio``-pixel image: a list, one map per declared channel count, finest first, each twice the size of
     the next, the last at ``1 / ratio``."""
     ratio, channels = _declared(encoder, name)
+    _check_takes_hierarchical(encoder, name)
     if not probe:
         return
     maps = _probe(encoder, ratio)

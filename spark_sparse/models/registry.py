@@ -127,6 +127,10 @@ def create_encoder(name: str, /, drop_path_rate: Optional[float] = None, **kwarg
     try:
         encoder = factory(drop_path_rate=rate, **kwargs)
     except (TypeError, ValueError, AssertionError) as err:
+        if isinstance(err, TypeError) and "'drop_path_rate'" in str(err):   # a factory's **kwargs passed it on
+            raise EncoderContractError(f"model {key!r}: building it with drop_path_rate={rate} failed ({err}): the "
+                                       f"factory must take drop_path_rate (SparK's stochastic depth) and may ignore "
+                                       f"it, but not pass it to a constructor that does not take it") from err
         if not kwargs or isinstance(err, SparkSparseError):
             raise
         # with constructor arguments given, a constructor's own complaint is most likely about them
