@@ -187,6 +187,13 @@ def pretrain_command(exp_name: Optional[str], exp_name_opt: Optional[str], num_n
                                f"--model_kwargs: give each its own --model_kwargs, or several in one quoted value "
                                f"(--model_kwargs \"img_size=192 window_size=6\")")
     exp_name = exp_name or exp_name_opt
+    launch = [("--num_nodes", num_nodes, num_nodes >= 1, "at least 1"),
+              ("--ngpu_per_node", ngpu_per_node, ngpu_per_node >= 1, "at least 1 process per node"),
+              ("--node_rank", node_rank, 0 <= node_rank < max(num_nodes, 1), f"from 0 to --num_nodes - 1 "
+                                                                          f"({max(num_nodes, 1) - 1})")]
+    for flag, value, ok, rule in launch:       # a wrong rank would wait in the rendezvous for ever
+        if not ok:
+            raise click.BadParameter(f"{value}: must be {rule}", param_hint=flag)
     if (num_nodes > 1 or ngpu_per_node > 1) and not under_torchrun():
         _relaunch(num_nodes, ngpu_per_node, node_rank, master_address, master_port)
         return

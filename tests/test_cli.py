@@ -368,3 +368,15 @@ def test_a_run_name_with_an_equals_sign_is_a_name_without_model_kwargs(captured,
 def test_a_value_that_is_no_literal_python_can_build_stays_a_string(captured, tmp_path):
     assert _run(["x", f"--data_path={tmp_path}", "--model_kwargs", "a={[1]: 2}"]).exit_code == 0
     assert captured["cfg"].model_kwargs == {"a": "{[1]: 2}"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num_nodes", "0"], "Invalid value for --num_nodes: 0: must be at least 1"),
+    (["--ngpu_per_node", "0"], "Invalid value for --ngpu_per_node: 0: must be at least 1 process per node"),
+    (["--num_nodes", "2", "--node_rank", "5"],
+     "Invalid value for --node_rank: 5: must be from 0 to --num_nodes - 1 (1)"),
+    (["--node_rank", "1"], "Invalid value for --node_rank: 1: must be from 0 to --num_nodes - 1 (0)"),
+])
+def test_launch_flags_no_launch_can_use_are_refused_before_anything_starts(tmp_path, args, message):
+    result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={tmp_path}", *args])
+    assert result.exit_code == 2 and message in result.output, result.output
