@@ -101,6 +101,9 @@ def read_checkpoint(path: PathLike) -> dict:
                               f"<model>_still_pretraining.pth and <model>_1kpretrained.pth)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if path.stat().st_size == 0:            # torch says only "EOFError: " of it
+        raise CheckpointError(f"checkpoint {str(path)!r} is empty (0 bytes): a copy or download that did not "
+                              f"finish, or a file created but never written (this package saves atomically)")
     try:
         # weights only: unpickling arbitrary objects can run code hidden in the file (released checkpoints come
         # from third parties); this package's files, SparK's, timm's and torchvision's hold tensors and plain values

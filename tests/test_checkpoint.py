@@ -86,6 +86,12 @@ def test_corrupt_file_is_a_clear_error(content, tmp_path):
         read_checkpoint(path)
 
 
+def test_an_empty_file_is_named_empty(tmp_path):
+    (tmp_path / "empty.pth").touch()
+    with pytest.raises(CheckpointError, match=r"is empty \(0 bytes\): a copy or download that did not finish"):
+        read_checkpoint(tmp_path / "empty.pth")
+
+
 def test_missing_and_foreign_files_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         read_checkpoint(tmp_path / "nope.pth")
