@@ -259,8 +259,12 @@ def test_a_run_on_user_data_without_a_name_is_named_after_its_model(captured, tm
     (["--input_size=0"], "--input_size 0: must be a positive multiple of 32"),
     (["--dp=1.5"], "--dp 1.5: a drop-path rate is in [0, 1)"),
     (["--dp=-0.5"], "--dp -0.5: a drop-path rate is in [0, 1)"),
-    (["--ada=1"], "--ada 1.0: Adam's beta2 is below 1"),
+    (["--ada=1"], "--ada 1.0: Adam's beta2 must be in [0, 1)"),
     (["--wd=-0.1"], "--wd -0.1: weight decay cannot be negative"),
+    (["--wd=nan"], "--wd nan: must be a finite number"),
+    (["--base_lr=inf"], "--base_lr inf: must be a finite number"),
+    (["--clip=nan", "--wp_ep=nan"], "--wp_ep nan: must be a finite number; --clip nan: must be a finite number (<= 0 "
+                                    "turns clipping off)"),
     (["--model_kwargs", "img_size"], "--model_kwargs 'img_size': expected KEY=VALUE"),
     (["--model_kwargs", "a=1", "--model_kwargs", "a=2"], "--model_kwargs: a is given twice"),
     (["--model_kwargs", "drop_path_rate=0.1"], "--model_kwargs: drop_path_rate is --dp"),

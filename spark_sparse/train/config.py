@@ -21,6 +21,10 @@ _SPARK_OWN_ARGUMENTS = dict(drop_path_rate="--dp", input_size="--input_size", ma
                             decoder_width="fixed at SparK's 768", model="--model")
 
 
+#: the settings that are real numbers: nan and infinity are refused (an infinite --base_lr made a nan loss at step 1)
+_FLOAT_SETTINGS = ("mask", "wp_ep", "base_lr", "wd", "wde", "clip", "ada", "dp", "autotune_budget", "autotune_memory")
+
+
 @dataclass
 class PretrainConfig:
     exp_name: Optional[str] = None        # default: the model's name (the output folder is output_<exp_name>)
@@ -78,6 +82,12 @@ class PretrainConfig:
         taken = [f"{key} is {flag}" for key, flag in _SPARK_OWN_ARGUMENTS.items() if key in self.model_kwargs]
         if taken:
             raise ConfigError(f"--model_kwargs: {'; '.join(taken)} (SparK's own settings, not the model constructor's)")
+        clip_off = " (<= 0 turns clipping off)"
+        not_finite = [f"--{name} {value}: must be a finite number{clip_off if name == 'clip' else ''}"
+                      for name in _FLOAT_SETTINGS
+                      if (value := getattr(self, name)) is not None and not math.isfinite(value)]
+        if not_finite:      # nan passes no comparison: the rules below would name the wrong fault
+            raise ConfigError("; ".join(not_finite))
         problems = [f"--{name} {value}: {rule}" for name, value, ok, rule in (
             ("input_size", self.input_size, self.input_size > 0, "must be a positive multiple of 32, e.g. 224"),
             ("mask", self.mask, 0 < self.mask < 1, "the ratio of patches hidden must be above 0 (something to "
@@ -88,8 +98,8 @@ class PretrainConfig:
             ("base_lr", self.base_lr, self.base_lr > 0, "must be positive (SparK: 2e-4)"),
             ("wd", self.wd, self.wd >= 0, "weight decay cannot be negative"),
             ("wde", self.wde, self.wde >= 0, "the final weight decay cannot be negative (0: --wd throughout)"),
-            ("ada", self.ada, 0 <= self.ada < 1, "Adam's beta2 is below 1 (0 picks SparK's: 0.95 with a BatchNorm "
-                                                 "densify norm, else 0.999)"),
+            ("ada", self.ada, 0 <= self.ada < 1, "Adam's beta2 must be in [0, 1) (0 picks SparK's: 0.95 with a "
+                                                 "BatchNorm densify norm, else 0.999)"),
             ("dp", self.dp, self.dp is None or 0 <= self.dp < 1, "a drop-path rate is in [0, 1) (not given: "
                                                                  "SparK's for the model)"),
             ("dataloader_workers", self.dataloader_workers, self.dataloader_workers >= 0,
