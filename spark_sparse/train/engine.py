@@ -695,16 +695,19 @@ class Trainer:
         if not unreadable:
             return
         new = [index for index in unreadable if index not in self.unreadable_named]
-        for index in new[:UNREADABLE_NAMED]:
+        shown = new[:UNREADABLE_NAMED]
+        for index in shown:
             print(f"[spark-pretrain] warning: could not read {self.dataset.describe(index)} "
                   f"({self.dataset.why_unreadable(index)})", file=sys.stderr)
-        self.unreadable_named.update(new[:UNREADABLE_NAMED])
-        named = (f"{min(len(new), UNREADABLE_NAMED)} named above" + (f", {len(new) - UNREADABLE_NAMED} more named in "
-                 f"later epochs" if len(new) > UNREADABLE_NAMED else "")
-                 + (f", {len(unreadable) - len(new)} named in an earlier epoch" if len(unreadable) > len(new) else ""))
+        self.unreadable_named.update(shown)
+        named = [f"{len(shown)} named above"]
+        if len(new) > len(shown):
+            named.append(f"{len(new) - len(shown)} more named in later epochs")
+        if len(unreadable) > len(new):
+            named.append(f"{len(unreadable) - len(new)} named in an earlier epoch")
         print(f"[spark-pretrain] warning: epoch {epoch}: {len(unreadable)} unreadable image(s), "
               f"{100 * len(unreadable) / len(self.dataset):.2g}% of the data, each replaced by the next readable one "
-              f"({named})", file=sys.stderr)
+              f"({', '.join(named)})", file=sys.stderr)
 
     def _visualise(self) -> None:
         n = min(self.cfg.vis_images, len(self.dataset))
