@@ -67,8 +67,8 @@ class TrainingError(SparkSparseError, RuntimeError):
 
 
 class NothingToTrain(Exception):
-    """The checkpoint to resume has already done the epochs asked for: nothing is built or written;
-    :func:`pretrain` prints the message and returns ``state`` (the finished run's)."""
+    """The checkpoint to resume has already done the epochs asked for: nothing is built or written. The
+    main process has printed the message; :func:`pretrain` returns ``state`` (the finished run's)."""
 
     def __init__(self, message: str, state: "RunState"):
         super().__init__(message)
@@ -291,7 +291,12 @@ class Trainer:
         # read and checked now: a wrong file is named before minutes of kernel tuning, not after
         self.resume_checkpoint = self._read_resume_checkpoint(self.resume_path) if self.resume_path else None
         if self.resume_checkpoint is not None:
-            _check_epochs_left(self.resume_path, self.resume_checkpoint, cfg.ep, self.model_name)
+            try:
+                _check_epochs_left(self.resume_path, self.resume_checkpoint, cfg.ep, self.model_name)
+            except NothingToTrain as done:
+                if self.ctx.is_main:                # once, not once per process
+                    print(f"[spark-pretrain] {done}")
+                raise
         self.local_batch, self.global_batch, batch_warnings = split_global_batch(cfg.bs, self.ctx.world_size,
                                                                                  len(self.dataset))
         self.warnings += batch_warnings
@@ -731,6 +736,5 @@ def pretrain(cfg: PretrainConfig, cmd: str = "", max_epochs: Optional[int] = Non
     try:
         trainer = Trainer(cfg, cmd, capture_console)
     except NothingToTrain as done:
-        print(f"[spark-pretrain] {done}")
         return done.state
     return trainer.run(max_epochs)
