@@ -9,8 +9,8 @@ consult global state. Two representations exist:
 - :class:`SparseRows`: the true sparse form, a ``[N, C]`` matrix whose rows are the active sites of
   ``mask.coords_at(stride)`` (the sparse backends).
 
-Both support ``+`` (residual adds; also of the number 0, which sums start from), :meth:`per_site`
-(any function of each site's channel vector: activations, Linear layers, layer-scale) and the
+Both support ``+`` and ``-`` of maps of the same sites (residual adds; also of the number 0, which sums
+start from), products and quotients by a scalar, :meth:`per_site` (any function of each site's channel vector: activations, Linear layers, layer-scale) and the
 channel bookkeeping of concatenating nets (``torch.cat`` / ``torch.split`` / ``torch.chunk`` /
 ``.split`` / ``.chunk`` along ``dim=1``, channel slices ``x[:, a:b]``: CSPNet, DenseNet, VoVNet,
 Res2Net, GhostNet), so a block written once runs on every backend. Channels are dimension 1
@@ -28,8 +28,8 @@ import torch
 from .errors import SparkSparseError
 from .mask import ActiveMask
 
-__all__ = ["FeatureMap", "MaskedDense", "SparseRows", "ChannelsLastView", "UnsupportedFeatureOperation",
-           "UnsupportedFeatureMethod", "sample_drop_path_keep"]
+__all__ = ["FeatureMap", "MaskedDense", "SparseRows", "ChannelsLastView", "FeatureMapMismatch",
+           "UnsupportedFeatureOperation", "UnsupportedFeatureMethod", "sample_drop_path_keep"]
 
 
 class UnsupportedFeatureOperation(SparkSparseError, TypeError):
@@ -42,8 +42,14 @@ class UnsupportedFeatureMethod(UnsupportedFeatureOperation, AttributeError):
     ``x.view(...)``). Also an ``AttributeError``, so ``hasattr`` still answers False."""
 
 
+class FeatureMapMismatch(SparkSparseError, ValueError):
+    """Two feature maps combined (added, concatenated, multiplied) that do not hold the same sites: another
+    stride, mask or representation. The dense model would fail on their shapes too."""
+
+
 #: what a block's forward may do with feature maps, and the ways out (every refusal ends with it)
-_ALLOWED_IN_A_BLOCK = ("a block's forward may call its children, add, and cat/split/chunk along channels; write a "
+_ALLOWED_IN_A_BLOCK = ("a block's forward may call its children, add or subtract maps, scale them by a number, and "
+                       "cat/split/chunk along channels; write a "
                        "converter for a module that needs more (@spark_sparse.register_converter), or build the "
                        "model without the option that calls it")
 
@@ -51,6 +57,28 @@ _ALLOWED_IN_A_BLOCK = ("a block's forward may call its children, add, and cat/sp
 #: the channel dimension in the NCHW spelling a model's own code uses (``dim=1`` or ``dim=-3``), and in the
 #: NHWC spelling of channels-last blocks (``dim=-1`` or ``dim=3``)
 _CHANNEL_DIMS, _CHANNELS_LAST_DIMS = (1, -3), (-1, 3)
+
+
+def _operand_refused(operation: str, other: object, map_first: bool = True) -> UnsupportedFeatureOperation:
+    """The error for ``map <operation> other`` where ``other`` is not a feature map: a number or a tensor would
+    reach the masked sites too, which SparK keeps at zero, so such a term has no exact meaning on active sites."""
+    if isinstance(other, torch.Tensor):
+        kind = f"a tensor of shape {tuple(other.shape)}"
+    elif _is_number(other):
+        kind = f"the number {other!r}"
+    else:
+        kind = f"a {type(other).__name__}"
+    if operation == "divide":
+        return UnsupportedFeatureOperation(
+            f"a SparK feature map can be divided by one scalar (a number or a one-element tensor) only, not by {kind}")
+    if map_first:
+        what = f"{operation} {kind} {'from' if operation == 'subtract' else 'to'} a SparK feature map"
+    else:
+        what = f"subtract a SparK feature map from {kind}"
+    return UnsupportedFeatureOperation(
+        f"cannot {what}: it would make the masked sites non-zero, "
+        f"which SparK keeps at 0 (only 0 itself, or a feature map of the same sites, can be added); add it inside "
+        f"a layer, e.g. as a conv's or a norm's bias, which every backend applies at active sites only")
 
 
 def _channel_dim(dim: int, operation: str, channels_last: bool = False) -> int:
@@ -132,7 +160,20 @@ def _dispatch_torch_function(func, args: tuple, kwargs: Optional[dict], concat: 
     name = getattr(func, "__name__", repr(func))
     as_module = (f"; in a block of your own, call it as a child module ({_AS_MODULES[name]}() in __init__, then "
                  f"self.act(x)), which every backend converts" if name in _AS_MODULES else "")
-    raise UnsupportedFeatureOperation(f"torch.{name} is not defined on {what}{as_module}: {_ALLOWED_IN_A_BLOCK}")
+    raise UnsupportedFeatureOperation(f"{_spelled_as_called(func)} is not defined on {what}{as_module}: "
+                                      f"{_ALLOWED_IN_A_BLOCK}")
+
+
+def _spelled_as_called(func) -> str:
+    """``func`` as a model's code spells it: ``F.interpolate`` (``torch.nn.functional``, also its C parts),
+    ``Tensor.mean`` (methods), ``torch.sigmoid`` (the rest), so the user finds the call in their forward."""
+    name = getattr(func, "__name__", repr(func))
+    module = getattr(func, "__module__", None) or ""
+    if module.startswith(("torch.nn.functional", "torch._C._nn")):
+        return f"F.{name}"
+    if not module and getattr(func, "__qualname__", "").startswith(("TensorBase.", "Tensor.")):
+        return f"Tensor.{name}"
+    return f"torch.{name}"
 
 
 class FeatureMap:
@@ -173,11 +214,12 @@ class FeatureMap:
         raise NotImplementedError
 
     def _check_same_sites(self, other: "FeatureMap", operation: str = "add") -> None:
+        if not isinstance(other, FeatureMap):
+            raise _operand_refused(operation, other)
         if not isinstance(other, type(self)) or other.mask is not self.mask or other.stride != self.stride:
-            other_stride = getattr(other, "stride", "?")
-            raise ValueError(
+            raise FeatureMapMismatch(
                 f"cannot {operation} feature maps of different kinds, masks or strides "
-                f"({type(self).__name__} stride {self.stride}, {type(other).__name__} stride {other_stride})")
+                f"({type(self).__name__} stride {self.stride}, {type(other).__name__} stride {other.stride})")
 
     def __add__(self, other: Union["FeatureMap", int, float]) -> "FeatureMap":
         if _is_zero_scalar(other):      # sums started from 0 (MobileOne's branches): exact, sites unchanged
@@ -189,8 +231,30 @@ class FeatureMap:
 
     def __sub__(self, other: "FeatureMap") -> "FeatureMap":
         """The difference of two maps of the same sites (PoolFormer's ``pool(x) - x``)."""
+        if _is_zero_scalar(other):
+            return self
         self._check_same_sites(other, "subtract")
         return self.with_data(self.data - other.data)
+
+    __isub__ = __sub__
+
+    def __rsub__(self, other: Union[int, float]) -> "FeatureMap":
+        """``0 - x`` is ``-x``; any other ``number - x`` is refused as ``x + number`` is."""
+        if _is_zero_scalar(other):
+            return -self
+        raise _operand_refused("subtract", other, map_first=False)
+
+    def __neg__(self) -> "FeatureMap":
+        """``-x``: zeros stay zeros, the sites are unchanged."""
+        return self.with_data(-self.data)
+
+    def __truediv__(self, divisor: Union[torch.Tensor, int, float]) -> "FeatureMap":
+        """The features divided by one scalar (``x / self.scale``): masked sites stay 0. Other divisors are
+        refused, as other factors are in ``*``; a zero divisor gives inf/nan at active sites as in the dense
+        model."""
+        if not _is_scalar(divisor):
+            raise _operand_refused("divide", divisor)
+        return self.with_data(self.data / divisor)
 
     def __mul__(self, factor: Union["FeatureMap", torch.Tensor, int, float]) -> "FeatureMap":
         """The features times one scalar (NF-Nets' ``x * beta``, ``attn_gain * x``), times a factor

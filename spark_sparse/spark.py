@@ -17,13 +17,14 @@ from .backends import Backend, create_backend
 from .backends.common import FeatureBatchNorm, FeatureLayerNorm, FeatureSyncBatchNorm
 from .decoder import LightDecoder
 from .errors import ConfigError
-from .features import FeatureMap, UnsupportedFeatureOperation
+from .features import FeatureMap, FeatureMapMismatch, UnsupportedFeatureOperation
 from .mask import ActiveMask, kept_patches_per_image
 from .models import create_encoder, resolve_model_name
 
 __all__ = ["SparK", "create_spark", "patchify", "unpatchify", "normalize_patches"]
 
 SizeLike = Union[int, tuple[int, int]]
+_FeatureMapError = Union[UnsupportedFeatureOperation, FeatureMapMismatch]
 
 
 def _as_hw(size: SizeLike) -> tuple[int, int]:
@@ -53,8 +54,9 @@ def normalize_patches(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return (patches - mean) / std, mean, std
 
 
-def _naming_the_module(error: UnsupportedFeatureOperation, encoder: nn.Module) -> UnsupportedFeatureOperation:
-    """``error`` (a block's forward asked a feature map for something it cannot do) with the innermost module of
+def _naming_the_module(error: _FeatureMapError, encoder: nn.Module) -> _FeatureMapError:
+    """``error`` (a block's forward asked a feature map for something it cannot do, or combined maps of other
+    sites) with the innermost module of
     ``encoder`` whose forward was running when it was raised, found in its traceback: a user's block is named
     without any cost to forwards that succeed. Messages that name their layer already are kept as they are."""
     names = {id(module): name for name, module in encoder.named_modules()}
@@ -64,10 +66,11 @@ def _naming_the_module(error: UnsupportedFeatureOperation, encoder: nn.Module) -
         if isinstance(candidate, nn.Module) and id(candidate) in names:
             culprit = candidate
         frame = frame.tb_next
-    if culprit is None or not names[id(culprit)] or names[id(culprit)] in str(error):
+    if culprit is None or (names[id(culprit)] and names[id(culprit)] in str(error)):
         return error
     kind = f"{type(culprit).__module__}.{type(culprit).__qualname__}"
-    named = type(error)(f"in module {names[id(culprit)]!r} ({kind}): {error}")
+    where = f"module {names[id(culprit)]!r} ({kind})" if names[id(culprit)] else f"the encoder's own forward ({kind})"
+    named = type(error)(f"in {where}: {error}")
     named.__traceback__ = error.__traceback__
     return named
 
@@ -173,7 +176,7 @@ class SparK(nn.Module):
             images = images.contiguous(memory_format=torch.channels_last)
         try:
             return self.encoder(self.backend.features_from_image(images, mask), hierarchical=True)
-        except UnsupportedFeatureOperation as err:
+        except (UnsupportedFeatureOperation, FeatureMapMismatch) as err:
             raise _naming_the_module(err, self.encoder) from None
 
     def densify(self, features: list[FeatureMap]) -> list[torch.Tensor]:

@@ -79,9 +79,13 @@ def test_cat_refuses_tensors_other_strides_and_other_torch_functions(kind, mask)
         torch.cat([a, kind(b.data, mask, 4)], 1)
     with pytest.raises(ss.UnsupportedFeatureOperation, match=r"torch\.mean is not defined on SparK feature maps"):
         torch.mean(a)
-    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"torch\.dropout is not defined"):
+    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"F\.dropout is not defined"):
         torch.nn.functional.dropout(a, 0.5)
-    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"torch\.relu is not defined on SparK feature maps; in a "
+    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"F\.interpolate is not defined"):
+        torch.nn.functional.interpolate(a, scale_factor=2.0)
+    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"torch\.sigmoid is not defined"):
+        torch.sigmoid(a)
+    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"F\.relu is not defined on SparK feature maps; in a "
                                                              r"block of your own, call it as a child module "
                                                              r"\(nn\.ReLU\(\) in __init__"):
         torch.nn.functional.relu(a)
@@ -93,9 +97,27 @@ def test_sums_started_at_zero_are_exact_and_other_numbers_are_refused(kind, mask
     total = 0
     total += a
     assert total is a and (a + 0) is a and (0.0 + a) is a
+    assert (a - 0) is a and torch.equal((0 - a).to_dense(), -a.to_dense())
     for number in (1, 0.5, False):
-        with pytest.raises(ValueError, match="cannot add feature maps"):
+        with pytest.raises(ss.UnsupportedFeatureOperation, match=r"cannot add .* to a SparK feature map: it would "
+                                                                 r"make the masked sites non-zero"):
             a + number
+    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"cannot subtract the number 0\.1 from a SparK"):
+        a - 0.1
+    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"cannot subtract a SparK feature map from the number 1"):
+        1 - a
+    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"cannot add a tensor of shape \(1, 4, 1, 1\) to"):
+        a + torch.ones(1, 4, 1, 1)
+
+
+@pytest.mark.parametrize("kind", [MaskedDense, SparseRows])
+def test_negation_and_division_by_a_scalar_keep_the_sites(kind, mask):
+    a, _ = _maps(kind, mask)
+    for result, expected in ((-a, -a.to_dense()), (a / 4, a.to_dense() / 4), (a / torch.tensor(2.0), a.to_dense() / 2)):
+        assert isinstance(result, kind) and result.mask is mask and result.stride == a.stride
+        assert torch.equal(result.to_dense(), expected)
+    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"divided by one scalar .* not by a tensor of shape"):
+        a / torch.ones(1, a.channels, 1, 1)
 
 
 @pytest.mark.parametrize("kind", [MaskedDense, SparseRows])
@@ -180,10 +202,10 @@ def test_two_maps_of_the_same_sites_subtract_and_others_are_refused(kind, mask):
     difference = b - c
     assert isinstance(difference, kind) and difference.mask is mask and difference.stride == 2
     torch.testing.assert_close(difference.to_dense(), b.to_dense() - c.to_dense(), rtol=0, atol=0)
-    other_stride = kind(b.data, mask, 4)
-    for other in (other_stride, b.to_dense()):
-        with pytest.raises(ValueError, match="cannot subtract feature maps of different kinds, masks or strides"):
-            b - other
+    with pytest.raises(ss.FeatureMapMismatch, match="cannot subtract feature maps of different kinds, masks or strides"):
+        b - kind(b.data, mask, 4)
+    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"cannot subtract a tensor of shape .* from a SparK"):
+        b - b.to_dense()
 
 
 @pytest.mark.parametrize("kind", [MaskedDense, SparseRows])

@@ -184,6 +184,35 @@ def test_an_operation_a_feature_map_refuses_names_the_block_that_asked_for_it(ba
         spark(torch.randn(2, 3, 64, 64))
 
 
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+def test_maps_of_other_sites_combined_in_a_block_name_that_block(backend):
+    spark = ss.create_spark("resnet18", backend=backend, input_size=64)
+    block = spark.encoder.model.layer2[0]
+
+    def adding_across_strides(self, x):
+        return x + self.downsample(x)           # stride 4 plus stride 8: the dense model fails on shapes too
+
+    block.forward = types.MethodType(adding_across_strides, block)
+    with pytest.raises(ss.FeatureMapMismatch, match=r"^in module 'model\.layer2\.0' .*: cannot add feature maps of "
+                                                    r"different kinds, masks or strides .* stride 4, .* stride 8"):
+        spark(torch.randn(2, 3, 64, 64))
+
+
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+def test_an_operation_refused_in_the_encoders_own_forward_says_so(backend):
+    """The encoder itself has no name among its modules: the error says it was its own forward."""
+    spark = ss.create_spark("tiny_cnn", backend=backend, input_size=64)
+    encoder_forward = spark.encoder.forward
+
+    def shifted_forward(self, x, hierarchical=True):
+        return [fmap + 0.1 for fmap in encoder_forward(x, hierarchical=hierarchical)]
+
+    spark.encoder.forward = types.MethodType(shifted_forward, spark.encoder)
+    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"^in the encoder's own forward \(.*\): cannot add the "
+                                                             r"number 0\.1 to a SparK feature map"):
+        spark(torch.randn(2, 3, 64, 64))
+
+
 @pytest.mark.parametrize("kwargs, refusal", [
     ({"num_classes": 10}, "num_classes: the encoder is built without a classifier"),
     ({"pretrained": True}, "pretrained: weights are never downloaded: start from a file (--init_weight"),
