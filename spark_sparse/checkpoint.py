@@ -20,12 +20,13 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
 
 from .errors import SparkSparseError
+from .models.model_kwargs import format_model_kwargs
 
 __all__ = ["CheckpointError", "atomic_save", "read_checkpoint", "convnext_fb_to_timm", "convnext_timm_to_fb",
            "is_fb_convnext", "load_encoder_state", "load_spark_state", "load_pretrained", "spark_state_from_official"]
@@ -246,12 +247,34 @@ def load_spark_state(spark: nn.Module, state: dict, what: str = "SparK weights")
 _SPARK_PREFIXES = ("encoder.", "decoder.", "densify_norms.", "densify_projs.", "mask_tokens.")
 
 
-def load_pretrained(spark: nn.Module, path: PathLike) -> str:
-    """Initialise ``spark`` from any supported file (``--init_weight``); returns the format found."""
+def _built_otherwise(ckpt: dict, model_name: Optional[str], model_kwargs: Optional[dict]) -> str:
+    """Why a spark-sparse checkpoint may not fit: the model and ``--model_kwargs`` its run recorded, set against
+    this run's (when known), with the options that build the same model; '' when the file records neither."""
+    saved_name, saved_kwargs = ckpt.get("model_name"), (ckpt.get("args") or {}).get("model_kwargs") or {}
+    if not isinstance(saved_name, str) or not isinstance(saved_kwargs, dict):
+        return ""
+    saved = f"{saved_name} built with {format_model_kwargs(saved_kwargs) or 'its defaults'}"
+    if model_name is None or (model_name == saved_name and model_kwargs == saved_kwargs):
+        return f"; it was saved by a run of {saved}"
+    this = f"{model_name} with {format_model_kwargs(model_kwargs or {}) or 'its defaults'}"
+    options = [f"--model={saved_name}"] if saved_name != model_name else []
+    options.append(format_model_kwargs(saved_kwargs, as_options=True) or "no --model_kwargs")
+    return f"; it was saved by a run of {saved}, this run builds {this}: to start from it, give {' '.join(options)}"
+
+
+def load_pretrained(spark: nn.Module, path: PathLike, model_name: Optional[str] = None,
+                    model_kwargs: Optional[dict] = None) -> str:
+    """Initialise ``spark`` from any supported file (``--init_weight``); returns the format found.
+
+    ``model_name`` and ``model_kwargs``, what ``spark`` was built as, let the refusal of a spark-sparse checkpoint
+    that does not fit say which model and ``--model_kwargs`` would (the file records its run's)."""
     ckpt = read_checkpoint(path)
     model = ckpt.get("model")
     if isinstance(model, dict) and any(k.startswith(_SPARK_PREFIXES) for k in model):
-        load_spark_state(spark, model, f"{path} (spark-sparse checkpoint)")
+        try:
+            load_spark_state(spark, model, f"{path} (spark-sparse checkpoint)")
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}{_built_otherwise(ckpt, model_name, model_kwargs)}") from None
         return "spark-sparse"
     if isinstance(ckpt.get("module"), dict):
         load_spark_state(spark, spark_state_from_official(ckpt["module"]), f"{path} (SparK spark-style checkpoint)")

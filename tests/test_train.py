@@ -106,9 +106,14 @@ def test_a_model_built_with_constructor_arguments_exports_into_timm_built_with_t
     assert "(timm-style encoder, built with channels=(8, 16, 32, 64))" in capsys.readouterr().out
 
 
-def test_resuming_with_other_constructor_arguments_names_the_runs_own(folder, tmp_path):
+def test_resuming_or_initialising_with_other_constructor_arguments_names_the_runs_own(folder, tmp_path):
     pretrain(tiny_config(folder, tmp_path / "run", ep=1, model="resnet18", model_kwargs=NARROW_RESNET))
     checkpoint = str(tmp_path / "run" / "resnet18_still_pretraining.pth")
+    with pytest.raises(CheckpointError, match=re.escape(
+            "does not fit this model: ") + ".*" + re.escape(
+            "; it was saved by a run of resnet18 built with channels=(8, 16, 32, 64), this run builds resnet18 with "
+            "its defaults: to start from it, give --model_kwargs 'channels=(8, 16, 32, 64)'")):
+        Trainer(tiny_config(folder, tmp_path / "init", model="resnet18", init_weight=checkpoint), "")
     with pytest.raises(CheckpointError, match=re.escape(
             "was pre-training resnet18 built with channels=(8, 16, 32, 64), this run builds it with its defaults: "
             "to continue that run, give --model_kwargs 'channels=(8, 16, 32, 64)'")):

@@ -323,7 +323,8 @@ class Trainer:
         self.sync_bn = cfg.sbn and self.ctx.initialized and self.ctx.device.type == "cuda"
         self.spark: SparK = self._create_spark(self.speed.backend)
         # loaded now, not at the first step: a file that does not fit is named before minutes of kernel tuning
-        self.init_note = load_pretrained(self.spark, cfg.init_weight) if cfg.init_weight else None
+        self.init_note = (load_pretrained(self.spark, cfg.init_weight, self.model_name, cfg.model_kwargs)
+                          if cfg.init_weight else None)
         with _console_recorded(capture_console) as self.printed_before:      # into the backups once they open
             self.autotune = self._autotune()      # backend 'auto': kernels measured (or the resumed run's plan)
         self.spark, self.speed = self.autotune.spark, self.speed.with_autotune(self.autotune)
