@@ -45,6 +45,15 @@ def _opt(name: str, *aliases: str, **kwargs):
     return click.option(*names, name, **kwargs)
 
 
+def _computed_at_run_time(name: str, why: str, **kwargs):
+    """A hidden option for a setting SparK's ``Args`` lists but computes at run time: given, it is refused with
+    ``why`` (the rule) instead of being overwritten in silence (as SparK does) or unknown (as click would say)."""
+    def refuse(ctx, param, value) -> None:
+        if value is not None:
+            raise click.UsageError(f"--{name} is set at run time: {why}")
+    return _opt(name, default=None, hidden=True, expose_value=False, callback=refuse, **kwargs)
+
+
 class _HelpAtDisplayOption(click.Option):
     """An option whose help is computed when ``--help`` is shown, not when the module is imported.
 
@@ -163,15 +172,17 @@ def _validate_model(ctx, param, value: Optional[str]) -> Optional[str]:
 @_opt("amp", type=click.Choice(["none", "bf16", "fp16"]), default="none", help="mixed precision (SparK: none)")
 @_opt("seed", type=int, default=0, help="seeds the initial weights, masks, augmentation and data order")
 @_opt("tensorboard", is_flag=True, default=False, help="write TensorBoard logs to <exp_dir>/tensorboard_log")
+@_opt("tb_lg_dir", help="SparK's TensorBoard folder: write TensorBoard logs there (turns --tensorboard on)")
 @_opt("local_rank", type=int, default=None, hidden=True, expose_value=False,
       help="what torch.distributed.launch adds to each process's arguments; the rank is read from its environment")
-@_opt("lr", type=float, default=None, hidden=True, expose_value=False,
-      callback=lambda ctx, param, value: _set_at_run_time(value, "--lr", "the peak lr is --base_lr x global batch / 256 "
-                                                                       "(SparK's rule): give --base_lr"))
-@_opt("densify_norm", default=None, hidden=True, expose_value=False,
-      callback=lambda ctx, param, value: _set_at_run_time(value, "--densify_norm", "it follows the model (BatchNorm for "
-                                                                                   "BatchNorm nets, LayerNorm for the "
-                                                                                   "others), as SparK sets it"))
+@_computed_at_run_time("lr", "the peak lr is --base_lr x global batch / 256 (SparK's rule): give --base_lr",
+                       type=float)
+@_computed_at_run_time("batch_size_per_gpu", "it is --bs (the global batch) / processes, as SparK sets it: give --bs",
+                       type=int)
+@_computed_at_run_time("glb_batch_size", "it is --bs rounded down to a multiple of the process count, as SparK sets "
+                                         "it: give --bs", type=int)
+@_computed_at_run_time("densify_norm", "it follows the model (BatchNorm for BatchNorm nets, LayerNorm for the others), "
+                                       "as SparK sets it")
 @_opt("num_nodes", type=int, default=1, help="SparK launch flag: nodes")
 @_opt("ngpu_per_node", type=int, default=1, help="SparK launch flag: processes per node")
 @_opt("node_rank", type=int, default=0, help="SparK launch flag: this node's rank")
@@ -254,11 +265,6 @@ def _sigterm_interrupts():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _set_at_run_time(value, flag: str, why: str) -> None:
-    """SparK's ``Args`` lists settings it computes at run time; given here, they are refused with the rule instead
-    of being overwritten in silence (as SparK does) or unknown (as click would say)."""
-    if value is not None:
-        raise click.UsageError(f"{flag} is set at run time: {why}")
 
 
 def _looks_like_a_model_kwarg(word: str) -> bool:

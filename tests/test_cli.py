@@ -53,6 +53,14 @@ def test_dashed_arguments_and_separate_values_work(captured, tmp_path):
     assert (cfg.base_lr, cfg.input_size, cfg.output_dir) == (3e-4, 160, tmp_path / "out")
 
 
+def test_sparks_tensorboard_folder_turns_tensorboard_on_and_is_where_it_writes(captured, tmp_path):
+    assert _run(["x", f"--data_path={tmp_path}", f"--tb_lg_dir={tmp_path / 'tb'}"]).exit_code == 0
+    assert captured["cfg"].tensorboard and captured["cfg"].tensorboard_dir == tmp_path / "tb"
+    assert _run(["x", f"--data_path={tmp_path}", "--tensorboard", f"--exp_dir={tmp_path / 'run'}"]).exit_code == 0
+    assert captured["cfg"].tensorboard_dir == tmp_path / "run" / "tensorboard_log"
+    assert _run(["x", f"--data_path={tmp_path}"]).exit_code == 0 and not captured["cfg"].tensorboard
+
+
 def test_speed_options_override_the_recipe(captured, tmp_path):
     assert _run(["x", f"--data_path={tmp_path}", "--foreach-optimizer=True", "--channels_last=False"]).exit_code == 0
     assert (captured["cfg"].foreach_optimizer, captured["cfg"].channels_last) == (True, False)
@@ -89,7 +97,11 @@ def test_the_local_rank_torch_distributed_launch_adds_is_accepted(captured, tmp_
 @pytest.mark.parametrize("args, rule", [(["--lr=1e-3"], "--lr is set at run time: the peak lr is --base_lr x global "
                                                        "batch / 256"),
                                         (["--densify_norm=bn"], "--densify_norm is set at run time: it follows the "
-                                                                "model")])
+                                                                "model"),
+                                        (["--batch_size_per_gpu=64"], "--batch_size_per_gpu is set at run time: it is "
+                                                                      "--bs (the global batch) / processes"),
+                                        (["--glb_batch_size", "512"], "--glb_batch_size is set at run time: it is --bs "
+                                                                      "rounded down")])
 def test_what_sparks_args_set_at_run_time_is_refused_with_the_rule(args, rule, tmp_path, monkeypatch):
     monkeypatch.setattr("spark_sparse.train.engine.pretrain", _raising(AssertionError("must not start")))
     result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={tmp_path}", *args])

@@ -1,5 +1,6 @@
 """The training run: output files, export to timm, exact resume, guards, bad data, non-finite loss."""
 import functools
+import importlib.machinery
 import json
 import multiprocessing
 import os
@@ -7,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -362,6 +364,42 @@ def test_dataloader_workers_live_across_epochs(folder, tmp_path, monkeypatch):
     loads = pids.read_text().split()
     workers = set(loads) - {str(os.getpid())}          # this process loads only the final PNG's images
     assert len(loads) >= 16 and len(workers) == 1
+
+
+class _RecordingSummaryWriter:
+    """Stands in for torch.utils.tensorboard's SummaryWriter (the tensorboard package is optional, not installed
+    in CI): records where it was asked to write and what."""
+    made: list = []
+
+    def __init__(self, log_dir: str):
+        self.log_dir, self.scalars, self.closed = log_dir, [], False
+        type(self).made.append(self)
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.scalars.append((tag, step))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_tensorboard_logs_go_to_sparks_folder_when_one_is_named(folder, tmp_path, monkeypatch):
+    fake_package = types.ModuleType("tensorboard")
+    fake_package.__spec__ = importlib.machinery.ModuleSpec("tensorboard", None)
+    fake_writer_module = types.ModuleType("torch.utils.tensorboard")
+    fake_writer_module.SummaryWriter = _RecordingSummaryWriter
+    monkeypatch.setitem(sys.modules, "tensorboard", fake_package)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake_writer_module)
+    monkeypatch.setattr(_RecordingSummaryWriter, "made", [])
+    pretrain(tiny_config(folder, tmp_path / "run", ep=1, tb_lg_dir=str(tmp_path / "tb")))
+    (writer,) = _RecordingSummaryWriter.made
+    assert Path(writer.log_dir) == tmp_path / "tb" and writer.closed
+    assert ("train/loss", 0) in writer.scalars and ("train/lr", 0) in writer.scalars
+
+
+def test_a_missing_tensorboard_package_is_named_with_the_flag_that_asked_for_it(folder, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)       # an import (and find_spec) of it fails
+    with pytest.raises(ConfigError, match=r"^--tb_lg_dir needs the tensorboard package: pip install tensorboard"):
+        Trainer(tiny_config(folder, tmp_path, tb_lg_dir=str(tmp_path / "tb")), "")
 
 
 def test_a_finished_run_stops_its_loader_workers_at_once(folder, tmp_path):

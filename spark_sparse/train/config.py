@@ -59,6 +59,7 @@ class PretrainConfig:
     amp: str = "none"
     seed: int = 0
     tensorboard: bool = False
+    tb_lg_dir: Optional[str] = None       # SparK's TensorBoard folder: given, TensorBoard is on and writes there
     recipe: str = "fast"
     channels_last: Optional[bool] = None
     compile: Optional[bool] = None
@@ -74,6 +75,8 @@ class PretrainConfig:
         model's constructor arguments may be ``KEY=VALUE`` words (as ``--model_kwargs`` takes them)."""
         if self.exp_name is None:
             self.exp_name = self.model
+        if self.tb_lg_dir:                    # SparK always writes TensorBoard logs; naming its folder asks for them
+            self.tensorboard = True
         if isinstance(self.import_module, str):
             self.import_module = (self.import_module,)
         if not isinstance(self.model_kwargs, dict):           # words, as the command line gives them
@@ -115,6 +118,11 @@ class PretrainConfig:
             return Path(self.exp_dir)
         safe = "".join(ch if (ch.isalnum() or ch in "-_.") else "_" for ch in self.exp_name)
         return Path(f"output_{safe}")
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        """Where TensorBoard logs go when on: ``--tb_lg_dir``, else ``<exp_dir>/tensorboard_log`` (SparK's default)."""
+        return Path(self.tb_lg_dir) if self.tb_lg_dir else self.output_dir / "tensorboard_log"
 
     def lr(self, global_batch: int) -> float:
         """SparK's linear scaling rule: ``base_lr * global batch / 256``."""

@@ -314,7 +314,8 @@ class Trainer:
                        f"warm-up (SparK: 40 of 1600 epochs); lower --wp_ep for a short run")
         self.amp_dtype = AMP_DTYPES[cfg.amp]
         if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
-            raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard, or drop the flag")
+            flag = "--tb_lg_dir" if cfg.tb_lg_dir else "--tensorboard"
+            raise ConfigError(f"{flag} needs the tensorboard package: pip install tensorboard, or drop the flag")
 
         torch.manual_seed(cfg.seed)   # the initial weights are part of the run: make them the seed's
         self.speed = plan_speed(cfg.recipe, self.ctx.device, backend=cfg.backend, channels_last=cfg.channels_last,
@@ -602,7 +603,7 @@ class Trainer:
             self.outputs.write_header(self._header())
             if cfg.tensorboard and self.ctx.is_main:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(self.outputs.dir / "tensorboard_log"))
+                self.tb = SummaryWriter(str(cfg.tensorboard_dir))
             last = cfg.ep if max_epochs is None else min(cfg.ep, self.state.epoch + max_epochs)
             with _StopFlag() as stop:
                 while self.state.epoch < last:
