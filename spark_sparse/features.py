@@ -517,6 +517,13 @@ class ChannelsLastView:
     def __sub__(self, other: "ChannelsLastView") -> "ChannelsLastView":
         return ChannelsLastView(self.channels_first - self._same_sites(other, "subtract"))
 
+    def __neg__(self) -> "ChannelsLastView":
+        return ChannelsLastView(-self.channels_first)
+
+    def __truediv__(self, divisor: Union[torch.Tensor, int, float]) -> "ChannelsLastView":
+        """Divided by one scalar, as the map is (any other divisor is refused there)."""
+        return ChannelsLastView(self.channels_first / divisor)
+
     def __mul__(self, factor: Union["ChannelsLastView", torch.Tensor, int, float]) -> "ChannelsLastView":
         """Times a view of the same sites and channels (MambaOut's gate ``act(g) * cat(i, c)``), one
         scalar, or a per-channel factor written channels last, ``(C,)`` or ``(1, 1, 1, C)``."""

@@ -118,6 +118,9 @@ def test_negation_and_division_by_a_scalar_keep_the_sites(kind, mask):
         assert torch.equal(result.to_dense(), expected)
     with pytest.raises(ss.UnsupportedFeatureOperation, match=r"divided by one scalar .* not by a tensor of shape"):
         a / torch.ones(1, a.channels, 1, 1)
+    view = a.permute(0, 2, 3, 1)
+    assert torch.equal((-view).permute(0, 3, 1, 2).to_dense(), -a.to_dense())
+    assert torch.equal((view / 4).permute(0, 3, 1, 2).to_dense(), a.to_dense() / 4)
 
 
 @pytest.mark.parametrize("kind", [MaskedDense, SparseRows])
