@@ -46,9 +46,9 @@ import timm  # noqa: E402
 
 import spark_sparse as ss  # noqa: E402
 from spark_sparse.autotune import MODES  # noqa: E402
-from spark_sparse.models import UnknownModelError, resolve_model_name  # noqa: E402
 from spark_sparse.models.model_kwargs import format_model_kwargs  # noqa: E402
 from spark_sparse.testing import switch_branches_on  # noqa: E402
+from _args import HelpFormatter, at_least, first_problem, input_size, mask_ratio, unknown_model  # noqa: E402
 from _equivalence import compare, fp32_noise_floor, outputs_of  # noqa: E402
 from _capacity import fit_largest_batch, markdown_section, memory_budget_mb  # noqa: E402
 from _measure import (Workload, peak_memory as peak_memory_in_process, peak_rss_growth_mb, persistent_mb,  # noqa: E402
@@ -73,17 +73,8 @@ QUICK_PRESET = {"models": ["resnet18", "convnext_tiny"], "input_size": 64, "batc
                 "repeats": 5, "warmup": 1}
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and each option's default in its help (unless it says it already)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False) or "default" in (action.help or ""):
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--models", nargs="+", default=["resnet50", "convnext_tiny"], help="spark-sparse model names")
     add_model_kwargs_argument(p, "the constructor arguments of every model, as spark-pretrain's --model_kwargs "
                                  "(e.g. img_size=192 window_size=6)")
@@ -157,22 +148,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def invalid_setting(args: argparse.Namespace) -> Optional[str]:
     """What makes the run impossible, checked before anything is built (else every configuration would fail
     alike, each with a traceback, and the run end with empty tables)."""
-    for model in args.models:
-        try:
-            resolve_model_name(model)
-        except UnknownModelError as err:
-            return f"--models: {err}"
-    rules = [("--input-size", args.input_size, args.input_size > 0 and args.input_size % 32 == 0,
-              "a positive multiple of 32 (SparK's mask patch), e.g. 224"),
-             *[("--mask", r, 0 < r < 1, "a ratio of hidden patches above 0 and below 1, e.g. 0.6") for r in args.mask],
-             ("--batch-size", args.batch_size, args.batch_size >= 1, "at least 1"),
-             ("--repeats", args.repeats, args.repeats >= 1, "at least 1"),
-             ("--warmup", args.warmup, args.warmup >= 0, "0 or more"),
-             ("--threads", args.threads, args.threads >= 1, "at least 1"),
-             ("--check-batch", args.check_batch, args.check_batch is None or args.check_batch >= 1, "at least 1")]
-    for flag, value, ok, rule in rules:
-        if not ok:
-            return f"{flag} {value}: must be {rule}"
+    problem = unknown_model("--models", args.models) or first_problem([
+        input_size("--input-size", args.input_size), *[mask_ratio("--mask", r) for r in args.mask],
+        at_least("--batch-size", args.batch_size, 1), at_least("--repeats", args.repeats, 1),
+        at_least("--warmup", args.warmup, 0), at_least("--threads", args.threads, 1),
+        ("--check-batch", args.check_batch, args.check_batch is None or args.check_batch >= 1, "at least 1")])
+    if problem:
+        return problem
     if args.device == "cuda" and not torch.cuda.is_available():
         return f"--device cuda: torch {torch.__version__} sees no CUDA device here (torch.cuda.is_available() is False)"
     return None

@@ -8,11 +8,11 @@ Two sections:
 
 1. ``loader``: images/s of ``spark-pretrain``'s own loader (``ImageFolderDataset`` with SparK's
    augmentation at ``--input-size``, the engine's ``EpochBatchSampler``, persistent workers) for each
-   worker count in ``--workers``, median of ``--repeats`` epochs after one warm-up epoch, over
-   ``--images`` synthetic JPEGs of ImageNet's typical pixel size (400-500 x 300-375 px, quality 90,
-   smooth content plus noise; their mean file size is reported). Both what the workers return now
-   (uint8, normalised on the device by ``ImageNormalizer``) and what SparK's return (float32,
-   ToTensor and Normalize in the worker). Also one process, one thread: JPEG decoding alone, and
+   worker count in ``--workers`` (0: loading in the main process), median of ``--repeats`` epochs after
+   one warm-up epoch, over ``--images`` synthetic JPEGs of ImageNet's typical pixel size (400-500 x
+   300-375 px, quality 90, smooth content plus noise; their mean file size is reported). Both what
+   the workers return now (uint8, normalised on the device by ``ImageNormalizer``) and what SparK's
+   return (float32, ToTensor and Normalize in the worker). Also one process, one thread: JPEG decoding alone, and
    each pipeline per image; and ``ImageNormalizer`` on this CPU. A GPU that steps faster than its
    process's workers deliver waits for data: SparK runs 8 workers per GPU (``--dataloader_workers``).
 2. ``memory``: the private memory a forked worker gains by reading every file name once, as it does
@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from spark_sparse.train.data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, ImageNormalizer,  # noqa: E402
                                      PackedPaths, pretrain_augmentation)
 from spark_sparse.train.distributed import EpochBatchSampler  # noqa: E402
+from _args import HelpFormatter, at_least, first_problem, input_size  # noqa: E402
 from _report import run_reference_sections  # noqa: E402
 
 IMAGENET_TRAIN_FILES = 1_281_167
@@ -124,12 +125,14 @@ def loader_section(args) -> tuple[dict, dict]:
                   "augment_uint8_images_per_s": per_thread["uint8"], "augment_float32_images_per_s": per_thread["float32"],
                   "normalizer_images_per_s": normalize_rate}
         for workers in args.workers:
+            loading = (f"{workers} worker{'s' if workers != 1 else ''}" if workers else
+                       f"0 workers (loading in the main process, {args.threads} torch threads)")
             for name, dataset in datasets.items():
                 rate = loader_images_per_s(dataset, workers, args.batch_size, args.repeats)
-                rows.append([f"DataLoader, {workers} worker{'s' if workers != 1 else ''}, {name} batches",
-                             f"{rate:.0f}", f"{rate / workers:.0f}"])
+                rows.append([f"DataLoader, {loading}, {name} batches", f"{rate:.0f}",
+                             f"{rate / workers:.0f}" if workers else "-"])
                 values[f"workers_{workers}_{name}_images_per_s"] = rate
-                print(f"[data] {workers} workers, {name}: {rate:.0f} images/s", flush=True)
+                print(f"[data] {loading}, {name}: {rate:.0f} images/s", flush=True)
     title = (f"Loader images/s, SparK's augmentation at {args.input_size} px, {args.images} synthetic JPEGs "
              f"of {mean_kb:.0f} KB on average, batch {args.batch_size}")
     return {"title": title, "columns": ["what", "images/s", "per worker"], "rows": rows}, values
@@ -185,27 +188,42 @@ def memory_section(args) -> tuple[dict, dict]:
 
 
 SECTIONS = {"loader": loader_section, "memory": memory_section}
+#: what --quick sets, unless given on the command line
+QUICK_PRESET = {"images": 16, "batch_size": 4, "names": 20_000, "repeats": 1, "workers": [1]}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS), help="what to measure")
     p.add_argument("--images", type=int, default=512, help="synthetic JPEGs for the loader section")
-    p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--input-size", type=int, default=224, help="crop side in pixels (multiple of 32)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per loader batch")
     p.add_argument("--workers", type=int, nargs="+", default=None,
-                   help="loader worker counts (default: 1 up to this machine's CPUs, doubling)")
+                   help="loader worker counts, 0: loading in the main process (default: 1 up to this machine's CPUs, "
+                        "doubling)")
     p.add_argument("--names", type=int, default=IMAGENET_TRAIN_FILES, help="file names for the memory section")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed epochs (and in-process passes) after one warm-up")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the main process")
-    p.add_argument("--quick", action="store_true", help="tiny sizes: checks that it runs, measures nothing useful")
-    p.add_argument("--out", type=Path, default=Path("bench_out/data_loading"))
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes, to check that it runs (measures nothing useful): " + " ".join(
+                       f"--{key.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                       for key, v in QUICK_PRESET.items()) + " (options given explicitly win)")
+    p.add_argument("--out", type=Path, default=Path("bench_out/data_loading"),
+                   help="folder for reference.json (its path is printed at the end)")
+    if p.parse_known_args(argv)[0].quick:
+        p.set_defaults(**QUICK_PRESET)      # as defaults, so that e.g. --quick --workers 0 1 keeps 0 1
     args = p.parse_args(argv)
+    problem = first_problem([
+        at_least("--images", args.images, 1), input_size("--input-size", args.input_size),
+        at_least("--batch-size", args.batch_size, 1),
+        *[("--workers", n, n >= 0, "0 (loading in the main process) or more") for n in args.workers or []],
+        at_least("--names", args.names, 1), at_least("--repeats", args.repeats, 1),
+        at_least("--threads", args.threads, 1)])
+    if problem:
+        p.error(problem)
     if args.workers is None:
         cpus = len(os.sched_getaffinity(0))
         args.workers = [1 << i for i in range(cpus.bit_length()) if 1 << i <= cpus]
-    if args.quick:
-        args.images, args.batch_size, args.names, args.repeats, args.workers = 16, 4, 20_000, 1, [1]
     return args
 
 

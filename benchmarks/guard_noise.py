@@ -28,18 +28,28 @@ from spark_sparse.autotune import AutotuneOptions, autotune  # noqa: E402
 from spark_sparse.autotune.guard import EncoderVariant, time_encoders  # noqa: E402
 from spark_sparse.autotune.timing import WallClockTimer  # noqa: E402
 from spark_sparse.backends.auto import LayerDecision, sparse_convs  # noqa: E402
+from _args import HelpFormatter, at_least, first_problem, input_size, mask_ratio, unknown_model  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="resnet50d")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--mask", type=float, default=0.6)
-    p.add_argument("--rounds", type=int, default=12)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--model", default="resnet50d", help="spark-sparse model name")
+    p.add_argument("--batch-size", type=int, default=8, help="images per encoder forward+backward")
+    p.add_argument("--input-size", type=int, default=224, help="image side in pixels (multiple of 32)")
+    p.add_argument("--mask", type=float, default=0.6, help="mask ratio")
+    p.add_argument("--rounds", type=int, default=12, help="interleaved rounds, each timing every variant once")
     p.add_argument("--window", type=int, default=3, help="rounds per simulated guard")
-    p.add_argument("--threads", type=int, default=2)
-    return p.parse_args(argv)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = p.parse_args(argv)
+    problem = unknown_model("--model", [args.model]) or first_problem([
+        at_least("--batch-size", args.batch_size, 1), input_size("--input-size", args.input_size),
+        mask_ratio("--mask", args.mask), at_least("--window", args.window, 1),
+        ("--rounds", args.rounds, args.rounds >= args.window,
+         f"at least --window ({args.window}): the gap is read between medians of whole {args.window}-round windows"),
+        at_least("--threads", args.threads, 1)])
+    if problem:
+        p.error(problem)
+    return args
 
 
 def main(argv=None) -> dict[str, list[float]]:

@@ -38,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from _args import (HelpFormatter, at_least, first_problem, input_size, mask_ratio, unknown_model,  # noqa: E402
+                   unusable_backend)
 from _measure import peak_rss_growth_mb, time_once  # noqa: E402
 from _variants import add_model_kwargs_argument, parse_model_kwargs_argument  # noqa: E402
 
@@ -63,24 +65,25 @@ OP_CATEGORIES = (
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet50")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--model", default="resnet50", help="spark-sparse model name")
     add_model_kwargs_argument(p, "the model constructor's arguments, as spark-pretrain's --model_kwargs")
     p.add_argument("--device", default="cpu", help="cpu or cuda (e.g. cuda:0)")
-    p.add_argument("--backends", nargs="+", default=["masked", "sparse"])
-    p.add_argument("--mask", type=float, default=0.6)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--backends", nargs="+", default=["masked", "sparse"],
+                   help="backends to time, interleaved; speed-ups and memory ratios are against the first")
+    p.add_argument("--mask", type=float, default=0.6, help="mask ratio")
+    p.add_argument("--batch", type=int, default=16, help="images per fwd+bwd")
+    p.add_argument("--input-size", type=int, default=224, help="image side in pixels (multiple of 32)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="autocast dtype (fp32: none)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per backend, and per conv with --layers")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per backend first")
     p.add_argument("--ops", action="store_true", help="profiler breakdown by op category")
     p.add_argument("--layers", action="store_true", help="per-conv-layer replay of the sparse backend")
     p.add_argument("--candidates", nargs="*", default=[],
                    help="with --layers: also replay every conv on each of these kernels (e.g. gemm dense)")
     p.add_argument("--memory", action="store_true", help="peak memory per backend in fresh processes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, images and mask")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     parse_model_kwargs_argument(p, args)
@@ -89,6 +92,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = sorted(set(args.candidates) - set(list_kernels()))
     if unknown:
         p.error(f"--candidates {' '.join(unknown)}: not registered kernels; registered: {', '.join(sorted(list_kernels()))}")
+    if args.layers and set(args.backends) <= {"masked"}:
+        p.error("--layers replays the convs of the first backend other than masked: add one to --backends")
+    problem = unknown_model("--model", [args.model]) or unusable_backend("--backends", args.backends)
+    problem = problem or first_problem([
+        mask_ratio("--mask", args.mask), at_least("--batch", args.batch, 1),
+        input_size("--input-size", args.input_size), at_least("--threads", args.threads, 1),
+        at_least("--repeats", args.repeats, 1), at_least("--warmup", args.warmup, 0)])
+    if problem:
+        p.error(problem)
     return args
 
 
@@ -241,8 +253,8 @@ def memory_child(args) -> None:
 
 
 def measure_memory(args, backend: str) -> float:
-    argv = [sys.executable, __file__, "--memory-child", backend, "--device", args.device, "--model", args.model,
-            "--mask", str(args.mask),
+    argv = [sys.executable, __file__, "--memory-child", backend, "--backends", backend, "--device", args.device,
+            "--model", args.model, "--mask", str(args.mask),
             "--batch", str(args.batch), "--input-size", str(args.input_size), "--dtype", args.dtype,
             "--threads", str(args.threads), "--seed", str(args.seed)]
     if args.model_kwargs:

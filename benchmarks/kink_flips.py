@@ -45,6 +45,8 @@ import torch.nn as nn  # noqa: E402
 
 import spark_sparse as ss  # noqa: E402
 from spark_sparse.testing import switch_branches_on  # noqa: E402
+from _args import (HelpFormatter, at_least, first_problem, input_size, mask_ratio, unknown_model,  # noqa: E402
+                   unusable_backend)
 from _equivalence import _errors, _outputs  # noqa: E402
 from _measure import Workload  # noqa: E402
 from _report import write_reference  # noqa: E402
@@ -52,6 +54,8 @@ from _variants import Variant  # noqa: E402
 
 KINKS: dict[type, tuple[float, ...]] = {nn.ReLU: (0.0,), nn.ReLU6: (0.0, 6.0)}
 FP32_FLOOR = "masked fp32"           # the row comparing masked fp32 with masked fp64
+#: what --quick sets, unless given on the command line
+QUICK_PRESET = {"models": ["convnext_tiny"], "seeds": [0], "backends": ["sparse"]}
 
 
 def kink_side(x: torch.Tensor, kinks: tuple[float, ...]) -> torch.Tensor:
@@ -154,23 +158,35 @@ def measure(model: str, seed: int, backends: list[str], args) -> list[list]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", nargs="+", default=["convnext_tiny", "resnet18"])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--models", nargs="+", default=["convnext_tiny", "resnet18"], help="spark-sparse model names")
     p.add_argument("--backends", nargs="+", default=None,
                    help="default: every available backend but masked and auto (auto runs other backends' kernels)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
-    p.add_argument("--input-size", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--mask", type=float, default=0.6)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3],
+                   help="seeds of the weights, images and mask (one row per model, seed and backend)")
+    p.add_argument("--input-size", type=int, default=64, help="image side in pixels (multiple of 32)")
+    p.add_argument("--batch-size", type=int, default=2, help="images per forward+backward")
+    p.add_argument("--mask", type=float, default=0.6, help="mask ratio")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--weights", choices=["branches-on", "init"], default="branches-on",
                    help="timm's initialisation with its switched-off residual branches drawn (as compare_backends.py), "
                         "or as it is")
-    p.add_argument("--quick", action="store_true", help="one model, one seed, the sparse backend")
-    p.add_argument("--out", type=Path, default=Path("bench_out/kink_flips"))
+    p.add_argument("--quick", action="store_true",
+                   help="one model, one seed, the sparse backend: " + " ".join(
+                       f"--{key} {' '.join(map(str, v))}" for key, v in QUICK_PRESET.items())
+                   + " (options given explicitly win)")
+    p.add_argument("--out", type=Path, default=Path("bench_out/kink_flips"),
+                   help="folder for reference.json (its path is printed at the end)")
+    if p.parse_known_args(argv)[0].quick:
+        p.set_defaults(**QUICK_PRESET)      # as defaults, so that e.g. --quick --models resnet18 keeps resnet18
     args = p.parse_args(argv)
-    if args.quick:
-        args.models, args.seeds, args.backends = ["convnext_tiny"], [0], ["sparse"]
+    problem = unknown_model("--models", args.models)
+    problem = problem or (unusable_backend("--backends", args.backends) if args.backends is not None else None)
+    problem = problem or first_problem([
+        input_size("--input-size", args.input_size), at_least("--batch-size", args.batch_size, 1),
+        mask_ratio("--mask", args.mask), at_least("--threads", args.threads, 1)])
+    if problem:
+        p.error(problem)
     if args.backends is None:
         args.backends = [b.name for b in ss.list_backends() if b.available and b.name not in ("masked", "auto")]
     return args

@@ -17,29 +17,62 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
+import spark_sparse as ss
+from spark_sparse.speed import RECIPES
+from _args import HelpFormatter, at_least, first_problem, input_size, mask_ratio, unknown_model, unusable_backend
 from _measure import Workload, summarize, time_once
 from _report import provenance
-from _variants import Variant, autocast
+from _variants import DTYPES, Variant, autocast
 
 PARTS = ("step", "encoder", "decoder", "optimizer")
+#: printed under each table: the last column is not timed itself, so it carries the other columns' noise
+REST_NOTE = ("densify, loss, rest = step - encoder - decoder - optimizer, medians of parts timed alone: a remainder, "
+             "not timed itself, so timing noise (or a part slower alone than inside the step) can make it negative")
+VARIANT_SYNTAX = (f"a variant is a backend (e.g. masked, sparse) or recipe:<{'|'.join(RECIPES)}>, optionally with "
+                  f"@<{'|'.join(DTYPES)}> for its autocast dtype (e.g. recipe:fast@bf16)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["resnet50", "convnext_tiny"])
-    p.add_argument("--variants", nargs="+", default=["recipe:spark", "recipe:fast", "recipe:fast@bf16"])
-    p.add_argument("--mask", type=float, default=0.6)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--models", nargs="+", default=["resnet50", "convnext_tiny"], help="spark-sparse model names")
+    p.add_argument("--variants", nargs="+", default=["recipe:spark", "recipe:fast", "recipe:fast@bf16"],
+                   help=f"{VARIANT_SYNTAX}; each is timed on every model")
+    p.add_argument("--mask", type=float, default=0.6, help="mask ratio")
+    p.add_argument("--batch-size", type=int, default=8, help="images per timed call")
+    p.add_argument("--input-size", type=int, default=224, help="image side in pixels (multiple of 32)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round (medians reported)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=None, help="also write the medians to OUT/breakdown.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    problem = unknown_model("--models", args.models) or unknown_variant(args.variants) or first_problem([
+        mask_ratio("--mask", args.mask), at_least("--batch-size", args.batch_size, 1),
+        input_size("--input-size", args.input_size), at_least("--repeats", args.repeats, 1),
+        at_least("--threads", args.threads, 1)])
+    if problem:
+        p.error(problem)
+    return args
+
+
+def unknown_variant(names: list[str]) -> Optional[str]:
+    """The first of ``--variants`` that names no recipe, backend or dtype this machine runs (else building it
+    would raise, after the models before it were built)."""
+    for name in names:
+        variant = Variant(name)
+        if variant.dtype is not None and variant.dtype not in DTYPES:
+            return f"--variants {name}: unknown dtype {variant.dtype!r} after '@'; {VARIANT_SYNTAX}"
+        if variant.recipe is not None:
+            if variant.recipe not in RECIPES:
+                return f"--variants {name}: unknown recipe {variant.recipe!r}; {VARIANT_SYNTAX}"
+        elif problem := unusable_backend("--variants", [variant.base]):
+            registered = variant.base in {info.name for info in ss.list_backends()}
+            return problem if registered else f"{problem}; {VARIANT_SYNTAX}"
+    return None
 
 
 def part_functions(work: Workload) -> dict:
@@ -79,7 +112,7 @@ def main(argv=None) -> None:
                     elapsed = time_once(parts[name][part], "cpu")
                     if rep:
                         samples[name][part].append(elapsed)
-            print(f"[breakdown] {model}: repeat {rep + 1}/{args.repeats + 1}", flush=True)
+            print(f"[breakdown] {model}: " + (f"repeat {rep}/{args.repeats}" if rep else "warm-up done"), flush=True)
         print(f"\n{model}, batch {args.batch_size}, {args.input_size} px, mask {args.mask}, {args.threads} threads "
               f"(ms, median of {args.repeats}; share of the step)")
         print(f"{'variant':<18} {'step':>7} {'encoder':>15} {'decoder':>15} {'optimizer':>15} {'densify, loss, rest':>21}")
@@ -92,6 +125,8 @@ def main(argv=None) -> None:
             cells = [f"{med[p]:7.0f} ({med[p] / step:4.0%})" for p in PARTS[1:]]
             rest_cell = f"{rest:7.0f} ({rest / step:4.0%})"
             print(f"{name:<18} {step:7.0f} " + " ".join(f"{c:>15}" for c in cells) + f" {rest_cell:>21}")
+        negative = [row["variant"] for row in rows if row["rest"] < 0]
+        print(REST_NOTE + (f"; negative here for {', '.join(negative)}" if negative else ""))
         print()
         tables.append({"model": model, "rows": rows})
     if args.out is not None:

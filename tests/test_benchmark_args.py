@@ -1,0 +1,131 @@
+"""The diagnosis benchmarks refuse a setting no run can use with one usage error (exit status 2) before
+anything is built or measured, show their defaults in --help, and label what their tables leave unsaid."""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import spark_sparse as ss
+from spark_sparse.backends.registry import BackendInfo
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import data_loading  # noqa: E402
+import guard_noise  # noqa: E402
+import kernel_profile  # noqa: E402
+import kink_flips  # noqa: E402
+import step_breakdown  # noqa: E402
+from _args import HelpFormatter  # noqa: E402
+
+SCRIPTS = {"step_breakdown": step_breakdown, "kernel_profile": kernel_profile, "kink_flips": kink_flips,
+           "guard_noise": guard_noise, "data_loading": data_loading}
+
+REFUSED = [
+    ("step_breakdown", ["--models", "resnet5"], "--models: unknown model 'resnet5'; did you mean resnet50"),
+    ("step_breakdown", ["--variants", "recipe:spark", "recipe:turbo"],
+     "--variants recipe:turbo: unknown recipe 'turbo'"),
+    ("step_breakdown", ["--variants", "recipe:fast@bf32"], "--variants recipe:fast@bf32: unknown dtype 'bf32'"),
+    ("step_breakdown", ["--variants", "sprase"], "--variants sprase: not a registered backend (did you mean sparse?)"),
+    ("step_breakdown", ["--repeats", "0"], "--repeats 0: must be at least 1"),
+    ("step_breakdown", ["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    ("step_breakdown", ["--threads", "0"], "--threads 0: must be at least 1"),
+    ("step_breakdown", ["--input-size", "100"], "--input-size 100: must be a positive multiple of 32"),
+    ("step_breakdown", ["--mask", "nan"], "--mask nan: must be a ratio of hidden patches above 0 and below 1"),
+    ("kernel_profile", ["--model", "nosuchmodel"], "--model: unknown model 'nosuchmodel'"),
+    ("kernel_profile", ["--backends", "masked", "nosuch"], "--backends nosuch: not a registered backend"),
+    ("kernel_profile", ["--backends", "masked", "--layers"], "--layers replays the convs of the first backend other"),
+    ("kernel_profile", ["--batch", "0"], "--batch 0: must be at least 1"),
+    ("kernel_profile", ["--warmup", "-1"], "--warmup -1: must be 0 or more"),
+    ("kernel_profile", ["--repeats", "0"], "--repeats 0: must be at least 1"),
+    ("kernel_profile", ["--mask", "inf"], "--mask inf: must be a ratio"),
+    ("kink_flips", ["--models", "convnext_tiny", "nosuchmodel"], "--models: unknown model 'nosuchmodel'"),
+    ("kink_flips", ["--quick", "--backends", "nosuch"], "--backends nosuch: not a registered backend"),
+    ("kink_flips", ["--mask", "1"], "--mask 1.0: must be a ratio"),
+    ("kink_flips", ["--input-size", "0"], "--input-size 0: must be a positive multiple of 32"),
+    ("guard_noise", ["--rounds", "2", "--window", "5"], "--rounds 2: must be at least --window (5)"),
+    ("guard_noise", ["--window", "0"], "--window 0: must be at least 1"),
+    ("guard_noise", ["--model", "nosuchmodel"], "--model: unknown model 'nosuchmodel'"),
+    ("guard_noise", ["--mask", "0"], "--mask 0.0: must be a ratio"),
+    ("data_loading", ["--workers", "0", "-1"], "--workers -1: must be 0 (loading in the main process) or more"),
+    ("data_loading", ["--images", "0"], "--images 0: must be at least 1"),
+    ("data_loading", ["--names", "0"], "--names 0: must be at least 1"),
+    ("data_loading", ["--quick", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    ("data_loading", ["--repeats", "0"], "--repeats 0: must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("script, argv, message", REFUSED, ids=[f"{s} {' '.join(a)}" for s, a, _ in REFUSED])
+def test_an_impossible_setting_is_one_usage_error_naming_flag_value_and_rule(script, argv, message, capsys,
+                                                                              monkeypatch):
+    built = []
+    monkeypatch.setattr(ss, "create_spark", lambda *a, **k: built.append(a))     # nothing may be built
+    with pytest.raises(SystemExit) as exit_:
+        SCRIPTS[script].main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f": error: {message}" in err, err
+    assert err.startswith("usage:") and not built
+
+
+def test_a_backend_that_cannot_run_here_is_refused_with_its_reason(capsys, monkeypatch):
+    infos = [BackendInfo("masked", True, "", ""),
+             BackendInfo("faraway", False, "needs a device this machine lacks", "")]
+    monkeypatch.setattr(ss, "list_backends", lambda: infos)
+    for script, argv in [(kernel_profile, ["--backends", "masked", "faraway"]),
+                         (kink_flips, ["--backends", "faraway"]), (step_breakdown, ["--variants", "faraway"])]:
+        with pytest.raises(SystemExit) as exit_:
+            script.main(argv)
+        assert exit_.value.code == 2
+        assert "faraway: this backend cannot run here: needs a device this machine lacks" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_help_shows_every_default(script, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        SCRIPTS[script].main(["--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())       # argparse wraps lines
+    assert "(default: 2)" in out                         # --threads, in every script
+    if script in ("kink_flips", "data_loading"):
+        assert f"(default: bench_out/{script})" in out   # where the results go unless --out says otherwise
+
+
+def test_a_default_of_zero_is_shown_as_any_other():
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter)
+    parser.add_argument("--seed", type=int, default=0, help="seed")
+    parser.add_argument("--out", default=None, help="folder")
+    assert "seed (default: 0)" in parser.format_help() and "folder (default" not in parser.format_help()
+
+
+def test_quick_presets_yield_to_options_given_explicitly():
+    flips = kink_flips.parse_args(["--quick", "--models", "resnet18"])
+    assert flips.models == ["resnet18"] and flips.seeds == [0] and flips.backends == ["sparse"]
+    loading = data_loading.parse_args(["--quick", "--workers", "0", "2"])
+    assert loading.workers == [0, 2] and loading.images == 16 and loading.repeats == 1
+    assert data_loading.parse_args(["--quick"]).workers == [1]
+
+
+def test_the_breakdown_counts_repeats_without_the_warm_up_and_explains_a_negative_remainder(capsys, monkeypatch):
+    ms = {"step": 10.0, "encoder": 5.0, "decoder": 4.0, "optimizer": 3.0}       # parts add up to more than the step
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(step_breakdown, "Workload", lambda *a, **k: None)
+    monkeypatch.setattr(step_breakdown, "part_functions", lambda work: {part: part for part in ms})
+    monkeypatch.setattr(step_breakdown, "time_once", lambda part, device: ms[part])
+    step_breakdown.main(["--models", "resnet18", "--variants", "masked", "--repeats", "2"])
+    out = capsys.readouterr().out
+    assert [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("[breakdown]")] == [
+        "warm-up done", "repeat 1/2", "repeat 2/2"]
+    assert "     -2 (-20%)" in out and "a remainder, not timed itself" in out and "negative here for masked" in out
+
+
+def test_loading_in_the_main_process_is_measured_and_labelled_with_no_per_worker_rate(tmp_path):
+    path = data_loading.main(["--quick", "--workers", "0", "--sections", "loader", "--out", str(tmp_path)])
+    report = json.loads(path.read_text())
+    rows = [row for row in report["sections"][0]["rows"] if row[0].startswith("DataLoader")]
+    assert [row[0] for row in rows] == [f"DataLoader, 0 workers (loading in the main process, 2 torch threads), "
+                                        f"{kind} batches" for kind in ("uint8", "float32")]
+    assert all(float(row[1]) > 0 and row[2] == "-" for row in rows)
+    assert report["values"]["loader"]["workers_0_uint8_images_per_s"] > 0
