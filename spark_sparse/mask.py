@@ -69,6 +69,8 @@ class ActiveMask:
         The random numbers are drawn on the CPU (as SparK does), so a CPU ``generator`` reproduces
         the same masks whatever device the mask is moved to.
         """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"a mask is drawn for a batch of at least 1 image, got batch_size={batch_size!r}")
         h, w = grid_hw
         keep = kept_patches_per_image(h * w, mask_ratio)
         order = torch.rand(batch_size, h * w, generator=generator).argsort(dim=1)

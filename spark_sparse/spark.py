@@ -157,10 +157,28 @@ class SparK(nn.Module):
         return ActiveMask.random(batch_size, self.grid_hw(hw), self.mask_ratio, self.downsample_ratio,
                                  generator=generator, device=device)
 
-    def _resolve_mask(self, images: torch.Tensor, active_mask) -> ActiveMask:
+    def _check_images(self, images: torch.Tensor) -> None:
+        """Refuse what no forward can use, with the fix, before a conv deep inside fails on it (a dtype mismatch there
+        names neither the images nor the weights)."""
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be one tensor (B, 3, H, W), got {type(images).__name__} (a list of images: "
+                            f"torch.stack them)")
         if images.dim() != 4:
             raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+        if images.shape[0] < 1 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W) with B at least 1 (SparK reconstructs RGB images), got "
+                             f"shape {tuple(images.shape)}")
+        weights = self.mask_tokens[0].dtype
+        if images.dtype != weights:
+            fix = ("scale them to floats as the loader does (images.float() / 255, then normalise with ImageNet's mean "
+                   "and std)" if not images.is_floating_point() else
+                   f"convert them with images.to({weights}), or the model with spark.to({images.dtype}); for mixed "
+                   f"precision keep both {weights} and run under torch.autocast")
+            raise TypeError(f"images are {images.dtype}, the model's weights {weights}: {fix}")
         self._check_image_hw(tuple(images.shape[-2:]))
+
+    def _resolve_mask(self, images: torch.Tensor, active_mask) -> ActiveMask:
+        self._check_images(images)
         if active_mask is None:
             return self.mask(images.shape[0], device=images.device, image_hw=tuple(images.shape[-2:]))
         if not isinstance(active_mask, ActiveMask):
@@ -271,6 +289,11 @@ _NOT_FOR_AN_ENCODER = {
 
 def _check_model_kwargs(model_kwargs: dict) -> None:
     """Refuse constructor arguments a SparK encoder cannot take, before the model is built."""
+    if isinstance(model_kwargs.get("model_kwargs"), dict):     # PretrainConfig's field, given to create_spark
+        spelled = ", ".join(f"{key}={value!r}" for key, value in model_kwargs["model_kwargs"].items())
+        raise ConfigError(f"create_spark takes the model's constructor arguments as keywords of its own "
+                          f"(create_spark(name, {spelled})), not as model_kwargs={{...}}; "
+                          f"create_spark(name, **model_kwargs) passes a dict")
     problems = [f"{key}: {why}" for key, why in _NOT_FOR_AN_ENCODER.items() if key in model_kwargs]
     if model_kwargs.get("in_chans", 3) != 3:
         problems.append(f"in_chans={model_kwargs['in_chans']}: SparK reconstructs the 3 channels of RGB images (the "

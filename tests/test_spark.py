@@ -155,6 +155,45 @@ def test_images_of_a_wrong_size_are_refused():
         spark(torch.randn(1, 3, 70, 64))
 
 
+@pytest.mark.parametrize("images, error, refusal", [
+    ([torch.randn(3, 64, 64)], TypeError, "images must be one tensor (B, 3, H, W), got list (a list of images: "
+                                          "torch.stack them)"),
+    (torch.randn(3, 64, 64), ValueError, "images must be (B, C, H, W), got shape (3, 64, 64)"),
+    (torch.randn(0, 3, 64, 64), ValueError, "with B at least 1"),
+    (torch.randn(2, 1, 64, 64), ValueError, "(SparK reconstructs RGB images), got shape (2, 1, 64, 64)"),
+    (torch.randn(2, 3, 64, 64, dtype=torch.float64), TypeError,
+     "images are torch.float64, the model's weights torch.float32: convert them with images.to(torch.float32)"),
+    (torch.zeros(2, 3, 64, 64, dtype=torch.uint8), TypeError, "images are torch.uint8, the model's weights "
+                                                              "torch.float32: scale them to floats"),
+])
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+def test_images_no_forward_can_use_are_refused_with_the_fix(backend, images, error, refusal):
+    spark = ss.create_spark("tiny_cnn", backend=backend, input_size=64)
+    with pytest.raises(error, match=re.escape(refusal)):
+        spark(images)
+    with pytest.raises(error, match=re.escape(refusal)):
+        spark.reconstruct(images)
+
+
+def test_images_of_the_models_own_dtype_run():
+    spark = ss.create_spark("tiny_cnn", backend="sparse", input_size=64).double()
+    assert spark(torch.randn(2, 3, 64, 64, dtype=torch.float64)).dtype == torch.float64
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])
+def test_a_mask_for_no_images_or_a_non_integer_batch_is_refused(batch_size):
+    spark = ss.create_spark("tiny_cnn", input_size=64)
+    with pytest.raises(ValueError, match=re.escape(f"a batch of at least 1 image, got batch_size={batch_size!r}")):
+        spark.mask(batch_size)
+
+
+def test_constructor_arguments_given_as_a_model_kwargs_dict_are_refused_with_the_spelling_that_works(monkeypatch):
+    monkeypatch.setattr("spark_sparse.spark.create_encoder", lambda *a, **k: pytest.fail("built the model"))
+    with pytest.raises(ConfigError, match=re.escape("keywords of its own (create_spark(name, channels=(8, 16))), not "
+                                                    "as model_kwargs={...}")):
+        ss.create_spark("resnet18", input_size=64, model_kwargs={"channels": (8, 16)})
+
+
 def test_wrong_shaped_mask_is_refused():
     spark = ss.create_spark("tiny_cnn", input_size=64)
     with pytest.raises(ValueError, match="active mask has shape"):
