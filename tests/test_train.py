@@ -130,8 +130,8 @@ def test_the_folder_guard_offers_a_run_built_with_other_constructor_arguments_it
     pretrain(tiny_config(folder, tmp_path, ep=1, model="resnet18", model_kwargs=NARROW_RESNET), cmd=logged)
     checkpoint = tmp_path / "resnet18_still_pretraining.pth"
     with pytest.raises(ConfigError, match=re.escape(
-            f"continue it:  {logged} --resume_from={checkpoint}   (its own command, from its log: it was built with "
-            f"other --model_kwargs)")):
+            f"continue it:  {logged} --resume_from={checkpoint} --ep <more than 1>   (its own command, from its log: "
+            f"it was built with other --model_kwargs; it finished its 1 epoch)")):
         Trainer(tiny_config(folder, tmp_path, ep=2, model="resnet18"), "spark-pretrain x --model resnet18 --ep 2")
     with pytest.raises(ConfigError, match=re.escape(f"continue it:  {logged} --ep 2 --resume_from={checkpoint}\n")):
         Trainer(tiny_config(folder, tmp_path, ep=2, model="resnet18", model_kwargs=NARROW_RESNET), f"{logged} --ep 2")
@@ -690,6 +690,13 @@ def test_the_folder_guard_suggests_commands_that_fit_what_it_found(folder, tmp_p
                                           r"   \(its own command, from its log: it is a run of resnet18, not of "
                                           r"tiny_cnn\)"):
         Trainer(tiny_config(folder, other), "spark-pretrain t")
+    with (other / "pretrain_log.txt").open("a") as log:               # that run finished its --ep 2
+        log.write('{"name": "t", "cmd": "spark-pretrain t --model=resnet18 --ep=2", "args": {"ep": 2}}\n'
+                  '{"epoch": 2}\n')
+    with pytest.raises(ConfigError, match=r"continue it:  spark-pretrain t --model=resnet18 --resume_from=auto --ep "
+                                          r"<more than 2>   \(its own command, from its log: it is a run of resnet18, "
+                                          r"not of tiny_cnn; it finished its 2 epochs\)"):
+        Trainer(tiny_config(folder, other, ep=3), "spark-pretrain t --ep 3")
 
 
 def test_resuming_with_other_settings_warns_in_the_console_and_the_log(folder, tmp_path):

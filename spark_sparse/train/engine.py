@@ -47,7 +47,7 @@ from .config import PretrainConfig
 from .data import DemoPhotosDataset, ImageFolderDataset, ImageNormalizer, pretrain_augmentation
 from .distributed import DistContext, EpochBatchSampler, init_distributed, split_global_batch
 from .optim import apply_lr_wd, build_optimizer, default_beta2, lr_wd_at, param_groups
-from .outputs import PRETRAINED, RunOutputs, Tee, git_commit
+from .outputs import PRETRAINED, RunOutputs, Tee, epochs_text, git_commit
 from .visualize import save_reconstruction_grid
 
 __all__ = ["pretrain", "Trainer", "TrainingError", "StopRequested", "NothingToTrain", "RESUME_AUTO"]
@@ -258,10 +258,10 @@ def _check_epochs_left(path: str, ckpt: dict, epochs: int, model_name: str) -> N
     its_encoder = f"its pre-trained encoder is {encoder}" if encoder.is_file() else f"{encoder} is missing"
     if done > epochs or (done == epochs and within):
         extra = f" and {within} iterations of epoch {done + 1}" if within else ""
-        raise ConfigError(f"--ep {epochs}: {path} has already done {done} epochs{extra}, and a run cannot be "
+        raise ConfigError(f"--ep {epochs}: {path} has already done {epochs_text(done)}{extra}, and a run cannot be "
                           f"shortened. To continue it, give --ep above {done}; to use it as it is, {its_encoder}")
     if done == epochs:
-        raise NothingToTrain(f"nothing to train: {path} has done all {epochs} epochs of --ep {epochs} ({its_encoder}); "
+        raise NothingToTrain(f"nothing to train: {path} has done all {epochs_text(epochs)} of --ep {epochs} ({its_encoder}); "
                              f"to train it further, resume with --ep above {epochs} (the schedules stretch to the "
                              f"new length)", RunState(done, 0, ckpt.get("min_loss", math.inf)))
 
@@ -565,7 +565,7 @@ class Trainer:
         hidden = self.dataset.hidden_files
         hidden = f" ({hidden} hidden file(s) with image names left out: names starting with '.')" if hidden else ""
         print(f"[spark-pretrain] data: {len(self.dataset)} images from {source}{hidden}; global batch "
-              f"{self.global_batch}, {self.iters_per_epoch} iterations/epoch, {cfg.ep} epochs, peak lr "
+              f"{self.global_batch}, {self.iters_per_epoch} iterations/epoch, {epochs_text(cfg.ep)}, peak lr "
               f"{self.peak_lr:.3g}")
         resolved = self._resolved()
         print(f"[spark-pretrain] drop path {resolved['dp']:g} (--dp), Adam beta2 {resolved['ada']:g} (--ada), densify "
@@ -678,6 +678,9 @@ class Trainer:
         state.min_loss = min(state.min_loss, epoch_loss)
         state.epoch, state.iteration, state.loss_sum, state.unreadable = state.epoch + 1, 0, 0.0, set()
         remaining, finish = RunOutputs.eta(seconds_per_epoch, cfg.ep - state.epoch)
+        if self.ctx.is_main:      # before the save's lines: they belong to this epoch
+            print(f"[spark-pretrain] epoch {state.epoch}/{cfg.ep}: loss {epoch_loss:.4f} (min {state.min_loss:.4f}), "
+                  f"{seen / max(elapsed, 1e-9):.1f} images/s, remaining {remaining}, finish @ {finish}")
         self.save(final=state.epoch == cfg.ep)
         self.outputs.log_epoch({"epoch": state.epoch, "loss": epoch_loss, "min_loss": state.min_loss,
                                 "lr": self.lr_wd_at(state.epoch * self.iters_per_epoch - 1)[0],
@@ -688,9 +691,6 @@ class Trainer:
                                 # SparK's own keys for the same values, so that its users' log readers work as they are
                                 "cur_ep": f"{state.epoch}/{cfg.ep}", "last_L": epoch_loss, "rema": remaining,
                                 "fini": finish})
-        if self.ctx.is_main:
-            print(f"[spark-pretrain] epoch {state.epoch}/{cfg.ep}: loss {epoch_loss:.4f} (min {state.min_loss:.4f}), "
-                  f"{seen / max(elapsed, 1e-9):.1f} images/s, remaining {remaining}, finish @ {finish}")
         self.ctx.barrier()
         if stopped_at_epoch_end and state.epoch < cfg.ep:
             raise StopRequested(f"stopped after epoch {state.epoch}/{cfg.ep}; resume with "

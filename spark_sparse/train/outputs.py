@@ -93,6 +93,11 @@ class Tee:
         return getattr(self.stream, name)
 
 
+def epochs_text(count: int) -> str:
+    """``1 epoch``, ``2 epochs``."""
+    return f"{count} epoch{'' if count == 1 else 's'}"
+
+
 class RunOutputs:
     """Paths and writers of one run's output folder."""
 
@@ -180,22 +185,29 @@ class RunOutputs:
         unknown = "spark-pretrain <same arguments>"                 # a library call passes no command
         base = shlex.join(words) or unknown
         others = sorted(models - {self.model})
-        own = shlex.join(_without_restart_flags(logged.command))  # the logged run's command, '' if none logged
+        own_words = _without_restart_flags(logged.command)        # the logged run's command, [] if none logged
+        own = shlex.join(own_words)
         built_otherwise = (model_kwargs is not None and own
                            and json.loads(json.dumps(model_kwargs, default=str)) != logged.model_kwargs)
+
+        def continued(command_words: list[str], resume_from: str, why: str, done: bool) -> str:
+            """The command that continues the run; a finished run's own --ep gives way to a larger one."""
+            if not done:
+                return f"continue it:  {shlex.join(command_words) or unknown} --resume_from={resume_from}{why}"
+            longer = shlex.join(without_flags(command_words, valued=("ep",))) or unknown
+            finished = f"it finished its {epochs_text(epoch)}"
+            why = f"{why[:-1]}; {finished})" if why else f"   ({finished})"
+            return f"continue it:  {longer} --resume_from={resume_from} --ep <more than {epoch}>{why}"
+
+        logged_done = epoch is not None and total is not None and epoch >= total
         if self.still_pretraining_path.exists() and built_otherwise:
-            resume = (f"continue it:  {own} --resume_from={self.still_pretraining_path}   (its own command, from "
-                      f"its log: it was built with other --model_kwargs)")
+            resume = continued(own_words, str(self.still_pretraining_path), "   (its own command, from its log: it "
+                               "was built with other --model_kwargs)", logged_done)
         elif self.still_pretraining_path.exists():
-            if epoch is not None and epoch >= epochs:       # the command's own --ep gives way to a larger one
-                longer = shlex.join(without_flags(words, valued=("ep",))) or unknown
-                resume = (f"continue it:  {longer} --resume_from={self.still_pretraining_path} --ep <more than "
-                          f"{epoch}>   (it finished its {epoch} epochs)")
-            else:
-                resume = f"continue it:  {base} --resume_from={self.still_pretraining_path}"
+            resume = continued(words, str(self.still_pretraining_path), "", epoch is not None and epoch >= epochs)
         elif others and own:
-            resume = (f"continue it:  {own} --resume_from=auto   (its own command, from its log: it is a run of "
-                      f"{', '.join(others)}, not of {self.model})")
+            resume = continued(own_words, "auto", f"   (its own command, from its log: it is a run of "
+                                                  f"{', '.join(others)}, not of {self.model})", logged_done)
         elif others:
             resume = (f"continue it:  it is a run of {', '.join(others)}, not of {self.model}: add --model "
                       f"{others[0]} --resume_from=auto")
