@@ -284,23 +284,31 @@ def _leave_process_group() -> None:
 
 def launch_command(argv: list[str]) -> str:
     """The command that started this process, as it can be typed again (the log's ``cmd``, the folder guard's
-    "continue it" line): ``python -m spark_sparse.cli`` for the module run, whose ``argv[0]`` is this file (not
-    executable), and under torchrun its launch flags in front, so that a resume runs as many processes."""
+    "continue it" line): ``<this python> -m spark_sparse.cli`` for the module run, whose ``argv[0]`` is this file
+    (not executable), and under torchrun its launch flags in front, so that a resume runs as many processes."""
     words = list(argv[1:])
     program = Path(argv[0]) if argv else Path("spark-pretrain")
     if under_torchrun():                                   # a console script too: torchrun runs the module
         local, world = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), int(os.environ["WORLD_SIZE"])
-        prefix = ["torchrun", f"--nnodes={max(world // max(local, 1), 1)}", f"--nproc_per_node={local}"]
+        prefix = [_beside_python("torchrun"), f"--nnodes={max(world // max(local, 1), 1)}", f"--nproc_per_node={local}"]
         if world > local:
             prefix += [f"--node_rank={os.environ.get('GROUP_RANK', 0)}",
                        f"--master_addr={os.environ.get('MASTER_ADDR', '127.0.0.1')}",
                        f"--master_port={os.environ.get('MASTER_PORT', 29500)}"]
         prefix += ["-m", "spark_sparse.cli"]
     elif program.resolve() == Path(__file__).resolve():
-        prefix = ["python", "-m", "spark_sparse.cli"]
+        prefix = [sys.executable or "python", "-m", "spark_sparse.cli"]
     else:
         prefix = [str(program)]
     return shlex.join(prefix + words)
+
+
+def _beside_python(script: str) -> str:
+    """``script`` by its path in this interpreter's ``bin`` folder when it is there: a command pasted from a log
+    or a refusal then runs in this environment even where it is not activated (a console script is
+    logged by its path, as the shell found it)."""
+    path = Path(sys.executable).parent / script if sys.executable else None
+    return str(path) if path is not None and path.is_file() else script
 
 
 def _relaunch(num_nodes: int, nproc: int, node_rank: int, address: str, port: int) -> None:

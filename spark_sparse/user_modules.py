@@ -41,6 +41,7 @@ def _import_file(spec: str) -> ModuleType:
             return loaded
         raise UserModuleError(f"--import_module {spec}: a module named {name!r} is already loaded from "
                               f"{getattr(loaded, '__file__', None) or 'elsewhere'}; rename the file")
+    _on_path(str(path.parent))        # as `python file.py` has it: the file may import the modules beside it
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module            # before running it, as a normal import does (dataclasses, pickling)
@@ -52,10 +53,16 @@ def _import_file(spec: str) -> ModuleType:
     return module
 
 
+def _on_path(folder: str) -> None:
+    """Let imports find modules in ``folder``, after the environment's: a local file never shadows a package."""
+    if folder not in sys.path:
+        sys.path.append(folder)
+
+
 def _import_name(spec: str) -> ModuleType:
     cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.append(cwd)              # after the environment: a local file never shadows a package
+    if "" not in sys.path:
+        _on_path(cwd)
     try:
         return importlib.import_module(spec)
     except ModuleNotFoundError as err:

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,17 +159,18 @@ def test_the_logged_command_is_one_that_runs_again(monkeypatch):
     module_file = cli.__file__
     for name in ("LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"):
         monkeypatch.delenv(name, raising=False)
-    assert cli.launch_command([module_file, "t", "--bs=8"]) == "python -m spark_sparse.cli t --bs=8"
+    python, torchrun = shlex.quote(sys.executable), shlex.quote(str(Path(sys.executable).parent / "torchrun"))
+    assert cli.launch_command([module_file, "t", "--bs=8"]) == f"{python} -m spark_sparse.cli t --bs=8"
     assert cli.launch_command(["/venv/bin/spark-pretrain", "t"]) == "/venv/bin/spark-pretrain t"
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert cli.launch_command([module_file, "t"]) == "torchrun --nnodes=1 --nproc_per_node=2 -m spark_sparse.cli t"
+    assert cli.launch_command([module_file, "t"]) == f"{torchrun} --nnodes=1 --nproc_per_node=2 -m spark_sparse.cli t"
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("GROUP_RANK", "1")
     monkeypatch.setenv("MASTER_ADDR", "node0")
     monkeypatch.setenv("MASTER_PORT", "1234")
-    assert cli.launch_command([module_file, "t"]) == ("torchrun --nnodes=2 --nproc_per_node=2 --node_rank=1 "
+    assert cli.launch_command([module_file, "t"]) == (f"{torchrun} --nnodes=2 --nproc_per_node=2 --node_rank=1 "
                                                       "--master_addr=node0 --master_port=1234 -m spark_sparse.cli t")
 
 
@@ -333,6 +335,22 @@ def test_a_module_file_is_imported_once_under_its_stem(tmp_path):
     other.write_text("")
     with pytest.raises(UserModuleError, match="a module named 'registers_nothing_here' is already loaded from"):
         import_user_module(str(other))
+
+
+def test_a_module_file_imports_the_modules_beside_it(tmp_path, monkeypatch):
+    """As ``python file.py`` would: its folder is on the path, so the file may import its neighbours."""
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    (folder / "neighbour_of_user_models.py").write_text("WIDTH = 8\n")
+    (folder / "user_models_with_a_neighbour.py").write_text("from neighbour_of_user_models import WIDTH\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(tmp_path)
+    try:
+        assert import_user_module(str(folder / "user_models_with_a_neighbour.py")).WIDTH == 8
+        assert sys.path[-1] == str(folder)                 # after the environment: it shadows no package
+    finally:
+        for name in ("user_models_with_a_neighbour", "neighbour_of_user_models"):
+            sys.modules.pop(name, None)
 
 
 def test_a_module_that_cannot_be_found_is_a_usage_error_and_its_own_import_errors_keep_their_traceback(tmp_path,
