@@ -600,7 +600,7 @@ def test_a_damaged_own_checkpoint_says_how_to_restore_or_start_over_and_that_way
 
 
 @pytest.mark.parametrize("input_size, mask, message", [
-    (50, 0.6, "each side must be a positive multiple of the downsample ratio 32"),
+    (50, 0.6, "--input_size 50: must be a positive multiple of 32"),
     (32, 0.6, "keeps round(1 * 0.4) = 0 of 1 patches visible"),
     (64, 0.1, "keeps round(4 * 0.9) = all 4 patches visible, so nothing is left to reconstruct"),
 ])
@@ -609,6 +609,8 @@ def test_an_input_size_the_model_cannot_mask_is_refused_before_anything_is_writt
     with pytest.raises(ConfigError) as err:
         Trainer(tiny_config(folder, tmp_path / "out", input_size=input_size, mask=mask), "")
     assert message in str(err.value) and not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match=re.escape(message)):      # from the settings alone: before the data's
+        tiny_config(folder, tmp_path / "out", input_size=input_size, mask=mask, bs=10 ** 6)   # batch is checked
 
 
 def test_an_output_folder_that_cannot_be_made_is_refused_before_the_run(folder, tmp_path):

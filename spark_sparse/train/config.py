@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ConfigError
+from ..mask import kept_patches_per_image
 from ..models.model_kwargs import check_literal_model_kwargs, parse_model_kwargs
 
 __all__ = ["PretrainConfig", "DEMO_DEFAULTS"]
@@ -14,6 +15,9 @@ __all__ = ["PretrainConfig", "DEMO_DEFAULTS"]
 #: what replaces SparK's ImageNet defaults when no --data_path is given (explicit flags still win)
 DEMO_DEFAULTS = dict(model="resnet18", input_size=96, bs=32, ep=10, wp_ep=1, base_lr=1e-2, mask=0.6,
                      dataloader_workers=2)
+
+#: SparK's mask patch: every encoder's downsample ratio (feature maps at strides 4, 8, 16 and 32)
+PATCH = 32
 
 #: create_spark's own arguments, which --model_kwargs cannot pass to the model's constructor
 _SPARK_OWN_ARGUMENTS = dict(drop_path_rate="--dp", input_size="--input_size", mask_ratio="--mask",
@@ -92,7 +96,8 @@ class PretrainConfig:
         if not_finite:      # nan passes no comparison: the rules below would name the wrong fault
             raise ConfigError("; ".join(not_finite))
         problems = [f"--{name} {value}: {rule}" for name, value, ok, rule in (
-            ("input_size", self.input_size, self.input_size > 0, "must be a positive multiple of 32, e.g. 224"),
+            ("input_size", self.input_size, self.input_size > 0 and self.input_size % PATCH == 0,
+             f"must be a positive multiple of {PATCH} (SparK's mask patch, the encoders' downsample ratio), e.g. 224"),
             ("mask", self.mask, 0 < self.mask < 1, "the ratio of patches hidden must be above 0 (something to "
                                                    "reconstruct) and below 1 (something to see), e.g. 0.6"),
             ("bs", self.bs, self.bs >= 1, "the global batch must hold at least one image"),
@@ -111,6 +116,7 @@ class PretrainConfig:
         ) if not ok]
         if problems:
             raise ConfigError("; ".join(problems))
+        kept_patches_per_image((self.input_size // PATCH) ** 2, self.mask)    # something visible, something hidden
 
     @property
     def output_dir(self) -> Path:
