@@ -8,12 +8,17 @@ BIN := $(VENV)/bin
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-install: $(BIN)/python
+install: $(VENV)/.installed
+
+# once per environment, and again when pyproject.toml changes (the package itself is installed editable): a
+# second `make demo` or `make test` starts at once, offline too
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	# torch and torchvision as one matching pair (an older CPU-only torch found on some machines does not
 	# import PyPI's torchvision); on Linux x86_64 this torch is a CUDA build, which runs on CPUs too
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
 
 # MinkowskiEngine has no wheels: build it (5-10 min on 2 cores, cached in .cache/wheels). A failed
 # build is reported and its tests then skip with the import error; it never hides other results.
