@@ -1,4 +1,6 @@
 """A user's encoder that breaks SparK's contract is named at creation, with the promise it breaks."""
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -54,9 +56,12 @@ def user_model():
     """Register a factory as a user's model (outside this package) for one test."""
     names = []
 
-    def register(encoder_class, takes_drop_path=True):
+    def register(encoder_class, takes_drop_path=True, ignores_drop_path=False):
         name = f"contract_test_{encoder_class.__name__.lower()}_{len(names)}"
-        if takes_drop_path:
+        if ignores_drop_path:                   # as the README's example does: takes the rate, builds no DropPath
+            def factory(drop_path_rate=0.0, **kwargs):
+                return encoder_class(widths=(8, 8, 16, 16))
+        elif takes_drop_path:
             def factory(drop_path_rate=0.0, **kwargs):
                 return encoder_class(widths=(8, 8, 16, 16), drop_path_rate=drop_path_rate)
         else:
@@ -222,3 +227,17 @@ def test_a_layer_setting_a_backend_cannot_run_is_one_error_naming_the_way_out(us
         ss.create_spark(name, backend="sparse", input_size=64)
     assert isinstance(err.value, NotImplementedError)
     ss.create_spark(name, backend="masked", input_size=64)         # masked runs it
+
+
+def test_a_drop_path_the_users_model_ignores_is_warned_about(user_model):
+    """The contract lets a factory ignore drop_path_rate (a net without stochastic depth); asked for one, a model that
+    holds no DropPath layer is warned about, since --dp would then do nothing."""
+    ignores = user_model(TinyCNN, takes_drop_path=False, ignores_drop_path=True)
+    with pytest.warns(UserWarning, match=rf"model '{ignores}' was asked for drop path 0.1 \(--dp\) but holds no "
+                                         r"DropPath layer"):
+        ss.create_encoder(ignores, drop_path_rate=0.1)
+    uses = user_model(TinyCNN)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ss.create_encoder(uses, drop_path_rate=0.1)        # its blocks hold DropPath layers
+        ss.create_encoder(ignores, drop_path_rate=0.0)     # nothing asked, nothing ignored

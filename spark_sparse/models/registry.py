@@ -19,9 +19,11 @@ backend (features, loss, every gradient) and exports to timm.
 from __future__ import annotations
 
 import difflib
+import warnings
 from typing import Callable, Optional, Protocol, runtime_checkable
 
 import torch.nn as nn
+from timm.layers import DropPath
 
 from ..errors import ConfigError, SparkSparseError
 from .contract import EncoderContractError, check_encoder, check_factory
@@ -141,5 +143,11 @@ def create_encoder(name: str, /, drop_path_rate: Optional[float] = None, **kwarg
         raise EncoderContractError(f"model {key!r} does not follow the encoder contract (get_downsample_ratio, "
                                    f"get_feature_map_channels, forward(x, hierarchical=True))")
     # a user's encoder is probed once (this package's families are checked by its tests)
-    check_encoder(encoder, key, probe=not getattr(factory, "__module__", "").startswith(f"{_PACKAGE}."))
+    users = not getattr(factory, "__module__", "").startswith(f"{_PACKAGE}.")
+    check_encoder(encoder, key, probe=users)
+    if users and rate and not any(isinstance(module, DropPath) for module in encoder.modules()):
+        warnings.warn(f"model {key!r} was asked for drop path {rate:g} (--dp) but holds no DropPath layer: its "
+                      f"factory may ignore drop_path_rate, and then the run has no stochastic depth; build "
+                      f"timm.layers.DropPath(drop_path_rate) into its blocks, or pre-train it with --dp 0",
+                      UserWarning, stacklevel=2)
     return encoder
