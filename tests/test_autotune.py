@@ -300,11 +300,14 @@ def test_cached_mode_measures_nothing_and_keeps_the_static_rule_for_unknown_laye
 
 
 def test_cached_mode_uses_what_an_earlier_run_measured(tmp_path):
-    tune(build(), tmp_path, FakeTimer())
+    first = tune(build(), tmp_path, FakeTimer())
     spark = build()
     result = tune(spark, tmp_path, NoTimer(), mode="cached")
     assert set(pinned(spark).values()) == {"gather"} and result.guard.status == "cached"
     assert "the cache holds no layer" not in result.summary()
+    measured = sum(d.status == "measured" for d in first.decisions.values())
+    assert measured and f"plan: made by this run, layers: {measured} measured now, 0 from the cache)" in first.headline()
+    assert f"plan: made by this run, layers: 0 measured now, {measured} from the cache)" in result.headline()
 
 
 def test_off_mode_is_the_static_rule_and_says_it_was_not_measured(tmp_path):

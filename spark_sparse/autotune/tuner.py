@@ -200,8 +200,16 @@ class AutotuneResult:
 
     def headline(self) -> str:
         """How long tuning took and where the plan came from (the summary left out)."""
-        made = {"measured": "made by this run", "checkpoint": "the resumed run's", "off": "the static rule"}
+        made = {"measured": f"made by this run{self._layer_sources()}", "checkpoint": "the resumed run's",
+                "off": "the static rule"}
         return f"[autotune] {self.seconds:.1f} s (--autotune {self.mode}; plan: {made.get(self.source, self.source)})"
+
+    def _layer_sources(self) -> str:
+        """Where a plan made by this run took its layers' timings from: a run that found every layer in the cache
+        spent its time on the guard alone, which the headline's seconds would otherwise hide."""
+        statuses = [d.status for d in self.decisions.values()]
+        measured, cached = statuses.count("measured"), sum(s.startswith("cached") for s in statuses)
+        return f", layers: {measured} measured now, {cached} from the cache" if measured or cached else ""
 
     def describe(self) -> str:
         """Several lines: the summary, then each layer's kernel and every candidate's measured ms."""
