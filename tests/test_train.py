@@ -20,7 +20,7 @@ from spark_sparse.errors import ConfigError
 from spark_sparse.models import model_default_drop_path
 from spark_sparse.spark import SparK
 from spark_sparse.speed import BatchEstimate, plan_speed
-from spark_sparse.train import engine
+from spark_sparse.train import engine, outputs
 from spark_sparse.train.data import DataError, ImageFolderDataset, find_images
 from spark_sparse.train.distributed import split_global_batch
 from spark_sparse.train.config import PretrainConfig
@@ -65,7 +65,7 @@ def test_one_epoch_writes_every_output_file(folder, tmp_path):
     # the kernel tuning printed before the folder could be written to is in the backup too, first
     assert (out / "stderr_backup.txt").read_text().lstrip().startswith("[autotune]")
     # SparK's own keys, for its users' log readers
-    assert header["git_commit_id"] == header["git_commit"]
+    assert header["git_commit_id"] == header["git_commit"] and header["git_dirty"] in (True, False, None)
     assert (epoch["cur_ep"], epoch["last_L"], epoch["rema"], epoch["fini"]) == \
            ("1/1", epoch["loss"], epoch["remaining"], epoch["finish_time"])
     assert "finished" in (out / "stdout_backup.txt").read_text()
@@ -364,6 +364,22 @@ def test_dataloader_workers_live_across_epochs(folder, tmp_path, monkeypatch):
     loads = pids.read_text().split()
     workers = set(loads) - {str(os.getpid())}          # this process loads only the final PNG's images
     assert len(loads) >= 16 and len(workers) == 1
+
+
+def test_the_log_says_whether_the_code_that_ran_differs_from_its_commit(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+    assert outputs.git_commit(tmp_path) is None and outputs.git_dirty(tmp_path) is None      # not a checkout
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("commit", "-qm", "code")
+    assert len(outputs.git_commit(tmp_path)) == 40 and outputs.git_dirty(tmp_path) is False
+    (tmp_path / "untracked.txt").write_text("")                    # not code that ran: still clean
+    assert outputs.git_dirty(tmp_path) is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert outputs.git_dirty(tmp_path) is True
 
 
 class _RecordingSummaryWriter:

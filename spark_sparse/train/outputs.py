@@ -19,7 +19,7 @@ from typing import Any, Collection, NamedTuple, Optional, TextIO
 
 from ..errors import ConfigError
 
-__all__ = ["LoggedRun", "RunOutputs", "git_commit", "Tee", "without_flags"]
+__all__ = ["LoggedRun", "RunOutputs", "git_commit", "git_dirty", "Tee", "without_flags"]
 
 
 class LoggedRun(NamedTuple):
@@ -37,13 +37,27 @@ class LoggedRun(NamedTuple):
 STILL_PRETRAINING, PRETRAINED = "_still_pretraining.pth", "_1kpretrained.pth"
 
 
-def git_commit() -> Optional[str]:
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _git(*args: str, repo: Path) -> Optional[str]:
+    """``git args`` run in ``repo``: its output, or None where git or the repository is missing."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=repo)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return out.stdout if out.returncode == 0 else None
+
+
+def git_commit(repo: Path = _PACKAGE_DIR) -> Optional[str]:
+    """The commit of the code that runs (SparK's log records it too); None outside a git checkout."""
+    return (_git("rev-parse", "HEAD", repo=repo) or "").strip() or None
+
+
+def git_dirty(repo: Path = _PACKAGE_DIR) -> Optional[bool]:
+    """Whether tracked files differ from that commit: then the commit alone does not say what ran."""
+    status = _git("status", "--porcelain", "--untracked-files=no", repo=repo)
+    return None if status is None else bool(status.strip())
 
 
 def without_flags(words: list[str], valued: Collection[str], bare: Collection[str] = ()) -> list[str]:
