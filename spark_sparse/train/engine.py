@@ -653,7 +653,9 @@ class Trainer:
             state.unreadable.update(int(i) for i in bad_indices if i >= 0)
             rate = seen / max(time.time() - start_time, 1e-9)
             lr = self.lr_wd_at(global_it)[0]
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}", refresh=False)
+            # the epoch's mean so far, as the epoch line reports it at the end (a last step's loss differed from it)
+            bar.set_postfix(loss=f"{state.loss_sum / state.iteration:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}",
+                            refresh=False)
             bar.update()
             if self.tb is not None:
                 self.tb.add_scalar("train/loss", loss, global_it)
