@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from spark_sparse.train.data import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError, ImageNormalizer,
-                                     PackedPaths, find_images, pretrain_augmentation, to_rgb)
+from spark_sparse.train.data import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError, ImageFolderDataset,
+                                     ImageNormalizer, PackedPaths, describe_hidden, find_images, pretrain_augmentation,
+                                     to_rgb)
 
 from apptools import make_image_folder
 
@@ -61,6 +62,43 @@ def test_hidden_files_and_folders_are_left_out_and_counted(tmp_path):
         (root / name).touch()
     listing = find_images(tmp_path)
     assert list(listing.files) == [root / "c" / "a.jpg"] and listing.hidden == 2
+    assert listing.hidden_folders == (".ipynb_checkpoints",)
+
+
+def test_hidden_folders_are_counted_and_named_not_entered(tmp_path, monkeypatch):
+    """The user trial's folder: the data line named the hidden file but not the two hidden folders."""
+    root = make_image_folder(tmp_path / "weird", count=4) / "train"          # class0, class1: 2 PNGs each
+    for name in [".ipynb_checkpoints/a.png", "class0/.hid/b.png", "class0/._x.png", ".git/objects/c.png"]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).touch()
+    walked = []
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        walked.append(os.path.basename(os.fspath(path)))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    dataset = ImageFolderDataset(tmp_path / "weird", transform=lambda image: image)
+    assert len(dataset) == 4 and dataset.hidden_files == 1
+    assert dataset.hidden_folders == (".git", ".ipynb_checkpoints", os.path.join("class0", ".hid"))
+    assert "class0" in walked and not {".git", "objects", ".ipynb_checkpoints", ".hid"} & set(walked)   # not entered
+    assert dataset.hidden_note() == ("1 hidden file with an image name and 3 hidden folders (.git, .ipynb_checkpoints, "
+                                     f"{os.path.join('class0', '.hid')}) left out: names starting with '.'")
+
+
+def test_hidden_note_counts_in_words_and_names_a_few_folders():
+    assert describe_hidden(0, []) == ""
+    assert describe_hidden(2, []) == "2 hidden files with image names left out: names starting with '.'"
+    assert describe_hidden(0, [".a", ".b", ".c", ".d", ".e"]) == \
+        "5 hidden folders (.a, .b, .c and 2 more) left out: names starting with '.'"
+
+
+def test_a_folder_whose_images_are_all_hidden_says_where_they_are(tmp_path):
+    (tmp_path / ".photos").mkdir()
+    (tmp_path / ".photos" / "a.png").touch()
+    with pytest.raises(DataError, match=r"no image files .*; 1 hidden folder \(\.photos\) left out"):
+        find_images(tmp_path)
 
 
 def test_sixteen_bit_greyscale_is_scaled_to_eight_bits_not_clipped(tmp_path):

@@ -21,8 +21,8 @@ from torchvision import transforms
 from ..errors import SparkSparseError
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "DataError", "pretrain_augmentation", "ImageNormalizer",
-           "ImageFolderDataset", "DemoPhotosDataset", "ImageListing", "PackedPaths", "find_images", "denormalize",
-           "to_rgb"]
+           "ImageFolderDataset", "DemoPhotosDataset", "ImageListing", "PackedPaths", "find_images", "describe_hidden",
+           "denormalize", "to_rgb"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -109,13 +109,30 @@ class PackedPaths(Sequence[Path]):
 
 class ImageListing(NamedTuple):
     """What :func:`find_images` found: the folder read, its image files, the folders below it that
-    could not be listed (``"<folder>: <error>"``), whose images are left out, and how many hidden files
-    with image names were left out."""
+    could not be listed (``"<folder>: <error>"``), whose images are left out, how many hidden files
+    with image names were left out, and the hidden folders left out unread (paths relative to ``root``)."""
 
     root: Path
     files: PackedPaths
     unlisted: list[str]
     hidden: int = 0
+    hidden_folders: tuple[str, ...] = ()
+
+
+def describe_hidden(files: int, folders: Sequence[str], named: int = 3) -> str:
+    """What hidden entries were left out, for the data line and errors; '' when none.
+
+    The folders are counted, not walked (a ``.git`` or ``.cache`` folder may hold millions of files), and the
+    first ``named`` are named, so a user who put images in one on purpose sees where they went.
+    """
+    parts = []
+    if files:
+        parts.append(f"{files} hidden file with an image name" if files == 1 else
+                     f"{files} hidden files with image names")
+    if folders:
+        shown = ", ".join(folders[:named]) + (f" and {len(folders) - named} more" if len(folders) > named else "")
+        parts.append(f"{len(folders)} hidden folder{'s' if len(folders) != 1 else ''} ({shown})")
+    return f"{' and '.join(parts)} left out: names starting with '.'" if parts else ""
 
 
 def find_images(data_path: str | Path) -> ImageListing:
@@ -129,8 +146,10 @@ def find_images(data_path: str | Path) -> ImageListing:
     as unreadable by name, rather than dropped unseen. Folders that cannot be listed (permissions)
     are returned for the caller to report. Hidden files and folders (names starting with ``.``) are left
     out and counted: macOS's ``._photo.jpg`` resource forks are not images, and a ``.ipynb_checkpoints``
-    folder holds copies. The order is ``Path``'s (folder by folder, part by part), so a file keeps its
-    index, and a run its data order, across versions of this function.
+    folder holds copies. Hidden folders are not entered (a ``.git`` may hold millions of files), so their
+    own images are not counted; their paths are returned for the caller to name. The order is ``Path``'s
+    (folder by folder, part by part), so a file keeps its index, and a run its data order, across versions
+    of this function.
 
     Raises :class:`DataError` before anything starts when the folder is missing or holds no image.
     """
@@ -144,6 +163,7 @@ def find_images(data_path: str | Path) -> ImageListing:
     unlisted: list[str] = []
     listed: set[str] = set()
     hidden = 0
+    hidden_folders: list[str] = []
     for folder, subfolders, files in os.walk(root, followlinks=True,
                                              onerror=lambda err: unlisted.append(f"{err.filename}: {err.strerror}")):
         real = os.path.realpath(folder)
@@ -152,17 +172,20 @@ def find_images(data_path: str | Path) -> ImageListing:
             continue
         listed.add(real)
         # a folder reached by two names is listed under the first, every run
-        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
         prefix = os.path.relpath(folder, root)
         prefix = "" if prefix == os.curdir else prefix + os.sep
+        hidden_folders.extend(prefix + name for name in sorted(subfolders) if name.startswith("."))
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
         images = [name for name in files if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
         names.extend(prefix + name for name in images if not name.startswith("."))
         hidden += sum(name.startswith(".") for name in images)
     if not names:
         could_not = f"; could not list {'; '.join(unlisted[:3])}" if unlisted else ""
-        raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}{could_not}")
+        left_out = describe_hidden(hidden, hidden_folders)
+        raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}{could_not}"
+                        f"{'; ' + left_out if left_out else ''}")
     names.sort(key=lambda name: name.split(os.sep))
-    return ImageListing(root, PackedPaths(root, names), unlisted, hidden)
+    return ImageListing(root, PackedPaths(root, names), unlisted, hidden, tuple(hidden_folders))
 
 
 class _SeededDataset(Dataset):
@@ -175,6 +198,8 @@ class _SeededDataset(Dataset):
     unlisted_folders: Sequence[str] = ()
     #: hidden files with image names left out (``._photo.jpg`` and the like)
     hidden_files: int = 0
+    #: hidden folders left out unread (``.ipynb_checkpoints`` and the like), relative to the data folder
+    hidden_folders: Sequence[str] = ()
 
     def __init__(self, transform: Callable):
         self.transform = transform
@@ -184,6 +209,10 @@ class _SeededDataset(Dataset):
 
     def describe(self, index: int) -> str:
         return str(index)
+
+    def hidden_note(self) -> str:
+        """The hidden files and folders left out, for the run's data line ('' when none)."""
+        return describe_hidden(self.hidden_files, self.hidden_folders)
 
     def why_unreadable(self, index: int) -> str:
         """The error reading ``index`` gives (the loader workers only report which index failed)."""
@@ -237,7 +266,7 @@ class _SeededDataset(Dataset):
 class ImageFolderDataset(_SeededDataset):
     def __init__(self, data_path: str | Path, transform: Callable):
         super().__init__(transform)
-        self.root, self.files, self.unlisted_folders, self.hidden_files = find_images(data_path)
+        self.root, self.files, self.unlisted_folders, self.hidden_files, self.hidden_folders = find_images(data_path)
 
     def __len__(self) -> int:
         return len(self.files)
