@@ -225,13 +225,24 @@ def _classifier_keys(model: nn.Module, state: dict) -> list[str]:
     return [k for k in state if k not in own and any(k.startswith(f"{name}.") for name in names)]
 
 
+#: the first parts of the keys of SparK's own model that :func:`spark_state_from_official` converts
+_OFFICIAL_PREFIXES = ("sparse_encoder.sp_cnn.", "dense_decoder.", "densify_norms.", "densify_projs.", "mask_tokens.")
+#: the entries of SparK's ``SparK.state_dict(with_config=True)`` that are not weights
+_OFFICIAL_NON_WEIGHTS = ("config", "imn_m", "imn_s", "norm_black")
+
+
 def spark_state_from_official(module_state: dict) -> dict:
-    """SparK's own ``SparK.state_dict()`` keys -> this library's ``SparK`` keys (encoder left timm-side)."""
-    state = {k: v for k, v in module_state.items() if k not in ("config", "imn_m", "imn_s", "norm_black")}
+    """SparK's own ``SparK.state_dict()`` keys -> this library's ``SparK`` keys (encoder left timm-side).
+
+    SparK's non-weight entries are dropped. Any other key that none of SparK's prefixes places is kept under
+    its own name, so the checked load reports it as unexpected: dropped, a file of another layout was
+    refused naming only the keys the model missed, never the file's own."""
+    state = {k: v for k, v in module_state.items() if k not in _OFFICIAL_NON_WEIGHTS}
+    out = {k: v for k, v in state.items() if not k.startswith(_OFFICIAL_PREFIXES)}
     encoder = _strip_prefix(state, "sparse_encoder.sp_cnn.")
     if is_fb_convnext(encoder):
         encoder = convnext_fb_to_timm(encoder)
-    out = {f"encoder.model.{k}": v for k, v in encoder.items()}
+    out.update({f"encoder.model.{k}": v for k, v in encoder.items()})
     out.update({f"decoder.{k}": v for k, v in _strip_prefix(state, "dense_decoder.").items()})
     for prefix in ("densify_norms.", "densify_projs.", "mask_tokens."):
         out.update({prefix + k: v for k, v in _strip_prefix(state, prefix).items()})

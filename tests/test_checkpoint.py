@@ -62,6 +62,21 @@ def test_sparks_spark_style_checkpoint_loads(model, tmp_path):
             assert torch.equal(want[k], got[k]), k
 
 
+def test_a_spark_style_file_that_does_not_fit_names_the_keys_it_could_not_place(tmp_path):
+    """The user trial's refusal named the 182 keys the model missed and none of the file's own."""
+    spark = ss.create_spark("tiny_cnn", input_size=64)
+    official = _official_spark_state(spark, "tiny_cnn")
+    module = {k.replace("sparse_encoder.sp_cnn.", "backbone."): v for k, v in official.items()}
+    unplaced = [k for k in module if k.startswith("backbone.")]
+    torch.save({"module": module}, tmp_path / "fake.pth")
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained(spark, tmp_path / "fake.pth")
+    message = str(err.value)
+    assert "(SparK spark-style checkpoint) does not fit this model: missing" in message
+    assert f"unexpected {len(unplaced)} keys (e.g. {', '.join(unplaced[:4])})" in message
+    assert not any(name in message for name in ("config", "imn_m", "imn_s", "norm_black"))   # SparK's, not weights
+
+
 @pytest.mark.parametrize("layout", ["timm", "fb"])
 def test_bare_encoder_files_load_in_either_convnext_layout(layout, tmp_path):
     source = ss.create_spark("convnext_tiny", input_size=64)
