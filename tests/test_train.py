@@ -501,12 +501,16 @@ def test_unreadable_images_are_replaced_named_once_and_counted_each_epoch(folder
     assert [epoch["unreadable_images"] for epoch in epochs] == [1, 1]
 
 
-def test_a_hidden_file_is_left_out_and_counted_on_the_data_line(tmp_path, capsys):
+def test_hidden_files_and_folders_are_left_out_and_counted_on_the_data_line(tmp_path, capsys):
     data = make_image_folder(tmp_path / "data", count=4)
     (data / "train" / "class0" / "._img0.png").write_bytes(b"AppleDouble resource fork")
+    (data / "train" / ".ipynb_checkpoints").mkdir()
+    (data / "train" / ".ipynb_checkpoints" / "img0-checkpoint.png").write_bytes(b"")
     trainer = Trainer(tiny_config(data, tmp_path / "out", backend="masked"), "")
     trainer._print_start()
-    assert len(trainer.dataset) == 4 and "4 images from" in capsys.readouterr().out.split("(1 hidden file(s)")[0]
+    line = next(line for line in capsys.readouterr().out.splitlines() if "data:" in line)
+    assert len(trainer.dataset) == 4 and f"4 images from {data / 'train'} (1 hidden file with an image name and 1 " \
+                                          f"hidden folder (.ipynb_checkpoints) left out" in line
 
 
 def test_a_folder_of_unreadable_images_is_refused_before_anything_is_built_or_written(tmp_path, monkeypatch):

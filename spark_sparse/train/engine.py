@@ -562,8 +562,8 @@ class Trainer:
         source = "embedded demo photos (scikit-image)" if cfg.data_path is None else str(self.dataset.root)
         print(f"[spark-pretrain] {self.model_name} on {self.speed.backend!r}, {self.ctx.world_size} process(es), "
               f"device {self.ctx.device}, amp {cfg.amp}")
-        hidden = self.dataset.hidden_files
-        hidden = f" ({hidden} hidden file(s) with image names left out: names starting with '.')" if hidden else ""
+        hidden = self.dataset.hidden_note()
+        hidden = f" ({hidden})" if hidden else ""
         print(f"[spark-pretrain] data: {len(self.dataset)} images from {source}{hidden}; global batch "
               f"{self.global_batch}, {self.iters_per_epoch} iterations/epoch, {epochs_text(cfg.ep)}, peak lr "
               f"{self.peak_lr:.3g}")
