@@ -23,6 +23,8 @@ from spark_sparse.autotune.cache import CACHE_FILE
 from spark_sparse.autotune.guard import choose_encoder
 from spark_sparse.backends.auto import sparse_convs
 from spark_sparse.errors import ConfigError
+from spark_sparse.kernels import registry as kernel_registry
+from spark_sparse.kernels.gather import GatherKernel
 from spark_sparse.mask import ActiveMask
 
 from equivalence import max_errors
@@ -289,6 +291,27 @@ def test_runs_writing_the_cache_at_once_keep_each_others_entries(tmp_path):
 
 
 # ---------------------------------------------------------------------- modes and budget
+class _ScaledGather(GatherKernel):
+    """A plug-in with other maths: gather's result times 1.5 (the fake timer makes it the fastest)."""
+
+    NAME = "scaled_gather_test"
+
+    def conv(self, features, weight, bias, call):
+        return super().conv(features, weight, bias, call) * 1.5
+
+
+def test_a_kernel_with_other_maths_is_never_timed_nor_chosen_however_fast(tmp_path, monkeypatch):
+    monkeypatch.setitem(kernel_registry._KERNELS, _ScaledGather.NAME, _ScaledGather)
+    timer = FakeTimer(layer_ms=lambda layer, kernel: 0.01 if kernel == _ScaledGather.NAME else 1.0)
+    with pytest.warns(RuntimeWarning, match=r"kernel 'scaled_gather_test' computes other numbers than '\w+' on layer "
+                                            r"\S+ \(output: max abs err .* of its largest value\); it is not used"):
+        result = tune(build(), tmp_path, timer)
+    offered = [d for d in result.decisions.values() if _ScaledGather.NAME in d.ms]
+    assert offered and all(d.ms[_ScaledGather.NAME] == float("inf") for d in offered)
+    assert _ScaledGather.NAME not in {d.kernel for d in result.decisions.values()}
+    assert not [c for c in timer.calls if c.kind == "layer" and c.candidate == _ScaledGather.NAME]
+
+
 def test_cached_mode_measures_nothing_and_keeps_the_static_rule_for_unknown_layers(tmp_path):
     spark = build()
     result = tune(spark, tmp_path, NoTimer(), mode="cached")

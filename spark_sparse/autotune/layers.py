@@ -28,7 +28,8 @@ from .cache import bucket, canonical
 from .memory import held_bytes
 from .timing import Measurement, Timer, median_ms
 
-__all__ = ["LayerShape", "discover_layers", "time_kernel", "layer_held_bytes", "model_signature"]
+__all__ = ["LayerShape", "discover_layers", "time_kernel", "layer_results", "disagreement", "layer_held_bytes",
+           "model_signature"]
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,45 @@ def time_kernel(layer: LayerShape, kernel_name: str, active: torch.Tensor, downs
     with torch.enable_grad():
         return median_ms(timer, run.forward_backward, Measurement("layer", layer.name, kernel_name), warmup, repeats,
                          prepare=run.prepare, give_up_above=give_up_above)
+
+
+#: how far a candidate's outputs and gradients may lie from the static kernel's, relative to the largest value of
+#: each: the rounding of another summation order in the dtype (a kernel with other maths is off by O(1))
+AGREEMENT_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+def layer_results(layer: LayerShape, kernel_name: str, active: torch.Tensor, downsample_ratio: int,
+                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The output rows and the input, weight and bias gradients of one forward+backward of ``layer`` on
+    ``kernel_name``, from the same random rows :func:`time_kernel` uses."""
+    run = _LayerRun(layer, kernel_name, active, downsample_ratio, dtype)
+    run.prepare()
+    with torch.enable_grad():
+        out = run.forward()
+        if out.requires_grad:
+            out.backward(run.grad_out)
+    results = {"output": out.detach()}
+    for name, tensor in (("input grad", run.features), ("weight grad", run.weight), ("bias grad", run.bias)):
+        if tensor is not None and tensor.grad is not None:
+            results[name] = tensor.grad
+    return results
+
+
+def disagreement(results: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
+                 dtype: torch.dtype) -> str | None:
+    """Where ``results`` differ from ``reference`` beyond :data:`AGREEMENT_TOLERANCE` (a plug-in kernel with other
+    maths, or a broken one), as ``"weight grad: max rel err 0.83"``; ``None`` when they agree."""
+    tolerance = AGREEMENT_TOLERANCE.get(dtype, 1e-2)
+    for name, expected in reference.items():
+        got = results.get(name)
+        if got is None or got.shape != expected.shape:
+            found = "nothing" if got is None else f"shape {tuple(got.shape)}"
+            return f"{name}: {found} where the reference has shape {tuple(expected.shape)}"
+        scale = expected.abs().max().item() if expected.numel() else 0.0
+        error = (got.float() - expected.float()).abs().max().item() if expected.numel() else 0.0
+        if not error <= tolerance * max(scale, 1e-30):      # nan fails too
+            return f"{name}: max abs err {error:.3g}, {error / max(scale, 1e-30):.3g} of its largest value"
+    return None
 
 
 def layer_held_bytes(layer: LayerShape, kernel_name: str, active: torch.Tensor, downsample_ratio: int,

@@ -52,7 +52,8 @@ from ..kernels import NoKernelError
 from ..mask import ActiveMask
 from .cache import CACHE_FILE, TuneCache, canonical, environment_key
 from .guard import PREFERENCE, EncoderVariant, choose_encoder, time_encoders
-from .layers import LayerShape, discover_layers, layer_held_bytes, model_signature, time_kernel
+from .layers import (LayerShape, disagreement, discover_layers, layer_held_bytes, layer_results, model_signature,
+                     time_kernel)
 from .memory import MB, MemoryCheck, lighter_plan, parameters_bytes, step_held_bytes
 from .timing import Timer, WallClockTimer
 
@@ -304,6 +305,12 @@ def autotune(spark: nn.Module, batch_size: int, device: torch.device | str | Non
     skipped and says so). ``timer`` replaces the wall clock (tests). With ``plan_state`` (from a
     checkpoint) the saved plan is re-applied unless the mode is ``off``. A model on another backend
     is returned unchanged (``result.applies`` is false).
+
+    Train ``result.spark``, and build the optimizer on its parameters after this call: when the guard
+    finds ``masked`` faster, it is the masked twin, a model of its own with the same initial weights
+    (``spark`` and an optimizer made on it are then left unused). A model on ``auto`` that is never tuned
+    runs the static rule. Every candidate kernel's outputs and gradients are first checked against the
+    static rule's kernel on each layer's shapes: one with other maths is warned about and never chosen.
     """
     param = next(spark.parameters())
     device = torch.device(device) if device is not None else param.device
@@ -434,12 +441,29 @@ class _Tuner:
 
     def measure(self, layer: LayerShape, kernels: list[str], static_kernel: str, known: dict[str, float],
                 active: torch.Tensor) -> dict[str, float]:
-        """Time ``kernels`` on ``layer``, the static rule's first (it sets the bar for giving up on the rest)."""
+        """Time ``kernels`` on ``layer``, the static rule's first (it sets the bar for giving up on the rest).
+
+        A candidate is timed only once its outputs and gradients agree with the static rule's kernel on the
+        layer's own shapes (when that kernel runs): a plug-in kernel with other maths must never win on speed."""
         best = min(known.values(), default=None)
         measured = {}
+        try:
+            reference = layer_results(layer, static_kernel, active, self.spark.downsample_ratio, self.dtype)
+        except Exception:       # the static kernel's own failure is recorded when it is timed (or was, if cached)
+            reference = None
         for name in sorted(kernels, key=lambda name: (name != static_kernel, name)):
             give_up = None if best is None else best * self.options.give_up_factor
             try:
+                if reference is not None and name != static_kernel:
+                    differs = disagreement(layer_results(layer, name, active, self.spark.downsample_ratio,
+                                                         self.dtype), reference, self.dtype)
+                    if differs:
+                        warnings.warn(f"autotune: kernel {name!r} computes other numbers than {static_kernel!r} on "
+                                      f"layer {layer.name} ({differs}); it is not used, and the cache records it as "
+                                      f"failed (delete {CACHE_FILE} in the cache folder to try it again)",
+                                      RuntimeWarning, stacklevel=2)
+                        measured[name] = math.inf
+                        continue
                 ms = time_kernel(layer, name, active, self.spark.downsample_ratio, self.dtype, self.timer,
                                  self.options.warmup, self.options.repeats, give_up)
             except Exception as err:       # a candidate that fails (out of memory, a library bug) is not chosen
