@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from timm.layers import convert_sync_batchnorm, trunc_normal_
 
-from .backends import Backend, create_backend
+from .backends import Backend, UnsupportedModuleError, create_backend
 from .backends.common import FeatureBatchNorm, FeatureLayerNorm, FeatureSyncBatchNorm
 from .decoder import LightDecoder
 from .errors import ConfigError
@@ -75,6 +75,30 @@ def _naming_the_module(error: _FeatureMapError, encoder: nn.Module) -> _FeatureM
     return named
 
 
+def _weight_layout(encoder: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of ``encoder``'s weights and buffers, as its state dict holds them."""
+    return {name: tuple(tensor.shape) for name, tensor in encoder.state_dict().items()}
+
+
+def _check_weight_layout_kept(dense: dict[str, tuple[int, ...]], converted: nn.Module, backend: str) -> None:
+    """A conversion must keep every weight's name and shape: the exported encoder loads into the dense model by
+    them (a converter that returned its wrapper's inner layer renamed ``stem.conv.conv.weight`` to
+    ``stem.conv.weight``, and the export then failed to load, after the whole pre-training)."""
+    after = _weight_layout(converted)
+    if after == dense:
+        return
+    lost = [name for name in dense if name not in after]
+    new = [name for name in after if name not in dense]
+    reshaped = [f"{name} {dense[name]} -> {after[name]}" for name in dense if name in after and dense[name] != after[name]]
+    parts = [f"{label} {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+             for label, names in (("lost", lost), ("new", new), ("reshaped", reshaped)) if names]
+    raise UnsupportedModuleError(
+        f"converting the encoder for backend {backend!r} changed its weights' names or shapes ({'; '.join(parts)}): "
+        f"a converter must keep its layer's parameters and buffers under the same names (register them on the "
+        f"module it returns, as the dense layer had them), so that the pre-trained encoder loads into the dense "
+        f"model")
+
+
 class SparK(nn.Module):
     """SparK pre-training model around a hierarchical ``encoder`` and a ``backend``.
 
@@ -109,7 +133,9 @@ class SparK(nn.Module):
             encoder.get_submodule(name).requires_grad_(False)
         if sync_bn:   # timm's conversion keeps BatchNormAct2d's activation (torch's would drop it)
             encoder = convert_sync_batchnorm(encoder)
+        dense_weights = _weight_layout(encoder)          # before the conversion, which may work in place
         self.encoder = self.backend.convert(encoder)
+        _check_weight_layout_kept(dense_weights, self.encoder, self.backend.name)
         self.decoder = LightDecoder(self.downsample_ratio, width=decoder_width, sync_bn=sync_bn)
 
         self.densify_norm_kind = (densify_norm or getattr(encoder, "densify_norm", "bn")).lower()

@@ -271,3 +271,28 @@ def test_model_arguments_reach_the_encoders_constructor():
 def test_a_constructor_argument_called_name_reaches_the_constructor():
     with pytest.raises(ConfigError, match=r"model 'tiny_cnn' could not be built with name='x' \(TypeError"):
         ss.create_spark("tiny_cnn", input_size=64, name="x")
+
+
+class _WrappedConv(torch.nn.Module):
+    """A user's wrapper around a conv, to be converted by a converter that drops the wrapper."""
+
+    def __init__(self, conv: torch.nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_a_converter_that_renames_the_weights_is_refused_at_creation(monkeypatch):
+    """Returning the wrapper's inner layer renames ``stem.0.conv.weight`` to ``stem.0.weight``: the export would
+    not load into the dense model after the whole pre-training, so the conversion is refused at once."""
+    from spark_sparse.backends import base
+    monkeypatch.setitem(base._SHARED_CONVERTERS, _WrappedConv,
+                        lambda backend, module, name: backend.convert_module(module.conv, f"{name}.conv"))
+    encoder = ss.create_encoder("tiny_cnn")
+    encoder.stem[0] = _WrappedConv(encoder.stem[0])   # the stem block's conv
+    with pytest.raises(ss.UnsupportedModuleError, match=r"converting the encoder for backend 'sparse' changed its "
+                                                        r"weights' names or shapes \(lost stem\.0\.conv\.weight; "
+                                                        r"new stem\.0\.weight\)"):
+        ss.SparK(encoder, "sparse", input_size=64)
