@@ -20,11 +20,59 @@ class DoubledConv(nn.Conv2d):
         return 2 * super().forward(x)
 
 
+class NamedConv(nn.Conv2d):
+    """A Conv2d subclass with its base's maths (a helper method, no forward of its own)."""
+
+    def describe(self) -> str:
+        return f"{self.in_channels} -> {self.out_channels}"
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_a_subclass_with_other_maths_is_refused_naming_the_module_and_its_type(backend):
     encoder = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), DoubledConv(8, 8, 3, padding=1))
-    with pytest.raises(ss.UnsupportedModuleError, match=r"'1'.*DoubledConv.*subclasses.*Conv2d"):
+    with pytest.raises(ss.UnsupportedModuleError, match=r"'1'.*DoubledConv.*subclasses.*Conv2d.*declare it: "
+                                                        r"spark_sparse\.register_same_maths\(DoubledConv, Conv2d\)"):
         ss.create_backend(backend).convert(encoder)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_subclass_declared_with_its_bases_maths_runs_as_its_base(backend, monkeypatch):
+    from spark_sparse.backends import base
+    monkeypatch.setattr(base, "_SAME_MATHS", {})
+    assert ss.register_same_maths(NamedConv, nn.Conv2d) is NamedConv
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.Conv2d(8, 8, 3, padding=1))
+    named = copy.deepcopy(plain)
+    named[1].__class__ = NamedConv
+    mask = ActiveMask.random(2, (2, 2), 0.5, generator=torch.Generator().manual_seed(0))
+    images = torch.randn(2, 3, 64, 64)
+    outputs = {}
+    for label, model in (("plain", plain), ("named", named)):
+        backend_obj = ss.create_backend(backend)
+        converted = backend_obj.convert(model)
+        outputs[label] = converted(backend_obj.features_from_image(images, mask)).to_dense()
+    assert torch.equal(outputs["named"], outputs["plain"]) and set(named.state_dict()) == set(plain.state_dict())
+
+
+def test_a_subclass_with_a_forward_of_its_own_cannot_be_declared_with_its_bases_maths():
+    with pytest.raises(ValueError, match="DoubledConv defines its own forward"):
+        ss.register_same_maths(DoubledConv, nn.Conv2d)
+    with pytest.raises(TypeError, match="takes a module class and one of its bases"):
+        ss.register_same_maths(nn.Conv2d, NamedConv)
+
+
+def test_register_converter_refuses_what_would_never_run_or_a_bare_use():
+    with pytest.raises(ValueError, match=r"Conv2d is converted by the backends themselves \(.*masked.*\): a "
+                                         r"registered converter would never run"):
+        ss.register_converter(nn.Conv2d)
+    with pytest.raises(TypeError, match=r"register_converter takes the module classes it converts"):
+        ss.register_converter(lambda backend, module, name: module)        # bare on a function
+    as_decorator = ss.register_converter(NamedConv)                         # what a bare use on the class leaves
+    with pytest.raises(TypeError, match=r"decorates a converter, .* it was given int and more arguments \(used bare "
+                                        r"on a layer class"):
+        as_decorator(3, 8, 3)                                               # the user's NamedConv(3, 8, 3)
+    with pytest.raises(TypeError, match=r"it was given NamedConv"):
+        as_decorator(NamedConv)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

@@ -1,5 +1,5 @@
 """Backends: how the encoder computes on the visible patches (see :mod:`.base`)."""
-from .base import Backend, UnsupportedModuleError, register_container, register_converter
+from .base import Backend, UnsupportedModuleError, register_container, register_converter, register_same_maths
 from .registry import (BackendInfo, UnknownBackendError, create_backend, get_backend_class, list_backends,
                        recommended_sparse_backend, register_backend)
 from . import norms, attention  # noqa: F401  (register GroupNorm, norm+act, GRN, SE/ECA on every backend)
@@ -12,4 +12,4 @@ from . import auto  # noqa: F401  (registers "auto": sparse + measured per-layer
 
 __all__ = ["Backend", "BackendInfo", "UnknownBackendError", "UnsupportedModuleError", "create_backend",
            "get_backend_class", "list_backends", "recommended_sparse_backend", "register_backend",
-           "register_container", "register_converter"]
+           "register_container", "register_converter", "register_same_maths"]

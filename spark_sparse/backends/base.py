@@ -29,8 +29,7 @@ from ..features import FeatureMap, MaskedDense
 from ..mask import ActiveMask
 
 __all__ = ["Backend", "UnsupportedModuleError", "UnsupportedLayerSettingError", "register_container",
-           "register_converter", "is_container",
-           "Converter"]
+           "register_converter", "register_same_maths", "is_container", "Converter"]
 
 #: ``(backend, module, qualified name) -> replacement module``
 Converter = Callable[["Backend", nn.Module, str], nn.Module]
@@ -61,16 +60,66 @@ def register_converter(*module_types: type) -> Callable[[Converter], Converter]:
     """Decorator: ``converter(backend, module, name)`` converts modules of exactly ``module_types``.
 
     For layers written against :class:`FeatureMap` that every backend runs alike (a model family's
-    blocks, norms, attention). Subclasses of ``module_types`` are not covered: list them explicitly
-    when their maths is the same.
+    blocks, norms, attention): the converter returns a module whose forward takes and returns a feature
+    map, keeping the layer's parameters under their names. Subclasses of ``module_types`` are not
+    covered: list them explicitly, or declare one with the maths of its base with
+    :func:`register_same_maths`. A type the backends convert themselves (``nn.Conv2d``, ``nn.ReLU``, ...)
+    is refused: its registered converter would never run.
     """
-    def wrap(converter: Converter) -> Converter:
+    if not module_types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in module_types):
+        given = ", ".join(getattr(t, "__qualname__", repr(t)) for t in module_types) or "nothing"
+        raise TypeError(f"register_converter takes the module classes it converts, as in "
+                        f"@register_converter(MyLayer) above def convert(backend, module, name), got: {given}")
+    for module_type in module_types:
+        built_in = _backends_converting(module_type)
+        if built_in:
+            raise ValueError(f"{module_type.__qualname__} is converted by the backends themselves "
+                             f"({', '.join(built_in)}): a registered converter would never run. Subclass it and "
+                             f"register the subclass, or declare a subclass with its maths by register_same_maths")
+
+    def wrap(converter: Converter, *misused, **misused_keywords) -> Converter:
+        itself = isinstance(converter, type) and issubclass(converter, module_types)
+        if misused or misused_keywords or not callable(converter) or itself:
+            what = converter.__qualname__ if itself else type(converter).__name__
+            raise TypeError(f"register_converter({', '.join(t.__qualname__ for t in module_types)}) decorates a "
+                            f"converter, a function or class called as (backend, module, name) that returns the "
+                            f"converted module; it was given {what}"
+                            f"{' and more arguments' if misused or misused_keywords else ''} (used bare on a layer "
+                            f"class, that class became this decorator; for a subclass with its base's maths use "
+                            f"register_same_maths)")
         for module_type in module_types:
             if module_type in _SHARED_CONVERTERS and _SHARED_CONVERTERS[module_type] is not converter:
                 raise ValueError(f"a converter for {module_type.__qualname__} is already registered")
             _SHARED_CONVERTERS[module_type] = converter
         return converter
     return wrap
+
+
+#: subclasses declared to compute exactly what a base computes: converted as that base
+_SAME_MATHS: dict[type, type] = {}
+
+
+def register_same_maths(subclass: type, base: type) -> type:
+    """Declare that ``subclass`` computes exactly what ``base`` computes, so every backend converts it as ``base``.
+
+    A subclass is never converted as its base on trust (it may override ``forward``); a user's
+    ``class MyConv(nn.Conv2d)`` that only adds helpers or a name is declared here, once. Returns
+    ``subclass``, so ``register_same_maths(MyConv, nn.Conv2d)`` can follow its definition."""
+    if not (isinstance(subclass, type) and isinstance(base, type) and issubclass(subclass, base)
+            and issubclass(base, nn.Module) and subclass is not base):
+        raise TypeError(f"register_same_maths(subclass, base) takes a module class and one of its bases, got "
+                        f"{subclass!r} and {base!r}")
+    if "forward" in vars(subclass):
+        raise ValueError(f"{subclass.__qualname__} defines its own forward: its maths is not declared to be "
+                         f"{base.__qualname__}'s. Write a converter for it (register_converter)")
+    _SAME_MATHS[subclass] = base
+    return subclass
+
+
+def _backends_converting(module_type: type) -> list[str]:
+    """The registered backends whose own converters take ``module_type``."""
+    from .registry import _BACKENDS           # the backends register after this module is imported
+    return [name for name, backend in _BACKENDS.items() if module_type in backend.converters]
 
 
 def register_container(cls: type) -> type:
@@ -147,6 +196,8 @@ class Backend:
 
     def convert_module(self, module: nn.Module, qualified: str, skip: frozenset = frozenset()) -> nn.Module:
         """This backend's replacement for ``module`` (a container is converted below and kept)."""
+        if type(module) in _SAME_MATHS:        # declared to be its base: converted as one (the conversion is in
+            module.__class__ = _SAME_MATHS[type(module)]        # place anyway, and the weights keep their names)
         converter = self.converter_for(module)
         if converter is not None:
             try:
@@ -165,8 +216,8 @@ class Backend:
                 f"backend {self.name!r} cannot convert module {qualified!r} of type {kind}: it subclasses "
                 f"{base.__module__}.{base.__qualname__}, which the backend knows, but a subclass may compute "
                 f"something else, so it is not converted as its base. If its maths is exactly its base's, "
-                f"register it with @spark_sparse.register_converter({type(module).__qualname__}); otherwise "
-                f"write a converter for it.")
+                f"declare it: spark_sparse.register_same_maths({type(module).__qualname__}, {base.__qualname__}); "
+                f"otherwise write a converter for it (@spark_sparse.register_converter).")
         raise UnsupportedModuleError(
             f"backend {self.name!r} cannot convert module {qualified!r} of type {kind}: it is neither a "
             f"layer the backend knows nor a registered container. For a timm model: its family is not "
