@@ -57,6 +57,8 @@ def test_one_epoch_writes_every_output_file(folder, tmp_path):
                                                "reconstruction.png"}
     header, epoch = [json.loads(line) for line in (out / "pretrain_log.txt").read_text().splitlines()]
     assert header["model"] == "tiny_cnn" and header["args"]["bs"] == 4
+    assert "tiny_cnn_1kpretrained.pth (the encoder's state dict, for TinyCNN.load_state_dict)" in \
+        (out / "stdout_backup.txt").read_text()                 # not a timm model: no "timm-style" promise
     # the default 'auto' backend runs masked where its whole-encoder guard measured masked faster
     assert header["backend"] == header["speed_plan"]["backend"] in {DEFAULT_BACKEND, "masked"}
     assert header["backend_plan"] and "cmd" in header and "git_commit" in header and header["warnings"] == []

@@ -449,7 +449,9 @@ class Trainer:
         atomic_save(self.spark.encoder_state_dict(), self.outputs.pretrained_path)
         if final:
             built = f", built with {format_model_kwargs(self.cfg.model_kwargs)}" if self.cfg.model_kwargs else ""
-            print(f"[spark-pretrain] saved {self.outputs.pretrained_path} (timm-style encoder{built})")
+            kind = ("timm-style encoder" if hasattr(self.spark.encoder, "timm_state_dict") else
+                    f"the encoder's state dict, for {type(self.spark.encoder).__qualname__}.load_state_dict")
+            print(f"[spark-pretrain] saved {self.outputs.pretrained_path} ({kind}{built})")
 
     def resume(self, path: str) -> None:
         ckpt = self.resume_checkpoint if self.resume_checkpoint is not None else self._read_resume_checkpoint(path)
