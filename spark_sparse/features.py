@@ -361,7 +361,10 @@ class FeatureMap:
         of a bare AttributeError about the map's class."""
         if name.startswith("__") or not hasattr(torch.Tensor, name):
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        raise UnsupportedFeatureMethod(f"Tensor.{name} is not defined on SparK feature maps: {_ALLOWED_IN_A_BLOCK}")
+        sizes = (" (a map's layout differs per backend; its channel count is x.channels, and its sites' grid "
+                 "x.mask.map_hw(x.stride))" if name in ("shape", "size", "dim", "ndim") else "")
+        raise UnsupportedFeatureMethod(f"Tensor.{name} is not defined on SparK feature maps{sizes}: "
+                                       f"{_ALLOWED_IN_A_BLOCK}")
 
 
 class MaskedDense(FeatureMap):

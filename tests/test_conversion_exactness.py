@@ -88,3 +88,12 @@ def test_a_grouped_1x1_conv_after_a_stem_runs_and_matches_masked(backend):
         model = backend_obj.convert(copy.deepcopy(reference))
         outputs[name] = model(backend_obj.features_from_image(images, mask)).to_dense()
     torch.testing.assert_close(outputs[backend], outputs["masked"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_an_activation_that_is_not_zero_at_zero_is_refused_saying_so(backend):
+    encoder = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Sigmoid())
+    with pytest.raises(ss.UnsupportedModuleError, match=r"'1' of type torch\.nn\.modules\.activation\.Sigmoid: "
+                                                        r"sigmoid\(0\) = 0\.5, so on the dense map it would fill "
+                                                        r"the masked sites"):
+        ss.create_backend(backend).convert(encoder)

@@ -95,6 +95,11 @@ def register_converter(*module_types: type) -> Callable[[Converter], Converter]:
     return wrap
 
 
+#: activations that do not map 0 to 0, with their value there (a user's block calling one is told why it is refused)
+_NOT_ZERO_AT_ZERO = {nn.Sigmoid: "sigmoid(0) = 0.5", nn.Hardsigmoid: "hardsigmoid(0) = 0.5",
+                     nn.Softplus: "softplus(0) = log 2", nn.LogSigmoid: "logsigmoid(0) = -log 2",
+                     nn.Softmax: "a softmax over zeros is 1/n, not 0", nn.Softmax2d: "a softmax over zeros is 1/n, not 0"}
+
 #: subclasses declared to compute exactly what a base computes: converted as that base
 _SAME_MATHS: dict[type, type] = {}
 
@@ -218,6 +223,12 @@ class Backend:
                 f"something else, so it is not converted as its base. If its maths is exactly its base's, "
                 f"declare it: spark_sparse.register_same_maths({type(module).__qualname__}, {base.__qualname__}); "
                 f"otherwise write a converter for it (@spark_sparse.register_converter).")
+        if type(module) in _NOT_ZERO_AT_ZERO:
+            raise UnsupportedModuleError(
+                f"backend {self.name!r} cannot convert module {qualified!r} of type {kind}: "
+                f"{_NOT_ZERO_AT_ZERO[type(module)]}, so on the dense map it would fill the masked sites, which SparK "
+                f"keeps at 0: it has no exact meaning on active sites alone. Inside a gate (squeeze-excitation, "
+                f"attention), convert the block that uses it (@spark_sparse.register_converter, FeatureMap.per_site)")
         raise UnsupportedModuleError(
             f"backend {self.name!r} cannot convert module {qualified!r} of type {kind}: it is neither a "
             f"layer the backend knows nor a registered container. For a timm model: its family is not "
