@@ -97,3 +97,12 @@ def test_an_activation_that_is_not_zero_at_zero_is_refused_saying_so(backend):
                                                         r"sigmoid\(0\) = 0\.5, so on the dense map it would fill "
                                                         r"the masked sites"):
         ss.create_backend(backend).convert(encoder)
+
+
+def test_a_backend_without_what_models_need_is_refused_at_registration():
+    class Bare(ss.Backend):
+        name = "bare_test_backend"
+
+    with pytest.raises(TypeError, match=r"backend class .*Bare needs a non-empty `name` and a `feature_type`"):
+        ss.register_backend(Bare)
+    assert "bare_test_backend" not in {info.name for info in ss.list_backends()}

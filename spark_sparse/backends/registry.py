@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Type
 
 from ..errors import SparkSparseError
+from ..features import FeatureMap
 from .base import Backend
 
 __all__ = ["BackendInfo", "register_backend", "create_backend", "list_backends", "get_backend_class",
@@ -39,7 +40,19 @@ class BackendInfo:
 
 
 def register_backend(cls: Type[Backend]) -> Type[Backend]:
-    """Class decorator: make ``cls`` creatable by its ``name``."""
+    """Class decorator: make ``cls`` creatable by its ``name``.
+
+    A backend is checked here for what every model needs of it (a name, the feature map type its modules
+    consume, converters), so that a bare ``Backend`` subclass fails at registration, not inside a model's build."""
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise TypeError(f"register_backend takes a Backend subclass, got {cls!r}")
+    name = getattr(cls, "name", None)
+    feature_type = getattr(cls, "feature_type", None)
+    if not isinstance(name, str) or not name or not (isinstance(feature_type, type) and issubclass(feature_type,
+                                                                                                  FeatureMap)):
+        raise TypeError(f"backend class {cls.__qualname__} needs a non-empty `name` and a `feature_type` (MaskedDense "
+                        f"or SparseRows) with its converters: subclass a working backend instead (e.g. "
+                        f"spark_sparse.backends.sparse.SparseBackend) and change what differs")
     if cls.name in _BACKENDS and _BACKENDS[cls.name] is not cls:
         raise ValueError(f"backend {cls.name!r} is already registered by {_BACKENDS[cls.name].__qualname__}")
     _BACKENDS[cls.name] = cls
