@@ -12,6 +12,7 @@ import torch
 
 import spark_sparse as ss
 from spark_sparse.models.model_kwargs import parse_model_kwargs
+from spark_sparse.user_modules import import_user_module
 from _variants import Variant, autocast, tune_workload
 
 
@@ -155,6 +156,8 @@ def peak_memory_child(spec: dict) -> dict:
     import gc
 
     torch.set_num_threads(spec["threads"])
+    for module in spec.get("import_module", []):       # the user's models, kernels or backends, as in the parent
+        import_user_module(module)
     results = {}
     for name in spec["variants"]:
         work = Workload(Variant(name), spec["model"], spec["input_size"], spec["mask_ratio"], spec["batch"],

@@ -48,6 +48,7 @@ import spark_sparse as ss  # noqa: E402
 from spark_sparse.autotune import MODES  # noqa: E402
 from spark_sparse.models.model_kwargs import format_model_kwargs  # noqa: E402
 from spark_sparse.testing import switch_branches_on  # noqa: E402
+from spark_sparse.user_modules import UserModuleError, import_user_module  # noqa: E402
 from _args import HelpFormatter, at_least, first_problem, input_size, mask_ratio, unknown_model  # noqa: E402
 from _equivalence import compare, fp32_noise_floor, outputs_of  # noqa: E402
 from _capacity import fit_largest_batch, markdown_section, memory_budget_mb  # noqa: E402
@@ -76,6 +77,9 @@ QUICK_PRESET = {"models": ["resnet18", "convnext_tiny"], "input_size": 64, "batc
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--models", nargs="+", default=["resnet50", "convnext_tiny"], help="spark-sparse model names")
+    p.add_argument("--import-module", action="append", default=[], metavar="MODULE_OR_FILE.py",
+                   help="import this module first, as spark-pretrain's --import_module: your models, blocks, "
+                        "converters, kernels or backends (then named in --models / --backends); repeatable")
     add_model_kwargs_argument(p, "the constructor arguments of every model, as spark-pretrain's --model_kwargs "
                                  "(e.g. img_size=192 window_size=6)")
     p.add_argument("--families", action="store_true",
@@ -131,6 +135,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if p.parse_known_args(argv)[0].quick:
         p.set_defaults(**QUICK_PRESET)      # as defaults, so that e.g. --quick --repeats 15 keeps 15
     args = p.parse_args(argv)
+    for spec in args.import_module:          # before --models and --backends are looked up
+        try:
+            import_user_module(spec)
+        except UserModuleError as err:
+            p.error(str(err))
     parse_model_kwargs_argument(p, args)
     if args.families:
         args.models = list(FAMILY_MODELS)
@@ -213,8 +222,11 @@ def peak_memory(args, works: list[Workload], model: str, mask_ratio: float, dtyp
     spec = dict(variants=[w.variant.name for w in works], model=model, input_size=args.input_size,
                 mask_ratio=mask_ratio, batch=args.batch_size, dtype=dtype, device=args.device, what=args.what,
                 threads=args.threads, autotune="off" if args.autotune == "off" else "cached",   # the parent's plan
-                model_kwargs=args.model_kwargs)
-    env = dict(os.environ, PYTHONPATH=str(HERE.parent), MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+                model_kwargs=args.model_kwargs,
+                import_module=[str(Path(m).resolve()) if m.endswith(".py") else m for m in args.import_module])
+    # the child runs in benchmarks/: the user's folder stays on its path for dotted module names
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.getcwd()]), MALLOC_MMAP_THRESHOLD_="65536",
+               MALLOC_TRIM_THRESHOLD_="0")
     result = subprocess.run([sys.executable, str(HERE / "_measure.py"), json.dumps(spec)], capture_output=True,
                             text=True, cwd=HERE, env=env)
     if result.returncode != 0:

@@ -129,3 +129,20 @@ def test_loading_in_the_main_process_is_measured_and_labelled_with_no_per_worker
                                         f"{kind} batches" for kind in ("uint8", "float32")]
     assert all(float(row[1]) > 0 and row[2] == "-" for row in rows)
     assert report["values"]["loader"]["workers_0_uint8_images_per_s"] > 0
+
+
+def test_compare_backends_imports_the_users_module_before_looking_up_its_models(tmp_path, monkeypatch, capsys):
+    import compare_backends
+    from spark_sparse.models import registry
+
+    module = tmp_path / "bench_user_models_test.py"
+    module.write_text("import spark_sparse as ss\nfrom spark_sparse.models.example import TinyCNN\n\n"
+                      "@ss.register_model('bench_user_cnn_test')\n"
+                      "def bench_user_cnn_test(drop_path_rate=0.0, **kwargs):\n    return TinyCNN(**kwargs)\n")
+    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
+    monkeypatch.delitem(sys.modules, "bench_user_models_test", raising=False)
+    args = compare_backends.parse_args(["--import-module", str(module), "--models", "bench_user_cnn_test"])
+    assert args.models == ["bench_user_cnn_test"] and args.import_module == [str(module)]
+    with pytest.raises(SystemExit) as exit_info:
+        compare_backends.parse_args(["--import-module", str(tmp_path / "missing.py")])
+    assert exit_info.value.code == 2 and "no such file" in capsys.readouterr().err
