@@ -6,8 +6,8 @@ only then). Third-party kernels register through the ``spark_sparse.kernels`` en
 plugin that fails to load is skipped with a warning naming it.
 """
 from .base import ConvCall, ConvSpec, SparseConvKernel
-from .registry import (NoKernelError, UnknownKernelError, get_kernel, list_kernels, load_kernel_plugins,
-                       register_kernel, select_kernel)
+from .registry import (NoKernelError, UnknownKernelError, check_kernel_names, get_kernel, list_kernels,
+                       load_kernel_plugins, register_kernel, select_kernel)
 from . import gather  # noqa: F401  (registers "gather")
 from . import gemm  # noqa: F401  (registers "gemm")
 from . import dense  # noqa: F401  (registers "dense")
@@ -17,5 +17,5 @@ from . import triton_conv  # noqa: F401  (registers "triton"; available on CUDA 
 
 load_kernel_plugins()
 
-__all__ = ["ConvCall", "ConvSpec", "NoKernelError", "SparseConvKernel", "UnknownKernelError", "get_kernel",
-           "list_kernels", "register_kernel", "select_kernel"]
+__all__ = ["ConvCall", "ConvSpec", "NoKernelError", "SparseConvKernel", "UnknownKernelError", "check_kernel_names",
+           "get_kernel", "list_kernels", "register_kernel", "select_kernel"]

@@ -1,6 +1,7 @@
 """Kernel registry and per-layer dispatch (``register_kernel``, ``get_kernel``, ``list_kernels``)."""
 from __future__ import annotations
 
+import difflib
 import warnings
 from importlib.metadata import entry_points
 from typing import Iterable, Type
@@ -8,8 +9,8 @@ from typing import Iterable, Type
 from ..errors import SparkSparseError
 from .base import ConvSpec, SparseConvKernel
 
-__all__ = ["register_kernel", "get_kernel", "list_kernels", "select_kernel", "load_kernel_plugins", "NoKernelError",
-           "UnknownKernelError"]
+__all__ = ["register_kernel", "get_kernel", "list_kernels", "select_kernel", "load_kernel_plugins",
+           "check_kernel_names", "NoKernelError", "UnknownKernelError"]
 
 #: entry-point group through which other packages register kernels
 PLUGIN_GROUP = "spark_sparse.kernels"
@@ -22,15 +23,50 @@ class NoKernelError(SparkSparseError, RuntimeError):
     pass
 
 
-class UnknownKernelError(KeyError):
-    pass
+class UnknownKernelError(SparkSparseError, KeyError):
+    """A kernel name that is not registered (a typo, or a plugin that was not imported)."""
+
+    def __str__(self) -> str:
+        # KeyError's str() is the repr of its argument: the CLI's one-line message would come out quoted
+        return str(self.args[0]) if self.args else ""
 
 
 def register_kernel(cls: Type[SparseConvKernel]) -> Type[SparseConvKernel]:
-    if cls.NAME in _KERNELS and _KERNELS[cls.NAME] is not cls:
-        raise ValueError(f"kernel {cls.NAME!r} is already registered by {_KERNELS[cls.NAME].__qualname__}")
-    _KERNELS[cls.NAME] = cls
+    """Class decorator: make ``cls`` dispatchable by its ``NAME``.
+
+    A class with the same module and qualified name as the registered one replaces it: that is the same
+    kernel defined again (a re-run notebook cell, a reloaded module), not a second kernel claiming the name.
+    """
+    name = getattr(cls, "NAME", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"a kernel class needs NAME, the non-empty string it is registered and chosen by "
+                        f"(e.g. NAME = \"mykernel\"); {cls.__module__}.{cls.__qualname__} has NAME={name!r}")
+    registered = _KERNELS.get(name)
+    if registered is not None and registered is not cls:
+        if (registered.__module__, registered.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"kernel {name!r} is already registered by {registered.__module__}."
+                             f"{registered.__qualname__}; give {cls.__qualname__} another NAME")
+        _INSTANCES.pop(name, None)          # the old definition's instance must not keep serving the name
+    _KERNELS[name] = cls
     return cls
+
+
+def check_kernel_names(names: Iterable[str]) -> None:
+    """Refuse names that are not registered, with the closest registered ones.
+
+    Registered-but-unavailable kernels (spconv, MinkowskiEngine, triton without their library) pass: dispatch
+    skips them with the reason, as it always has; only a name nothing registered (a typo) is an error here,
+    since dispatch would skip it silently.
+    """
+    unknown = [name for name in names if name not in _KERNELS]
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, list(_KERNELS), n=3)
+        hints.append(f"{name!r}" + (f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""))
+    raise UnknownKernelError(f"unknown kernel{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; registered "
+                             f"kernels: {', '.join(sorted(_KERNELS))}")
 
 
 def load_kernel_plugins() -> list[str]:
@@ -55,8 +91,7 @@ def list_kernels() -> dict[str, Type[SparseConvKernel]]:
 
 def get_kernel(name: str) -> SparseConvKernel:
     """The (stateless, shared) instance of kernel ``name``."""
-    if name not in _KERNELS:
-        raise UnknownKernelError(f"unknown kernel {name!r}; registered: {', '.join(sorted(_KERNELS))}")
+    check_kernel_names((name,))
     if name not in _INSTANCES:
         _INSTANCES[name] = _KERNELS[name]()
     return _INSTANCES[name]

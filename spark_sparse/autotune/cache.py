@@ -2,9 +2,9 @@
 
 Like ``cudnn.benchmark``'s, a measurement is only valid for the machine and software that made it,
 so entries are grouped under an *environment* key (device name, torch and kernel-library versions,
-a digest of our own kernels' source, CPU threads) and, within it, keyed by what was measured (a
-layer's ``ConvSpec`` with dtype, the power-of-two buckets of its active-row and site counts; or a
-whole encoder's shapes and plan).
+a digest of our own kernels' source, one of each registered plug-in kernel's class source, CPU
+threads) and, within it, keyed by what was measured (a layer's ``ConvSpec`` with dtype, the
+power-of-two buckets of its active-row and site counts; or a whole encoder's shapes and plan).
 
 The file lives in the user cache folder (``$SPARK_SPARSE_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/spark-sparse``, else ``~/.cache/spark-sparse``). Writes merge with what is on
@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -41,8 +42,8 @@ try:
 except ImportError:      # Windows: writes stay atomic, concurrent writers may drop each other's newest entries
     fcntl = None
 
-__all__ = ["CACHE_DIR_ENV", "CACHE_FILE", "TuneCache", "cache_dir", "environment_key", "kernels_digest", "canonical",
-           "bucket"]
+__all__ = ["CACHE_DIR_ENV", "CACHE_FILE", "TuneCache", "cache_dir", "environment_key", "kernels_digest",
+           "plugin_kernels_digests", "canonical", "bucket"]
 
 CACHE_DIR_ENV = "SPARK_SPARSE_CACHE_DIR"
 CACHE_FILE = "autotune-v1.json"
@@ -107,12 +108,36 @@ def kernels_digest() -> str:
     return digest.hexdigest()[:16]
 
 
+def plugin_kernels_digests() -> dict[str, str]:
+    """Registered kernel name -> a digest of its class source, for every kernel from outside our kernel package.
+
+    :func:`kernels_digest` covers only our own kernels, and a plug-in's package version need not change when its
+    code does (a notebook cell, an editable install), so without this a changed plug-in kept its old timings.
+    Not cached: a notebook may redefine a kernel between runs. A class whose source cannot be read (defined in
+    an ``exec``) is identified by module and qualified name only.
+    """
+    from .. import kernels
+    digests = {}
+    for name, cls in kernels.list_kernels().items():
+        if cls.__module__.startswith(kernels.__name__ + "."):
+            continue
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            source = f"{cls.__module__}.{cls.__qualname__}"
+        digests[name] = hashlib.sha256(source.encode()).hexdigest()[:16]
+    return digests
+
+
 def environment_key(device: torch.device | str) -> dict:
     """What a measurement depends on besides the shapes: device, software versions (our kernels'
-    source included), CPU threads."""
+    source and plug-in kernels' included), CPU threads."""
     device = torch.device(device)
     key = {"device_type": device.type, "device": _device_name(device), "torch": torch.__version__,
            "libraries": _library_versions(), "kernels": kernels_digest()}
+    plugins = plugin_kernels_digests()
+    if plugins:                 # absent without plug-ins: the keys (and caches) of such users stay as they were
+        key["plugin_kernels"] = plugins
     if device.type == "cpu":
         key["threads"] = torch.get_num_threads()
     return key

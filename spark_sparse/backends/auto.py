@@ -5,10 +5,12 @@ the dtype, the layer's shape and how many rows are active (on a small input the 
 conv -> gather path can beat every gather-based kernel; on a large one the gather-GEMM wins). So,
 like ``cudnn.benchmark``, :func:`spark_sparse.autotune.autotune` times forward+backward of every
 kernel that declares it can run a layer on that layer's real shapes and pins the fastest
-(:meth:`SparseConv2d.pin_kernel`). Until it has run (or for layers it did not measure) a layer
-follows the ``sparse`` backend's static rule, so an untuned ``auto`` computes exactly what
-``sparse`` does. Everything else (fused BatchNorm+ReLU, Linear on rows, argmax max-pool) is the
-``sparse`` backend's.
+(:meth:`SparseConv2d.pin_kernel`). Given ``kernels=``, it chooses only among the kernels the
+``sparse`` rule tries for the layer with that list (the list, and ``dense`` first for depthwise convs
+and stems), so a registered kernel the user left out is never timed or pinned. Until it has run (or
+for layers it did not measure) a layer follows the ``sparse`` backend's static rule, so an untuned
+``auto`` computes exactly what ``sparse`` does. Everything else (fused BatchNorm+ReLU, Linear on
+rows, argmax max-pool) is the ``sparse`` backend's.
 
 The backend keeps what tuning decided for each layer (:class:`LayerDecision`, with every
 candidate's measured ms) so that :meth:`plan` prints it next to the kernel that runs.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -65,7 +68,7 @@ class AutoBackend(SparseBackend):
     description = ("each conv on the kernel measured fastest here (autotune, cached), masked when that is not "
                    "faster (the fast recipe's default)")
 
-    def __init__(self, strict: bool = False, kernels=None):
+    def __init__(self, strict: bool = False, kernels: Optional[Sequence[str]] = None):
         super().__init__(strict=strict, kernels=kernels)
         #: layer name -> how its kernel was chosen (filled by :func:`spark_sparse.autotune.autotune`)
         self.decisions: dict[str, LayerDecision] = {}

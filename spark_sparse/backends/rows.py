@@ -15,7 +15,7 @@ import torch.nn as nn
 from timm.layers import SpaceToDepth
 from timm.layers.blur_pool import BlurPool2d
 
-from ..kernels import ConvCall, ConvSpec, list_kernels, select_kernel
+from ..kernels import ConvCall, ConvSpec, check_kernel_names, list_kernels, select_kernel
 from ..kernels.base import int_pair
 from ..kernels.gather import rows_at, table_taps
 
@@ -66,9 +66,15 @@ class SparseConv2d(nn.Conv2d):
         """The weight the kernel computes with (standardised for ``StdConv2d`` and friends)."""
         return weight_for_forward(self)
 
-    def configure(self, name: str, policy: Callable[[ConvSpec], Sequence[str]], strict: bool) -> "SparseConv2d":
-        """``policy(spec)``: the kernel names to try for this layer on a device and dtype, best first."""
+    def configure(self, name: str, policy: Callable[[ConvSpec], Sequence[str]], strict: bool,
+                  policy_limits_candidates: bool = False) -> "SparseConv2d":
+        """``policy(spec)``: the kernel names to try for this layer on a device and dtype, best first.
+
+        ``policy_limits_candidates``: measured dispatch chooses among ``policy``'s kernels only, not among every
+        registered one (the user named the kernels the backend may use).
+        """
         self.layer_name, self.kernel_policy, self.strict = name, policy, strict
+        self.policy_limits_candidates = policy_limits_candidates
         self.stride_factor = _square(self.stride, "stride", name)
         self._chosen: dict[tuple[str, torch.dtype], object] = {}
         #: (device type, dtype) -> kernel name that overrides the policy (set by autotuning)
@@ -94,11 +100,14 @@ class SparseConv2d(nn.Conv2d):
         return self._pinned.get((torch.device(device_type).type, dtype))
 
     def candidate_kernels(self, device_type: str, dtype: torch.dtype, reproducible_only: bool = False) -> list[str]:
-        """Every registered kernel that declares it can run this layer on ``device_type`` in ``dtype``
-        (and, with ``reproducible_only``, that declares bit-reproducible results there)."""
+        """Every registered kernel (or, when the policy limits candidates, every kernel of the policy) that
+        declares it can run this layer on ``device_type`` in ``dtype`` (and, with ``reproducible_only``, that
+        declares bit-reproducible results there)."""
         spec = ConvSpec.of(self, device_type, dtype)
-        return [name for name, kernel in list_kernels().items() if not kernel.not_supported_reasons(spec)
-                and (not reproducible_only or spec.device_type in kernel.REPRODUCIBLE_ON)]
+        registered = list_kernels()
+        names = dict.fromkeys(self.kernel_policy(spec)) if self.policy_limits_candidates else registered
+        return [name for name in names if name in registered and not registered[name].not_supported_reasons(spec)
+                and (not reproducible_only or spec.device_type in registered[name].REPRODUCIBLE_ON)]
 
     def conv_call(self, mask, in_stride: int) -> ConvCall:
         """Where this layer computes for input rows at ``in_stride`` of ``mask``."""
@@ -143,7 +152,7 @@ class SparseConv2d(nn.Conv2d):
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                   padding=grid_padding(conv), dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
         copy_transform_attributes(new, conv)
-        return adopt_state(new, conv).configure(name, backend.kernels_for, backend.strict)
+        return adopt_state(new, conv).configure(name, backend.kernels_for, backend.strict, backend.kernels_given)
 
 
 class _SparsePool:
@@ -257,8 +266,14 @@ class RowBackend(Backend):
     }
 
     def __init__(self, strict: bool = False, kernels: Optional[Sequence[str]] = None):
+        """``kernels``: the kernel names to use, most preferred first, instead of the class's :attr:`kernels`
+        (an unregistered name is refused here: dispatch would skip it without a word)."""
         super().__init__(strict=strict)
         self.kernel_priority = tuple(kernels) if kernels is not None else self.kernels
+        #: whether the user chose the kernels: then measured dispatch (``auto``) times only those
+        self.kernels_given = kernels is not None
+        if self.kernels_given:
+            check_kernel_names(self.kernel_priority)
 
     def kernels_for(self, spec: ConvSpec) -> tuple[str, ...]:
         """The kernel names to try for one layer, best first (subclasses may choose per shape)."""
