@@ -106,3 +106,22 @@ def test_a_backend_without_what_models_need_is_refused_at_registration():
     with pytest.raises(TypeError, match=r"backend class .*Bare needs a non-empty `name` and a `feature_type`"):
         ss.register_backend(Bare)
     assert "bare_test_backend" not in {info.name for info in ss.list_backends()}
+
+
+def test_a_layer_one_backend_converts_itself_can_still_get_a_shared_converter_for_the_others(monkeypatch):
+    """Order does not matter: a user's backend converting its layer itself leaves the shared converter to the others."""
+    from spark_sparse.backends import base, registry
+    from spark_sparse.backends.sparse import SparseBackend
+
+    class OwnLayer(nn.Identity):
+        pass
+
+    class OwnBackend(SparseBackend):
+        name = "own_layer_test_backend"
+        converters = {**SparseBackend.converters, OwnLayer: lambda backend, module, name: module}
+
+    monkeypatch.setattr(registry, "_BACKENDS", dict(registry._BACKENDS))
+    monkeypatch.setattr(base, "_SHARED_CONVERTERS", dict(base._SHARED_CONVERTERS))
+    ss.register_backend(OwnBackend)
+    shared = ss.register_converter(OwnLayer)(lambda backend, module, name: module)
+    assert base._SHARED_CONVERTERS[OwnLayer] is shared

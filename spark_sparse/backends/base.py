@@ -71,10 +71,10 @@ def register_converter(*module_types: type) -> Callable[[Converter], Converter]:
         raise TypeError(f"register_converter takes the module classes it converts, as in "
                         f"@register_converter(MyLayer) above def convert(backend, module, name), got: {given}")
     for module_type in module_types:
-        built_in = _backends_converting(module_type)
-        if built_in:
+        converting, every = _backends_converting(module_type)
+        if converting and converting == every:
             raise ValueError(f"{module_type.__qualname__} is converted by the backends themselves "
-                             f"({', '.join(built_in)}): a registered converter would never run. Subclass it and "
+                             f"({', '.join(converting)}): a registered converter would never run. Subclass it and "
                              f"register the subclass, or declare a subclass with its maths by register_same_maths")
 
     def wrap(converter: Converter, *misused, **misused_keywords) -> Converter:
@@ -121,10 +121,11 @@ def register_same_maths(subclass: type, base: type) -> type:
     return subclass
 
 
-def _backends_converting(module_type: type) -> list[str]:
-    """The registered backends whose own converters take ``module_type``."""
+def _backends_converting(module_type: type) -> tuple[list[str], list[str]]:
+    """The registered backends whose own converters take ``module_type``, and every registered backend: a shared
+    converter runs on the backends that do not (a user's backend may convert a layer of theirs itself)."""
     from .registry import _BACKENDS           # the backends register after this module is imported
-    return [name for name, backend in _BACKENDS.items() if module_type in backend.converters]
+    return [name for name, backend in _BACKENDS.items() if module_type in backend.converters], list(_BACKENDS)
 
 
 def register_container(cls: type) -> type:
