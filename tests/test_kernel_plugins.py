@@ -225,3 +225,19 @@ def test_a_plugin_without_readable_source_is_keyed_by_its_module_and_name():
     made = type("MadeAtRunTimeKernel", (GatherKernel,), {"NAME": "made_at_run_time"})
     register_kernel(made)
     assert len(cache.plugin_kernels_digests()["made_at_run_time"]) == 16
+
+
+def test_a_kernel_returning_rows_of_another_shape_is_named_with_its_layer():
+    class ReturnsItsInput(GatherKernel):
+        NAME = "returns_its_input"
+
+        def conv(self, features, weight, bias, call):
+            return features                       # the input rows: other row count and channels than the output
+
+    register_kernel(ReturnsItsInput)
+    spark = ss.create_spark("tiny_cnn", backend=create_backend("sparse", kernels=("returns_its_input",)),
+                            input_size=64)
+    # the stem runs on dense (sparse's rule for stems): the first conv on the plug-in is the first stage's
+    with pytest.raises(RuntimeError, match=r"kernel 'returns_its_input' returned rows of shape \(1024, 16\) for "
+                                           r"layer stages\.0\.0\.0, which needs \(256, 16\) \(the active sites"):
+        spark(torch.randn(2, 3, 64, 64))

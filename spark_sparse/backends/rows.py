@@ -133,6 +133,11 @@ class SparseConv2d(nn.Conv2d):
         bias = None if self.bias is None else self.bias.to(dtype)
         with saved_as_recipe(x):
             out = kernel.conv(x.data.to(dtype), self.weight_for_forward().to(dtype), bias, call)
+        expected = (x.mask.num_active(call.out_stride), self.out_channels)     # cached by the mask: no device sync
+        if tuple(out.shape) != expected:       # a plug-in's bug, named here rather than by a later layer's shapes
+            raise RuntimeError(f"kernel {kernel.NAME!r} returned rows of shape {tuple(out.shape)} for layer "
+                               f"{self.layer_name}, which needs {expected} (the active sites at stride "
+                               f"{call.out_stride} x the output channels)")
         return SparseRows(out, x.mask, call.out_stride)
 
     def describe_execution(self, device, dtype) -> str:
