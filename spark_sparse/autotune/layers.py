@@ -143,10 +143,11 @@ class _LayerRun:
     def forward(self) -> torch.Tensor:
         return self.kernel.conv(self.features, self.weight, self.bias, self.call)
 
-    def forward_backward(self) -> None:
+    def forward_backward(self) -> torch.Tensor:
         out = self.forward()
         if out.requires_grad:
             out.backward(self.grad_out)
+        return out
 
 
 def time_kernel(layer: LayerShape, kernel_name: str, active: torch.Tensor, downsample_ratio: int,
@@ -171,9 +172,7 @@ def layer_results(layer: LayerShape, kernel_name: str, active: torch.Tensor, dow
     run = _LayerRun(layer, kernel_name, active, downsample_ratio, dtype)
     run.prepare()
     with torch.enable_grad():
-        out = run.forward()
-        if out.requires_grad:
-            out.backward(run.grad_out)
+        out = run.forward_backward()
     results = {"output": out.detach()}
     for name, tensor in (("input grad", run.features), ("weight grad", run.weight), ("bias grad", run.bias)):
         if tensor is not None and tensor.grad is not None:

@@ -447,10 +447,12 @@ class _Tuner:
         layer's own shapes (when that kernel runs): a plug-in kernel with other maths must never win on speed."""
         best = min(known.values(), default=None)
         measured = {}
-        try:
-            reference = layer_results(layer, static_kernel, active, self.spark.downsample_ratio, self.dtype)
-        except Exception:       # the static kernel's own failure is recorded when it is timed (or was, if cached)
-            reference = None
+        reference = None
+        if any(name != static_kernel for name in kernels):      # something to check against it
+            try:
+                reference = layer_results(layer, static_kernel, active, self.spark.downsample_ratio, self.dtype)
+            except Exception:   # the static kernel's own failure is recorded when it is timed (or was, if cached)
+                pass
         for name in sorted(kernels, key=lambda name: (name != static_kernel, name)):
             give_up = None if best is None else best * self.options.give_up_factor
             try:
