@@ -11,7 +11,6 @@ import datetime
 import json
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,20 +19,13 @@ from typing import Optional
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=REPO)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout if out.returncode == 0 else None
-
-
 def provenance() -> dict:
     """Commit, dirty state, date and interpreter of this run (``None`` fields outside a git checkout)."""
-    commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    changed = [line[3:] for line in status.splitlines()] if status is not None else None
-    return {"git_commit": commit.strip() if commit else None,
+    # here, not at the top: render_benchmarks imports this module and must not pay for torch
+    from spark_sparse.train.outputs import git_changed_files, git_commit
+
+    changed = git_changed_files(REPO)
+    return {"git_commit": git_commit(REPO),
             "git_dirty": bool(changed) if changed is not None else None,
             "git_changed_files": changed[:50] if changed else [],
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

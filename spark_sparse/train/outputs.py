@@ -19,7 +19,7 @@ from typing import Any, Collection, NamedTuple, Optional, TextIO
 
 from ..errors import ConfigError
 
-__all__ = ["LoggedRun", "RunOutputs", "git_commit", "git_dirty", "Tee", "without_flags"]
+__all__ = ["LoggedRun", "RunOutputs", "git_changed_files", "git_commit", "git_dirty", "Tee", "without_flags"]
 
 
 class LoggedRun(NamedTuple):
@@ -43,7 +43,7 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 def _git(*args: str, repo: Path) -> Optional[str]:
     """``git args`` run in ``repo``: its output, or None where git or the repository is missing."""
     try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=repo)
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=repo)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout if out.returncode == 0 else None
@@ -54,10 +54,16 @@ def git_commit(repo: Path = _PACKAGE_DIR) -> Optional[str]:
     return (_git("rev-parse", "HEAD", repo=repo) or "").strip() or None
 
 
+def git_changed_files(repo: Path = _PACKAGE_DIR) -> Optional[list[str]]:
+    """The tracked files that differ from that commit (untracked ones did not run); None outside a checkout."""
+    status = _git("status", "--porcelain", "--untracked-files=no", repo=repo)
+    return None if status is None else [line[3:] for line in status.splitlines()]
+
+
 def git_dirty(repo: Path = _PACKAGE_DIR) -> Optional[bool]:
     """Whether tracked files differ from that commit: then the commit alone does not say what ran."""
-    status = _git("status", "--porcelain", "--untracked-files=no", repo=repo)
-    return None if status is None else bool(status.strip())
+    changed = git_changed_files(repo)
+    return None if changed is None else bool(changed)
 
 
 def without_flags(words: list[str], valued: Collection[str], bare: Collection[str] = ()) -> list[str]:
