@@ -17,6 +17,8 @@ PLUGIN_GROUP = "spark_sparse.kernels"
 
 _KERNELS: dict[str, Type[SparseConvKernel]] = {}
 _INSTANCES: dict[str, SparseConvKernel] = {}
+#: entry-point name -> why that plugin failed to load; a name asked for later is answered with the cause
+_FAILED_PLUGINS: dict[str, str] = {}
 
 
 class NoKernelError(SparkSparseError, RuntimeError):
@@ -61,6 +63,11 @@ def check_kernel_names(names: Iterable[str]) -> None:
     unknown = [name for name in names if name not in _KERNELS]
     if not unknown:
         return
+    broken = [name for name in unknown if name in _FAILED_PLUGINS]
+    if broken:
+        raise UnknownKernelError("; ".join(
+            f"kernel {name!r} is not registered: its plugin {_FAILED_PLUGINS[name]}" for name in broken)
+            + "; fix that error (importing the plugin's module alone shows it) and run again")
     hints = []
     for name in unknown:
         close = difflib.get_close_matches(name, list(_KERNELS), n=3)
@@ -72,7 +79,9 @@ def check_kernel_names(names: Iterable[str]) -> None:
 def load_kernel_plugins() -> list[str]:
     """Import every kernel plugin of :data:`PLUGIN_GROUP`; return the names of those that failed.
 
-    A broken plugin must not break the package: it is skipped with a warning naming it and the error.
+    A broken plugin must not break the package: it is skipped with a warning naming it and the error, and the
+    error is kept so that asking for the kernel by its entry-point name later says why it is missing (a warning
+    at import time scrolls away long before the run that names the kernel).
     """
     failed = []
     for entry in entry_points(group=PLUGIN_GROUP):
@@ -80,8 +89,12 @@ def load_kernel_plugins() -> list[str]:
             entry.load()
         except Exception as exc:
             failed.append(entry.name)
+            cause = f"{entry.value} failed to load when spark_sparse was imported: {type(exc).__name__}: {exc}"
+            _FAILED_PLUGINS[entry.name] = cause
             warnings.warn(f"kernel plugin {entry.name!r} ({entry.value}) failed to load and is skipped: "
                           f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
+        else:
+            _FAILED_PLUGINS.pop(entry.name, None)
     return failed
 
 

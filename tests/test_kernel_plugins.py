@@ -26,8 +26,10 @@ PLUGIN = "mykern"
 @pytest.fixture(autouse=True)
 def registry_state():
     """Restore the registry (classes and their shared instances) as it was before the test."""
-    kernels, instances = dict(registry._KERNELS), dict(registry._INSTANCES)
+    kernels, instances, failed = dict(registry._KERNELS), dict(registry._INSTANCES), dict(registry._FAILED_PLUGINS)
     yield
+    registry._FAILED_PLUGINS.clear()
+    registry._FAILED_PLUGINS.update(failed)
     registry._KERNELS.clear()
     registry._KERNELS.update(kernels)
     registry._INSTANCES.clear()
@@ -241,3 +243,37 @@ def test_a_kernel_returning_rows_of_another_shape_is_named_with_its_layer():
     with pytest.raises(RuntimeError, match=r"kernel 'returns_its_input' returned rows of shape \(1024, 16\) for "
                                            r"layer stages\.0\.0\.0, which needs \(256, 16\) \(the active sites"):
         spark(torch.randn(2, 3, 64, 64))
+
+
+# ---------------------------------------------------------------------- 6. plug-ins found by entry point
+class FakeEntryPoint:
+    """What ``importlib.metadata.entry_points`` yields for an installed plug-in package."""
+
+    def __init__(self, name: str, value: str, load):
+        self.name, self.value, self.load = name, value, load
+
+
+def broken_import():
+    raise ImportError("No module named 'cupy'")
+
+
+def test_a_plugin_that_failed_to_load_is_named_with_its_error_when_its_kernel_is_asked_for(monkeypatch):
+    entry = FakeEntryPoint(PLUGIN, "my_kernels.module:MyKernel", broken_import)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [entry] if group == registry.PLUGIN_GROUP else [])
+    with pytest.warns(RuntimeWarning, match="kernel plugin 'mykern' .* failed to load and is skipped"):
+        assert registry.load_kernel_plugins() == [PLUGIN]
+    with pytest.raises(UnknownKernelError, match=r"kernel 'mykern' is not registered: its plugin my_kernels\.module:"
+                                                 r"MyKernel failed to load when spark_sparse was imported: ImportError: "
+                                                 r"No module named 'cupy'"):
+        create_backend("sparse", kernels=("gemm", PLUGIN))
+
+
+def test_a_plugin_that_loads_registers_its_kernel_and_forgets_an_earlier_failure(monkeypatch):
+    outcomes = iter([broken_import, lambda: register_kernel(define_plugin())])
+    monkeypatch.setattr(registry, "entry_points",
+                        lambda group: [FakeEntryPoint(PLUGIN, "my_kernels.module:MyKernel", next(outcomes))])
+    with pytest.warns(RuntimeWarning):
+        registry.load_kernel_plugins()
+    assert registry.load_kernel_plugins() == []
+    assert PLUGIN in list_kernels() and PLUGIN not in registry._FAILED_PLUGINS
+    create_backend("sparse", kernels=(PLUGIN,))
