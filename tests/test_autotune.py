@@ -100,6 +100,19 @@ def test_each_layer_is_pinned_to_its_fastest_measured_kernel(tmp_path):
                for name in result.decisions)
 
 
+def test_an_untuned_auto_says_once_that_it_runs_the_static_rule_and_a_tuned_one_says_nothing(tmp_path, recwarn):
+    untuned = build()
+    images = torch.randn(2, 3, 64, 64)
+    with pytest.warns(UserWarning, match=r"backend 'auto' has not been tuned, so every conv runs on the 'sparse' "
+                                         r"backend's static rule: call spark_sparse\.autotune\.autotune"):
+        untuned(images)
+    untuned(images)                                          # said once per model
+    tuned = build()
+    tune(tuned, tmp_path, FakeTimer(), mode="off")          # even --autotune off is a choice the user made
+    tuned(images)
+    assert not [w for w in recwarn if "has not been tuned" in str(w.message)]
+
+
 def test_the_choice_follows_the_timings_per_layer(tmp_path):
     def layer_ms(layer, kernel):   # a different winner per layer
         order = KERNEL_ORDER[zlib.crc32(layer.encode()) % 5:] + KERNEL_ORDER[:zlib.crc32(layer.encode()) % 5]

@@ -317,6 +317,7 @@ def autotune(spark: nn.Module, batch_size: int, device: torch.device | str | Non
     dtype = amp_dtype or param.dtype
     if not isinstance(spark.backend, AutoBackend):
         return AutotuneResult(spark, spark.backend.name, options.mode, "not applicable", device.type, dtype)
+    spark.backend.tuned = True          # its own probes run the untuned model: no "call autotune()" warning
     forked = []
     if device.type == "cuda":
         forked = [device.index if device.index is not None else torch.cuda.current_device()]

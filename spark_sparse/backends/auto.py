@@ -18,6 +18,7 @@ candidate's measured ms) so that :meth:`plan` prints it next to the kernel that 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -72,6 +73,19 @@ class AutoBackend(SparseBackend):
         super().__init__(strict=strict, kernels=kernels)
         #: layer name -> how its kernel was chosen (filled by :func:`spark_sparse.autotune.autotune`)
         self.decisions: dict[str, LayerDecision] = {}
+        #: whether autotune() ran or is running on this backend (or a saved plan was pinned): an untuned ``auto``
+        #: is ``sparse`` under another name, which a Python user who skipped autotune() would not know
+        self.tuned = False
+        self._said_untuned = False
+
+    def features_from_image(self, images: torch.Tensor, mask):
+        if not self.tuned and not self._said_untuned:
+            self._said_untuned = True
+            warnings.warn("backend 'auto' has not been tuned, so every conv runs on the 'sparse' backend's static "
+                          "rule: call spark_sparse.autotune.autotune(spark, batch_size, device) once before "
+                          "training (spark-pretrain does), or build the model on backend='sparse' to say so",
+                          UserWarning, stacklevel=3)
+        return super().features_from_image(images, mask)
 
     def static_kernel(self, conv: SparseConv2d, device_type: str, dtype: torch.dtype) -> str:
         """The kernel the ``sparse`` backend's static rule picks for ``conv`` (what runs when untuned)."""
@@ -91,6 +105,7 @@ class AutoBackend(SparseBackend):
             conv.pin_kernel(device_type, dtype, decision.kernel if decision is not None else None)
             conv.kernel_for(torch.device(device_type), dtype)     # resolved now, not inside a timed step
         self.decisions = dict(decisions)
+        self.tuned = True
 
     def plan(self, encoder: nn.Module, device: torch.device | str = "cpu",
              dtype: torch.dtype = torch.float32) -> list[tuple[str, str]]:
