@@ -715,6 +715,66 @@ def test_every_rank_runs_rank_zeros_plan(tmp_path):
     assert all(torch.equal(rank0["state"][k], rank1["state"][k]) for k in trained)
 
 
+def test_the_guard_never_chooses_an_encoder_that_failed_on_another_rank(tmp_path, monkeypatch):
+    from spark_sparse.autotune import tuner
+
+    gathered = tuner._Ranks.gathered
+    # what rank 1 reports after the guard's timing: its tuned encoder failed (rank 0, this process, ran it fine)
+    monkeypatch.setattr(tuner._Ranks, "gathered",
+                        lambda self, value: gathered(self, value) + ([{"tuned"}] if isinstance(value, set) else []))
+    result = tune(build(), tmp_path, FakeTimer(encoder_ms={"tuned": 1.0, "static": 2.0, "masked": 3.0}))
+    assert result.guard.choice == "static" and "tuned" not in result.guard.ms
+
+
+def _rank_one_fails_its_first_memory_check(rank: int, world: int, port: int, cfg, caches: list, dump_dir: str
+                                           ) -> None:
+    """As :func:`_two_rank_worker`, but rank 1 runs out of memory measuring the tuned plan (rank 0 does not)."""
+    from spark_sparse.autotune import tuner
+
+    if rank == 1:
+        measure, failed = tuner.step_held_bytes, []
+
+        def out_of_memory_once(model, *args, **kwargs):
+            if model.backend.name == "auto" and not failed:
+                failed.append(True)
+                raise RuntimeError("out of memory (injected on rank 1)")
+            return measure(model, *args, **kwargs)
+
+        tuner.step_held_bytes = out_of_memory_once
+    _two_rank_worker(rank, world, port, cfg, caches, dump_dir)
+
+
+def test_when_one_rank_fails_the_memory_check_every_rank_falls_back_to_the_static_rule(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from apptools import make_image_folder, tiny_config
+
+    folder = make_image_folder(tmp_path / "data", count=8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                        # the ranks' environment key (their thread count)
+    try:
+        options = AutotuneOptions(warmup=0, repeats=1, progress=False, cache_dir=tmp_path / "cache")
+        autotune(build(), 4, "cpu", channels_last=True, options=options, build_masked=lambda: build(backend="masked"),
+                 timer=FakeTimer(lambda layer, kernel: 1.0 if kernel == "dense" else 5.0))
+    finally:
+        torch.set_num_threads(threads)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = tiny_config(folder, tmp_path / "out", ep=1, bs=8, backend="auto", autotune="cached")
+    caches = [str(tmp_path / "cache"), str(tmp_path / "empty-cache")]
+    mp.spawn(_rank_one_fails_its_first_memory_check, args=(2, port, cfg, caches, str(tmp_path)), nprocs=2,
+             join=True)
+    rank0, rank1 = torch.load(tmp_path / "rank0.pth"), torch.load(tmp_path / "rank1.pth")
+    static = static_rule(build())
+    assert set(static.values()) != {"dense"}                 # the cached plan (all dense) differs from it
+    assert rank0["kernels"] == rank1["kernels"] == static
+    log = (tmp_path / "out" / "pretrain_log.txt").read_text()
+    assert "static rule (the tuned plan failed in the memory check)" in log
+
+
 def test_the_cli_accepts_only_the_autotune_modes():
     from click.testing import CliRunner
 

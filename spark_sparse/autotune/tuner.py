@@ -236,6 +236,20 @@ class _Ranks:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gathered(self, value) -> list:
+        """Every rank's ``value``, in rank order (``[value]`` outside a distributed run)."""
+        if not self.distributed:
+            return [value]
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, value)
+        return everyone
+
+    def failures(self, error: Optional[BaseException]) -> list[str]:
+        """``"rank r: Type: message"`` of every rank whose step raised, so that all ranks take the same fallback
+        (one rank out of memory while the others went on would pair the ranks' collectives wrongly)."""
+        mine = None if error is None else f"{type(error).__name__}: {error}"
+        return [f"rank {rank}: {text}" for rank, text in enumerate(self.gathered(mine)) if text is not None]
+
 
 def _dtype_named(name: str) -> torch.dtype:
     dtype = getattr(torch, name, None)
@@ -496,7 +510,16 @@ class _Tuner:
             return decisions, MemoryCheck(limit, status="not measured (no masked model to compare with)")
 
         def held_mb(model: nn.Module) -> float:
-            return self.ranks.from_main(step_held_bytes(model, images, active, self.amp_dtype) / MB)
+            try:
+                held, error = step_held_bytes(model, images, active, self.amp_dtype) / MB, None
+            except Exception as caught:
+                held, error = None, caught
+            failures = self.ranks.failures(error)
+            if error is not None:
+                raise error
+            if failures:
+                raise RuntimeError(f"the memory check failed on another process ({'; '.join(failures)})")
+            return self.ranks.from_main(held)
 
         check = MemoryCheck(limit, {"masked": held_mb(twin)}, parameters_bytes(self.spark) / MB)
         try:
@@ -593,13 +616,18 @@ class _Tuner:
         if self.options.progress and self.ranks.is_main:
             print(f"[autotune] guard: timing the encoder ({', '.join(v.name for v in variants)}) at {self.shapes}",
                   file=sys.stderr, flush=True)
+        failed_here: set[str] = set()
+
         def failed(name: str, err: Exception) -> None:
+            failed_here.add(name)
             warnings.warn(f"autotune guard: the {name} encoder failed ({type(err).__name__}: {err}); it does not "
                           f"compete", RuntimeWarning, stacklevel=2)
 
         ms = time_encoders(variants, images, active, self.amp_dtype, self.timer, self.options.warmup,
                            self.options.guard_repeats, on_failure=failed)
         pin(decisions)
+        failed_anywhere = set().union(*self.ranks.gathered(failed_here))    # rank 0 must not choose what fails on 1
+        ms = {name: value for name, value in ms.items() if name not in failed_anywhere}
         allowed = [name for name in ms if memory.fits(name)] or [min(ms, key=lambda name: memory.held_mb[name])]
         choice = choose_encoder(ms, self.options.guard_margin, allowed)
         choice, ms = self.ranks.from_main((choice, ms))
