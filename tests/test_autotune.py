@@ -687,7 +687,9 @@ def _two_rank_worker(rank: int, world: int, port: int, cfg, caches: list, dump_d
     torch.distributed.destroy_process_group()
 
 
-def test_every_rank_runs_rank_zeros_plan(tmp_path):
+def _train_on_two_ranks(tmp_path, worker) -> tuple[dict, dict]:
+    """Rank 0's cache holds a plan (dense everywhere, unlike the static rule), rank 1's is empty; both train one
+    epoch of 4 images each through ``worker``; returns what each rank pinned and its trained state."""
     import socket
 
     import torch.multiprocessing as mp
@@ -708,8 +710,12 @@ def test_every_rank_runs_rank_zeros_plan(tmp_path):
         port = sock.getsockname()[1]
     cfg = tiny_config(folder, tmp_path / "out", ep=1, bs=8, backend="auto", autotune="cached")   # 4 images per rank
     caches = [str(tmp_path / "cache"), str(tmp_path / "empty-cache")]
-    mp.spawn(_two_rank_worker, args=(2, port, cfg, caches, str(tmp_path)), nprocs=2, join=True)
-    rank0, rank1 = torch.load(tmp_path / "rank0.pth"), torch.load(tmp_path / "rank1.pth")
+    mp.spawn(worker, args=(2, port, cfg, caches, str(tmp_path)), nprocs=2, join=True)
+    return torch.load(tmp_path / "rank0.pth"), torch.load(tmp_path / "rank1.pth")
+
+
+def test_every_rank_runs_rank_zeros_plan(tmp_path):
+    rank0, rank1 = _train_on_two_ranks(tmp_path, _two_rank_worker)
     assert set(rank0["kernels"].values()) == {"dense"} and rank1["kernels"] == rank0["kernels"]
     trained = [k for k in rank0["state"] if "running" not in k and "num_batches" not in k]
     assert all(torch.equal(rank0["state"][k], rank1["state"][k]) for k in trained)
@@ -745,29 +751,7 @@ def _rank_one_fails_its_first_memory_check(rank: int, world: int, port: int, cfg
 
 
 def test_when_one_rank_fails_the_memory_check_every_rank_falls_back_to_the_static_rule(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    from apptools import make_image_folder, tiny_config
-
-    folder = make_image_folder(tmp_path / "data", count=8)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)                        # the ranks' environment key (their thread count)
-    try:
-        options = AutotuneOptions(warmup=0, repeats=1, progress=False, cache_dir=tmp_path / "cache")
-        autotune(build(), 4, "cpu", channels_last=True, options=options, build_masked=lambda: build(backend="masked"),
-                 timer=FakeTimer(lambda layer, kernel: 1.0 if kernel == "dense" else 5.0))
-    finally:
-        torch.set_num_threads(threads)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cfg = tiny_config(folder, tmp_path / "out", ep=1, bs=8, backend="auto", autotune="cached")
-    caches = [str(tmp_path / "cache"), str(tmp_path / "empty-cache")]
-    mp.spawn(_rank_one_fails_its_first_memory_check, args=(2, port, cfg, caches, str(tmp_path)), nprocs=2,
-             join=True)
-    rank0, rank1 = torch.load(tmp_path / "rank0.pth"), torch.load(tmp_path / "rank1.pth")
+    rank0, rank1 = _train_on_two_ranks(tmp_path, _rank_one_fails_its_first_memory_check)
     static = static_rule(build())
     assert set(static.values()) != {"dense"}                 # the cached plan (all dense) differs from it
     assert rank0["kernels"] == rank1["kernels"] == static
