@@ -22,12 +22,9 @@ REPO = Path(__file__).resolve().parent.parent
 def provenance() -> dict:
     """Commit, dirty state, date and interpreter of this run (``None`` fields outside a git checkout)."""
     # here, not at the top: render_benchmarks imports this module and must not pay for torch
-    from spark_sparse.train.outputs import git_changed_files, git_commit
+    from spark_sparse.train.outputs import git_state
 
-    changed = git_changed_files(REPO)
-    return {"git_commit": git_commit(REPO),
-            "git_dirty": bool(changed) if changed is not None else None,
-            "git_changed_files": changed[:50] if changed else [],
+    return {**git_state(REPO),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "python": platform.python_version(), "platform": platform.platform()}
 

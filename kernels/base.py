@@ -55,10 +55,6 @@ class ConvSpec:
     def is_depthwise(self) -> bool:
         return self.groups > 1 and self.groups == self.in_channels == self.out_channels
 
-    @property
-    def is_pointwise(self) -> bool:
-        return self.kernel_size == (1, 1) and self.padding == (0, 0)
-
     def describe(self) -> str:
         kh, kw = self.kernel_size
         extra = "".join([f" s{self.stride[0]}" if self.stride != (1, 1) else "",

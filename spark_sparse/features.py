@@ -510,15 +510,24 @@ class ChannelsLastView:
                 f"{type(other).__name__}: both must be views of maps of the same sites")
         return other.channels_first
 
+    def _addend(self, other: object, operation: str) -> object:
+        """Another view's map; numbers and tensors as they are, so that the map's own rules apply (``+ 0`` is
+        exact, ``+ 0.1`` is refused saying it would make the masked sites non-zero)."""
+        if isinstance(other, (ChannelsLastView, FeatureMap)):
+            return self._same_sites(other, operation)
+        return other
+
     def __add__(self, other: Union["ChannelsLastView", int, float]) -> "ChannelsLastView":
-        if _is_zero_scalar(other):
-            return self
-        return ChannelsLastView(self.channels_first + self._same_sites(other, "add"))
+        return ChannelsLastView(self.channels_first + self._addend(other, "add"))
 
     __iadd__ = __radd__ = __add__
 
-    def __sub__(self, other: "ChannelsLastView") -> "ChannelsLastView":
-        return ChannelsLastView(self.channels_first - self._same_sites(other, "subtract"))
+    def __sub__(self, other: Union["ChannelsLastView", int, float]) -> "ChannelsLastView":
+        return ChannelsLastView(self.channels_first - self._addend(other, "subtract"))
+
+    def __rsub__(self, other: Union[int, float]) -> "ChannelsLastView":
+        """``0 - x`` is ``-x``; other numbers are refused, as for the map."""
+        return ChannelsLastView(other - self.channels_first)
 
     def __neg__(self) -> "ChannelsLastView":
         return ChannelsLastView(-self.channels_first)

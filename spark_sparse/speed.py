@@ -64,7 +64,7 @@ class SpeedPlan:
 _MEASURED_BACKEND = "auto"
 
 
-def _fastest_equivalent_backend(device_type: str) -> tuple[str, str]:
+def _fastest_equivalent_backend() -> tuple[str, str]:
     available = {info.name for info in list_backends() if info.available}
     if _MEASURED_BACKEND in available:
         return _MEASURED_BACKEND, ("each conv on the kernel measured fastest on this machine before the first step, "
@@ -84,7 +84,7 @@ def plan_speed(recipe: str, device: torch.device | str, *, backend: Optional[str
         chosen = dict(backend="masked", channels_last=False, compile_decoder=False, foreach_optimizer=False)
         why = {k: "SparK's recipe" for k in chosen}
     else:
-        name, reason = _fastest_equivalent_backend(device_type)
+        name, reason = _fastest_equivalent_backend()
         chosen = dict(backend=name, channels_last=True, foreach_optimizer=device_type == "cuda",
                       compile_decoder=device_type == "cuda")
         why = {"backend": reason,

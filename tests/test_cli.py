@@ -253,7 +253,7 @@ def test_cuda_asked_of_a_cuda_build_without_a_gpu_points_at_the_driver_not_at_an
 
 
 def test_sparks_exp_name_flag_names_the_run(captured, tmp_path):
-    assert _run([f"--exp_name=debug", f"--data_path={tmp_path}"]).exit_code == 0
+    assert _run(["--exp_name=debug", f"--data_path={tmp_path}"]).exit_code == 0
     assert captured["cfg"].output_dir.name == "output_debug"
     result = CliRunner().invoke(cli.pretrain_command, ["a", "--exp_name=b", f"--data_path={tmp_path}"])
     assert result.exit_code == 2 and "two names for the run" in result.output

@@ -3,7 +3,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn as nn
 
 import spark_sparse as ss
 from spark_sparse.errors import SparkSparseError

@@ -108,6 +108,15 @@ def test_sums_started_at_zero_are_exact_and_other_numbers_are_refused(kind, mask
         1 - a
     with pytest.raises(ss.UnsupportedFeatureOperation, match=r"cannot add a tensor of shape \(1, 4, 1, 1\) to"):
         a + torch.ones(1, 4, 1, 1)
+    view = a.permute(0, 2, 3, 1)                                # a channels-last view follows the same rules
+    assert (view + 0).permute(0, 3, 1, 2) is a and (0 + view).permute(0, 3, 1, 2) is a
+    assert (view - 0).permute(0, 3, 1, 2) is a and torch.equal((0 - view).permute(0, 3, 1, 2).to_dense(), -a.to_dense())
+    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"make the masked sites non-zero"):
+        view + 0.5
+    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"cannot subtract the number 0\.1 from a SparK"):
+        view - 0.1
+    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"cannot subtract a SparK feature map from the number 1"):
+        1 - view
 
 
 @pytest.mark.parametrize("kind", [MaskedDense, SparseRows])

@@ -29,16 +29,20 @@ from spark_sparse.testing import ComparisonError, compare_with_masked
 
 @pytest.fixture
 def registries():
-    """Restore every registry a plug-in adds to (converters, containers, kernels and their instances, models,
-    backends) afterwards."""
-    tables = [backend_base._SHARED_CONVERTERS, backend_base._CONTAINERS, kernel_registry._KERNELS,
-              kernel_registry._INSTANCES, model_registry._MODELS, model_registry._DEFAULT_DROP_PATH,
-              backend_registry._BACKENDS]
+    """Restore every registry a plug-in adds to (converters, same-maths classes, containers, kernels, their
+    instances and failed plug-ins, models, their drop paths, tested names and fallbacks, backends) afterwards."""
+    tables = [backend_base._SHARED_CONVERTERS, backend_base._SAME_MATHS, backend_base._CONTAINERS,
+              kernel_registry._KERNELS, kernel_registry._INSTANCES, kernel_registry._FAILED_PLUGINS,
+              model_registry._MODELS, model_registry._DEFAULT_DROP_PATH, model_registry._TESTED,
+              model_registry._FALLBACKS, backend_registry._BACKENDS]
     saved = [table.copy() for table in tables]
     yield
     for table, before in zip(tables, saved):
         table.clear()
-        table.update(before)
+        if isinstance(table, list):
+            table.extend(before)
+        else:
+            table.update(before)
 
 
 @pytest.mark.parametrize("model", ["tiny_cnn", "resnet18"])

@@ -67,7 +67,7 @@ def test_one_epoch_writes_every_output_file(folder, tmp_path):
     # the kernel tuning printed before the folder could be written to is in the backup too, first
     assert (out / "stderr_backup.txt").read_text().lstrip().startswith("[autotune]")
     # SparK's own keys, for its users' log readers
-    assert header["git_commit_id"] == header["git_commit"] and header["git_dirty"] in (True, False, None)
+    assert header["git_commit_id"] == header["git_commit"] and header["git_dirty"] == outputs.git_state()["git_dirty"]
     assert (epoch["cur_ep"], epoch["last_L"], epoch["rema"], epoch["fini"]) == \
            ("1/1", epoch["loss"], epoch["remaining"], epoch["finish_time"])
     assert "finished" in (out / "stdout_backup.txt").read_text()
@@ -372,16 +372,19 @@ def test_the_log_says_whether_the_code_that_ran_differs_from_its_commit(tmp_path
     def git(*args):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
                        capture_output=True)
-    assert outputs.git_commit(tmp_path) is None and outputs.git_dirty(tmp_path) is None      # not a checkout
+    def dirty():
+        return outputs.git_state(tmp_path)["git_dirty"]
+
+    assert outputs.git_state(tmp_path) == {"git_commit": None, "git_dirty": None, "git_changed_files": []}
     git("init", "-q")
     (tmp_path / "code.py").write_text("x = 1\n")
     git("add", "code.py")
     git("commit", "-qm", "code")
-    assert len(outputs.git_commit(tmp_path)) == 40 and outputs.git_dirty(tmp_path) is False
+    assert len(outputs.git_state(tmp_path)["git_commit"]) == 40 and dirty() is False
     (tmp_path / "untracked.txt").write_text("")                    # not code that ran: still clean
-    assert outputs.git_dirty(tmp_path) is False
+    assert dirty() is False
     (tmp_path / "code.py").write_text("x = 2\n")
-    assert outputs.git_dirty(tmp_path) is True
+    assert dirty() is True and outputs.git_state(tmp_path)["git_changed_files"] == ["code.py"]
 
 
 class _RecordingSummaryWriter:

@@ -191,7 +191,8 @@ def disagreement(results: dict[str, torch.Tensor], reference: dict[str, torch.Te
             found = "nothing" if got is None else f"shape {tuple(got.shape)}"
             return f"{name}: {found} where the reference has shape {tuple(expected.shape)}"
         scale = expected.abs().max().item() if expected.numel() else 0.0
-        error = (got.float() - expected.float()).abs().max().item() if expected.numel() else 0.0
+        wide = torch.promote_types(expected.dtype, torch.float32)      # fp64 stays fp64: its tolerance is 1e-9
+        error = (got.to(wide) - expected.to(wide)).abs().max().item() if expected.numel() else 0.0
         if not error <= tolerance * max(scale, 1e-30):      # nan fails too
             return f"{name}: max abs err {error:.3g}, {error / max(scale, 1e-30):.3g} of its largest value"
     return None

@@ -331,7 +331,6 @@ def autotune(spark: nn.Module, batch_size: int, device: torch.device | str | Non
     dtype = amp_dtype or param.dtype
     if not isinstance(spark.backend, AutoBackend):
         return AutotuneResult(spark, spark.backend.name, options.mode, "not applicable", device.type, dtype)
-    spark.backend.tuned = True          # its own probes run the untuned model: no "call autotune()" warning
     forked = []
     if device.type == "cuda":
         forked = [device.index if device.index is not None else torch.cuda.current_device()]
@@ -346,7 +345,8 @@ def autotune(spark: nn.Module, batch_size: int, device: torch.device | str | Non
                           f"on {device.type} {dtype}: tuning again", RuntimeWarning, stacklevel=2)
         tuner = _Tuner(spark, batch_size, device, dtype, amp_dtype, image_hw or spark.input_hw, channels_last,
                        options, build_masked, timer or WallClockTimer(device))
-        return tuner.run()
+        with spark.backend.probing():
+            return tuner.run()
 
 
 class _Tuner:

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -73,10 +74,20 @@ class AutoBackend(SparseBackend):
         super().__init__(strict=strict, kernels=kernels)
         #: layer name -> how its kernel was chosen (filled by :func:`spark_sparse.autotune.autotune`)
         self.decisions: dict[str, LayerDecision] = {}
-        #: whether autotune() ran or is running on this backend (or a saved plan was pinned): an untuned ``auto``
-        #: is ``sparse`` under another name, which a Python user who skipped autotune() would not know
+        #: whether :meth:`pin` ran (autotune pins, even ``--autotune off``, and so does a saved plan): an untuned
+        #: ``auto`` is ``sparse`` under another name, which a Python user who skipped autotune() would not know
         self.tuned = False
         self._said_untuned = False
+
+    @contextmanager
+    def probing(self) -> Iterator[None]:
+        """While autotune runs the model before pinning it: no "has not been tuned" warning then."""
+        said = self._said_untuned
+        self._said_untuned = True
+        try:
+            yield
+        finally:
+            self._said_untuned = said
 
     def features_from_image(self, images: torch.Tensor, mask):
         if not self.tuned and not self._said_untuned:

@@ -5,7 +5,7 @@ backward: BN's input, and ReLU's output (which the next conv keeps as its input 
 ResNet-50 at batch 16 that is 240 MB of ReLU outputs beside 280 MB of BN inputs. The ReLU output is
 cheap to recompute from the BN input (one statistics pass and one normalise pass over ``[N, C]``,
 a fraction of the next conv's GEMM), so :class:`FusedBatchNormReLU` keeps only the BN input, and
-hands the next :class:`~spark_sparse.backends.sparse.SparseConv2d` rows that know how to recompute
+hands the next :class:`~spark_sparse.backends.rows.SparseConv2d` rows that know how to recompute
 themselves: that conv stores the recipe instead of the rows (saved-tensor hooks scoped to its own
 call, see :func:`saved_as_recipe`).
 

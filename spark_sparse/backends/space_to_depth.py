@@ -14,7 +14,6 @@ beyond the patch size, where one coarse site would mix visible and masked pixels
 """
 from __future__ import annotations
 
-import torch.nn as nn
 from timm.layers import SpaceToDepth
 
 from ..features import FeatureMap, MaskedDense, SparseRows

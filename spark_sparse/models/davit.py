@@ -21,7 +21,6 @@ DaViT. Default drop path 0.1 (a 28M net, as ConvNeXt-T's SparK rate), densify no
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 from timm.models.davit import (ChannelAttention, ChannelAttentionV2, ChannelBlock, ConvPosEnc, DaVit, DaVitStage,
                                Downsample, SpatialBlock, Stem, WindowAttention)

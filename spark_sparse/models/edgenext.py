@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.models.edgenext import ConvBlock, EdgeNeXt, EdgeNeXtStage, SplitTransposeBlock
 
 from ..backends import register_container, register_converter

@@ -21,7 +21,6 @@ BatchNorm (the net's own).
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.swiftformer import (Block, ConvEncoder, EfficientAdditiveAttention, Embedding, LayerScale2d,

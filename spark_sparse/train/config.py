@@ -71,7 +71,6 @@ class PretrainConfig:
     grad_ckpt: bool = False
     demo: bool = False
     vis_images: int = 4
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         """Refuse values no run can use, before anything is built or written (the CLI prints one line); a run

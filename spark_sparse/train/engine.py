@@ -47,7 +47,7 @@ from .config import PretrainConfig
 from .data import DemoPhotosDataset, ImageFolderDataset, ImageNormalizer, pretrain_augmentation
 from .distributed import DistContext, EpochBatchSampler, init_distributed, split_global_batch
 from .optim import apply_lr_wd, build_optimizer, default_beta2, lr_wd_at, param_groups
-from .outputs import PRETRAINED, RunOutputs, Tee, epochs_text, git_commit, git_dirty
+from .outputs import PRETRAINED, RunOutputs, Tee, epochs_text, git_state
 from .visualize import save_reconstruction_grid
 
 __all__ = ["pretrain", "Trainer", "TrainingError", "StopRequested", "NothingToTrain", "RESUME_AUTO"]
@@ -544,9 +544,9 @@ class Trainer:
             return iter(self.loader)
 
     def _header(self) -> dict:
-        commit = git_commit()
-        return {"name": self.cfg.exp_name, "cmd": self.cmd, "git_commit": commit, "git_commit_id": commit,     # SparK's
-                "git_dirty": git_dirty(), "model": self.model_name,
+        git = git_state()
+        return {"name": self.cfg.exp_name, "cmd": self.cmd, **git, "git_commit_id": git["git_commit"],     # SparK's
+                "model": self.model_name,
                 "backend": self.speed.backend, "world_size": self.ctx.world_size, "device": str(self.ctx.device),
                 "global_batch": self.global_batch, "lr": self.peak_lr, "iters_per_epoch": self.iters_per_epoch,
                 "sync_bn": self.sync_bn, "speed_plan": self.speed.as_dict(), "backend_plan": self.plan,

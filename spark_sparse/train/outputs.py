@@ -19,7 +19,7 @@ from typing import Any, Collection, NamedTuple, Optional, TextIO
 
 from ..errors import ConfigError
 
-__all__ = ["LoggedRun", "RunOutputs", "git_changed_files", "git_commit", "git_dirty", "Tee", "without_flags"]
+__all__ = ["LoggedRun", "RunOutputs", "git_commit", "git_state", "Tee", "without_flags"]
 
 
 class LoggedRun(NamedTuple):
@@ -54,16 +54,13 @@ def git_commit(repo: Path = _PACKAGE_DIR) -> Optional[str]:
     return (_git("rev-parse", "HEAD", repo=repo) or "").strip() or None
 
 
-def git_changed_files(repo: Path = _PACKAGE_DIR) -> Optional[list[str]]:
-    """The tracked files that differ from that commit (untracked ones did not run); None outside a checkout."""
+def git_state(repo: Path = _PACKAGE_DIR) -> dict:
+    """``git_commit``, ``git_dirty`` (tracked files differ from it: then the commit alone does not say what ran;
+    untracked files did not run) and the first 50 ``git_changed_files``; None values outside a checkout."""
     status = _git("status", "--porcelain", "--untracked-files=no", repo=repo)
-    return None if status is None else [line[3:] for line in status.splitlines()]
-
-
-def git_dirty(repo: Path = _PACKAGE_DIR) -> Optional[bool]:
-    """Whether tracked files differ from that commit: then the commit alone does not say what ran."""
-    changed = git_changed_files(repo)
-    return None if changed is None else bool(changed)
+    changed = None if status is None else [line[3:] for line in status.splitlines()]
+    return {"git_commit": git_commit(repo), "git_dirty": None if changed is None else bool(changed),
+            "git_changed_files": (changed or [])[:50]}
 
 
 def without_flags(words: list[str], valued: Collection[str], bare: Collection[str] = ()) -> list[str]:
