@@ -325,6 +325,17 @@ def test_a_kernel_with_other_maths_is_never_timed_nor_chosen_however_fast(tmp_pa
     assert not [c for c in timer.calls if c.kind == "layer" and c.candidate == _ScaledGather.NAME]
 
 
+@pytest.mark.parametrize("dtype, agreeing, differing", [(torch.float64, 1e-12, 1e-7), (torch.float32, 1e-6, 1e-3)])
+def test_the_agreement_check_compares_in_the_results_own_precision(dtype, agreeing, differing):
+    """fp64 values half-way between two fp32 ones: a 1e-12 change rounds them to another fp32 value (a 1e-7
+    difference), so a check that compared in fp32 would call two agreeing fp64 results different."""
+    from spark_sparse.autotune.layers import disagreement
+
+    expected = (torch.arange(1, 1001, dtype=torch.float64) * (1 + 2.0 ** -24)).to(dtype)
+    assert disagreement({"output": expected * (1 + agreeing)}, {"output": expected}, dtype) is None
+    assert disagreement({"output": expected * (1 + differing)}, {"output": expected}, dtype).startswith("output: max")
+
+
 def test_cached_mode_measures_nothing_and_keeps_the_static_rule_for_unknown_layers(tmp_path):
     spark = build()
     result = tune(spark, tmp_path, NoTimer(), mode="cached")
