@@ -181,3 +181,16 @@ def test_normalizer_covers_every_value_and_refuses_what_is_not_a_uint8_batch():
     for wrong in (every.float(), every[0], every[:, :1]):
         with pytest.raises(ValueError, match=r"expected uint8 images of shape \[B, 3, H, W\]"):
             ImageNormalizer()(wrong)
+
+
+def test_the_data_fingerprint_names_the_listing_not_where_the_folder_lives(tmp_path):
+    import shutil
+
+    first = make_image_folder(tmp_path / "first", count=3)
+    moved = shutil.copytree(first, tmp_path / "elsewhere" / "first")
+    fingerprint = ImageFolderDataset(first, lambda img: img).fingerprint()
+    assert fingerprint["images"] == 3 and ImageFolderDataset(moved, lambda img: img).fingerprint() == fingerprint
+    image = next(path for path in Path(moved).rglob("*") if path.is_file())
+    image.rename(image.with_name("renamed" + image.suffix))
+    renamed = ImageFolderDataset(moved, lambda img: img).fingerprint()
+    assert renamed["images"] == 3 and renamed["listing"] != fingerprint["listing"]

@@ -549,8 +549,14 @@ def test_images_that_become_unreadable_during_a_run_are_one_message_naming_a_fil
 
 
 def test_missing_and_empty_folders_fail_before_writing_anything(tmp_path):
-    with pytest.raises(DataError, match="is not a folder"):
+    with pytest.raises(DataError, match="does not exist"):
         pretrain(tiny_config(tmp_path / "nope", tmp_path / "out"))
+    (tmp_path / "file.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match="is not a folder"):
+        pretrain(tiny_config(tmp_path / "file.jpg", tmp_path / "out"))
+    with pytest.raises(ConfigError, match=r"--data_path '': an empty folder name \(an unset shell variable\?\) would "
+                                          r"read the current folder"):
+        tiny_config("", tmp_path / "out")
     (tmp_path / "empty" / "train").mkdir(parents=True)
     with pytest.raises(DataError, match="no image files"):
         pretrain(tiny_config(tmp_path / "empty", tmp_path / "out"))
@@ -750,6 +756,51 @@ def test_resuming_an_unfinished_run_with_another_length_warns_that_its_schedule_
     trainer = Trainer(tiny_config(folder, tmp_path, ep=2, resume_from="auto"), "")
     trainer.run()
     assert any("--ep 2 (was 3: the lr and weight-decay schedules stretch" in warning for warning in trainer.warnings)
+
+
+def _as_if_saved_on_other_data(checkpoint, images: int, listing: str = "0" * 16, iteration: int = 0) -> None:
+    state = torch.load(checkpoint, weights_only=True)
+    state["data"] = {"images": images, "listing": listing}
+    if iteration:                          # stopped inside its first epoch
+        state["epoch"], state["iteration"] = 0, iteration
+    torch.save(state, checkpoint)
+
+
+def test_resuming_on_data_that_changed_warns_and_refuses_where_the_epoch_has_no_place_to_continue(folder, tmp_path):
+    pretrain(tiny_config(folder, tmp_path, ep=1))                # 8 images at batch 4: 2 iterations per epoch
+    checkpoint = tmp_path / "tiny_cnn_still_pretraining.pth"
+    assert torch.load(checkpoint, weights_only=True)["data"]["images"] == 8
+    _as_if_saved_on_other_data(checkpoint, images=8)
+    trainer = Trainer(tiny_config(folder, tmp_path, ep=2, resume_from="auto"), "")
+    trainer.run()
+    assert any("on other data: the same number of images (8) but other files" in w for w in trainer.warnings)
+    _as_if_saved_on_other_data(checkpoint, images=12)
+    trainer = Trainer(tiny_config(folder, tmp_path, ep=3, resume_from="auto"), "")
+    trainer.run()
+    assert any("its run listed 12 images, the data now holds 8 (an epoch is 2 iterations, was 3;" in w
+               for w in trainer.warnings)
+    assert not any("other data" in w for w in Trainer(tiny_config(folder, tmp_path, ep=4, resume_from="auto"),
+                                                      "").warnings)   # the data as the last run saved it
+    _as_if_saved_on_other_data(checkpoint, images=12, iteration=2)
+    with pytest.raises(ConfigError, match=r"cannot resume .* on this data: its run listed 12 images, .* its "
+                                          r"interrupted epoch had already done 2 iterations\. Put the data back"):
+        Trainer(tiny_config(folder, tmp_path, ep=4, resume_from="auto"), "")
+
+
+def test_an_empty_resume_or_init_flag_means_none_as_in_spark(folder, tmp_path):
+    config = tiny_config(folder, tmp_path, resume_from="", init_weight="", tb_lg_dir="")
+    assert (config.resume_from, config.init_weight, config.tb_lg_dir) == (None, None, None)
+
+
+def test_init_weight_is_ignored_and_said_so_when_the_run_resumes(folder, tmp_path, capsys):
+    pretrain(tiny_config(folder, tmp_path / "first", ep=1))
+    export = tmp_path / "first" / "tiny_cnn_1kpretrained.pth"
+    pretrain(tiny_config(folder, tmp_path / "run", ep=1, init_weight=str(export)))
+    export.unlink()                        # a job script's restart: the file it started from may be gone
+    capsys.readouterr()
+    pretrain(tiny_config(folder, tmp_path / "run", ep=2, init_weight=str(export), resume_from="auto"))
+    out = capsys.readouterr().out
+    assert f"--init_weight {export} ignored: resuming" in out and "initialised from" not in out
 
 
 def test_a_run_shorter_than_its_warm_up_is_warned_about(folder, tmp_path):

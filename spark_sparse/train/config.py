@@ -78,6 +78,9 @@ class PretrainConfig:
         model's constructor arguments may be ``KEY=VALUE`` words (as ``--model_kwargs`` takes them)."""
         if self.exp_name is None:
             self.exp_name = self.model
+        for name in ("resume_from", "init_weight", "tb_lg_dir"):
+            if getattr(self, name) == "":         # SparK's default, '' (a job script's unset $CKPT): none
+                setattr(self, name, None)
         if self.tb_lg_dir:                    # SparK always writes TensorBoard logs; naming its folder asks for them
             self.tensorboard = True
         if isinstance(self.import_module, str):
@@ -95,6 +98,9 @@ class PretrainConfig:
         if not_finite:      # nan passes no comparison: the rules below would name the wrong fault
             raise ConfigError("; ".join(not_finite))
         problems = [f"--{name} {value}: {rule}" for name, value, ok, rule in (
+            ("data_path", "''", self.data_path != "", "an empty folder name (an unset shell variable?) would read the "
+                                                      "current folder: give the image folder, or leave the flag out "
+                                                      "for the demo photos"),
             ("input_size", self.input_size, self.input_size > 0 and self.input_size % PATCH == 0,
              f"must be a positive multiple of {PATCH} (SparK's mask patch, the encoders' downsample ratio), e.g. 224"),
             ("mask", self.mask, 0 < self.mask < 1, "the ratio of patches hidden must be above 0 (something to "

@@ -7,6 +7,7 @@ and reported by name.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -106,6 +107,12 @@ class PackedPaths(Sequence[Path]):
         start = int(self._ends[index - 1]) if index else 0
         return self.root / os.fsdecode(self._bytes[start:int(self._ends[index])].tobytes())
 
+    def digest(self) -> str:
+        """Of the relative names in order (a fraction of a second for ImageNet's 1.28 M)."""
+        hashed = hashlib.sha256(self._bytes.tobytes())
+        hashed.update(self._ends.tobytes())
+        return hashed.hexdigest()[:16]
+
 
 class ImageListing(NamedTuple):
     """What :func:`find_images` found: the folder read, its image files, the folders below it that
@@ -154,6 +161,9 @@ def find_images(data_path: str | Path) -> ImageListing:
     Raises :class:`DataError` before anything starts when the folder is missing or holds no image.
     """
     root = Path(data_path).expanduser()
+    if not root.exists():
+        raise DataError(f"--data_path {str(root)!r} does not exist (expected an image folder, optionally with a "
+                        f"'train' sub-folder and class sub-folders)")
     if not root.is_dir():
         raise DataError(f"--data_path {str(root)!r} is not a folder (expected an image folder, optionally with a "
                         f"'train' sub-folder and class sub-folders)")
@@ -209,6 +219,15 @@ class _SeededDataset(Dataset):
 
     def describe(self, index: int) -> str:
         return str(index)
+
+    def listing_digest(self) -> str:
+        """A digest of what each index holds, independent of where the data folder lives."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict:
+        """``{"images": count, "listing": digest}``: kept in checkpoints, so that a resume on data that changed
+        meanwhile (another epoch length, another image at an index) is told, not run as if it were the same."""
+        return {"images": len(self), "listing": self.listing_digest()}
 
     def hidden_note(self) -> str:
         """The hidden files and folders left out, for the run's data line ('' when none)."""
@@ -278,6 +297,9 @@ class ImageFolderDataset(_SeededDataset):
     def describe(self, index: int) -> str:
         return str(self.files[index])
 
+    def listing_digest(self) -> str:
+        return self.files.digest()
+
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """``img`` as 8-bit RGB, as torchvision's loader gives it, except for images of more than 8 bits per sample.
@@ -336,3 +358,7 @@ class DemoPhotosDataset(_SeededDataset):
 
     def describe(self, index: int) -> str:
         return f"skimage.data.{self.photos[index % len(self.photos)][0]}"
+
+    def listing_digest(self) -> str:
+        names = "\n".join(name for name, _ in self.photos) + f"\n{self.views_per_photo} views"
+        return hashlib.sha256(names.encode()).hexdigest()[:16]

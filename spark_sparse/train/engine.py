@@ -305,6 +305,9 @@ class Trainer:
             self._warn(f"{len(unlisted)} folder(s) under --data_path could not be listed and their images are left "
                        f"out: {'; '.join(unlisted[:3])}{' ...' if len(unlisted) > 3 else ''}")
         self.iters_per_epoch = cfg.iterations_per_epoch(len(self.dataset), self.global_batch)
+        self.data_fingerprint = self.dataset.fingerprint()
+        if self.resume_checkpoint is not None:
+            self._check_same_data(self.resume_path, self.resume_checkpoint)
         self.total_iters = cfg.ep * self.iters_per_epoch
         crowded = too_many_loader_workers(cfg.dataloader_workers, self.ctx.local_world_size, _usable_cpus())
         if crowded:
@@ -324,8 +327,9 @@ class Trainer:
         self.sync_bn = cfg.sbn and self.ctx.initialized and self.ctx.device.type == "cuda"
         self.spark: SparK = self._create_spark(self.speed.backend)
         # loaded now, not at the first step: a file that does not fit is named before minutes of kernel tuning
+        # (not when resuming: the checkpoint's weights replace them, and a job script's restart may no longer have it)
         self.init_note = (load_pretrained(self.spark, cfg.init_weight, self.model_name, cfg.model_kwargs)
-                          if cfg.init_weight else None)
+                          if cfg.init_weight and not self.resume_path else None)
         with _console_recorded(capture_console) as self.printed_before:      # into the backups once they open
             self.autotune = self._autotune()      # backend 'auto': kernels measured (or the resumed run's plan)
         self.spark, self.speed = self.autotune.spark, self.speed.with_autotune(self.autotune)
@@ -435,7 +439,7 @@ class Trainer:
                 "epoch": self.state.epoch, "iteration": self.state.iteration, "min_loss": self.state.min_loss,
                 "epoch_progress": progress if progress is not None else self.state.progress(),
                 "args": self.cfg.as_dict(), "model_name": self.model_name, "world_size": self.ctx.world_size,
-                "autotune": self.autotune.plan_state()}
+                "data": self.data_fingerprint, "autotune": self.autotune.plan_state()}
 
     def save(self, final: bool = False) -> None:
         """Write both checkpoints (main process); every process must call it (the loss sum is averaged)."""
@@ -485,6 +489,25 @@ class Trainer:
                   if self.state.iteration else "")
         if self.ctx.is_main:
             print(f"[spark-pretrain] resumed from {path}: {self.state.epoch} of {self.cfg.ep} epochs done{within}")
+
+    def _check_same_data(self, path: str, ckpt: dict) -> None:
+        """Warn when the images differ from those the checkpoint's run listed; refuse when its interrupted epoch
+        had done more iterations than an epoch of the new data holds (there is no place to continue from)."""
+        saved, now = ckpt.get("data"), self.data_fingerprint
+        if saved is None or saved == now:          # older checkpoints did not save it: not checked
+            return
+        old_iters = self.cfg.iterations_per_epoch(saved["images"], ckpt.get("args", {}).get("bs", self.global_batch))
+        if saved["images"] != now["images"]:
+            what = (f"its run listed {saved['images']} images, the data now holds {now['images']} (an epoch is "
+                    f"{self.iters_per_epoch} iterations, was {old_iters}; the lr and weight-decay schedules follow)")
+        else:
+            what = f"the same number of images ({now['images']}) but other files (added, removed or renamed)"
+        if ckpt["iteration"] >= self.iters_per_epoch:
+            raise ConfigError(f"cannot resume {path} on this data: {what}, and its interrupted epoch had already done "
+                              f"{ckpt['iteration']} iterations. Put the data back as it was to resume, or start a "
+                              f"new run from its weights with --init_weight {path}")
+        self._warn(f"resuming {path} on other data: {what}; each index now draws another image, so it is no longer "
+                   f"the run that was interrupted")
 
     # ------------------------------------------------------------------ one step
     def lr_wd_at(self, global_it: int) -> tuple[float, float]:
@@ -591,7 +614,10 @@ class Trainer:
         """Train to ``--ep`` (or for at most ``max_epochs`` more epochs, e.g. within a job's time slot)."""
         cfg = self.cfg
         with _console_recorded(self.capture_console) as printed_now:     # into the backups too
-            if self.init_note is not None:
+            if self.resume_path and cfg.init_weight:
+                print(f"[spark-pretrain] --init_weight {cfg.init_weight} ignored: resuming, the checkpoint's weights "
+                      f"continue the run")
+            elif self.init_note is not None:
                 print(f"[spark-pretrain] initialised from {cfg.init_weight} ({self.init_note})")
             if self.resume_path:
                 self.resume(self.resume_path)
