@@ -183,6 +183,10 @@ def _validate_model(ctx, param, value: Optional[str]) -> Optional[str]:
                                          "it: give --bs", type=int)
 @_computed_at_run_time("densify_norm", "it follows the model (BatchNorm for BatchNorm nets, LayerNorm for the others), "
                                        "as SparK sets it")
+@_computed_at_run_time("log_txt_name", "it is <exp_dir>/pretrain_log.txt, as SparK sets it: give --exp_dir")
+@_computed_at_run_time("cmd", "the log's header records the command line that ran")
+@_computed_at_run_time("commit_id", "the log's header records the code's git commit (git_commit, git_commit_id)")
+@_computed_at_run_time("commit_msg", "the log's header records the code's git commit (git_commit, git_commit_id)")
 @_opt("num_nodes", type=int, default=1, help="SparK launch flag: nodes")
 @_opt("ngpu_per_node", type=int, default=1, help="SparK launch flag: processes per node")
 @_opt("node_rank", type=int, default=0, help="SparK launch flag: this node's rank")

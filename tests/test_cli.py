@@ -102,7 +102,11 @@ def test_the_local_rank_torch_distributed_launch_adds_is_accepted(captured, tmp_
                                         (["--batch_size_per_gpu=64"], "--batch_size_per_gpu is set at run time: it is "
                                                                       "--bs (the global batch) / processes"),
                                         (["--glb_batch_size", "512"], "--glb_batch_size is set at run time: it is --bs "
-                                                                      "rounded down")])
+                                                                      "rounded down"),
+                                        (["--log_txt_name=a.txt"], "--log_txt_name is set at run time: it is "
+                                                                   "<exp_dir>/pretrain_log.txt"),
+                                        (["--cmd=x"], "--cmd is set at run time: the log's header records"),
+                                        (["--commit_id=abc"], "--commit_id is set at run time: the log's header")])
 def test_what_sparks_args_set_at_run_time_is_refused_with_the_rule(args, rule, tmp_path, monkeypatch):
     monkeypatch.setattr("spark_sparse.train.engine.pretrain", _raising(AssertionError("must not start")))
     result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={tmp_path}", *args])
