@@ -232,7 +232,8 @@ def pretrain_command(exp_name: Optional[str], exp_name_opt: Optional[str], num_n
             cfg = PretrainConfig(exp_name=exp_name, demo=demo, **options)
             pretrain(cfg, cmd=launch_command(sys.argv), capture_console=True)
     except StopRequested as stop:
-        click.echo(f"[spark-pretrain] {stop}", err=True)
+        if int(os.environ.get("RANK", 0)) == 0:          # every rank stops at the same step: said once
+            click.echo(f"[spark-pretrain] {stop}", err=True)
         sys.exit(128 + stop.signum)         # 130 after Ctrl-C, 143 after SIGTERM, as a killed process reports
     except KeyboardInterrupt as stop:    # outside the training steps (setup, kernel tuning) or a second Ctrl-C
         _leave_process_group()
@@ -322,6 +323,7 @@ def _relaunch(num_nodes: int, nproc: int, node_rank: int, address: str, port: in
                                                       "master_port"))
     args = [f"--nnodes={num_nodes}", f"--nproc_per_node={nproc}", f"--node_rank={node_rank}",
             f"--master_addr={address}", f"--master_port={port}", "-m", "spark_sparse.cli", *passthrough]
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     click.echo(f"[spark-pretrain] launching {num_nodes}x{nproc} processes: torchrun {' '.join(args)}", err=True)
@@ -330,6 +332,10 @@ def _relaunch(num_nodes: int, nproc: int, node_rank: int, address: str, port: in
     except ChildFailedError as failed:     # each process printed its own error: one line here, not a traceback
         click.echo(f"[spark-pretrain] {_describe_failures(failed)}", err=True)
         sys.exit(_exit_status(failed.get_first_failure()[1].exitcode))
+    except SignalException as stopped:     # torchrun passed the signal on: the processes saved and said so above
+        click.echo(f"[spark-pretrain] {stopped.sigval.name} received: the processes were stopped (a running run "
+                   f"saves its checkpoint first and prints how to resume it)", err=True)
+        sys.exit(128 + int(stopped.sigval))
 
 
 def _exit_status(exitcode: int) -> int:

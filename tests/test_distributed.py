@@ -132,6 +132,35 @@ def test_a_launch_that_fails_ends_with_one_line_per_process_and_a_summary_not_a_
                      r"ended: rank [01] \((exit status 1|SIGTERM: stopped by torchrun)\)", result.stderr)
 
 
+def test_sigterm_to_the_launcher_saves_and_ends_with_one_message_per_event_and_the_signals_status(tmp_path):
+    """torchrun passes the signal to every rank, and loader workers are forked inside the loop: the stop was
+    announced once per process (ranks and workers alike) and the launcher ended with exit 1 and a traceback."""
+    import signal
+
+    data = make_image_folder(tmp_path / "data", count=8)
+    cmd = [sys.executable, "-m", "spark_sparse.cli", "launched", f"--data_path={data}", "--model=tiny_cnn",
+           "--input_size=64", "--bs=4", "--ep=200", "--wp_ep=1", "--dataloader_workers=1", "--device=cpu",
+           "--backend=masked", f"--exp_dir={tmp_path / 'out'}", "--ngpu_per_node", "2", f"--master_port={_free_port()}"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    launcher = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (tmp_path / "out" / "tiny_cnn_still_pretraining.pth").exists():     # a few epochs in
+            assert launcher.poll() is None and time.time() < deadline, "the run ended or never got going"
+            time.sleep(0.5)
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    assert err.count("SIGTERM received: saving a resumable checkpoint") == 1, err[-3000:]
+    resume = re.search(r"stopped after epoch \d+/200; resume with: (.*)", err)
+    assert err.count("stopped after ") == 1 and resume, err[-3000:]
+    assert "torchrun --nnodes=1 --nproc_per_node=2 -m spark_sparse.cli launched" in resume.group(1)   # 2 processes
+    assert resume.group(1).endswith(f"--resume_from={tmp_path / 'out' / 'tiny_cnn_still_pretraining.pth'}")
+    assert "[spark-pretrain] SIGTERM received: the processes were stopped" in err
+
+
 @pytest.mark.parametrize("local_rank, visible, gpu", [(0, 8, 0), (3, 8, 3), (3, 1, 0), (0, 1, 0)])
 def test_each_process_takes_its_local_ranks_gpu_or_the_one_its_launcher_shows_it(local_rank, visible, gpu):
     assert local_gpu(local_rank, visible) == gpu

@@ -221,7 +221,7 @@ def test_a_stop_in_an_epochs_last_step_closes_the_epoch_first_and_resumes_into_t
     capsys.readouterr()
     interrupted = Trainer(tiny_config(folder12, tmp_path / "b", backend="masked"), "")
     _stop_with_sigterm_during(interrupted, global_it=2)                       # epoch 0's last of 3 iterations
-    with pytest.raises(engine.StopRequested, match=r"stopped after epoch 1/2; resume with --resume_from="):
+    with pytest.raises(engine.StopRequested, match=r"stopped after epoch 1/2; resume with: --resume_from="):
         interrupted.run()
     bar = capsys.readouterr().err.split("\r")[-1]                             # the progress bar as it was left
     assert bar.startswith("epoch 1/2: 100%") and " 3/3 " in bar, bar
@@ -238,11 +238,13 @@ def test_a_stop_in_an_epochs_last_step_closes_the_epoch_first_and_resumes_into_t
 
 
 def test_the_console_backups_tell_where_a_run_resumed_and_why_it_stopped(folder12, tmp_path):
-    interrupted = Trainer(tiny_config(folder12, tmp_path, backend="masked", ep=1), "", capture_console=True)
+    launched = "torchrun --nproc_per_node=2 -m spark_sparse.cli x --ep=1 --overwrite"    # the log's cmd
+    interrupted = Trainer(tiny_config(folder12, tmp_path, backend="masked", ep=1), launched, capture_console=True)
     _stop_with_sigterm_during(interrupted, global_it=1)
     with pytest.raises(engine.StopRequested):
         interrupted.run()
-    assert "[spark-pretrain] stopped after iteration 2/3 of epoch 1/1; resume with --resume_from=" in \
+    assert ("[spark-pretrain] stopped after iteration 2/3 of epoch 1/1; resume with: torchrun --nproc_per_node=2 -m "
+            f"spark_sparse.cli x --ep=1 --resume_from={tmp_path / 'tiny_cnn_still_pretraining.pth'}") in \
         (tmp_path / "stderr_backup.txt").read_text()
     Trainer(tiny_config(folder12, tmp_path, backend="masked", ep=1, resume_from="auto"), "",
             capture_console=True).run()
@@ -815,3 +817,16 @@ def test_without_flags_drops_named_options_in_every_spelling():
              "--data_path=d"]
     assert without_flags(words, valued=("resume_from", "master_port"), bare=("overwrite",)) == \
         ["x", "--ep", "2", "--data_path=d"]
+
+
+def test_loader_workers_ignore_ctrl_c_and_outlive_the_first_sigterm():
+    """Ctrl-C reaches the whole process group: a worker forked inside the loop ran its stop handler and announced
+    a checkpoint it does not save (once per worker)."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        engine._loader_worker_init(0)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is engine._default_on_next_sigterm
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

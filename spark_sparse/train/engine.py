@@ -47,7 +47,7 @@ from .config import PretrainConfig
 from .data import DemoPhotosDataset, ImageFolderDataset, ImageNormalizer, pretrain_augmentation
 from .distributed import DistContext, EpochBatchSampler, init_distributed, split_global_batch
 from .optim import apply_lr_wd, build_optimizer, default_beta2, lr_wd_at, param_groups
-from .outputs import PRETRAINED, RunOutputs, Tee, epochs_text, git_state
+from .outputs import PRETRAINED, RunOutputs, Tee, epochs_text, git_state, resume_command
 from .visualize import save_reconstruction_grid
 
 __all__ = ["pretrain", "Trainer", "TrainingError", "StopRequested", "NothingToTrain", "RESUME_AUTO"]
@@ -115,9 +115,13 @@ def _console_recorded(enabled: bool) -> Iterator[dict[str, str]]:
 
 
 class _StopFlag:
-    """SIGTERM and the first Ctrl-C ask the loop to stop after the current step; a second Ctrl-C aborts."""
+    """SIGTERM and the first Ctrl-C ask the loop to stop after the current step; a second Ctrl-C aborts.
 
-    def __init__(self):
+    Every rank receives the signal (torchrun passes it on): only the one that ``announces`` says so.
+    """
+
+    def __init__(self, announces: bool = True):
+        self.announces = announces
         self.requested = False
         self.signum = signal.SIGINT
         self._previous = {}
@@ -132,6 +136,8 @@ class _StopFlag:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested, self.signum = True, signum
+        if not self.announces:
+            return
         again = " (Ctrl-C again to abort without saving)" if signum == signal.SIGINT else ""
         print(f"\n[spark-pretrain] {signal.Signals(signum).name} received: saving a resumable checkpoint after "
               f"the step that is running{again}", file=sys.stderr, flush=True)
@@ -142,15 +148,17 @@ class _StopFlag:
 
 
 def _loader_worker_init(worker_id: int) -> None:
-    """Let a loader worker outlive the first SIGTERM.
+    """Let a loader worker outlive the first SIGTERM, and ignore Ctrl-C.
 
     ``kill -TERM -<pgid>``, ``timeout`` and SLURM signal the whole process group. A worker killed by
     it makes the DataLoader raise in the main process from its SIGCHLD handler, wherever the main
     process is: mid-step, or mid-way through writing the checkpoint it saves on SIGTERM. The main
     process stops its workers when it exits; a second SIGTERM (the loader's own ``terminate``) still
-    ends a worker at once.
+    ends a worker at once. Ctrl-C reaches the workers too: forked inside the training loop, they would
+    run its handler and announce a checkpoint they do not save.
     """
     signal.signal(signal.SIGTERM, _default_on_next_sigterm)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _default_on_next_sigterm(signum, frame) -> None:
@@ -633,7 +641,7 @@ class Trainer:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(str(cfg.tensorboard_dir))
             last = cfg.ep if max_epochs is None else min(cfg.ep, self.state.epoch + max_epochs)
-            with _StopFlag() as stop:
+            with _StopFlag(announces=self.ctx.is_main) as stop:
                 while self.state.epoch < last:
                     self._run_epoch(stop)
             if self.ctx.is_main and self.state.epoch == cfg.ep:
@@ -695,8 +703,8 @@ class Trainer:
                 bar.close()
                 self.save()
                 raise StopRequested(f"stopped after iteration {state.iteration}/{self.iters_per_epoch} of epoch "
-                                    f"{state.epoch + 1}/{cfg.ep}; resume with "
-                                    f"--resume_from={self.outputs.still_pretraining_path}", stop.signum)
+                                    f"{state.epoch + 1}/{cfg.ep}; resume with: "
+                                    f"{resume_command(self.cmd, self.outputs.still_pretraining_path)}", stop.signum)
         bar.close()
         unreadable = sorted(self.ctx.all_union(state.unreadable))     # each rank read its own share of the data
         if self.ctx.is_main:
@@ -723,8 +731,8 @@ class Trainer:
                                 "fini": finish})
         self.ctx.barrier()
         if stopped_at_epoch_end and state.epoch < cfg.ep:
-            raise StopRequested(f"stopped after epoch {state.epoch}/{cfg.ep}; resume with "
-                                f"--resume_from={self.outputs.still_pretraining_path}", stop.signum)
+            raise StopRequested(f"stopped after epoch {state.epoch}/{cfg.ep}; resume with: "
+                                f"{resume_command(self.cmd, self.outputs.still_pretraining_path)}", stop.signum)
 
     def _report_unreadable(self, unreadable: list[int], epoch: int) -> None:
         """Name each unreadable file once per run (at most :data:`UNREADABLE_NAMED` an epoch, so a broken share

@@ -19,7 +19,7 @@ from typing import Any, Collection, NamedTuple, Optional, TextIO
 
 from ..errors import ConfigError
 
-__all__ = ["LoggedRun", "RunOutputs", "git_commit", "git_state", "Tee", "without_flags"]
+__all__ = ["LoggedRun", "RunOutputs", "git_commit", "git_state", "resume_command", "Tee", "without_flags"]
 
 
 class LoggedRun(NamedTuple):
@@ -83,6 +83,12 @@ def _without_restart_flags(command: str) -> list[str]:
     """A run's command without the options that say how it starts (resume, overwrite): what the folder guard
     builds its suggested commands from."""
     return without_flags(shlex.split(command), valued=("resume_from", "resume"), bare=("overwrite",))
+
+
+def resume_command(cmd: str, checkpoint: Path | str) -> str:
+    """What continues a stopped run: its own command (torchrun's launch flags included) with ``--resume_from``;
+    the flag alone where no command is known (a library call)."""
+    return shlex.join([*(_without_restart_flags(cmd) if cmd else []), f"--resume_from={checkpoint}"])
 
 
 class Tee:
