@@ -28,7 +28,7 @@ from .errors import SparkSparseError
 from .models import UnknownModelError, list_models, resolve_model_name
 from .speed import RECIPES
 from .train.config import DEMO_DEFAULTS, PretrainConfig
-from .train.distributed import under_torchrun
+from .train.distributed import stop_when_launcher_dies, under_torchrun
 from .train.outputs import without_flags
 from .user_modules import UserModuleError, import_user_module
 
@@ -227,6 +227,8 @@ def pretrain_command(exp_name: Optional[str], exp_name_opt: Optional[str], num_n
         click.echo(f"[spark-pretrain] no --data_path: pre-training on the embedded demo photos{defaults}", err=True)
     exp_name = exp_name or ("demo" if demo else options["model"])
     from .train.engine import StopRequested, pretrain
+    if under_torchrun():
+        stop_when_launcher_dies()
     try:
         with _sigterm_interrupts():
             cfg = PretrainConfig(exp_name=exp_name, demo=demo, **options)

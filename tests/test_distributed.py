@@ -132,11 +132,9 @@ def test_a_launch_that_fails_ends_with_one_line_per_process_and_a_summary_not_a_
                      r"ended: rank [01] \((exit status 1|SIGTERM: stopped by torchrun)\)", result.stderr)
 
 
-def test_sigterm_to_the_launcher_saves_and_ends_with_one_message_per_event_and_the_signals_status(tmp_path):
-    """torchrun passes the signal to every rank, and loader workers are forked inside the loop: the stop was
-    announced once per process (ranks and workers alike) and the launcher ended with exit 1 and a traceback."""
-    import signal
-
+def _signal_a_running_launch(tmp_path, signum) -> tuple[subprocess.Popen, str]:
+    """Start 2 processes through SparK's launch flags (one loader worker each), send ``signum`` to the launcher
+    once the run has saved its first checkpoint; its stderr once every process has ended."""
     data = make_image_folder(tmp_path / "data", count=8)
     cmd = [sys.executable, "-m", "spark_sparse.cli", "launched", f"--data_path={data}", "--model=tiny_cnn",
            "--input_size=64", "--bs=4", "--ep=200", "--wp_ep=1", "--dataloader_workers=1", "--device=cpu",
@@ -148,17 +146,39 @@ def test_sigterm_to_the_launcher_saves_and_ends_with_one_message_per_event_and_t
         while not (tmp_path / "out" / "tiny_cnn_still_pretraining.pth").exists():     # a few epochs in
             assert launcher.poll() is None and time.time() < deadline, "the run ended or never got going"
             time.sleep(0.5)
-        launcher.send_signal(signal.SIGTERM)
-        _, err = launcher.communicate(timeout=120)
+        launcher.send_signal(signum)
+        _, err = launcher.communicate(timeout=120)        # the pipes close when the ranks (which share them) end
     finally:
         launcher.kill()
+    return launcher, err
+
+
+def test_sigterm_to_the_launcher_saves_and_ends_with_one_message_per_event_and_the_signals_status(tmp_path):
+    """torchrun passes the signal to every rank, and loader workers are forked inside the loop: the stop was
+    announced once per process (ranks and workers alike) and the launcher ended with exit 1 and a traceback."""
+    import signal
+
+    launcher, err = _signal_a_running_launch(tmp_path, signal.SIGTERM)
     assert launcher.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
     assert err.count("SIGTERM received: saving a resumable checkpoint") == 1, err[-3000:]
-    resume = re.search(r"stopped after epoch \d+/200; resume with: (.*)", err)
+    resume = re.search(r"stopped after (?:iteration \d/2 of )?epoch \d+/200; resume with: (.*)", err)
     assert err.count("stopped after ") == 1 and resume, err[-3000:]
     assert "torchrun --nnodes=1 --nproc_per_node=2 -m spark_sparse.cli launched" in resume.group(1)   # 2 processes
     assert resume.group(1).endswith(f"--resume_from={tmp_path / 'out' / 'tiny_cnn_still_pretraining.pth'}")
     assert "[spark-pretrain] SIGTERM received: the processes were stopped" in err
+
+
+def test_ranks_whose_launcher_is_killed_outright_save_stop_and_free_the_folder(tmp_path):
+    """torchrun starts its ranks in sessions of their own: with the launcher killed by SIGKILL they trained on,
+    orphaned, and a restarted job found them writing the folder it resumed."""
+    import signal
+
+    from spark_sparse.train.outputs import RunOutputs
+
+    _, err = _signal_a_running_launch(tmp_path, signal.SIGKILL)
+    assert err.count("SIGTERM received: saving a resumable checkpoint") == 1, err[-3000:]
+    assert re.search(r"stopped after (?:iteration \d/2 of )?epoch \d+/200; resume with: ", err), err[-3000:]
+    RunOutputs(tmp_path / "out", "tiny_cnn", True).check_not_in_use()           # the lock went with them
 
 
 @pytest.mark.parametrize("local_rank, visible, gpu", [(0, 8, 0), (3, 8, 3), (3, 1, 0), (0, 1, 0)])

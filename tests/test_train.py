@@ -54,7 +54,7 @@ def test_one_epoch_writes_every_output_file(folder, tmp_path):
     out = tmp_path / "out"
     assert {p.name for p in out.iterdir()} == {"pretrain_log.txt", "stdout_backup.txt", "stderr_backup.txt",
                                                "tiny_cnn_still_pretraining.pth", "tiny_cnn_1kpretrained.pth",
-                                               "reconstruction.png"}
+                                               "reconstruction.png", ".spark-pretrain.lock"}
     header, epoch = [json.loads(line) for line in (out / "pretrain_log.txt").read_text().splitlines()]
     assert header["model"] == "tiny_cnn" and header["args"]["bs"] == 4
     assert "tiny_cnn_1kpretrained.pth (the encoder's state dict, for TinyCNN.load_state_dict)" in \
@@ -830,3 +830,20 @@ def test_loader_workers_ignore_ctrl_c_and_outlive_the_first_sigterm():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def test_a_folder_another_live_run_is_writing_is_refused_naming_it_and_free_once_it_ends(folder, tmp_path):
+    """A restarted job whose first still runs, or ranks orphaned by a killed launcher, wrote alongside each other."""
+    import fcntl
+
+    pretrain(tiny_config(folder, tmp_path, ep=1))
+    lock = tmp_path / ".spark-pretrain.lock"
+    assert lock.read_text().startswith("pid ")
+    with open(lock, "w") as held:                       # another process's open file: flock conflicts in-process too
+        held.write("pid 4242 on node7, since 2026-11-29 05:00:00")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match=r"is being written by another run right now \(pid 4242 on node7, "
+                                              r"since .*\): wait for it to end or stop it"):
+            Trainer(tiny_config(folder, tmp_path, ep=2, resume_from="auto"), "")
+    Trainer(tiny_config(folder, tmp_path, ep=2, resume_from="auto"), "").run()      # released: the run goes on

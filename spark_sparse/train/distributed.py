@@ -5,6 +5,9 @@ import datetime
 import math
 import os
 import re
+import signal
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -13,11 +16,28 @@ import torch.distributed as dist
 from ..errors import ConfigError
 
 __all__ = ["DistContext", "init_distributed", "local_gpu", "epoch_batches", "EpochBatchSampler", "split_global_batch",
-           "under_torchrun"]
+           "stop_when_launcher_dies", "under_torchrun"]
 
 
 def under_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def stop_when_launcher_dies(poll_s: float = 2.0) -> None:
+    """SIGTERM this process once its parent (torchrun's agent) is gone, as if the agent had passed a SIGTERM on.
+
+    torchrun starts each rank in a session of its own: an agent killed outright (``kill -9``, a container
+    stop, ``timeout -s KILL``) leaves its ranks training, orphaned, and a restarted job then found them
+    writing the folder it resumes. SIGTERM saves a checkpoint at the next step, as a scheduler's would.
+    """
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="spark-sparse: launcher watch", daemon=True).start()
 
 
 @dataclass(frozen=True)

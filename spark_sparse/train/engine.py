@@ -395,6 +395,7 @@ class Trainer:
         if self.ctx.is_main:
             try:
                 self.outputs.check_writable()
+                self.outputs.check_not_in_use()
                 self.outputs.check_reusable(self.resume_path, self.cfg.overwrite, self.cmd, self.cfg.ep,
                                             resume_auto=self.cfg.resume_from == RESUME_AUTO,
                                             model_kwargs=self.cfg.model_kwargs)

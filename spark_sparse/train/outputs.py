@@ -8,9 +8,11 @@ refuses unless the new run continues it (from its own ``*_still_pretraining.pth`
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -127,10 +129,57 @@ class RunOutputs:
     #: files of a run that are not checkpoints (those are ``*_still_pretraining.pth``, ``*_1kpretrained.pth``)
     PLAIN_FILES = ("pretrain_log.txt", "stdout_backup.txt", "stderr_backup.txt", "reconstruction.png")
 
+    #: held (``flock``) by the process writing the folder, while it runs: a second run into the folder (a restarted
+    #: job whose first still runs, orphaned ranks of a killed launcher) is refused instead of writing alongside it
+    LOCK_FILE = ".spark-pretrain.lock"
+
     def __init__(self, exp_dir: Path, model: str, is_main: bool):
         self.dir = Path(exp_dir)
         self.model, self.is_main = model, is_main
         self._tees: list[tuple[str, Tee]] = []
+        self._lock: Optional[TextIO] = None
+
+    def check_not_in_use(self) -> None:
+        """Refuse a folder another live process is writing (its lock is held; a dead one's is released)."""
+        holder = self._lock_holder()
+        if holder is not None:
+            raise self._in_use(holder)
+
+    def _in_use(self, holder: str) -> ConfigError:
+        return ConfigError(f"{self.dir}/ is being written by another run right now ({holder}): wait for it to end or "
+                           f"stop it before starting or resuming a run here, or choose another --exp_dir")
+
+    def _lock_holder(self) -> Optional[str]:
+        path = self.dir / self.LOCK_FILE
+        try:
+            with open(path) as fh:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return fh.read().strip() or "a process that did not say which"
+                fcntl.flock(fh, fcntl.LOCK_UN)
+        except OSError:             # no lock file, or a file system without locks: nothing to go by
+            return None
+        return None
+
+    def _take_lock(self) -> None:
+        try:
+            lock = open(self.dir / self.LOCK_FILE, "a+")
+        except OSError:
+            return
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:              # taken since the run was checked
+            lock.close()
+            raise self._in_use(self._lock_holder() or "a process that has just ended") from None
+        except OSError:                      # a file system without locks: run unguarded, as before
+            lock.close()
+            return
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        lock.flush()
+        self._lock = lock
 
     @property
     def log_path(self) -> Path:
@@ -279,6 +328,7 @@ class RunOutputs:
         """
         if self.is_main:
             self._make_folder()      # checked before the run was built; a disk may have filled since
+            self._take_lock()
             deleted = sorted(self.existing_run_files()) if fresh else []
             for path in deleted:
                 path.unlink()
@@ -306,6 +356,9 @@ class RunOutputs:
             setattr(sys, name, tee.stream)
             tee.close()
         self._tees.clear()
+        if self._lock is not None:
+            self._lock.close()               # releases the flock; the file stays (removing it would race a taker)
+            self._lock = None
 
     def write_header(self, header: dict) -> None:
         """Append the run's JSON header line: a resumed run adds a header, the log is never truncated."""
