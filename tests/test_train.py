@@ -683,6 +683,20 @@ def test_resume_auto_restarts_a_run_that_died_before_its_first_checkpoint(folder
     assert records[0] == '{"name": "t", "args": {}}' and json.loads(records[-1])["epoch"] == 1   # appended to
 
 
+def test_a_finished_run_whose_checkpoint_was_deleted_is_offered_its_encoder_not_a_resume_that_loops(folder, tmp_path):
+    out = tmp_path / "out"
+    pretrain(tiny_config(folder, out, ep=1))
+    (out / "tiny_cnn_still_pretraining.pth").unlink()                  # the large file, deleted to save space
+    with pytest.raises(ConfigError) as refused:
+        Trainer(tiny_config(folder, out, ep=1, resume_from="auto"), "spark-pretrain x --ep=1 --resume_from=auto")
+    message = str(refused.value)
+    assert ("continue it:  its tiny_cnn_still_pretraining.pth is gone (it finished its 1 epoch; its encoder, "
+            "tiny_cnn_1kpretrained.pth, is left): to train that encoder further, start a run from it in another "
+            f"folder: spark-pretrain x --ep=1 --exp_dir <another folder> --init_weight={out / 'tiny_cnn_1kpretrained.pth'}"
+            in message), message
+    assert "stopped before its first epoch" not in message
+
+
 def test_a_missing_resume_checkpoint_is_named_before_the_folder_guard(folder, tmp_path):
     _previous_run(tmp_path / "out")
     with pytest.raises(ConfigError, match="--resume_from .*typo.pth: no such file"):

@@ -283,6 +283,12 @@ class RunOutputs:
         elif others:
             resume = (f"continue it:  it is a run of {', '.join(others)}, not of {self.model}: add --model "
                       f"{others[0]} --resume_from=auto")
+        elif (self.dir / f"{self.model}{PRETRAINED}").exists():   # its checkpoint was deleted (the large file)
+            export = self.dir / f"{self.model}{PRETRAINED}"
+            state = f"it finished its {epochs_text(epoch)}" if logged_done else "it cannot be resumed"
+            resume = (f"continue it:  its {self.still_pretraining_path.name} is gone ({state}; its encoder, "
+                      f"{export.name}, is left): to train that encoder further, start a run from it in another "
+                      f"folder: {base} --exp_dir <another folder> --init_weight={export}")
         else:
             resume = (f"continue it:  it has no {self.still_pretraining_path.name} (it stopped before its first "
                       f"epoch ended); start it again, keeping its log: {base} --resume_from=auto")
