@@ -833,17 +833,28 @@ def test_without_flags_drops_named_options_in_every_spelling():
         ["x", "--ep", "2", "--data_path=d"]
 
 
-def test_loader_workers_ignore_ctrl_c_and_outlive_the_first_sigterm():
+def test_loader_workers_ignore_ctrl_c_outlive_the_first_sigterm_and_close_their_copy_of_the_lock(tmp_path):
     """Ctrl-C reaches the whole process group: a worker forked inside the loop ran its stop handler and announced
-    a checkpoint it does not save (once per worker)."""
+    a checkpoint it does not save (once per worker); its copy of the folder's lock kept the folder locked."""
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    lock, other = open(tmp_path / "lock", "w"), open(tmp_path / "other", "w")
     try:
-        engine._loader_worker_init(0)
+        held = os.fstat(lock.fileno())
+        engine._loader_worker_init(0, folder_lock=(other.fileno(), held.st_dev, held.st_ino))   # not the lock
+        os.fstat(other.fileno())                                                               # left open
+        engine._loader_worker_init(0, folder_lock=(lock.fileno(), held.st_dev, held.st_ino))
+        with pytest.raises(OSError):
+            os.fstat(lock.fileno())                                                            # closed
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         assert signal.getsignal(signal.SIGTERM) is engine._default_on_next_sigterm
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        other.close()
+        try:
+            lock.close()
+        except OSError:
+            pass
 
 
 def test_a_folder_another_live_run_is_writing_is_refused_naming_it_and_free_once_it_ends(folder, tmp_path):

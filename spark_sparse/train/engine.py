@@ -13,6 +13,7 @@ warnings before the first step and recorded in the log header.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import io
@@ -147,18 +148,28 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _loader_worker_init(worker_id: int) -> None:
-    """Let a loader worker outlive the first SIGTERM, and ignore Ctrl-C.
+def _loader_worker_init(worker_id: int, folder_lock: Optional[tuple[int, int, int]] = None) -> None:
+    """Let a loader worker outlive the first SIGTERM, ignore Ctrl-C, and not hold the output folder's lock.
 
     ``kill -TERM -<pgid>``, ``timeout`` and SLURM signal the whole process group. A worker killed by
     it makes the DataLoader raise in the main process from its SIGCHLD handler, wherever the main
     process is: mid-step, or mid-way through writing the checkpoint it saves on SIGTERM. The main
     process stops its workers when it exits; a second SIGTERM (the loader's own ``terminate``) still
     ends a worker at once. Ctrl-C reaches the workers too: forked inside the training loop, they would
-    run its handler and announce a checkpoint they do not save.
+    run its handler and announce a checkpoint they do not save. A forked worker shares the main process's open
+    lock file (``folder_lock``: descriptor, device, inode), and a flock lasts while any copy is open: a worker
+    outliving its run (the loader is shut down lazily) kept the folder locked against the run's own resume.
     """
     signal.signal(signal.SIGTERM, _default_on_next_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if folder_lock is not None:
+        fd, device, inode = folder_lock
+        try:
+            held = os.fstat(fd)
+        except OSError:                   # a spawned worker has no copy of it
+            return
+        if (held.st_dev, held.st_ino) == (device, inode):      # not another file that got the same number
+            os.close(fd)
 
 
 def _default_on_next_sigterm(signum, frame) -> None:
@@ -572,7 +583,9 @@ class Trainer:
                 self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=workers,
                                          pin_memory=self.ctx.device.type == "cuda", persistent_workers=workers > 0,
                                          prefetch_factor=4 if workers > 0 else None,
-                                         worker_init_fn=_loader_worker_init if workers > 0 else None)
+                                         worker_init_fn=functools.partial(
+                                             _loader_worker_init, folder_lock=self.outputs.held_lock())
+                                         if workers > 0 else None)
             return iter(self.loader)
 
     def _header(self) -> dict:

@@ -149,6 +149,13 @@ class RunOutputs:
         return ConfigError(f"{self.dir}/ is being written by another run right now ({holder}): wait for it to end or "
                            f"stop it before starting or resuming a run here, or choose another --exp_dir")
 
+    def held_lock(self) -> Optional[tuple[int, int, int]]:
+        """The held lock's descriptor, device and inode, for forked children to close (``None``: none held)."""
+        if self._lock is None:
+            return None
+        held = os.fstat(self._lock.fileno())
+        return self._lock.fileno(), held.st_dev, held.st_ino
+
     def _lock_holder(self) -> Optional[str]:
         path = self.dir / self.LOCK_FILE
         try:
