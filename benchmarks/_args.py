@@ -55,14 +55,39 @@ def unknown_model(flag: str, models: Sequence[str]) -> Optional[str]:
     return None
 
 
+def unknown_backend(flag: str, names: Sequence[str]) -> Optional[str]:
+    """The first of ``names`` that is not a registered backend, with the closest registered ones."""
+    registered = [info.name for info in ss.list_backends()]
+    for name in names:
+        if name not in registered:
+            close = difflib.get_close_matches(name, registered, n=3)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            return f"{flag} {name}: not a registered backend{hint}; registered: {', '.join(registered)}"
+    return None
+
+
+def unknown_recipe(flag: str, recipes: Sequence[str]) -> Optional[str]:
+    """The first of ``recipes`` (``name`` or ``name@dtype``) that names no speed recipe or autocast dtype."""
+    from spark_sparse.speed import RECIPES
+
+    dtypes = ("fp32", "bf16", "fp16")
+    for recipe in recipes:
+        name, _, dtype = recipe.partition("@")
+        if name not in RECIPES or (dtype and dtype not in dtypes) or recipe.endswith("@"):
+            close = difflib.get_close_matches(name, list(RECIPES), n=2)
+            hint = f" (did you mean {' or '.join(close)}?)" if close and name not in RECIPES else ""
+            return (f"{flag} {recipe}: not a speed recipe{hint}; recipes: {', '.join(RECIPES)}, each optionally "
+                    f"@{'/@'.join(dtypes)} for its own autocast dtype (e.g. fast@bf16)")
+    return None
+
+
 def unusable_backend(flag: str, names: Sequence[str]) -> Optional[str]:
     """The first of ``names`` that is not a registered backend, or cannot run on this machine (with why)."""
+    unknown = unknown_backend(flag, names)
+    if unknown:
+        return unknown
     infos = {info.name: info for info in ss.list_backends()}
     for name in names:
-        if name not in infos:
-            close = difflib.get_close_matches(name, list(infos), n=3)
-            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-            return f"{flag} {name}: not a registered backend{hint}; registered: {', '.join(infos)}"
         if not infos[name].available:
             return f"{flag} {name}: this backend cannot run here: {infos[name].reason}"
     return None

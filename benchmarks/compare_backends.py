@@ -49,7 +49,8 @@ from spark_sparse.autotune import MODES  # noqa: E402
 from spark_sparse.models.model_kwargs import format_model_kwargs  # noqa: E402
 from spark_sparse.testing import switch_branches_on  # noqa: E402
 from spark_sparse.user_modules import UserModuleError, import_user_module  # noqa: E402
-from _args import HelpFormatter, at_least, first_problem, input_size, mask_ratio, unknown_model  # noqa: E402
+from _args import (HelpFormatter, at_least, first_problem, input_size, mask_ratio, unknown_backend,  # noqa: E402
+                   unknown_model, unknown_recipe)
 from _equivalence import compare, fp32_noise_floor, outputs_of  # noqa: E402
 from _capacity import fit_largest_batch, markdown_section, memory_budget_mb  # noqa: E402
 from _measure import (Workload, peak_memory as peak_memory_in_process, peak_rss_growth_mb, persistent_mb,  # noqa: E402
@@ -157,11 +158,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def invalid_setting(args: argparse.Namespace) -> Optional[str]:
     """What makes the run impossible, checked before anything is built (else every configuration would fail
     alike, each with a traceback, and the run end with empty tables)."""
-    problem = unknown_model("--models", args.models) or first_problem([
+    problem = (unknown_model("--models", args.models) or unknown_recipe("--recipes", args.recipes)
+               or (None if args.allow_missing else unknown_backend("--backends", args.backends or []))
+               or unknown_backend("--reference", [args.reference]) or first_problem([
         input_size("--input-size", args.input_size), *[mask_ratio("--mask", r) for r in args.mask],
         at_least("--batch-size", args.batch_size, 1), at_least("--repeats", args.repeats, 1),
         at_least("--warmup", args.warmup, 0), at_least("--threads", args.threads, 1),
-        ("--check-batch", args.check_batch, args.check_batch is None or args.check_batch >= 1, "at least 1")])
+        ("--check-batch", args.check_batch, args.check_batch is None or args.check_batch >= 1, "at least 1")]))
     if problem:
         return problem
     if args.device == "cuda" and not torch.cuda.is_available():

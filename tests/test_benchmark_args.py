@@ -146,3 +146,20 @@ def test_compare_backends_imports_the_users_module_before_looking_up_its_models(
     with pytest.raises(SystemExit) as exit_info:
         compare_backends.parse_args(["--import-module", str(tmp_path / "missing.py")])
     assert exit_info.value.code == 2 and "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--recipes", "turbo"], "--recipes turbo: not a speed recipe; recipes: spark, fast"),
+    (["--recipes", "fast@bf8"], "--recipes fast@bf8: not a speed recipe"),
+    (["--recipes", "fsat"], "(did you mean fast?)"),
+    (["--backends", "sprase"], "--backends sprase: not a registered backend (did you mean sparse?)"),
+    (["--reference", "maskd"], "--reference maskd: not a registered backend (did you mean masked?)")])
+def test_compare_backends_refuses_unknown_recipes_and_backends_before_building_anything(argv, message, capsys):
+    """An unknown recipe ran the whole benchmark, each model failing with a traceback and the column left out."""
+    import compare_backends
+
+    with pytest.raises(SystemExit) as exit_info:
+        compare_backends.parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert compare_backends.parse_args(["--recipes", "spark", "fast@bf16"]).recipes == ["spark", "fast@bf16"]
+    assert compare_backends.parse_args(["--backends", "nonesuch", "--allow-missing"]).backends == ["nonesuch"]
