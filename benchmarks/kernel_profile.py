@@ -2,7 +2,7 @@
 
     python benchmarks/kernel_profile.py --model resnet50 --mask 0.6 --batch 16 --ops
     python benchmarks/kernel_profile.py --model convnext_tiny --layers --candidates gemm dense --memory
-    python benchmarks/kernel_profile.py --device cuda --dtype bf16 --batch 128 --backends masked triton \
+    python benchmarks/kernel_profile.py --device cuda --dtype bf16 --batch 128 --backends masked triton \\
         --layers --candidates triton gemm dense
 
 Sections (each optional except the first):

@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 import spark_sparse as ss  # noqa: E402
 from spark_sparse.backends.rows import SparseConv2d  # noqa: E402
 from spark_sparse.kernels._rowmatmul import rows_times_weight  # noqa: E402
+from _args import HelpFormatter  # noqa: E402
 from _report import run_reference_sections  # noqa: E402
 
 
@@ -134,18 +135,20 @@ SECTIONS = {"matmul": matmul_section, "gemm": gemm_section, "decoder": decoder_s
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
-    p.add_argument("--model", default="resnet50")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS),
+                   help="which reference points to measure")
+    p.add_argument("--model", default="resnet50", help="model whose conv shapes the gemm section times")
     p.add_argument("--batch-size", type=int, default=16, help="encoder batch for the gemm shapes")
-    p.add_argument("--decoder-batch", type=int, default=8)
-    p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--mask", type=float, default=0.6)
-    p.add_argument("--matmul-size", type=int, default=4096)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--decoder-batch", type=int, default=8, help="batch of the decoder section")
+    p.add_argument("--input-size", type=int, default=224, help="image side in pixels (multiple of 32)")
+    p.add_argument("--mask", type=float, default=0.6, help="mask ratio (sets the gemm shapes' active rows)")
+    p.add_argument("--matmul-size", type=int, default=4096, help="side of the square matmul section's matrices")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per point (the median is reported)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks that it runs, measures nothing useful")
-    p.add_argument("--out", type=Path, default=Path("bench_out/reference_points"))
+    p.add_argument("--out", type=Path, default=Path("bench_out/reference_points"),
+                   help="folder for reference.json and reference.md")
     args = p.parse_args(argv)
     if args.quick:
         args.model, args.batch_size, args.decoder_batch, args.input_size = "resnet18", 2, 2, 64
