@@ -69,8 +69,9 @@ def unknown_backend(flag: str, names: Sequence[str]) -> Optional[str]:
 def unknown_recipe(flag: str, recipes: Sequence[str]) -> Optional[str]:
     """The first of ``recipes`` (``name`` or ``name@dtype``) that names no speed recipe or autocast dtype."""
     from spark_sparse.speed import RECIPES
+    from _variants import DTYPES
 
-    dtypes = ("fp32", "bf16", "fp16")
+    dtypes = tuple(DTYPES)
     for recipe in recipes:
         name, _, dtype = recipe.partition("@")
         if name not in RECIPES or (dtype and dtype not in dtypes) or recipe.endswith("@"):

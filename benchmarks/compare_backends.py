@@ -56,7 +56,7 @@ from _capacity import fit_largest_batch, markdown_section, memory_budget_mb  # n
 from _measure import (Workload, peak_memory as peak_memory_in_process, peak_rss_growth_mb, persistent_mb,  # noqa: E402
                       summarize, time_and_cuda_peak, time_once)
 from _report import _fmt, error_vs_floor, provenance, write_json, write_markdown, write_plots  # noqa: E402
-from _variants import (Variant, add_model_kwargs_argument, autotune_record, parse_model_kwargs_argument,  # noqa: E402
+from _variants import (DTYPES, Variant, add_model_kwargs_argument, autotune_record, parse_model_kwargs_argument,  # noqa: E402
                        tune_workload)
 
 
@@ -91,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mask", nargs="+", type=float, default=[0.6, 0.75], help="mask ratios")
     p.add_argument("--batch-size", type=int, default=8, help="images per timed call")
     p.add_argument("--input-size", type=int, default=224, help="image side in pixels (multiple of 32)")
-    p.add_argument("--dtype", nargs="+", choices=["fp32", "bf16", "fp16"], default=["fp32"],
+    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["fp32"],
                    help="one or more autocast dtypes, each measured on the same models")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where every variant runs")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per variant (medians reported)")

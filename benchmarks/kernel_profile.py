@@ -41,14 +41,13 @@ import torch  # noqa: E402
 from _args import (HelpFormatter, at_least, first_problem, input_size, mask_ratio, unknown_model,  # noqa: E402
                    unusable_backend)
 from _measure import peak_rss_growth_mb, time_once  # noqa: E402
-from _variants import add_model_kwargs_argument, parse_model_kwargs_argument  # noqa: E402
+from _variants import DTYPES, add_model_kwargs_argument, parse_model_kwargs_argument  # noqa: E402
 
 import spark_sparse as ss  # noqa: E402
 from spark_sparse.kernels import ConvSpec, get_kernel, list_kernels  # noqa: E402
 from spark_sparse.backends.rows import SparseConv2d  # noqa: E402
 from spark_sparse.models.model_kwargs import format_model_kwargs  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: profiler op name -> category; the first matching rule wins (substring match on the op name)
 OP_CATEGORIES = (

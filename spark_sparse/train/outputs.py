@@ -290,8 +290,8 @@ class RunOutputs:
         elif others:
             resume = (f"continue it:  it is a run of {', '.join(others)}, not of {self.model}: add --model "
                       f"{others[0]} --resume_from=auto")
-        elif (self.dir / f"{self.model}{PRETRAINED}").exists():   # its checkpoint was deleted (the large file)
-            export = self.dir / f"{self.model}{PRETRAINED}"
+        elif self.pretrained_path.exists():                       # its checkpoint was deleted (the large file)
+            export = self.pretrained_path
             state = f"it finished its {epochs_text(epoch)}" if logged_done else "it cannot be resumed"
             resume = (f"continue it:  its {self.still_pretraining_path.name} is gone ({state}; its encoder, "
                       f"{export.name}, is left): to train that encoder further, start a run from it in another "
