@@ -238,14 +238,12 @@ def pretrain_command(exp_name: Optional[str], exp_name_opt: Optional[str], num_n
             click.echo(f"[spark-pretrain] {stop}", err=True)
         sys.exit(128 + stop.signum)         # 130 after Ctrl-C, 143 after SIGTERM, as a killed process reports
     except KeyboardInterrupt as stop:    # outside the training steps (setup, kernel tuning) or a second Ctrl-C
-        _leave_process_group()
         signum = getattr(stop, "signum", signal.SIGINT)
         click.echo(f"\n[spark-pretrain] {signal.Signals(signum).name} received outside the training steps (setup, "
                    f"kernel tuning) or a second Ctrl-C: stopped without saving a checkpoint (any written before is "
                    f"whole: checkpoints are replaced atomically)", err=True)
         sys.exit(128 + signum)
     except SparkSparseError as err:      # the user's to fix, and the message says how: no traceback
-        _leave_process_group()
         raise click.ClickException(str(err)) from None
 
 
@@ -278,15 +276,6 @@ def _looks_like_a_model_kwarg(word: str) -> bool:
     """timm's ``--model-kwargs a=1 b=2`` takes several words; click gives ``b=2`` to EXP_NAME instead."""
     key, sep, _ = word.partition("=")
     return bool(sep) and key.isidentifier()
-
-
-def _leave_process_group() -> None:
-    """Under torchrun, leave the process group before exiting on an error: gloo aborts a process that exits
-    holding one ("terminate called without an active exception")."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def launch_command(argv: list[str]) -> str:

@@ -5,6 +5,7 @@ import numpy as np
 from PIL import Image
 
 from spark_sparse.train.config import PretrainConfig
+from spark_sparse.train.distributed import leave_process_group
 
 
 def make_image_folder(root: Path, count: int = 8, size: int = 72, classes: int = 2, seed: int = 0) -> Path:
@@ -38,7 +39,7 @@ def distributed_worker(rank: int, world: int, port: int, cfg: PretrainConfig, du
     trainer = Trainer(cfg, "", capture_console=True)   # the test reads rank 0's console backup
     trainer.run()
     torch.save(trainer.spark.state_dict(), os.path.join(dump_dir, f"rank{rank}.pth"))
-    torch.distributed.destroy_process_group()
+    leave_process_group()
 
 
 def refused_folder_worker(rank: int, world: int, port: int, cfg: PretrainConfig, dump_dir: str) -> None:
@@ -55,6 +56,8 @@ def refused_folder_worker(rank: int, world: int, port: int, cfg: PretrainConfig,
         outcome = "built"
     except ConfigError as err:
         outcome = str(err)
+    finally:
+        leave_process_group()            # as the CLI does: gloo may abort a process that exits holding the group
     with open(os.path.join(dump_dir, f"rank{rank}.txt"), "w") as fh:
         fh.write(outcome)
 
@@ -82,5 +85,30 @@ def nan_on_rank1_worker(rank: int, world: int, port: int, cfg: PretrainConfig, d
         outcome = "finished"
     except TrainingError as err:
         outcome = str(err)
+    finally:
+        leave_process_group()
     with open(os.path.join(dump_dir, f"rank{rank}.txt"), "w") as fh:
         fh.write(outcome)
+
+
+def pretrain_group_worker(rank: int, world: int, port: int, cfg: PretrainConfig, dump_dir: str,
+                          caller_joins: bool) -> None:
+    """One process of a gloo run whose pretrain() fails (a refused folder): is the process group left after it?"""
+    import os
+
+    import torch.distributed as dist
+
+    from spark_sparse.errors import ConfigError
+    from spark_sparse.train.engine import pretrain
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    if caller_joins:
+        dist.init_process_group("gloo")
+    try:
+        pretrain(cfg)
+    except ConfigError:
+        pass
+    with open(os.path.join(dump_dir, f"rank{rank}.txt"), "w") as fh:
+        fh.write(f"in group: {dist.is_initialized()}")
+    leave_process_group()

@@ -17,7 +17,8 @@ from spark_sparse.errors import ConfigError
 from spark_sparse.train.distributed import local_gpu
 from spark_sparse.train.engine import pretrain
 
-from apptools import distributed_worker, make_image_folder, nan_on_rank1_worker, refused_folder_worker, tiny_config
+from apptools import (distributed_worker, make_image_folder, nan_on_rank1_worker, pretrain_group_worker,
+                      refused_folder_worker, tiny_config)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,6 +103,19 @@ def test_a_folder_the_main_process_refuses_ends_every_rank_with_an_error(tmp_pat
     outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert "already holds a run" in outcomes[0], outcomes[0]
     assert outcomes[1] == "rank 1: stopped, the main process refused the output folder (its error above says why)"
+
+
+@pytest.mark.parametrize("caller_joins", [False, True], ids=["pretrain-joins", "caller-joins"])
+def test_pretrain_leaves_the_process_group_it_joined_and_only_that(tmp_path, caller_joins):
+    """A process that exits holding a gloo group is now and then aborted (SIGABRT) at exit: pretrain() leaves the
+    group it joined, even when it fails; a group the caller joined first stays the caller's."""
+    data = make_image_folder(tmp_path / "data", count=8)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "pretrain_log.txt").write_text('{"name": "t", "args": {}}\n{"epoch": 1}\n')
+    cfg = tiny_config(data, tmp_path / "out", ep=1, bs=8, backend="torch")
+    _run_without_hanging(pretrain_group_worker, (2, _free_port(), cfg, str(tmp_path), caller_joins), 120,
+                         "a rank hung after the main process refused the folder")
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [f"in group: {caller_joins}"] * 2
 
 
 def test_sparks_launch_flags_start_processes_through_torchrun(tmp_path):

@@ -40,6 +40,17 @@ def stop_when_launcher_dies(poll_s: float = 2.0) -> None:
     threading.Thread(target=watch, name="spark-sparse: launcher watch", daemon=True).start()
 
 
+def in_process_group() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def leave_process_group() -> None:
+    """Leave torchrun's process group, if this process joined one, before it exits: gloo aborts a process that
+    exits holding one ("terminate called without an active exception", SIGABRT), now and then, at exit."""
+    if in_process_group():
+        dist.destroy_process_group()
+
+
 @dataclass(frozen=True)
 class DistContext:
     rank: int = 0

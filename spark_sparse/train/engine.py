@@ -46,7 +46,8 @@ from ..spark import SparK, create_spark
 from ..speed import apply_speed_plan, estimate_max_batch, plan_speed
 from .config import PretrainConfig
 from .data import DemoPhotosDataset, ImageFolderDataset, ImageNormalizer, pretrain_augmentation
-from .distributed import DistContext, EpochBatchSampler, init_distributed, split_global_batch
+from .distributed import (DistContext, EpochBatchSampler, in_process_group, init_distributed, leave_process_group,
+                          split_global_batch)
 from .optim import apply_lr_wd, build_optimizer, default_beta2, lr_wd_at, param_groups
 from .outputs import PRETRAINED, RunOutputs, Tee, epochs_text, git_state, resume_command
 from .visualize import save_reconstruction_grid
@@ -786,9 +787,17 @@ def pretrain(cfg: PretrainConfig, cmd: str = "", max_epochs: Optional[int] = Non
     ``capture_console``: tee this process's stdout/stderr into the run's ``stdout_backup.txt`` /
     ``stderr_backup.txt`` while it runs (the CLI does; off by default so that a library call
     leaves the caller's ``sys.stdout`` and ``sys.stderr`` alone).
+
+    Under torchrun the process group it joins is left when it returns or fails, so that the process
+    can exit cleanly; a group the caller joined before is left to the caller.
     """
+    joins_a_group = not in_process_group()      # (a caller's own group is the caller's to leave)
     try:
-        trainer = Trainer(cfg, cmd, capture_console)
-    except NothingToTrain as done:
-        return done.state
-    return trainer.run(max_epochs)
+        try:
+            trainer = Trainer(cfg, cmd, capture_console)
+        except NothingToTrain as done:
+            return done.state
+        return trainer.run(max_epochs)
+    finally:
+        if joins_a_group:
+            leave_process_group()
