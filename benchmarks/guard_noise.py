@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 import spark_sparse as ss  # noqa: E402
 from spark_sparse.autotune import AutotuneOptions, autotune  # noqa: E402
-from spark_sparse.autotune.guard import EncoderVariant, time_encoders  # noqa: E402
+from spark_sparse.autotune.guard import UNSTEADY_SPREAD, EncoderVariant, middle_half, time_encoders  # noqa: E402
 from spark_sparse.autotune.timing import WallClockTimer  # noqa: E402
 from spark_sparse.backends.auto import LayerDecision, sparse_convs  # noqa: E402
 from _args import HelpFormatter, at_least, first_problem, input_size, mask_ratio, unknown_model  # noqa: E402
@@ -92,6 +92,10 @@ def main(argv=None) -> dict[str, list[float]]:
     for name, values in samples.items():
         print(f"{name:>13}: median {statistics.median(values):7.1f} ms over {len(values)} rounds; "
               f"{w}-round medians " + " ".join(f"{m:.0f}" for m in windows[name]))
+    spans = {name: middle_half(values) for name, values in samples.items()}
+    print("[guard-noise] middle half of the rounds spans: " + ", ".join(
+        f"{name} {upper / lower - 1:.1%}" for name, (lower, upper) in spans.items())
+        + f" (the guard warns above {UNSTEADY_SPREAD:.0%})")
     gaps = [abs(a - b) / min(a, b) for a, b in zip(windows["static"], windows["static again"])]
     overall = abs(statistics.median(samples["static"]) - statistics.median(samples["static again"]))
     print(f"[guard-noise] same plan twice: {w}-round medians up to {max(gaps):.1%} apart; over all rounds "

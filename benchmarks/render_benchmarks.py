@@ -3,6 +3,7 @@
 
     python benchmarks/render_benchmarks.py            # writes BENCHMARKS.md
     python benchmarks/render_benchmarks.py --check    # exit 1 if BENCHMARKS.md is not what the results give
+    python benchmarks/render_benchmarks.py --stale    # which results predate changes to the code they measure
 
 Inputs: ``benchmarks/BENCHMARKS.template.md`` (the prose) and ``benchmarks/results/<name>/``, one
 folder per benchmark run, holding the ``results.json`` of ``compare_backends.py --out``, the
@@ -49,6 +50,7 @@ import argparse
 import json
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -405,13 +407,55 @@ def render(template: str, results: dict[str, dict]) -> str:
     return HEADER + text.rstrip("\n") + "\n"
 
 
+#: what a table measures: the library and the benchmark scripts (their results and the page excluded)
+MEASURED_CODE = ("spark_sparse", "benchmarks/*.py")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def staleness(results: dict[str, dict], repo: Path = HERE.parent) -> list[tuple[str, str, str]]:
+    """Per result folder: (name, commit, what changed since it in the code it measures), most changed first.
+
+    ``--check`` cannot tell this (a table re-rendered from old results is still "up to date"), and it
+    must not fail on it either: every code commit would turn CI red until hours of benchmarks re-ran.
+    """
+    rows = []
+    for name, entry in results.items():
+        commit = (entry["data"].get("meta", {}).get("provenance") or {}).get("git_commit")
+        if not commit:
+            rows.append((-1, name, "-", "commit not recorded"))
+            continue
+        log = subprocess.run(["git", "-C", str(repo), "log", "--format=%h", f"{commit}..HEAD", "--", *MEASURED_CODE],
+                             capture_output=True, text=True)
+        if log.returncode != 0:
+            rows.append((-1, name, commit[:10], "commit not in this clone's history"))
+            continue
+        commits = len(log.stdout.split())
+        files = subprocess.run(["git", "-C", str(repo), "diff", "--name-only", commit, "HEAD", "--", *MEASURED_CODE],
+                               capture_output=True, text=True).stdout.split()
+        state = f"{_plural(commits, 'commit')} since, changing {_plural(len(files), 'file')}" if commits else "current"
+        rows.append((commits, name, commit[:10], state))
+    return [(name, commit, state) for _, name, commit, state in sorted(rows, key=lambda row: (-row[0], row[1]))]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--template", type=Path, default=TEMPLATE)
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--output", type=Path, default=OUTPUT)
     p.add_argument("--check", action="store_true", help="do not write; exit 1 if the output is out of date")
+    p.add_argument("--stale", action="store_true",
+                   help="do not write; list each result folder with the commits since it that changed the code it "
+                        "measures (spark_sparse/, benchmarks/*.py), the most changed first: what to re-run")
     args = p.parse_args(argv)
+    if args.stale:
+        rows = staleness(load_results(args.results))
+        width = max((len(name) for name, _, _ in rows), default=0)
+        for name, commit, state in rows:
+            print(f"{name:<{width}}  {commit:<10}  {state}")
+        return 0
     text = render(args.template.read_text(), load_results(args.results))
     if args.check:
         current = args.output.read_text() if args.output.exists() else ""

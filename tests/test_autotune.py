@@ -4,6 +4,7 @@ Timings are injected (a fake timer answers from a table), so every choice here i
 the fake timer never calls the timed function and warm-up is 0, so nothing but shape discovery runs.
 """
 import gc
+import itertools
 import json
 import os
 import stat
@@ -20,7 +21,7 @@ import spark_sparse as ss
 from spark_sparse.autotune import AutotuneOptions, autotune, load_plan_state
 from spark_sparse.autotune import cache
 from spark_sparse.autotune.cache import CACHE_FILE
-from spark_sparse.autotune.guard import choose_encoder
+from spark_sparse.autotune.guard import choose_encoder, unsteady_timings
 from spark_sparse.backends.auto import sparse_convs
 from spark_sparse.errors import ConfigError
 from spark_sparse.kernels import registry as kernel_registry
@@ -414,6 +415,27 @@ def test_the_guard_takes_its_own_rounds_and_rotates_the_order_of_its_variants(tm
     rounds = [tuple(order[i:i + 3]) for i in range(0, len(order), 3)]
     assert len(rounds) == 6 and all(sorted(r) == ["masked", "static", "tuned"] for r in rounds)
     assert {r[0] for r in rounds} == {"masked", "static", "tuned"}, f"every variant leads some round: {rounds}"
+
+
+def test_a_guard_timed_on_a_loaded_machine_says_its_choice_may_be_wrong(tmp_path, recwarn):
+    class MaskedSlowEveryOtherRound(FakeTimer):            # another process's load, on half the rounds
+        rounds = itertools.cycle([3.0, 9.0])
+
+        def __call__(self, fn, what):
+            value = super().__call__(fn, what)
+            return next(self.rounds) if what.kind == "encoder" and what.candidate == "masked" else value
+
+    tune(build(), tmp_path, FakeTimer())                     # steady rounds: nothing to say
+    assert not [w for w in recwarn if "varied widely" in str(w.message)]
+    with pytest.warns(RuntimeWarning, match=r"varied widely .*6 rounds: masked 3-9 ms\), .*its choice \(tuned\) "
+                                            r"may not be the fastest"):
+        tune(build(), tmp_path / "loaded", MaskedSlowEveryOtherRound())
+
+
+def test_one_slow_round_is_not_unsteady_but_half_of_them_are():
+    assert unsteady_timings({"masked": [3.0, 3.1, 3.0, 30.0, 3.05, 3.0]}, spread=0.5) == {}
+    assert unsteady_timings({"masked": [3.0, 9.0, 3.0, 9.0, 3.0, 9.0], "tuned": [1.0] * 6}, spread=0.5) == {
+        "masked": (3.0, 9.0)}
 
 
 def test_the_guard_keeps_the_static_rule_when_it_beats_the_tuned_plan(tmp_path):

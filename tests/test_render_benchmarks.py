@@ -272,3 +272,28 @@ def test_no_gpu_check_committed_says_not_measured(tmp_path):
     text = rb.render("{{gpu gpu}}", rb.load_results(_results(tmp_path, "cpu_x")))
     assert "No GPU check committed" in text and "(not measured yet)" in text
     assert "### `cpu_x`" in text                                  # other folders are still appended
+
+
+def test_stale_lists_the_commits_since_each_run_that_changed_the_code_it_measures(tmp_path):
+    import subprocess
+
+    repo = tmp_path / "repo"
+    (repo / "spark_sparse").mkdir(parents=True)
+
+    def commit(path: str, text: str) -> str:
+        (repo / path).write_text(text)
+        git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+        subprocess.run(git + ["add", "-A"], check=True)
+        subprocess.run(git + ["commit", "-qm", path], check=True)
+        return subprocess.run(git + ["rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    measured_at = commit("spark_sparse/kernel.py", "a = 1\n")
+    commit("README.md", "words\n")                          # not measured code
+    results = _results(tmp_path / "results", "fresh", commit=measured_at)
+    assert rb.staleness(rb.load_results(results), repo) == [("fresh", measured_at[:10], "current")]
+    commit("spark_sparse/kernel.py", "a = 2\n")
+    _results(results, "unknown", commit="f" * 40)
+    assert rb.staleness(rb.load_results(results), repo) == [
+        ("fresh", measured_at[:10], "1 commit since, changing 1 file"),
+        ("unknown", "ffffffffff", "commit not in this clone's history")]

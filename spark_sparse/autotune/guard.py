@@ -14,7 +14,9 @@ number of rounds; the order of the variants rotates every round, so none is alwa
 (after another model) or last; and a variant replaces a simpler one only when it is faster by
 more than ``margin``: ``masked`` (SparK's own computation) stands unless beaten, the static rule
 stands unless the tuned plan beats it. A real gain smaller than the margin is given up; a loss
-hidden in the noise is not taken.
+hidden in the noise is not taken. What none of this survives is another process loading the machine
+during the guard (a user trial saw masked timed at 40 times its later speed): the run is warned
+when the rounds spread that widely (:func:`unsteady_timings`).
 
 ``masked`` is another representation (dense maps, not rows), so it cannot be a per-layer choice:
 the guard times a *twin* SparK built on ``masked``. SparK's parameter and buffer names do not
@@ -37,10 +39,14 @@ import torch.nn as nn
 from ..mask import ActiveMask
 from .timing import Measurement, Timer
 
-__all__ = ["EncoderVariant", "PREFERENCE", "choose_encoder", "time_encoders", "left_as_it_was"]
+__all__ = ["EncoderVariant", "PREFERENCE", "choose_encoder", "time_encoder_rounds", "time_encoders", "unsteady_timings",
+           "left_as_it_was"]
 
 #: simplest first: a later variant must beat the current choice by the margin to replace it
 PREFERENCE = ("masked", "static", "tuned")
+#: timings whose middle half of rounds spans more than this (a fraction) are said to be unsteady: far more than
+#: a quiet machine's rounds spread (``benchmarks/guard_noise.py`` shows them), as another process's load does
+UNSTEADY_SPREAD = 0.5
 
 
 @contextmanager
@@ -72,7 +78,15 @@ class EncoderVariant:
 def time_encoders(variants: list[EncoderVariant], images: torch.Tensor, active: torch.Tensor,
                   amp_dtype: Optional[torch.dtype], timer: Timer, warmup: int, repeats: int,
                   on_failure: Optional[Callable[[str, Exception], None]] = None) -> dict[str, float]:
-    """Median ms of each variant's encoder forward+backward, interleaved so drift cancels.
+    """Median ms of each variant's encoder forward+backward (see :func:`time_encoder_rounds`)."""
+    rounds = time_encoder_rounds(variants, images, active, amp_dtype, timer, warmup, repeats, on_failure)
+    return {name: statistics.median(values) for name, values in rounds.items()}
+
+
+def time_encoder_rounds(variants: list[EncoderVariant], images: torch.Tensor, active: torch.Tensor,
+                        amp_dtype: Optional[torch.dtype], timer: Timer, warmup: int, repeats: int,
+                        on_failure: Optional[Callable[[str, Exception], None]] = None) -> dict[str, list[float]]:
+    """The ms of each variant's encoder forward+backward in every timed round, interleaved so drift cancels.
 
     Round ``r`` starts at variant ``r mod n`` (A B C, B C A, C A B, ...): no variant is always
     timed first or last, so an order effect (caches, the allocator, the other model's memory)
@@ -123,7 +137,25 @@ def time_encoders(variants: list[EncoderVariant], images: torch.Tensor, active: 
                     if images.device.type == "cuda":
                         torch.cuda.empty_cache()                  # an out-of-memory variant's blocks
                     on_failure(variant.name, err)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
+
+
+def unsteady_timings(rounds: dict[str, list[float]], spread: float) -> dict[str, tuple[float, float]]:
+    """The variants whose middle half of rounds spans more than ``spread`` (a fraction of its fastest end),
+    with that span (lower, upper quartile in ms).
+
+    Another process on the machine adds time to some rounds and not others; a guard that decides on
+    such timings may pick the slower variant, and the run should say so. The quartiles, not the
+    extremes: one slow round (a page fault, a timer tick) is normal and the median already ignores it.
+    """
+    spans = {name: middle_half(values) for name, values in rounds.items() if len(values) >= 4}
+    return {name: (lower, upper) for name, (lower, upper) in spans.items() if upper > lower * (1.0 + spread)}
+
+
+def middle_half(values: list[float]) -> tuple[float, float]:
+    """The lower and upper quartile of ``values`` (at least 2)."""
+    lower, _, upper = statistics.quantiles(values, n=4, method="inclusive")
+    return lower, upper
 
 
 def choose_encoder(ms: dict[str, float], margin: float, allowed: Optional[Iterable[str]] = None) -> str:

@@ -34,6 +34,7 @@ interrupted one did. In a distributed run rank 0 measures and every rank applies
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 import time
 import warnings
@@ -51,7 +52,8 @@ from ..errors import ConfigError
 from ..kernels import NoKernelError
 from ..mask import ActiveMask
 from .cache import CACHE_FILE, TuneCache, canonical, environment_key
-from .guard import PREFERENCE, EncoderVariant, choose_encoder, time_encoders
+from .guard import (PREFERENCE, UNSTEADY_SPREAD, EncoderVariant, choose_encoder, time_encoder_rounds,
+                    unsteady_timings)
 from .layers import (LayerShape, disagreement, discover_layers, layer_held_bytes, layer_results, model_signature,
                      time_kernel)
 from .memory import MB, MemoryCheck, lighter_plan, parameters_bytes, step_held_bytes
@@ -623,13 +625,22 @@ class _Tuner:
             warnings.warn(f"autotune guard: the {name} encoder failed ({type(err).__name__}: {err}); it does not "
                           f"compete", RuntimeWarning, stacklevel=2)
 
-        ms = time_encoders(variants, images, active, self.amp_dtype, self.timer, self.options.warmup,
-                           self.options.guard_repeats, on_failure=failed)
+        rounds = time_encoder_rounds(variants, images, active, self.amp_dtype, self.timer, self.options.warmup,
+                                     self.options.guard_repeats, on_failure=failed)
         pin(decisions)
+        ms = {name: statistics.median(values) for name, values in rounds.items()}
         failed_anywhere = set().union(*self.ranks.gathered(failed_here))    # rank 0 must not choose what fails on 1
         ms = {name: value for name, value in ms.items() if name not in failed_anywhere}
         allowed = [name for name in ms if memory.fits(name)] or [min(ms, key=lambda name: memory.held_mb[name])]
         choice = choose_encoder(ms, self.options.guard_margin, allowed)
+        unsteady = unsteady_timings(rounds, UNSTEADY_SPREAD)
+        if unsteady and self.ranks.is_main:
+            spans = ", ".join(f"{name} {low:.4g}-{high:.4g} ms" for name, (low, high) in unsteady.items())
+            warnings.warn(f"autotune guard: the encoder's timings varied widely from round to round (middle half of "
+                          f"{self.options.guard_repeats} rounds: {spans}), as when another process shares this "
+                          f"{self.device.type.upper()}: its choice ({choice}) may not be the fastest; tune again on a "
+                          f"quiet machine (a new run with --autotune on times the guard again)",
+                          RuntimeWarning, stacklevel=2)
         choice, ms = self.ranks.from_main((choice, ms))
         if cache is not None:
             cache.put_encoder(key, {"choice": choice, "ms": ms})
