@@ -9,8 +9,9 @@ with the order rotated every round as the guard does: the tuned plan (layer timi
 autotune cache, measured where missing), the static rule, **the static rule again** (the same plan
 under another name: any difference between the two is noise) and ``masked``. It prints each
 variant's median over all rounds and the medians of consecutive ``--window``-round windows (what a
-guard of that many rounds would see), and the largest gap between the two identical plans' window
-medians: a guard margin below that gap lets noise decide.
+guard of that many rounds would see), the largest gap between the two identical plans' window
+medians (a guard margin below that gap lets noise decide) and, from 5 rounds, how far apart the
+middle half of each variant's rounds lies (the guard warns about its choice above 50%).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import torch  # noqa: E402
 
 import spark_sparse as ss  # noqa: E402
 from spark_sparse.autotune import AutotuneOptions, autotune  # noqa: E402
-from spark_sparse.autotune.guard import UNSTEADY_SPREAD, EncoderVariant, middle_half, time_encoders  # noqa: E402
+from spark_sparse.autotune.guard import UNSTEADY_SPREAD, EncoderVariant, middle_half, time_encoder_rounds  # noqa: E402
 from spark_sparse.autotune.timing import WallClockTimer  # noqa: E402
 from spark_sparse.backends.auto import LayerDecision, sparse_convs  # noqa: E402
 from _args import HelpFormatter, at_least, first_problem, input_size, mask_ratio, unknown_model  # noqa: E402
@@ -79,23 +80,18 @@ def main(argv=None) -> dict[str, list[float]]:
     grid = (args.input_size // spark.downsample_ratio,) * 2
     active = ss.ActiveMask.random(args.batch_size, grid, args.mask, spark.downsample_ratio,
                                   generator=torch.Generator().manual_seed(0)).active
-    # one round per call, so every round's samples are kept; the rotation continues across calls
-    samples: dict[str, list[float]] = {variant.name: [] for variant in variants}
-    for rnd in range(args.rounds):
-        start = rnd % len(variants)
-        ms = time_encoders(variants[start:] + variants[:start], images, active, None, WallClockTimer("cpu"),
-                           warmup=1 if rnd == 0 else 0, repeats=1)
-        for name, value in ms.items():
-            samples[name].append(value)
+    samples = time_encoder_rounds(variants, images, active, None, WallClockTimer("cpu"), warmup=1,
+                                  repeats=args.rounds)
     w = args.window
     windows = {name: [statistics.median(v[i:i + w]) for i in range(0, len(v) - w + 1, w)] for name, v in samples.items()}
     for name, values in samples.items():
         print(f"{name:>13}: median {statistics.median(values):7.1f} ms over {len(values)} rounds; "
               f"{w}-round medians " + " ".join(f"{m:.0f}" for m in windows[name]))
-    spans = {name: middle_half(values) for name, values in samples.items()}
-    print("[guard-noise] middle half of the rounds spans: " + ", ".join(
-        f"{name} {upper / lower - 1:.1%}" for name, (lower, upper) in spans.items())
-        + f" (the guard warns above {UNSTEADY_SPREAD:.0%})")
+    if args.rounds >= 5:                       # as the guard: fewer rounds are too few to judge a spread by
+        spans = {name: middle_half(values) for name, values in samples.items()}
+        print("[guard-noise] middle half of the rounds spans: " + ", ".join(
+            f"{name} {upper / lower - 1:.1%}" for name, (lower, upper) in spans.items())
+            + f" (the guard warns above {UNSTEADY_SPREAD:.0%})")
     gaps = [abs(a - b) / min(a, b) for a, b in zip(windows["static"], windows["static again"])]
     overall = abs(statistics.median(samples["static"]) - statistics.median(samples["static again"]))
     print(f"[guard-noise] same plan twice: {w}-round medians up to {max(gaps):.1%} apart; over all rounds "

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import shlex
 import subprocess
@@ -407,35 +408,54 @@ def render(template: str, results: dict[str, dict]) -> str:
     return HEADER + text.rstrip("\n") + "\n"
 
 
-#: what a table measures: the library and the benchmark scripts (their results and the page excluded)
-MEASURED_CODE = ("spark_sparse", "benchmarks/*.py")
+#: the code every table measures: the library, its kernels and the benchmarks' shared modules (plus the
+#: table's own script, from its recorded command)
+MEASURED_LIBRARY = ("spark_sparse", "kernels", "benchmarks/_*.py")
 
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+def _measured_code(meta: dict) -> list[str]:
+    script = [word for word in shlex.split(meta.get("command", "")) if word.endswith(".py")][:1]
+    return [*MEASURED_LIBRARY, *script]
+
+
+def _git(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+
+
 def staleness(results: dict[str, dict], repo: Path = HERE.parent) -> list[tuple[str, str, str]]:
-    """Per result folder: (name, commit, what changed since it in the code it measures), most changed first.
+    """Per result folder: (name, commit, what changed since it in the code it measures), the least known and
+    most changed first.
 
     ``--check`` cannot tell this (a table re-rendered from old results is still "up to date"), and it
     must not fail on it either: every code commit would turn CI red until hours of benchmarks re-ran.
+    Raises :class:`RuntimeError` outside a git checkout (nothing to compare with).
     """
+    if _git(repo, "rev-parse", "--is-inside-work-tree").stdout.strip() != "true":
+        raise RuntimeError(f"{repo} is not a git checkout: the results' commits cannot be compared with anything")
     rows = []
     for name, entry in results.items():
-        commit = (entry["data"].get("meta", {}).get("provenance") or {}).get("git_commit")
+        meta = entry["data"].get("meta", {})
+        prov = meta.get("provenance") or {}
+        commit = prov.get("git_commit")
         if not commit:
-            rows.append((-1, name, "-", "commit not recorded"))
+            rows.append((math.inf, name, "-", "commit not recorded"))
             continue
-        log = subprocess.run(["git", "-C", str(repo), "log", "--format=%h", f"{commit}..HEAD", "--", *MEASURED_CODE],
-                             capture_output=True, text=True)
+        measured = _measured_code(meta)
+        log = _git(repo, "log", "--format=%h", f"{commit}..HEAD", "--", *measured)
         if log.returncode != 0:
-            rows.append((-1, name, commit[:10], "commit not in this clone's history"))
+            rows.append((math.inf, name, commit[:10], "commit not in this clone's history (a shallow clone?)"))
             continue
         commits = len(log.stdout.split())
-        files = subprocess.run(["git", "-C", str(repo), "diff", "--name-only", commit, "HEAD", "--", *MEASURED_CODE],
-                               capture_output=True, text=True).stdout.split()
+        files = _git(repo, "diff", "--name-only", commit, "HEAD", "--", *measured).stdout.split()
         state = f"{_plural(commits, 'commit')} since, changing {_plural(len(files), 'file')}" if commits else "current"
+        uncommitted = _git(repo, "ls-files", "--", *measured).stdout.split()
+        dirty = [path for path in prov.get("git_changed_files") or [] if path in uncommitted]
+        if dirty:
+            state += f"; measured with uncommitted changes to {', '.join(dirty[:3])}{' ...' if len(dirty) > 3 else ''}"
         rows.append((commits, name, commit[:10], state))
     return [(name, commit, state) for _, name, commit, state in sorted(rows, key=lambda row: (-row[0], row[1]))]
 
@@ -445,13 +465,18 @@ def main(argv=None) -> int:
     p.add_argument("--template", type=Path, default=TEMPLATE)
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--output", type=Path, default=OUTPUT)
-    p.add_argument("--check", action="store_true", help="do not write; exit 1 if the output is out of date")
-    p.add_argument("--stale", action="store_true",
-                   help="do not write; list each result folder with the commits since it that changed the code it "
-                        "measures (spark_sparse/, benchmarks/*.py), the most changed first: what to re-run")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="do not write; exit 1 if the output is out of date")
+    mode.add_argument("--stale", action="store_true",
+                      help="do not write; list each result folder with the commits since its run that changed the "
+                           "code it measures (spark_sparse/, kernels/, the benchmarks' shared modules and its own "
+                           "script), the most changed first: what to re-run")
     args = p.parse_args(argv)
     if args.stale:
-        rows = staleness(load_results(args.results))
+        try:
+            rows = staleness(load_results(args.results))
+        except RuntimeError as err:
+            p.error(str(err))
         width = max((len(name) for name, _, _ in rows), default=0)
         for name, commit, state in rows:
             print(f"{name:<{width}}  {commit:<10}  {state}")

@@ -57,7 +57,7 @@ def refused_folder_worker(rank: int, world: int, port: int, cfg: PretrainConfig,
     except ConfigError as err:
         outcome = str(err)
     finally:
-        leave_process_group()            # as the CLI does: gloo may abort a process that exits holding the group
+        leave_process_group()            # as pretrain() does: gloo may abort a process that exits holding it
     with open(os.path.join(dump_dir, f"rank{rank}.txt"), "w") as fh:
         fh.write(outcome)
 

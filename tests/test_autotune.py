@@ -427,13 +427,15 @@ def test_a_guard_timed_on_a_loaded_machine_says_its_choice_may_be_wrong(tmp_path
 
     tune(build(), tmp_path, FakeTimer())                     # steady rounds: nothing to say
     assert not [w for w in recwarn if "varied widely" in str(w.message)]
-    with pytest.warns(RuntimeWarning, match=r"varied widely .*6 rounds: masked 3-9 ms\), .*its choice \(tuned\) "
-                                            r"may not be the fastest"):
+    with pytest.warns(RuntimeWarning, match=r"varied widely .*: masked 3-9 ms over 6 rounds\), .*its choice "
+                                            r"\(tuned\) may not be the fastest, and is not cached"):
         tune(build(), tmp_path / "loaded", MaskedSlowEveryOtherRound())
+    assert tune(build(), tmp_path / "loaded", NoTimer(), mode="cached").guard.status == "not measured (--autotune cached)"
 
 
 def test_one_slow_round_is_not_unsteady_but_half_of_them_are():
     assert unsteady_timings({"masked": [3.0, 3.1, 3.0, 30.0, 3.05, 3.0]}, spread=0.5) == {}
+    assert unsteady_timings({"masked": [3.0, 3.0, 3.0, 30.0]}, spread=0.5) == {}      # too few rounds to judge
     assert unsteady_timings({"masked": [3.0, 9.0, 3.0, 9.0, 3.0, 9.0], "tuned": [1.0] * 6}, spread=0.5) == {
         "masked": (3.0, 9.0)}
 
@@ -806,11 +808,12 @@ def test_the_guard_noise_control_times_the_same_plan_twice_under_two_names(tmp_p
     import guard_noise
     monkeypatch.setenv("SPARK_SPARSE_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)     # the script's, not the test process's
-    samples = guard_noise.main(["--model", "tiny_cnn", "--input-size", "64", "--batch-size", "2", "--rounds", "4",
+    samples = guard_noise.main(["--model", "tiny_cnn", "--input-size", "64", "--batch-size", "2", "--rounds", "5",
                                 "--window", "2", "--threads", "1"])
     assert set(samples) == {"tuned", "static", "static again", "masked"}
-    assert all(len(v) == 4 and all(ms > 0 for ms in v) for v in samples.values())
-    assert "same plan twice: 2-round medians up to" in capsys.readouterr().out
+    assert all(len(v) == 5 and all(ms > 0 for ms in v) for v in samples.values())
+    out = capsys.readouterr().out
+    assert "same plan twice: 2-round medians up to" in out and "middle half of the rounds spans: tuned " in out
 
 
 # ---------------------------------------------------------------------- failures

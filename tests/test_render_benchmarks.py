@@ -1,5 +1,6 @@
 """BENCHMARKS.md is generated from committed result files: every figure traceable to a recorded run."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -274,26 +275,41 @@ def test_no_gpu_check_committed_says_not_measured(tmp_path):
     assert "### `cpu_x`" in text                                  # other folders are still appended
 
 
-def test_stale_lists_the_commits_since_each_run_that_changed_the_code_it_measures(tmp_path):
+def test_stale_lists_the_commits_since_each_run_that_changed_the_code_it_measures(tmp_path, monkeypatch):
     import subprocess
 
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)              # no signing or hooks from the user's config
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
     repo = tmp_path / "repo"
-    (repo / "spark_sparse").mkdir(parents=True)
+    for folder in ("spark_sparse", "kernels", "benchmarks"):
+        (repo / folder).mkdir(parents=True)
 
     def commit(path: str, text: str) -> str:
         (repo / path).write_text(text)
-        git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+        git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
         subprocess.run(git + ["add", "-A"], check=True)
         subprocess.run(git + ["commit", "-qm", path], check=True)
         return subprocess.run(git + ["rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
 
+    with pytest.raises(RuntimeError, match="is not a git checkout"):
+        rb.staleness({}, repo)
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     measured_at = commit("spark_sparse/kernel.py", "a = 1\n")
-    commit("README.md", "words\n")                          # not measured code
-    results = _results(tmp_path / "results", "fresh", commit=measured_at)
+    commit("README.md", "words\n")                                     # none of these is measured code
+    commit("benchmarks/render_benchmarks.py", "render\n")
+    commit("benchmarks/another_benchmark.py", "other\n")
+    results = _results(tmp_path / "results", "fresh", commit=measured_at)   # its command: compare_backends.py
     assert rb.staleness(rb.load_results(results), repo) == [("fresh", measured_at[:10], "current")]
-    commit("spark_sparse/kernel.py", "a = 2\n")
+    commit("kernels/gather.py", "b = 1\n")
+    commit("benchmarks/compare_backends.py", "its own script\n")
     _results(results, "unknown", commit="f" * 40)
     assert rb.staleness(rb.load_results(results), repo) == [
-        ("fresh", measured_at[:10], "1 commit since, changing 1 file"),
-        ("unknown", "ffffffffff", "commit not in this clone's history")]
+        ("unknown", "ffffffffff", "commit not in this clone's history (a shallow clone?)"),
+        ("fresh", measured_at[:10], "2 commits since, changing 2 files")]
+    fresh = results / "fresh" / "results.json"
+    data = json.loads(fresh.read_text())
+    data["meta"]["provenance"].update(git_dirty=True, git_changed_files=["kernels/gather.py", "BENCHMARKS.md"])
+    fresh.write_text(json.dumps(data))
+    assert rb.staleness(rb.load_results(results), repo)[1] == (
+        "fresh", measured_at[:10], "2 commits since, changing 2 files; measured with uncommitted changes to "
+                                   "kernels/gather.py")

@@ -15,7 +15,7 @@ number of rounds; the order of the variants rotates every round, so none is alwa
 more than ``margin``: ``masked`` (SparK's own computation) stands unless beaten, the static rule
 stands unless the tuned plan beats it. A real gain smaller than the margin is given up; a loss
 hidden in the noise is not taken. What none of this survives is another process loading the machine
-during the guard (a user trial saw masked timed at 40 times its later speed): the run is warned
+during the guard (a user trial saw masked timed at 40 times its later time): the run is warned
 when the rounds spread that widely (:func:`unsteady_timings`).
 
 ``masked`` is another representation (dense maps, not rows), so it cannot be a per-layer choice:
@@ -39,8 +39,8 @@ import torch.nn as nn
 from ..mask import ActiveMask
 from .timing import Measurement, Timer
 
-__all__ = ["EncoderVariant", "PREFERENCE", "choose_encoder", "time_encoder_rounds", "time_encoders", "unsteady_timings",
-           "left_as_it_was"]
+__all__ = ["EncoderVariant", "PREFERENCE", "UNSTEADY_SPREAD", "choose_encoder", "middle_half", "time_encoder_rounds",
+           "time_encoders", "unsteady_timings", "left_as_it_was"]
 
 #: simplest first: a later variant must beat the current choice by the margin to replace it
 PREFERENCE = ("masked", "static", "tuned")
@@ -147,8 +147,9 @@ def unsteady_timings(rounds: dict[str, list[float]], spread: float) -> dict[str,
     Another process on the machine adds time to some rounds and not others; a guard that decides on
     such timings may pick the slower variant, and the run should say so. The quartiles, not the
     extremes: one slow round (a page fault, a timer tick) is normal and the median already ignores it.
+    With fewer than 5 rounds one slow round moves a quartile, so nothing is judged.
     """
-    spans = {name: middle_half(values) for name, values in rounds.items() if len(values) >= 4}
+    spans = {name: middle_half(values) for name, values in rounds.items() if len(values) >= 5}
     return {name: (lower, upper) for name, (lower, upper) in spans.items() if upper > lower * (1.0 + spread)}
 
 

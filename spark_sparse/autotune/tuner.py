@@ -633,15 +633,16 @@ class _Tuner:
         ms = {name: value for name, value in ms.items() if name not in failed_anywhere}
         allowed = [name for name in ms if memory.fits(name)] or [min(ms, key=lambda name: memory.held_mb[name])]
         choice = choose_encoder(ms, self.options.guard_margin, allowed)
-        unsteady = unsteady_timings(rounds, UNSTEADY_SPREAD)
+        unsteady = unsteady_timings({name: rounds[name] for name in ms}, UNSTEADY_SPREAD)   # those that competed
         if unsteady and self.ranks.is_main:
-            spans = ", ".join(f"{name} {low:.4g}-{high:.4g} ms" for name, (low, high) in unsteady.items())
+            spans = ", ".join(f"{name} {low:.4g}-{high:.4g} ms over {len(rounds[name])} rounds"
+                              for name, (low, high) in unsteady.items())
+            processor = "GPU" if self.device.type == "cuda" else self.device.type.upper()
             warnings.warn(f"autotune guard: the encoder's timings varied widely from round to round (middle half of "
-                          f"{self.options.guard_repeats} rounds: {spans}), as when another process shares this "
-                          f"{self.device.type.upper()}: its choice ({choice}) may not be the fastest; tune again on a "
-                          f"quiet machine (a new run with --autotune on times the guard again)",
-                          RuntimeWarning, stacklevel=2)
+                          f"the rounds: {spans}), as when another process shares this {processor}: its choice "
+                          f"({choice}) may not be the fastest, and is not cached; tune again on a quiet machine (a "
+                          f"new run with --autotune on times the guard again)", RuntimeWarning, stacklevel=2)
         choice, ms = self.ranks.from_main((choice, ms))
-        if cache is not None:
+        if cache is not None and not unsteady:            # a later --autotune cached run must not reuse it unwarned
             cache.put_encoder(key, {"choice": choice, "ms": ms})
         return GuardDecision(choice, ms, "measured")

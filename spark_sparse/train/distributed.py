@@ -16,7 +16,7 @@ import torch.distributed as dist
 from ..errors import ConfigError
 
 __all__ = ["DistContext", "init_distributed", "local_gpu", "epoch_batches", "EpochBatchSampler", "split_global_batch",
-           "stop_when_launcher_dies", "under_torchrun"]
+           "stop_when_launcher_dies", "under_torchrun", "in_process_group", "leave_process_group"]
 
 
 def under_torchrun() -> bool:
@@ -41,14 +41,29 @@ def stop_when_launcher_dies(poll_s: float = 2.0) -> None:
 
 
 def in_process_group() -> bool:
+    """Whether this process holds torch.distributed's default process group (its own or a caller's)."""
     return dist.is_available() and dist.is_initialized()
 
 
-def leave_process_group() -> None:
-    """Leave torchrun's process group, if this process joined one, before it exits: gloo aborts a process that
-    exits holding one ("terminate called without an active exception", SIGABRT), now and then, at exit."""
-    if in_process_group():
+def leave_process_group(failed: bool = False) -> None:
+    """Leave the default process group before the process exits: gloo aborts, now and then, a process that
+    exits holding one ("terminate called without an active exception", SIGABRT).
+
+    ``failed``: leaving on the way out of an error. Then only a gloo group is left, and an error in leaving
+    is dropped (the first error is the one to report): NCCL's shutdown waits for the collectives this rank
+    queued, which peers that never reached them would leave it waiting on until the collective timeout,
+    where exiting at once lets torchrun stop the others.
+    """
+    if not in_process_group():
+        return
+    if not failed:
         dist.destroy_process_group()
+        return
+    if dist.get_backend() == "gloo":
+        try:
+            dist.destroy_process_group()
+        except Exception:          # noqa: BLE001 -- the error being raised is what the user must see
+            pass
 
 
 @dataclass(frozen=True)

@@ -796,8 +796,13 @@ def pretrain(cfg: PretrainConfig, cmd: str = "", max_epochs: Optional[int] = Non
         try:
             trainer = Trainer(cfg, cmd, capture_console)
         except NothingToTrain as done:
-            return done.state
-        return trainer.run(max_epochs)
-    finally:
+            state = done.state
+        else:
+            state = trainer.run(max_epochs)
+    except BaseException:
         if joins_a_group:
-            leave_process_group()
+            leave_process_group(failed=True)
+        raise
+    if joins_a_group:
+        leave_process_group()
+    return state
