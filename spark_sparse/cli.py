@@ -181,8 +181,9 @@ def _validate_model(ctx, param, value: Optional[str]) -> Optional[str]:
                        type=int)
 @_computed_at_run_time("glb_batch_size", "it is --bs rounded down to a multiple of the process count, as SparK sets "
                                          "it: give --bs", type=int)
-@_computed_at_run_time("densify_norm", "it follows the model (BatchNorm for BatchNorm nets, LayerNorm for the others), "
-                                       "as SparK sets it")
+@_computed_at_run_time("densify_norm", "it follows the model, as SparK sets it (LayerNorm for nets with LayerNorm and no "
+                                       "BatchNorm, BatchNorm otherwise; your own encoder may set a densify_norm "
+                                       "attribute, 'ln' or 'bn')")
 @_computed_at_run_time("log_txt_name", "it is <exp_dir>/pretrain_log.txt, as SparK sets it: give --exp_dir")
 @_computed_at_run_time("cmd", "the log's header records the command line that ran")
 @_computed_at_run_time("commit_id", "the log's header records the code's git commit (git_commit, git_commit_id)")

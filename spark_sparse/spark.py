@@ -20,6 +20,7 @@ from .errors import ConfigError
 from .features import FeatureMap, FeatureMapMismatch, UnsupportedFeatureOperation
 from .mask import ActiveMask, kept_patches_per_image
 from .models import create_encoder, resolve_model_name
+from .models.timm_encoders import guess_densify_norm
 
 __all__ = ["SparK", "create_spark", "patchify", "unpatchify", "normalize_patches"]
 
@@ -134,11 +135,14 @@ class SparK(nn.Module):
         if sync_bn:   # timm's conversion keeps BatchNormAct2d's activation (torch's would drop it)
             encoder = convert_sync_batchnorm(encoder)
         dense_weights = _weight_layout(encoder)          # before the conversion, which may work in place
+        dense_norm = guess_densify_norm(encoder)
         self.encoder = self.backend.convert(encoder)
         _check_weight_layout_kept(dense_weights, self.encoder, self.backend.name)
         self.decoder = LightDecoder(self.downsample_ratio, width=decoder_width, sync_bn=sync_bn)
 
-        self.densify_norm_kind = (densify_norm or getattr(encoder, "densify_norm", "bn")).lower()
+        # SparK's rule, for any encoder: LayerNorm-only nets densify with LayerNorm (and get Adam's beta2 0.999)
+        self.densify_norm_kind = (densify_norm or getattr(encoder, "densify_norm", None)
+                                  or dense_norm).lower()
         self.densify_norms = nn.ModuleList()
         self.densify_projs = nn.ModuleList()
         self.mask_tokens = nn.ParameterList()
@@ -306,8 +310,10 @@ class SparK(nn.Module):
 
 #: constructor arguments that have no meaning for a SparK encoder, and what to do instead
 _NOT_FOR_AN_ENCODER = {
-    "num_classes": "the encoder is built without a classifier (its export loads into timm.create_model(name, "
-                   "num_classes=0) strictly, or with any num_classes and strict=False)",
+    "num_classes": "the encoder is built without a classifier (a timm model's export loads into "
+                   "timm.create_model(name, num_classes=0) strictly, or with any num_classes and strict=False); "
+                   "for your own model, leave its classifier out of the encoder (the feature-map forward never "
+                   "trains one)",
     "pretrained": "weights are never downloaded: start from a file (--init_weight; Python: "
                   "spark_sparse.checkpoint.load_pretrained)",
 }

@@ -52,6 +52,53 @@ def test_two_gloo_processes_hold_identical_weights(tmp_path):
     assert (tmp_path / "out" / "stdout_backup.txt").read_text().count("finished: min loss") == 1
 
 
+HEAD_NET = """
+import torch.nn as nn
+import spark_sparse as ss
+
+
+@ss.register_container
+class HeadNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.ModuleList(nn.Sequential(nn.Conv2d(c, 2 * c, 3, s, 1), nn.BatchNorm2d(2 * c), nn.ReLU())
+                                    for c, s in ((3, 4), (6, 2), (12, 2), (24, 2)))
+        self.head = nn.Linear(48, 10)                     # a classifier the hierarchical forward never calls
+
+    def get_downsample_ratio(self):
+        return 32
+
+    def get_feature_map_channels(self):
+        return [6, 12, 24, 48]
+
+    def forward(self, x, hierarchical=True):
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features if hierarchical else self.head(x.mean((2, 3)))
+
+
+@ss.register_model("head_net")
+def head_net(drop_path_rate=0.0):
+    return HeadNet()
+"""
+
+
+def test_a_user_model_with_a_classifier_head_trains_on_two_processes_its_head_frozen(tmp_path):
+    """DDP fails on the second step when a parameter gets no gradient; the run finds the head and freezes it."""
+    (tmp_path / "head_net.py").write_text(HEAD_NET)
+    data = make_image_folder(tmp_path / "data", count=8)
+    cfg = tiny_config(data, tmp_path / "out", ep=2, bs=4, backend="torch", model="head_net",
+                      import_module=[str(tmp_path / "head_net.py")])
+    mp.spawn(distributed_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
+    header = json.loads((tmp_path / "out" / "pretrain_log.txt").read_text().splitlines()[0])
+    assert any(w.startswith("2 parameter(s) get no gradient from SparK's loss and are frozen: encoder.")
+               and "head.weight" in w for w in header["warnings"]), header["warnings"]
+    rank0 = torch.load(tmp_path / "rank0.pth")
+    assert [k for k in rank0 if k.endswith("head.weight")], "the head is still exported"
+
+
 def test_resuming_with_another_process_count_is_warned_and_said_once(tmp_path, capfd):
     data = make_image_folder(tmp_path / "data", count=8)
     pretrain(tiny_config(data, tmp_path / "out", ep=1, bs=8, backend="torch"))          # one process

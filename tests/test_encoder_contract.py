@@ -93,6 +93,22 @@ def test_a_broken_promise_is_named_at_creation(encoder_class, message, user_mode
     assert message in str(error.value)
 
 
+class NoDownsampleRatio(torch.nn.Module):
+    def __init__(self, widths, drop_path_rate=0.0):
+        super().__init__()
+
+    def get_feature_map_channels(self):
+        return [8, 8, 16, 16]
+
+    def forward(self, x, hierarchical=True):
+        return [x]
+
+
+def test_a_missing_contract_method_is_named(user_model):
+    with pytest.raises(ss.EncoderContractError, match=r"its NoDownsampleRatio has no get_downsample_ratio method$"):
+        ss.create_spark(user_model(NoDownsampleRatio), input_size=64)
+
+
 def test_a_factory_without_drop_path_rate_is_named(user_model):
     with pytest.raises(ss.EncoderContractError, match=r"\(widths=\(8, 8, 16, 16\)\) does not accept drop_path_rate; "
                                                       r"give it a drop_path_rate=0.0 parameter \(or \*\*kwargs\)"):

@@ -82,6 +82,37 @@ def test_densify_norm_follows_the_model_family():
     assert ss.create_spark("convnext_tiny", input_size=64).densify_norm_kind == "ln"
 
 
+def test_a_users_encoder_gets_sparks_densify_norm_rule_unless_it_names_its_own():
+    from timm.layers import LayerNorm2d
+
+    class Stages(nn.Module):
+        """Four stride-2 stages (strides 4-32 after a stride-2 stem) with ``norm`` after each conv."""
+
+        def __init__(self, norm):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, 2, 1)
+            self.stages = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 3, 2, 1), norm(c)) for c in (8, 8, 8, 8))
+
+        def get_downsample_ratio(self):
+            return 32
+
+        def get_feature_map_channels(self):
+            return [8, 8, 8, 8]
+
+        def forward(self, x, hierarchical=True):
+            x, features = self.stem(x), []
+            for stage in self.stages:
+                x = stage(x)
+                features.append(x)
+            return features
+
+    assert ss.SparK(Stages(LayerNorm2d), "masked", input_size=64).densify_norm_kind == "ln"
+    assert ss.SparK(Stages(nn.BatchNorm2d), "masked", input_size=64).densify_norm_kind == "bn"
+    named = Stages(LayerNorm2d)
+    named.densify_norm = "bn"
+    assert ss.SparK(named, "masked", input_size=64).densify_norm_kind == "bn"
+
+
 def test_custom_model_pretrains_for_a_step():
     spark = ss.create_spark("tiny_cnn", input_size=64)
     opt = torch.optim.AdamW(spark.parameters(), lr=1e-3)

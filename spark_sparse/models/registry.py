@@ -140,8 +140,11 @@ def create_encoder(name: str, /, drop_path_rate: Optional[float] = None, **kwarg
                           f"({type(err).__name__}: {err}); check their names and values against the model's "
                           f"constructor") from err
     if not isinstance(encoder, HierarchicalEncoder):
+        missing = [method for method in ("get_downsample_ratio", "get_feature_map_channels", "forward")
+                   if not callable(getattr(encoder, method, None))]
         raise EncoderContractError(f"model {key!r} does not follow the encoder contract (get_downsample_ratio, "
-                                   f"get_feature_map_channels, forward(x, hierarchical=True))")
+                                   f"get_feature_map_channels, forward(x, hierarchical=True)): its "
+                                   f"{type(encoder).__name__} has no {' and no '.join(missing)} method")
     # a user's encoder is probed once (this package's families are checked by its tests)
     users = not getattr(factory, "__module__", "").startswith(f"{_PACKAGE}.")
     check_encoder(encoder, key, probe=users)

@@ -36,7 +36,7 @@ from ..backends.pools import fold_zero_pad_into_max_pool
 from ..errors import SparkSparseError
 from .registry import register_model, register_model_fallback
 
-__all__ = ["TimmEncoder", "register_timm_encoder", "register_timm_rewrite", "register_feature_forward",
+__all__ = ["TimmEncoder", "guess_densify_norm", "register_timm_encoder", "register_timm_rewrite", "register_feature_forward",
            "hierarchical_feature_indices", "UnsuitableModelError"]
 
 #: reductions of SparK's hierarchical features, finest first (the coarsest is the patch size)
@@ -116,7 +116,7 @@ class TimmEncoder(nn.Module):
             rewrite(self.model)
         self.feature_indices = hierarchical_feature_indices(self.model, timm_name)
         self._feature_forward = _FEATURE_FORWARDS.get(type(self.model))
-        self.densify_norm = densify_norm or _guess_densify_norm(self.model)
+        self.densify_norm = densify_norm or guess_densify_norm(self.model)
         self._outside = self._probe_unused_children(kwargs.get("in_chans", 3))
 
     @staticmethod
@@ -214,8 +214,9 @@ class TimmEncoder(nn.Module):
 _LAYER_NORMS = (nn.LayerNorm, RmsNorm, RmsNorm2d, SimpleNorm, SimpleNorm2d)
 
 
-def _guess_densify_norm(model: nn.Module) -> str:
-    """SparK's choice by family: ``ln`` for LayerNorm (or RMS-norm) nets (ConvNeXt-like), ``bn`` otherwise."""
+def guess_densify_norm(model: nn.Module) -> str:
+    """SparK's choice by family: ``ln`` for LayerNorm (or RMS-norm) nets (ConvNeXt-like), ``bn`` otherwise (any
+    encoder: a user's own model without a ``densify_norm`` attribute gets the same rule)."""
     has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     has_layer_norm = any(isinstance(m, _LAYER_NORMS) for m in model.modules())
     return "ln" if has_layer_norm and not has_batch_norm else "bn"

@@ -286,6 +286,30 @@ def _check_epochs_left(path: str, ckpt: dict, epochs: int, model_name: str) -> N
                              f"new length)", RunState(done, 0, ckpt.get("min_loss", math.inf)))
 
 
+def parameters_without_gradient(spark: SparK, device: torch.device, amp_dtype: Optional[torch.dtype]) -> list[str]:
+    """The trainable parameters a training step leaves without a gradient: parts of the encoder its hierarchical
+    forward never calls (a user model's classifier head). The optimizer skips them anyway, and
+    DistributedDataParallel fails on them (its reducer waits for every parameter's gradient), so the run
+    freezes them.
+
+    One step at batch 2 on random images, under the run's autocast; the random streams, BatchNorm statistics,
+    gradients and train/eval mode are left as they were.
+    """
+    state = {k: v.clone() for k, v in spark.state_dict().items()}
+    was_training = spark.training
+    spark.train().zero_grad(set_to_none=True)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        images = torch.randn(2, 3, *spark.input_hw, device=device)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            loss = spark(images)
+        loss.backward()
+    unused = [name for name, param in spark.named_parameters() if param.requires_grad and param.grad is None]
+    spark.zero_grad(set_to_none=True)
+    spark.load_state_dict(state)
+    spark.train(was_training)
+    return unused
+
+
 class Trainer:
     """One pre-training run: everything is built (and every setting checked) in the constructor.
 
@@ -358,6 +382,7 @@ class Trainer:
         self.batch_estimate = estimate_max_batch(self.spark, self.spark.input_hw, self.ctx.device,
                                                  amp_dtype=self.amp_dtype)
         self._check_precision_and_memory()
+        self._freeze_untrainable_parameters()
         self.model: nn.Module = self.spark
         if self.ctx.initialized:
             self.model = DistributedDataParallel(
@@ -447,6 +472,16 @@ class Trainer:
             self._warn(f"the batch per process ({self.local_batch}) is larger than the estimated largest that fits "
                        f"on {device} (about {estimate}: {self.batch_estimate.describe(str(device))}); expect running "
                        f"out of memory: lower --bs, add --grad_ckpt, or use --amp bf16")
+
+    def _freeze_untrainable_parameters(self) -> None:
+        unused = parameters_without_gradient(self.spark, self.ctx.device, self.amp_dtype)
+        for name in unused:
+            self.spark.get_parameter(name).requires_grad_(False)
+        if unused:
+            shown = ", ".join(unused[:4]) + (" ..." if len(unused) > 4 else "")
+            self._warn(f"{len(unused)} parameter(s) get no gradient from SparK's loss and are frozen: {shown}; the "
+                       f"encoder's hierarchical forward never uses them (a classifier head?), so SparK cannot train "
+                       f"them and the export holds them as initialised: build the encoder without them")
 
     def _warn(self, message: str) -> None:
         """Printed before the first step (by the main process) and kept in the log header."""
