@@ -474,6 +474,11 @@ class Trainer:
                        f"out of memory: lower --bs, add --grad_ckpt, or use --amp bf16")
 
     def _freeze_untrainable_parameters(self) -> None:
+        """A user's encoder may hold parameters its hierarchical forward never uses (a classifier head): find
+        and freeze them. This package's encoders build none, or freeze their heads themselves
+        (``modules_outside_hierarchy``), as its tests check: the probe step is spared them."""
+        if type(self.spark.encoder).__module__.startswith(f"{__package__.split('.')[0]}."):
+            return
         unused = parameters_without_gradient(self.spark, self.ctx.device, self.amp_dtype)
         for name in unused:
             self.spark.get_parameter(name).requires_grad_(False)
