@@ -96,6 +96,8 @@ def _import_user_modules(ctx, param, value: tuple[str, ...]) -> tuple[str, ...]:
             import_user_module(spec)
         except UserModuleError as err:
             raise click.BadParameter(str(err)) from None
+        except SparkSparseError as err:     # this package refused what the module registers: no traceback needed
+            raise click.BadParameter(f"importing {spec}: {err}") from None
     return value
 
 

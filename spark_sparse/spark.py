@@ -20,6 +20,7 @@ from .errors import ConfigError
 from .features import FeatureMap, FeatureMapMismatch, UnsupportedFeatureOperation
 from .mask import ActiveMask, kept_patches_per_image
 from .models import create_encoder, resolve_model_name
+from .models.contract import check_encoder
 from .models.timm_encoders import guess_densify_norm
 
 __all__ = ["SparK", "create_spark", "patchify", "unpatchify", "normalize_patches"]
@@ -334,18 +335,35 @@ def _check_model_kwargs(model_kwargs: dict) -> None:
         raise ConfigError(f"model arguments SparK cannot use: {'; '.join(problems)}")
 
 
-def create_spark(model: str, /, backend: Union[str, Backend] = "masked", input_size: SizeLike = 224,
+def _built_encoder(model: nn.Module, drop_path_rate: Optional[float], model_kwargs: dict) -> nn.Module:
+    """A user's encoder instance, checked against the contract as a registered one is when created."""
+    given = [*(["drop_path_rate"] if drop_path_rate is not None else []), *model_kwargs]
+    if given:
+        raise ConfigError(f"create_spark was given a built {type(model).__name__}, so {', '.join(given)} cannot reach "
+                          f"its constructor; build the encoder with them, or register its factory "
+                          f"(@spark_sparse.register_model) and pass its name")
+    check_encoder(model, type(model).__name__)
+    return model
+
+
+def create_spark(model: Union[str, nn.Module], /, backend: Union[str, Backend] = "masked", input_size: SizeLike = 224,
                  mask_ratio: float = 0.6, drop_path_rate: Optional[float] = None, *, sync_bn: bool = False,
                  decoder_width: int = 768, strict_backend: bool = False, **model_kwargs) -> SparK:
-    """Build a SparK model: registered encoder ``model`` running on ``backend``.
+    """Build a SparK model: registered encoder ``model`` (or an encoder already built) running on ``backend``.
 
     ``drop_path_rate=None`` uses SparK's default for the model. ``strict_backend`` makes a layer
     that the backend's preferred kernel cannot run an error instead of a fallback. Extra keyword
     arguments go to the encoder's factory (for timm models: ``timm.create_model``).
     """
-    name = resolve_model_name(model)
-    _check_model_kwargs(model_kwargs)
+    if not isinstance(model, (str, nn.Module)):
+        raise TypeError(f"create_spark takes a registered model's name or an encoder module, got {type(model).__name__}")
+    name = None if isinstance(model, nn.Module) else resolve_model_name(model)
+    if name is not None:
+        _check_model_kwargs(model_kwargs)
     backend_obj = create_backend(backend, strict=strict_backend) if isinstance(backend, str) else backend
-    encoder = create_encoder(name, drop_path_rate=drop_path_rate, **model_kwargs)
+    if name is None:
+        encoder = _built_encoder(model, drop_path_rate, model_kwargs)
+    else:
+        encoder = create_encoder(name, drop_path_rate=drop_path_rate, **model_kwargs)
     return SparK(encoder, backend_obj, input_size=input_size, mask_ratio=mask_ratio, sync_bn=sync_bn,
                  decoder_width=decoder_width)

@@ -4,7 +4,7 @@ with ``@register_container``, layers with ``@register_converter``) exists before
 ``spark-pretrain --import_module my_models --model my_cnn`` needs this: a console script does not
 have the current folder on ``sys.path`` (``python -m`` does), and a user's model file is not part
 of this package. A module is named by its dotted name (looked up in the environment, then the
-current folder) or by a path to a ``.py`` file (imported under the file's stem). Importing is
+current folder; a name that is both is refused) or by a path to a ``.py`` file (imported under the file's stem). Importing is
 idempotent: a run imports the modules of its configuration again (spawned processes, the Python
 API) and gets the module already loaded.
 """
@@ -59,10 +59,25 @@ def _on_path(folder: str) -> None:
         sys.path.append(folder)
 
 
+def _refuse_shadowed_local(spec: str, folder: str) -> None:
+    """A dotted name whose top module is both a file in ``folder`` and a module of the environment (``test``,
+    ``utils``) imports the environment's: refused, naming both, rather than importing what was not meant."""
+    top = spec.split(".")[0]
+    local = next((path for path in (Path(folder, f"{top}.py"), Path(folder, top, "__init__.py")) if path.is_file()), None)
+    if local is None:
+        return
+    found = importlib.util.find_spec(top)
+    if found is not None and found.origin and Path(found.origin).resolve() != local.resolve():
+        raise UserModuleError(f"--import_module {spec}: the name {top!r} is the environment's module ({found.origin}), "
+                              f"found before {local} in the current folder; pass the file's path "
+                              f"(--import_module ./{local.relative_to(folder)}) or rename it")
+
+
 def _import_name(spec: str) -> ModuleType:
     cwd = os.getcwd()
     if "" not in sys.path:
         _on_path(cwd)
+    _refuse_shadowed_local(spec, cwd)
     try:
         return importlib.import_module(spec)
     except ModuleNotFoundError as err:

@@ -418,3 +418,19 @@ def test_a_value_that_is_no_literal_python_can_build_stays_a_string(captured, tm
 def test_launch_flags_no_launch_can_use_are_refused_before_anything_starts(tmp_path, args, message):
     result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={tmp_path}", *args])
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_a_dotted_name_that_is_both_a_local_file_and_an_environment_module_is_refused(tmp_path, monkeypatch):
+    """A console script has no current folder first on sys.path: ``--import_module test`` beside a ``test.py``
+    would import the standard library's ``test`` package; it is refused naming both, and the path imports the file."""
+    (tmp_path / "test.py").write_text("LOCAL = True\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [entry for entry in sys.path if entry not in ("", str(tmp_path))])
+    result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={tmp_path}", "--import_module=test"])
+    assert result.exit_code == 2, result.output
+    assert "the name 'test' is the environment's module" in result.output and "--import_module ./test.py" in result.output
+    monkeypatch.delitem(sys.modules, "test", raising=False)
+    try:
+        assert import_user_module("./test.py").LOCAL
+    finally:
+        sys.modules.pop("test", None)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import spark_sparse as ss
-from spark_sparse.errors import SparkSparseError
+from spark_sparse.errors import ConfigError, SparkSparseError
 from spark_sparse.models import registry
 from spark_sparse.models.contract import check_encoder
 from spark_sparse.models.example import TinyCNN
@@ -256,3 +256,82 @@ def test_a_drop_path_the_users_model_ignores_is_warned_about(user_model):
         warnings.simplefilter("error")
         ss.create_encoder(uses, drop_path_rate=0.1)        # its blocks hold DropPath layers
         ss.create_encoder(ignores, drop_path_rate=0.0)     # nothing asked, nothing ignored
+
+
+def test_a_name_another_factory_holds_is_refused_naming_both_and_a_module_run_again_is_not():
+    def factory(drop_path_rate=0.0, **kwargs):
+        return TinyCNN(widths=(8, 8, 16, 16))
+
+    factory.__module__ = "my_models"
+    with pytest.raises(registry.ModelNameTakenError, match=r"model 'resnet50' is already registered, by "
+                                                           r"spark_sparse\..*; register my_models\..*factory under "
+                                                           r"another name, e.g. @register_model\('my_resnet50'\)"):
+        ss.register_model("resnet50")(factory)
+
+    def my_cnn(drop_path_rate=0.0, **kwargs):
+        return TinyCNN(widths=(8, 8, 16, 16))
+
+    def my_cnn_again(drop_path_rate=0.0, **kwargs):      # the same function after its module (a notebook cell) runs again
+        return TinyCNN(widths=(8, 8, 16, 16))
+
+    my_cnn.__module__ = my_cnn_again.__module__ = "my_models"
+    my_cnn_again.__qualname__ = my_cnn.__qualname__ = "my_cnn"
+    try:
+        ss.register_model("contract_test_rerun")(my_cnn)
+        ss.register_model("contract_test_rerun")(my_cnn_again)
+        assert registry._MODELS["contract_test_rerun"] is my_cnn_again
+    finally:
+        registry._MODELS.pop("contract_test_rerun", None)
+        registry._DEFAULT_DROP_PATH.pop("contract_test_rerun", None)
+
+
+def test_registering_a_timm_models_name_warns_that_it_shadows_timms():
+    def resnet26d(drop_path_rate=0.0, **kwargs):
+        return TinyCNN(widths=(8, 8, 16, 16))
+
+    resnet26d.__module__ = "my_models"
+    assert "resnet26d" not in registry._MODELS
+    try:
+        with pytest.warns(UserWarning, match=r"model 'resnet26d' registered by my_models\..*resnet26d shadows timm's "
+                                             r"'resnet26d': --model resnet26d now builds yours"):
+            ss.register_model(resnet26d)
+        assert isinstance(ss.create_spark("resnet26d", input_size=64).encoder, TinyCNN)
+    finally:
+        registry._MODELS.pop("resnet26d", None)
+        registry._DEFAULT_DROP_PATH.pop("resnet26d", None)
+
+
+def test_create_spark_takes_a_built_encoder_checked_as_a_registered_one(user_model):
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    by_name = ss.create_spark(user_model(TinyCNN), "sparse", input_size=64)
+    built = ss.create_spark(TinyCNN(widths=(8, 8, 16, 16)), "sparse", input_size=64)
+    built.load_state_dict(by_name.state_dict())
+    mask = by_name.mask(2, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(built(images, mask), by_name(images, mask), rtol=0, atol=0)
+    with pytest.raises(ss.EncoderContractError, match=r"model 'CoarsestFirst': .*returned maps \(C x H x W\) 16x2x2"):
+        ss.create_spark(CoarsestFirst(widths=(8, 8, 16, 16)), input_size=64)
+    with pytest.raises(ss.EncoderContractError, match=r"its Conv2d has no get_downsample_ratio and no "
+                                                      r"get_feature_map_channels method"):
+        ss.create_spark(torch.nn.Conv2d(3, 8, 1), input_size=64)
+    with pytest.raises(ConfigError, match=r"given a built TinyCNN, so drop_path_rate, stem_width cannot reach"):
+        ss.create_spark(TinyCNN(), drop_path_rate=0.1, stem_width=4)
+    with pytest.raises(TypeError, match=r"a registered model's name or an encoder module, got int"):
+        ss.create_spark(50)
+
+
+def test_a_module_registering_a_taken_name_is_one_line_from_the_cli(tmp_path):
+    from click.testing import CliRunner
+
+    import spark_sparse.cli as cli
+
+    (tmp_path / "taken_name_models.py").write_text(
+        "import spark_sparse as ss\n"
+        "from spark_sparse.models.example import TinyCNN\n\n"
+        "@ss.register_model('resnet50')\n"
+        "def mine(drop_path_rate=0.0):\n"
+        "    return TinyCNN(drop_path_rate=drop_path_rate)\n")
+    result = CliRunner().invoke(cli.pretrain_command, [
+        "x", f"--data_path={tmp_path}", f"--import_module={tmp_path / 'taken_name_models.py'}", "--model=resnet50"])
+    assert result.exit_code == 2 and "taken_name_models.py: model 'resnet50' is already registered" in result.output
+    assert "Traceback" not in result.output

@@ -11,6 +11,8 @@ import torch
 import spark_sparse as ss
 from spark_sparse import ActiveMask, MaskedDense, SparseRows
 
+from equivalence import sparse_backend_params
+
 CHANNELS = (3, 5)
 
 
@@ -314,3 +316,42 @@ def test_a_channels_last_view_refuses_what_would_read_another_dimension(kind, ma
     normed = backend.convert(torch.nn.Sequential(LayerNorm(3)))(view)          # a channels-last LayerNorm
     torch.testing.assert_close(normed.permute(0, 3, 1, 2).to_dense(),
                                backend.convert(torch.nn.Sequential(LayerNorm2d(3)))(a).to_dense())
+
+
+class _UsersChannelsLastEncoder(torch.nn.Module):
+    """A user's encoder with a LayerNorm and a Linear over channels: right (``permute`` to NHWC first) or wrong
+    (on the NCHW map, where the dense model normalises the width: it runs, as the width here equals the channels)."""
+
+    def __init__(self, permute: bool):
+        super().__init__()
+        self.permute = permute
+        self.stem, self.norm = torch.nn.Conv2d(3, 16, 4, 4), torch.nn.LayerNorm(16)
+        self.down, self.fc = torch.nn.Conv2d(16, 32, 2, 2), torch.nn.Linear(32, 32)
+
+    def get_downsample_ratio(self):
+        return 8
+
+    def get_feature_map_channels(self):
+        return [16, 32]
+
+    def forward(self, x, hierarchical=False):
+        a = self.stem(x)
+        a = self.norm(a.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) if self.permute else self.norm(a)
+        b = self.fc(self.down(a).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return [a, b]
+
+
+@pytest.mark.parametrize("backend", ["masked", *sparse_backend_params()])
+def test_a_users_layer_over_the_last_dimension_takes_a_channels_last_view_and_refuses_an_nchw_map(backend):
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    reference = ss.create_spark(_UsersChannelsLastEncoder(permute=True), "masked", input_size=64)
+    spark = ss.create_spark(_UsersChannelsLastEncoder(permute=True), backend, input_size=64)
+    spark.load_state_dict(reference.state_dict())
+    mask = reference.mask(2, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(spark(images, mask), reference(images, mask), rtol=1e-5, atol=1e-6)
+    wrong = ss.create_spark(_UsersChannelsLastEncoder(permute=False), backend, input_size=64)
+    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"in module 'norm' .*LayerNorm acts on the last "
+                                                             r"dimension, but it was given a channels-first \(NCHW\) "
+                                                             r"feature map.*x\.permute\(0, 2, 3, 1\)"):
+        wrong(images, mask)

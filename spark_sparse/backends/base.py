@@ -36,6 +36,9 @@ Converter = Callable[["Backend", nn.Module, str], nn.Module]
 
 _CONTAINERS: set[type] = {nn.Sequential, nn.ModuleList, nn.ModuleDict}
 _SHARED_CONVERTERS: dict[type, Converter] = {}
+#: modules whose forwards pass maps in a known layout: this package's converters (tested against timm's dense
+#: layers), timm's blocks and torch's containers (which pass on what their caller gives)
+_AUDITED_FORWARDS = (f"{__name__.split('.')[0]}.", "timm.", "torch.")
 
 
 class UnsupportedModuleError(SparkSparseError, TypeError):
@@ -194,26 +197,35 @@ class Backend:
                 f"proj_drop_rate at 0), or use --backend masked")
         return encoder
 
-    def convert_children(self, parent: nn.Module, prefix: str, skip: frozenset = frozenset()) -> None:
+    def convert_children(self, parent: nn.Module, prefix: str, skip: frozenset = frozenset(),
+                         users_layout: bool = False) -> None:
+        """Convert ``parent``'s children in place. Under a forward of the user's own (``users_layout``, or
+        ``parent``'s class from outside this package, timm and torch) layers over the last dimension take
+        channels-last views only (:class:`~spark_sparse.backends.common.LastDimensionLayer`)."""
+        users_layout = users_layout or not type(parent).__module__.startswith(_AUDITED_FORWARDS)
         for child_name, child in list(parent.named_children()):
             qualified = f"{prefix}{child_name}"
             if qualified not in skip:
-                setattr(parent, child_name, self.convert_module(child, qualified, skip))
+                setattr(parent, child_name, self.convert_module(child, qualified, skip, users_layout))
 
-    def convert_module(self, module: nn.Module, qualified: str, skip: frozenset = frozenset()) -> nn.Module:
+    def convert_module(self, module: nn.Module, qualified: str, skip: frozenset = frozenset(),
+                       users_layout: bool = False) -> nn.Module:
         """This backend's replacement for ``module`` (a container is converted below and kept)."""
         if type(module) in _SAME_MATHS:        # declared to be its base: converted as one (the conversion is in
             module.__class__ = _SAME_MATHS[type(module)]        # place anyway, and the weights keep their names)
         converter = self.converter_for(module)
         if converter is not None:
             try:
-                return converter(self, module, qualified)
+                converted = converter(self, module, qualified)
             except NotImplementedError as err:    # the converter's reason, as one line with the way out
                 raise UnsupportedLayerSettingError(
                     f"{err} (backend {self.name!r}, module of type {type(module).__name__}): build the layer "
                     f"otherwise, or use --backend masked, which runs every layer as SparK does") from None
+            if users_layout and hasattr(converted, "refuses_channels_first_maps"):
+                converted.refuses_channels_first_maps = True
+            return converted
         if is_container(module):
-            self.convert_children(module, prefix=qualified + ".", skip=skip)
+            self.convert_children(module, prefix=qualified + ".", skip=skip, users_layout=users_layout)
             return module
         kind = f"{type(module).__module__}.{type(module).__qualname__}"
         base = self._known_base(module)

@@ -23,7 +23,7 @@ from ..features import ChannelsLastView, FeatureMap, UnsupportedFeatureOperation
 from ..kernels.base import int_pair
 
 __all__ = ["adopt_state", "adopt_module", "FeatureBatchNorm", "FeatureSyncBatchNorm", "FeatureLayerNorm", "FeatureChannelNorm",
-           "FeatureLinear", "Elementwise",
+           "FeatureLinear", "Elementwise", "LastDimensionLayer",
            "FeatureDropPath", "COMMON_CONVERTERS", "ZERO_PRESERVING_ACTIVATIONS", "TooFewSitesError", "check_output_grid"]
 
 
@@ -107,17 +107,45 @@ def refuse_channels_last_view(x: object, layer: str) -> None:
             f"(x.permute(0, 2, 3, 1)), whose dimension 1 is the height in the dense model")
 
 
-class FeatureLayerNorm(nn.LayerNorm):
+class LastDimensionLayer:
+    """Mixin of the layers over the last dimension (channels-last LayerNorm, RMS norms, Linear).
+
+    In the dense model such a layer given an NCHW map acts on its width (or fails on a size mismatch).
+    This package's converters pass maps to these layers where the dense model holds the same sites
+    channels last (their tests compare them with timm's dense layers); under a user's own forward, the
+    backend sets ``refuses_channels_first_maps`` and only a channels-last view
+    (``x.permute(0, 2, 3, 1)``) is taken: an NCHW map is refused, never silently normalised per site.
+    """
+
+    refuses_channels_first_maps: bool = False
+
+    def check_layout(self, x: object, layer: str) -> None:
+        if self.refuses_channels_first_maps:
+            refuse_channels_first_map(x, layer)
+
+
+def refuse_channels_first_map(x: object, layer: str) -> None:
+    """Refuse an NCHW feature map given to a layer over the last dimension (see :class:`LastDimensionLayer`)."""
+    if isinstance(x, FeatureMap):
+        raise UnsupportedFeatureOperation(
+            f"{layer} acts on the last dimension, but it was given a channels-first (NCHW) feature map, whose "
+            f"last dimension is the width in the dense model; permute to channels last first "
+            f"(x.permute(0, 2, 3, 1)) as a channels-last block does")
+
+
+class FeatureLayerNorm(LastDimensionLayer, nn.LayerNorm):
     """LayerNorm over the channels of each active site (timm's ``LayerNorm`` and ``LayerNorm2d``).
 
     ``channels_first`` (``LayerNorm2d``) refuses a channels-last view; a channels-last LayerNorm
-    takes a view or a map (ConvNeXt's block converter passes the map)."""
+    takes a view, or a map from this package's converters (:class:`LastDimensionLayer`)."""
 
     channels_first: bool = False
 
     def forward(self, x: FeatureMap) -> FeatureMap:
         if self.channels_first:
             refuse_channels_last_view(x, "LayerNorm2d")
+        else:
+            self.check_layout(x, "LayerNorm")
         return x.per_site(lambda v: F.layer_norm(v, self.normalized_shape, self.weight, self.bias, self.eps))
 
     @classmethod
@@ -128,7 +156,7 @@ class FeatureLayerNorm(nn.LayerNorm):
         return adopt_state(new, ln)
 
 
-class FeatureChannelNorm(nn.Module):
+class FeatureChannelNorm(LastDimensionLayer, nn.Module):
     """timm's RMS norms (``RmsNorm``, ``RmsNorm2d``) and ``SimpleNorm`` layers over the channels of each active
     site, through timm's own channels-last function (the 2d layers compute the same over ``dim=1``)."""
 
@@ -141,6 +169,8 @@ class FeatureChannelNorm(nn.Module):
     def forward(self, x: FeatureMap) -> FeatureMap:
         if self.channels_first:
             refuse_channels_last_view(x, self.function.__name__)
+        else:
+            self.check_layout(x, self.function.__name__)
         return x.per_site(lambda v: self.function(v, self.normalized_shape, self.weight, self.eps))
 
     def extra_repr(self) -> str:
@@ -155,10 +185,11 @@ class FeatureChannelNorm(nn.Module):
         return convert
 
 
-class FeatureLinear(nn.Linear):
+class FeatureLinear(LastDimensionLayer, nn.Linear):
     """A Linear layer applied to each active site's channel vector (channels-last layers)."""
 
     def forward(self, x: FeatureMap) -> FeatureMap:
+        self.check_layout(x, "Linear")
         return x.per_site(lambda v: F.linear(v, self.weight, self.bias))
 
     @classmethod

@@ -63,8 +63,9 @@ class SparseBackend(RowBackend):
     #: ResNet-50 at batch 16) costs more than the dense conv's work at masked sites
     IMAGE_LIKE_CHANNELS = 4
 
-    def convert_module(self, module: nn.Module, qualified: str, skip: frozenset = frozenset()) -> nn.Module:
-        converted = super().convert_module(module, qualified, skip)
+    def convert_module(self, module: nn.Module, qualified: str, skip: frozenset = frozenset(),
+                       users_layout: bool = False) -> nn.Module:
+        converted = super().convert_module(module, qualified, skip, users_layout)
         fuse_bn_relu_pairs(self, converted, bn_relu_pairs_of(module))
         return converted
 

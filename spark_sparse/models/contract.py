@@ -44,6 +44,15 @@ def check_factory(factory: Callable[..., nn.Module], name: str) -> None:
             f"drop_path_rate; give it a drop_path_rate=0.0 parameter (or **kwargs), which --dp sets") from None
 
 
+def _check_has_methods(encoder: nn.Module, name: str) -> None:
+    missing = [method for method in ("get_downsample_ratio", "get_feature_map_channels", "forward")
+               if not callable(getattr(encoder, method, None))]
+    if missing:
+        raise EncoderContractError(f"model {name!r} does not follow the encoder contract (get_downsample_ratio, "
+                                   f"get_feature_map_channels, forward(x, hierarchical=True)): its "
+                                   f"{type(encoder).__name__} has no {' and no '.join(missing)} method")
+
+
 def _declared(encoder: nn.Module, name: str) -> tuple[int, list[int]]:
     declared = encoder.get_downsample_ratio()
     try:
@@ -100,6 +109,7 @@ def check_encoder(encoder: nn.Module, name: str, probe: bool = True) -> None:
     :mod:`~spark_sparse.models.registry`: its declared ratio and channels, then (``probe``) its maps for a
     ``2 ratio``-pixel image: a list, one map per declared channel count, finest first, each twice the size of
     the next, the last at ``1 / ratio``."""
+    _check_has_methods(encoder, name)
     ratio, channels = _declared(encoder, name)
     _check_takes_hierarchical(encoder, name)
     if not probe:

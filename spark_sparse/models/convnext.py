@@ -19,7 +19,7 @@ from timm.models.convnext import ConvNeXt, ConvNeXtBlock, ConvNeXtStage
 
 from ..backends import UnsupportedModuleError, register_container, register_converter
 from ..backends.norms import FeatureGlobalResponseNorm
-from ..features import FeatureMap
+from ..features import ChannelsLastView, FeatureMap
 from .timm_encoders import register_timm_encoder
 
 __all__ = ["FeatureConvNeXtBlock", "FeatureGlobalResponseNormMlp"]
@@ -72,6 +72,7 @@ class FeatureConvNeXtBlock(nn.Module):
         super().__init__()
         self.conv_dw = backend.convert_module(block.conv_dw, f"{name}.conv_dw")
         self.norm = backend.convert_module(block.norm, f"{name}.norm")
+        self.norm_channels_last = not block.use_conv_mlp    # timm permutes to NHWC before the norm then
         if block.use_conv_mlp or type(block.mlp) is GlobalResponseNormMlp:
             # a layer on the feature map (1x1 convs, or the GRN's per-image statistics)
             self.mlp = backend.convert_module(block.mlp, f"{name}.mlp")
@@ -93,7 +94,8 @@ class FeatureConvNeXtBlock(nn.Module):
 
     def forward(self, x: FeatureMap) -> FeatureMap:
         shortcut = x
-        x = self.norm(self.conv_dw(x))
+        x = self.conv_dw(x)
+        x = self.norm(ChannelsLastView(x)).channels_first if self.norm_channels_last else self.norm(x)
         if self.mlp_per_site:
             x = x.per_site(lambda v: self._scale(self.mlp(v)))
         elif self.gamma is not None:

@@ -22,6 +22,7 @@ import difflib
 import warnings
 from typing import Callable, Optional, Protocol, runtime_checkable
 
+import timm
 import torch.nn as nn
 from timm.layers import DropPath
 
@@ -30,7 +31,7 @@ from .contract import EncoderContractError, check_encoder, check_factory
 from .model_kwargs import format_model_kwargs
 
 __all__ = ["HierarchicalEncoder", "register_model", "register_model_fallback", "create_encoder", "list_models",
-           "model_default_drop_path", "UnknownModelError", "EncoderContractError", "MODEL_ALIASES",
+           "model_default_drop_path", "UnknownModelError", "ModelNameTakenError", "EncoderContractError", "MODEL_ALIASES",
            "resolve_model_name"]
 
 
@@ -45,6 +46,10 @@ class HierarchicalEncoder(Protocol):
 
 class UnknownModelError(SparkSparseError, ValueError):
     pass
+
+
+class ModelNameTakenError(SparkSparseError, ValueError):
+    """A second factory registered under a name another one holds (a user's ``resnet50``, two files' ``my_cnn``)."""
 
 
 _PACKAGE = __name__.split(".")[0]
@@ -73,14 +78,30 @@ def register_model(name: Optional[str | Callable] = None, default_drop_path: flo
         return register_model(default_drop_path=default_drop_path, tested=tested)(name)
     def wrap(factory):
         key = name or factory.__name__
-        if key in _MODELS and _MODELS[key] is not factory:
-            raise ValueError(f"model {key!r} is already registered")
+        if key in _MODELS and not _same_factory(_MODELS[key], factory):
+            raise ModelNameTakenError(f"model {key!r} is already registered, by {_qualified_name(_MODELS[key])}; "
+                                      f"register {_qualified_name(factory)} under another name, e.g. "
+                                      f"@register_model('my_{key}')")
+        if key not in _MODELS and not _qualified_name(factory).startswith(f"{_PACKAGE}.") and timm.is_model(key):
+            warnings.warn(f"model {key!r} registered by {_qualified_name(factory)} shadows timm's {key!r}: --model "
+                          f"{key} now builds yours", UserWarning, stacklevel=2)
         _MODELS[key] = factory
         _DEFAULT_DROP_PATH[key] = default_drop_path
         if tested:
             _TESTED.add(key)
         return factory
     return wrap
+
+
+def _qualified_name(factory: Callable) -> str:
+    """``module.qualname``: the same after a module is run again (a notebook cell), other for another factory."""
+    return f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', repr(factory))}"
+
+
+def _same_factory(registered: Callable, factory: Callable) -> bool:
+    """The very factory, or the same named function of a module run again; two closures of one maker are not."""
+    name = _qualified_name(factory)
+    return registered is factory or (name == _qualified_name(registered) and "<locals>" not in name)
 
 
 def register_model_fallback(resolver: Callable[[str], Optional[Callable[..., nn.Module]]]) -> None:
@@ -139,12 +160,6 @@ def create_encoder(name: str, /, drop_path_rate: Optional[float] = None, **kwarg
         raise ConfigError(f"model {key!r} could not be built with {format_model_kwargs(kwargs)} "
                           f"({type(err).__name__}: {err}); check their names and values against the model's "
                           f"constructor") from err
-    if not isinstance(encoder, HierarchicalEncoder):
-        missing = [method for method in ("get_downsample_ratio", "get_feature_map_channels", "forward")
-                   if not callable(getattr(encoder, method, None))]
-        raise EncoderContractError(f"model {key!r} does not follow the encoder contract (get_downsample_ratio, "
-                                   f"get_feature_map_channels, forward(x, hierarchical=True)): its "
-                                   f"{type(encoder).__name__} has no {' and no '.join(missing)} method")
     # a user's encoder is probed once (this package's families are checked by its tests)
     users = not getattr(factory, "__module__", "").startswith(f"{_PACKAGE}.")
     check_encoder(encoder, key, probe=users)

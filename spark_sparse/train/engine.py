@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..autotune import AutotuneOptions, AutotuneResult, autotune
+from ..autotune.guard import left_as_it_was
 from ..errors import ConfigError, SparkSparseError
 from ..checkpoint import CheckpointError, atomic_save, load_pretrained, load_spark_state, read_checkpoint
 from ..models import model_default_drop_path, resolve_model_name
@@ -295,19 +296,14 @@ def parameters_without_gradient(spark: SparK, device: torch.device, amp_dtype: O
     One step at batch 2 on random images, under the run's autocast; the random streams, BatchNorm statistics,
     gradients and train/eval mode are left as they were.
     """
-    state = {k: v.clone() for k, v in spark.state_dict().items()}
-    was_training = spark.training
-    spark.train().zero_grad(set_to_none=True)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    spark.zero_grad(set_to_none=True)
+    with left_as_it_was(spark), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        spark.train()
         images = torch.randn(2, 3, *spark.input_hw, device=device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             loss = spark(images)
         loss.backward()
-    unused = [name for name, param in spark.named_parameters() if param.requires_grad and param.grad is None]
-    spark.zero_grad(set_to_none=True)
-    spark.load_state_dict(state)
-    spark.train(was_training)
-    return unused
+        return [name for name, param in spark.named_parameters() if param.requires_grad and param.grad is None]
 
 
 class Trainer:
