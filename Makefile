@@ -31,7 +31,7 @@ demo: install
 	$(BIN)/spark-pretrain --overwrite
 
 test: install-minkowski
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 # BENCHMARKS.md from benchmarks/results/*/ and benchmarks/BENCHMARKS.template.md (never edited by hand)
 benchmarks-md: $(BIN)/python

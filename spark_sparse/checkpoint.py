@@ -273,6 +273,15 @@ def _built_otherwise(ckpt: dict, model_name: Optional[str], model_kwargs: Option
     return f"; it was saved by a run of {saved}, this run builds {this}: to start from it, give {' '.join(options)}"
 
 
+def _decoder_otherwise(ckpt: dict, spark: nn.Module) -> str:
+    """A spark-sparse checkpoint's decoder width (SparK's 768 before the run recorded it) against ``spark``'s."""
+    saved = (ckpt.get("args") or {}).get("decoder_width", 768)
+    width = getattr(getattr(spark, "decoder", None), "width", None)
+    if width is None or saved == width:
+        return ""
+    return f"; its decoder is {saved} wide, this run's {width}: give --decoder_width {saved}"
+
+
 def load_pretrained(spark: nn.Module, path: PathLike, model_name: Optional[str] = None,
                     model_kwargs: Optional[dict] = None) -> str:
     """Initialise ``spark`` from any supported file (``--init_weight``); returns the format found.
@@ -285,7 +294,8 @@ def load_pretrained(spark: nn.Module, path: PathLike, model_name: Optional[str] 
         try:
             load_spark_state(spark, model, f"{path} (spark-sparse checkpoint)")
         except CheckpointError as err:
-            raise CheckpointError(f"{err}{_built_otherwise(ckpt, model_name, model_kwargs)}") from None
+            raise CheckpointError(f"{err}{_built_otherwise(ckpt, model_name, model_kwargs)}"
+                                  f"{_decoder_otherwise(ckpt, spark)}") from None
         return "spark-sparse"
     if isinstance(ckpt.get("module"), dict):
         load_spark_state(spark, spark_state_from_official(ckpt["module"]), f"{path} (SparK spark-style checkpoint)")

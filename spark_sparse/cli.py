@@ -27,7 +27,7 @@ from .backends import UnknownBackendError, get_backend_class, list_backends, rec
 from .errors import SparkSparseError
 from .models import UnknownModelError, list_models, resolve_model_name
 from .speed import RECIPES
-from .train.config import DEMO_DEFAULTS, PretrainConfig
+from .train.config import DEMO_DEFAULTS, SPARK_DECODER_WIDTH, PretrainConfig
 from .train.distributed import stop_when_launcher_dies, under_torchrun
 from .train.outputs import without_flags
 from .user_modules import UserModuleError, import_user_module
@@ -144,6 +144,9 @@ def _validate_model(ctx, param, value: Optional[str]) -> Optional[str]:
            "ones (ConvNeXt, attention nets)")
 @_opt("dp", type=float, default=None, help="drop-path rate; default: SparK's for the model")
 @_opt("sbn", type=bool, default=True, help="SyncBatchNorm when several CUDA processes run")
+@_opt("decoder_width", type=int, default=SPARK_DECODER_WIDTH,
+      help="the light decoder's width at its coarsest level, halved at each level (SparK: 768; a narrower one, "
+           "e.g. 256 for a ResNet-18, makes the dense decoder's share of each step smaller)")
 @_opt("dataloader_workers", type=int, help="loader processes per training process; default 8 (demo: 2)")
 @_opt("init_weight", help="initialise weights from a checkpoint (ours, SparK's spark-style or timm-style)")
 @_opt("resume_from", "resume", help="resume a run from its <model>_still_pretraining.pth; 'auto': from the output "

@@ -99,6 +99,31 @@ def test_an_activation_that_is_not_zero_at_zero_is_refused_saying_so(backend):
         ss.create_backend(backend).convert(encoder)
 
 
+class _HandWrittenSqueezeExcite(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.pool, self.fc, self.gate = nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, channels, 1), nn.Sigmoid()
+
+    def forward(self, x):
+        return x * self.gate(self.fc(self.pool(x)))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_hand_written_gate_is_refused_pointing_at_timms_converted_ones(backend):
+    """Unregistered: the generic message gains the hint; registered as a container: its global pool is named."""
+    hint = r"squeeze-excitation or attention gate written by hand .* timm's SEModule, EffectiveSEModule or EcaModule"
+    encoder = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _HandWrittenSqueezeExcite(8))
+    with pytest.raises(ss.UnsupportedModuleError, match=r"'1' of type .*_HandWrittenSqueezeExcite: it is neither .*"
+                                                        + hint):
+        ss.create_backend(backend).convert(copy.deepcopy(encoder))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("spark_sparse.backends.base._CONTAINERS", {*ss.backends.base._CONTAINERS, _HandWrittenSqueezeExcite})
+        with pytest.raises(ss.UnsupportedModuleError, match=r"'1\.pool' of type .*AdaptiveAvgPool2d: a pool to a fixed "
+                                                            r"size over SparK's masked map would take its masked zeros "
+                                                            r"in.*" + hint):
+            ss.create_backend(backend).convert(copy.deepcopy(encoder))
+
+
 def test_a_backend_without_what_models_need_is_refused_at_registration():
     class Bare(ss.Backend):
         name = "bare_test_backend"

@@ -661,6 +661,21 @@ def test_an_output_folder_the_system_will_not_create_is_refused_before_the_run(f
     assert not (tmp_path / "new").exists()                      # the probe leaves nothing behind
 
 
+def test_decoder_width_builds_the_decoder_is_checked_and_kept_by_a_resume(folder, tmp_path):
+    pretrain(tiny_config(folder, tmp_path / "run", ep=1, decoder_width=64))
+    checkpoint = torch.load(tmp_path / "run" / "tiny_cnn_still_pretraining.pth", weights_only=False)
+    assert checkpoint["args"]["decoder_width"] == 64 and checkpoint["model"]["decoder.proj.weight"].shape[1] == 2
+    path = str(tmp_path / "run" / "tiny_cnn_still_pretraining.pth")
+    with pytest.raises(CheckpointError, match=re.escape("was pre-training with a decoder of width 64, this run builds "
+                                                        "one of 768: to continue that run, give --decoder_width 64")):
+        Trainer(tiny_config(folder, tmp_path / "out", ep=2, resume_from=path), "")
+    with pytest.raises(CheckpointError, match=re.escape("; its decoder is 64 wide, this run's 768: give --decoder_width 64")):
+        Trainer(tiny_config(folder, tmp_path / "init", init_weight=path), "")
+    assert Trainer(tiny_config(folder, tmp_path / "out", ep=2, resume_from=path, decoder_width=64), "").spark.decoder.width == 64
+    with pytest.raises(ConfigError, match=r"--decoder_width 16: at least 32: the decoder halves it at each of its 5 levels"):
+        tiny_config(folder, tmp_path / "x", decoder_width=16)
+
+
 def test_an_init_weight_that_does_not_fit_is_named_before_kernel_tuning(folder, tmp_path, monkeypatch):
     torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "other.pth")
     monkeypatch.setattr(Trainer, "_autotune", lambda self: pytest.fail("tuned before checking --init_weight"))

@@ -103,6 +103,12 @@ _NOT_ZERO_AT_ZERO = {nn.Sigmoid: "sigmoid(0) = 0.5", nn.Hardsigmoid: "hardsigmoi
                      nn.Softplus: "softplus(0) = log 2", nn.LogSigmoid: "logsigmoid(0) = -log 2",
                      nn.Softmax: "a softmax over zeros is 1/n, not 0", nn.Softmax2d: "a softmax over zeros is 1/n, not 0"}
 
+#: pools to a fixed output size: over SparK's map they would average (or take the max with) its masked zeros
+_GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_GATE_HINT = (" A squeeze-excitation or attention gate written by hand (a global pool, a sigmoid): build it from "
+              "timm's SEModule, EffectiveSEModule or EcaModule (timm.layers), which every backend converts, "
+              "their statistics taken over each image's active sites.")
+
 #: subclasses declared to compute exactly what a base computes: converted as that base
 _SAME_MATHS: dict[type, type] = {}
 
@@ -241,7 +247,14 @@ class Backend:
                 f"backend {self.name!r} cannot convert module {qualified!r} of type {kind}: "
                 f"{_NOT_ZERO_AT_ZERO[type(module)]}, so on the dense map it would fill the masked sites, which SparK "
                 f"keeps at 0: it has no exact meaning on active sites alone. Inside a gate (squeeze-excitation, "
-                f"attention), convert the block that uses it (@spark_sparse.register_converter, FeatureMap.per_site)")
+                f"attention), convert the block that uses it (@spark_sparse.register_converter, FeatureMap.per_site)"
+                f"{_GATE_HINT}")
+        if isinstance(module, _GLOBAL_POOLS):
+            raise UnsupportedModuleError(
+                f"backend {self.name!r} cannot convert module {qualified!r} of type {kind}: a pool to a fixed size "
+                f"over SparK's masked map would take its masked zeros in, so it has no exact meaning on active "
+                f"sites alone.{_GATE_HINT}")
+        gate_like = any(isinstance(m, (*_NOT_ZERO_AT_ZERO, *_GLOBAL_POOLS)) for m in module.modules())
         raise UnsupportedModuleError(
             f"backend {self.name!r} cannot convert module {qualified!r} of type {kind}: it is neither a "
             f"layer the backend knows nor a registered container. For a timm model: its family is not "
@@ -249,7 +262,7 @@ class Backend:
             f"that is (e.g. drop_block_rate: build it without them). For your own module: if its forward only "
             f"calls its children, adds their outputs and concatenates, splits or slices channels (dim=1), "
             f"decorate its class with @spark_sparse.register_container; otherwise replace it by supported layers "
-            f"or register a converter (@spark_sparse.register_converter)."
+            f"or register a converter (@spark_sparse.register_converter).{_GATE_HINT if gate_like else ''}"
         )
 
     def adapt_per_site_module(self, module: nn.Module) -> nn.Module:

@@ -10,7 +10,7 @@ from ..errors import ConfigError
 from ..mask import kept_patches_per_image
 from ..models.model_kwargs import check_literal_model_kwargs, parse_model_kwargs
 
-__all__ = ["PretrainConfig", "DEMO_DEFAULTS"]
+__all__ = ["PretrainConfig", "DEMO_DEFAULTS", "SPARK_DECODER_WIDTH"]
 
 #: what replaces SparK's ImageNet defaults when no --data_path is given (explicit flags still win)
 DEMO_DEFAULTS = dict(model="resnet18", input_size=96, bs=32, ep=10, wp_ep=1, base_lr=1e-2, mask=0.6,
@@ -19,10 +19,13 @@ DEMO_DEFAULTS = dict(model="resnet18", input_size=96, bs=32, ep=10, wp_ep=1, bas
 #: SparK's mask patch: every encoder's downsample ratio (feature maps at strides 4, 8, 16 and 32)
 PATCH = 32
 
+#: SparK's decoder: 768 channels at the coarsest level, halved at each of its five upsampling blocks
+SPARK_DECODER_WIDTH = 768
+
 #: create_spark's own arguments, which --model_kwargs cannot pass to the model's constructor
 _SPARK_OWN_ARGUMENTS = dict(drop_path_rate="--dp", input_size="--input_size", mask_ratio="--mask",
                             backend="--backend", sync_bn="--sbn", strict_backend="--strict_backend",
-                            decoder_width="fixed at SparK's 768", model="--model")
+                            decoder_width="--decoder_width", model="--model")
 
 
 #: the settings that are real numbers: nan and infinity are refused (an infinite --base_lr made a nan loss at step 1)
@@ -50,6 +53,7 @@ class PretrainConfig:
     ada: float = 0.0
     dp: Optional[float] = None
     sbn: bool = True
+    decoder_width: int = SPARK_DECODER_WIDTH
     dataloader_workers: int = 8
     init_weight: Optional[str] = None
     resume_from: Optional[str] = None     # a still_pretraining.pth, or 'auto': this run's folder's if present
@@ -118,6 +122,9 @@ class PretrainConfig:
             ("dataloader_workers", self.dataloader_workers, self.dataloader_workers >= 0,
              "0 (load in the training process) or more"),
             ("autotune_budget", self.autotune_budget, self.autotune_budget >= 0, "seconds, 0 or more"),
+            ("decoder_width", self.decoder_width, self.decoder_width >= PATCH,
+             f"at least {PATCH}: the decoder halves it at each of its {PATCH.bit_length() - 1} levels (SparK: "
+             f"{SPARK_DECODER_WIDTH})"),
         ) if not ok]
         if problems:
             raise ConfigError("; ".join(problems))

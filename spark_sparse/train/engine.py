@@ -45,7 +45,7 @@ from ..models.model_kwargs import format_model_kwargs
 from ..user_modules import import_user_module
 from ..spark import SparK, create_spark
 from ..speed import apply_speed_plan, estimate_max_batch, plan_speed
-from .config import PretrainConfig
+from .config import SPARK_DECODER_WIDTH, PretrainConfig
 from .data import DemoPhotosDataset, ImageFolderDataset, ImageNormalizer, pretrain_augmentation
 from .distributed import (DistContext, EpochBatchSampler, in_process_group, init_distributed, leave_process_group,
                           split_global_batch)
@@ -241,9 +241,9 @@ def _build_dataset(cfg: PretrainConfig):
     return dataset
 
 
-def _resumable_checkpoint(path: str, model_name: str, model_kwargs: dict, own: bool) -> dict:
-    """Checkpoint ``path``, checked to be a run of ``model_name`` built with ``model_kwargs`` that can be resumed
-    (before any tuning); ``own``: the output folder's own checkpoint (``--resume_from=auto``), whose refusal says
+def _resumable_checkpoint(path: str, model_name: str, model_kwargs: dict, decoder_width: int, own: bool) -> dict:
+    """Checkpoint ``path``, checked to be a run of ``model_name`` built with ``model_kwargs`` and a decoder of
+    ``decoder_width`` that can be resumed (before any tuning); ``own``: the output folder's own checkpoint (``--resume_from=auto``), whose refusal says
     how to get past it."""
     try:
         ckpt = read_checkpoint(path)
@@ -268,6 +268,10 @@ def _resumable_checkpoint(path: str, model_name: str, model_kwargs: dict, own: b
                               f"{format_model_kwargs(model_kwargs) or 'its defaults'}: to continue that run, give "
                               f"{format_model_kwargs(saved_kwargs, as_options=True) or 'no --model_kwargs'} (as in "
                               f"the command logged in its pretrain_log.txt)")
+    saved_width = ckpt.get("args", {}).get("decoder_width", SPARK_DECODER_WIDTH)    # older checkpoints: SparK's
+    if saved_width != decoder_width:
+        raise CheckpointError(f"{path} was pre-training with a decoder of width {saved_width}, this run builds one of "
+                              f"{decoder_width}: to continue that run, give --decoder_width {saved_width}")
     return ckpt
 
 
@@ -402,7 +406,7 @@ class Trainer:
     def _create_spark(self, backend: str) -> SparK:
         cfg = self.cfg
         return create_spark(self.model_name, backend=backend, input_size=cfg.input_size, mask_ratio=cfg.mask,
-                            drop_path_rate=cfg.dp, sync_bn=self.sync_bn,
+                            drop_path_rate=cfg.dp, sync_bn=self.sync_bn, decoder_width=cfg.decoder_width,
                             strict_backend=cfg.strict_backend, **cfg.model_kwargs).to(self.ctx.device)
 
     def _autotune(self) -> AutotuneResult:
@@ -455,7 +459,7 @@ class Trainer:
     def _read_resume_checkpoint(self, path: str) -> dict:
         """Checkpoint ``path`` read and checked for this run (:func:`_resumable_checkpoint`), told whether it is
         this output folder's own."""
-        return _resumable_checkpoint(path, self.model_name, self.cfg.model_kwargs,
+        return _resumable_checkpoint(path, self.model_name, self.cfg.model_kwargs, self.cfg.decoder_width,
                                      own=self.outputs.continues_this_folder(path))
 
     def _check_precision_and_memory(self) -> None:
