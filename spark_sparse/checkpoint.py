@@ -25,6 +25,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 
+from .decoder import SPARK_DECODER_WIDTH
 from .errors import SparkSparseError
 from .models.model_kwargs import format_model_kwargs
 
@@ -275,7 +276,7 @@ def _built_otherwise(ckpt: dict, model_name: Optional[str], model_kwargs: Option
 
 def _decoder_otherwise(ckpt: dict, spark: nn.Module) -> str:
     """A spark-sparse checkpoint's decoder width (SparK's 768 before the run recorded it) against ``spark``'s."""
-    saved = (ckpt.get("args") or {}).get("decoder_width", 768)
+    saved = (ckpt.get("args") or {}).get("decoder_width", SPARK_DECODER_WIDTH)
     width = getattr(getattr(spark, "decoder", None), "width", None)
     if width is None or saved == width:
         return ""
@@ -298,7 +299,10 @@ def load_pretrained(spark: nn.Module, path: PathLike, model_name: Optional[str] 
                                   f"{_decoder_otherwise(ckpt, spark)}") from None
         return "spark-sparse"
     if isinstance(ckpt.get("module"), dict):
-        load_spark_state(spark, spark_state_from_official(ckpt["module"]), f"{path} (SparK spark-style checkpoint)")
+        try:
+            load_spark_state(spark, spark_state_from_official(ckpt["module"]), f"{path} (SparK spark-style checkpoint)")
+        except CheckpointError as err:        # SparK's decoder is always SparK's width
+            raise CheckpointError(f"{err}{_decoder_otherwise(ckpt, spark)}") from None
         return "spark-style"
     # an encoder's weights: bare (timm, ours), under 'model' (the official ConvNeXt releases) or under
     # 'state_dict' (timm's train.py; 'module.' prefixed when saved from DistributedDataParallel)

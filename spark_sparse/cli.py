@@ -24,10 +24,11 @@ import click
 
 from .autotune import MODES
 from .backends import UnknownBackendError, get_backend_class, list_backends, recommended_sparse_backend
+from .decoder import SPARK_DECODER_WIDTH
 from .errors import SparkSparseError
 from .models import UnknownModelError, list_models, resolve_model_name
 from .speed import RECIPES
-from .train.config import DEMO_DEFAULTS, SPARK_DECODER_WIDTH, PretrainConfig
+from .train.config import DEMO_DEFAULTS, PretrainConfig
 from .train.distributed import stop_when_launcher_dies, under_torchrun
 from .train.outputs import without_flags
 from .user_modules import UserModuleError, import_user_module

@@ -9,7 +9,12 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["UNetBlock", "LightDecoder"]
+from .errors import ConfigError
+
+__all__ = ["UNetBlock", "LightDecoder", "SPARK_DECODER_WIDTH"]
+
+#: SparK's decoder: 768 channels at the coarsest level, halved at each upsampling block
+SPARK_DECODER_WIDTH = 768
 
 
 @contextlib.contextmanager
@@ -48,11 +53,14 @@ class LightDecoder(nn.Module):
     its resolution.
     """
 
-    def __init__(self, up_sample_ratio: int, width: int = 768, sync_bn: bool = False):
+    def __init__(self, up_sample_ratio: int, width: int = SPARK_DECODER_WIDTH, sync_bn: bool = False):
         super().__init__()
         n = round(math.log2(up_sample_ratio))
         if 2 ** n != up_sample_ratio:
             raise ValueError(f"decoder up-sample ratio must be a power of 2, got {up_sample_ratio}")
+        if isinstance(width, bool) or not isinstance(width, int) or width < 2 ** n:
+            raise ConfigError(f"decoder width {width!r}: an int of at least {2 ** n}, as it is halved at each of the "
+                              f"decoder's {n} levels (SparK: {SPARK_DECODER_WIDTH})")
         self.width = width
         channels = [width // 2 ** i for i in range(n + 1)]
         norm_layer = nn.SyncBatchNorm if sync_bn else nn.BatchNorm2d

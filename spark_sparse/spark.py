@@ -14,8 +14,9 @@ import torch.nn as nn
 from timm.layers import convert_sync_batchnorm, trunc_normal_
 
 from .backends import Backend, UnsupportedModuleError, create_backend
+from .backends.base import refuse_converted
 from .backends.common import FeatureBatchNorm, FeatureLayerNorm, FeatureSyncBatchNorm
-from .decoder import LightDecoder
+from .decoder import SPARK_DECODER_WIDTH, LightDecoder
 from .errors import ConfigError
 from .features import FeatureMap, FeatureMapMismatch, UnsupportedFeatureOperation
 from .mask import ActiveMask, kept_patches_per_image
@@ -117,9 +118,10 @@ class SparK(nn.Module):
     """
 
     def __init__(self, encoder: nn.Module, backend: Union[Backend, str] = "masked", input_size: SizeLike = 224,
-                 mask_ratio: float = 0.6, densify_norm: Optional[str] = None, decoder_width: int = 768,
+                 mask_ratio: float = 0.6, densify_norm: Optional[str] = None, decoder_width: int = SPARK_DECODER_WIDTH,
                  sync_bn: bool = False):
         super().__init__()
+        refuse_converted(encoder)                # before anything below changes it (SyncBatchNorm, heads' flags)
         self.backend = create_backend(backend) if isinstance(backend, str) else backend
         self.downsample_ratio = int(encoder.get_downsample_ratio())
         self.input_hw = _as_hw(input_size)
@@ -336,20 +338,23 @@ def _check_model_kwargs(model_kwargs: dict) -> None:
 
 
 def _built_encoder(model: nn.Module, drop_path_rate: Optional[float], model_kwargs: dict) -> nn.Module:
-    """A user's encoder instance, checked against the contract as a registered one is when created."""
+    """A user's encoder instance, checked against the contract as a registered one is when created; it becomes
+    the SparK model's own (converted in place, so it trains), and so serves one SparK model."""
     given = [*(["drop_path_rate"] if drop_path_rate is not None else []), *model_kwargs]
     if given:
         raise ConfigError(f"create_spark was given a built {type(model).__name__}, so {', '.join(given)} cannot reach "
                           f"its constructor; build the encoder with them, or register its factory "
                           f"(@spark_sparse.register_model) and pass its name")
+    refuse_converted(model)
     check_encoder(model, type(model).__name__)
     return model
 
 
 def create_spark(model: Union[str, nn.Module], /, backend: Union[str, Backend] = "masked", input_size: SizeLike = 224,
                  mask_ratio: float = 0.6, drop_path_rate: Optional[float] = None, *, sync_bn: bool = False,
-                 decoder_width: int = 768, strict_backend: bool = False, **model_kwargs) -> SparK:
-    """Build a SparK model: registered encoder ``model`` (or an encoder already built) running on ``backend``.
+                 decoder_width: int = SPARK_DECODER_WIDTH, strict_backend: bool = False, **model_kwargs) -> SparK:
+    """Build a SparK model: registered encoder ``model`` (or an encoder already built, which becomes the model's
+    own: its layers are converted in place) running on ``backend``.
 
     ``drop_path_rate=None`` uses SparK's default for the model. ``strict_backend`` makes a layer
     that the backend's preferred kernel cannot run an error instead of a fallback. Extra keyword

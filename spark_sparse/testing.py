@@ -15,6 +15,7 @@ passes whatever the branch computes. The test suite, ``benchmarks/compare_backen
 """
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional, Union
@@ -221,13 +222,14 @@ def _compare_steps(report: EquivalenceReport, got: dict, ref: dict, mask: Active
                 report.deviations[f"{kind} {name}"] = _deviation(have, want)
 
 
-def compare_with_masked(model: Union[str, ModelFactory], backend: Union[str, Backend], input_size: int = 64,
+def compare_with_masked(model: Union[str, nn.Module, ModelFactory], backend: Union[str, Backend], input_size: int = 64,
                         batch: int = 2, mask_ratio: float = 0.6, seed: int = 0, dtype: torch.dtype = torch.float64,
                         device: Union[str, torch.device] = "cpu", **create_kwargs) -> EquivalenceReport:
     """Compare one SparK training step on ``backend`` with the same step on ``masked``.
 
-    ``model``: a registered model name (built with :func:`~spark_sparse.create_spark`, ``input_size``,
-    ``mask_ratio``, a 64-wide decoder unless ``decoder_width`` is given, and ``create_kwargs``), or
+    ``model``: a registered model name or a built encoder (a copy of it for each backend; built with
+    :func:`~spark_sparse.create_spark`, ``input_size``, ``mask_ratio``, a 64-wide decoder unless
+    ``decoder_width`` is given, and ``create_kwargs``), or
     ``factory(backend) -> SparK``, called once with ``"masked"`` and once with ``backend``. ``backend``: a
     name or an instance (``create_backend("sparse", kernels=("mykernel", "gemm"))``).
 
@@ -241,11 +243,12 @@ def compare_with_masked(model: Union[str, ModelFactory], backend: Union[str, Bac
     """
     name = backend if isinstance(backend, str) else backend.name
     build = model
-    if isinstance(model, str):
+    if isinstance(model, (str, nn.Module)):
         create_kwargs.setdefault("decoder_width", 64)       # the decoder is dense on both sides: keep it cheap
 
         def build(on: Union[str, Backend]) -> SparK:
-            return create_spark(model, backend=on, input_size=input_size, mask_ratio=mask_ratio, **create_kwargs)
+            encoder = copy.deepcopy(model) if isinstance(model, nn.Module) else model     # a built one: a copy each
+            return create_spark(encoder, backend=on, input_size=input_size, mask_ratio=mask_ratio, **create_kwargs)
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)

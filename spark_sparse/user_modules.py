@@ -4,7 +4,8 @@ with ``@register_container``, layers with ``@register_converter``) exists before
 ``spark-pretrain --import_module my_models --model my_cnn`` needs this: a console script does not
 have the current folder on ``sys.path`` (``python -m`` does), and a user's model file is not part
 of this package. A module is named by its dotted name (looked up in the environment, then the
-current folder; a name that is both is refused) or by a path to a ``.py`` file (imported under the file's stem). Importing is
+current folder; a name that is both is refused) or by a path to a ``.py`` file (imported under the
+file's stem). Importing is
 idempotent: a run imports the modules of its configuration again (spawned processes, the Python
 API) and gets the module already loaded.
 """
@@ -68,9 +69,10 @@ def _refuse_shadowed_local(spec: str, folder: str) -> None:
         return
     found = importlib.util.find_spec(top)
     if found is not None and found.origin and Path(found.origin).resolve() != local.resolve():
+        way_out = (f"pass the file's path (--import_module ./{local.name}) or rename it" if local.name == f"{top}.py"
+                   else "rename the package, or put the current folder first (PYTHONPATH=. spark-pretrain ...)")
         raise UserModuleError(f"--import_module {spec}: the name {top!r} is the environment's module ({found.origin}), "
-                              f"found before {local} in the current folder; pass the file's path "
-                              f"(--import_module ./{local.relative_to(folder)}) or rename it")
+                              f"found before {local} in the current folder; {way_out}")
 
 
 def _import_name(spec: str) -> ModuleType:

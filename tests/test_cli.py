@@ -421,16 +421,22 @@ def test_launch_flags_no_launch_can_use_are_refused_before_anything_starts(tmp_p
 
 
 def test_a_dotted_name_that_is_both_a_local_file_and_an_environment_module_is_refused(tmp_path, monkeypatch):
-    """A console script has no current folder first on sys.path: ``--import_module test`` beside a ``test.py``
-    would import the standard library's ``test`` package; it is refused naming both, and the path imports the file."""
-    (tmp_path / "test.py").write_text("LOCAL = True\n")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", [entry for entry in sys.path if entry not in ("", str(tmp_path))])
-    result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={tmp_path}", "--import_module=test"])
-    assert result.exit_code == 2, result.output
-    assert "the name 'test' is the environment's module" in result.output and "--import_module ./test.py" in result.output
-    monkeypatch.delitem(sys.modules, "test", raising=False)
+    """A console script has no current folder first on sys.path: ``--import_module my_shadowed`` beside a
+    ``my_shadowed.py`` would import the environment's module of that name (the standard library's ``test``, for
+    one); it is refused naming both, and the file's path imports the file."""
+    environment, work = tmp_path / "site", tmp_path / "work"
+    for folder, value in ((environment, "environment"), (work, "local")):
+        folder.mkdir()
+        (folder / "my_shadowed.py").write_text(f"WHERE = {value!r}\n")
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(sys, "path", [str(environment)] + [entry for entry in sys.path if entry not in ("", str(work))])
     try:
-        assert import_user_module("./test.py").LOCAL
+        result = CliRunner().invoke(cli.pretrain_command, ["x", f"--data_path={work}", "--import_module=my_shadowed"])
+        assert result.exit_code == 2, result.output
+        assert (f"the name 'my_shadowed' is the environment's module ({environment / 'my_shadowed.py'}), found before "
+                f"{work / 'my_shadowed.py'} in the current folder; pass the file's path (--import_module "
+                f"./my_shadowed.py) or rename it") in " ".join(result.output.split()), result.output
+        assert "my_shadowed" not in sys.modules
+        assert import_user_module("./my_shadowed.py").WHERE == "local"
     finally:
-        sys.modules.pop("test", None)
+        sys.modules.pop("my_shadowed", None)

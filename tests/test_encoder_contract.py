@@ -263,9 +263,10 @@ def test_a_name_another_factory_holds_is_refused_naming_both_and_a_module_run_ag
         return TinyCNN(widths=(8, 8, 16, 16))
 
     factory.__module__ = "my_models"
-    with pytest.raises(registry.ModelNameTakenError, match=r"model 'resnet50' is already registered, by "
-                                                           r"spark_sparse\..*; register my_models\..*factory under "
-                                                           r"another name, e.g. @register_model\('my_resnet50'\)"):
+    with pytest.raises(ss.ModelNameTakenError, match=r"model 'resnet50' is already registered, by spark_sparse\.models\."
+                                                     r"timm_encoders\.register_timm_encoder\.<locals>\.resnet50; register "
+                                                     r"my_models\..*factory under "
+                                                     r"another name, e.g. @register_model\('my_resnet50'\)"):
         ss.register_model("resnet50")(factory)
 
     def my_cnn(drop_path_rate=0.0, **kwargs):
@@ -283,6 +284,26 @@ def test_a_name_another_factory_holds_is_refused_naming_both_and_a_module_run_ag
     finally:
         registry._MODELS.pop("contract_test_rerun", None)
         registry._DEFAULT_DROP_PATH.pop("contract_test_rerun", None)
+
+
+def test_two_factories_made_by_one_maker_are_two_and_an_alias_cannot_be_registered():
+    def maker(width):
+        def factory(drop_path_rate=0.0, **kwargs):
+            return TinyCNN(widths=(width,) * 4)
+        return factory
+
+    try:
+        ss.register_model("contract_test_made")(maker(8))
+        with pytest.raises(ss.ModelNameTakenError, match=r"'contract_test_made' is already registered, by "
+                                                         r".*maker\.<locals>\.factory"):
+            ss.register_model("contract_test_made")(maker(16))
+    finally:
+        registry._MODELS.pop("contract_test_made", None)
+        registry._DEFAULT_DROP_PATH.pop("contract_test_made", None)
+    with pytest.raises(ss.ModelNameTakenError, match=r"model 'res50' cannot be registered: it is SparK's short name "
+                                                     r"for 'resnet50' \(--model=res50 builds that\)"):
+        ss.register_model("res50")(maker(8))
+    assert "res50" not in registry._MODELS
 
 
 def test_registering_a_timm_models_name_warns_that_it_shadows_timms():
@@ -318,6 +339,25 @@ def test_create_spark_takes_a_built_encoder_checked_as_a_registered_one(user_mod
         ss.create_spark(TinyCNN(), drop_path_rate=0.1, stem_width=4)
     with pytest.raises(TypeError, match=r"a registered model's name or an encoder module, got int"):
         ss.create_spark(50)
+
+
+def test_a_built_encoder_serves_one_spark_model_and_compare_with_masked_copies_it():
+    """create_spark converts a built encoder in place (it trains as the model's own): a second model from it is
+    refused, before anything changes it, however the first conversion ended."""
+    from spark_sparse.testing import compare_with_masked
+
+    encoder = TinyCNN(widths=(8, 8, 16, 16))
+    spark = ss.create_spark(encoder, "masked", input_size=64)
+    assert spark.encoder is encoder
+    for again in (lambda: ss.create_spark(encoder, "sparse", input_size=64),
+                  lambda: ss.SparK(encoder, "sparse", input_size=64, sync_bn=True)):
+        with pytest.raises(ss.UnsupportedModuleError, match=r"this TinyCNN was converted for backend 'masked' already "
+                                                            r".*build a new instance for each SparK model, or pass "
+                                                            r"copy.deepcopy of the dense one"):
+            again()
+    report = compare_with_masked(TinyCNN(widths=(8, 8, 16, 16)), "sparse")
+    report.assert_close()
+    assert report.model == "TinyCNN" and report.ok
 
 
 def test_a_module_registering_a_taken_name_is_one_line_from_the_cli(tmp_path):

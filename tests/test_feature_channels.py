@@ -8,10 +8,12 @@ import copy
 import pytest
 import torch
 
+from timm.layers import Mlp, RmsNorm
+from timm.layers.grn import GlobalResponseNorm
+from timm.layers.mlp import GlobalResponseNormMlp
+
 import spark_sparse as ss
 from spark_sparse import ActiveMask, MaskedDense, SparseRows
-
-from equivalence import sparse_backend_params
 
 CHANNELS = (3, 5)
 
@@ -318,15 +320,25 @@ def test_a_channels_last_view_refuses_what_would_read_another_dimension(kind, ma
                                backend.convert(torch.nn.Sequential(LayerNorm2d(3)))(a).to_dense())
 
 
-class _UsersChannelsLastEncoder(torch.nn.Module):
-    """A user's encoder with a LayerNorm and a Linear over channels: right (``permute`` to NHWC first) or wrong
-    (on the NCHW map, where the dense model normalises the width: it runs, as the width here equals the channels)."""
+#: channels-last layers as a user's forward calls them (timm's Mlp: a container of Linear layers)
+CHANNELS_LAST_LAYERS = {
+    "LayerNorm": lambda: torch.nn.LayerNorm(16),
+    "Linear": lambda: torch.nn.Linear(16, 16),
+    "RmsNorm": lambda: RmsNorm(16),
+    "GlobalResponseNorm": lambda: GlobalResponseNorm(16, channels_last=True),
+    "GlobalResponseNormMlp": lambda: GlobalResponseNormMlp(16, 32),
+    "timm_Mlp": lambda: Mlp(16, 32),
+}
 
-    def __init__(self, permute: bool):
+
+class _UsersChannelsLastEncoder(torch.nn.Module):
+    """A user's encoder with a layer over channels: right (``permute`` to NHWC first) or wrong (on the NCHW map,
+    where the dense model computes over the width: it runs, as the width here equals the channels)."""
+
+    def __init__(self, layer: torch.nn.Module, permute: bool):
         super().__init__()
         self.permute = permute
-        self.stem, self.norm = torch.nn.Conv2d(3, 16, 4, 4), torch.nn.LayerNorm(16)
-        self.down, self.fc = torch.nn.Conv2d(16, 32, 2, 2), torch.nn.Linear(32, 32)
+        self.stem, self.layer, self.down = torch.nn.Conv2d(3, 16, 4, 4), layer, torch.nn.Conv2d(16, 32, 2, 2)
 
     def get_downsample_ratio(self):
         return 8
@@ -336,22 +348,33 @@ class _UsersChannelsLastEncoder(torch.nn.Module):
 
     def forward(self, x, hierarchical=False):
         a = self.stem(x)
-        a = self.norm(a.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) if self.permute else self.norm(a)
-        b = self.fc(self.down(a).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return [a, b]
+        a = self.layer(a.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) if self.permute else self.layer(a)
+        return [a, self.down(a)]
 
 
-@pytest.mark.parametrize("backend", ["masked", *sparse_backend_params()])
-def test_a_users_layer_over_the_last_dimension_takes_a_channels_last_view_and_refuses_an_nchw_map(backend):
-    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("layer", list(CHANNELS_LAST_LAYERS))
+@pytest.mark.parametrize("backend", ["masked", "sparse"])      # the layers and their checks are every backend's
+def test_a_users_layer_over_the_last_dimension_takes_a_channels_last_view_and_refuses_an_nchw_map(backend, layer):
+    """On the view: the dense model's features with every patch visible, masked's loss with a mask. On the map:
+    refused, naming the permute."""
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     torch.manual_seed(0)
-    reference = ss.create_spark(_UsersChannelsLastEncoder(permute=True), "masked", input_size=64)
-    spark = ss.create_spark(_UsersChannelsLastEncoder(permute=True), backend, input_size=64)
+    encoder = _UsersChannelsLastEncoder(CHANNELS_LAST_LAYERS[layer](), permute=True).double()
+    with torch.no_grad():
+        for parameter in encoder.parameters():
+            parameter.normal_(0, 0.5)           # GRN's zero-initialised weight and bias, too
+        dense = encoder(images)
+    reference = ss.create_spark(copy.deepcopy(encoder), "masked", input_size=64).double()
+    spark = ss.create_spark(copy.deepcopy(encoder), backend, input_size=64).double()
     spark.load_state_dict(reference.state_dict())
+    visible = [f.to_dense() for f in spark.encode(images, ActiveMask.full(2, (2, 2)))]
+    for got, want in zip(visible, dense):
+        torch.testing.assert_close(got, want)
     mask = reference.mask(2, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(spark(images, mask), reference(images, mask), rtol=1e-5, atol=1e-6)
-    wrong = ss.create_spark(_UsersChannelsLastEncoder(permute=False), backend, input_size=64)
-    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"in module 'norm' .*LayerNorm acts on the last "
-                                                             r"dimension, but it was given a channels-first \(NCHW\) "
-                                                             r"feature map.*x\.permute\(0, 2, 3, 1\)"):
+    torch.testing.assert_close(spark(images, mask), reference(images, mask), rtol=1e-9, atol=1e-12)
+    encoder.permute = False
+    wrong = ss.create_spark(encoder, backend, input_size=64).double()
+    with pytest.raises(ss.UnsupportedFeatureOperation, match=r"in module 'layer.*' .* acts on the last dimension, "
+                                                             r"but it was given a channels-first \(NCHW\) feature "
+                                                             r"map.*x\.permute\(0, 2, 3, 1\)"):
         wrong(images, mask)

@@ -672,7 +672,7 @@ def test_decoder_width_builds_the_decoder_is_checked_and_kept_by_a_resume(folder
     with pytest.raises(CheckpointError, match=re.escape("; its decoder is 64 wide, this run's 768: give --decoder_width 64")):
         Trainer(tiny_config(folder, tmp_path / "init", init_weight=path), "")
     assert Trainer(tiny_config(folder, tmp_path / "out", ep=2, resume_from=path, decoder_width=64), "").spark.decoder.width == 64
-    with pytest.raises(ConfigError, match=r"--decoder_width 16: at least 32: the decoder halves it at each of its 5 levels"):
+    with pytest.raises(ConfigError, match=r"--decoder_width 16: an int of at least 32: the decoder halves it at each of its 5 levels"):
         tiny_config(folder, tmp_path / "x", decoder_width=16)
 
 
@@ -887,3 +887,26 @@ def test_a_folder_another_live_run_is_writing_is_refused_naming_it_and_free_once
                                               r"since .*\): wait for it to end or stop it"):
             Trainer(tiny_config(folder, tmp_path, ep=2, resume_from="auto"), "")
     Trainer(tiny_config(folder, tmp_path, ep=2, resume_from="auto"), "").run()      # released: the run goes on
+
+
+def test_the_no_gradient_probe_names_a_head_and_leaves_the_model_and_random_streams_as_they_were():
+    from spark_sparse.models.example import TinyCNN
+
+    class WithHead(TinyCNN):
+        def __init__(self):
+            super().__init__(widths=(8, 8, 16, 16))
+            self.head = torch.nn.Linear(16, 10)          # never called by the hierarchical forward
+
+    spark = SparK(WithHead(), "sparse", input_size=64, decoder_width=64)
+    spark.eval()
+    spark.encoder.stem.train()                            # a mixed mode, kept per module
+    state = {key: value.clone() for key, value in spark.state_dict().items()}
+    modes = {name: module.training for name, module in spark.named_modules()}
+    rng = torch.random.get_rng_state()
+    assert engine.parameters_without_gradient(spark, torch.device("cpu"), None) == ["encoder.head.weight",
+                                                                                     "encoder.head.bias"]
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert {name: module.training for name, module in spark.named_modules()} == modes
+    for key, value in spark.state_dict().items():          # BatchNorm statistics and weights
+        assert torch.equal(value, state[key]), key
+    assert all(parameter.grad is None for parameter in spark.parameters())

@@ -45,6 +45,21 @@ class UnsupportedModuleError(SparkSparseError, TypeError):
     pass
 
 
+#: set by :meth:`Backend.convert` on the encoder it converts in place: the backend's name
+_CONVERTED_FOR = "_spark_sparse_converted_for"
+
+
+def refuse_converted(encoder: nn.Module) -> None:
+    """An encoder a backend has converted (its layers replaced in place) cannot be converted again: its layers
+    are no longer the dense ones (a converted conv would be met as an unknown subclass of Conv2d)."""
+    backend = getattr(encoder, _CONVERTED_FOR, None)
+    if backend is not None:
+        raise UnsupportedModuleError(
+            f"this {type(encoder).__name__} was converted for backend {backend!r} already (a SparK model replaces "
+            f"its encoder's layers in place): build a new instance for each SparK model, or pass copy.deepcopy of "
+            f"the dense one")
+
+
 class UnsupportedLayerSettingError(UnsupportedModuleError, NotImplementedError):
     """A layer the backend knows, with a setting its converter cannot reproduce (e.g. ``padding_mode='reflect'``):
     still a ``NotImplementedError`` for callers that catch the converters' own."""
@@ -189,6 +204,8 @@ class Backend:
         Modules the encoder lists in ``modules_outside_hierarchy()`` (classifier heads) are left as
         they are: the hierarchical forward never calls them.
         """
+        refuse_converted(encoder)
+        setattr(encoder, _CONVERTED_FOR, self.name)      # before converting: a conversion that fails half-way too
         outside = frozenset(getattr(encoder, "modules_outside_hierarchy", lambda: [])())
         dropout = None if issubclass(self.feature_type, MaskedDense) else _active_dropout(encoder, outside)
         self.convert_children(encoder, prefix="", skip=outside)      # a layer it cannot convert is said first
@@ -247,7 +264,7 @@ class Backend:
                 f"backend {self.name!r} cannot convert module {qualified!r} of type {kind}: "
                 f"{_NOT_ZERO_AT_ZERO[type(module)]}, so on the dense map it would fill the masked sites, which SparK "
                 f"keeps at 0: it has no exact meaning on active sites alone. Inside a gate (squeeze-excitation, "
-                f"attention), convert the block that uses it (@spark_sparse.register_converter, FeatureMap.per_site)"
+                f"attention), convert the block that uses it (@spark_sparse.register_converter, FeatureMap.per_site)."
                 f"{_GATE_HINT}")
         if isinstance(module, _GLOBAL_POOLS):
             raise UnsupportedModuleError(

@@ -23,9 +23,9 @@ from timm.layers import GroupNorm, GroupNorm1
 from timm.layers.grn import GlobalResponseNorm
 from timm.layers.norm_act import BatchNormAct2d, GroupNorm1Act, GroupNormAct, SyncBatchNormAct
 
-from ..features import FeatureMap
+from ..features import ChannelsLastView, FeatureMap
 from .base import register_converter
-from .common import FeatureBatchNorm, FeatureSyncBatchNorm, adopt_state
+from .common import FeatureBatchNorm, FeatureSyncBatchNorm, LastDimensionLayer, adopt_state, refuse_channels_last_view
 from .per_image import active_counts, image_sums, per_site_values, statistics_dtype
 
 __all__ = ["FeatureBatchNormAct", "FeatureSyncBatchNormAct", "FeatureGroupNorm", "FeatureGroupNormAct",
@@ -124,17 +124,28 @@ def _norm_with_zero_gradient_at_zero(squares: torch.Tensor) -> torch.Tensor:
                        torch.zeros_like(squares))
 
 
-class FeatureGlobalResponseNorm(GlobalResponseNorm):
+class FeatureGlobalResponseNorm(LastDimensionLayer, GlobalResponseNorm):
     """ConvNeXt-V2's GRN with each image's L2 norm over its ACTIVE sites.
 
     ``G[b, c] = ||x[b, :, c]||_2`` over the active sites of image ``b``; ``N = G / (mean_c G + eps)``;
     ``y = x + bias + weight * (x * N)`` at active sites, 0 at masked ones (the bias would otherwise
     fill them). Per image, unlike the FCMAE code, which normalises over the whole batch
     (ConvNeXt-V2 issue 86); with every site active this is timm's GRN. bf16/fp16 inputs are
-    computed in fp32 and give fp32.
+    computed in fp32 and give fp32. Its layout is timm's ``channels_last``: a channels-last GRN takes
+    a channels-last view (and, under a user's forward, only a view: :class:`LastDimensionLayer`), a
+    channels-first one refuses a view.
     """
 
     def forward(self, x: FeatureMap) -> FeatureMap:
+        if isinstance(x, ChannelsLastView):
+            if self.channel_dim != -1:
+                refuse_channels_last_view(x, "GlobalResponseNorm(channels_last=False)")
+            return ChannelsLastView(self._normalise(x.channels_first))
+        if self.channel_dim == -1:
+            self.check_layout(x, "GlobalResponseNorm(channels_last=True)")
+        return self._normalise(x)
+
+    def _normalise(self, x: FeatureMap) -> FeatureMap:
         x = x.with_data(x.data.to(statistics_dtype(x.data.dtype)))
         batch, channels = x.mask.batch_size, x.channels
         norm = _norm_with_zero_gradient_at_zero(image_sums(x, x.data * x.data))                 # [B, C]

@@ -1,5 +1,5 @@
 """Encoders SparK can pre-train: timm CNN families, any suitable timm CNN, custom models (see :mod:`.registry`)."""
-from .registry import (MODEL_ALIASES, EncoderContractError, HierarchicalEncoder, UnknownModelError, create_encoder,
+from .registry import (MODEL_ALIASES, EncoderContractError, HierarchicalEncoder, ModelNameTakenError, UnknownModelError, create_encoder,
                        list_models, model_default_drop_path, register_model, resolve_model_name)
 from . import resnet  # noqa: F401  (registers resnet*, resnet50d, seresnet50, resnext50_32x4d)
 from . import convnext  # noqa: F401  (registers convnext_*, convnextv2_tiny)
@@ -37,5 +37,5 @@ from . import swin  # noqa: F401  (registers swin_tiny_patch4_window7_224; other
 from . import swin_v2  # noqa: F401  (registers swinv2_tiny_window8_256; other Swin-V2 by their timm names)
 from . import example  # noqa: F401  (registers tiny_cnn)
 
-__all__ = ["MODEL_ALIASES", "EncoderContractError", "HierarchicalEncoder", "UnknownModelError", "create_encoder", "list_models",
+__all__ = ["MODEL_ALIASES", "EncoderContractError", "HierarchicalEncoder", "ModelNameTakenError", "UnknownModelError", "create_encoder", "list_models",
            "model_default_drop_path", "register_model", "resolve_model_name"]

@@ -18,6 +18,7 @@ from timm.layers.mlp import GlobalResponseNormMlp
 from timm.models.convnext import ConvNeXt, ConvNeXtBlock, ConvNeXtStage
 
 from ..backends import UnsupportedModuleError, register_container, register_converter
+from ..backends.common import LastDimensionLayer
 from ..backends.norms import FeatureGlobalResponseNorm
 from ..features import ChannelsLastView, FeatureMap
 from .timm_encoders import register_timm_encoder
@@ -34,12 +35,13 @@ PER_SITE_MLPS = (Mlp, GluMlp)
 
 
 @register_converter(GlobalResponseNormMlp)
-class FeatureGlobalResponseNormMlp(nn.Module):
+class FeatureGlobalResponseNormMlp(LastDimensionLayer, nn.Module):
     """timm's ``GlobalResponseNormMlp`` on a feature map: ``fc1 -> act -> drop1``, the GRN per image over
     active sites, ``fc2 -> drop2``. Same children and parameter names.
 
     With Linear layers (channels last) the parts around the GRN run per site, as one function of each
-    site's channel vector; with 1x1 convs (``use_conv=True``) every child is converted like any layer.
+    site's channel vector, on a map or its channels-last view (a view only under a user's forward:
+    :class:`LastDimensionLayer`); with 1x1 convs (``use_conv=True``) every child is converted like any layer.
     """
 
     def __init__(self, backend, mlp: GlobalResponseNormMlp, name: str):
@@ -56,6 +58,7 @@ class FeatureGlobalResponseNormMlp(nn.Module):
     def forward(self, x: FeatureMap) -> FeatureMap:
         if not self.per_site:
             return self.drop2(self.fc2(self.grn(self.drop1(self.act(self.fc1(x))))))
+        self.check_layout(x, "GlobalResponseNormMlp")
         x = x.per_site(lambda v: self.drop1(self.act(self.fc1(v))))
         return self.grn(x).per_site(lambda v: self.drop2(self.fc2(v)))
 

@@ -5,11 +5,14 @@ Copy this file to pre-train your own backbone with SparK on any backend:
 1. the encoder returns feature maps finest first, each stage halving the resolution, the last at
    ``get_downsample_ratio()`` (the patch size, a power of two, usually 32);
 2. ``forward`` only calls child modules, adds their outputs and concatenates, splits or slices
-   channels (``torch.cat`` / ``.split`` / ``.chunk`` / ``x[:, a:b]`` along ``dim=1``; no other
-   tensor methods such as ``.permute`` or ``.mean`` on the running features), so a backend can swap
-   each module for its sparse version; composite blocks are declared with ``@register_container``;
-3. layers are those the backends know: Conv2d, BatchNorm2d, LayerNorm, Linear, MaxPool2d,
-   AvgPool2d, zero-preserving activations (ReLU, GELU, SiLU, ...), Dropout, timm's DropPath.
+   channels (``torch.cat`` / ``.split`` / ``.chunk`` / ``x[:, a:b]`` along ``dim=1``), and may view
+   the map channels last (``x.permute(0, 2, 3, 1)``, and back with ``x.permute(0, 3, 1, 2)``); no
+   other tensor methods such as ``.mean`` on the running features, so a backend can swap each module
+   for its sparse version; composite blocks are declared with ``@register_container``;
+3. layers are those the backends know: Conv2d, BatchNorm2d, timm's LayerNorm2d on the map,
+   ``nn.LayerNorm`` and Linear on the channels-last view (on the NCHW map they would act on its width:
+   refused), MaxPool2d, AvgPool2d, zero-preserving activations (ReLU, GELU, SiLU, ...), Dropout, timm's
+   DropPath.
 
 Then ``spark_sparse.create_spark("tiny_cnn")`` works, and ``spark-pretrain --model=tiny_cnn``; from a copy
 in your own project (registered as, say, ``my_cnn``), ``spark-pretrain --import_module=my_models.py

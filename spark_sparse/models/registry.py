@@ -78,6 +78,10 @@ def register_model(name: Optional[str | Callable] = None, default_drop_path: flo
         return register_model(default_drop_path=default_drop_path, tested=tested)(name)
     def wrap(factory):
         key = name or factory.__name__
+        if key in MODEL_ALIASES:
+            raise ModelNameTakenError(f"model {key!r} cannot be registered: it is SparK's short name for "
+                                      f"{MODEL_ALIASES[key]!r} (--model={key} builds that); register "
+                                      f"{_qualified_name(factory)} under another name")
         if key in _MODELS and not _same_factory(_MODELS[key], factory):
             raise ModelNameTakenError(f"model {key!r} is already registered, by {_qualified_name(_MODELS[key])}; "
                                       f"register {_qualified_name(factory)} under another name, e.g. "

@@ -227,6 +227,7 @@ def register_timm_encoder(name: str, drop_path: float, densify_norm: str, tested
     def factory(drop_path_rate: float = drop_path, **kwargs) -> nn.Module:
         return TimmEncoder(name, drop_path_rate=drop_path_rate, densify_norm=densify_norm, **kwargs)
     factory.__name__ = name
+    factory.__qualname__ = f"register_timm_encoder.<locals>.{name}"     # named in a registry collision message
     factory.__doc__ = f"timm ``{name}`` as a SparK encoder (default drop-path {drop_path}, densify norm {densify_norm})."
     register_model(name, default_drop_path=drop_path, tested=tested)(factory)
 

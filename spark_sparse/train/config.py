@@ -6,11 +6,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..decoder import SPARK_DECODER_WIDTH
 from ..errors import ConfigError
 from ..mask import kept_patches_per_image
 from ..models.model_kwargs import check_literal_model_kwargs, parse_model_kwargs
 
-__all__ = ["PretrainConfig", "DEMO_DEFAULTS", "SPARK_DECODER_WIDTH"]
+__all__ = ["PretrainConfig", "DEMO_DEFAULTS"]
 
 #: what replaces SparK's ImageNet defaults when no --data_path is given (explicit flags still win)
 DEMO_DEFAULTS = dict(model="resnet18", input_size=96, bs=32, ep=10, wp_ep=1, base_lr=1e-2, mask=0.6,
@@ -18,9 +19,6 @@ DEMO_DEFAULTS = dict(model="resnet18", input_size=96, bs=32, ep=10, wp_ep=1, bas
 
 #: SparK's mask patch: every encoder's downsample ratio (feature maps at strides 4, 8, 16 and 32)
 PATCH = 32
-
-#: SparK's decoder: 768 channels at the coarsest level, halved at each of its five upsampling blocks
-SPARK_DECODER_WIDTH = 768
 
 #: create_spark's own arguments, which --model_kwargs cannot pass to the model's constructor
 _SPARK_OWN_ARGUMENTS = dict(drop_path_rate="--dp", input_size="--input_size", mask_ratio="--mask",
@@ -122,9 +120,11 @@ class PretrainConfig:
             ("dataloader_workers", self.dataloader_workers, self.dataloader_workers >= 0,
              "0 (load in the training process) or more"),
             ("autotune_budget", self.autotune_budget, self.autotune_budget >= 0, "seconds, 0 or more"),
-            ("decoder_width", self.decoder_width, self.decoder_width >= PATCH,
-             f"at least {PATCH}: the decoder halves it at each of its {PATCH.bit_length() - 1} levels (SparK: "
-             f"{SPARK_DECODER_WIDTH})"),
+            ("decoder_width", self.decoder_width,
+             isinstance(self.decoder_width, int) and not isinstance(self.decoder_width, bool)
+             and self.decoder_width >= PATCH,
+             f"an int of at least {PATCH}: the decoder halves it at each of its {PATCH.bit_length() - 1} levels "
+             f"(SparK: {SPARK_DECODER_WIDTH})"),
         ) if not ok]
         if problems:
             raise ConfigError("; ".join(problems))

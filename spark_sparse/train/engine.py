@@ -38,6 +38,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..autotune import AutotuneOptions, AutotuneResult, autotune
 from ..autotune.guard import left_as_it_was
+from ..decoder import SPARK_DECODER_WIDTH
 from ..errors import ConfigError, SparkSparseError
 from ..checkpoint import CheckpointError, atomic_save, load_pretrained, load_spark_state, read_checkpoint
 from ..models import model_default_drop_path, resolve_model_name
@@ -45,7 +46,7 @@ from ..models.model_kwargs import format_model_kwargs
 from ..user_modules import import_user_module
 from ..spark import SparK, create_spark
 from ..speed import apply_speed_plan, estimate_max_batch, plan_speed
-from .config import SPARK_DECODER_WIDTH, PretrainConfig
+from .config import PretrainConfig
 from .data import DemoPhotosDataset, ImageFolderDataset, ImageNormalizer, pretrain_augmentation
 from .distributed import (DistContext, EpochBatchSampler, in_process_group, init_distributed, leave_process_group,
                           split_global_batch)
@@ -241,10 +242,11 @@ def _build_dataset(cfg: PretrainConfig):
     return dataset
 
 
-def _resumable_checkpoint(path: str, model_name: str, model_kwargs: dict, decoder_width: int, own: bool) -> dict:
-    """Checkpoint ``path``, checked to be a run of ``model_name`` built with ``model_kwargs`` and a decoder of
-    ``decoder_width`` that can be resumed (before any tuning); ``own``: the output folder's own checkpoint (``--resume_from=auto``), whose refusal says
-    how to get past it."""
+def _resumable_checkpoint(path: str, model_name: str, model_kwargs: dict, decoder_width: int,
+                          own: bool) -> dict:
+    """Checkpoint ``path``, checked to be a run of ``model_name`` built with ``model_kwargs`` and a decoder
+    of ``decoder_width`` that can be resumed (before any tuning); ``own``: the output folder's own checkpoint
+    (``--resume_from=auto``), whose refusal says how to get past it."""
     try:
         ckpt = read_checkpoint(path)
     except CheckpointError as err:
@@ -297,8 +299,8 @@ def parameters_without_gradient(spark: SparK, device: torch.device, amp_dtype: O
     DistributedDataParallel fails on them (its reducer waits for every parameter's gradient), so the run
     freezes them.
 
-    One step at batch 2 on random images, under the run's autocast; the random streams, BatchNorm statistics,
-    gradients and train/eval mode are left as they were.
+    One step at batch 2 on random images, under the run's autocast; the random streams, BatchNorm statistics
+    and every module's train/eval mode are left as they were, and the gradients cleared (the run has none yet).
     """
     spark.zero_grad(set_to_none=True)
     with left_as_it_was(spark), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -814,9 +816,9 @@ class Trainer:
         picks = torch.linspace(0, len(self.dataset) - 1, n).long().tolist()
         images = self.normalize(torch.stack([self.dataset[(index, self.cfg.seed + index)][0] for index in picks]))
         mask = self.spark.mask(n, generator=torch.Generator().manual_seed(self.cfg.seed))
+        title = f"{self.model_name}, {self.state.epoch} epochs, min epoch loss {self.state.min_loss:.3f}"
         path = save_reconstruction_grid(self.spark, images.to(self.ctx.device), mask.to(self.ctx.device),
-                                        self.outputs.reconstruction_path,
-                                        title=f"{self.model_name}, epoch {self.state.epoch}, loss {self.state.min_loss:.3f}")
+                                        self.outputs.reconstruction_path, title=title)
         print(f"[spark-pretrain] wrote {path}")
 
 
