@@ -275,8 +275,10 @@ def _built_otherwise(ckpt: dict, model_name: Optional[str], model_kwargs: Option
 
 
 def _decoder_otherwise(ckpt: dict, spark: nn.Module) -> str:
-    """A spark-sparse checkpoint's decoder width (SparK's 768 before the run recorded it) against ``spark``'s."""
-    saved = (ckpt.get("args") or {}).get("decoder_width", SPARK_DECODER_WIDTH)
+    """A checkpoint's decoder width against ``spark``'s: its run's (spark-sparse), else SparK's 768 (older runs,
+    SparK's own files, whose ``args`` is a string)."""
+    args = ckpt.get("args")
+    saved = args.get("decoder_width", SPARK_DECODER_WIDTH) if isinstance(args, dict) else SPARK_DECODER_WIDTH
     width = getattr(getattr(spark, "decoder", None), "width", None)
     if width is None or saved == width:
         return ""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 
 import torch
 import torch.nn as nn
@@ -11,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .errors import ConfigError
 
-__all__ = ["UNetBlock", "LightDecoder", "SPARK_DECODER_WIDTH"]
+__all__ = ["UNetBlock", "LightDecoder", "SPARK_DECODER_WIDTH", "check_decoder_width"]
 
 #: SparK's decoder: 768 channels at the coarsest level, halved at each upsampling block
 SPARK_DECODER_WIDTH = 768
@@ -46,6 +47,19 @@ class UNetBlock(nn.Module):
         return self.conv(self.up_sample(x))
 
 
+def check_decoder_width(up_sample_ratio: int, width: object) -> int:
+    """``width`` as an int, refused unless each of the decoder's ``log2(up_sample_ratio)`` halvings leaves a channel."""
+    levels = round(math.log2(up_sample_ratio))
+    try:
+        value = None if isinstance(width, bool) else operator.index(width)
+    except TypeError:
+        value = None
+    if value is None or value < 2 ** levels:
+        raise ConfigError(f"decoder width {width!r}: an int of at least {2 ** levels}, as it is halved at each of the "
+                          f"decoder's {levels} levels (SparK: {SPARK_DECODER_WIDTH})")
+    return value
+
+
 class LightDecoder(nn.Module):
     """``log2(up_sample_ratio)`` UNet blocks of width ``width`` halving per level, then a 1x1 to RGB.
 
@@ -58,9 +72,7 @@ class LightDecoder(nn.Module):
         n = round(math.log2(up_sample_ratio))
         if 2 ** n != up_sample_ratio:
             raise ValueError(f"decoder up-sample ratio must be a power of 2, got {up_sample_ratio}")
-        if isinstance(width, bool) or not isinstance(width, int) or width < 2 ** n:
-            raise ConfigError(f"decoder width {width!r}: an int of at least {2 ** n}, as it is halved at each of the "
-                              f"decoder's {n} levels (SparK: {SPARK_DECODER_WIDTH})")
+        width = check_decoder_width(up_sample_ratio, width)
         self.width = width
         channels = [width // 2 ** i for i in range(n + 1)]
         norm_layer = nn.SyncBatchNorm if sync_bn else nn.BatchNorm2d

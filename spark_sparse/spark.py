@@ -16,7 +16,7 @@ from timm.layers import convert_sync_batchnorm, trunc_normal_
 from .backends import Backend, UnsupportedModuleError, create_backend
 from .backends.base import refuse_converted
 from .backends.common import FeatureBatchNorm, FeatureLayerNorm, FeatureSyncBatchNorm
-from .decoder import SPARK_DECODER_WIDTH, LightDecoder
+from .decoder import SPARK_DECODER_WIDTH, LightDecoder, check_decoder_width
 from .errors import ConfigError
 from .features import FeatureMap, FeatureMapMismatch, UnsupportedFeatureOperation
 from .mask import ActiveMask, kept_patches_per_image
@@ -124,6 +124,7 @@ class SparK(nn.Module):
         refuse_converted(encoder)                # before anything below changes it (SyncBatchNorm, heads' flags)
         self.backend = create_backend(backend) if isinstance(backend, str) else backend
         self.downsample_ratio = int(encoder.get_downsample_ratio())
+        decoder_width = check_decoder_width(self.downsample_ratio, decoder_width)    # before the encoder changes
         self.input_hw = _as_hw(input_size)
         self._check_image_hw(self.input_hw)
         self.mask_ratio = float(mask_ratio)

@@ -5,9 +5,8 @@ with ``@register_container``, layers with ``@register_converter``) exists before
 have the current folder on ``sys.path`` (``python -m`` does), and a user's model file is not part
 of this package. A module is named by its dotted name (looked up in the environment, then the
 current folder; a name that is both is refused) or by a path to a ``.py`` file (imported under the
-file's stem). Importing is
-idempotent: a run imports the modules of its configuration again (spawned processes, the Python
-API) and gets the module already loaded.
+file's stem). Importing is idempotent: a run imports the modules of its configuration again
+(spawned processes, the Python API) and gets the module already loaded.
 """
 from __future__ import annotations
 
@@ -69,8 +68,12 @@ def _refuse_shadowed_local(spec: str, folder: str) -> None:
         return
     found = importlib.util.find_spec(top)
     if found is not None and found.origin and Path(found.origin).resolve() != local.resolve():
-        way_out = (f"pass the file's path (--import_module ./{local.name}) or rename it" if local.name == f"{top}.py"
-                   else "rename the package, or put the current folder first (PYTHONPATH=. spark-pretrain ...)")
+        if local.name == f"{top}.py":
+            way_out = f"pass the file's path (--import_module ./{local.name}) or rename it"
+        elif found.origin in ("built-in", "frozen") or top in sys.modules:     # found before any folder
+            way_out = "rename the package"
+        else:
+            way_out = "rename the package, or put the current folder first (PYTHONPATH=. spark-pretrain ...)"
         raise UserModuleError(f"--import_module {spec}: the name {top!r} is the environment's module ({found.origin}), "
                               f"found before {local} in the current folder; {way_out}")
 

@@ -62,6 +62,16 @@ def test_sparks_spark_style_checkpoint_loads(model, tmp_path):
             assert torch.equal(want[k], got[k]), k
 
 
+def test_sparks_own_checkpoint_into_a_narrower_decoder_names_the_width(tmp_path):
+    """SparK's files keep ``args`` as a string (``str(args)``) and its decoder is always 768 wide."""
+    source = ss.create_spark("tiny_cnn", input_size=64)
+    path = tmp_path / "tiny_cnn_still_pretraining.pth"
+    torch.save({"args": "Namespace(model='tiny_cnn')", "module": _official_spark_state(source, "tiny_cnn")}, path)
+    with pytest.raises(CheckpointError, match=r"\(SparK spark-style checkpoint\) does not fit this model: .*; its "
+                                              r"decoder is 768 wide, this run's 64: give --decoder_width 768$"):
+        load_pretrained(ss.create_spark("tiny_cnn", input_size=64, decoder_width=64), path)
+
+
 def test_a_spark_style_file_that_does_not_fit_names_the_keys_it_could_not_place(tmp_path):
     """The user trial's refusal named the 182 keys the model missed and none of the file's own."""
     spark = ss.create_spark("tiny_cnn", input_size=64)

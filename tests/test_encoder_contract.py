@@ -347,6 +347,8 @@ def test_a_built_encoder_serves_one_spark_model_and_compare_with_masked_copies_i
     from spark_sparse.testing import compare_with_masked
 
     encoder = TinyCNN(widths=(8, 8, 16, 16))
+    with pytest.raises(ConfigError, match=r"decoder width 16: an int of at least 32"):
+        ss.create_spark(encoder, "masked", input_size=64, decoder_width=16)     # refused before converting
     spark = ss.create_spark(encoder, "masked", input_size=64)
     assert spark.encoder is encoder
     for again in (lambda: ss.create_spark(encoder, "sparse", input_size=64),

@@ -11,6 +11,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -674,6 +675,8 @@ def test_decoder_width_builds_the_decoder_is_checked_and_kept_by_a_resume(folder
     assert Trainer(tiny_config(folder, tmp_path / "out", ep=2, resume_from=path, decoder_width=64), "").spark.decoder.width == 64
     with pytest.raises(ConfigError, match=r"--decoder_width 16: an int of at least 32: the decoder halves it at each of its 5 levels"):
         tiny_config(folder, tmp_path / "x", decoder_width=16)
+    numpys = tiny_config(folder, tmp_path / "x", decoder_width=np.int64(64)).decoder_width      # a sweep script's
+    assert numpys == 64 and type(numpys) is int
 
 
 def test_an_init_weight_that_does_not_fit_is_named_before_kernel_tuning(folder, tmp_path, monkeypatch):

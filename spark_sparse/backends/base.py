@@ -56,8 +56,8 @@ def refuse_converted(encoder: nn.Module) -> None:
     if backend is not None:
         raise UnsupportedModuleError(
             f"this {type(encoder).__name__} was converted for backend {backend!r} already (a SparK model replaces "
-            f"its encoder's layers in place): build a new instance for each SparK model, or pass copy.deepcopy of "
-            f"the dense one")
+            f"its encoder's layers in place, and a conversion that failed may have replaced some): build a new "
+            f"instance for each SparK model, or pass copy.deepcopy of the dense one")
 
 
 class UnsupportedLayerSettingError(UnsupportedModuleError, NotImplementedError):

@@ -108,7 +108,7 @@ def refuse_channels_last_view(x: object, layer: str) -> None:
 
 
 class LastDimensionLayer:
-    """Mixin of the layers over the last dimension (channels-last LayerNorm, RMS norms, Linear).
+    """Mixin of the layers over the last dimension (channels-last LayerNorm, RMS norms, Linear, GRN, GRN-MLP).
 
     In the dense model such a layer given an NCHW map acts on its width (or fails on a size mismatch).
     This package's converters pass maps to these layers where the dense model holds the same sites

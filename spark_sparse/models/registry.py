@@ -75,8 +75,8 @@ def register_model(name: Optional[str | Callable] = None, default_drop_path: flo
     ``tested`` declares that the test suite checks this very name on every backend.
     """
     if callable(name):                  # bare @register_model: ``name`` is the factory itself
-        return register_model(default_drop_path=default_drop_path, tested=tested)(name)
-    def wrap(factory):
+        return register_model(default_drop_path=default_drop_path, tested=tested)(name, _caller_depth=3)
+    def wrap(factory, _caller_depth: int = 2):
         key = name or factory.__name__
         if key in MODEL_ALIASES:
             raise ModelNameTakenError(f"model {key!r} cannot be registered: it is SparK's short name for "
@@ -88,7 +88,7 @@ def register_model(name: Optional[str | Callable] = None, default_drop_path: flo
                                       f"@register_model('my_{key}')")
         if key not in _MODELS and not _qualified_name(factory).startswith(f"{_PACKAGE}.") and timm.is_model(key):
             warnings.warn(f"model {key!r} registered by {_qualified_name(factory)} shadows timm's {key!r}: --model "
-                          f"{key} now builds yours", UserWarning, stacklevel=2)
+                          f"{key} now builds yours", UserWarning, stacklevel=_caller_depth)
         _MODELS[key] = factory
         _DEFAULT_DROP_PATH[key] = default_drop_path
         if tested:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -28,6 +29,14 @@ _SPARK_OWN_ARGUMENTS = dict(drop_path_rate="--dp", input_size="--input_size", ma
 
 #: the settings that are real numbers: nan and infinity are refused (an infinite --base_lr made a nan loss at step 1)
 _FLOAT_SETTINGS = ("mask", "wp_ep", "base_lr", "wd", "wde", "clip", "ada", "dp", "autotune_budget", "autotune_memory")
+
+
+def _is_int(value: object) -> bool:
+    """An integer, of Python's or numpy's (a sweep script's), not a bool."""
+    try:
+        return not isinstance(value, bool) and operator.index(value) == value
+    except TypeError:
+        return False
 
 
 @dataclass
@@ -120,14 +129,13 @@ class PretrainConfig:
             ("dataloader_workers", self.dataloader_workers, self.dataloader_workers >= 0,
              "0 (load in the training process) or more"),
             ("autotune_budget", self.autotune_budget, self.autotune_budget >= 0, "seconds, 0 or more"),
-            ("decoder_width", self.decoder_width,
-             isinstance(self.decoder_width, int) and not isinstance(self.decoder_width, bool)
-             and self.decoder_width >= PATCH,
+            ("decoder_width", self.decoder_width, _is_int(self.decoder_width) and self.decoder_width >= PATCH,
              f"an int of at least {PATCH}: the decoder halves it at each of its {PATCH.bit_length() - 1} levels "
              f"(SparK: {SPARK_DECODER_WIDTH})"),
         ) if not ok]
         if problems:
             raise ConfigError("; ".join(problems))
+        self.decoder_width = operator.index(self.decoder_width)      # numpy's ints too: the log header is JSON
         kept_patches_per_image((self.input_size // PATCH) ** 2, self.mask)    # something visible, something hidden
 
     @property
