@@ -30,7 +30,8 @@ from .errors import SparkSparseError
 from .models.model_kwargs import format_model_kwargs
 
 __all__ = ["CheckpointError", "atomic_save", "read_checkpoint", "convnext_fb_to_timm", "convnext_timm_to_fb",
-           "is_fb_convnext", "load_encoder_state", "load_spark_state", "load_pretrained", "spark_state_from_official"]
+           "is_fb_convnext", "load_encoder_state", "load_spark_state", "load_pretrained", "saved_decoder_width",
+           "spark_state_from_official"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -274,11 +275,16 @@ def _built_otherwise(ckpt: dict, model_name: Optional[str], model_kwargs: Option
     return f"; it was saved by a run of {saved}, this run builds {this}: to start from it, give {' '.join(options)}"
 
 
-def _decoder_otherwise(ckpt: dict, spark: nn.Module) -> str:
-    """A checkpoint's decoder width against ``spark``'s: its run's (spark-sparse), else SparK's 768 (older runs,
-    SparK's own files, whose ``args`` is a string)."""
+def saved_decoder_width(ckpt: dict) -> int:
+    """The decoder width of a checkpoint's run (spark-sparse), else SparK's 768 (older runs, SparK's own files,
+    whose ``args`` is a string)."""
     args = ckpt.get("args")
-    saved = args.get("decoder_width", SPARK_DECODER_WIDTH) if isinstance(args, dict) else SPARK_DECODER_WIDTH
+    return args.get("decoder_width", SPARK_DECODER_WIDTH) if isinstance(args, dict) else SPARK_DECODER_WIDTH
+
+
+def _decoder_otherwise(ckpt: dict, spark: nn.Module) -> str:
+    """A checkpoint's decoder width against ``spark``'s, and the option that builds the checkpoint's."""
+    saved = saved_decoder_width(ckpt)
     width = getattr(getattr(spark, "decoder", None), "width", None)
     if width is None or saved == width:
         return ""

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..decoder import SPARK_DECODER_WIDTH
+from ..decoder import SPARK_DECODER_WIDTH, check_decoder_width
 from ..errors import ConfigError
 from ..mask import kept_patches_per_image
 from ..models.model_kwargs import check_literal_model_kwargs, parse_model_kwargs
@@ -31,12 +30,13 @@ _SPARK_OWN_ARGUMENTS = dict(drop_path_rate="--dp", input_size="--input_size", ma
 _FLOAT_SETTINGS = ("mask", "wp_ep", "base_lr", "wd", "wde", "clip", "ada", "dp", "autotune_budget", "autotune_memory")
 
 
-def _is_int(value: object) -> bool:
-    """An integer, of Python's or numpy's (a sweep script's), not a bool."""
+def _decoder_width_or_none(width: object) -> Optional[int]:
+    """``width`` as an int (numpy's too: a sweep script's) if the decoder can take it at SparK's patch size, else
+    ``None`` (the refusal below names the flag)."""
     try:
-        return not isinstance(value, bool) and operator.index(value) == value
-    except TypeError:
-        return False
+        return check_decoder_width(PATCH, width)
+    except ConfigError:
+        return None
 
 
 @dataclass
@@ -108,6 +108,7 @@ class PretrainConfig:
                       if (value := getattr(self, name)) is not None and not math.isfinite(value)]
         if not_finite:      # nan passes no comparison: the rules below would name the wrong fault
             raise ConfigError("; ".join(not_finite))
+        decoder_width = _decoder_width_or_none(self.decoder_width)
         problems = [f"--{name} {value}: {rule}" for name, value, ok, rule in (
             ("data_path", "''", self.data_path != "", "an empty folder name (an unset shell variable?) would read the "
                                                       "current folder: give the image folder, or leave the flag out "
@@ -129,13 +130,13 @@ class PretrainConfig:
             ("dataloader_workers", self.dataloader_workers, self.dataloader_workers >= 0,
              "0 (load in the training process) or more"),
             ("autotune_budget", self.autotune_budget, self.autotune_budget >= 0, "seconds, 0 or more"),
-            ("decoder_width", self.decoder_width, _is_int(self.decoder_width) and self.decoder_width >= PATCH,
+            ("decoder_width", self.decoder_width, decoder_width is not None,
              f"an int of at least {PATCH}: the decoder halves it at each of its {PATCH.bit_length() - 1} levels "
              f"(SparK: {SPARK_DECODER_WIDTH})"),
         ) if not ok]
         if problems:
             raise ConfigError("; ".join(problems))
-        self.decoder_width = operator.index(self.decoder_width)      # numpy's ints too: the log header is JSON
+        self.decoder_width = decoder_width          # a Python int: the log header is JSON
         kept_patches_per_image((self.input_size // PATCH) ** 2, self.mask)    # something visible, something hidden
 
     @property

@@ -38,9 +38,9 @@ from tqdm import tqdm
 from .. import __version__
 from ..autotune import AutotuneOptions, AutotuneResult, autotune
 from ..autotune.guard import left_as_it_was
-from ..decoder import SPARK_DECODER_WIDTH
 from ..errors import ConfigError, SparkSparseError
-from ..checkpoint import CheckpointError, atomic_save, load_pretrained, load_spark_state, read_checkpoint
+from ..checkpoint import (CheckpointError, atomic_save, load_pretrained, load_spark_state, read_checkpoint,
+                          saved_decoder_width)
 from ..models import model_default_drop_path, resolve_model_name
 from ..models.model_kwargs import format_model_kwargs
 from ..user_modules import import_user_module
@@ -270,7 +270,7 @@ def _resumable_checkpoint(path: str, model_name: str, model_kwargs: dict, decode
                               f"{format_model_kwargs(model_kwargs) or 'its defaults'}: to continue that run, give "
                               f"{format_model_kwargs(saved_kwargs, as_options=True) or 'no --model_kwargs'} (as in "
                               f"the command logged in its pretrain_log.txt)")
-    saved_width = ckpt.get("args", {}).get("decoder_width", SPARK_DECODER_WIDTH)    # older checkpoints: SparK's
+    saved_width = saved_decoder_width(ckpt)
     if saved_width != decoder_width:
         raise CheckpointError(f"{path} was pre-training with a decoder of width {saved_width}, this run builds one of "
                               f"{decoder_width}: to continue that run, give --decoder_width {saved_width}")
