@@ -12,6 +12,9 @@ import difflib
 from typing import Iterable, Optional, Sequence
 
 import spark_sparse as ss
+from spark_sparse.decoder import SPARK_DECODER_WIDTH, check_decoder_width
+from spark_sparse.errors import ConfigError
+from spark_sparse.train.config import PATCH
 from spark_sparse.models import UnknownModelError, resolve_model_name
 
 #: (flag, value, whether the value is allowed, the rule it breaks otherwise: "must be <rule>")
@@ -38,6 +41,17 @@ def at_least(flag: str, value: int, minimum: int) -> Rule:
 
 def input_size(flag: str, value: int) -> Rule:
     return flag, value, value > 0 and value % 32 == 0, "a positive multiple of 32 (SparK's mask patch), e.g. 224"
+
+
+def decoder_width(flag: str, value: int) -> Rule:
+    """spark-pretrain's ``--decoder_width`` rule: the decoder's own check at SparK's patch."""
+    try:
+        check_decoder_width(PATCH, value)
+        ok = True
+    except ConfigError:
+        ok = False
+    return flag, value, ok, (f"at least {PATCH}, as the decoder halves it at each of its {PATCH.bit_length() - 1} "
+                             f"levels (SparK: {SPARK_DECODER_WIDTH})")
 
 
 def mask_ratio(flag: str, value: float) -> Rule:

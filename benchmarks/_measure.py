@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 import spark_sparse as ss
+from spark_sparse.decoder import SPARK_DECODER_WIDTH
 from spark_sparse.models.model_kwargs import parse_model_kwargs
 from spark_sparse.user_modules import import_user_module
 from _variants import Variant, autocast, tune_workload
@@ -25,11 +26,13 @@ class Workload:
     """One model under one variant, with the phases a benchmark times."""
 
     def __init__(self, variant: Variant, model: str, input_size: int, mask_ratio: float, batch: int, dtype: str,
-                 device: str, state: dict | None = None, seed: int = 0, model_kwargs: dict | None = None):
+                 device: str, state: dict | None = None, seed: int = 0, model_kwargs: dict | None = None,
+                 decoder_width: int = SPARK_DECODER_WIDTH):
         self.variant, self.model, self.dtype, self.device = variant, model, variant.dtype or dtype, device
-        self.model_kwargs = model_kwargs or {}
+        self.model_kwargs, self.decoder_width = model_kwargs or {}, decoder_width
         torch.manual_seed(seed)
-        self.spark = variant.build(model, input_size, mask_ratio, device, model_kwargs=self.model_kwargs)
+        self.spark = variant.build(model, input_size, mask_ratio, device, model_kwargs=self.model_kwargs,
+                                   decoder_width=decoder_width)
         if state is not None:
             self.spark.load_state_dict(state)
         self.images = torch.randn(batch, 3, input_size, input_size, generator=torch.Generator().manual_seed(seed)

@@ -139,6 +139,34 @@ def equivalence_row(r: dict) -> str:
             f"{r['equivalence']['masked_sites_nonzero']} |")
 
 
+def row_label(row: dict, rows: list[dict]) -> str:
+    """A step-breakdown row's name: its variant, with its decoder width where the table has several."""
+    several = len({r.get("decoder_width") for r in rows}) > 1
+    return f"{row['variant']} w{row['decoder_width']}" if several else row["variant"]
+
+
+def decoder_widths_note(meta: dict) -> str:
+    """", decoder width N" for a step breakdown of one width (rows name theirs where there are several; runs
+    before ``--decoder-widths`` recorded none: SparK's)."""
+    widths = meta.get("decoder_widths") or []
+    return f", decoder width {widths[0]}" if len(widths) == 1 else ""
+
+
+def breakdown_lines(rows: list[dict]) -> list[str]:
+    """A step breakdown's header and one line per row: each part's median in ms and its share of the step
+    (``step_breakdown.py`` prints these, ``render_benchmarks.py`` renders them)."""
+    labels = [row_label(row, rows) for row in rows]
+    width = max([18, *map(len, labels)])
+    lines = [f"{'variant':<{width}} {'step':>7} {'encoder':>15} {'decoder':>15} {'optimizer':>15} "
+             f"{'densify, loss, rest':>21}"]
+    for row, label in zip(rows, labels):
+        step = row["step"]
+        cells = [f"{row[p]:7.0f} ({row[p] / step:4.0%})" for p in ("encoder", "decoder", "optimizer", "rest")]
+        lines.append(f"{label:<{width}} {step:7.0f} " + " ".join(f"{c:>15}" for c in cells[:3])
+                     + f" {cells[3]:>21}")
+    return lines
+
+
 def write_markdown(path: Path, meta: dict, records: list[dict]) -> None:
     lines = [f"# Backend comparison ({meta['what']}, {meta['device']}, {meta['threads']} threads)", "",
              f"Command: `{meta['command']}`  ",

@@ -14,6 +14,7 @@ import torch
 
 import spark_sparse as ss
 from spark_sparse.autotune import AutotuneOptions, AutotuneResult, autotune
+from spark_sparse.decoder import SPARK_DECODER_WIDTH
 from spark_sparse.errors import ConfigError
 from spark_sparse.models.model_kwargs import parse_model_kwargs
 from spark_sparse.speed import apply_speed_plan, plan_speed
@@ -45,18 +46,18 @@ class Variant:
         return self.base.split(":", 1)[1] if self.base.startswith("recipe:") else None
 
     def build(self, model: str, input_size: int, mask_ratio: float, device: str,
-              backend: Optional[str] = None, model_kwargs: Optional[dict] = None) -> ss.SparK:
+              backend: Optional[str] = None, model_kwargs: Optional[dict] = None,
+              decoder_width: int = SPARK_DECODER_WIDTH) -> ss.SparK:
         """The column's model; ``backend`` replaces the column's (the autotune guard's masked twin);
-        ``model_kwargs``: the model constructor's own arguments (``--model-kwargs``)."""
-        kwargs = model_kwargs or {}
+        ``model_kwargs``: the model constructor's own arguments (``--model-kwargs``); ``decoder_width``:
+        spark-pretrain's ``--decoder_width``."""
+        kwargs = dict(model_kwargs or {}, input_size=input_size, mask_ratio=mask_ratio, drop_path_rate=0.0,
+                      decoder_width=decoder_width)
         if self.recipe is None:
-            spark = ss.create_spark(model, backend=backend or self.base, input_size=input_size, mask_ratio=mask_ratio,
-                                    drop_path_rate=0.0, **kwargs)
-            return spark.to(device)
+            return ss.create_spark(model, backend=backend or self.base, **kwargs).to(device)
         plan = plan_speed(self.recipe, device)
         plan = replace(plan, backend=backend) if backend else plan
-        spark = ss.create_spark(model, backend=plan.backend, input_size=input_size, mask_ratio=mask_ratio,
-                                drop_path_rate=0.0, **kwargs).to(device)
+        spark = ss.create_spark(model, backend=plan.backend, **kwargs).to(device)
         return apply_speed_plan(spark, plan)
 
     def optimizer(self, spark: ss.SparK, model: str, device: str) -> torch.optim.Optimizer:
@@ -99,7 +100,8 @@ def tune_workload(work, dtype: str, mode: str = "on", budget_s: float = 60.0) ->
     result = autotune(base, work.images.shape[0], work.device, amp, channels_last=base.channels_last,
                       options=AutotuneOptions(mode=mode, budget_s=budget_s),
                       build_masked=lambda: work.variant.build(work.model, input_size, base.mask_ratio, work.device,
-                                                              backend="masked", model_kwargs=work.model_kwargs))
+                                                              backend="masked", model_kwargs=work.model_kwargs,
+                                                              decoder_width=work.decoder_width))
     if result.spark is not work.spark:
         work.spark = result.spark
         work.optimizer = work.variant.optimizer(work.spark, work.model, work.device)

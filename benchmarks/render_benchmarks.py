@@ -23,8 +23,8 @@ Placeholders in the template (``{{directive folder key=value ...}}``):
   ``field=autotune.moved_for_memory`` (``fmt=d``);
 - ``{{ratio NAME model=M mask=R field=F num=V1 den=V2}}``: ``F(V1) / F(V2)``, e.g. peak memory of
   ``sparse`` over ``masked``;
-- ``{{part NAME model=M variant=V part=P}}``: a step-breakdown median in ms (``P``: step, encoder,
-  decoder, optimizer, rest);
+- ``{{part NAME model=M variant=V part=P [width=W]}}``: a step-breakdown median in ms (``P``: step,
+  encoder, decoder, optimizer, rest; ``W``: the decoder width, in a run of several);
 - ``{{ref NAME key=a.b.c}}``: a number from a reference-points run;
 - ``{{worst NAME variant=V against=A,B field=F}}``: over every configuration (model, mask, dtype,
   batch) of a run, the smallest ratio of the fastest of ``A, B`` to ``V`` in ``F`` (e.g. ``fwd_bwd_ms``):
@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from _capacity import markdown_section
-from _report import equivalence_header, equivalence_row, error_vs_floor, weights_note
+from _report import breakdown_lines, decoder_widths_note, equivalence_header, equivalence_row, error_vs_floor, weights_note
 from gpu_check import targets as gpu_targets
 
 HERE = Path(__file__).resolve().parent
@@ -209,14 +209,9 @@ def render_breakdown(name: str, entry: dict) -> str:
     lines = ["```", _command(meta), "```", "", f"Provenance: {_provenance(meta)}", "", "```"]
     for table in tables:
         lines.append(f"{table['model']}, batch {meta['batch_size']}, {meta['input_size']} px, mask {meta['mask']}, "
-                     f"{meta['threads']} threads (ms, median of {meta['repeats']}; share of the step)")
-        lines.append(f"{'variant':<18} {'step':>7} {'encoder':>15} {'decoder':>15} {'optimizer':>15} "
-                     f"{'densify, loss, rest':>21}")
-        for row in table["rows"]:
-            step = row["step"]
-            cells = [f"{row[p]:7.0f} ({row[p] / step:4.0%})" for p in ("encoder", "decoder", "optimizer", "rest")]
-            lines.append(f"{row['variant']:<18} {step:7.0f} " + " ".join(f"{c:>15}" for c in cells[:3])
-                         + f" {cells[3]:>21}")
+                     f"{meta['threads']} threads{decoder_widths_note(meta)} (ms, median of {meta['repeats']}; share of "
+                     f"the step)")
+        lines += breakdown_lines(table["rows"])
         lines.append("")
     lines[-1] = "```"
     return "\n".join(lines)
@@ -299,12 +294,18 @@ def _ratio(entry: dict, args: dict) -> float:
 
 
 def _part(entry: dict, args: dict) -> float:
+    """``width=W`` picks the row of one decoder width in a run of several (``--decoder-widths``)."""
     for table in entry["data"]["tables"]:
         if table["model"] == args["model"]:
-            for row in table["rows"]:
-                if row["variant"] == args["variant"]:
-                    return row[args["part"]]
-    raise TemplateError(f"no breakdown row model={args['model']} variant={args['variant']}")
+            rows = [row for row in table["rows"] if row["variant"] == args["variant"]
+                    and ("width" not in args or row.get("decoder_width") == int(args["width"]))]
+            if len(rows) > 1:
+                raise TemplateError(f"{len(rows)} breakdown rows model={args['model']} variant={args['variant']}: "
+                                    f"name one with width=")
+            if rows:
+                return rows[0][args["part"]]
+    raise TemplateError(f"no breakdown row model={args['model']} variant={args['variant']}"
+                        + (f" width={args['width']}" if "width" in args else ""))
 
 
 def _ref(entry: dict, args: dict) -> float:

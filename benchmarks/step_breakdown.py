@@ -1,11 +1,15 @@
 """Where a whole SparK training step's time goes, per variant: encoder, decoder, optimizer, the rest.
 
     python benchmarks/step_breakdown.py --models resnet50 convnext_tiny --variants recipe:spark recipe:fast recipe:fast@bf16
+    python benchmarks/step_breakdown.py --models resnet18 --variants recipe:spark recipe:fast --decoder-widths 768 384 256
 
 Each part is timed alone on the variant's real shapes (medians of ``--repeats`` after one warm-up,
 variants interleaved): the encoder's forward+backward, the decoder's forward+backward on fixed
 densified inputs, one optimizer step; "densify, loss, rest" is the whole step minus those three.
 This explains the step speed-ups of ``compare_backends.py --what step``; it is not a substitute.
+``--decoder-widths 768 384 256`` times each variant with each width of spark-pretrain's
+``--decoder_width`` (SparK's 768 by default): the decoder is dense on every backend, so this is the
+part of the step a narrower decoder saves.
 With ``--out DIR`` the medians are also written to ``DIR/breakdown.json`` (with the run's commit,
 machine and versions), which ``render_benchmarks.py`` turns into BENCHMARKS.md's table.
 """
@@ -25,9 +29,11 @@ import torch
 
 import spark_sparse as ss
 from spark_sparse.speed import RECIPES
-from _args import HelpFormatter, at_least, first_problem, input_size, mask_ratio, unknown_model, unusable_backend
+from spark_sparse.decoder import SPARK_DECODER_WIDTH
+from _args import (HelpFormatter, at_least, decoder_width, first_problem, input_size, mask_ratio, unknown_model,
+                   unusable_backend)
 from _measure import Workload, summarize, time_once
-from _report import provenance
+from _report import breakdown_lines, decoder_widths_note, provenance, row_label
 from _variants import DTYPES, Variant, autocast
 
 PARTS = ("step", "encoder", "decoder", "optimizer")
@@ -43,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=["resnet50", "convnext_tiny"], help="spark-sparse model names")
     p.add_argument("--variants", nargs="+", default=["recipe:spark", "recipe:fast", "recipe:fast@bf16"],
                    help=f"{VARIANT_SYNTAX}; each is timed on every model")
+    p.add_argument("--decoder-widths", nargs="+", type=int, default=[SPARK_DECODER_WIDTH],
+                   help="the decoder's width at its coarsest level (spark-pretrain's --decoder_width); each variant is "
+                        "timed with each")
     p.add_argument("--mask", type=float, default=0.6, help="mask ratio")
     p.add_argument("--batch-size", type=int, default=8, help="images per timed call")
     p.add_argument("--input-size", type=int, default=224, help="image side in pixels (multiple of 32)")
@@ -51,11 +60,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="also write the medians to OUT/breakdown.json")
     args = p.parse_args(argv)
     problem = unknown_model("--models", args.models) or unknown_variant(args.variants) or first_problem([
+        *[decoder_width("--decoder-widths", width) for width in args.decoder_widths],
         mask_ratio("--mask", args.mask), at_least("--batch-size", args.batch_size, 1),
         input_size("--input-size", args.input_size), at_least("--repeats", args.repeats, 1),
         at_least("--threads", args.threads, 1)])
     if problem:
         p.error(problem)
+    args.decoder_widths = list(dict.fromkeys(args.decoder_widths))      # each width once
     return args
 
 
@@ -103,29 +114,27 @@ def main(argv=None) -> None:
     for model in args.models:
         works = {}
         for name in args.variants:
-            works[name] = Workload(Variant(name), model, args.input_size, args.mask, args.batch_size, "fp32", "cpu")
-        parts = {name: part_functions(work) for name, work in works.items()}
-        samples = {name: {part: [] for part in PARTS} for name in works}
+            for width in args.decoder_widths:
+                works[name, width] = Workload(Variant(name), model, args.input_size, args.mask, args.batch_size,
+                                              "fp32", "cpu", decoder_width=width)
+        parts = {key: part_functions(work) for key, work in works.items()}
+        samples = {key: {part: [] for part in PARTS} for key in works}
         for rep in range(args.repeats + 1):
-            for name in works:
+            for key in works:
                 for part in PARTS:
-                    elapsed = time_once(parts[name][part], "cpu")
+                    elapsed = time_once(parts[key][part], "cpu")
                     if rep:
-                        samples[name][part].append(elapsed)
+                        samples[key][part].append(elapsed)
             print(f"[breakdown] {model}: " + (f"repeat {rep}/{args.repeats}" if rep else "warm-up done"), flush=True)
-        print(f"\n{model}, batch {args.batch_size}, {args.input_size} px, mask {args.mask}, {args.threads} threads "
-              f"(ms, median of {args.repeats}; share of the step)")
-        print(f"{'variant':<18} {'step':>7} {'encoder':>15} {'decoder':>15} {'optimizer':>15} {'densify, loss, rest':>21}")
+        print(f"\n{model}, batch {args.batch_size}, {args.input_size} px, mask {args.mask}, {args.threads} threads"
+              f"{decoder_widths_note(vars(args))} (ms, median of {args.repeats}; share of the step)")
         rows = []
-        for name in works:
-            med = {part: summarize(samples[name][part])["median"] for part in PARTS}
-            rest = med["step"] - med["encoder"] - med["decoder"] - med["optimizer"]
-            step = med["step"]
-            rows.append({"variant": name, **med, "rest": rest})
-            cells = [f"{med[p]:7.0f} ({med[p] / step:4.0%})" for p in PARTS[1:]]
-            rest_cell = f"{rest:7.0f} ({rest / step:4.0%})"
-            print(f"{name:<18} {step:7.0f} " + " ".join(f"{c:>15}" for c in cells) + f" {rest_cell:>21}")
-        negative = [row["variant"] for row in rows if row["rest"] < 0]
+        for name, width in works:
+            med = {part: summarize(samples[name, width][part])["median"] for part in PARTS}
+            rows.append({"variant": name, "decoder_width": width, **med,
+                         "rest": med["step"] - med["encoder"] - med["decoder"] - med["optimizer"]})
+        print("\n".join(breakdown_lines(rows)))
+        negative = [row_label(row, rows) for row in rows if row["rest"] < 0]
         print(REST_NOTE + (f"; negative here for {', '.join(negative)}" if negative else ""))
         print()
         tables.append({"model": model, "rows": rows})
@@ -137,7 +146,8 @@ def write_breakdown(args, tables: list[dict], seconds: float) -> None:
     from compare_backends import machine_info, versions
 
     meta = {"command": shlex.join([sys.executable] + sys.argv), "batch_size": args.batch_size,
-            "input_size": args.input_size, "mask": args.mask, "threads": args.threads, "repeats": args.repeats,
+            "input_size": args.input_size, "mask": args.mask, "decoder_widths": args.decoder_widths,
+            "threads": args.threads, "repeats": args.repeats,
             "seconds": round(seconds, 1), "machine": machine_info(), "versions": versions(),
             "provenance": provenance()}
     args.out.mkdir(parents=True, exist_ok=True)

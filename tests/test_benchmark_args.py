@@ -34,6 +34,8 @@ REFUSED = [
     ("step_breakdown", ["--batch-size", "0"], "--batch-size 0: must be at least 1"),
     ("step_breakdown", ["--threads", "0"], "--threads 0: must be at least 1"),
     ("step_breakdown", ["--input-size", "100"], "--input-size 100: must be a positive multiple of 32"),
+    ("step_breakdown", ["--decoder-widths", "768", "16"], "--decoder-widths 16: must be at least 32, as the decoder "
+                                                          "halves it at each of its 5 levels"),
     ("step_breakdown", ["--mask", "nan"], "--mask nan: must be a ratio of hidden patches above 0 and below 1"),
     ("kernel_profile", ["--model", "nosuchmodel"], "--model: unknown model 'nosuchmodel'"),
     ("kernel_profile", ["--backends", "masked", "nosuch"], "--backends nosuch: not a registered backend"),
@@ -119,6 +121,42 @@ def test_the_breakdown_counts_repeats_without_the_warm_up_and_explains_a_negativ
     assert [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("[breakdown]")] == [
         "warm-up done", "repeat 1/2", "repeat 2/2"]
     assert "     -2 (-20%)" in out and "a remainder, not timed itself" in out and "negative here for masked" in out
+
+
+def test_the_breakdown_times_each_variant_at_each_decoder_width_and_names_the_rows(capsys, monkeypatch, tmp_path):
+    import render_benchmarks
+
+    built = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(step_breakdown, "Workload", lambda variant, *a, decoder_width, **k: built.append(
+        (variant.name, decoder_width)) or decoder_width)
+    monkeypatch.setattr(step_breakdown, "part_functions", lambda width: {part: (part, width) for part in
+                                                                         step_breakdown.PARTS})
+    monkeypatch.setattr(step_breakdown, "time_once", lambda part, device: {"decoder": part[1] / 10}.get(part[0], 1.0))
+    step_breakdown.main(["--models", "resnet18", "--variants", "masked", "recipe:fast", "--decoder-widths", "768",
+                         "256", "768", "--repeats", "1", "--out", str(tmp_path)])
+    assert built == [("masked", 768), ("masked", 256), ("recipe:fast", 768), ("recipe:fast", 256)]    # each width once
+    out = capsys.readouterr().out
+    assert "masked w256" in out and "recipe:fast w768" in out and "decoder width" not in out
+    report = json.loads((tmp_path / "breakdown.json").read_text())
+    assert report["meta"]["decoder_widths"] == [768, 256]
+    entry = {"kind": "breakdown", "data": report}
+    rendered = render_benchmarks.render_breakdown("run", entry).splitlines()
+    assert "26 (2560%)" in next(line for line in rendered if line.startswith("masked w256 "))     # 25.6 ms of 1 ms
+    part = {"model": "resnet18", "variant": "masked", "part": "decoder"}
+    assert render_benchmarks._part(entry, {**part, "width": "256"}) == 25.6
+    with pytest.raises(render_benchmarks.TemplateError, match="2 breakdown rows .* name one with width="):
+        render_benchmarks._part(entry, part)
+    with pytest.raises(render_benchmarks.TemplateError, match="no breakdown row .* width=512"):
+        render_benchmarks._part(entry, {**part, "width": "512"})
+
+
+@pytest.mark.parametrize("variant", ["masked", "recipe:fast"])
+def test_a_benchmark_workload_builds_the_decoder_width_it_is_given(variant):
+    from _measure import Workload
+
+    work = Workload(step_breakdown.Variant(variant), "resnet18", 64, 0.6, 1, "fp32", "cpu", decoder_width=64)
+    assert work.spark.decoder.width == 64
 
 
 def test_loading_in_the_main_process_is_measured_and_labelled_with_no_per_worker_rate(tmp_path):
