@@ -28,13 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 import spark_sparse as ss
+from spark_sparse.autotune import MODES
 from spark_sparse.speed import RECIPES
 from spark_sparse.decoder import SPARK_DECODER_WIDTH
 from _args import (HelpFormatter, at_least, decoder_width, first_problem, input_size, mask_ratio, unknown_model,
                    unusable_backend)
 from _measure import Workload, summarize, time_once
 from _report import breakdown_lines, decoder_widths_note, provenance, row_label
-from _variants import DTYPES, Variant, autocast
+from _variants import DTYPES, Variant, autocast, tune_workload
 
 PARTS = ("step", "encoder", "decoder", "optimizer")
 #: printed under each table: the last column is not timed itself, so it carries the other columns' noise
@@ -57,6 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--input-size", type=int, default=224, help="image side in pixels (multiple of 32)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round (medians reported)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--autotune", choices=MODES, default="on",
+                   help="variants on backend auto (recipe:fast) are tuned before timing, as spark-pretrain tunes before "
+                        "its first step: on = measure what the cache lacks, cached = the cache only, off = the static rule")
+    p.add_argument("--autotune-budget", type=float, default=60.0, help="seconds of per-layer tuning at most")
     p.add_argument("--out", type=Path, default=None, help="also write the medians to OUT/breakdown.json")
     args = p.parse_args(argv)
     problem = unknown_model("--models", args.models) or unknown_variant(args.variants) or first_problem([
@@ -115,8 +120,12 @@ def main(argv=None) -> None:
         works = {}
         for name in args.variants:
             for width in args.decoder_widths:
-                works[name, width] = Workload(Variant(name), model, args.input_size, args.mask, args.batch_size,
-                                              "fp32", "cpu", decoder_width=width)
+                works[name, width] = work = Workload(Variant(name), model, args.input_size, args.mask,
+                                                     args.batch_size, "fp32", "cpu", decoder_width=width)
+                tuned = tune_workload(work, work.dtype, args.autotune, args.autotune_budget)
+                if tuned.applies:
+                    print(f"[breakdown] {model} {name} w{width} tuned in {tuned.seconds:.1f} s (not in its timings): "
+                          f"runs {tuned.backend}; {tuned.summary()}", flush=True)
         parts = {key: part_functions(work) for key, work in works.items()}
         samples = {key: {part: [] for part in PARTS} for key in works}
         for rep in range(args.repeats + 1):
@@ -147,6 +156,7 @@ def write_breakdown(args, tables: list[dict], seconds: float) -> None:
 
     meta = {"command": shlex.join([sys.executable] + sys.argv), "batch_size": args.batch_size,
             "input_size": args.input_size, "mask": args.mask, "decoder_widths": args.decoder_widths,
+            "autotune": args.autotune,
             "threads": args.threads, "repeats": args.repeats,
             "seconds": round(seconds, 1), "machine": machine_info(), "versions": versions(),
             "provenance": provenance()}

@@ -21,6 +21,8 @@ import kink_flips  # noqa: E402
 import step_breakdown  # noqa: E402
 from _args import HelpFormatter  # noqa: E402
 
+NOT_TUNED = argparse.Namespace(applies=False)
+
 SCRIPTS = {"step_breakdown": step_breakdown, "kernel_profile": kernel_profile, "kink_flips": kink_flips,
            "guard_noise": guard_noise, "data_loading": data_loading}
 
@@ -113,7 +115,8 @@ def test_quick_presets_yield_to_options_given_explicitly():
 def test_the_breakdown_counts_repeats_without_the_warm_up_and_explains_a_negative_remainder(capsys, monkeypatch):
     ms = {"step": 10.0, "encoder": 5.0, "decoder": 4.0, "optimizer": 3.0}       # parts add up to more than the step
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
-    monkeypatch.setattr(step_breakdown, "Workload", lambda *a, **k: None)
+    monkeypatch.setattr(step_breakdown, "Workload", lambda *a, **k: argparse.Namespace(dtype="fp32"))
+    monkeypatch.setattr(step_breakdown, "tune_workload", lambda *a: NOT_TUNED)
     monkeypatch.setattr(step_breakdown, "part_functions", lambda work: {part: part for part in ms})
     monkeypatch.setattr(step_breakdown, "time_once", lambda part, device: ms[part])
     step_breakdown.main(["--models", "resnet18", "--variants", "masked", "--repeats", "2"])
@@ -129,9 +132,10 @@ def test_the_breakdown_times_each_variant_at_each_decoder_width_and_names_the_ro
     built = []
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     monkeypatch.setattr(step_breakdown, "Workload", lambda variant, *a, decoder_width, **k: built.append(
-        (variant.name, decoder_width)) or decoder_width)
-    monkeypatch.setattr(step_breakdown, "part_functions", lambda width: {part: (part, width) for part in
-                                                                         step_breakdown.PARTS})
+        (variant.name, decoder_width)) or argparse.Namespace(dtype="fp32", width=decoder_width))
+    monkeypatch.setattr(step_breakdown, "tune_workload", lambda *a: NOT_TUNED)
+    monkeypatch.setattr(step_breakdown, "part_functions", lambda work: {part: (part, work.width) for part in
+                                                                        step_breakdown.PARTS})
     monkeypatch.setattr(step_breakdown, "time_once", lambda part, device: {"decoder": part[1] / 10}.get(part[0], 1.0))
     step_breakdown.main(["--models", "resnet18", "--variants", "masked", "recipe:fast", "--decoder-widths", "768",
                          "256", "768", "--repeats", "1", "--out", str(tmp_path)])
@@ -149,6 +153,17 @@ def test_the_breakdown_times_each_variant_at_each_decoder_width_and_names_the_ro
         render_benchmarks._part(entry, part)
     with pytest.raises(render_benchmarks.TemplateError, match="no breakdown row .* width=512"):
         render_benchmarks._part(entry, {**part, "width": "512"})
+
+
+def test_the_breakdown_tunes_a_variant_on_auto_before_timing_it(capsys, recwarn):
+    """recipe:fast runs backend auto: untimed, untuned, it ran the static rule (with a warning saying so), not what
+    spark-pretrain runs."""
+    step_breakdown.main(["--models", "resnet18", "--variants", "masked", "recipe:fast", "--input-size", "64",
+                         "--batch-size", "1", "--repeats", "1", "--decoder-widths", "32", "--autotune", "off"])
+    out = capsys.readouterr().out
+    assert "recipe:fast w32 tuned in" in out and "masked w32 tuned" not in out
+    assert not [w for w in recwarn if "has not been tuned" in str(w.message)]
+    assert ", decoder width 32 (ms" in out
 
 
 @pytest.mark.parametrize("variant", ["masked", "recipe:fast"])
