@@ -154,16 +154,17 @@ def decoder_widths_note(meta: dict) -> str:
 
 def breakdown_lines(rows: list[dict]) -> list[str]:
     """A step breakdown's header and one line per row: each part's median in ms and its share of the step
-    (``step_breakdown.py`` prints these, ``render_benchmarks.py`` renders them)."""
+    (``step_breakdown.py`` prints these, ``render_benchmarks.py`` renders them; runs before densify was timed
+    alone have no densify column, their remainder includes it)."""
+    parts = [part for part in ("encoder", "densify", "decoder", "optimizer") if part in rows[0]]
+    rest = "loss, rest" if "densify" in parts else "densify, loss, rest"
     labels = [row_label(row, rows) for row in rows]
     width = max([18, *map(len, labels)])
-    lines = [f"{'variant':<{width}} {'step':>7} {'encoder':>15} {'decoder':>15} {'optimizer':>15} "
-             f"{'densify, loss, rest':>21}"]
+    lines = [f"{'variant':<{width}} {'step':>7} " + " ".join(f"{part:>15}" for part in parts) + f" {rest:>21}"]
     for row, label in zip(rows, labels):
         step = row["step"]
-        cells = [f"{row[p]:7.0f} ({row[p] / step:4.0%})" for p in ("encoder", "decoder", "optimizer", "rest")]
-        lines.append(f"{label:<{width}} {step:7.0f} " + " ".join(f"{c:>15}" for c in cells[:3])
-                     + f" {cells[3]:>21}")
+        cells = [f"{row[p]:7.0f} ({row[p] / step:4.0%})" for p in (*parts, "rest")]
+        lines.append(f"{label:<{width}} {step:7.0f} " + " ".join(f"{c:>15}" for c in cells[:-1]) + f" {cells[-1]:>21}")
     return lines
 
 

@@ -24,7 +24,7 @@ Placeholders in the template (``{{directive folder key=value ...}}``):
 - ``{{ratio NAME model=M mask=R field=F num=V1 den=V2}}``: ``F(V1) / F(V2)``, e.g. peak memory of
   ``sparse`` over ``masked``;
 - ``{{part NAME model=M variant=V part=P [width=W]}}``: a step-breakdown median in ms (``P``: step,
-  encoder, decoder, optimizer, rest; ``W``: the decoder width, in a run of several);
+  encoder, densify, decoder, optimizer, rest; ``W``: the decoder width, in a run of several);
 - ``{{ref NAME key=a.b.c}}``: a number from a reference-points run;
 - ``{{worst NAME variant=V against=A,B field=F}}``: over every configuration (model, mask, dtype,
   batch) of a run, the smallest ratio of the fastest of ``A, B`` to ``V`` in ``F`` (e.g. ``fwd_bwd_ms``):

@@ -1,11 +1,12 @@
-"""Where a whole SparK training step's time goes, per variant: encoder, decoder, optimizer, the rest.
+"""Where a whole SparK training step's time goes, per variant: encoder, densify, decoder, optimizer, the rest.
 
     python benchmarks/step_breakdown.py --models resnet50 convnext_tiny --variants recipe:spark recipe:fast recipe:fast@bf16
     python benchmarks/step_breakdown.py --models resnet18 --variants recipe:spark recipe:fast --decoder-widths 768 384 256
 
 Each part is timed alone on the variant's real shapes (medians of ``--repeats`` after one warm-up,
 variants interleaved): the encoder's forward+backward, the decoder's forward+backward on fixed
-densified inputs, one optimizer step; "densify, loss, rest" is the whole step minus those three.
+densified inputs, densify (norms, mask tokens, projections) forward+backward on fixed encoder
+features, one optimizer step; "loss, rest" is the whole step minus those four.
 This explains the step speed-ups of ``compare_backends.py --what step``; it is not a substitute.
 ``--decoder-widths 768 384 256`` times each variant with each width of spark-pretrain's
 ``--decoder_width`` (SparK's 768 by default): the decoder is dense on every backend, so this is the
@@ -37,9 +38,9 @@ from _measure import Workload, summarize, time_once
 from _report import breakdown_lines, decoder_widths_note, provenance, row_label
 from _variants import DTYPES, Variant, autocast, tune_workload
 
-PARTS = ("step", "encoder", "decoder", "optimizer")
+PARTS = ("step", "encoder", "densify", "decoder", "optimizer")
 #: printed under each table: the last column is not timed itself, so it carries the other columns' noise
-REST_NOTE = ("densify, loss, rest = step - encoder - decoder - optimizer, medians of parts timed alone: a remainder, "
+REST_NOTE = ("loss, rest = step - encoder - densify - decoder - optimizer, medians of parts timed alone: a remainder, "
              "not timed itself, so timing noise (or a part slower alone than inside the step) can make it negative")
 VARIANT_SYNTAX = (f"a variant is a backend (e.g. masked, sparse) or recipe:<{'|'.join(RECIPES)}>, optionally with "
                   f"@<{'|'.join(DTYPES)}> for its autocast dtype (e.g. recipe:fast@bf16)")
@@ -94,7 +95,16 @@ def unknown_variant(names: list[str]) -> Optional[str]:
 def part_functions(work: Workload) -> dict:
     spark = work.spark
     with torch.no_grad(), autocast(work.device, work.dtype):
-        decoder_inputs = [t.detach() for t in spark.densify(spark.encode(work.images, work.fresh_mask()))]
+        features = spark.encode(work.images, work.fresh_mask())
+        decoder_inputs = [t.detach() for t in spark.densify(features)]
+    features = [f.with_data(f.data.detach()) for f in features]
+
+    def densify() -> None:
+        inputs = [f.with_data(f.data.clone().requires_grad_(True)) for f in features]
+        with autocast(work.device, work.dtype):
+            out = spark.densify(inputs)
+        sum(t.float().square().mean() for t in out).backward()
+        spark.zero_grad(set_to_none=True)
 
     def decoder() -> None:
         inputs = [t.clone().requires_grad_(True) for t in decoder_inputs]
@@ -109,7 +119,8 @@ def part_functions(work: Workload) -> dict:
                 p.grad = torch.zeros_like(p)
         work.optimizer.step()
 
-    return {"step": work.step, "encoder": work.forward_backward, "decoder": decoder, "optimizer": optimizer}
+    return {"step": work.step, "encoder": work.forward_backward, "densify": densify, "decoder": decoder,
+            "optimizer": optimizer}
 
 
 def main(argv=None) -> None:
@@ -141,7 +152,7 @@ def main(argv=None) -> None:
         for name, width in works:
             med = {part: summarize(samples[name, width][part])["median"] for part in PARTS}
             rows.append({"variant": name, "decoder_width": width, **med,
-                         "rest": med["step"] - med["encoder"] - med["decoder"] - med["optimizer"]})
+                         "rest": med["step"] - sum(med[part] for part in PARTS[1:])})
         print("\n".join(breakdown_lines(rows)))
         negative = [row_label(row, rows) for row in rows if row["rest"] < 0]
         print(REST_NOTE + (f"; negative here for {', '.join(negative)}" if negative else ""))
