@@ -12,7 +12,7 @@ import difflib
 from typing import Iterable, Optional, Sequence
 
 import spark_sparse as ss
-from spark_sparse.decoder import SPARK_DECODER_WIDTH, check_decoder_width
+from spark_sparse.decoder import check_decoder_width
 from spark_sparse.errors import ConfigError
 from spark_sparse.train.config import PATCH
 from spark_sparse.models import UnknownModelError, resolve_model_name
@@ -44,14 +44,17 @@ def input_size(flag: str, value: int) -> Rule:
 
 
 def decoder_width(flag: str, value: int) -> Rule:
-    """spark-pretrain's ``--decoder_width`` rule: the decoder's own check at SparK's patch."""
+    """spark-pretrain's ``--decoder_width`` rule, in the decoder's own words (its check at SparK's patch)."""
     try:
         check_decoder_width(PATCH, value)
-        ok = True
-    except ConfigError:
-        ok = False
-    return flag, value, ok, (f"at least {PATCH}, as the decoder halves it at each of its {PATCH.bit_length() - 1} "
-                             f"levels (SparK: {SPARK_DECODER_WIDTH})")
+    except ConfigError as err:
+        return flag, value, False, str(err).split(": ", 1)[1]
+    return flag, value, True, ""
+
+
+def positive_seconds(flag: str, value: float) -> Rule:
+    """nan and inf fail the comparison too."""
+    return flag, value, 0 < value < float("inf"), "a positive number of seconds"
 
 
 def mask_ratio(flag: str, value: float) -> Rule:

@@ -145,11 +145,13 @@ def row_label(row: dict, rows: list[dict]) -> str:
     return f"{row['variant']} w{row['decoder_width']}" if several else row["variant"]
 
 
-def decoder_widths_note(meta: dict) -> str:
-    """", decoder width N" for a step breakdown of one width (rows name theirs where there are several; runs
-    before ``--decoder-widths`` recorded none: SparK's)."""
+def breakdown_title(table: dict, meta: dict) -> str:
+    """The line above a step breakdown's table: its model and settings (the decoder width where the run has one,
+    rows name theirs where it has several; runs before ``--decoder-widths`` recorded none: SparK's)."""
     widths = meta.get("decoder_widths") or []
-    return f", decoder width {widths[0]}" if len(widths) == 1 else ""
+    width = f", decoder width {widths[0]}" if len(widths) == 1 else ""
+    return (f"{table['model']}, batch {meta['batch_size']}, {meta['input_size']} px, mask {meta['mask']}, "
+            f"{meta['threads']} threads{width} (ms, median of {meta['repeats']}; share of the step)")
 
 
 def breakdown_lines(rows: list[dict]) -> list[str]:

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 import spark_sparse as ss
-from spark_sparse.autotune import AutotuneOptions, AutotuneResult, autotune
+from spark_sparse.autotune import MODES, AutotuneOptions, AutotuneResult, autotune
 from spark_sparse.decoder import SPARK_DECODER_WIDTH
 from spark_sparse.errors import ConfigError
 from spark_sparse.models.model_kwargs import parse_model_kwargs
@@ -51,13 +51,14 @@ class Variant:
         """The column's model; ``backend`` replaces the column's (the autotune guard's masked twin);
         ``model_kwargs``: the model constructor's own arguments (``--model-kwargs``); ``decoder_width``:
         spark-pretrain's ``--decoder_width``."""
-        kwargs = dict(model_kwargs or {}, input_size=input_size, mask_ratio=mask_ratio, drop_path_rate=0.0,
-                      decoder_width=decoder_width)
+        spark_kwargs = dict(input_size=input_size, mask_ratio=mask_ratio, drop_path_rate=0.0,
+                            decoder_width=decoder_width)
         if self.recipe is None:
-            return ss.create_spark(model, backend=backend or self.base, **kwargs).to(device)
+            return ss.create_spark(model, backend=backend or self.base, **spark_kwargs, **(model_kwargs or {})
+                                   ).to(device)
         plan = plan_speed(self.recipe, device)
         plan = replace(plan, backend=backend) if backend else plan
-        spark = ss.create_spark(model, backend=plan.backend, **kwargs).to(device)
+        spark = ss.create_spark(model, backend=plan.backend, **spark_kwargs, **(model_kwargs or {})).to(device)
         return apply_speed_plan(spark, plan)
 
     def optimizer(self, spark: ss.SparK, model: str, device: str) -> torch.optim.Optimizer:
@@ -69,6 +70,15 @@ def add_model_kwargs_argument(parser: argparse.ArgumentParser, help: str) -> Non
     """``--model-kwargs KEY=VALUE ...``: words as spark-pretrain's ``--model_kwargs`` takes them (kept as words, so
     that a subprocess is handed the same ones; :func:`parse_model_kwargs_argument` reads them)."""
     parser.add_argument("--model-kwargs", "--model_kwargs", nargs="+", default=[], metavar="KEY=VALUE", help=help)
+
+
+def add_autotune_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--autotune`` and ``--autotune-budget``: how columns on backend ``auto`` (``recipe:fast``) are tuned before
+    they are timed, as spark-pretrain tunes before its first step (the tuning time is never in the timings)."""
+    parser.add_argument("--autotune", choices=MODES, default="on",
+                        help="columns on backend auto (and recipe:fast) are tuned before timing: on = measure what the "
+                             "cache lacks, cached = the cache only, off = the static rule (tuning time reported apart)")
+    parser.add_argument("--autotune-budget", type=float, default=60.0, help="seconds of per-layer tuning at most")
 
 
 def parse_model_kwargs_argument(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -45,18 +45,17 @@ import torch  # noqa: E402
 import timm  # noqa: E402
 
 import spark_sparse as ss  # noqa: E402
-from spark_sparse.autotune import MODES  # noqa: E402
 from spark_sparse.models.model_kwargs import format_model_kwargs  # noqa: E402
 from spark_sparse.testing import switch_branches_on  # noqa: E402
 from spark_sparse.user_modules import UserModuleError, import_user_module  # noqa: E402
-from _args import (HelpFormatter, at_least, first_problem, input_size, mask_ratio, unknown_backend,  # noqa: E402
-                   unknown_model, unknown_recipe)
+from _args import (HelpFormatter, at_least, first_problem, input_size, mask_ratio, positive_seconds,  # noqa: E402
+                   unknown_backend, unknown_model, unknown_recipe)
 from _equivalence import compare, fp32_noise_floor, outputs_of  # noqa: E402
 from _capacity import fit_largest_batch, markdown_section, memory_budget_mb  # noqa: E402
 from _measure import (Workload, peak_memory as peak_memory_in_process, peak_rss_growth_mb, persistent_mb,  # noqa: E402
                       summarize, time_and_cuda_peak, time_once)
 from _report import _fmt, error_vs_floor, provenance, write_json, write_markdown, write_plots  # noqa: E402
-from _variants import (DTYPES, Variant, add_model_kwargs_argument, autotune_record, parse_model_kwargs_argument,  # noqa: E402
+from _variants import (DTYPES, Variant, add_autotune_arguments, add_model_kwargs_argument, autotune_record, parse_model_kwargs_argument,  # noqa: E402
                        tune_workload)
 
 
@@ -127,10 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="--what step: also the largest batch at equal memory (peak at the batch and at half of it)")
     p.add_argument("--allow-missing", action="store_true",
                    help="skip --backends that are not registered in this version (with the reason) instead of failing")
-    p.add_argument("--autotune", choices=MODES, default="on",
-                   help="columns on backend auto (and recipe:fast) are tuned before timing: on = measure what the "
-                        "cache lacks, cached = the cache only, off = the static rule (tuning time reported apart)")
-    p.add_argument("--autotune-budget", type=float, default=60.0, help="seconds of per-layer tuning at most")
+    add_autotune_arguments(p)
     p.add_argument("--out", type=Path, default=Path("bench_out"),
                    help="folder for results.json, results.md and the plots (printed at the end)")
     if p.parse_known_args(argv)[0].quick:
@@ -164,6 +160,7 @@ def invalid_setting(args: argparse.Namespace) -> Optional[str]:
         input_size("--input-size", args.input_size), *[mask_ratio("--mask", r) for r in args.mask],
         at_least("--batch-size", args.batch_size, 1), at_least("--repeats", args.repeats, 1),
         at_least("--warmup", args.warmup, 0), at_least("--threads", args.threads, 1),
+        positive_seconds("--autotune-budget", args.autotune_budget),
         ("--check-batch", args.check_batch, args.check_batch is None or args.check_batch >= 1, "at least 1")]))
     if problem:
         return problem

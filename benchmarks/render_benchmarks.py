@@ -24,7 +24,8 @@ Placeholders in the template (``{{directive folder key=value ...}}``):
 - ``{{ratio NAME model=M mask=R field=F num=V1 den=V2}}``: ``F(V1) / F(V2)``, e.g. peak memory of
   ``sparse`` over ``masked``;
 - ``{{part NAME model=M variant=V part=P [width=W]}}``: a step-breakdown median in ms (``P``: step,
-  encoder, densify, decoder, optimizer, rest; ``W``: the decoder width, in a run of several);
+  encoder, densify, decoder, optimizer, rest, which includes densify in runs that did not time it
+  alone; ``W``: the decoder width, in a run of several);
 - ``{{ref NAME key=a.b.c}}``: a number from a reference-points run;
 - ``{{worst NAME variant=V against=A,B field=F}}``: over every configuration (model, mask, dtype,
   batch) of a run, the smallest ratio of the fastest of ``A, B`` to ``V`` in ``F`` (e.g. ``fwd_bwd_ms``):
@@ -57,7 +58,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from _capacity import markdown_section
-from _report import breakdown_lines, decoder_widths_note, equivalence_header, equivalence_row, error_vs_floor, weights_note
+from _report import breakdown_lines, breakdown_title, equivalence_header, equivalence_row, error_vs_floor, weights_note
 from gpu_check import targets as gpu_targets
 
 HERE = Path(__file__).resolve().parent
@@ -208,10 +209,7 @@ def render_breakdown(name: str, entry: dict) -> str:
     meta, tables = entry["data"]["meta"], entry["data"]["tables"]
     lines = ["```", _command(meta), "```", "", f"Provenance: {_provenance(meta)}", "", "```"]
     for table in tables:
-        lines.append(f"{table['model']}, batch {meta['batch_size']}, {meta['input_size']} px, mask {meta['mask']}, "
-                     f"{meta['threads']} threads{decoder_widths_note(meta)} (ms, median of {meta['repeats']}; share of "
-                     f"the step)")
-        lines += breakdown_lines(table["rows"])
+        lines += [breakdown_title(table, meta), *breakdown_lines(table["rows"])]
         lines.append("")
     lines[-1] = "```"
     return "\n".join(lines)
@@ -295,6 +293,8 @@ def _ratio(entry: dict, args: dict) -> float:
 
 def _part(entry: dict, args: dict) -> float:
     """``width=W`` picks the row of one decoder width in a run of several (``--decoder-widths``)."""
+    if "width" in args and not args["width"].isdigit():
+        raise TemplateError(f"width={args['width']}: a decoder width is a whole number")
     for table in entry["data"]["tables"]:
         if table["model"] == args["model"]:
             rows = [row for row in table["rows"] if row["variant"] == args["variant"]
@@ -302,10 +302,14 @@ def _part(entry: dict, args: dict) -> float:
             if len(rows) > 1:
                 raise TemplateError(f"{len(rows)} breakdown rows model={args['model']} variant={args['variant']}: "
                                     f"name one with width=")
+            if rows and args["part"] not in rows[0]:
+                raise TemplateError(f"part={args['part']}: not timed in that run (runs before densify was timed alone "
+                                    f"count it in rest)")
             if rows:
                 return rows[0][args["part"]]
     raise TemplateError(f"no breakdown row model={args['model']} variant={args['variant']}"
-                        + (f" width={args['width']}" if "width" in args else ""))
+                        + (f" width={args['width']} (runs before --decoder-widths recorded no width)"
+                           if "width" in args else ""))
 
 
 def _ref(entry: dict, args: dict) -> float:

@@ -9,8 +9,8 @@ densified inputs, densify (norms, mask tokens, projections) forward+backward on 
 features, one optimizer step; "loss, rest" is the whole step minus those four.
 This explains the step speed-ups of ``compare_backends.py --what step``; it is not a substitute.
 ``--decoder-widths 768 384 256`` times each variant with each width of spark-pretrain's
-``--decoder_width`` (SparK's 768 by default): the decoder is dense on every backend, so this is the
-part of the step a narrower decoder saves.
+``--decoder_width`` (SparK's 768 by default): a narrower decoder shrinks the decoder, densify's
+projections and their optimizer state, which no backend makes sparse.
 With ``--out DIR`` the medians are also written to ``DIR/breakdown.json`` (with the run's commit,
 machine and versions), which ``render_benchmarks.py`` turns into BENCHMARKS.md's table.
 """
@@ -22,21 +22,21 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
 import spark_sparse as ss
-from spark_sparse.autotune import MODES
+from spark_sparse.autotune import AutotuneResult
 from spark_sparse.speed import RECIPES
 from spark_sparse.decoder import SPARK_DECODER_WIDTH
-from _args import (HelpFormatter, at_least, decoder_width, first_problem, input_size, mask_ratio, unknown_model,
-                   unusable_backend)
+from _args import (HelpFormatter, at_least, decoder_width, first_problem, input_size, mask_ratio, positive_seconds,
+                   unknown_model, unusable_backend)
 from _measure import Workload, summarize, time_once
-from _report import breakdown_lines, decoder_widths_note, provenance, row_label
-from _variants import DTYPES, Variant, autocast, tune_workload
+from _report import breakdown_lines, breakdown_title, provenance, row_label
+from _variants import DTYPES, Variant, add_autotune_arguments, autocast, autotune_record, tune_workload
 
 PARTS = ("step", "encoder", "densify", "decoder", "optimizer")
 #: printed under each table: the last column is not timed itself, so it carries the other columns' noise
@@ -59,17 +59,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--input-size", type=int, default=224, help="image side in pixels (multiple of 32)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round (medians reported)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--autotune", choices=MODES, default="on",
-                   help="variants on backend auto (recipe:fast) are tuned before timing, as spark-pretrain tunes before "
-                        "its first step: on = measure what the cache lacks, cached = the cache only, off = the static rule")
-    p.add_argument("--autotune-budget", type=float, default=60.0, help="seconds of per-layer tuning at most")
+    add_autotune_arguments(p)
     p.add_argument("--out", type=Path, default=None, help="also write the medians to OUT/breakdown.json")
     args = p.parse_args(argv)
     problem = unknown_model("--models", args.models) or unknown_variant(args.variants) or first_problem([
         *[decoder_width("--decoder-widths", width) for width in args.decoder_widths],
         mask_ratio("--mask", args.mask), at_least("--batch-size", args.batch_size, 1),
         input_size("--input-size", args.input_size), at_least("--repeats", args.repeats, 1),
-        at_least("--threads", args.threads, 1)])
+        at_least("--threads", args.threads, 1), positive_seconds("--autotune-budget", args.autotune_budget)])
     if problem:
         p.error(problem)
     args.decoder_widths = list(dict.fromkeys(args.decoder_widths))      # each width once
@@ -92,25 +89,30 @@ def unknown_variant(names: list[str]) -> Optional[str]:
     return None
 
 
-def part_functions(work: Workload) -> dict:
+def part_functions(work: Workload) -> dict[str, Callable[[], None]]:
+    """Each part of ``work``'s step as a call to time alone. Densify and decoder run on fixed inputs (the
+    encoder's features, densify's outputs) made once here, and back-propagate fixed random gradients, so
+    neither times the parts before it nor a stand-in loss."""
     spark = work.spark
     with torch.no_grad(), autocast(work.device, work.dtype):
         features = spark.encode(work.images, work.fresh_mask())
-        decoder_inputs = [t.detach() for t in spark.densify(features)]
-    features = [f.with_data(f.data.detach()) for f in features]
+        decoder_inputs = spark.densify(features)
+    densify_grads = [torch.randn_like(t) for t in decoder_inputs]
+    with torch.no_grad(), autocast(work.device, work.dtype):
+        decoder_grad = torch.randn_like(spark.decoder(decoder_inputs))
 
     def densify() -> None:
-        inputs = [f.with_data(f.data.clone().requires_grad_(True)) for f in features]
+        inputs = [f.with_data(f.data.detach().requires_grad_(True)) for f in features]     # fresh leaves, no copy
         with autocast(work.device, work.dtype):
             out = spark.densify(inputs)
-        sum(t.float().square().mean() for t in out).backward()
+        torch.autograd.backward(out, densify_grads)
         spark.zero_grad(set_to_none=True)
 
     def decoder() -> None:
-        inputs = [t.clone().requires_grad_(True) for t in decoder_inputs]
+        inputs = [t.detach().requires_grad_(True) for t in decoder_inputs]
         with autocast(work.device, work.dtype):
             out = spark.decoder(inputs)
-        out.float().square().mean().backward()
+        out.backward(decoder_grad)
         spark.zero_grad(set_to_none=True)
 
     def optimizer() -> None:
@@ -123,20 +125,32 @@ def part_functions(work: Workload) -> dict:
             "optimizer": optimizer}
 
 
+Key = tuple[str, int]         # (variant, decoder width)
+
+
+def tuned_workloads(args, model: str) -> tuple[dict[Key, Workload], dict[Key, AutotuneResult]]:
+    """Each (variant, decoder width)'s Workload and its tuning: a variant on backend auto is tuned before it is
+    timed, its first width with ``--autotune``, the others from the cache that left (``cached``), so the rows of
+    one variant run the same encoder kernels and differ in the decoder width alone."""
+    works, tunings = {}, {}
+    for name in args.variants:
+        for index, width in enumerate(args.decoder_widths):
+            works[name, width] = work = Workload(Variant(name), model, args.input_size, args.mask, args.batch_size,
+                                                 "fp32", "cpu", decoder_width=width)
+            mode = "cached" if index and args.autotune == "on" else args.autotune
+            tunings[name, width] = tuned = tune_workload(work, work.dtype, mode, args.autotune_budget)
+            if tuned.applies:
+                print(f"[breakdown] {model} {name}, decoder width {width}: runs {tuned.backend} ({mode}, "
+                      f"{tuned.seconds:.1f} s, not in the timings); {tuned.summary()}", flush=True)
+    return works, tunings
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     started, tables = time.time(), []
     for model in args.models:
-        works = {}
-        for name in args.variants:
-            for width in args.decoder_widths:
-                works[name, width] = work = Workload(Variant(name), model, args.input_size, args.mask,
-                                                     args.batch_size, "fp32", "cpu", decoder_width=width)
-                tuned = tune_workload(work, work.dtype, args.autotune, args.autotune_budget)
-                if tuned.applies:
-                    print(f"[breakdown] {model} {name} w{width} tuned in {tuned.seconds:.1f} s (not in its timings): "
-                          f"runs {tuned.backend}; {tuned.summary()}", flush=True)
+        works, tunings = tuned_workloads(args, model)
         parts = {key: part_functions(work) for key, work in works.items()}
         samples = {key: {part: [] for part in PARTS} for key in works}
         for rep in range(args.repeats + 1):
@@ -146,18 +160,18 @@ def main(argv=None) -> None:
                     if rep:
                         samples[key][part].append(elapsed)
             print(f"[breakdown] {model}: " + (f"repeat {rep}/{args.repeats}" if rep else "warm-up done"), flush=True)
-        print(f"\n{model}, batch {args.batch_size}, {args.input_size} px, mask {args.mask}, {args.threads} threads"
-              f"{decoder_widths_note(vars(args))} (ms, median of {args.repeats}; share of the step)")
         rows = []
         for name, width in works:
             med = {part: summarize(samples[name, width][part])["median"] for part in PARTS}
             rows.append({"variant": name, "decoder_width": width, **med,
-                         "rest": med["step"] - sum(med[part] for part in PARTS[1:])})
-        print("\n".join(breakdown_lines(rows)))
+                         "rest": med["step"] - sum(med[part] for part in PARTS[1:]),
+                         "autotune": autotune_record(tunings[name, width])})
+        table = {"model": model, "rows": rows}
+        print("\n" + "\n".join([breakdown_title(table, vars(args)), *breakdown_lines(rows)]))
         negative = [row_label(row, rows) for row in rows if row["rest"] < 0]
         print(REST_NOTE + (f"; negative here for {', '.join(negative)}" if negative else ""))
         print()
-        tables.append({"model": model, "rows": rows})
+        tables.append(table)
     if args.out is not None:
         write_breakdown(args, tables, time.time() - started)
 

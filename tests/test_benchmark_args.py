@@ -36,8 +36,9 @@ REFUSED = [
     ("step_breakdown", ["--batch-size", "0"], "--batch-size 0: must be at least 1"),
     ("step_breakdown", ["--threads", "0"], "--threads 0: must be at least 1"),
     ("step_breakdown", ["--input-size", "100"], "--input-size 100: must be a positive multiple of 32"),
-    ("step_breakdown", ["--decoder-widths", "768", "16"], "--decoder-widths 16: must be at least 32, as the decoder "
-                                                          "halves it at each of its 5 levels"),
+    ("step_breakdown", ["--decoder-widths", "768", "16"], "--decoder-widths 16: must be an int of at least 32, as it "
+                                                          "is halved at each of the decoder's 5 levels (SparK: 768)"),
+    ("step_breakdown", ["--autotune-budget", "nan"], "--autotune-budget nan: must be a positive number of seconds"),
     ("step_breakdown", ["--mask", "nan"], "--mask nan: must be a ratio of hidden patches above 0 and below 1"),
     ("kernel_profile", ["--model", "nosuchmodel"], "--model: unknown model 'nosuchmodel'"),
     ("kernel_profile", ["--backends", "masked", "nosuch"], "--backends nosuch: not a registered backend"),
@@ -155,13 +156,53 @@ def test_the_breakdown_times_each_variant_at_each_decoder_width_and_names_the_ro
         render_benchmarks._part(entry, {**part, "width": "512"})
 
 
+def test_a_variants_later_decoder_widths_reuse_its_first_widths_tuning(monkeypatch):
+    """Each width tuned on its own could pick other encoder kernels (timing noise): the rows would mix them in."""
+    modes = []
+    monkeypatch.setattr(step_breakdown, "Workload", lambda *a, **k: argparse.Namespace(dtype="fp32"))
+    monkeypatch.setattr(step_breakdown, "tune_workload", lambda work, dtype, mode, budget: modes.append(mode) or NOT_TUNED)
+    args = step_breakdown.parse_args(["--variants", "masked", "recipe:fast", "--decoder-widths", "768", "384", "256"])
+    step_breakdown.tuned_workloads(args, "resnet18")
+    assert modes == ["on", "cached", "cached"] * 2
+    modes.clear()
+    step_breakdown.tuned_workloads(step_breakdown.parse_args(["--decoder-widths", "768", "384", "--autotune", "off"]),
+                                   "resnet18")
+    assert set(modes) == {"off"}
+
+
+def test_a_breakdown_from_before_densify_and_widths_renders_its_own_columns():
+    import render_benchmarks
+    from _report import breakdown_lines
+
+    rows = [{"variant": "recipe:spark", "step": 10.0, "encoder": 4.0, "decoder": 3.0, "optimizer": 1.0, "rest": 2.0}]
+    header, line = breakdown_lines(rows)
+    assert header.split() == ["variant", "step", "encoder", "decoder", "optimizer", "densify,", "loss,", "rest"]
+    assert line.startswith("recipe:spark ") and line.endswith("2 ( 20%)")
+    entry = {"kind": "breakdown", "data": {"tables": [{"model": "resnet50", "rows": rows}]}}
+    part = {"model": "resnet50", "variant": "recipe:spark"}
+    assert render_benchmarks._part(entry, {**part, "part": "rest"}) == 2.0
+    with pytest.raises(render_benchmarks.TemplateError, match="part=densify: not timed in that run"):
+        render_benchmarks._part(entry, {**part, "part": "densify"})
+    with pytest.raises(render_benchmarks.TemplateError, match="recorded no width"):
+        render_benchmarks._part(entry, {**part, "part": "step", "width": "768"})
+    with pytest.raises(render_benchmarks.TemplateError, match="width=wide: a decoder width is a whole number"):
+        render_benchmarks._part(entry, {**part, "part": "step", "width": "wide"})
+
+
+def test_a_model_argument_that_is_a_spark_setting_is_refused_not_overridden():
+    """--model-kwargs drop_path_rate=0.1 was silently replaced by the benchmark's 0.0 (and decoder_width=... by
+    SparK's 768)."""
+    with pytest.raises(TypeError, match="multiple values for keyword argument 'decoder_width'"):
+        step_breakdown.Variant("masked").build("resnet18", 64, 0.6, "cpu", model_kwargs={"decoder_width": 64})
+
+
 def test_the_breakdown_tunes_a_variant_on_auto_before_timing_it(capsys, recwarn):
     """recipe:fast runs backend auto: untimed, untuned, it ran the static rule (with a warning saying so), not what
     spark-pretrain runs."""
     step_breakdown.main(["--models", "resnet18", "--variants", "masked", "recipe:fast", "--input-size", "64",
                          "--batch-size", "1", "--repeats", "1", "--decoder-widths", "32", "--autotune", "off"])
     out = capsys.readouterr().out
-    assert "recipe:fast w32 tuned in" in out and "masked w32 tuned" not in out
+    assert "recipe:fast, decoder width 32: runs auto (off," in out and "masked, decoder width" not in out
     assert not [w for w in recwarn if "has not been tuned" in str(w.message)]
     assert ", decoder width 32 (ms" in out
 
