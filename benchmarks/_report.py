@@ -18,6 +18,10 @@ from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 
+#: CPU features that change what a table measures: the vector width of fp32 matmuls and whether bf16 has
+#: matmul units of its own (without avx512_bf16 or amx_bf16, bf16 matmuls go through fp32 and are slower than fp32)
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
 
 def provenance() -> dict:
     """Commit, dirty state, date and interpreter of this run (``None`` fields outside a git checkout)."""

@@ -54,7 +54,7 @@ from _equivalence import compare, fp32_noise_floor, outputs_of  # noqa: E402
 from _capacity import fit_largest_batch, markdown_section, memory_budget_mb  # noqa: E402
 from _measure import (Workload, peak_memory as peak_memory_in_process, peak_rss_growth_mb, persistent_mb,  # noqa: E402
                       summarize, time_and_cuda_peak, time_once)
-from _report import _fmt, error_vs_floor, provenance, write_json, write_markdown, write_plots  # noqa: E402
+from _report import CPU_FEATURES, _fmt, error_vs_floor, provenance, write_json, write_markdown, write_plots  # noqa: E402
 from _variants import (DTYPES, Variant, add_autotune_arguments, add_model_kwargs_argument, autotune_record, parse_model_kwargs_argument,  # noqa: E402
                        tune_workload)
 
@@ -189,12 +189,18 @@ def select_variants(args) -> tuple[list[Variant], dict[str, str]]:
 
 
 def machine_info() -> dict:
-    cpu = platform.processor() or "unknown"
+    """The machine a table was measured on. CPUs of one model name can differ in what matters (one "Intel(R)
+    Xeon(R) Processor" has AMX-BF16 tiles, another not), so the features in :data:`CPU_FEATURES` are recorded."""
+    cpu, flags = platform.processor() or "unknown", None
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
+        with open("/proc/cpuinfo") as fh:
+            info = dict(line.split(":", 1) for line in fh.read().split("\n\n")[0].splitlines() if ":" in line)
+        info = {key.strip(): value.strip() for key, value in info.items()}
+        cpu, flags = info.get("model name", cpu), set(info.get("flags", "").split())
+    except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "cpu_features": None if flags is None else [f for f in CPU_FEATURES if f in flags],
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 

@@ -58,7 +58,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from _capacity import markdown_section
-from _report import breakdown_lines, breakdown_title, equivalence_header, equivalence_row, error_vs_floor, weights_note
+from _report import (CPU_FEATURES, breakdown_lines, breakdown_title, equivalence_header, equivalence_row, error_vs_floor,
+                     weights_note)
 from gpu_check import targets as gpu_targets
 
 HERE = Path(__file__).resolve().parent
@@ -120,6 +121,15 @@ def _tree_state(prov: dict) -> str:
     return "with uncommitted changes to " + ", ".join(code[:5]) + (", ..." if len(code) > 5 else "")
 
 
+def _cpu_features(machine: dict) -> str:
+    """"; avx2, avx512f, no bf16 units" (runs before the features were recorded: nothing)."""
+    features = machine.get("cpu_features")
+    if features is None:
+        return ""
+    bf16 = "" if {"avx512_bf16", "amx_bf16"} & set(features) else ", no bf16 units (avx512_bf16, amx_bf16)"
+    return f"; {', '.join(features) or 'none of ' + ', '.join(CPU_FEATURES)}{bf16}"
+
+
 def _provenance(meta: dict) -> str:
     prov = meta.get("provenance") or {}
     commit = prov.get("git_commit")
@@ -132,7 +142,8 @@ def _provenance(meta: dict) -> str:
     machine = meta.get("machine", {})
     versions = meta.get("versions", {})
     libs = ", ".join(f"{name} {version}" for name, version in versions.items() if version)
-    cpu = f"{machine.get('cpu', 'unknown CPU')} ({machine.get('cores', '?')} cores)" if machine else "machine not recorded"
+    cpu = f"{machine.get('cpu', 'unknown CPU')} ({machine.get('cores', '?')} cores{_cpu_features(machine)})" \
+        if machine else "machine not recorded"
     gpu = f", GPU {machine['gpu']}" if machine.get("gpu") else ""
     python = machine.get("python") or prov.get("python")
     return f"{where}; {cpu}{gpu}{', Python ' + python if python else ''}{'; ' + libs if libs else ''}."

@@ -313,3 +313,24 @@ def test_stale_lists_the_commits_since_each_run_that_changed_the_code_it_measure
     assert rb.staleness(rb.load_results(results), repo)[1] == (
         "fresh", measured_at[:10], "2 commits since, changing 2 files; measured with uncommitted changes to "
                                    "kernels/gather.py")
+
+
+@pytest.mark.parametrize("features, shown", [
+    (None, "(4 cores)"),                                                    # a run before features were recorded
+    (["avx2", "avx512f"], "(4 cores; avx2, avx512f, no bf16 units (avx512_bf16, amx_bf16))"),
+    (["avx2", "avx512f", "amx_tile", "amx_bf16"], "(4 cores; avx2, avx512f, amx_tile, amx_bf16)")])
+def test_the_provenance_says_whether_the_cpu_has_bf16_units(features, shown):
+    """Two CPUs named "Intel(R) Xeon(R) Processor" differed eightfold in bf16 steps: one had AMX-BF16 tiles."""
+    machine = {"cpu": "Intel(R) Xeon(R) Processor", "cores": 4, "python": "3.11.7"}
+    if features is not None:
+        machine["cpu_features"] = features
+    assert f"Intel(R) Xeon(R) Processor {shown}, Python" in rb._provenance({"machine": machine})
+
+
+def test_the_benchmark_records_this_cpus_features():
+    import compare_backends
+
+    features = compare_backends.machine_info()["cpu_features"]
+    flags = set(open("/proc/cpuinfo").read().split("flags", 1)[1].split("\n", 1)[0].split()) if os.path.exists(
+        "/proc/cpuinfo") else set()
+    assert features == [f for f in compare_backends.CPU_FEATURES if f in flags] or (features is None and not flags)
