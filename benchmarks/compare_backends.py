@@ -55,8 +55,8 @@ from _capacity import fit_largest_batch, markdown_section, memory_budget_mb  # n
 from _measure import (Workload, peak_memory as peak_memory_in_process, peak_rss_growth_mb, persistent_mb,  # noqa: E402
                       summarize, time_and_cuda_peak, time_once)
 from _report import CPU_FEATURES, _fmt, error_vs_floor, provenance, write_json, write_markdown, write_plots  # noqa: E402
-from _variants import (DTYPES, Variant, add_autotune_arguments, add_model_kwargs_argument, autotune_record, parse_model_kwargs_argument,  # noqa: E402
-                       tune_workload)
+from _variants import (DTYPES, Variant, add_autotune_arguments, add_model_kwargs_argument, autotune_record,  # noqa: E402
+                       parse_model_kwargs_argument, tune_workload)
 
 
 #: one model per timm CNN family SparK-sparse supports beyond ResNet/ConvNeXt (all checked on every backend

@@ -30,8 +30,8 @@ import torch
 
 import spark_sparse as ss
 from spark_sparse.autotune import AutotuneResult
-from spark_sparse.speed import RECIPES
 from spark_sparse.decoder import SPARK_DECODER_WIDTH
+from spark_sparse.speed import RECIPES
 from _args import (HelpFormatter, at_least, decoder_width, first_problem, input_size, mask_ratio, positive_seconds,
                    unknown_model, unusable_backend)
 from _measure import Workload, summarize, time_once
@@ -97,8 +97,7 @@ def part_functions(work: Workload) -> dict[str, Callable[[], None]]:
     with torch.no_grad(), autocast(work.device, work.dtype):
         features = spark.encode(work.images, work.fresh_mask())
         decoder_inputs = spark.densify(features)
-    densify_grads = [torch.randn_like(t) for t in decoder_inputs]
-    with torch.no_grad(), autocast(work.device, work.dtype):
+        densify_grads = [torch.randn_like(t) for t in decoder_inputs]
         decoder_grad = torch.randn_like(spark.decoder(decoder_inputs))
 
     def densify() -> None:
