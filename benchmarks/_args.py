@@ -12,7 +12,7 @@ import difflib
 from typing import Iterable, Optional, Sequence
 
 import spark_sparse as ss
-from spark_sparse.decoder import check_decoder_width
+from spark_sparse.decoder import check_decoder_width, decoder_width_rule
 from spark_sparse.errors import ConfigError
 from spark_sparse.train.config import PATCH
 from spark_sparse.models import UnknownModelError, resolve_model_name
@@ -47,8 +47,8 @@ def decoder_width(flag: str, value: int) -> Rule:
     """spark-pretrain's ``--decoder_width`` rule, in the decoder's own words (its check at SparK's patch)."""
     try:
         check_decoder_width(PATCH, value)
-    except ConfigError as err:
-        return flag, value, False, str(err).split(": ", 1)[1]
+    except ConfigError:
+        return flag, value, False, decoder_width_rule(PATCH)
     return flag, value, True, ""
 
 

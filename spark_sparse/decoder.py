@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .errors import ConfigError
 
-__all__ = ["UNetBlock", "LightDecoder", "SPARK_DECODER_WIDTH", "check_decoder_width"]
+__all__ = ["UNetBlock", "LightDecoder", "SPARK_DECODER_WIDTH", "check_decoder_width", "decoder_width_rule"]
 
 #: SparK's decoder: 768 channels at the coarsest level, halved at each upsampling block
 SPARK_DECODER_WIDTH = 768
@@ -47,16 +47,22 @@ class UNetBlock(nn.Module):
         return self.conv(self.up_sample(x))
 
 
+def decoder_width_rule(up_sample_ratio: int) -> str:
+    """What a decoder width must be, in the words every refusal of one uses (the decoder's, the CLI's, the
+    benchmarks')."""
+    levels = round(math.log2(up_sample_ratio))
+    return (f"an int of at least {2 ** levels}, as it is halved at each of the decoder's {levels} levels "
+            f"(SparK: {SPARK_DECODER_WIDTH})")
+
+
 def check_decoder_width(up_sample_ratio: int, width: object) -> int:
     """``width`` as an int, refused unless each of the decoder's ``log2(up_sample_ratio)`` halvings leaves a channel."""
-    levels = round(math.log2(up_sample_ratio))
     try:
         value = None if isinstance(width, bool) else operator.index(width)
     except TypeError:
         value = None
-    if value is None or value < 2 ** levels:
-        raise ConfigError(f"decoder width {width!r}: an int of at least {2 ** levels}, as it is halved at each of the "
-                          f"decoder's {levels} levels (SparK: {SPARK_DECODER_WIDTH})")
+    if value is None or value < 2 ** round(math.log2(up_sample_ratio)):
+        raise ConfigError(f"decoder width {width!r}: {decoder_width_rule(up_sample_ratio)}")
     return value
 
 

@@ -673,7 +673,8 @@ def test_decoder_width_builds_the_decoder_is_checked_and_kept_by_a_resume(folder
     with pytest.raises(CheckpointError, match=re.escape("; its decoder is 64 wide, this run's 768: give --decoder_width 64")):
         Trainer(tiny_config(folder, tmp_path / "init", init_weight=path), "")
     assert Trainer(tiny_config(folder, tmp_path / "out", ep=2, resume_from=path, decoder_width=64), "").spark.decoder.width == 64
-    with pytest.raises(ConfigError, match=r"--decoder_width 16: an int of at least 32: the decoder halves it at each of its 5 levels"):
+    with pytest.raises(ConfigError, match=re.escape("--decoder_width 16: an int of at least 32, as it is halved at each of "
+                                                    "the decoder's 5 levels (SparK: 768)")):
         tiny_config(folder, tmp_path / "x", decoder_width=16)
     numpys = tiny_config(folder, tmp_path / "x", decoder_width=np.int64(64)).decoder_width      # a sweep script's
     assert numpys == 64 and type(numpys) is int

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..decoder import SPARK_DECODER_WIDTH, check_decoder_width
+from ..decoder import SPARK_DECODER_WIDTH, check_decoder_width, decoder_width_rule
 from ..errors import ConfigError
 from ..mask import kept_patches_per_image
 from ..models.model_kwargs import check_literal_model_kwargs, parse_model_kwargs
@@ -130,9 +130,7 @@ class PretrainConfig:
             ("dataloader_workers", self.dataloader_workers, self.dataloader_workers >= 0,
              "0 (load in the training process) or more"),
             ("autotune_budget", self.autotune_budget, self.autotune_budget >= 0, "seconds, 0 or more"),
-            ("decoder_width", self.decoder_width, decoder_width is not None,
-             f"an int of at least {PATCH}: the decoder halves it at each of its {PATCH.bit_length() - 1} levels "
-             f"(SparK: {SPARK_DECODER_WIDTH})"),
+            ("decoder_width", self.decoder_width, decoder_width is not None, decoder_width_rule(PATCH)),
         ) if not ok]
         if problems:
             raise ConfigError("; ".join(problems))
