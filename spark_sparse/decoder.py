@@ -47,10 +47,15 @@ class UNetBlock(nn.Module):
         return self.conv(self.up_sample(x))
 
 
+def _levels(up_sample_ratio: int) -> int:
+    """How many UNet blocks (each doubling the resolution, halving the width) cover ``up_sample_ratio``."""
+    return round(math.log2(up_sample_ratio))
+
+
 def decoder_width_rule(up_sample_ratio: int) -> str:
     """What a decoder width must be, in the words every refusal of one uses (the decoder's, the CLI's, the
     benchmarks')."""
-    levels = round(math.log2(up_sample_ratio))
+    levels = _levels(up_sample_ratio)
     return (f"an int of at least {2 ** levels}, as it is halved at each of the decoder's {levels} levels "
             f"(SparK: {SPARK_DECODER_WIDTH})")
 
@@ -61,7 +66,7 @@ def check_decoder_width(up_sample_ratio: int, width: object) -> int:
         value = None if isinstance(width, bool) else operator.index(width)
     except TypeError:
         value = None
-    if value is None or value < 2 ** round(math.log2(up_sample_ratio)):
+    if value is None or value < 2 ** _levels(up_sample_ratio):
         raise ConfigError(f"decoder width {width!r}: {decoder_width_rule(up_sample_ratio)}")
     return value
 
@@ -75,7 +80,7 @@ class LightDecoder(nn.Module):
 
     def __init__(self, up_sample_ratio: int, width: int = SPARK_DECODER_WIDTH, sync_bn: bool = False):
         super().__init__()
-        n = round(math.log2(up_sample_ratio))
+        n = _levels(up_sample_ratio)
         if 2 ** n != up_sample_ratio:
             raise ValueError(f"decoder up-sample ratio must be a power of 2, got {up_sample_ratio}")
         width = check_decoder_width(up_sample_ratio, width)
