@@ -125,6 +125,6 @@ def autotune_record(result: Optional[AutotuneResult]) -> Optional[dict]:
     return {"runs": result.backend, "mode": result.mode, "source": result.source,
             "tuning_s": round(result.seconds, 2), "summary": result.summary(),
             "guard_ms": result.guard.ms if result.guard is not None else None,
-            "held_mb": result.memory.held_mb if result.memory is not None else None,
+            "peak_mb": result.memory.peak_mb if result.memory is not None else None,
             "moved_for_memory": result.memory.moved if result.memory is not None else None,
             "kernels": {name: d.kernel for name, d in result.decisions.items()}}

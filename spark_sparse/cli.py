@@ -165,8 +165,8 @@ def _validate_model(ctx, param, value: Optional[str]) -> Optional[str]:
       help="seconds of per-layer measurement at most; layers left keep the static rule (the whole-encoder guard "
            "then times the tuned, static and masked encoders, a few steps each, outside this budget)")
 @_opt("autotune_memory", type=click.FloatRange(min=0), default=_SPARK_DEFAULTS.autotune_memory,
-      help="most the tuned step's estimated peak memory may be, as a multiple of masked's (from what one forward "
-           "holds for backward, measured; layers move to kernels that hold less until it fits); 0 = no limit")
+      help="most the tuned step's peak memory may be, as a multiple of masked's (one forward and backward of each "
+           "plan measured before training; layers move to kernels that hold less until it fits); 0 = no limit")
 @_opt("recipe", type=click.Choice(RECIPES), default="fast",
       help="spark: SparK's exact recipe (masked, NCHW, fp32); fast: every option that keeps the fp32 maths")
 @_opt("channels_last", type=bool, default=None, help="NHWC dense parts (default: the recipe's)")

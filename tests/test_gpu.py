@@ -287,3 +287,23 @@ def test_image_normalizer_on_cuda_gives_the_cpus_bits():
     images = torch.randint(0, 256, (4, 3, 32, 40), dtype=torch.uint8)
     normalize = ImageNormalizer()
     assert torch.equal(normalize(images.to(CUDA)).cpu(), normalize(images))
+
+
+def test_the_step_peak_on_cuda_is_the_allocators_and_sees_what_the_live_tensor_count_sees():
+    """On CUDA the memory check reads the caching allocator's peak: every block, so at least the bytes of
+    the live tensors the CPU-side count takes op by op (block rounding and library workspaces on top)."""
+    from spark_sparse.autotune.memory import LiveTensorPeak, peak_bytes
+
+    spark = ss.create_spark("resnet18", backend="sparse", input_size=64, decoder_width=32).to(CUDA)
+    images = torch.randn(4, 3, 64, 64, device=CUDA)
+    mask = spark.mask(4, generator=torch.Generator().manual_seed(0)).to(CUDA)
+
+    def step():
+        spark(images, mask).backward()
+        spark.zero_grad(set_to_none=True)
+
+    step()                                          # warm-up: cuDNN and the allocator's first blocks
+    allocator = peak_bytes(step, torch.device(CUDA))
+    with LiveTensorPeak() as tracker:
+        step()
+    assert 0 < tracker.peak_bytes <= allocator < 2 * tracker.peak_bytes + 64 * 2**20

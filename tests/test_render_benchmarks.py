@@ -210,14 +210,14 @@ def test_a_figure_never_rounds_across_its_target(value, target, text):
 def test_nested_fields_and_counts_come_from_the_record(tmp_path):
     root = _results(tmp_path, "cpu_x")
     data = json.loads((root / "cpu_x" / "results.json").read_text())
-    data["records"][1]["autotune"] = {"held_mb": {"tuned": 995.498}, "moved_for_memory": {"a": "gemm", "b": "spconv"}}
+    data["records"][1]["autotune"] = {"peak_mb": {"tuned": 995.498}, "moved_for_memory": {"a": "gemm", "b": "spconv"}}
     (root / "cpu_x" / "results.json").write_text(json.dumps(data))
     results = rb.load_results(root)
-    template = ("{{value cpu_x model=resnet50 variant=sparse mask=0.6 field=autotune.held_mb.tuned fmt=.0f}} MB, "
+    template = ("{{value cpu_x model=resnet50 variant=sparse mask=0.6 field=autotune.peak_mb.tuned fmt=.0f}} MB, "
                 "{{count cpu_x model=resnet50 variant=sparse mask=0.6 field=autotune.moved_for_memory fmt=d}} moved")
     assert rb.render(template, results).splitlines()[-1] == "995 MB, 2 moved"
-    with pytest.raises(rb.TemplateError, match="autotune.held_mb.static"):
-        rb.render("{{value cpu_x model=resnet50 variant=sparse mask=0.6 field=autotune.held_mb.static}}", results)
+    with pytest.raises(rb.TemplateError, match="autotune.peak_mb.static"):
+        rb.render("{{value cpu_x model=resnet50 variant=sparse mask=0.6 field=autotune.peak_mb.static}}", results)
 
 
 def _gpu_results(root: Path, card: str, encoder: list[dict], step: list[dict]) -> Path:

@@ -9,9 +9,9 @@ ratio, device and dtype:
    backward, median of ``repeats`` after ``warmup``), largest layers first, identical layers once;
    results go to the cache file (:mod:`.cache`) and are reused by later runs;
 3. each layer is pinned to its fastest kernel;
-4. memory: when that plan's training step would peak above ``memory_limit`` x ``masked``'s (from
-   what one forward holds for backward, :mod:`.memory`), layers move to kernels that hold less
-   until it fits (forward passes, no clock: in every mode but ``off``);
+4. memory: when that plan's training step would peak above ``memory_limit`` x ``masked``'s (one
+   forward and backward of each measured, :mod:`.memory`), layers move to kernels that hold less
+   until it fits (no clock: in every mode but ``off``);
 5. the whole-encoder guard (:mod:`.guard`) times the tuned plan against the static rule and
    against ``masked`` (``guard_repeats`` rounds, order rotated) and the run uses the fastest of those
    within the memory limit, where a variant must beat a simpler one by ``guard_margin``
@@ -56,7 +56,7 @@ from .guard import (PREFERENCE, UNSTEADY_SPREAD, EncoderVariant, choose_encoder,
                     unsteady_timings)
 from .layers import (LayerShape, disagreement, discover_layers, layer_held_bytes, layer_results, model_signature,
                      time_kernel)
-from .memory import MB, MemoryCheck, lighter_plan, parameters_bytes, step_held_bytes
+from .memory import MB, MEASURE as MEMORY_MEASURE, MemoryCheck, lighter_plan, parameters_bytes, step_peak_bytes
 from .timing import Timer, WallClockTimer
 
 __all__ = ["MODES", "AutotuneOptions", "AutotuneResult", "GuardDecision", "autotune", "load_plan_state"]
@@ -86,7 +86,7 @@ class AutotuneOptions:
     A candidate whose first timed call takes more than ``give_up_factor`` times the best time so far
     on its layer is not repeated (it cannot win). The whole-encoder guard takes ``guard_repeats``
     rounds and lets a variant replace a simpler one only when faster by more than ``guard_margin``
-    (see :mod:`.guard`). ``memory_limit``: the most the step's estimated peak may be, as a multiple
+    (see :mod:`.guard`). ``memory_limit``: the most the step's peak may be, as a multiple
     of ``masked``'s (see :mod:`.memory`; ``None``: no limit).
     """
 
@@ -163,7 +163,7 @@ class AutotuneResult:
                 "kernels": kernels_of(self.decisions),
                 "guard": None if self.guard is None else {"choice": self.guard.choice, "ms": dict(self.guard.ms)},
                 "memory": None if self.memory is None else {"limit": self.memory.limit,
-                                                            "held_mb": dict(self.memory.held_mb),
+                                                            "peak_mb": dict(self.memory.peak_mb),
                                                             "params_mb": self.memory.params_mb,
                                                             "moved": dict(self.memory.moved)}}
 
@@ -178,17 +178,25 @@ class AutotuneResult:
             kind = decision.status.split(" ", 1)[0].rstrip(":;")
             counts[kind] = counts.get(kind, 0) + 1
         layers = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
-        verdict = {"tuned": "auto (per-layer kernels)", "static": "auto (static rule)",
-                   "masked": "masked (no sparse plan was faster here)"}
         if self.guard is not None and self.guard.ms:
             timings = ", ".join(f"{name} {ms:.4g} ms" for name, ms in self.guard.ms.items())
             when = {"measured": "", "cached": " by an earlier run (cached)",
                     "checkpoint": " for the resumed run"}.get(self.guard.status, f" ({self.guard.status})")
             return (f"encoder fwd+bwd measured on this machine{when} at {self.shapes}: {timings} "
-                    f"-> {verdict[self.guard.choice]}; layers: {layers}{self._memory_summary()}")
+                    f"-> {self._verdict(self.guard.choice)}; layers: {layers}{self._memory_summary()}")
         guard = self.guard.status if self.guard is not None else "not measured"
-        return (f"-> {verdict['tuned']}; layers: {layers}; encoder vs masked {guard}{self._memory_summary()}"
+        return (f"-> {self._verdict('tuned')}; layers: {layers}; encoder vs masked {guard}{self._memory_summary()}"
                 f"{self._empty_cache_hint()}")
+
+    def _verdict(self, choice: str) -> str:
+        """What runs, and for ``masked`` why: no sparse plan was faster, or the faster ones peak above the limit."""
+        if choice != "masked":
+            return {"tuned": "auto (per-layer kernels)", "static": "auto (static rule)"}[choice]
+        ms = self.guard.ms if self.guard is not None else {}
+        faster = [name for name in ms if name != "masked" and ms[name] < ms.get("masked", math.inf)]
+        if faster and self.memory is not None and not any(self.memory.fits(name) for name in faster):
+            return "masked (the faster sparse plans peak above the memory limit)"
+        return "masked (no sparse plan was faster here)"
 
     def _empty_cache_hint(self) -> str:
         """Why ``--autotune cached`` found nothing: the cache is per machine and software, kernels' source included."""
@@ -297,8 +305,8 @@ def load_plan_state(spark: nn.Module, state: dict, build_masked: Optional[Callab
     guard = None if saved_guard is None else GuardDecision(saved_guard["choice"], saved_guard["ms"], "checkpoint")
     saved_memory = state.get("memory")
     memory = (None if saved_memory is None else
-              MemoryCheck(saved_memory["limit"], saved_memory["held_mb"], saved_memory["params_mb"], saved_memory["moved"],
-                          "checkpoint"))
+              MemoryCheck(saved_memory["limit"], saved_memory.get("peak_mb", {}), saved_memory["params_mb"],
+                          saved_memory["moved"], "checkpoint"))
     result = AutotuneResult(spark, state["backend"], state.get("mode", "on"), "checkpoint", device_type, dtype,
                             decisions, guard, 0.0, state.get("shapes", ""), memory)
     if state["backend"] == "masked":
@@ -501,9 +509,10 @@ class _Tuner:
     def hold_to_limit(self, layers: list[LayerShape], decisions: dict[str, LayerDecision], static: dict[str, str],
                       active: torch.Tensor, twin: Optional[nn.Module], images: torch.Tensor
                       ) -> tuple[dict[str, LayerDecision], MemoryCheck]:
-        """Keep the step's estimated peak within ``memory_limit`` x ``masked``'s (see :mod:`.memory`).
+        """Keep the step's peak within ``memory_limit`` x ``masked``'s (see :mod:`.memory`).
 
-        The loss forward is measured on every rank in step (SyncBatchNorm); rank 0's numbers and moves apply.
+        The loss's forward and backward are measured on every rank in step (SyncBatchNorm); rank 0's
+        numbers and moves apply.
         """
         limit = self.options.memory_limit
         if limit is None:
@@ -511,21 +520,24 @@ class _Tuner:
         if twin is None:
             return decisions, MemoryCheck(limit, status="not measured (no masked model to compare with)")
 
-        def held_mb(model: nn.Module) -> float:
+        def peak_mb(model: nn.Module) -> float:
             try:
-                held, error = step_held_bytes(model, images, active, self.amp_dtype) / MB, None
+                peak, error = step_peak_bytes(model, images, active, self.amp_dtype) / MB, None
             except Exception as caught:
-                held, error = None, caught
+                peak, error = None, caught
             failures = self.ranks.failures(error)
             if error is not None:
                 raise error
             if failures:
                 raise RuntimeError(f"the memory check failed on another process ({'; '.join(failures)})")
-            return self.ranks.from_main(held)
+            return self.ranks.from_main(peak)
 
-        check = MemoryCheck(limit, {"masked": held_mb(twin)}, parameters_bytes(self.spark) / MB)
+        if self.options.progress and self.ranks.is_main:
+            print(f"[autotune] memory: one forward and backward of each plan's step (limit {limit:g} x masked's "
+                  f"peak)", file=sys.stderr, flush=True)
+        check = MemoryCheck(limit, {"masked": peak_mb(twin)}, parameters_bytes(self.spark) / MB)
         try:
-            check.held_mb["tuned"] = held_mb(self.spark)
+            check.peak_mb["tuned"] = peak_mb(self.spark)
         except Exception as err:      # e.g. out of memory at the run's batch: the static rule is the fallback
             if kernels_of(decisions) == static:
                 raise
@@ -535,18 +547,18 @@ class _Tuner:
                 torch.cuda.empty_cache()
             decisions = static_plan(static, "static rule (the tuned plan failed in the memory check)")
             self.pin(decisions)
-            check.held_mb["tuned"] = held_mb(self.spark)
+            check.peak_mb["tuned"] = peak_mb(self.spark)
         if kernels_of(decisions) != static:
             self.pin(static_plan(static))
-            check.held_mb["static"] = held_mb(self.spark)
+            check.peak_mb["static"] = peak_mb(self.spark)
             self.pin(decisions)
         if check.fits("tuned"):
             return decisions, check
-        check.held_mb["fastest"] = check.held_mb["tuned"]
+        check.peak_mb["fastest"] = check.peak_mb["tuned"]
         decisions = dict(decisions)
         layer_held: dict[str, dict[str, int]] = {}
         while not check.fits("tuned"):
-            to_free = int((check.held_mb["tuned"] - check.held_allowed_mb()) * MB) + 1
+            to_free = int((check.peak_mb["tuned"] - check.peak_allowed_mb()) * MB) + 1
             moves = None
             if self.ranks.is_main:
                 moves = {name: (kernel, (layer_held[name][decisions[name].kernel] - layer_held[name][kernel]) / MB)
@@ -561,7 +573,7 @@ class _Tuner:
                                                 f"MB less than {before.kernel})", before.ms)
                 check.moved[name] = kernel
             self.pin(decisions)
-            check.held_mb["tuned"] = held_mb(self.spark)
+            check.peak_mb["tuned"] = peak_mb(self.spark)
         if not check.fits("tuned"):
             check.status = "the tuned plan holds more than the limit even on its lightest measured kernels"
         return decisions, check
@@ -600,7 +612,7 @@ class _Tuner:
                          "batch": self.batch_size, "image_hw": list(self.image_hw), "mask": self.spark.mask_ratio,
                          "dtype": str(self.dtype), "amp": self.amp_dtype is not None,
                          "channels_last": self.channels_last, "plan": sorted(tuned.items()),
-                         "memory_limit": self.options.memory_limit})
+                         "memory_limit": self.options.memory_limit, "memory_measure": MEMORY_MEASURE})
         if self.options.mode != "on":
             # cached mode measures no time: the last guard result for this plan, if any
             cached = self.ranks.from_main(cache.encoder(key) if cache is not None else None)
@@ -631,7 +643,7 @@ class _Tuner:
         ms = {name: statistics.median(values) for name, values in rounds.items()}
         failed_anywhere = set().union(*self.ranks.gathered(failed_here))    # rank 0 must not choose what fails on 1
         ms = {name: value for name, value in ms.items() if name not in failed_anywhere}
-        allowed = [name for name in ms if memory.fits(name)] or [min(ms, key=lambda name: memory.held_mb[name])]
+        allowed = [name for name in ms if memory.fits(name)] or [min(ms, key=lambda name: memory.peak_mb[name])]
         choice = choose_encoder(ms, self.options.guard_margin, allowed)
         unsteady = unsteady_timings({name: rounds[name] for name in ms}, UNSTEADY_SPREAD)   # those that competed
         if unsteady and self.ranks.is_main:

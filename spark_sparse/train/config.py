@@ -69,7 +69,7 @@ class PretrainConfig:
     strict_backend: bool = False
     autotune: str = "on"                  # backend 'auto': on (cache + measure the rest), cached, off (static rule)
     autotune_budget: float = 60.0         # seconds of per-layer measurement at most (the guard comes on top)
-    autotune_memory: float = 1.0          # most the tuned step's estimated peak may be, x masked's (0: no limit)
+    autotune_memory: float = 1.0          # most the tuned step's peak may be, x masked's (0: no limit)
     device: str = "auto"
     amp: str = "none"
     seed: int = 0
