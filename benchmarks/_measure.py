@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 import spark_sparse as ss
+from spark_sparse.autotune.memory import peak_bytes
 from spark_sparse.decoder import SPARK_DECODER_WIDTH
 from spark_sparse.models.model_kwargs import parse_model_kwargs
 from spark_sparse.user_modules import import_user_module
@@ -135,19 +136,22 @@ def peak_rss_growth_mb(fn: Callable[[], None]) -> float:
     return (_status_kb("VmHWM") - before) / 1024
 
 
+def peak_growth_mb(fn: Callable[[], None], device: str | torch.device) -> float:
+    """Peak memory growth during ``fn``: on CUDA the allocator's (as the autotuner's memory check reads it),
+    elsewhere resident memory (:func:`peak_rss_growth_mb`)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return peak_bytes(fn, device) / 2**20
+    return peak_rss_growth_mb(fn)
+
+
 def peak_memory(work: "Workload", what: str) -> dict:
-    """Peak memory growth of one measured phase (after one warm-up run of it)."""
+    """Peak memory growth of one measured phase (after one warm-up run of it; two on CUDA)."""
     phase = work.phases(what)["fwd_bwd_ms" if what == "encoder" else "step_ms"]
     phase()
     if torch.device(work.device).type == "cuda":
         phase()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        phase()
-        torch.cuda.synchronize()
-        return {"peak_mem_mb": (torch.cuda.max_memory_allocated() - base) / 2**20}
-    return {"peak_mem_mb": peak_rss_growth_mb(phase)}
+    return {"peak_mem_mb": peak_growth_mb(phase, work.device)}
 
 
 def peak_memory_child(spec: dict) -> dict:

@@ -52,7 +52,7 @@ from _args import (HelpFormatter, at_least, first_problem, input_size, mask_rati
                    unknown_backend, unknown_model, unknown_recipe)
 from _equivalence import compare, fp32_noise_floor, outputs_of  # noqa: E402
 from _capacity import fit_largest_batch, markdown_section, memory_budget_mb  # noqa: E402
-from _measure import (Workload, peak_memory as peak_memory_in_process, peak_rss_growth_mb, persistent_mb,  # noqa: E402
+from _measure import (Workload, peak_growth_mb, peak_memory as peak_memory_in_process, persistent_mb,  # noqa: E402
                       summarize, time_and_cuda_peak, time_once)
 from _report import CPU_FEATURES, _fmt, error_vs_floor, provenance, write_json, write_markdown, write_plots  # noqa: E402
 from _variants import (DTYPES, Variant, add_autotune_arguments, add_model_kwargs_argument, autotune_record,  # noqa: E402
@@ -238,9 +238,7 @@ def peak_memory(args, works: list[Workload], model: str, mask_ratio: float, dtyp
 
 def step_growth_mb(work: Workload) -> float:
     """Peak memory growth of one training step of ``work`` (CUDA: allocated; CPU: resident, VmHWM reset)."""
-    if torch.device(work.device).type == "cuda":
-        return time_and_cuda_peak(work.step)[1]
-    return peak_rss_growth_mb(work.step)
+    return peak_growth_mb(work.step, work.device)
 
 
 def largest_batch(args, work: Workload) -> dict:

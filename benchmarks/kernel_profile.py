@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from _args import (HelpFormatter, at_least, first_problem, input_size, mask_ratio, unknown_model,  # noqa: E402
                    unusable_backend)
-from _measure import peak_rss_growth_mb, time_once  # noqa: E402
+from _measure import peak_growth_mb, time_once  # noqa: E402
 from _variants import DTYPES, add_model_kwargs_argument, parse_model_kwargs_argument  # noqa: E402
 
 import spark_sparse as ss  # noqa: E402
@@ -232,23 +232,12 @@ def layer_replay(work: EncoderWork, repeats: int, candidates: list[str]) -> list
     return rows
 
 
-def peak_cuda_growth_mb(fn) -> float:
-    """Peak allocated GPU memory during ``fn`` above what was allocated before it."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
 def memory_child(args) -> None:
     """Fresh process: peak memory growth of one fwd+bwd (after a warm-up) for one backend."""
     torch.set_num_threads(args.threads)
     work = EncoderWork(args, args.memory_child)
     work.fwd_bwd()
-    peak = peak_cuda_growth_mb if work.device.type == "cuda" else peak_rss_growth_mb
-    print(json.dumps({"peak_mb": peak(work.fwd_bwd)}))
+    print(json.dumps({"peak_mb": peak_growth_mb(work.fwd_bwd, work.device)}))
 
 
 def measure_memory(args, backend: str) -> float:
