@@ -97,11 +97,9 @@ def time_and_cuda_peak(fn: Callable[[], None]) -> tuple[float, float]:
     of one variant is measured in the benchmark process itself, during one of its timed calls
     (memory other variants hold is in the baseline, not in the growth).
     """
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    elapsed = time_once(fn, "cuda")
-    return elapsed, (torch.cuda.max_memory_allocated() - base) / 2**20
+    elapsed: list[float] = []
+    peak = peak_bytes(lambda: elapsed.append(time_once(fn, "cuda")), torch.device("cuda"))
+    return elapsed[0], peak / 2**20
 
 
 def persistent_mb(work: "Workload") -> float:
