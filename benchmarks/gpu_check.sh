@@ -10,7 +10,8 @@
 #
 # The device-tool call (README "GPU check"): command `bash benchmarks/gpu_check.sh`, carry [".whl"],
 # timeout_s 600. Environment: PYTHON (default python3), OUT (default ./gpu_check_out),
-# GPU_CHECK_SMOKE=1 (CPU smoke run), GPU_CHECK_WHEELS=1 (install carried wheels in a smoke run too).
+# GPU_CHECK_SMOKE=1 (CPU smoke run), GPU_CHECK_WHEELS=1 (install carried wheels in a smoke run too),
+# GPU_CHECK_BUILD_WHEELS (where the fallback setuptools wheel is, default .whl/build).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 export GPU_CHECK_T0=${GPU_CHECK_T0:-$(date +%s)}
@@ -55,15 +56,26 @@ if [[ $SMOKE != 1 || ${GPU_CHECK_WHEELS:-0} == 1 ]]; then
 fi
 
 # 2. the project itself: kernels/ imports as spark_sparse.kernels only through the package-dir
-#    mapping of pyproject.toml, so it must be installed (editable: the working tree is what runs)
+#    mapping of pyproject.toml, so it must be installed (editable: the working tree is what runs).
+#    It builds with the image's setuptools; pyproject.toml needs >= 77, so if that one is older the
+#    install is retried in an isolated build environment from the setuptools wheel gpu_wheels.sh
+#    carried in .whl/build/ (the image's setuptools stays as it is)
+BUILD_WHEELS=${GPU_CHECK_BUILD_WHEELS:-.whl/build}
 if [[ $SMOKE == 1 ]] && "$PYTHON" -c 'import spark_sparse.kernels' 2>/dev/null; then
     notes+=("smoke run: project already importable, not reinstalled")
 else
     echo "[gpu_check] pip install --no-deps --no-build-isolation -e ."
     if "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation -e .; then
         notes+=("project installed (editable)")
+    elif compgen -G "$BUILD_WHEELS/setuptools-*.whl" > /dev/null; then
+        echo "[gpu_check] the image's setuptools could not build it; again with $BUILD_WHEELS/ in an isolated build"
+        if "$PYTHON" -m pip install -q --no-index --find-links "$BUILD_WHEELS" --no-deps -e .; then
+            notes+=("project installed (editable; built with the carried setuptools, the image's failed)")
+        else
+            status=failed; notes+=("pip install -e . failed, also with the carried setuptools")
+        fi
     else
-        status=failed; notes+=("pip install -e . failed")
+        status=failed; notes+=("pip install -e . failed (no setuptools wheel in $BUILD_WHEELS/ to retry with)")
     fi
 fi
 

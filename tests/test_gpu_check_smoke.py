@@ -83,6 +83,47 @@ def test_smoke_run_writes_one_folder_with_both_tables(tmp_path):
     assert "| DataLoader, 1 worker, uint8 batches |" in page, page
 
 
+_FAKE_PYTHON = """#!/usr/bin/env bash
+# stands in for the GPU image's python: logs each call; the image's setuptools builds (or not) as told
+echo "$*" >> "$CALLS"
+case "$*" in
+    *"import spark_sparse.kernels"*) exit 1 ;;
+    *--no-build-isolation*) exit "$IMAGE_BUILD_RC" ;;
+    *--find-links*) exit 0 ;;
+    *gpu_check.py*) echo "install=$GPU_CHECK_INSTALL_STATUS note=$GPU_CHECK_INSTALL_NOTE"; exit 0 ;;
+esac
+exit 3
+"""
+
+
+@pytest.mark.parametrize("image_builds,carried,status,note", [
+    (True, True, "ok", "project installed (editable)"),
+    (False, True, "ok", "built with the carried setuptools, the image's failed"),
+    (False, False, "failed", "no setuptools wheel in"),
+], ids=["image-setuptools", "carried-setuptools", "neither"])
+def test_install_falls_back_to_the_carried_setuptools_only_when_the_images_cannot_build(
+        tmp_path, image_builds, carried, status, note):
+    """pyproject.toml needs setuptools >= 77, which the GPU image may lack: the retry must use the carried wheel
+    (an isolated build), and only after the image's own build failed."""
+    python = tmp_path / "python"
+    python.write_text(_FAKE_PYTHON)
+    python.chmod(0o755)
+    build_wheels = tmp_path / "build"
+    build_wheels.mkdir()
+    if carried:
+        (build_wheels / "setuptools-84.2.1-py3-none-any.whl").write_bytes(b"")
+    calls = tmp_path / "calls"
+    env = dict(os.environ, GPU_CHECK_SMOKE="1", OUT=str(tmp_path / "out"), PYTHON=str(python), CALLS=str(calls),
+               IMAGE_BUILD_RC="0" if image_builds else "1", GPU_CHECK_BUILD_WHEELS=str(build_wheels))
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert f"install={status} " in result.stdout and note in result.stdout, result.stdout
+    retried = [line for line in calls.read_text().splitlines() if "--find-links" in line]
+    assert retried == ([] if image_builds or not carried else
+                       [f"-m pip install -q --no-index --find-links {build_wheels} --no-deps -e ."])
+
+
 def test_a_phase_past_its_deadline_is_killed_with_what_it_started(tmp_path):
     marker = tmp_path / "child_alive"
     script = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
