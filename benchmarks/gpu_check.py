@@ -224,7 +224,10 @@ def pytest_command(python: str, sizes: Sizes) -> list[str]:
     """``pytest -m gpu``, verbose, with a per-test timeout and several processes where the plugins are there
     (both are on the GPU image). Over a thousand small tests, most of their time is Python and Triton's
     compiler on the CPU, with the GPU nearly idle: processes in parallel fit them into the phase's budget."""
-    cmd = [python, "-m", "pytest", "-m", "gpu", "-v", "-rfEs", "-p", "no:cacheprovider", "--durations=15"]
+    # a test module that cannot be imported there (e.g. naming a layer the machine's older timm lacks) is an
+    # error in the log, not the end of the phase
+    cmd = [python, "-m", "pytest", "-m", "gpu", "-v", "-rfEs", "-p", "no:cacheprovider", "--durations=15",
+           "--continue-on-collection-errors"]
     if importable(python, "pytest_timeout"):
         cmd += ["--timeout", "90"]                          # one hanging test cannot take the phase
     if sizes.pytest_workers > 1 and importable(python, "xdist"):

@@ -217,6 +217,58 @@ def test_an_unknown_name_mentions_timm_names():
         ss.create_spark("no_such_net")
 
 
+def test_each_family_module_registers_the_models_its_table_lists():
+    """``spark_sparse.models.FAMILIES`` names each family's models for the error of a family this timm cannot
+    load: the lists must be what the modules register (with the timm the tests run on, every family loads)."""
+    from spark_sparse.models import FAMILIES, unavailable_families
+
+    from spark_sparse.models.registry import _MODELS
+
+    assert unavailable_families() == {}
+    listed = [name for _, models in FAMILIES for name in models.split()]
+    ours = [name for name, factory in _MODELS.items() if factory.__module__.startswith("spark_sparse.")]
+    assert sorted(listed) == sorted(ours)                      # each of this package's models listed once
+
+
+_WITHOUT_CSPNEXT = """
+import sys
+import timm
+import timm.layers
+import timm.layers.fast_norm
+sys.modules["timm.models.cspnext"] = None          # as in a timm release before CSPNeXt: importing it fails
+for name in ("RmsNorm2d", "SimpleNorm", "SimpleNorm2d"):   # and before these norms (their converters left out)
+    delattr(timm.layers, name)
+del timm.layers.fast_norm.simple_norm
+import spark_sparse as ss
+from spark_sparse.models import unavailable_families
+models, reason = unavailable_families()["cspnet"]
+print("LEFT OUT", sorted(unavailable_families()), models, reason)
+assert "resnet50" in ss.list_models() and "cspnext_tiny" not in ss.list_models()
+for name in ("cspnext_tiny", "no_such_net"):
+    try:
+        ss.create_spark(name)
+    except ss.UnknownModelError as error:
+        print("ERROR", name, error)
+ss.create_spark("resnet18", input_size=64)
+print("RESNET OK")
+"""
+
+
+def test_a_family_or_a_layer_this_timm_lacks_is_left_out_and_named_while_the_others_work():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_CSPNEXT], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "LEFT OUT ['cspnet'] ('cspresnet50', 'cspdarknet53', 'cspnext_tiny') import of timm.models.cspnext" in out, out
+    assert (f"ERROR cspnext_tiny model 'cspnext_tiny' needs a newer timm than this one ({timm.__version__}): its "
+            f"family (cspnet) could not be loaded (import of timm.models.cspnext halted; None in sys.modules); "
+            f"upgrade timm (pip install -U timm)") in out, out
+    assert f"with this timm ({timm.__version__}) these families are left out, a newer one has them: cspnet" in out, out
+    assert "RESNET OK" in out, out
+
+
 #: the command line on one model of each kind of parameter the trainer treats apart: LayerNorm densify
 #: norms and GRN (convnextv2), weight gains and scalar gains without norm layers (nf_resnet50), a head
 #: left out of the hierarchy and frozen (efficientnet_b0), concatenation (densenet121), parallel

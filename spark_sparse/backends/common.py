@@ -13,14 +13,21 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerNorm, LayerNorm2d, RmsNorm, RmsNorm2d, SimpleNorm, SimpleNorm2d
+from timm.layers import DropPath, LayerNorm, LayerNorm2d, RmsNorm
 from timm.layers import activations as timm_act
 from timm.layers.blur_pool import BlurPool2d
-from timm.layers.fast_norm import rms_norm, simple_norm
+from timm.layers.fast_norm import rms_norm
 
 from ..errors import SparkSparseError
 from ..features import ChannelsLastView, FeatureMap, UnsupportedFeatureOperation
 from ..kernels.base import int_pair
+from ..timm_compat import optional_timm_class, present
+
+# newer timm releases only (None before them)
+RmsNorm2d = optional_timm_class("timm.layers", "RmsNorm2d")
+SimpleNorm = optional_timm_class("timm.layers", "SimpleNorm")
+SimpleNorm2d = optional_timm_class("timm.layers", "SimpleNorm2d")
+simple_norm = optional_timm_class("timm.layers.fast_norm", "simple_norm")
 
 __all__ = ["adopt_state", "adopt_module", "FeatureBatchNorm", "FeatureSyncBatchNorm", "FeatureLayerNorm", "FeatureChannelNorm",
            "FeatureLinear", "Elementwise", "LastDimensionLayer",
@@ -95,7 +102,7 @@ class FeatureSyncBatchNorm(nn.SyncBatchNorm):
 
 
 #: timm's norms over dimension 1 of an NCHW tensor (the others normalise its last dimension)
-CHANNELS_FIRST_NORMS = (LayerNorm2d, RmsNorm2d, SimpleNorm2d)
+CHANNELS_FIRST_NORMS = present(LayerNorm2d, RmsNorm2d, SimpleNorm2d)
 
 
 def refuse_channels_last_view(x: object, layer: str) -> None:
@@ -309,11 +316,10 @@ COMMON_CONVERTERS: dict = {
     nn.LayerNorm: FeatureLayerNorm.from_dense,
     LayerNorm: FeatureLayerNorm.from_dense,
     LayerNorm2d: FeatureLayerNorm.from_dense,
-    # RMS norms (ConvNeXt's *_rms variants): per site as well
-    RmsNorm: FeatureChannelNorm.converter(rms_norm),
-    RmsNorm2d: FeatureChannelNorm.converter(rms_norm),
-    SimpleNorm: FeatureChannelNorm.converter(simple_norm),
-    SimpleNorm2d: FeatureChannelNorm.converter(simple_norm),
+    # RMS norms (ConvNeXt's *_rms variants): per site as well (the classes this timm has)
+    **{norm: FeatureChannelNorm.converter(function)
+       for norm, function in ((RmsNorm, rms_norm), (RmsNorm2d, rms_norm), (SimpleNorm, simple_norm),
+                              (SimpleNorm2d, simple_norm)) if norm is not None},
     nn.Linear: FeatureLinear.from_dense,
     DropPath: FeatureDropPath.from_dense,
     nn.Identity: lambda backend, module, name: module,

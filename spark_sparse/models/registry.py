@@ -27,12 +27,13 @@ import torch.nn as nn
 from timm.layers import DropPath
 
 from ..errors import ConfigError, SparkSparseError
+from ..timm_compat import timm_version
 from .contract import EncoderContractError, check_encoder, check_factory
 from .model_kwargs import format_model_kwargs
 
 __all__ = ["HierarchicalEncoder", "register_model", "register_model_fallback", "create_encoder", "list_models",
            "model_default_drop_path", "UnknownModelError", "ModelNameTakenError", "EncoderContractError", "MODEL_ALIASES",
-           "resolve_model_name"]
+           "resolve_model_name", "mark_family_unavailable", "unavailable_families"]
 
 
 @runtime_checkable
@@ -60,6 +61,9 @@ _DEFAULT_DROP_PATH: dict[str, float] = {}
 _TESTED: set[str] = set()
 #: ``name -> factory or None``: builders of encoders for names not registered (e.g. any timm CNN)
 _FALLBACKS: list[Callable[[str], Optional[Callable[..., nn.Module]]]] = []
+
+#: ``family -> (its models, why it could not load)``: families this timm lacks the parts of (see ``models/__init__``)
+_UNAVAILABLE_FAMILIES: dict[str, tuple[tuple[str, ...], str]] = {}
 
 #: SparK's older short names (``--model=res50``)
 MODEL_ALIASES = {"res50": "resnet50", "res101": "resnet101", "res152": "resnet152", "res200": "resnet200",
@@ -113,6 +117,16 @@ def register_model_fallback(resolver: Callable[[str], Optional[Callable[..., nn.
     _FALLBACKS.append(resolver)
 
 
+def mark_family_unavailable(family: str, models: tuple[str, ...], reason: str) -> None:
+    """Record that ``family`` (registering ``models``) could not load with this timm, and why."""
+    _UNAVAILABLE_FAMILIES[family] = (models, reason)
+
+
+def unavailable_families() -> dict[str, tuple[tuple[str, ...], str]]:
+    """``family -> (models, reason)`` for the families left out because this timm lacks their parts."""
+    return dict(_UNAVAILABLE_FAMILIES)
+
+
 def list_models(tested_only: bool = False) -> list[str]:
     """Registered model names; with ``tested_only``, those the test suite checks on every backend.
 
@@ -131,12 +145,20 @@ def _fallback_factory(name: str) -> Optional[Callable[..., nn.Module]]:
 
 def resolve_model_name(name: str) -> str:
     name = MODEL_ALIASES.get(name, name)
-    if name not in _MODELS and _fallback_factory(name) is None:
+    if name in _MODELS:
+        return name
+    for family, (models, reason) in _UNAVAILABLE_FAMILIES.items():
+        if name in models:              # before the fallback: a generic timm CNN would lack the family's converters
+            raise UnknownModelError(f"model {name!r} needs a newer timm than this one ({timm_version()}): its family "
+                                    f"({family}) could not be loaded ({reason}); upgrade timm (pip install -U timm)")
+    if _fallback_factory(name) is None:
         close = difflib.get_close_matches(name, [*list_models(), *MODEL_ALIASES], n=3)
         hint = f"did you mean {' or '.join(close)}? " if close else ""
+        left_out = (f"; with this timm ({timm_version()}) these families are left out, a newer one has them: "
+                    f"{', '.join(_UNAVAILABLE_FAMILIES)}" if _UNAVAILABLE_FAMILIES else "")
         raise UnknownModelError(f"unknown model {name!r}; {hint}known models: {', '.join(list_models())} "
                                 f"(aliases: {', '.join(f'{a}={n}' for a, n in MODEL_ALIASES.items())}), or any timm "
-                                f"CNN by its timm name (timm.list_models())")
+                                f"CNN by its timm name (timm.list_models()){left_out}")
     return name
 
 

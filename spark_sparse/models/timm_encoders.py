@@ -29,11 +29,13 @@ from typing import Any, Callable, Optional
 import timm
 import torch
 import torch.nn as nn
-from timm.layers import ConvNormAct, RmsNorm, RmsNorm2d, SeparableConv2d, SeparableConvNormAct, SimpleNorm, SimpleNorm2d
+from timm.layers import ConvNormAct, RmsNorm, SeparableConv2d, SeparableConvNormAct
 
 from ..backends import register_container
+from ..backends.common import RmsNorm2d, SimpleNorm, SimpleNorm2d
 from ..backends.pools import fold_zero_pad_into_max_pool
 from ..errors import SparkSparseError
+from ..timm_compat import present
 from .registry import register_model, register_model_fallback
 
 __all__ = ["TimmEncoder", "guess_densify_norm", "register_timm_encoder", "register_timm_rewrite", "register_feature_forward",
@@ -211,7 +213,7 @@ class TimmEncoder(nn.Module):
 
 
 #: per-site channel norms: timm's LayerNorm2d subclasses nn.LayerNorm; its RMS norms do not
-_LAYER_NORMS = (nn.LayerNorm, RmsNorm, RmsNorm2d, SimpleNorm, SimpleNorm2d)
+_LAYER_NORMS = present(nn.LayerNorm, RmsNorm, RmsNorm2d, SimpleNorm, SimpleNorm2d)
 
 
 def guess_densify_norm(model: nn.Module) -> str:
