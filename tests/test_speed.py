@@ -133,6 +133,30 @@ def test_foreach_optimizer_updates_leave_the_loss_curve_unchanged():
         assert b == pytest.approx(a, rel=1e-5)
 
 
+def test_a_timm_lamb_without_foreach_updates_per_tensor_and_says_so(monkeypatch):
+    """timm releases before Lamb's ``foreach`` argument: building it with foreach=True failed with a TypeError
+    (the GPU check's benchmarks and ``--recipe fast`` on CUDA ask for it)."""
+    import warnings
+
+    from timm.optim import Lamb
+    from spark_sparse.train import optim
+
+    class OlderLamb(Lamb):
+        def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
+                     grad_averaging=True, max_grad_norm=1.0, trust_clip=False, always_adapt=False):
+            super().__init__(params, lr=lr, bias_correction=bias_correction, betas=betas, eps=eps,
+                             weight_decay=weight_decay, grad_averaging=grad_averaging, max_grad_norm=max_grad_norm,
+                             trust_clip=trust_clip, always_adapt=always_adapt)
+
+    monkeypatch.setattr(optim, "Lamb", OlderLamb)
+    groups = optim.param_groups(torch.nn.Linear(3, 2))
+    with pytest.warns(UserWarning, match="Lamb has no foreach .* the same maths"):
+        assert isinstance(optim.build_optimizer("lamb", groups, 1e-3, 0.95, 5.0, foreach=True), OlderLamb)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optim.build_optimizer("lamb", groups, 1e-3, 0.95, 5.0, foreach=False)
+
+
 def test_compiled_decoder_leaves_the_loss_unchanged():
     torch.manual_seed(0)
     base = ss.create_spark("tiny_cnn", input_size=64, decoder_width=64)

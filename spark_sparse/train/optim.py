@@ -1,12 +1,16 @@
 """SparK's optimisation: parameter groups, optimizers and the per-iteration lr / wd schedule."""
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from typing import Iterable
 
 import torch
 import torch.nn as nn
 from timm.optim import Lamb
+
+from ..timm_compat import timm_version
 
 __all__ = ["NO_DECAY_KEYS", "param_groups", "build_optimizer", "default_beta2", "lr_wd_at", "apply_lr_wd",
            "OPTIMIZERS"]
@@ -52,12 +56,24 @@ def build_optimizer(name: str, groups: list[dict], lr: float, beta2: float, clip
     name = name.lower()
     if name == "lamb":
         return Lamb(groups, lr=lr, betas=(0.9, beta2), eps=1e-6, weight_decay=0.0,
-                    max_grad_norm=clip if clip > 0 else None, foreach=foreach)
+                    max_grad_norm=clip if clip > 0 else None, **_lamb_foreach(foreach))
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), weight_decay=0.0, foreach=foreach)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, weight_decay=0.0, foreach=foreach)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def _lamb_foreach(foreach: bool) -> dict:
+    """Lamb's ``foreach`` argument where this timm's Lamb takes one; older releases only update tensor by tensor
+    (the same maths, more kernel launches), which a request for foreach updates is told about."""
+    if "foreach" in inspect.signature(Lamb.__init__).parameters:
+        return {"foreach": foreach}
+    if foreach:
+        warnings.warn(f"timm {timm_version()}'s Lamb has no foreach (multi-tensor) updates: it updates tensor by "
+                      f"tensor, the same maths with more kernel launches; a newer timm has them", UserWarning,
+                      stacklevel=3)
+    return {}
 
 
 def lr_wd_at(it: int, peak_lr: float, wd: float, wd_end: float, warmup_its: float, total_its: int) -> tuple[float, float]:
