@@ -75,6 +75,7 @@ else:
     info["device"] = f"cpu ({platform.machine()})"
 import spark_sparse as ss
 info["backends"] = {b.name: (b.reason or "available") for b in ss.list_backends()}
+info["families_left_out"] = {family: reason for family, (_, reason) in ss.models.unavailable_families().items()}
 print(json.dumps(info))
 """
 
@@ -336,6 +337,8 @@ def write_summary(path: Path, env: dict, phases: list[PhaseResult], pytest_line:
              f"spconv {env.get('spconv-cu126') or env.get('spconv')}; TF32 in cuDNN convs {env.get('cudnn_allow_tf32', '-')}, "
              f"in matmuls {env.get('matmul_allow_tf32', '-')}.", "",
              "Backends: " + "; ".join(f"`{name}` {why}" for name, why in env.get("backends", {}).items()), "",
+             "Model families this timm cannot build (left out): "
+             + ("; ".join(f"{family} ({why})" for family, why in env.get("families_left_out", {}).items()) or "none"), "",
              f"Total {total_s:.0f} s (the shell's install included).", "",
              "| phase | status | seconds | budget s | note |", "|---|---|---|---|---|"]
     lines += [f"| {p.name} | {p.status} | {p.seconds:.0f} | {p.budget:.0f} | {p.note} |" for p in phases]

@@ -59,6 +59,7 @@ def test_smoke_run_writes_one_folder_with_both_tables(tmp_path):
 
     summary = (folder / "gpu_check.md").read_text()
     assert "SMOKE" in summary
+    assert "\nModel families this timm cannot build (left out): none\n" in summary, summary
     for phase in ("install", "environment", "encoder", "step", "data"):
         assert f"| {phase} | ok |" in summary, summary
     loader = json.loads((folder / "data" / "reference.json").read_text())["values"]["loader"]
