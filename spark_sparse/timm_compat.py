@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import importlib
 import re
-from typing import Optional
+from typing import Any, Optional
 
 import timm
 
-__all__ = ["optional_timm_class", "present", "is_missing_timm_part", "describe_missing_timm_part", "timm_version"]
+__all__ = ["optional_timm_part", "present", "is_missing_timm_part", "describe_missing_timm_part", "timm_version"]
 
 
-def optional_timm_class(module: str, name: str) -> Optional[type]:
-    """``module.name`` (e.g. ``"timm.layers", "SimpleNorm"``), or ``None`` where this timm has no such thing."""
+def optional_timm_part(module: str, name: str) -> Optional[Any]:
+    """``module.name``, a class or a function (e.g. ``"timm.layers", "SimpleNorm"``), or ``None`` where this timm
+    has no such thing."""
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):

@@ -221,7 +221,6 @@ def test_each_family_module_registers_the_models_its_table_lists():
     """``spark_sparse.models.FAMILIES`` names each family's models for the error of a family this timm cannot
     load: the lists must be what the modules register (with the timm the tests run on, every family loads)."""
     from spark_sparse.models import FAMILIES, unavailable_families
-
     from spark_sparse.models.registry import _MODELS
 
     assert unavailable_families() == {}

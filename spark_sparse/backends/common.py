@@ -21,13 +21,13 @@ from timm.layers.fast_norm import rms_norm
 from ..errors import SparkSparseError
 from ..features import ChannelsLastView, FeatureMap, UnsupportedFeatureOperation
 from ..kernels.base import int_pair
-from ..timm_compat import optional_timm_class, present
+from ..timm_compat import optional_timm_part, present
 
 # newer timm releases only (None before them)
-RmsNorm2d = optional_timm_class("timm.layers", "RmsNorm2d")
-SimpleNorm = optional_timm_class("timm.layers", "SimpleNorm")
-SimpleNorm2d = optional_timm_class("timm.layers", "SimpleNorm2d")
-simple_norm = optional_timm_class("timm.layers.fast_norm", "simple_norm")
+RmsNorm2d = optional_timm_part("timm.layers", "RmsNorm2d")
+SimpleNorm = optional_timm_part("timm.layers", "SimpleNorm")
+SimpleNorm2d = optional_timm_part("timm.layers", "SimpleNorm2d")
+simple_norm = optional_timm_part("timm.layers.fast_norm", "simple_norm")
 
 __all__ = ["adopt_state", "adopt_module", "FeatureBatchNorm", "FeatureSyncBatchNorm", "FeatureLayerNorm", "FeatureChannelNorm",
            "FeatureLinear", "Elementwise", "LastDimensionLayer",
